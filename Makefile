@@ -1,0 +1,39 @@
+# Set-up on a fresh machine: `make demo` and `make test` each create .venv when needed.
+# torch is installed first and explicitly: an unpinned torch would pull a multi-GB CUDA build.
+# Override for another build, e.g. `make demo TORCH=torch` on a GPU machine.
+TORCH ?= torch==2.13.0
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= dev,hf,lra,bench
+
+.PHONY: venv demo test lint format bench-core bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/nystromer demo
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: venv lint
+	$(BIN)/python -m pytest -m "not slow"
+
+bench-core: venv
+	$(BIN)/python benchmarks/attention_core.py --write-docs docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

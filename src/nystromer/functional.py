@@ -1,0 +1,295 @@
+"""Nyström attention as a pure function (the math; modules only own parameters).
+
+The approximation of Xiong et al. (2021), softmax(QKᵀ·s)·V ≈ F·A⁺·(B·V) with
+F = softmax(s·QK̃ᵀ), A = softmax(s·Q̃K̃ᵀ), B = softmax(s·Q̃Kᵀ), is evaluated as two
+ordinary attention calls around an m×m pseudo-inverse (see DESIGN.md §2):
+
+1. ``BV  = sdpa(Q̃, K, V)``  m landmark queries attend to all keys (key padding masked);
+2. ``W   = A⁺ · BV``         m×m work, in at least float32;
+3. ``out = sdpa(Q, K̃, W)``  every query attends to the m landmark keys.
+
+``scaled_dot_product_attention`` never materialises the n×m kernels in its fused kernels, so
+forward and backward need O(n·d) memory beyond the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["nystrom_attention", "segment_means", "iterative_pinv", "landmark_assignment"]
+
+
+def landmark_assignment(
+    mask: Tensor | None, seq_len: int, num_landmarks: int, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
+    """Which landmark segment each position belongs to.
+
+    The ``L`` real tokens of a sequence are split, in order, into ``num_landmarks`` contiguous
+    segments whose sizes differ by at most one: the token of rank ``r`` among the real tokens
+    goes to segment ``⌊r·m/L⌋``. Padding goes to an extra segment ``m`` that is discarded.
+
+    Args:
+        mask: (B, n) bool, True for real tokens, or None (all tokens real).
+        seq_len: n.
+        num_landmarks: m.
+
+    Returns:
+        ``(index, counts)``: index is (n,) int64 when ``mask`` is None, else (B, n); counts is
+        None when ``mask`` is None (every segment is non-empty iff n ≥ m), else (B, m + 1) with
+        the number of real tokens in each segment (the last entry counts padding).
+    """
+    m = num_landmarks
+    if mask is None:
+        pos = torch.arange(seq_len, device=device)
+        return torch.div(pos * m, seq_len, rounding_mode="floor"), None
+    real = mask.long()
+    rank = real.cumsum(-1) - 1
+    length = real.sum(-1, keepdim=True).clamp_min(1)
+    index = torch.where(mask, torch.div(rank * m, length, rounding_mode="floor"), m)
+    counts = torch.zeros(mask.shape[0], m + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return index, counts
+
+
+def segment_means(
+    x: Tensor, index: Tensor, counts: Tensor | None, num_landmarks: int, dtype: torch.dtype
+) -> Tensor:
+    """Means of ``x`` over the segments given by :func:`landmark_assignment`.
+
+    Args:
+        x: (B, H, n, d).
+        index, counts: from :func:`landmark_assignment` for the same n and m.
+        dtype: accumulation and result dtype (float32 or wider keeps bf16/fp16 means accurate).
+
+    Returns:
+        (B, H, m, d) segment means; an empty segment gives zeros.
+    """
+    b, h, n, d = x.shape
+    m = num_landmarks
+    if counts is None and n % m == 0:
+        # The paper's equal segments: a reshape, no scatter.
+        return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
+    # One index_add_ over rows of d features: each (sample, head) gets its own m + 1 slots.
+    rows = torch.arange(b * h, device=x.device).view(b, h, 1) * (m + 1)
+    flat_index = (rows + index.view(-1 if counts is not None else 1, 1, n)).reshape(-1)
+    sums = x.new_zeros(b * h * (m + 1), d, dtype=dtype)
+    sums.index_add_(0, flat_index, x.reshape(-1, d).to(dtype))
+    sums = sums.view(b, h, m + 1, d)[:, :, :m]
+    if counts is None:
+        sizes = torch.bincount(index, minlength=m).to(dtype).view(1, 1, m, 1)
+    else:
+        sizes = counts[:, :m].clamp_min(1).to(dtype).view(b, 1, m, 1)
+    return sums / sizes
+
+def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
+    """Approximate Moore–Penrose pseudo-inverse by the iteration of Razavi et al. (2014).
+
+    ``Z₀ = Aᵀ / (‖A‖₁·‖A‖∞)``, scaled per matrix (so one sample never affects another), then
+    ``Z ← ¼·Z·(13I − AZ·(15I − AZ·(7I − AZ)))``. A few iterations regularise the
+    ill-conditioned landmark kernel; many approach the exact pseudo-inverse, which is worse.
+
+    Args:
+        a: (..., m, m).
+        iterations: number of updates (≥ 0); 0 returns Z₀.
+
+    Returns:
+        (..., m, m), same dtype as ``a``.
+    """
+    absa = a.abs()
+    norm_1 = absa.sum(-2).amax(-1)  # largest column sum
+    norm_inf = absa.sum(-1).amax(-1)  # largest row sum
+    denom = (norm_1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
+    z = a.transpose(-1, -2) / denom[..., None, None]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        az = a @ z
+        t = 7 * eye - az
+        t = 15 * eye - az @ t
+        t = 13 * eye - az @ t
+        z = 0.25 * (z @ t)
+    return z
+
+
+def _check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    query_mask: Tensor | None,
+    num_landmarks: int,
+    pinv_iterations: int,
+    dropout_p: float,
+) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (batch, heads, seq_len, features), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, "
+            f"{value.dtype}"
+        )
+    b, h, _, d = query.shape
+    if key.shape[:2] != (b, h) or key.shape[-1] != d:
+        raise ValueError(
+            f"key must have shape ({b}, {h}, n_k, {d}) to match query {tuple(query.shape)}, "
+            f"got {tuple(key.shape)}"
+        )
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"value must have shape ({b}, {h}, {key.shape[2]}, d_v) to match key "
+            f"{tuple(key.shape)}, got {tuple(value.shape)}"
+        )
+    for name, mk, n in (("mask", mask, key.shape[2]), ("query_mask", query_mask, query.shape[2])):
+        if mk is None:
+            continue
+        if not isinstance(mk, Tensor) or mk.dtype != torch.bool:
+            got = mk.dtype if isinstance(mk, Tensor) else type(mk).__name__
+            raise TypeError(f"{name} must be a bool tensor (True = real token), got {got}")
+        if tuple(mk.shape) != (b, n):
+            raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(mk.shape)}")
+    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
+        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
+    if (
+        isinstance(pinv_iterations, bool)
+        or not isinstance(pinv_iterations, int)
+        or pinv_iterations < 0
+    ):
+        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _exact(q, k, v, key_mask, scale, dropout_p):
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def nystrom_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    num_landmarks: int = 64,
+    mask: Tensor | None = None,
+    pinv_iterations: int = 6,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    query_mask: Tensor | None = None,
+) -> Tensor:
+    """Nyström approximation of softmax attention, in O(n·m·d) time and O(n·d) memory.
+
+    Shapes follow :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        query: (B, H, n_q, d).
+        key: (B, H, n_k, d).
+        value: (B, H, n_k, d_v).
+        num_landmarks: m, the number of landmarks (segment means) summarising queries and keys.
+            A sequence with at most m real keys, or a query with at most m positions, gets exact
+            softmax attention (which then costs no more than the approximation).
+        mask: (B, n_k) bool, True for real key tokens, False for padding; None means no padding.
+            Padding never enters a landmark or an attention weight. When n_q == n_k (self-
+            attention) it is also the query mask unless ``query_mask`` is given.
+        pinv_iterations: iterations of the pseudo-inverse (6 in the paper; 0 uses its initial
+            guess). More is not better: a few iterations regularise.
+        scale: factor on QKᵀ; defaults to 1/√d.
+        dropout_p: dropout probability on the attention weights of queries to landmarks.
+        is_causal: must be False: landmarks average over the whole sequence and would leak
+            future tokens into every position.
+        query_mask: (B, n_q) bool, True for real queries. Padded queries do not shape the query
+            landmarks and their outputs are zero. Defaults to ``mask`` when n_q == n_k, else to
+            all queries real.
+
+    Returns:
+        (B, H, n_q, d_v) in the dtype of ``query``. Rows of padded queries, and every row of a
+        sample with no real key, are zero.
+    """
+    _check_inputs(query, key, value, mask, query_mask, num_landmarks, pinv_iterations, dropout_p)
+    if is_causal:
+        raise ValueError(
+            "is_causal=True is not supported: Nyström landmarks are means over the whole "
+            "sequence, so every position would see future tokens through them. Use exact "
+            "attention (torch.nn.functional.scaled_dot_product_attention) for causal models."
+        )
+    b, h, n_q, d = query.shape
+    n_k = key.shape[2]
+    m = num_landmarks
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if query_mask is None and mask is not None and n_q == n_k:
+        query_mask = mask
+
+    # A sample without any real key attends to everything (to stay finite) and is zeroed below.
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1)
+        mask = mask | empty[:, None]
+
+    if n_k <= m or n_q <= m:
+        # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
+        out = _exact(query, key, value, mask, scale, dropout_p)
+    else:
+        out = _nystrom(query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p)
+
+    # One multiply zeroes padded queries and samples without a real key.
+    keep = None
+    if query_mask is not None:
+        keep = query_mask if empty is None else query_mask & ~empty[:, None]
+    elif empty is not None:
+        keep = (~empty)[:, None].expand(b, n_q)
+    if keep is not None:
+        keep = keep[:, None, :, None].to(out.dtype)
+        # In place when autograd does not need the SDPA output: saves writing a new n·d tensor.
+        out = out * keep if out.requires_grad else out.mul_(keep)
+    return out
+
+
+def _nystrom(query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p):
+    b, h, n_q, _ = query.shape
+    n_k = key.shape[2]
+    # The m×m part (and the landmark means) run in at least float32.
+    work = torch.promote_types(query.dtype, torch.float32)
+
+    q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
+    k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
+    q_land = segment_means(query, q_index, q_counts, m, work)
+    k_land = segment_means(key, k_index, k_counts, m, work)
+
+    # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
+    bv = _exact(q_land.to(query.dtype), key, value, mask, scale, 0.0)
+    # 2. W = A⁺·BV, with A = softmax(s·Q̃K̃ᵀ) and its pseudo-inverse in `work` precision.
+    logits = (q_land @ k_land.transpose(-1, -2)) * scale
+    # Landmark keys need masking only if a sample has an empty segment (L ≤ m real keys);
+    # outside torch.compile we look, because an unmasked SDPA is faster.
+    k_nonempty = None
+    if k_counts is not None:
+        short = k_counts[:, :m].sum(-1) <= m
+        if torch.compiler.is_compiling() or bool(short.any()):
+            k_nonempty = k_counts[:, :m] > 0
+            logits = logits.masked_fill(~k_nonempty[:, None, None, :], float("-inf"))
+    kernel = torch.softmax(logits, dim=-1)
+    if q_counts is not None:
+        # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
+        kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
+    w = iterative_pinv(kernel, pinv_iterations) @ bv.to(work)
+
+    if k_nonempty is not None:
+        # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
+        # themselves; with their values as W, step 3 is exact softmax attention.
+        v_land = segment_means(value, k_index, k_counts, m, work)
+        w = torch.where(short[:, None, None, None], v_land, w)
+
+    # 3. out = softmax(s·QK̃ᵀ)·W: every query over the m landmark keys.
+    return _exact(query, k_land.to(query.dtype), w.to(query.dtype), k_nonempty, scale, dropout_p)
