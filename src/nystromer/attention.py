@@ -48,7 +48,11 @@ class NystromAttention(nn.Module):
                 f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
             )
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
+        if (
+            isinstance(num_landmarks, bool)
+            or not isinstance(num_landmarks, int)
+            or num_landmarks < 1
+        ):
             raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
         if pinv_iterations < 0:
             raise ValueError(f"pinv_iterations must be ≥ 0, got {pinv_iterations!r}")

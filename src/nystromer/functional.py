@@ -85,6 +85,7 @@ def segment_means(
         sizes = counts[:, :m].clamp_min(1).to(dtype).view(b, 1, m, 1)
     return sums / sizes
 
+
 def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     """Approximate Moore–Penrose pseudo-inverse by the iteration of Razavi et al. (2014).
 
@@ -172,7 +173,9 @@ def _check_inputs(
 
 def _exact(q, k, v, key_mask, scale, dropout_p):
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+    )
 
 
 def nystrom_attention(

@@ -1,0 +1,133 @@
+"""NystromAttention: the module around nystrom_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nystromer import NystromAttention
+
+from .reference import nystrom_reference
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("num_landmarks", 8)
+    return NystromAttention(32, 4, **kw).double()
+
+
+def test_module_equals_reference_math_on_its_projections():
+    attn = make()
+    x = torch.randn(2, 70, 32, dtype=torch.float64)
+    mask = torch.arange(70)[None] < torch.tensor([[70], [45]])
+    out = attn(x, mask=mask)
+
+    def heads(t):
+        return t.view(2, 70, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    ref = nystrom_reference(q, k, v, 8, mask=mask).transpose(1, 2).reshape(2, 70, 32)
+    ref = attn.out_proj(ref)
+    assert torch.allclose(out[mask], ref[mask], atol=1e-10)
+
+
+@pytest.mark.parametrize("conv", [None, 5])
+def test_padding_invariance_with_and_without_conv_skip(conv):
+    attn = make(conv_kernel_size=conv)
+    x = torch.randn(1, 90, 32, dtype=torch.float64)
+    alone = attn(x[:, :57])
+    padded_x = x.clone()
+    padded_x[:, 57:] = 100.0  # garbage in the padding must not matter
+    mask = torch.arange(90)[None] < 57
+    padded = attn(padded_x, mask=mask)
+    assert (padded[:, :57] - alone).abs().max().item() <= 1e-10
+
+
+def test_conv_skip_is_the_depthwise_convolution_of_values():
+    attn = make(conv_kernel_size=3)
+    no_conv = make(conv_kernel_size=None)
+    no_conv.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "conv.weight"})
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    v = attn.v_proj(x).view(1, 40, 4, 8).transpose(1, 2)
+    w = attn.conv.weight[:, 0, :, 0]  # (H, k)
+    vp = F.pad(v, (0, 0, 1, 1))
+    skip = sum(w[None, :, t, None, None] * vp[:, :, t : t + 40] for t in range(3))
+    diff = attn(x) - no_conv(x)
+    want = skip.transpose(1, 2).reshape(1, 40, 32) @ attn.out_proj.weight.T
+    assert torch.allclose(diff, want, atol=1e-10)
+    assert attn.conv.weight.shape == (4, 1, 3, 1)
+
+
+def test_cross_attention_with_kdim_vdim():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, kdim=12, vdim=20)
+    out = attn(torch.randn(2, 30, 32), torch.randn(2, 77, 12), torch.randn(2, 77, 20))
+    assert out.shape == (2, 30, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_module_trains():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3)
+    x = torch.randn(4, 64, 32)
+    target = torch.randn(4, 64, 32)
+    opt = torch.optim.Adam(attn.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(attn(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, dropout=0.5).eval()
+    x = torch.randn(2, 40, 32)
+    assert torch.equal(attn(x), attn(x))
+    attn.train()
+    assert not torch.equal(attn(x), attn(x))
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3).eval()
+    x = torch.randn(2, 50, 32)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [31]])
+    compiled = torch.compile(attn, backend="inductor", dynamic=False)
+    with torch.no_grad():
+        # 1e-5: inductor may fuse and reorder float32 reductions.
+        assert torch.allclose(compiled(x, mask=mask), attn(x, mask=mask), atol=1e-5)
+        assert torch.allclose(compiled(x), attn(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(embed_dim=30, num_heads=4), r"embed_dim.*multiple of num_heads.*30.*4"),
+        (dict(num_landmarks=0), r"num_landmarks.*0"),
+        (dict(pinv_iterations=-2), r"pinv_iterations.*-2"),
+        (dict(conv_kernel_size=4), r"conv_kernel_size.*odd.*4"),
+        (dict(dropout=1.0), r"dropout"),
+    ],
+)
+def test_constructor_errors(kwargs, pattern):
+    args = dict(embed_dim=32, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        NystromAttention(**args)
+
+
+def test_forward_errors():
+    attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3)
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq_len, 32\).*16"):
+        attn(torch.randn(2, 10, 16))
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 10\), got \(2, 9\)"):
+        attn(torch.randn(2, 10, 32), mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(torch.randn(2, 10, 32), torch.randn(2, 12, 32))
+    with pytest.raises(ValueError, match="batch size"):
+        attn(torch.randn(2, 10, 32), torch.randn(3, 10, 32))
