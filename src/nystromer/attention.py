@@ -1,4 +1,4 @@
-"""Attention modules: parameters and reshapes around :func:`nystromer.functional.nystrom_attention`."""
+"""Attention modules: parameters and reshapes around `nystromer.functional`."""
 
 from __future__ import annotations
 
