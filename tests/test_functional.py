@@ -252,3 +252,14 @@ def test_bad_input_errors_name_argument_and_shapes(change, exc, pattern):
     kwargs.update(change(q, k, v, m))
     with pytest.raises(exc, match=pattern):
         nystrom_attention(**kwargs)
+
+
+def test_segment_means_any_memory_layout():
+    # Projections give (B, n, H, d) memory viewed as (B, H, n, d); both layouts must agree.
+    x = torch.randn(2, 37, 3, 4, dtype=torch.float64).transpose(1, 2)
+    mask = right_padded_mask([37, 20], 37)
+    for msk in (mask, None):
+        index, counts = fn.landmark_assignment(msk, 37, 5, x.device)
+        a = fn.segment_means(x, index, counts, 5, torch.float64)
+        b = fn.segment_means(x.contiguous(), index, counts, 5, torch.float64)
+        assert torch.allclose(a, b, atol=1e-15)

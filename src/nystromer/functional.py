@@ -75,9 +75,14 @@ def segment_means(
         return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
     # One index_add_ over rows of d features: each (sample, head) gets its own m + 1 slots.
     rows = torch.arange(b * h, device=x.device).view(b, h, 1) * (m + 1)
-    flat_index = (rows + index.view(-1 if counts is not None else 1, 1, n)).reshape(-1)
+    slots = rows + index.view(-1 if counts is not None else 1, 1, n)
+    if x.transpose(1, 2).is_contiguous():
+        # (B, n, H, d) in memory, as a projection followed by a head split gives: no copy.
+        src, flat_index = x.transpose(1, 2).reshape(-1, d), slots.transpose(1, 2).reshape(-1)
+    else:
+        src, flat_index = x.reshape(-1, d), slots.reshape(-1)
     sums = x.new_zeros(b * h * (m + 1), d, dtype=dtype)
-    sums.index_add_(0, flat_index, x.reshape(-1, d).to(dtype))
+    sums.index_add_(0, flat_index, src.to(dtype))
     sums = sums.view(b, h, m + 1, d)[:, :, :m]
     if counts is None:
         sizes = torch.bincount(index, minlength=m).to(dtype).view(1, 1, m, 1)
