@@ -1,13 +1,24 @@
 """nystromer: fast, padding- and batch-correct Nyström attention for PyTorch.
 
 Public API:
-    nystrom_attention   the attention function (shapes like scaled_dot_product_attention)
-    NystromAttention    a batch-first multi-head attention module
+    nystrom_attention           the attention function (shapes like scaled_dot_product_attention)
+    NystromAttention            a batch-first multi-head attention module
+    NystromMultiheadAttention   a drop-in for torch.nn.MultiheadAttention
+    patch                       switch an existing model's self-attention to Nyström attention
+    nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 
-from .attention import NystromAttention
+from .attention import NystromAttention, NystromMultiheadAttention
 from .functional import iterative_pinv, nystrom_attention
+from .patch import patch
 
 __version__ = "0.1.0"
 
-__all__ = ["NystromAttention", "iterative_pinv", "nystrom_attention", "__version__"]
+__all__ = [
+    "NystromAttention",
+    "NystromMultiheadAttention",
+    "iterative_pinv",
+    "nystrom_attention",
+    "patch",
+    "__version__",
+]

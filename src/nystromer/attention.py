@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .functional import nystrom_attention
 
-__all__ = ["NystromAttention"]
+__all__ = ["NystromAttention", "NystromMultiheadAttention", "value_conv_skip"]
 
 
 class NystromAttention(nn.Module):
@@ -143,13 +144,7 @@ class NystromAttention(nn.Module):
                     "conv_kernel_size is for self-attention: query and key lengths must match, "
                     f"got {q.shape[2]} and {k.shape[2]}"
                 )
-            # Padding is zeroed first so the skip at real positions sees what it would see
-            # for the unpadded sequence (the convolution's own zero padding).
-            v_real = v if mask is None else v * mask[:, None, :, None].to(v.dtype)
-            skip = self.conv(v_real)
-            if mask is not None:
-                skip = skip * mask[:, None, :, None].to(skip.dtype)
-            out = out + skip
+            out = out + value_conv_skip(self.conv, v, mask)
         b, _, n_q, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n_q, self.embed_dim))
 
@@ -159,4 +154,372 @@ class NystromAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
             f"conv_kernel_size={conv}, dropout={self.dropout}"
+        )
+
+
+def value_conv_skip(conv: nn.Conv2d, value: Tensor, mask: Tensor | None) -> Tensor:
+    """The paper's depthwise convolution of the values along the sequence, padding-correct.
+
+    Padding is zeroed before the convolution, so a real position sees what it would see in the
+    unpadded sequence (the convolution's own zero padding), and zeroed again after it.
+
+    Args:
+        conv: ``nn.Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``.
+        value: (B, H, n, d).
+        mask: (B, n) bool, True for real tokens, or None.
+
+    Returns:
+        (B, H, n, d), zero at padded positions.
+    """
+    if mask is None:
+        return conv(value)
+    keep = mask[:, None, :, None].to(value.dtype)
+    return conv(value * keep) * keep
+
+
+def _keep_off_fused_encoder_path(module: nn.Module, args: tuple) -> None:
+    # A forward pre-hook that changes nothing. nn.TransformerEncoderLayer has a fused inference
+    # path that reads self_attn.in_proj_weight and computes exact attention itself, never calling
+    # self_attn; it declines that path when any submodule has a hook, so ours always runs.
+    return None
+
+
+def _padding_from_mask(mask: Tensor, name: str) -> Tensor:
+    """torch's mask conventions → bool, True where masked; refuse additive biases."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
+    masked = mask <= torch.finfo(mask.dtype).min  # -inf or the dtype's minimum
+    if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
+        raise ValueError(
+            f"{name} holds additive biases other than 0 and -inf; Nyström attention supports "
+            "masking padding keys only"
+        )
+    return masked
+
+
+class NystromMultiheadAttention(nn.MultiheadAttention):
+    """Drop-in replacement for :class:`torch.nn.MultiheadAttention` with Nyström attention.
+
+    Same constructor, parameters and state-dict keys (``in_proj_weight``, ``in_proj_bias`` or
+    ``q/k/v_proj_weight``, ``out_proj.*``, ``bias_k``, ``bias_v``), same ``forward`` signature
+    and layouts (``batch_first``, unbatched inputs), so trained weights load unchanged and
+    :class:`torch.nn.TransformerEncoder` runs it. Differences:
+
+    - ``need_weights=True`` returns ``None`` for the weights: the n×n attention matrix is what
+      the method never forms.
+    - Masks: only key padding. ``key_padding_mask`` (True or -inf = padding, torch's convention)
+      and an ``attn_mask`` that masks the same keys for every query and head are accepted;
+      causal masks, ``is_causal=True`` and other additive biases raise ValueError.
+    - Self-attention is recognised by ``query is key``: then padded query positions do not
+      shape the landmarks, and their outputs are the output-projection bias.
+
+    Args (beyond nn.MultiheadAttention's):
+        num_landmarks: m (see :func:`~nystromer.nystrom_attention`); inputs of at most m keys
+            get exact softmax attention, identical to nn.MultiheadAttention.
+        pinv_iterations: pseudo-inverse iterations.
+        conv_kernel_size: odd k adds the paper's depthwise convolution skip on the values
+            (self-attention only), initialised to zero so the module starts as plain attention;
+            its weight appears as ``conv.weight`` in the state dict.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_landmarks: int = 64,
+        pinv_iterations: int = 6,
+        conv_kernel_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
+        if (
+            isinstance(num_landmarks, bool)
+            or not isinstance(num_landmarks, int)
+            or num_landmarks < 1
+        ):
+            raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
+        if (
+            isinstance(pinv_iterations, bool)
+            or not isinstance(pinv_iterations, int)
+            or pinv_iterations < 0
+        ):
+            raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
+        if conv_kernel_size is not None and (conv_kernel_size < 1 or conv_kernel_size % 2 == 0):
+            raise ValueError(
+                f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
+            )
+        self.num_landmarks = num_landmarks
+        self.pinv_iterations = pinv_iterations
+        self.conv: nn.Conv2d | None = None
+        if conv_kernel_size is not None:
+            self.conv = nn.Conv2d(
+                num_heads,
+                num_heads,
+                kernel_size=(conv_kernel_size, 1),
+                padding=(conv_kernel_size // 2, 0),
+                groups=num_heads,
+                bias=False,
+                device=device,
+                dtype=dtype,
+            )
+            nn.init.zeros_(self.conv.weight)
+        self.register_forward_pre_hook(_keep_off_fused_encoder_path)
+
+    @classmethod
+    def from_multihead_attention(
+        cls,
+        module: nn.MultiheadAttention,
+        *,
+        num_landmarks: int = 64,
+        pinv_iterations: int = 6,
+        conv_kernel_size: int | None = None,
+    ) -> NystromMultiheadAttention:
+        """A NystromMultiheadAttention sharing ``module``'s parameters (the same Parameter
+        objects, so an optimizer built before the swap keeps updating them)."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(
+                f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}"
+            )
+        ref = module.out_proj.weight
+        new = cls(
+            module.embed_dim,
+            module.num_heads,
+            dropout=module.dropout,
+            bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None,
+            add_zero_attn=module.add_zero_attn,
+            kdim=module.kdim,
+            vdim=module.vdim,
+            batch_first=module.batch_first,
+            device=ref.device,
+            dtype=ref.dtype,
+            num_landmarks=num_landmarks,
+            pinv_iterations=pinv_iterations,
+            conv_kernel_size=conv_kernel_size,
+        )
+        result = new.load_state_dict(module.state_dict(keep_vars=True), strict=False, assign=True)
+        if result.unexpected_keys or set(result.missing_keys) - {"conv.weight"}:
+            raise RuntimeError(f"parameter layouts differ: {result}")  # cannot happen for MHA
+        new.train(module.training)
+        return new
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        """Attention of ``query`` over ``key``/``value``, as nn.MultiheadAttention.forward.
+
+        Args:
+            query: (L, N, E), or (N, L, E) with ``batch_first``, or (L, E) unbatched; a nested
+                tensor (from nn.TransformerEncoder) for self-attention.
+            key: (S, N, kdim) / (N, S, kdim) / (S, kdim).
+            value: (S, N, vdim) / (N, S, vdim) / (S, vdim).
+            key_padding_mask: (N, S) or (S,); bool True, or float -inf, marks padding.
+            need_weights, average_attn_weights: accepted for compatibility; weights are None.
+            attn_mask: (L, S) or (N·num_heads, L, S); accepted only if it masks the same keys
+                for every query and head (then it is key padding); otherwise ValueError.
+            is_causal: must be False.
+
+        Returns:
+            ``(attn_output, None)``, attn_output in the layout of ``query`` with width E.
+        """
+        if is_causal:
+            raise ValueError(
+                "is_causal=True is not supported: Nyström landmarks average over the whole "
+                "sequence and would leak future tokens. Keep nn.MultiheadAttention for causal "
+                "(decoder) self-attention."
+            )
+        if query.is_nested:
+            return self._forward_nested(query, key, value, key_padding_mask, attn_mask)
+        self_attention = query is key
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, t, width in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if t.dim() != 3 or t.shape[-1] != width:
+                layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+                raise ValueError(
+                    f"{name} must be {layout} or unbatched (L, E) with width {width}, got shape "
+                    f"{tuple(t.shape)} (batch_first={self.batch_first})"
+                )
+        b, n_q, _ = query.shape
+        n_k = key.shape[1]
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != b:
+            raise ValueError(
+                "query, key and value must share the batch size and key/value the length, got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} (batch first)"
+            )
+        pad = self._key_padding(key_padding_mask, attn_mask, b, n_q, n_k)
+
+        q, k, v = self._project(query, key, value, self_attention)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1)
+        q, k, v = (self._heads(t) for t in (q, k, v))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(b, self.num_heads, 1, self.head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(b, self.num_heads, 1, self.head_dim)], dim=2)
+        extra = k.shape[2] - n_k  # appended bias / zero keys: always real
+        real = None
+        if pad is not None:
+            real = ~pad
+            if extra:
+                real = torch.cat([real, real.new_ones(b, extra)], dim=1)
+        query_mask = None
+        if real is not None and self_attention:
+            query_mask = real[:, :n_q]
+        elif real is not None and real.shape[1] == n_q:
+            # Cross-attention of equal lengths: the key mask says nothing about the queries.
+            query_mask = real.new_ones(b, n_q)
+        out = nystrom_attention(
+            q,
+            k,
+            v,
+            num_landmarks=self.num_landmarks,
+            mask=real,
+            pinv_iterations=self.pinv_iterations,
+            dropout_p=self.dropout if self.training else 0.0,
+            query_mask=query_mask,
+        )
+        if self.conv is not None:
+            if not self_attention:
+                raise ValueError(
+                    "conv_kernel_size is for self-attention: call with query, key and value "
+                    "being the same tensor"
+                )
+            out = out + value_conv_skip(self.conv, v[:, :, :n_q], query_mask)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, self.embed_dim))
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        linear = nn.functional.linear
+        bias = self.in_proj_bias
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+        if self._qkv_same_embed_dim:
+            if self_attention:
+                # One matmul for all three projections, as nn.MultiheadAttention does.
+                return linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
+
+    def _key_padding(
+        self,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        b: int,
+        n_q: int,
+        n_k: int,
+    ) -> Tensor | None:
+        """Both masks → (B, n_k) bool, True = padding; None when nothing is masked."""
+        pad = None
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (b, n_k):
+                raise ValueError(
+                    f"key_padding_mask must have shape ({b}, {n_k}) (batch, key length), got "
+                    f"{tuple(key_padding_mask.shape)}"
+                )
+            pad = _padding_from_mask(key_padding_mask, "key_padding_mask")
+        if attn_mask is not None:
+            masked = _padding_from_mask(attn_mask, "attn_mask")
+            h = self.num_heads
+            if masked.shape == (n_q, n_k):
+                rows = masked[None, None]
+            elif masked.shape == (b * h, n_q, n_k):
+                rows = masked.view(b, h, n_q, n_k)
+            else:
+                raise ValueError(
+                    f"attn_mask must have shape ({n_q}, {n_k}) or ({b * h}, {n_q}, {n_k}), got "
+                    f"{tuple(attn_mask.shape)}"
+                )
+            if not torch.compiler.is_compiling() and not bool((rows == rows[:, :1, :1]).all()):
+                raise ValueError(
+                    "attn_mask masks different keys for different queries or heads (a causal or "
+                    "structured mask); Nyström attention supports key padding only. Pass padding "
+                    "as key_padding_mask."
+                )
+            from_attn = rows[:, 0, 0].expand(b, n_k)
+            pad = from_attn if pad is None else pad | from_attn
+        return pad
+
+    def _forward_nested(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> tuple[Tensor, None]:
+        # nn.TransformerEncoder packs padded batches into nested tensors in inference; we unpack
+        # to a padded batch plus mask, which is what the attention needs anyway.
+        if not (query is key and key is value) or not self.batch_first:
+            raise ValueError(
+                "nested tensor inputs are supported for batch-first self-attention only"
+            )
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("masks cannot be combined with nested tensor inputs")
+        lengths = [t.shape[0] for t in query.unbind()]
+        padded = torch.nested.to_padded_tensor(query, 0.0)
+        pad = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(
+            lengths, device=padded.device
+        ).view(-1, 1)
+        out, _ = self.forward(padded, padded, padded, key_padding_mask=pad, need_weights=False)
+        parts = [o[:length] for o, length in zip(out.unbind(), lengths, strict=True)]
+        return torch.nested.as_nested_tensor(parts, layout=query.layout), None
+
+    def extra_repr(self) -> str:
+        conv = None if self.conv is None else self.conv.kernel_size[0]
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"batch_first={self.batch_first}, num_landmarks={self.num_landmarks}, "
+            f"pinv_iterations={self.pinv_iterations}, conv_kernel_size={conv}"
         )

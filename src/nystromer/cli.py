@@ -12,7 +12,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = (
+    "nystromer.lra.cli",
+    "nystromer.bench.cli",
+    "nystromer.lra.data.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

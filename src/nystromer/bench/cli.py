@@ -1,0 +1,255 @@
+"""``nystromer demo``, ``nystromer bench {speed,table,approx}`` and ``nystromer viz attention``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register", "demo_command"]
+
+_DEFAULT_OUT = Path("bench-out")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1024,2048, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """The ``demo`` sub-command: the attention comparison, then a short ListOps training run."""
+    from .demo import run_attention_demo
+
+    run_attention_demo(args.lengths, threads=args.threads, repeats=args.repeats)
+    if args.listops_steps > 0:
+        import tempfile
+
+        from ..lra.demo import run_listops_demo
+
+        with tempfile.TemporaryDirectory(prefix="nystromer-demo-") as workdir:
+            run_listops_demo(workdir, steps=args.listops_steps)
+    return 0
+
+
+def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
+    from .measure import DTYPES
+
+    p.add_argument("--lengths", type=_int_list, default=list(lengths), help="%(default)s")
+    p.add_argument(
+        "--impl",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(impls),
+        help="comma-separated registry names (default: %(default)s)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--num-landmarks", type=int, default=64)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=10.0,
+        help="stop growing n for an implementation after a forward slower than this",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+
+
+def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
+    from .implementations import get_implementation
+    from .measure import CaseSpec
+    from .speed import run_speed
+
+    for name in args.impl:
+        get_implementation(name)  # ValueError naming the known ones
+    base = CaseSpec(
+        args.impl[0],
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        num_landmarks=args.num_landmarks,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats,
+    )
+    return run_speed(
+        base,
+        lengths=args.lengths,
+        implementations=args.impl,
+        backward=backward,
+        max_seconds=args.max_seconds,
+        timeout=args.timeout,
+    )
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from .speed import write_speed_outputs
+
+    report = _speed_report(args, backward=not args.no_backward)
+    print(f"\n{report['machine_label']}")
+    for impl, fits in report["scaling_exponents"].items():
+        shown = ", ".join(f"{k} n^{v:.2f}" for k, v in fits.items() if v is not None)
+        print(f"  {impl:<18} {shown or 'too few points for a fit'}")
+    for metric, n in report["nystromer_beats_exact_from"].items():
+        print(f"  nystromer faster than exact ({metric}) from n = {n}")
+    for path in write_speed_outputs(report, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from .._io import atomic_write
+    from .speed import format_table1
+
+    report = _speed_report(args, backward=False)
+    text = (
+        f"Forward (inference) peak memory above the inputs and time per instance, batch 1, "
+        f"{args.heads} heads × {args.head_dim}, {args.dtype}; {report['machine_label']}.\n\n"
+        + format_table1(report)
+    )
+    print("\n" + text)
+    out = Path(args.out)
+    with atomic_write(out / "table1.json") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(out / "table1.md") as f:
+        f.write(text + "\n")
+    print(f"wrote {out / 'table1.md'} and {out / 'table1.json'}")
+    return 0
+
+
+def _approx(args: argparse.Namespace) -> int:
+    from .approx import run_approx, write_approx_outputs
+
+    report = run_approx(
+        seq_len=args.seq_len,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        landmarks=args.landmarks,
+        iterations=args.iterations,
+        num_landmarks=args.num_landmarks,
+        model_seq_len=args.model_seq_len,
+        model_source=args.model_source,
+    )
+    for path in write_approx_outputs(report, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from .viz import plot_attention
+
+    q = k = title = None
+    if args.source == "model":
+        from .approx import model_qkv
+
+        mq, mk, _, description = model_qkv(args.seq_len, source=args.model_source)
+        if not (0 <= args.layer < mq.shape[0] and 0 <= args.head < mq.shape[1]):
+            raise ValueError(
+                f"--layer/--head: the model has {mq.shape[0]} layers of {mq.shape[1]} heads, "
+                f"got layer {args.layer}, head {args.head}"
+            )
+        q, k = mq[args.layer, args.head], mk[args.layer, args.head]
+        title = f"{description}, layer {args.layer}, head {args.head}, n = {q.shape[0]}"
+    found = plot_attention(
+        args.out,
+        seq_len=args.seq_len,
+        num_landmarks=args.num_landmarks,
+        pinv_iterations=args.pinv_iterations,
+        q=q,
+        k=k,
+        title=title,
+    )
+    print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo``, ``bench`` and ``viz`` sub-commands."""
+    from .approx import ITERATIONS, LANDMARKS
+    from .demo import DEMO_LENGTHS
+    from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
+
+    d = subparsers.add_parser(
+        "demo",
+        help="exact vs Nyström attention: time, memory and error as n grows",
+        description="Exact vs Nyström attention (m = 64) for n = 1k … 16k: forward time, peak "
+        "memory (fresh process each) and relative output error.",
+    )
+    d.add_argument("--lengths", type=_int_list, default=list(DEMO_LENGTHS), help="%(default)s")
+    d.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
+    d.add_argument(
+        "--listops-steps",
+        type=int,
+        default=700,
+        help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
+        "about two minutes on 2 CPU cores)",
+    )
+    d.set_defaults(func=demo_command)
+
+    bench = subparsers.add_parser("bench", help="speed, memory and approximation benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    s = bench_sub.add_parser(
+        "speed",
+        help="time and peak memory against n, fitted exponents, plots",
+        description="Time and peak memory (fresh process per measurement) against n for each "
+        "implementation; writes speed.json, speed.csv and log-log plots.",
+    )
+    _add_problem_args(s, SPEED_LENGTHS, SPEED_IMPLEMENTATIONS)
+    s.add_argument("--no-backward", action="store_true", help="forward only")
+    s.add_argument("--out", type=Path, default=_DEFAULT_OUT / "speed")
+    s.set_defaults(func=_speed)
+
+    t = bench_sub.add_parser(
+        "table",
+        help="the paper's Table 1: memory and time per instance, n = 512 … 8192",
+        description="Forward peak memory and time per instance against the paper's Table 1.",
+    )
+    _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
+    t.add_argument("--out", type=Path, default=_DEFAULT_OUT / "table1")
+    t.set_defaults(func=_table, max_seconds=float("inf"))
+
+    a = bench_sub.add_parser(
+        "approx",
+        help="approximation error against landmarks, pinv iterations, peers",
+        description="Relative output error vs exact attention on random and language-model "
+        "q, k, v; writes approx.json, approx.md and plots.",
+    )
+    a.add_argument("--seq-len", type=int, default=1024, help="n of the random inputs")
+    a.add_argument("--heads", type=int, default=4)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
+    a.add_argument("--landmarks", type=_int_list, default=list(LANDMARKS), help="%(default)s")
+    a.add_argument("--iterations", type=_int_list, default=list(ITERATIONS))
+    a.add_argument("--model-seq-len", type=int, default=512)
+    a.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
+    a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
+    a.set_defaults(func=_approx)
+
+    viz = subparsers.add_parser("viz", help="visualisations")
+    viz_sub = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
+    v = viz_sub.add_parser(
+        "attention",
+        help="exact vs Nyström attention matrix, side by side (PNG)",
+        description="Plot one head's exact attention matrix beside its Nyström approximation.",
+    )
+    v.add_argument("--out", type=Path, default=_DEFAULT_OUT / "attention.png")
+    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--num-landmarks", type=int, default=16)
+    v.add_argument("--pinv-iterations", type=int, default=6)
+    v.add_argument("--source", choices=("random", "model"), default="random")
+    v.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
+    v.add_argument("--layer", type=int, default=2)
+    v.add_argument("--head", type=int, default=0)
+    v.set_defaults(func=_viz)

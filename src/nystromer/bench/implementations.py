@@ -1,0 +1,435 @@
+"""A registry of attention implementations that the benchmarks loop over.
+
+Every entry turns the same inputs, query/key/value of shape (B, H, n, d) and an optional key
+padding mask (B, n) (True = real token), into an attention output, and measures only the
+attention math: the peers' input and output projections are replaced by exact selections, so
+no implementation pays for a matrix multiply the others skip.
+
+An implementation is split in three steps so that layout conversions stay outside the timed
+and memory-measured region:
+
+* ``runner.prepare(q, k, v, mask)`` converts the inputs to the implementation's own layout
+  (a peer that only accepts one hidden-state tensor gets ``x = [q | k | v]``, (B, n, 3·H·d));
+* ``runner.run(*prepared)`` is the measured call and returns the native output;
+* ``runner.to_bhnd(out)`` converts the native output back to (B, H, n, d).
+
+``runner(q, k, v, mask)`` chains the three.
+
+Peers are optional: :func:`available_implementations` lists only the installed ones and
+:func:`unavailable_reason` says why one is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import iterative_pinv, landmark_assignment, nystrom_attention, segment_means
+
+__all__ = [
+    "AttentionConfig",
+    "AttentionRunner",
+    "Implementation",
+    "IMPLEMENTATIONS",
+    "PEERS",
+    "register_implementation",
+    "get_implementation",
+    "available_implementations",
+    "unavailable_reason",
+    "naive_nystrom_attention",
+]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The shape of one benchmark problem, fixed when a runner is built.
+
+    Attributes:
+        heads: H.
+        head_dim: d (query, key and value width per head).
+        seq_len: n; peers that fix the length at construction need it.
+        num_landmarks: m.
+        pinv_iterations: iterations of the pseudo-inverse.
+        device, dtype: where and in what precision the runner's modules live.
+    """
+
+    heads: int
+    head_dim: int
+    seq_len: int
+    num_landmarks: int = 64
+    pinv_iterations: int = 6
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
+class AttentionRunner:
+    """A prepared implementation: ``prepare`` (unmeasured), ``run`` (measured), ``to_bhnd``.
+
+    Subclasses override :meth:`run`; the default layout is (B, H, n, d) in and out.
+    ``grad_args`` are the positions of the prepared arguments that are the inputs (the
+    tensors a backward pass differentiates to).
+    """
+
+    grad_args: tuple[int, ...] = (0, 1, 2)
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
+        """Convert (B, H, n, d) inputs and a (B, n) bool mask to the arguments of :meth:`run`.
+
+        Tensors in the result that are fresh copies are leaves, so a benchmark can mark them
+        ``requires_grad`` and time the backward pass to them.
+        """
+        return (q, k, v, mask)
+
+    def run(self, *prepared) -> Tensor:
+        """The attention math on prepared inputs; returns the native output."""
+        raise NotImplementedError
+
+    def to_bhnd(self, out: Tensor) -> Tensor:
+        """Native output → (B, H, n, d)."""
+        return out
+
+    def output_shape(self, batch: int, heads: int, seq_len: int, head_dim: int) -> tuple:
+        """Shape of the native output of :meth:`run`."""
+        return (batch, heads, seq_len, head_dim)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, H, n, d) query, key, value and a (B, n) mask → (B, H, n, d) output."""
+        return self.to_bhnd(self.run(*self.prepare(q, k, v, mask)))
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One registry entry.
+
+    Attributes:
+        name: registry key (also the name in tables and on the command line).
+        description: one line for tables and reports.
+        requires: import names that must be installed (peers only).
+        build: ``build(config) -> AttentionRunner``.
+        supports: ``supports(config, padded) -> None`` or the reason the configuration is
+            outside what the implementation accepts (e.g. n not a multiple of m).
+        is_peer: another project's implementation (compared against in the targets).
+    """
+
+    name: str
+    description: str
+    build: Callable[[AttentionConfig], AttentionRunner]
+    requires: tuple[str, ...] = ()
+    supports: Callable[[AttentionConfig, bool], str | None] = lambda config, padded: None
+    is_peer: bool = False
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {}
+
+
+def register_implementation(impl: Implementation) -> Implementation:
+    """Add ``impl`` to :data:`IMPLEMENTATIONS` (replacing an entry of the same name)."""
+    IMPLEMENTATIONS[impl.name] = impl
+    return impl
+
+
+def get_implementation(name: str) -> Implementation:
+    """The registry entry called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}"
+        ) from None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when ``name`` can run here, else why not (e.g. its package is not installed)."""
+    impl = get_implementation(name)
+    missing = [mod for mod in impl.requires if importlib.util.find_spec(mod) is None]
+    if missing:
+        return f"not installed (python package(s) {', '.join(missing)} missing)"
+    return None
+
+
+def available_implementations() -> list[str]:
+    """Names of the registered implementations whose requirements are installed."""
+    return [name for name in IMPLEMENTATIONS if unavailable_reason(name) is None]
+
+
+# --- the naive three-matrix formula (the peers' evaluation order, our landmarks) -------------
+
+
+def naive_nystrom_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    num_landmarks: int = 64,
+    mask: Tensor | None = None,
+    pinv_iterations: int = 6,
+    scale: float | None = None,
+) -> Tensor:
+    """The paper's formula ``F · A⁺ · (B · V)`` with the n×m and m×n kernels materialised.
+
+    Same landmarks (masked segment means), pseudo-inverse and padding rules as
+    :func:`nystromer.nystrom_attention`, evaluated the way the peers do it, so it is both a
+    numerical cross-check and the speed/memory baseline of the unfused formulation.
+
+    Args:
+        query, key, value: (B, H, n, d) self-attention inputs (n_q == n_k).
+        num_landmarks: m.
+        mask: (B, n) bool, True for real tokens; every sample needs more than m real tokens
+            when n > m (with fewer, landmarks would be empty segments; the fused function
+            switches to exact attention there, which this baseline does not reproduce).
+        pinv_iterations: iterations of the pseudo-inverse.
+        scale: factor on QKᵀ (default 1/√d).
+
+    Returns:
+        (B, H, n, d_v); padded query rows are zero.
+    """
+    b, h, n, d = query.shape
+    if key.shape[2] != n:
+        raise ValueError(
+            f"naive_nystrom_attention is self-attention only: query has n={n}, key n={key.shape[2]}"
+        )
+    m = num_landmarks
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    work = torch.promote_types(query.dtype, torch.float32)
+    key_bias = None
+    if mask is not None:
+        real = mask.sum(-1)
+        if n > m and bool((real <= m).any()):
+            raise ValueError(
+                f"mask: every sample needs more than num_landmarks={m} real tokens, got "
+                f"real lengths {real.tolist()}"
+            )
+        key_bias = torch.zeros(b, 1, 1, n, dtype=work, device=query.device)
+        key_bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    qw, kw, vw = query.to(work), key.to(work), value.to(work)
+    if n <= m:
+        logits = (qw @ kw.transpose(-1, -2)) * s
+        if key_bias is not None:
+            logits = logits + key_bias
+        out = torch.softmax(logits, -1) @ vw
+    else:
+        index, counts = landmark_assignment(mask, n, m, query.device)
+        q_land = segment_means(query, index, counts, m, work)
+        k_land = segment_means(key, index, counts, m, work)
+        kernel_f = torch.softmax((qw @ k_land.transpose(-1, -2)) * s, -1)  # (B, H, n, m)
+        kernel_a = torch.softmax((q_land @ k_land.transpose(-1, -2)) * s, -1)  # (B, H, m, m)
+        logits_b = (q_land @ kw.transpose(-1, -2)) * s  # (B, H, m, n)
+        if key_bias is not None:
+            logits_b = logits_b + key_bias
+        kernel_b = torch.softmax(logits_b, -1)
+        out = (kernel_f @ iterative_pinv(kernel_a, pinv_iterations)) @ (kernel_b @ vw)
+    if mask is not None:
+        out = out * mask[:, None, :, None].to(work)
+    return out.to(query.dtype)
+
+
+# --- runners ----------------------------------------------------------------------------------
+
+
+class _NystromerRunner(AttentionRunner):
+    def __init__(self, config: AttentionConfig) -> None:
+        self.m = config.num_landmarks
+        self.iterations = config.pinv_iterations
+
+    def run(self, q, k, v, mask):
+        return nystrom_attention(
+            q, k, v, num_landmarks=self.m, mask=mask, pinv_iterations=self.iterations
+        )
+
+
+class _NaiveRunner(_NystromerRunner):
+    def run(self, q, k, v, mask):
+        return naive_nystrom_attention(
+            q, k, v, num_landmarks=self.m, mask=mask, pinv_iterations=self.iterations
+        )
+
+
+class _ExactRunner(AttentionRunner):
+    def __init__(self, config: AttentionConfig) -> None:
+        pass
+
+    def prepare(self, q, k, v, mask):
+        return (q, k, v, None if mask is None else mask[:, None, None, :])
+
+    def run(self, q, k, v, attn_mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+class _MatmulRunner(_ExactRunner):
+    def run(self, q, k, v, attn_mask):
+        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        return torch.softmax(logits, -1) @ v
+
+
+def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, n, d) ×3 → x = [q | k | v] of shape (B, n, 3·H·d), heads-major in each third."""
+    b, h, n, d = q.shape
+    x = torch.empty(b, n, 3, h, d, dtype=q.dtype, device=q.device)
+    for i, t in enumerate((q, k, v)):
+        x[:, :, i].copy_(t.transpose(1, 2))
+    return x.view(b, n, 3 * h * d)
+
+
+class _Columns(nn.Module):
+    """Selects the columns [start, stop) of the last axis: an exact, parameter-free 'Linear'."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., self.start : self.stop]
+
+
+class _LucidrainsRunner(AttentionRunner):
+    """``nystrom_attention.NystromAttention`` (PyPI ``nystrom-attention``).
+
+    Its forward only accepts the hidden states x and computes ``to_qkv(x).chunk(3)``; with
+    ``to_qkv`` an identity and x = [q | k | v] (B, n, 3·H·d), the chunks are exactly q, k and v
+    in its 'b n (h d)' layout. ``to_out`` (Linear + Dropout) is an identity, ``residual=False``
+    drops the convolution skip. Its output is (B, n, H·d).
+    """
+
+    def __init__(self, config: AttentionConfig) -> None:
+        from nystrom_attention import NystromAttention as LucidrainsAttention
+
+        h, d = config.heads, config.head_dim
+        module = LucidrainsAttention(
+            dim=h * d,
+            dim_head=d,
+            heads=h,
+            num_landmarks=config.num_landmarks,
+            pinv_iterations=config.pinv_iterations,
+            residual=False,
+        )
+        module.to_qkv = nn.Identity()
+        module.to_out = nn.Identity()
+        self.module = module.to(device=config.device, dtype=config.dtype).eval()
+        self.heads = h
+
+    grad_args = (0,)
+
+    def prepare(self, q, k, v, mask):
+        return (_hidden_from_qkv(q, k, v), mask)
+
+    def run(self, x, mask):
+        return self.module(x, mask=mask)
+
+    def output_shape(self, batch, heads, seq_len, head_dim):
+        return (batch, seq_len, heads * head_dim)
+
+    def to_bhnd(self, out):
+        b, n, hd = out.shape
+        return out.view(b, n, self.heads, hd // self.heads).transpose(1, 2)
+
+
+class _TransformersRunner(_LucidrainsRunner):
+    """``transformers``' ``NystromformerSelfAttention`` with its math only.
+
+    A tiny config (hidden = H·d, ``num_landmarks`` = m, ``segment_means_seq_len`` = n; the conv
+    skip is switched off on the module, as its config only accepts an int kernel size);
+    its ``query``/``key``/``value`` Linear layers become column selections of x = [q | k | v],
+    so they return q, k and v exactly. The key padding mask is passed the way its model does,
+    as an additive (B, 1, 1, n) tensor holding the dtype's minimum at padding.
+    """
+
+    def __init__(self, config: AttentionConfig) -> None:
+        from transformers import NystromformerConfig
+        from transformers.models.nystromformer.modeling_nystromformer import (
+            NystromformerSelfAttention,
+        )
+
+        h, d = config.heads, config.head_dim
+        hf_config = NystromformerConfig(
+            hidden_size=h * d,
+            num_attention_heads=h,
+            num_landmarks=config.num_landmarks,
+            segment_means_seq_len=config.seq_len,
+            attention_probs_dropout_prob=0.0,
+        )
+        module = NystromformerSelfAttention(hf_config)
+        # Its config validation wants an int kernel size; None on the module skips the conv.
+        module.conv_kernel_size = None
+        del module.conv
+        hd = h * d
+        module.query, module.key, module.value = (
+            _Columns(0, hd),
+            _Columns(hd, 2 * hd),
+            _Columns(2 * hd, 3 * hd),
+        )
+        self.module = module.to(device=config.device, dtype=config.dtype).eval()
+        self.heads = h
+
+    def prepare(self, q, k, v, mask):
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=q.dtype)
+            additive = additive.to(q.device)
+            additive.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
+        return (_hidden_from_qkv(q, k, v), additive)
+
+    def run(self, x, additive_mask):
+        return self.module(x, attention_mask=additive_mask)[0]
+
+
+def _transformers_supports(config: AttentionConfig, padded: bool) -> str | None:
+    n, m = config.seq_len, config.num_landmarks
+    if m != n and n % m:
+        return f"needs n to be a multiple of m (got n={n}, m={m})"
+    return None
+
+
+register_implementation(
+    Implementation(
+        "nystromer",
+        "nystromer.nystrom_attention (fused: two SDPA calls around the m×m pseudo-inverse)",
+        _NystromerRunner,
+    )
+)
+register_implementation(
+    Implementation(
+        "naive",
+        "F·A⁺·(B·V) with the n×m and m×n kernels materialised, same landmarks as nystromer",
+        _NaiveRunner,
+    )
+)
+register_implementation(
+    Implementation("exact", "torch scaled_dot_product_attention (exact softmax)", _ExactRunner)
+)
+register_implementation(
+    Implementation(
+        "exact-matmul",
+        "softmax(s·QKᵀ)·V with the n×n matrix materialised (the paper's Transformer baseline)",
+        _MatmulRunner,
+    )
+)
+register_implementation(
+    Implementation(
+        "nystrom-attention",
+        "PyPI nystrom-attention (lucidrains) NystromAttention, projections removed",
+        _LucidrainsRunner,
+        requires=("nystrom_attention", "einops"),
+        is_peer=True,
+    )
+)
+register_implementation(
+    Implementation(
+        "transformers",
+        "transformers NystromformerSelfAttention, projections removed",
+        _TransformersRunner,
+        requires=("transformers",),
+        supports=_transformers_supports,
+        is_peer=True,
+    )
+)
+
+#: Names of the other projects' implementations, in registry order.
+PEERS: tuple[str, ...] = tuple(name for name, impl in IMPLEMENTATIONS.items() if impl.is_peer)

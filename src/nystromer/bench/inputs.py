@@ -1,0 +1,97 @@
+"""Benchmark inputs: random query/key/value tensors and right-padding masks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["INPUT_STYLES", "padding_mask", "random_qkv", "relative_error"]
+
+#: ``gaussian``: i.i.d. N(0, 1) entries (attention logits of standard deviation 1, nearly
+#: uniform attention). ``structured``: shaped like a trained model's, see :func:`random_qkv`.
+INPUT_STYLES = ("gaussian", "structured")
+
+
+def padding_mask(batch: int, seq_len: int, padding: float, device="cpu") -> Tensor | None:
+    """A right-padding key mask (B, n), True = real token, or None when ``padding`` is 0.
+
+    Sample i has ``round(2·padding·n·(i+1)/(B+1))`` padding positions at its end, so the
+    lengths differ across the batch and padding makes up ``padding`` of the batch on average
+    (for B = 1: exactly the last ``padding`` fraction).
+    """
+    if not 0.0 <= padding < 1.0:
+        raise ValueError(f"padding must be a fraction in [0, 1), got {padding!r}")
+    if padding == 0.0:
+        return None
+    pads = [
+        min(seq_len - 1, round(2 * padding * seq_len * (i + 1) / (batch + 1))) for i in range(batch)
+    ]
+    lengths = torch.tensor([seq_len - p for p in pads], device=device)
+    return torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
+
+
+def random_qkv(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    head_dim: int,
+    *,
+    style: str = "gaussian",
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int = 0,
+    logit_std: float = 2.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random (B, H, n, d) query, key and value tensors.
+
+    ``gaussian``: i.i.d. N(0, 1).
+
+    ``structured`` imitates what trained attention layers see: neighbouring tokens are
+    similar (each of q, k, v is half a smooth signal along the sequence, a random walk
+    low-pass filtered over ~n/64 positions, and half token-specific noise), every head has a
+    shared offset direction (as LayerNorm'd hidden states give), and q, k are scaled so that
+    the attention logits q·k/√d have standard deviation ``logit_std``. The default 2 is what a
+    trained model shows: in all-MiniLM-L6-v2 (6 layers × 12 heads) on 512 tokens of English
+    text the per-head logit standard deviation has median 1.8 (quartiles 1.3 and 3.3).
+
+    Generated in float32 on the CPU from ``seed`` (reproducible across devices), then cast.
+    """
+    if style not in INPUT_STYLES:
+        raise ValueError(f"style must be one of {INPUT_STYLES}, got {style!r}")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, seq_len, head_dim)
+    if style == "gaussian":
+        q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    else:
+        width = max(1, seq_len // 64)
+
+        def smooth_plus_noise() -> Tensor:
+            walk = torch.randn(shape, generator=gen).cumsum(2)
+            # Moving average over `width` positions turns the walk into a slow signal.
+            c = torch.nn.functional.pad(walk.cumsum(2), (0, 0, width, 0))
+            slow = c[:, :, width:] - c[:, :, :-width]
+            slow = slow - slow.mean(2, keepdim=True)
+            slow = slow / slow.std(2, keepdim=True).clamp_min(1e-6)
+            offset = torch.randn(batch, heads, 1, head_dim, generator=gen)
+            noise = torch.randn(shape, generator=gen)
+            return (slow + noise) / math.sqrt(2.0) + 0.5 * offset
+
+        q, k, v = smooth_plus_noise(), smooth_plus_noise(), smooth_plus_noise()
+        # Measure the logit spread on a sample of rows and rescale q and k equally to hit it.
+        rows = torch.randperm(seq_len, generator=gen)[:256]
+        logits = q[:, :, rows] @ k[:, :, rows].transpose(-1, -2) / math.sqrt(head_dim)
+        factor = math.sqrt(logit_std / float(logits.std().clamp_min(1e-6)))
+        q, k = q * factor, k * factor
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def relative_error(approx: Tensor, exact: Tensor, mask: Tensor | None = None) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F over (B, H, n, d) outputs, real query rows only."""
+    diff = (approx.double() - exact.double()).square()
+    ref = exact.double().square()
+    if mask is not None:
+        keep = mask[:, None, :, None].to(diff.dtype)
+        diff, ref = diff * keep, ref * keep
+    return float(diff.sum().sqrt() / ref.sum().sqrt().clamp_min(1e-300))

@@ -1,0 +1,414 @@
+"""Time and peak memory of one attention implementation on one problem size.
+
+Times are medians over repeats after warm-up. Peak memory is that of the attention math alone:
+the peak minus what was resident once the inputs existed. On the CPU it can only be read
+reliably in a process that has done nothing else, so :func:`measure_case` runs each
+measurement in a fresh ``python -m nystromer.bench.worker`` process:
+
+* CPU: the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset
+  just before the call by writing 5 to ``/proc/self/clear_refs`` (method ``rss-reset``). Where
+  the kernel refuses the reset, the high-water mark since process start is used instead
+  (method ``rss-hwm``, an upper bound). Either way the resident size after the inputs were
+  created, and the allocator trimmed, is subtracted.
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
+  allocated memory after the inputs were created (method ``cuda-allocated``).
+
+Forward is measured as inference (under ``torch.no_grad``); forward+backward back-propagates a
+random output gradient to the inputs, so its peak includes the input gradients (the same size
+for every implementation).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .implementations import AttentionConfig, get_implementation, unavailable_reason
+from .inputs import padding_mask, random_qkv
+
+__all__ = [
+    "CaseSpec",
+    "CaseResult",
+    "DTYPES",
+    "measure_case",
+    "run_in_process",
+    "machine_info",
+    "machine_label",
+    "matmul_flop_rate",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES["float64"] = torch.float64
+
+TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
+_RESULT_MARK = "NYSTROMER_BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One measurement: an implementation and a problem size.
+
+    Attributes:
+        impl: registry name (see :mod:`nystromer.bench.implementations`).
+        batch, heads, seq_len, head_dim: B, H, n, d of the (B, H, n, d) inputs.
+        num_landmarks, pinv_iterations: m and pinv iterations (ignored by ``exact``).
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64``.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        padding: fraction of key positions that are right padding (0: no mask at all).
+        threads: torch intra-op threads (None: torch's default).
+        warmup, repeats: untimed and timed calls per timing.
+        seed: input seed.
+    """
+
+    impl: str
+    batch: int = 1
+    heads: int = 8
+    seq_len: int = 16384
+    head_dim: int = 64
+    num_landmarks: int = 64
+    pinv_iterations: int = 6
+    dtype: str = "float32"
+    device: str = "cpu"
+    padding: float = 0.0
+    threads: int | None = None
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup < 0 or self.pinv_iterations < 0:
+            raise ValueError(
+                f"warmup and pinv_iterations must be ≥ 0, got {self.warmup}, {self.pinv_iterations}"
+            )
+        get_implementation(self.impl)  # ValueError for an unknown name
+
+    def config(self) -> AttentionConfig:
+        return AttentionConfig(
+            heads=self.heads,
+            head_dim=self.head_dim,
+            seq_len=self.seq_len,
+            num_landmarks=self.num_landmarks,
+            pinv_iterations=self.pinv_iterations,
+            device=self.device,
+            dtype=DTYPES[self.dtype],
+        )
+
+
+@dataclass
+class CaseResult:
+    """What :func:`measure_case` found. Times in milliseconds, memory in MiB.
+
+    ``status`` is ``ok``, ``skipped`` (not installed / unsupported size), ``oom`` (the process
+    ran out of memory) or ``failed``; ``note`` says why when not ``ok``.
+    """
+
+    spec: CaseSpec
+    status: str = "ok"
+    note: str = ""
+    forward_ms: float | None = None
+    backward_ms: float | None = None
+    forward_times_ms: list[float] = field(default_factory=list)
+    backward_times_ms: list[float] = field(default_factory=list)
+    forward_peak_mib: float | None = None
+    backward_peak_mib: float | None = None
+    memory_method: str | None = None
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spec"] = dataclasses.asdict(self.spec)
+        return d
+
+
+# --- machine description ----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
+    """CPU model, cores, torch threads, torch version and device name, for labelling results."""
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def machine_label(info: dict) -> str:
+    """One line: ``AMD EPYC (2 cores), 2 torch threads, torch 2.x, device cpu``."""
+    where = info["device"] if "gpu" not in info else f"{info['device']} ({info['gpu']})"
+    return (
+        f"{info['cpu']} ({info['cpu_count']} cores), {info['threads']} torch threads, "
+        f"torch {info['torch']}, device {where}"
+    )
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def matmul_flop_rate(
+    size: int = 4096, repeats: int = 5, device: str = "cpu", dtype: str = "float32"
+) -> float:
+    """Best achieved FLOP/s of a ``size``×``size`` matrix product (2·size³ FLOPs), one warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:  # the first product is warm-up
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+# --- in-process measurement (valid for memory only in a fresh process) ------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim_allocator() -> None:
+    # Freed heap memory kept by glibc could be reused by the measured call without showing in
+    # RSS; handing it back first makes the baseline exact.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _inputs(spec: CaseSpec):
+    q, k, v = random_qkv(
+        spec.batch,
+        spec.heads,
+        spec.seq_len,
+        spec.head_dim,
+        dtype=DTYPES[spec.dtype],
+        device=spec.device,
+        seed=spec.seed,
+    )
+    mask = padding_mask(spec.batch, spec.seq_len, spec.padding, device=spec.device)
+    return q, k, v, mask
+
+
+def _prepared(spec: CaseSpec, runner, backward: bool):
+    q, k, v, mask = _inputs(spec)
+    args = runner.prepare(q, k, v, mask)
+    del q, k, v  # a peer's prepare copies them into one tensor: keep one copy resident
+    grad = None
+    if backward:
+        args = tuple(
+            a.detach().requires_grad_() if i in runner.grad_args else a for i, a in enumerate(args)
+        )
+        shape = runner.output_shape(spec.batch, spec.heads, spec.seq_len, spec.head_dim)
+        gen = torch.Generator().manual_seed(spec.seed + 1)
+        grad = torch.randn(shape, generator=gen).to(device=spec.device, dtype=DTYPES[spec.dtype])
+    return args, grad
+
+
+def _call(runner, args, grad) -> None:
+    if grad is None:
+        with torch.no_grad():
+            runner.run(*args)
+    else:
+        for a in args:
+            if torch.is_tensor(a):
+                a.grad = None
+        runner.run(*args).backward(grad)
+
+
+def _warm_up_small(spec: CaseSpec, backward: bool) -> None:
+    """One call at a small size: loads kernels and libraries outside the measured region."""
+    small = dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1)
+    runner = get_implementation(spec.impl).build(small.config())
+    args, grad = _prepared(small, runner, backward)
+    _call(runner, args, grad)
+
+
+def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
+    _warm_up_small(spec, backward)
+    runner = get_implementation(spec.impl).build(spec.config())
+    args, grad = _prepared(spec, runner, backward)
+    if spec.device.startswith("cuda"):
+        dev = torch.device(spec.device)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        _call(runner, args, grad)
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "cuda-allocated"
+    _trim_allocator()
+    base = _status_kib("VmRSS")
+    method = "rss-reset" if _reset_rss_peak() else "rss-hwm"
+    _call(runner, args, grad)
+    return max(0, _status_kib("VmHWM") - base) / 1024, method
+
+
+def _times(spec: CaseSpec, backward: bool) -> list[float]:
+    runner = get_implementation(spec.impl).build(spec.config())
+    args, grad = _prepared(spec, runner, backward)
+    for _ in range(spec.warmup):
+        _call(runner, args, grad)
+    times = []
+    for _ in range(spec.repeats):
+        _sync(spec.device)
+        t0 = time.perf_counter()
+        _call(runner, args, grad)
+        _sync(spec.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
+    """Run ``tasks`` (from ``memory_forward``, ``memory_backward``, ``time_forward``,
+    ``time_backward``) here and return their results as a dict.
+
+    Memory tasks must come first and only in a process that has done nothing else (the
+    worker); timings can follow in the same process.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks: unknown {unknown}, expected some of {TASKS}")
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    out: dict = {"threads": torch.get_num_threads()}
+    for task in tasks:
+        backward = task.endswith("backward")
+        if task.startswith("memory"):
+            peak, out["memory_method"] = _memory(spec, backward)
+            out[("backward" if backward else "forward") + "_peak_mib"] = peak
+        else:
+            times = _times(spec, backward)
+            key = "backward" if backward else "forward"
+            out[f"{key}_times_ms"] = times
+            out[f"{key}_ms"] = statistics.median(times)
+    return out
+
+
+# --- fresh-process measurement ----------------------------------------------------------------
+
+
+def _worker(spec: CaseSpec, tasks: list[str], timeout: float | None) -> dict:
+    env = dict(os.environ)
+    if spec.threads is not None:
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+    cmd = [
+        sys.executable,
+        "-m",
+        "nystromer.bench.worker",
+        json.dumps(dataclasses.asdict(spec)),
+        ",".join(tasks),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "note": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_MARK):
+            return json.loads(line[len(_RESULT_MARK) :])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
+        return {"status": "oom", "note": f"out of memory (exit {proc.returncode})"}
+    return {"status": "failed", "note": f"worker exit {proc.returncode}: {tail}"}
+
+
+def measure_case(
+    spec: CaseSpec,
+    *,
+    forward: bool = True,
+    backward: bool = True,
+    memory: bool = True,
+    timing: bool = True,
+    fresh_process: bool = True,
+    timeout: float | None = None,
+) -> CaseResult:
+    """Measure one case; memory in fresh processes (one for forward, one for backward).
+
+    Args:
+        spec: what to measure.
+        forward, backward: measure inference forward and/or forward+backward.
+        memory, timing: measure peak memory and/or time.
+        fresh_process: False runs everything in this process (timings only are meaningful
+            then; memory is refused).
+        timeout: seconds allowed to each worker process.
+
+    Returns:
+        A :class:`CaseResult`; an implementation that is not installed or does not accept the
+        size is ``skipped`` with the reason, a crashed worker ``failed``/``oom``.
+    """
+    result = CaseResult(spec)
+    reason = unavailable_reason(spec.impl)
+    if reason is None:
+        reason = get_implementation(spec.impl).supports(spec.config(), spec.padding > 0)
+    if reason is not None:
+        result.status, result.note = "skipped", reason
+        return result
+    if memory and not fresh_process:
+        raise ValueError("memory=True needs fresh_process=True: RSS peaks are per process")
+    first = (["memory_forward"] if memory and forward else []) + (
+        (["time_forward"] if forward else []) + (["time_backward"] if backward else [])
+        if timing
+        else []
+    )
+    runs = [first] if first else []
+    if memory and backward:
+        runs.append(["memory_backward"])
+    for tasks in runs:
+        found = _worker(spec, tasks, timeout) if fresh_process else run_in_process(spec, tasks)
+        if found.get("status", "ok") != "ok":
+            result.status, result.note = found["status"], found["note"]
+            return result
+        for key, value in found.items():
+            setattr(result, key, value)
+    return result

@@ -1,0 +1,243 @@
+"""``nystromer bench speed``: time and peak memory against sequence length.
+
+For each implementation and n = 512, 1,024, … (doubling), forward and forward+backward time
+and peak memory (fresh process per measurement). An implementation stops growing n once a
+forward call took longer than ``max_seconds`` or its process ran out of memory, so exact
+attention goes as far as it fits. Writes ``speed.json``, ``speed.csv`` and log-log plots, with
+a fitted scaling exponent per curve and the n from which nystromer beats exact attention.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .._io import atomic_path, atomic_write
+from .measure import CaseResult, CaseSpec, machine_info, machine_label, measure_case
+
+__all__ = [
+    "SPEED_LENGTHS",
+    "SPEED_IMPLEMENTATIONS",
+    "run_speed",
+    "scaling_exponent",
+    "crossover",
+    "write_speed_outputs",
+    "PAPER_TABLE1",
+    "TABLE1_LENGTHS",
+    "format_table1",
+]
+
+SPEED_LENGTHS = tuple(512 * 2**i for i in range(8))  # 512 … 65,536
+SPEED_IMPLEMENTATIONS = ("nystromer", "naive", "exact", "nystrom-attention", "transformers")
+TABLE1_LENGTHS = (512, 1024, 2048, 4096, 8192)
+#: Xiong et al. (2021), Table 1, per instance on a 1080Ti: n → ((Transformer MB, ms),
+#: (Nyströmformer m = 64 MB, ms)).
+PAPER_TABLE1 = {
+    512: ((54, 0.8), (35, 0.7)),
+    1024: ((186, 2.4), (63, 1.3)),
+    2048: ((685, 10.0), (118, 2.7)),
+    4096: ((2620, 32.9), (229, 5.9)),
+    8192: ((10233, 155.4), (450, 12.3)),
+}
+METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
+
+
+def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> float | None:
+    """Least-squares slope of log(value) against log(n) over the upper half of the points.
+
+    Small n are dominated by fixed per-call costs, so the fit uses the larger half of the
+    measured lengths (at least two points); None with fewer than two measured points.
+    """
+    pts = sorted((n, v) for n, v in zip(lengths, values, strict=True) if v is not None and v > 0)
+    if len(pts) < 2:
+        return None
+    pts = pts[len(pts) // 2 :] if len(pts) >= 4 else pts
+    xs = [math.log(n) for n, _ in pts]
+    ys = [math.log(v) for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def crossover(
+    lengths: Sequence[int], ours: Sequence[float | None], exact: Sequence[float | None]
+) -> int | None:
+    """The smallest n from which ``ours`` < ``exact`` at every larger n measured for both."""
+    both = [
+        (n, a, b)
+        for n, a, b in zip(lengths, ours, exact, strict=True)
+        if a is not None and b is not None
+    ]
+    found = None
+    for n, a, b in reversed(both):
+        if a < b:
+            found = n
+        else:
+            break
+    return found
+
+
+def run_speed(
+    base: CaseSpec,
+    *,
+    lengths: Sequence[int] = SPEED_LENGTHS,
+    implementations: Sequence[str] = SPEED_IMPLEMENTATIONS,
+    backward: bool = True,
+    max_seconds: float = 10.0,
+    timeout: float | None = 1800,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Measure every implementation over ``lengths``; returns the report dict (see module).
+
+    Args:
+        base: problem settings; ``impl`` and ``seq_len`` are replaced per case.
+        lengths: sequence lengths, ascending.
+        implementations: registry names.
+        backward: also measure forward+backward.
+        max_seconds: stop an implementation's sweep after a forward call slower than this.
+        timeout: seconds allowed to one worker process.
+        progress: called with one line per measurement (None: silent).
+    """
+    say = progress or (lambda _line: None)
+    lengths = sorted(lengths)
+    results: dict[str, list[CaseResult]] = {}
+    for impl in implementations:
+        results[impl] = []
+        stop = None
+        for n in lengths:
+            spec = dataclasses.replace(base, impl=impl, seq_len=n)
+            if stop is not None:
+                r = CaseResult(spec, status="skipped", note=stop)
+            else:
+                r = measure_case(spec, backward=backward, timeout=timeout)
+                if r.status == "oom":
+                    stop = f"stopped: out of memory at n = {n}"
+                elif r.status == "ok" and r.forward_ms / 1e3 > max_seconds:
+                    stop = f"stopped: forward took {r.forward_ms / 1e3:.1f} s at n = {n}"
+            results[impl].append(r)
+            say(f"  {impl:<18} n = {n:>6}: " + (_summary(r) if r.status == "ok" else r.note))
+    curves = {}
+    for impl, rs in results.items():
+        curves[impl] = {
+            metric: [getattr(r, metric) if r.status == "ok" else None for r in rs]
+            for metric in METRICS
+        }
+    fits = {
+        impl: {metric: scaling_exponent(lengths, vals) for metric, vals in c.items()}
+        for impl, c in curves.items()
+    }
+    cross = {}
+    if "nystromer" in curves and "exact" in curves:
+        for metric in ("forward_ms", "backward_ms"):
+            cross[metric] = crossover(lengths, curves["nystromer"][metric], curves["exact"][metric])
+    info = machine_info(base.device, base.threads)
+    return {
+        "base": dataclasses.asdict(base),
+        "lengths": lengths,
+        "machine": info,
+        "machine_label": machine_label(info),
+        "results": {impl: [r.to_dict() for r in rs] for impl, rs in results.items()},
+        "curves": curves,
+        "scaling_exponents": fits,
+        "nystromer_beats_exact_from": cross,
+    }
+
+
+def _summary(r: CaseResult) -> str:
+    parts = [f"fwd {r.forward_ms:.1f} ms"]
+    if r.backward_ms is not None:
+        parts.append(f"fwd+bwd {r.backward_ms:.1f} ms")
+    parts.append(f"peak {r.forward_peak_mib:.1f} MiB")
+    if r.backward_peak_mib is not None:
+        parts.append(f"/ {r.backward_peak_mib:.1f} MiB")
+    return ", ".join(parts)
+
+
+def write_speed_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``speed.json``, ``speed.csv``, ``speed_time.png`` and ``speed_memory.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "speed.json", out / "speed.csv"]
+    with atomic_write(written[0]) as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(written[1], encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["implementation", "n", "status", *METRICS, "memory_method", "threads"])
+        for impl, rs in report["results"].items():
+            for r in rs:
+                w.writerow(
+                    [impl, r["spec"]["seq_len"], r["status"]]
+                    + ["" if r[m] is None else f"{r[m]:.4f}" for m in METRICS]
+                    + [r["memory_method"] or "", r["threads"] or ""]
+                )
+    for name, metrics, ylabel in (
+        ("speed_time.png", ("forward_ms", "backward_ms"), "time (ms)"),
+        ("speed_memory.png", ("forward_peak_mib", "backward_peak_mib"), "peak memory (MiB)"),
+    ):
+        written.append(out / name)
+        _plot(report, metrics, ylabel, written[-1])
+    return written
+
+
+def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = report["lengths"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for impl, curve in report["curves"].items():
+            pts = [(n, v) for n, v in zip(lengths, curve[metric], strict=True) if v is not None]
+            if not pts:
+                continue
+            slope = report["scaling_exponents"][impl][metric]
+            label = impl if slope is None else f"{impl} (∝ n^{slope:.2f})"
+            ax.loglog(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(ylabel)
+        ax.set_title(metric.replace("_", " ").replace("backward", "forward+backward"))
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(report["machine_label"], fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def format_table1(report: dict) -> str:
+    """Markdown in the style of the paper's Table 1 from a :func:`run_speed` report.
+
+    Columns: per n, peak memory (MiB) / forward time (ms) of each measured implementation, then
+    the paper's Transformer and Nyströmformer numbers (1080Ti GPU, their model) for reference.
+    """
+    impls = list(report["curves"])
+    lines = [
+        "| n | "
+        + " | ".join(f"{impl} MiB / ms" for impl in impls)
+        + " | paper Transformer MB / ms | paper Nyströmformer MB / ms |",
+        "|--:|" + "--:|" * (len(impls) + 2),
+    ]
+    for i, n in enumerate(report["lengths"]):
+        cells = []
+        for impl in impls:
+            mem = report["curves"][impl]["forward_peak_mib"][i]
+            ms = report["curves"][impl]["forward_ms"][i]
+            cells.append("—" if mem is None or ms is None else f"{mem:,.1f} / {ms:,.1f}")
+        paper = PAPER_TABLE1.get(n)
+        cells += (
+            [f"{paper[0][0]:,} / {paper[0][1]}", f"{paper[1][0]:,} / {paper[1][1]}"]
+            if paper
+            else ["—", "—"]
+        )
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

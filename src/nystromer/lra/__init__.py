@@ -1,0 +1,1 @@
+"""Long Range Arena: data loaders, the authors' models and recipes, training."""

@@ -1,0 +1,182 @@
+"""``nystromer train`` and ``nystromer eval``: LRA runs from the command line.
+
+Every recipe field has a flag (``--batch-size``, ``--attention``, ``--num-landmarks``, ...);
+a nullable one is cleared with ``none``. Under ``torchrun --nproc_per_node N -m nystromer
+train ...`` the run uses DistributedDataParallel (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..train import NonFiniteLossError
+from ..train import checkpoint as ckpt
+from ..train.distributed import init_from_env
+from ..train.loop import PRECISIONS
+from .model import ATTENTIONS
+from .recipes import FIELDS, TASKS, Recipe, load_recipe
+
+__all__ = ["register"]
+
+_NOT_FLAGS = ("task", "source")
+_CHOICES = {"attention": ATTENTIONS, "precision": PRECISIONS}
+
+
+def _parser_for(typ: type, nullable: bool):
+    def parse(text: str) -> Any:
+        if nullable and text.lower() == "none":
+            return "none"  # Recipe.with_overrides turns it into None
+        return typ(text)
+
+    parse.__name__ = typ.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` and ``eval`` sub-commands."""
+    p = subparsers.add_parser(
+        "train",
+        help="train an LRA classifier (the Nyströmformer paper's recipes)",
+        description="Train the authors' LRA model on one task. Flags override the recipe.",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--data", type=Path, help="the task's data directory")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--stop-at", type=int, help="pause after this step (resume later)")
+    p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
+    p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = p.add_argument_group("recipe overrides (default: the task's recipe)")
+    for name, (typ, nullable) in FIELDS.items():
+        if name in _NOT_FLAGS:
+            continue
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"recipe_{name}",
+            type=_parser_for(typ, nullable),
+            choices=_CHOICES.get(name),
+            metavar=None if name in _CHOICES else typ.__name__.upper(),
+        )
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="re-evaluate a trained LRA run",
+        description="Evaluate a run's checkpoint (best by default) on a split.",
+    )
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument("--data", type=Path, help="data directory (default: the one trained on)")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--max-batches", type=int, help="only the first N batches")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--precision", choices=PRECISIONS)
+    e.add_argument("--num-workers", type=int, default=0)
+    e.set_defaults(func=_eval)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, f"recipe_{name}")
+        for name in FIELDS
+        if name not in _NOT_FLAGS and getattr(args, f"recipe_{name}") is not None
+    }
+
+
+def _error(msg: str) -> int:
+    print(f"nystromer: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .run import read_run_config, train_task
+
+    info = init_from_env(args.device)
+    try:
+        data = args.data
+        if args.resume:
+            saved = read_run_config(args.out)
+            if saved["task"] != args.task:
+                return _error(f"{args.out} is a {saved['task']} run, not {args.task}")
+            recipe = Recipe.from_dict(saved["recipe"]).with_overrides(**_overrides(args))
+            data = data if data is not None else saved.get("data_dir")
+        else:
+            if ckpt.find(args.out, "last") is not None:
+                return _error(f"{args.out} already holds a run: add --resume or pick a new --out")
+            recipe = load_recipe(args.recipe or args.task, **_overrides(args))
+            if recipe.task != args.task:
+                return _error(f"the recipe {args.recipe} is for {recipe.task}, not {args.task}")
+        if data is None:
+            return _error("--data is required")
+        runtime = {
+            "device": args.device,
+            "num_workers": args.num_workers,
+            "stop_at": args.stop_at,
+            "checkpoint_every": args.checkpoint_every,
+            "eval_batch_size": args.eval_batch_size,
+            "progress": not args.no_progress,
+        }
+        result = train_task(recipe, data, args.out, resume=args.resume, **runtime)
+    except NonFiniteLossError as exc:
+        print(f"nystromer: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if info.is_main:
+            print(
+                f"nystromer: interrupted; continue with: nystromer train {args.task} "
+                f"--out {args.out} --resume",
+                file=sys.stderr,
+            )
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        return _error(str(exc))
+    finally:
+        _shutdown()
+    if info.is_main:
+        if result.status == "completed":
+            keys = ("test_accuracy", "best_val_accuracy", "best_step", "steps", "wall_time_s")
+            print(json.dumps({k: result.summary.get(k) for k in keys}))
+        else:
+            print(f"paused at step {result.step}; continue with --resume", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .run import evaluate_run
+
+    info = init_from_env(args.device)
+    try:
+        out = evaluate_run(
+            args.run_dir,
+            split=args.split,
+            checkpoint=args.checkpoint,
+            data_dir=args.data,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            num_workers=args.num_workers,
+            max_batches=args.max_batches,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        return _error(str(exc))
+    finally:
+        _shutdown()
+    if info.is_main:
+        print(json.dumps(out))
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,257 @@
+"""NystromformerConfig: the single source of truth for a model's shape, stored as config.json.
+
+Field names and defaults are those of ``transformers.NystromformerConfig`` (checked against
+transformers 5.24), so a config.json written by either library is read by the other. Two fields
+are ours: ``numerics`` and ``pinv_iterations``; transformers ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write
+
+__all__ = ["NystromformerConfig", "CONFIG_NAME", "ACTIVATIONS"]
+
+CONFIG_NAME = "config.json"
+# Activation names of transformers' ACT2FN that this package implements (see modeling._activation).
+ACTIVATIONS = (
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "silu",
+    "swish",
+    "tanh",
+)
+NUMERICS = ("ours", "hf")
+# Written by transformers but describing the file, not the model: kept out of `extra`.
+_FILE_KEYS = ("architectures", "model_type", "transformers_version")
+
+
+@dataclass
+class NystromformerConfig:
+    """Shape and behaviour of a Nyströmformer model (post-LN BERT-style encoder).
+
+    Args (transformers' names and defaults):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size:
+            the usual BERT dimensions (defaults 30000, 768, 12, 12, 3072).
+        hidden_act: activation of the feed-forward layer and heads ("gelu_new").
+        hidden_dropout_prob, attention_probs_dropout_prob: dropout rates (0.1, 0.1).
+        max_position_embeddings: longest input (510); the table has 2 more rows because
+            position ids start at 2.
+        type_vocab_size: number of token types (2).
+        segment_means_seq_len: the one input length transformers' Nyström branch accepts (64).
+            Used only with ``numerics="hf"``.
+        num_landmarks: m, landmarks per head (64).
+        conv_kernel_size: depthwise convolution skip on the values, odd, or None for none (65).
+        inv_coeff_init_option: with ``numerics="hf"``, pseudo-inverse initial scale per matrix
+            (True) or one scale for the whole batch (False, transformers' default).
+        initializer_range: std of the normal initialisation (0.02).
+        layer_norm_eps: 1e-5.
+        pad_token_id, bos_token_id, eos_token_id: 1, 0, 2.
+        add_cross_attention: must be False (the model is an encoder).
+        tie_word_embeddings: masked-LM decoder shares the word embedding matrix (True).
+        num_labels, id2label, label2id, problem_type: classification heads (2 labels;
+            problem_type None infers regression / single-label / multi-label from the labels).
+
+    Args (ours):
+        numerics: "ours" (default): :func:`nystromer.nystrom_attention` with ``num_landmarks``,
+            masked landmarks, any length up to the position table, linear cost. "hf":
+            reproduces transformers' NystromformerModel, quirks included (docs/models.md).
+        pinv_iterations: pseudo-inverse iterations (6, the paper's and transformers' value).
+
+    Unknown keys of a config.json are kept in ``extra`` and written back unchanged.
+    """
+
+    vocab_size: int = 30000
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu_new"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 510
+    type_vocab_size: int = 2
+    segment_means_seq_len: int = 64
+    num_landmarks: int = 64
+    conv_kernel_size: int | None = 65
+    inv_coeff_init_option: bool = False
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    numerics: str = "ours"
+    pinv_iterations: int = 6
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.id2label is not None:
+            # JSON object keys are strings; transformers stores label ids as ints.
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        else:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with an impossible value."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "segment_means_seq_len",
+            "num_landmarks",
+            "num_labels",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size must be a multiple of num_attention_heads, got hidden_size="
+                f"{self.hidden_size}, num_attention_heads={self.num_attention_heads}"
+            )
+        if self.conv_kernel_size is not None and (
+            isinstance(self.conv_kernel_size, bool)
+            or not isinstance(self.conv_kernel_size, int)
+            or self.conv_kernel_size < 1
+            or self.conv_kernel_size % 2 == 0
+        ):
+            # An even kernel with padding k // 2 would change the sequence length.
+            raise ValueError(
+                f"conv_kernel_size must be an odd positive integer or None, got "
+                f"{self.conv_kernel_size!r}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if (
+            isinstance(self.pinv_iterations, bool)
+            or not isinstance(self.pinv_iterations, int)
+            or self.pinv_iterations < 0
+        ):
+            raise ValueError(
+                f"pinv_iterations must be an integer ≥ 0, got {self.pinv_iterations!r}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        if self.add_cross_attention:
+            raise ValueError("add_cross_attention=True is not supported: the model is an encoder")
+        if self.problem_type not in (
+            None,
+            "regression",
+            "single_label_classification",
+            "multi_label_classification",
+        ):
+            raise ValueError(
+                "problem_type must be None, 'regression', 'single_label_classification' or "
+                f"'multi_label_classification', got {self.problem_type!r}"
+            )
+        if self.numerics == "hf" and self.num_landmarks != self.segment_means_seq_len:
+            if self.segment_means_seq_len % self.num_landmarks:
+                raise ValueError(
+                    "numerics='hf' with num_landmarks != segment_means_seq_len needs "
+                    "segment_means_seq_len to be a multiple of num_landmarks, got "
+                    f"{self.segment_means_seq_len} and {self.num_landmarks}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names a config.json or a ``from_pretrained`` override may set."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NystromformerConfig:
+        """Build from a config.json dictionary; unknown keys go to ``extra``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        model_type = data.get("model_type", "nystromformer")
+        if model_type != "nystromformer":
+            raise ValueError(
+                f"config describes a {model_type!r} model, expected model_type 'nystromformer'"
+            )
+        known = set(cls.field_names())
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known and k not in _FILE_KEYS}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json dictionary: every field, our two included, plus ``extra``."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in self.field_names():
+            value = getattr(self, name)
+            if name == "id2label":
+                value = {str(k): v for k, v in value.items()}
+            out[name] = value
+        out["model_type"] = "nystromformer"
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> NystromformerConfig:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def to_json_file(
+        self, path: str | os.PathLike[str], architectures: list[str] | None = None
+    ) -> None:
+        data = self.to_dict()
+        if architectures:
+            data["architectures"] = list(architectures)
+        with atomic_write(path) as f:
+            json.dump(dict(sorted(data.items())), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], **overrides: Any
+    ) -> NystromformerConfig:
+        """Read ``directory/config.json`` and apply ``overrides`` (field names only)."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        config = cls.from_json_file(path)
+        return config.replace(**overrides) if overrides else config
+
+    def replace(self, **changes: Any) -> NystromformerConfig:
+        """A copy with some fields changed; unknown names raise TypeError."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise TypeError(
+                f"unknown config field(s) {unknown}; valid fields: {', '.join(self.field_names())}"
+            )
+        if "num_labels" in changes and "id2label" not in changes:
+            # A new label count invalidates the stored label names.
+            changes = {**changes, "id2label": None, "label2id": None}
+        return dataclasses.replace(self, **{"extra": dict(self.extra), **changes})

@@ -1,0 +1,728 @@
+"""Nyströmformer encoder and task heads, in the Hugging Face checkpoint layout.
+
+Post-LN BERT-style encoder (Xiong et al. 2021, transformers' NystromformerModel): word + position
+(ids start at 2) + token-type embeddings, LayerNorm; per layer Nyström self-attention with an
+optional depthwise convolution skip on the values, dense + residual + LayerNorm, feed-forward
+(gelu_new) + residual + LayerNorm. Parameter names equal transformers' state-dict keys.
+
+Attention goes through :func:`nystromer.nystrom_attention` (``numerics="ours"``, the default) or,
+to reproduce transformers' outputs exactly, through the compatibility function in
+:mod:`nystromer.models.hf_numerics` (``numerics="hf"``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import value_conv_skip
+from ..functional import nystrom_attention
+from . import hf_io
+from .config import NystromformerConfig
+from .hf_numerics import hf_self_attention
+
+__all__ = [
+    "NystromformerPreTrainedModel",
+    "NystromformerModel",
+    "NystromformerForMaskedLM",
+    "NystromformerForSequenceClassification",
+    "NystromformerForTokenClassification",
+    "NystromformerForMultipleChoice",
+    "NystromformerForQuestionAnswering",
+    "BaseModelOutput",
+    "MaskedLMOutput",
+    "SequenceClassifierOutput",
+    "TokenClassifierOutput",
+    "MultipleChoiceModelOutput",
+    "QuestionAnsweringModelOutput",
+]
+
+# Position ids start at 2 in transformers' Nyströmformer (RoBERTa-style offset): rows 0 and 1 of
+# the table exist but the default ids never use them.
+POSITION_OFFSET = 2
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class _Output:
+    """Named fields, also reachable as ``out[0]`` (first non-None field) or ``out["logits"]``,
+    as transformers' ModelOutput."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        )
+
+    def __getitem__(self, item: int | str) -> Any:
+        if isinstance(item, str):
+            return getattr(self, item)
+        return self.to_tuple()[item]
+
+
+@dataclass
+class BaseModelOutput(_Output):
+    """last_hidden_state (B, n, hidden); hidden_states: embeddings and every layer's output
+    (num_hidden_layers + 1 tensors) when ``output_hidden_states=True``."""
+
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class MaskedLMOutput(_Output):
+    """loss (scalar, with labels), logits (B, n, vocab_size)."""
+
+    loss: Tensor | None
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutput(_Output):
+    """loss (scalar, with labels), logits (B, num_labels)."""
+
+    loss: Tensor | None
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class TokenClassifierOutput(_Output):
+    """loss (scalar, with labels), logits (B, n, num_labels)."""
+
+    loss: Tensor | None
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class MultipleChoiceModelOutput(_Output):
+    """loss (scalar, with labels), logits (B, num_choices)."""
+
+    loss: Tensor | None
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class QuestionAnsweringModelOutput(_Output):
+    """loss (scalar, with start and end positions), start_logits and end_logits (B, n)."""
+
+    loss: Tensor | None
+    start_logits: Tensor
+    end_logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _activation(name: str):
+    # transformers' ACT2FN names; "gelu_new" and "gelu_fast" are the tanh approximation.
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}[
+        name
+    ]
+
+
+class NystromformerEmbeddings(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        pad = config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.position_embeddings = nn.Embedding(
+            config.max_position_embeddings + POSITION_OFFSET, config.hidden_size
+        )
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, inputs_embeds: Tensor, token_type_ids: Tensor, position_ids: Tensor
+    ) -> Tensor:
+        x = (
+            inputs_embeds
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class NystromformerSelfAttention(nn.Module):
+    """Q, K, V projections, attention, optional convolution skip. Output (B, n, hidden), before
+    the output projection (which lives in ``attention.output.dense`` in this layout)."""
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        self.conv: nn.Conv2d | None = None
+        if config.conv_kernel_size is not None:
+            k = config.conv_kernel_size
+            heads = config.num_attention_heads
+            # Weight (H, 1, k, 1), the layout of the authors' and transformers' checkpoints.
+            self.conv = nn.Conv2d(
+                heads, heads, (k, 1), padding=(k // 2, 0), groups=heads, bias=False
+            )
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+        b, n, width = hidden_states.shape
+        heads = self.config.num_attention_heads
+
+        def split(x: Tensor) -> Tensor:
+            return x.view(b, n, heads, width // heads).transpose(1, 2)
+
+        q = split(self.query(hidden_states))
+        k = split(self.key(hidden_states))
+        v = split(self.value(hidden_states))
+        cfg = self.config
+        if cfg.numerics == "hf":
+            additive = None
+            if mask is not None:
+                neg = torch.finfo(q.dtype).min
+                additive = q.new_zeros(b, 1, 1, n).masked_fill(~mask[:, None, None, :], neg)
+            out = hf_self_attention(
+                q,
+                k,
+                v,
+                additive,
+                num_landmarks=cfg.num_landmarks,
+                segment_means_seq_len=cfg.segment_means_seq_len,
+                pinv_iterations=cfg.pinv_iterations,
+                per_matrix_init=cfg.inv_coeff_init_option,
+                conv=self.conv,
+            )
+        else:
+            out = nystrom_attention(
+                q,
+                k,
+                v,
+                num_landmarks=cfg.num_landmarks,
+                mask=mask,
+                pinv_iterations=cfg.pinv_iterations,
+                dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
+            )
+            if self.conv is not None:
+                out = out + value_conv_skip(self.conv, v, mask)
+        return out.transpose(1, 2).reshape(b, n, width)
+
+
+class _DenseResidualNorm(nn.Module):
+    """dense → dropout → LayerNorm(· + residual): transformers' *SelfOutput and *Output."""
+
+    def __init__(self, d_in: int, d_out: int, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.LayerNorm = nn.LayerNorm(d_out, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class NystromformerAttention(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.self = NystromformerSelfAttention(config)
+        self.output = _DenseResidualNorm(config.hidden_size, config.hidden_size, config)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+        return self.output(self.self(hidden_states, mask), hidden_states)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class NystromformerLayer(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.attention = NystromformerAttention(config)
+        self.intermediate = _Intermediate(config)
+        self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.attention(hidden_states, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class NystromformerEncoder(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            NystromformerLayer(config) for _ in range(config.num_hidden_layers)
+        )
+
+
+# --------------------------------------------------------------------------- models
+
+
+class NystromformerPreTrainedModel(nn.Module):
+    """Config handling, weight initialisation, and the Hugging Face checkpoint format."""
+
+    base_model_prefix = "nystromformer"
+    # State-dict keys that share storage with another key and are not written to checkpoints.
+    _tied_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, NystromformerConfig):
+            raise TypeError(f"config must be a NystromformerConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' initialisation: N(0, initializer_range) for linear and embedding
+        # weights, zero biases and padding rows, unit LayerNorm.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _post_init(self) -> None:
+        self.apply(self._init_weights)
+
+    @property
+    def is_base_model(self) -> bool:
+        return isinstance(self, NystromformerModel)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], *, strict: bool = False, **config_overrides: Any
+    ):
+        """Load a Hugging Face-format directory (config.json + model.safetensors or
+        pytorch_model.bin, possibly sharded), as written by transformers or :meth:`save_pretrained`.
+        The model is returned in eval mode, as transformers does; call ``.train()`` to fine-tune.
+
+        Args:
+            directory: the checkpoint folder.
+            strict: if True, every weight of this class must be in the checkpoint and nothing
+                else may be. If False (default), head weights missing from the checkpoint (a
+                new task head on a pretrained encoder) are initialised and logged, and weights
+                of other heads are ignored and logged; missing or unknown encoder weights are
+                always an error.
+            **config_overrides: config fields to change, e.g. ``num_landmarks=64``,
+                ``numerics="hf"``, ``num_labels=3``.
+
+        Raises:
+            FileNotFoundError: no config.json or no weights file.
+            hf_io.CheckpointError: key or shape mismatch (the message lists the keys).
+        """
+        config = NystromformerConfig.from_pretrained(directory, **config_overrides)
+        model = cls(config)
+        state = hf_io.read_state_dict(directory)
+        hf_io.load_into(model, state, strict=strict, source=str(directory))
+        return model.eval()  # as transformers: dropout off until model.train()
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write config.json and model.safetensors that transformers' matching class loads
+        without missing weights. Each file is written atomically."""
+        hf_io.write_checkpoint(self, directory)
+
+
+def _check_ids(name: str, ids: Tensor, high: int, shape: tuple[int, ...] | None) -> None:
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    if shape is not None and tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(ids.shape)}")
+    if ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= high:
+            raise ValueError(f"{name} must lie in [0, {high}), got values in [{lo}, {hi}]")
+
+
+class NystromformerModel(NystromformerPreTrainedModel):
+    """The bare encoder: ``forward(...) -> BaseModelOutput`` with last_hidden_state (B, n, hidden).
+
+    Pad on the right: position ids count from the start of the sequence, so a right-padded
+    sequence has, at its real positions, the output it has alone (with the default numerics).
+    """
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.embeddings = NystromformerEmbeddings(config)
+        self.encoder = NystromformerEncoder(config)
+        self._post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        """Encode a batch.
+
+        Args:
+            input_ids: (B, n) token ids in [0, vocab_size).
+            attention_mask: (B, n), 1/True for real tokens, 0/False for padding; None = no
+                padding.
+            token_type_ids: (B, n) in [0, type_vocab_size); default zeros.
+            position_ids: (B, n) or (n,) rows of the position table; default 2, 3, …, n + 1.
+            inputs_embeds: (B, n, hidden_size) instead of input_ids.
+            output_hidden_states: also return the embeddings and every layer's output.
+
+        Returns:
+            BaseModelOutput; n ≤ max_position_embeddings.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
+                )
+            _check_ids("input_ids", input_ids, cfg.vocab_size, None)
+            b, n = input_ids.shape
+            device = input_ids.device
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq_len, {cfg.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+            b, n = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        if n < 1:
+            raise ValueError("the input sequence is empty")
+        if position_ids is None:
+            if n > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {n} exceeds max_position_embeddings "
+                    f"({cfg.max_position_embeddings}), the length of the position table"
+                )
+            position_ids = torch.arange(POSITION_OFFSET, n + POSITION_OFFSET, device=device)
+            position_ids = position_ids.expand(b, n)
+        else:
+            if position_ids.dim() == 1:
+                position_ids = position_ids.expand(b, -1)
+            _check_ids(
+                "position_ids",
+                position_ids,
+                cfg.max_position_embeddings + POSITION_OFFSET,
+                (b, n),
+            )
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(b, n, dtype=torch.long, device=device)
+        else:
+            _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, (b, n))
+        mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, n):
+                raise ValueError(
+                    f"attention_mask must have shape ({b}, {n}) (batch, seq_len), got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+            if not torch.compiler.is_compiling() and bool(mask.all()):
+                mask = None  # no padding: the unmasked attention path is faster
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings.word_embeddings(input_ids)
+        x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
+        states = [x] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+            if states is not None:
+                states.append(x)
+        return BaseModelOutput(x, tuple(states) if states is not None else None)
+
+
+class _HeadModel(NystromformerPreTrainedModel):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.nystromformer = NystromformerModel(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.nystromformer.embeddings.word_embeddings
+
+    def _encode(self, **kwargs: Any) -> BaseModelOutput:
+        return self.nystromformer(**kwargs)
+
+
+class _LMPredictions(nn.Module):
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = _activation(config.hidden_act)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # transformers ties decoder.bias to this parameter; checkpoints store it here.
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.transform.LayerNorm(self.act(self.transform.dense(x)))
+        return self.decoder(x) + self.bias
+
+
+class NystromformerForMaskedLM(_HeadModel):
+    """Masked language model: logits (B, n, vocab_size); loss is cross-entropy over labels
+    (B, n), positions labelled -100 ignored."""
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.cls = nn.Module()
+        self.cls.predictions = _LMPredictions(config)
+        self._post_init()
+        nn.init.zeros_(self.cls.predictions.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the decoder matrix with the word embeddings (``tie_word_embeddings``)."""
+        if self.config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = (
+                self.nystromformer.embeddings.word_embeddings.weight
+            )
+            self._tied_keys = ("cls.predictions.decoder.weight",)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> MaskedLMOutput:
+        out = self._encode(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.cls.predictions(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+        return MaskedLMOutput(loss, logits, out.hidden_states)
+
+
+class NystromformerForSequenceClassification(_HeadModel):
+    """Sequence classification or regression from the first token: logits (B, num_labels).
+
+    Loss as transformers: ``problem_type`` (or, when None, inferred: num_labels == 1 →
+    regression (MSE); integer labels → single-label cross-entropy; else multi-label BCE).
+    """
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.classifier = nn.Module()
+        self.classifier.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.act = _activation(config.hidden_act)
+        self._post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        out = self._encode(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        x = self.dropout(out.last_hidden_state[:, 0])
+        x = self.dropout(self.act(self.classifier.dense(x)))
+        logits = self.classifier.out_proj(x)
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels)
+        return SequenceClassifierOutput(loss, logits, out.hidden_states)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        k = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if k == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            if k == 1:
+                return F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, k), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class NystromformerForTokenClassification(_HeadModel):
+    """Per-token classification: logits (B, n, num_labels); cross-entropy, -100 ignored."""
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> TokenClassifierOutput:
+        out = self._encode(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+        return TokenClassifierOutput(loss, logits, out.hidden_states)
+
+
+class NystromformerForMultipleChoice(_HeadModel):
+    """Multiple choice: inputs (B, C, n) (embeddings (B, C, n, hidden)), logits (B, C),
+    cross-entropy over choices with labels (B,)."""
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        super().__init__(config)
+        self.pre_classifier = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self._post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> MultipleChoiceModelOutput:
+        lead = input_ids if input_ids is not None else inputs_embeds
+        if lead is None:
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        want = 3 if input_ids is not None else 4
+        if lead.dim() != want:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} must have {want} dimensions (batch, num_choices, seq_len"
+                f"{', hidden' if want == 4 else ''}), got shape {tuple(lead.shape)}"
+            )
+        b, c, n = lead.shape[:3]
+
+        def flat(t: Tensor | None, name: str) -> Tensor | None:
+            if t is None:
+                return None
+            if t.shape[:2] != (b, c):
+                raise ValueError(
+                    f"{name} must have shape ({b}, {c}, ...) (batch, num_choices, ...), got "
+                    f"{tuple(t.shape)}"
+                )
+            return t.reshape(b * c, *t.shape[2:])
+
+        out = self._encode(
+            input_ids=flat(input_ids, "input_ids"),
+            attention_mask=flat(attention_mask, "attention_mask"),
+            token_type_ids=flat(token_type_ids, "token_type_ids"),
+            position_ids=flat(position_ids, "position_ids"),
+            inputs_embeds=flat(inputs_embeds, "inputs_embeds"),
+            output_hidden_states=output_hidden_states,
+        )
+        pooled = F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
+        logits = self.classifier(pooled).view(b, c)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return MultipleChoiceModelOutput(loss, logits, out.hidden_states)
+
+
+class NystromformerForQuestionAnswering(_HeadModel):
+    """Extractive QA: start_logits and end_logits (B, n). With ``start_positions`` and
+    ``end_positions`` (B,), loss is the mean of the two cross-entropies; positions outside the
+    input are clamped to n and ignored (transformers' convention). ``config.num_labels`` is 2."""
+
+    def __init__(self, config: NystromformerConfig) -> None:
+        if config.num_labels != 2:
+            config = config.replace(num_labels=2)
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self._post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> QuestionAnsweringModelOutput:
+        out = self._encode(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            n = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, n)
+            end = end_positions.reshape(-1).clamp(0, n)
+            loss = 0.5 * (
+                F.cross_entropy(start_logits, start, ignore_index=n)
+                + F.cross_entropy(end_logits, end, ignore_index=n)
+            )
+        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states)

@@ -1,0 +1,93 @@
+"""Metric sums that add up across batches and processes, and the run's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write
+
+__all__ = ["Stats", "MetricsLog"]
+
+
+class Stats:
+    """Sums of per-sample quantities plus the sample count; metrics are sums / count.
+
+    An objective reports e.g. ``{"count": 32, "loss": 71.3, "accuracy": 9}`` (loss summed
+    over samples, number correct); sums add across batches and processes exactly, so the
+    mean over a split does not depend on how it was batched or sharded.
+    """
+
+    def __init__(self, sums: Mapping[str, float] | None = None) -> None:
+        self.sums: dict[str, float] = dict(sums or {})
+
+    def add(self, sums: Mapping[str, float]) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    @property
+    def count(self) -> float:
+        return self.sums.get("count", 0.0)
+
+    def means(self) -> dict[str, float]:
+        """Every quantity divided by the count (empty when nothing was added)."""
+        n = self.count
+        if n <= 0:
+            return {}
+        return {k: v / n for k, v in self.sums.items() if k != "count"}
+
+    def reset(self) -> None:
+        self.sums.clear()
+
+
+def stats_tensor(stats: Mapping[str, torch.Tensor | float], keys: list[str]) -> torch.Tensor:
+    """Pack per-batch sums into one float64 vector (one all-reduce for all of them)."""
+    return torch.stack(
+        [torch.as_tensor(stats[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys]
+    )
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, each with a ``step``.
+
+    The file is rewritten atomically on every append (it holds one line per evaluation, a
+    few hundred at most), so it is never half-written. On resume, :meth:`truncate` drops
+    lines from after the checkpoint, which the resumed run writes again.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Keep only records with ``record["step"] <= step``."""
+        kept = [r for r in self.records if r.get("step", 0) <= step]
+        if len(kept) != len(self.records):
+            self.records = kept
+            self._write()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.records.append(_finite_json(dict(record)))
+        self._write()
+
+    def _write(self) -> None:
+        with atomic_write(self.path) as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+
+def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf; write them as strings so the file stays standard JSON.
+    return {
+        k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in record.items()
+    }

@@ -1,0 +1,184 @@
+"""The benchmark commands end to end on tiny sizes, through nystromer.cli.main."""
+
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from nystromer.bench.core import CoreReport, check_targets, format_report, write_docs_section
+from nystromer.bench.demo import run_attention_demo
+from nystromer.bench.measure import CaseResult, CaseSpec, machine_info
+from nystromer.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--heads", "2", "--head-dim", "16", "--num-landmarks", "16", "--threads", "1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_speed_writes_json_csv_plots(tmp_path, capsys):
+    out = tmp_path / "speed"
+    argv = ["bench", "speed", "--lengths", "64,128", "--impl", "nystromer,exact"]
+    assert main([*argv, *TINY, "--repeats", "1", "--no-backward", "--out", str(out)]) == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert report["lengths"] == [64, 128]
+    assert set(report["curves"]) == {"nystromer", "exact"}
+    for impl in ("nystromer", "exact"):
+        times = report["curves"][impl]["forward_ms"]
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert report["curves"][impl]["backward_ms"] == [None, None]
+        assert set(report["scaling_exponents"][impl]) >= {"forward_ms", "forward_peak_mib"}
+    assert "nystromer_beats_exact_from" in report and report["machine_label"]
+    rows = list(csv.DictReader((out / "speed.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    for name in ("speed_time.png", "speed_memory.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_table_stops_nothing_and_prints_paper_columns(tmp_path, capsys):
+    argv = ["bench", "table", "--lengths", "64", "--impl", "exact-matmul,nystromer"]
+    assert main([*argv, *TINY, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "table1.md").read_text()
+    assert "exact-matmul MiB / ms" in text and "paper Transformer" in text
+    assert json.loads((tmp_path / "table1.json").read_text())["lengths"] == [64]
+
+
+def test_bench_approx_numbers_expose_peer_defects(tmp_path):
+    argv = ["bench", "approx", "--seq-len", "128", "--heads", "2", "--head-dim", "16"]
+    argv += ["--num-landmarks", "16", "--landmarks", "8,16,32,256", "--iterations", "1,6"]
+    argv += ["--model-seq-len", "64", "--model-source", "random-bert", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "approx.json").read_text())
+    assert set(report["sources"]) == {"random", "model"}
+    random = report["sources"]["random"]
+    assert random["landmarks"]["landmarks"] == [8, 16, 32]  # m ≥ n is exact, not swept
+    assert all(0 < e < 2 for e in random["landmarks"]["segment_means"])
+    assert len(random["iterations"]["error"]) == 2
+    assert "randomly initialised BERT" in report["sources"]["model"]["description"]
+    rows = random["implementations"]
+    assert rows["nystromer"]["batch_coupling"] == 0.0
+    assert rows["naive"]["unpadded"] == pytest.approx(rows["nystromer"]["unpadded"], rel=1e-4)
+    for peer in ("nystrom-attention", "transformers"):
+        if "skipped" not in rows[peer]:
+            assert rows[peer]["batch_coupling"] > 1e-4  # their batch-wide pinv scale
+    if "skipped" not in rows["transformers"]:
+        assert rows["transformers"]["unpadded_uneven"] == "needs n to be a multiple of m " + (
+            "(got n=120, m=16)"
+        )
+    for name in ("approx_landmarks.png", "approx_iterations.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert "| random | nystromer |" in (tmp_path / "approx.md").read_text()
+
+
+def test_viz_attention_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "attention.png"
+    assert (
+        main(["viz", "attention", "--seq-len", "64", "--num-landmarks", "8", "--out", str(out)])
+        == 0
+    )
+    assert out.read_bytes()[:8] == PNG
+    assert "relative error of the matrix" in capsys.readouterr().out
+
+
+def test_demo_command_prints_the_table(capsys):
+    assert (
+        main(
+            ["demo", "--lengths", "128", "--threads", "1", "--repeats", "1", "--listops-steps", "0"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| 128 |" in out and "relative error" in out
+
+
+def test_run_attention_demo_rows():
+    rows = run_attention_demo([128], heads=2, head_dim=16, num_landmarks=16, threads=1, out=None)
+    (row,) = rows
+    assert row.seq_len == 128 and row.exact_ms > 0 and row.nystrom_ms > 0
+    assert row.exact_mib >= 0 and row.nystrom_mib >= 0
+    assert 0 < row.relative_error < 1
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--lengths", "12x"])
+    assert info.value.code == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown implementation 'flash'"):
+        main(["bench", "speed", "--impl", "flash", "--out", "unused"])
+
+
+def _fake_report(ours_fwd=10.0, peer_fwd=30.0) -> CoreReport:
+    def row(impl, fwd, bwd, mf, mb, padding=0.0):
+        return CaseResult(
+            CaseSpec(impl, seq_len=1024, padding=padding),
+            forward_ms=fwd,
+            backward_ms=bwd,
+            forward_peak_mib=mf,
+            backward_peak_mib=mb,
+            memory_method="rss-reset",
+        )
+
+    rows = {
+        "nystromer": row("nystromer", ours_fwd, 30.0, 10.0, 50.0),
+        "nystrom-attention": row("nystrom-attention", peer_fwd, 70.0, 60.0, 100.0),
+        "transformers": CaseResult(CaseSpec("transformers"), status="skipped", note="absent"),
+        "nystromer (padded)": row("nystromer", 12.0, 33.0, 11.0, 52.0, padding=0.1),
+    }
+    return CoreReport(
+        CaseSpec("nystromer", seq_len=1024), rows, 1e11, 512, 6.0, machine_info(), "cmd", "today"
+    )
+
+
+def test_core_targets_table_and_docs_section(tmp_path):
+    targets = {t.name: t for t in check_targets(_fake_report())}
+    fwd = targets["forward time: faster peer / ours"]
+    assert fwd.value == pytest.approx(3.0) and fwd.passed and "nystrom-attention" in fwd.note
+    assert targets["forward+backward time: faster peer / ours"].value == pytest.approx(70 / 30)
+    assert targets["forward peak memory: leaner peer / ours"].passed  # 6×
+    assert targets["forward+backward peak memory: leaner peer / ours"].passed is False  # 2×
+    assert targets["forward time / FLOP limit"].value == pytest.approx(10 / 6)
+    assert targets["padded / unpadded forward time"].value == pytest.approx(1.2)
+    slow = {t.name: t for t in check_targets(_fake_report(ours_fwd=20.0))}
+    assert slow["forward time: faster peer / ours"].passed is False
+
+    text = format_report(_fake_report())
+    assert "| transformers | skipped: absent |" in text
+    assert "| FAIL |" in text and "| PASS |" in text
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nIntro by hand.\n")
+    write_docs_section(docs, _fake_report())
+    write_docs_section(docs, _fake_report(ours_fwd=11.0))  # replaces, does not append
+    content = docs.read_text()
+    assert content.startswith("# Benchmarks\n\nIntro by hand.")
+    assert content.count("attention-core:begin") == 1 and "| 11.0 |" in content
+
+
+def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
+    docs, report = tmp_path / "benchmarks.md", tmp_path / "core.json"
+    argv = ["-n", "128", "--heads", "2", "--head-dim", "16", "-m", "16", "--threads", "1"]
+    argv += ["--impl", "nystromer", "--impl", "exact", "--repeats", "1", "--gemm-size", "64"]
+    argv += ["--write-docs", str(docs), "--json", str(report)]
+    monkeypatch.setattr(sys, "argv", ["attention_core.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "benchmarks" / "attention_core.py"), run_name="__main__")
+    assert info.value.code == 0  # targets fail without peers measured, but not --strict
+    out = capsys.readouterr().out
+    assert "| nystromer (padded) |" in out and "| target |" in out
+    data = json.loads(report.read_text())
+    assert set(data["rows"]) == {"nystromer", "exact", "nystromer (padded)"}
+    assert data["gemm_gflops"] > 0 and data["flop_limit_ms"] > 0
+    assert "python benchmarks/attention_core.py -n 128" in docs.read_text()
+
+    # A saved report renders again without measuring.
+    monkeypatch.setattr(sys, "argv", ["attention_core.py", "--from-json", str(report)])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "benchmarks" / "attention_core.py"), run_name="__main__")
+    assert info.value.code == 0
+    assert "| nystromer (padded) |" in capsys.readouterr().out

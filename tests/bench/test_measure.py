@@ -1,0 +1,94 @@
+"""Measurement code on tiny sizes: shapes and sanity of the numbers, not their values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from nystromer.bench.measure import (
+    CaseSpec,
+    machine_info,
+    machine_label,
+    matmul_flop_rate,
+    measure_case,
+    run_in_process,
+)
+from nystromer.bench.speed import crossover, scaling_exponent
+
+TINY = dict(batch=1, heads=2, head_dim=16, num_landmarks=16, threads=1, warmup=1, repeats=2)
+
+
+def test_fresh_process_measurement_has_every_number():
+    r = measure_case(CaseSpec("nystromer", seq_len=256, padding=0.1, **TINY), timeout=300)
+    assert r.status == "ok", r.note
+    assert len(r.forward_times_ms) == len(r.backward_times_ms) == 2
+    assert 0 < r.forward_ms < 10_000 and 0 < r.backward_ms < 10_000
+    assert min(r.forward_times_ms) <= r.forward_ms <= max(r.forward_times_ms)
+    assert r.forward_peak_mib >= 0 and r.backward_peak_mib >= 0
+    assert r.memory_method in ("rss-reset", "rss-hwm", "cuda-allocated")
+    assert r.threads == 1
+    json.dumps(r.to_dict())  # serialisable as it stands
+
+
+def test_quadratic_memory_shows_up_against_ours():
+    # n = 1024, 2 heads: the materialised scores and probabilities take 2 × 8 MiB, ours a
+    # few hundred KiB beyond its output; the gap dwarfs RSS granularity (pages of 4 KiB).
+    found = {
+        name: measure_case(
+            CaseSpec(name, seq_len=1024, **TINY), backward=False, timing=False, timeout=300
+        )
+        for name in ("nystromer", "exact-matmul")
+    }
+    assert all(r.status == "ok" for r in found.values()), {k: r.note for k, r in found.items()}
+    assert found["exact-matmul"].forward_peak_mib > 4 * found["nystromer"].forward_peak_mib
+    assert found["exact-matmul"].forward_peak_mib > 8
+
+
+def test_worker_errors_come_back_as_a_failed_result():
+    # 95% padding leaves 13 real tokens ≤ m = 16: the naive baseline refuses that.
+    r = measure_case(CaseSpec("naive", seq_len=256, padding=0.95, **TINY), timeout=300)
+    assert r.status == "failed"
+    assert "every sample needs more than" in r.note
+
+
+def test_unsupported_or_missing_implementations_are_skipped_with_the_reason():
+    r = measure_case(CaseSpec("transformers", seq_len=100, **TINY))
+    assert r.status == "skipped" and "multiple of m" in r.note
+    assert r.forward_ms is None
+
+
+def test_in_process_timing_and_bad_arguments():
+    found = run_in_process(CaseSpec("exact", seq_len=64, **TINY), ["time_forward"])
+    assert found["forward_ms"] > 0 and len(found["forward_times_ms"]) == 2
+    with pytest.raises(ValueError, match="tasks: unknown"):
+        run_in_process(CaseSpec("exact", seq_len=64, **TINY), ["speed"])
+    with pytest.raises(ValueError, match="memory=True needs fresh_process=True"):
+        measure_case(CaseSpec("exact", seq_len=64, **TINY), fresh_process=False)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CaseSpec("exact", dtype="float8")
+    with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+        CaseSpec("exact", seq_len=0)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        CaseSpec("flash")
+
+
+def test_machine_label_and_flop_rate():
+    info = machine_info("cpu", 1)
+    assert info["threads"] == 1 and info["torch"]
+    assert "1 torch threads" in machine_label(info) and "device cpu" in machine_label(info)
+    rate = matmul_flop_rate(128, repeats=2)
+    assert 1e6 < rate < 1e14  # FLOP/s of any CPU this runs on
+
+
+def test_scaling_exponent_and_crossover():
+    lengths = [512, 1024, 2048, 4096]
+    quadratic = [3.0 * n**2 for n in lengths]
+    assert math.isclose(scaling_exponent(lengths, quadratic), 2.0)
+    # The fit uses the larger half: a fixed overhead at small n does not bend it.
+    assert math.isclose(scaling_exponent(lengths, [50.0, 50.0, 2048.0, 4096.0]), 1.0)
+    assert scaling_exponent(lengths, [None, None, None, 1.0]) is None
+    assert crossover(lengths, [5, 5, 5, 5], [1, 4, 16, 64]) == 2048
+    assert crossover(lengths, [5, 1, 5, 5], [4, 4, 4, 64]) == 4096  # must stay ahead
+    assert crossover(lengths, [5, 5, 5, 5], [1, 1, 1, 1]) is None

@@ -1,0 +1,150 @@
+"""``nystromer train`` / ``nystromer eval`` end to end (data from memory, and from ListOps TSV)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from nystromer.cli import main
+
+from .synthetic import TokenDataset
+
+TINY = [
+    "--steps", "12", "--batch-size", "8", "--eval-every", "4", "--lr", "3e-3",
+    "--embed-dim", "16", "--ffn-dim", "32", "--classifier-dim", "16",
+    "--num-landmarks", "8", "--conv-kernel-size", "5", "--max-length", "128",
+    "--device", "cpu", "--no-progress",
+]  # fmt: skip
+SYNTHETIC = [*TINY, "--num-classes", "3"]
+
+
+@pytest.fixture
+def memory_data(monkeypatch):
+    """Serve the synthetic splits instead of reading files."""
+    splits = {"train": TokenDataset(40, seed=0), "val": TokenDataset(16, seed=1)}
+    splits["test"] = TokenDataset(16, seed=2)
+
+    def fake_load_splits(task, data_dir, max_length, names=("train", "val", "test")):
+        return {s: splits[s] for s in names}
+
+    monkeypatch.setattr("nystromer.lra.run.load_splits", fake_load_splits)
+    return splits
+
+
+def metric_lines(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        r.pop("elapsed_s")
+    return lines
+
+
+def test_train_eval_resume_from_the_command_line(memory_data, tmp_path, capsys):
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    assert (
+        main(["train", "listops", "--data", str(tmp_path), "--out", str(straight), *SYNTHETIC]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((straight / "summary.json").read_text())
+    assert printed["test_accuracy"] == summary["test_accuracy"]
+    assert summary["config"]["recipe"]["embed_dim"] == 16
+    assert summary["config"]["recipe"]["batch_size"] == 8
+    assert summary["config"]["model"]["vocab_size"] == 16  # from the dataset
+    assert summary["config"]["recipe"]["warmup_steps"] == 2  # 1000/5000 of 12 steps
+
+    # eval re-computes the test accuracy of `best`.
+    assert main(["eval", str(straight)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["checkpoint"] == "best" and ev["step"] == summary["best_step"]
+    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    assert main(["eval", str(straight), "--split", "val", "--checkpoint", "last"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["step"] == 12 and ev["accuracy"] == pytest.approx(
+        metric_lines(straight)[-1]["val_accuracy"]
+    )
+
+    # Pause, then resume with nothing but --resume: the recipe comes from config.json.
+    args = ["train", "listops", "--data", str(tmp_path), "--out", str(paused)]
+    assert main([*args, *SYNTHETIC, "--stop-at", "6"]) == 0
+    assert not (paused / "summary.json").exists()
+    assert main(["train", "listops", "--out", str(paused), "--resume", "--no-progress"]) == 0
+    assert metric_lines(paused) == metric_lines(straight)
+
+
+def test_command_line_errors(memory_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
+    assert main([*base, "--stop-at", "2"]) == 0
+    capsys.readouterr()
+    assert main(base) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "listops", "--out", str(out), "--resume", "--steps", "20"]) == 2
+    assert "different training schedule" in capsys.readouterr().err
+    assert main(["train", "text", "--out", str(out), "--resume"]) == 2
+    assert "is a listops run" in capsys.readouterr().err
+    assert main(["train", "listops", "--out", str(tmp_path / "x"), "--resume"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit):
+        main(["train", "listops", "--out", str(out), "--attention", "linear"])
+
+
+# -- the real loader on files in the official ListOps format ----------------------------------
+
+OPS = {
+    "MIN": min,
+    "MAX": max,
+    "MED": lambda xs: sorted(xs)[(len(xs) - 1) // 2],
+    "SM": lambda xs: sum(xs) % 10,
+}
+
+
+def _expression(rng, depth):
+    if depth >= 3 or rng.random() > 0.4:
+        d = rng.randrange(10)
+        return str(d), d
+    op = rng.choice(list(OPS))
+    args = [_expression(rng, depth + 1) for _ in range(rng.randint(2, 4))]
+    text = f"( [{op} " + " ".join(a for a, _ in args) + " ] )"
+    return text, OPS[op]([v for _, v in args])
+
+
+def write_listops(directory, sizes, seed=0):
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = ["Source\tTarget"]
+        while len(rows) <= n:
+            text, value = _expression(rng, 0)
+            if text.startswith("("):
+                rows.append(f"{text}\t{value}")
+        (directory / f"basic_{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_listops_tsv_through_load_split(tmp_path, capsys):
+    from nystromer.lra import data
+
+    write_listops(tmp_path / "data", {"train": 48, "val": 16, "test": 16})
+    ds = data.load_split("listops", tmp_path / "data", "train", max_length=128)
+    assert len(ds) == 48
+    out = tmp_path / "run"
+    args = ["train", "listops", "--data", str(tmp_path / "data"), "--out", str(out), *TINY]
+    assert main(args) == 0  # the recipe's 10 classes
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["steps"] == 12
+    assert main(["eval", str(out), "--split", "test"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+
+def test_listops_demo_runs_end_to_end(tmp_path, capsys):
+    from nystromer.lra.demo import run_listops_demo
+
+    # The real generator with the demo's settings, on a tiny set.
+    sizes = {"train": 64, "val": 16, "test": 16}
+    acc = run_listops_demo(tmp_path, steps=6, sizes=sizes, progress=False)
+    assert len((tmp_path / "data" / "basic_train.tsv").read_text().splitlines()) == 65
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert acc == summary["test_accuracy"] and summary["steps"] == 6
+    assert "test accuracy" in capsys.readouterr().out

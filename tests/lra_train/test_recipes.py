@@ -1,0 +1,105 @@
+"""Recipes hold the paper's hyper-parameters; overrides are validated; the schedule's shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nystromer.lra.recipes import FIELDS, TASKS, Recipe, load_recipe, recipe_path
+from nystromer.train.schedule import OneCycle
+
+# DESIGN.md §5: (batch size, steps, warm-up, max length, classes), Xiong et al. 2021.
+PAPER = {
+    "listops": (32, 5000, 1000, 2000, 10),
+    "text": (32, 20000, 8000, 1000, 2),
+    "retrieval": (32, 30000, 800, 4000, 2),
+    "image": (256, 35000, 175, 1024, 10),
+    "pathfinder": (256, 62400, 312, 1024, 2),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_recipes_hold_the_papers_numbers(task):
+    r = load_recipe(task)
+    assert (r.batch_size, r.steps, r.warmup_steps, r.max_length, r.num_classes) == PAPER[task]
+    assert (r.lr, r.adam_eps, r.weight_decay) == (1e-4, 1e-6, 0.0)
+    assert (r.embed_dim, r.ffn_dim, r.num_heads, r.num_layers, r.classifier_dim) == (
+        64, 128, 2, 2, 128,
+    )  # fmt: skip
+    assert (r.dropout, r.num_landmarks, r.conv_kernel_size, r.attention) == (
+        0.1, 64, 35, "nystrom",
+    )  # fmt: skip
+    assert r.padded_length % 64 == 0 and r.padded_length >= r.max_length
+    assert r.model_config(vocab_size=300).two_tower == (task == "retrieval")
+    # The file has every field: nothing silently falls back to a code default.
+    assert set(json.loads(recipe_path(task).read_text())) == set(FIELDS)
+
+
+def test_overrides_are_typed_and_named():
+    r = load_recipe("listops", steps=100, attention="softmax", conv_kernel_size="none")
+    assert (r.steps, r.attention, r.conv_kernel_size) == (100, "softmax", None)
+    assert r.warmup_steps == 20  # the recipe's warm-up fraction (1000/5000) is kept
+    assert load_recipe("listops", steps=100, warmup_steps=7).warmup_steps == 7
+    with pytest.raises(TypeError, match="'batch_size' must be int"):
+        load_recipe("listops", batch_size=3.5)
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        load_recipe("listops", batchsize=3)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        load_recipe("listops", attention="linear")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        load_recipe("listops", steps=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="must be one of .* or a recipe JSON file"):
+        load_recipe("cifar")
+
+
+def test_recipe_file_round_trip(tmp_path):
+    r = load_recipe("text", max_length=4000, seed=3)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(r.to_dict()))
+    assert load_recipe(path) == r
+    assert Recipe.from_dict(r.to_dict()).train_config(device="cpu").steps == 20000
+
+
+def lrs_and_betas(total, warmup):
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW(p, lr=1.0)
+    sched = OneCycle(opt, 1e-3, total, warmup)
+    out = []
+    for _ in range(total):
+        out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_one_cycle_shape():
+    curve = lrs_and_betas(10, 4)
+    lrs = [lr for lr, _ in curve]
+    assert lrs[0] == pytest.approx(1e-3 / 25)
+    assert lrs[4] == pytest.approx(1e-3) and max(lrs) == lrs[4]
+    assert lrs[-1] == pytest.approx(1e-3 / 25e4)
+    assert lrs[2] == pytest.approx((lrs[0] + lrs[4]) / 2)  # linear warm-up
+    assert curve[0][1] == pytest.approx(0.95) and curve[4][1] == pytest.approx(0.85)
+    assert curve[-1][1] == pytest.approx(0.95)
+    # Defined for the short warm-ups where torch's OneCycleLR divides by zero.
+    for warmup in (0, 1):
+        lrs = [lr for lr, _ in lrs_and_betas(5, warmup)]
+        assert lrs[warmup] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 / 25e4)
+
+
+def test_one_cycle_matches_torch_one_cycle_on_the_listops_recipe():
+    ours = [lr for lr, _ in lrs_and_betas(5000, 1000)]
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.AdamW(p, lr=1.0)
+    ref_sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=5000, pct_start=0.2, anneal_strategy="linear"
+    )
+    ref = []
+    for _ in range(5000):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref_sched.step()
+    # OneCycleLR peaks one step earlier (at W − 1): the curves differ by one step's slope.
+    assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-3 / 999

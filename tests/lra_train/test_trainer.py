@@ -1,0 +1,252 @@
+"""The generic training loop: exact resume, interrupts, NaN guard, files, precision."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nystromer.lra.model import build_model, classification_objective, collate
+from nystromer.train import NonFiniteLossError, ResumableBatchSampler, TrainConfig, train
+from nystromer.train import checkpoint as ckpt
+
+from .synthetic import TokenDataset, recording_objective, tiny_model_config
+
+TRAIN = TokenDataset(40, seed=0)  # 5 batches of 8 per epoch: 12 steps cross two epochs
+VAL = TokenDataset(16, seed=1)
+TEST = TokenDataset(16, seed=2)
+
+
+def config(**kw):
+    base = dict(
+        steps=12,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        eval_every=4,
+        seed=3,
+        device="cpu",
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(run_dir, losses, *, resume=False, model_seed=0, objective=None, **kw):
+    torch.manual_seed(model_seed)
+    model = build_model(tiny_model_config())  # dropout 0.1: resume must restore the RNG
+    return train(
+        model,
+        objective or recording_objective(losses),
+        TRAIN,
+        config(**kw),
+        run_dir,
+        val_data=VAL,
+        test_data=TEST,
+        collate_fn=collate,
+        resume=resume,
+        run_config={"note": "test"},
+    ), model
+
+
+def metric_lines(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    for r in lines:
+        r.pop("elapsed_s", None)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run."""
+    d = tmp_path_factory.mktemp("straight")
+    losses = []
+    result, model = run(d, losses)
+    return d, losses, result, model
+
+
+def assert_same_run(straight, run_dir, losses, model):
+    ref_dir, ref_losses, _, ref_model = straight
+    # Same process, same CPU kernels, same RNG streams: identical to the last bit.
+    assert losses == ref_losses
+    for (k, a), (_, b) in zip(
+        ref_model.state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    assert metric_lines(run_dir) == metric_lines(ref_dir)
+
+
+def test_uninterrupted_run_writes_files_and_learns(straight):
+    d, losses, result, _ = straight
+    assert result.status == "completed" and result.step == 12 and len(losses) == 12
+    summary = json.loads((d / "summary.json").read_text())
+    for key in ("test_accuracy", "best_val_accuracy", "steps", "wall_time_s", "config"):
+        assert key in summary
+    assert summary["steps"] == 12 and summary["config"] == {"note": "test"}
+    assert summary["test_checkpoint"] == "best"
+    assert summary["test_accuracy"] == result.test["accuracy"]
+    lines = metric_lines(d)
+    assert [r["step"] for r in lines] == [4, 8, 12]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(lines[0])
+    assert max(r["val_accuracy"] for r in lines) == summary["best_val_accuracy"]
+    assert ckpt.read_meta(d / "last")["step"] == 12
+    assert ckpt.read_meta(d / "best")["step"] == summary["best_step"]
+    assert not list(d.glob(".new-*")) and not list(d.glob(".old-*"))
+    # The marker task is easy: 12 steps at lr 3e-3 leave chance (1/3) far behind.
+    assert summary["best_val_accuracy"] > 0.6
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_resume_after_stop_at_equals_uninterrupted(straight, tmp_path):
+    losses = []
+    first, _ = run(tmp_path, losses, stop_at=6)  # 6 is not a checkpoint step (every 4)
+    assert first.status == "stopped" and first.step == 6
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 6
+    assert not (tmp_path / "summary.json").exists()
+    # A different initial model proves the weights come from the checkpoint.
+    second, model = run(tmp_path, losses, resume=True, model_seed=99)
+    assert second.status == "completed"
+    assert_same_run(straight, tmp_path, losses, model)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ref = json.loads((straight[0] / "summary.json").read_text())
+    assert summary["test_accuracy"] == ref["test_accuracy"]
+    assert summary["best_step"] == ref["best_step"]
+
+
+def test_keyboard_interrupt_mid_step_saves_last_and_resumes_exactly(straight, tmp_path):
+    losses = []
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, losses, objective=recording_objective(losses, fail_at=7))
+    # Step 7 never finished: `last` holds step 6 with the random state from before step 7.
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 6
+    assert len(losses) == 6
+    _, model = run(tmp_path, losses, resume=True, model_seed=99)
+    assert_same_run(straight, tmp_path, losses, model)
+
+
+def test_sigint_finishes_the_step_then_saves(straight, tmp_path):
+    losses = []
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, losses, objective=recording_objective(losses, signal_at=5))
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 5 and len(losses) == 5
+    _, model = run(tmp_path, losses, resume=True, model_seed=99)
+    assert_same_run(straight, tmp_path, losses, model)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    losses = []
+    with pytest.raises(NonFiniteLossError, match=r"step 7.*last good checkpoint.*step 4"):
+        run(tmp_path, losses, objective=recording_objective(losses, nan_at=7))
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 4
+    state = torch.load(tmp_path / "last" / ckpt.STATE, weights_only=True)
+    assert state["step"] == 4
+    assert not (tmp_path / "summary.json").exists()
+    assert metric_lines(tmp_path)[-1]["event"] == "non-finite loss"
+    # The weights are finite and the run resumes (the NaN was a one-off here).
+    _, model = run(tmp_path, [], resume=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written"):
+        run(tmp_path, [], objective=recording_objective([], nan_at=1))
+
+
+def test_refuses_to_overwrite_or_resume_wrongly(straight, tmp_path):
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        run(straight[0], [])
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run(tmp_path, [], resume=True)
+    run(tmp_path, [], stop_at=2)
+    with pytest.raises(ValueError, match=r"different training schedule \(steps: 12 → 20"):
+        run(tmp_path, [], resume=True, steps=20)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    ref = build_model(tiny_model_config(dropout=0.0))
+    batch = collate([TRAIN[i] for i in range(8)])
+    with torch.no_grad():
+        exact, _ = classification_objective(ref.eval(), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = ref(batch["input_ids"])
+            low, _ = classification_objective(ref, batch)
+    assert logits.dtype == torch.bfloat16  # autocast is really engaged
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 4e-3); a few layers stay within 5e-2.
+    assert low.item() == pytest.approx(exact.item(), rel=5e-2)
+    losses = []
+    result, model = run(tmp_path, losses, precision="bf16", steps=20, warmup_steps=4)
+    assert all(math.isfinite(x) for x in losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights fp32
+    assert result.best_val["accuracy"] > 0.6
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="fp16"):
+        run(tmp_path, [], precision="fp16")
+
+
+def test_train_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(steps=10, batch_size=2, warmup_steps=10)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(steps=10, batch_size=2, precision="half")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(steps=10, batch_size=0)
+
+
+def test_sampler_order_is_seeded_resumable_and_shards_global_batches():
+    full = ResumableBatchSampler(23, 4, seed=5)
+    it = iter(full)
+    seq = [next(it) for _ in range(12)]  # 5 batches per epoch (3 samples dropped)
+    assert sorted(sum(seq[:5], [])) == sorted(full.order(0)[:20].tolist())
+    assert seq[:5] != seq[5:10]  # a new order each epoch
+    later = iter(ResumableBatchSampler(23, 4, seed=5, start_step=7))
+    assert [next(later) for _ in range(5)] == seq[7:12]
+    for step in range(12):
+        parts = []
+        for rank in range(2):
+            s = iter(ResumableBatchSampler(23, 4, seed=5, start_step=step, rank=rank, world_size=2))
+            parts += next(s)
+        assert parts == seq[step]
+    assert full.position(7) == {"epoch": 1, "batch": 2}
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ResumableBatchSampler(3, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        ResumableBatchSampler(23, 3, world_size=2)
+
+
+def test_checkpoint_swap_survives_a_crash_between_renames(tmp_path):
+    model = torch.nn.Linear(2, 2)
+
+    def writers(tag):
+        return {
+            ckpt.WEIGHTS: lambda p: ckpt.write_weights(model, p),
+            ckpt.META: lambda p: ckpt.write_json(p, {"step": tag}, atomic=False),
+        }
+
+    ckpt.write_checkpoint(tmp_path, "last", writers(1))
+    # Simulate the crash window: the old copy renamed away, the new one not yet in place.
+    os.replace(tmp_path / "last", tmp_path / ".old-last-x")
+    assert ckpt.read_meta(ckpt.find(tmp_path, "last"))["step"] == 1
+    ckpt.write_checkpoint(tmp_path, "last", writers(2))
+    assert ckpt.find(tmp_path, "last") == tmp_path / "last"
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 2
+
+
+def test_rng_capture_restore_round_trip():
+    import random
+
+    import numpy as np
+
+    state = ckpt.capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    ckpt.restore_rng(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])

@@ -1,0 +1,203 @@
+"""The models with the default numerics: padding, training, compile, autocast, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nystromer.models as ours
+from nystromer.models import NystromformerForMaskedLM, NystromformerModel
+
+from .tiny import HEADS, batch, main_output, rel_err, tiny_config
+
+
+def _model(cls=NystromformerModel, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return cls(tiny_config(num_landmarks=8, **overrides)).eval()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_padded_batch_equals_each_sequence_alone(name):
+    # float64 so that only the method, not rounding, could make a difference: 1e-10.
+    model = _model(getattr(ours, name)).double()
+    lengths = [70, 41, 9]  # > m, > m, ≤ m (exact fallback) in one batch
+    n = max(lengths)
+    g = torch.Generator().manual_seed(1)
+    lead = (3, 2) if name == "NystromformerForMultipleChoice" else (3,)
+    ids = torch.randint(3, 50, (*lead, n), generator=g)
+    types = torch.randint(0, 2, ids.shape, generator=g)
+    mask = torch.arange(n) < torch.tensor(lengths).view(3, *[1] * (len(lead) - 1), 1)
+    mask = mask.expand_as(ids).long()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        for i, length in enumerate(lengths):
+            alone = model(
+                input_ids=ids[i : i + 1, ..., :length],
+                token_type_ids=types[i : i + 1, ..., :length],
+            )
+            a, b = main_output(name, alone), main_output(name, full)
+            if name == "NystromformerForQuestionAnswering":
+                a, b = a[:, 0], b[:, i, ..., :length]
+            elif name in (
+                "NystromformerForSequenceClassification",
+                "NystromformerForMultipleChoice",
+            ):
+                a, b = a[0], b[i]
+            else:
+                a, b = a[0], b[i, ..., :length, :]
+            assert torch.allclose(a, b, atol=1e-10, rtol=0), (name, length)
+
+
+def test_short_inputs_are_exact_attention():
+    # n ≤ num_landmarks: default numerics must equal the exact branch (numerics="hf" with
+    # num_landmarks == segment_means_seq_len), without padding where the two conv skips agree.
+    model = _model()
+    ids = torch.randint(3, 50, (2, 8))
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        model.config.numerics = "hf"
+        model.config.segment_means_seq_len = model.config.num_landmarks
+        b = model(input_ids=ids).last_hidden_state
+    assert rel_err(a, b) <= 1e-6
+
+
+def test_save_load_round_trip_and_tied_decoder(tmp_path):
+    model = _model(NystromformerForMaskedLM)
+    emb = model.nystromformer.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.weight is emb
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "cls.predictions.decoder.weight" not in keys and "cls.predictions.bias" in keys
+    back = NystromformerForMaskedLM.from_pretrained(tmp_path, strict=True).eval()
+    assert (
+        back.cls.predictions.decoder.weight is back.nystromformer.embeddings.word_embeddings.weight
+    )
+    kwargs, _ = batch("NystromformerForMaskedLM", 30, pad=True)
+    with torch.no_grad():
+        assert torch.equal(back(**kwargs).logits, model(**kwargs).logits)
+
+
+def test_training_step_reduces_the_loss():
+    torch.manual_seed(0)
+    model = NystromformerForMaskedLM(
+        tiny_config(num_landmarks=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    )
+    kwargs, labels = batch("NystromformerForMaskedLM", 40, pad=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = model(**kwargs, **labels).loss
+        opt.zero_grad()
+        loss.backward()
+        conv = model.nystromformer.encoder.layer[0].attention.self.conv.weight
+        assert conv.grad is not None and torch.isfinite(conv.grad).all()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_hidden_states_and_tuple_access():
+    model = _model()
+    kwargs, _ = batch("NystromformerModel", 12, pad=False)
+    out = model(**kwargs, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[-1] is out.last_hidden_state
+    assert out[0] is out.last_hidden_state and out["last_hidden_state"] is out[0]
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    model = _model(ours.NystromformerForSequenceClassification)
+    kwargs, _ = batch("NystromformerForSequenceClassification", 40, pad=True)
+    with torch.no_grad():
+        ref = model(**kwargs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**kwargs).logits
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    # bf16 keeps 8 bits of mantissa (relative step 2^-8 ≈ 4e-3) through 2 layers; the landmark
+    # solve runs in float32. Measured 7e-3.
+    assert rel_err(low.float(), ref) < 5e-2
+
+
+def test_torch_compile_full_graph_forward_and_backward():
+    # aot_eager traces the whole model with dynamo + AOTAutograd (what inductor compiles)
+    # in a few seconds; the slow test below runs inductor itself (~30 s on 2 cores).
+    model = _model(ours.NystromformerForSequenceClassification, num_hidden_layers=1)
+    kwargs, labels = batch("NystromformerForSequenceClassification", 40, pad=True)
+    eager = model(**kwargs, **labels)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(**kwargs, **labels)
+    assert rel_err(out.logits, eager.logits) <= 1e-6
+    out.loss.backward()
+    assert model.classifier.out_proj.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_padded_batch():
+    model = _model(ours.NystromformerForSequenceClassification)
+    kwargs, _ = batch("NystromformerForSequenceClassification", 40, pad=True)
+    with torch.no_grad():
+        eager = model(**kwargs).logits
+        compiled = torch.compile(model)(**kwargs).logits
+    # Inductor fuses and reorders float32 reductions: agreement to rounding, not bits.
+    assert rel_err(compiled, eager) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"input_ids": torch.tensor([[3, 50, 4]])}, ValueError, r"input_ids must lie in \[0, 50\)"),
+        ({"input_ids": torch.tensor([[3, -1, 4]])}, ValueError, "input_ids must lie in"),
+        (
+            {"input_ids": torch.ones(1, 97, dtype=torch.long)},
+            ValueError,
+            "exceeds max_position_embeddings",
+        ),
+        (
+            {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 6)},
+            ValueError,
+            r"attention_mask must have shape \(2, 5\)",
+        ),
+        (
+            {
+                "input_ids": torch.ones(2, 5, dtype=torch.long),
+                "token_type_ids": torch.full((2, 5), 2),
+            },
+            ValueError,
+            "token_type_ids must lie in",
+        ),
+        (
+            {
+                "input_ids": torch.ones(1, 5, dtype=torch.long),
+                "position_ids": torch.arange(95, 100),
+            },
+            ValueError,
+            "position_ids must lie in",
+        ),
+        ({"input_ids": torch.ones(1, 5)}, TypeError, "input_ids must be an integer tensor"),
+        (
+            {"input_ids": torch.ones(5, dtype=torch.long)},
+            ValueError,
+            r"input_ids must have shape \(batch, seq_len\)",
+        ),
+        ({}, ValueError, "exactly one of input_ids and inputs_embeds"),
+        (
+            {"inputs_embeds": torch.ones(1, 5, 31)},
+            ValueError,
+            r"inputs_embeds must have shape \(batch, seq_len, 32\)",
+        ),
+    ],
+)
+def test_bad_input_gives_clear_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _model()(**kwargs)
+
+
+def test_longest_input_and_inputs_embeds():
+    model = _model()
+    ids = torch.randint(3, 50, (1, 96))
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = model(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
+    assert torch.equal(a, b)
