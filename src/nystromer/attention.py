@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .functional import nystrom_attention
+from .functional import check_nystrom_options, nystrom_attention
 
 __all__ = ["NystromAttention", "NystromMultiheadAttention", "value_conv_skip"]
 
@@ -49,18 +49,7 @@ class NystromAttention(nn.Module):
                 f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
             )
-        if (
-            isinstance(num_landmarks, bool)
-            or not isinstance(num_landmarks, int)
-            or num_landmarks < 1
-        ):
-            raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-        if pinv_iterations < 0:
-            raise ValueError(f"pinv_iterations must be ≥ 0, got {pinv_iterations!r}")
-        if conv_kernel_size is not None and (conv_kernel_size < 1 or conv_kernel_size % 2 == 0):
-            raise ValueError(
-                f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
-            )
+        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
@@ -255,22 +244,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             device=device,
             dtype=dtype,
         )
-        if (
-            isinstance(num_landmarks, bool)
-            or not isinstance(num_landmarks, int)
-            or num_landmarks < 1
-        ):
-            raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-        if (
-            isinstance(pinv_iterations, bool)
-            or not isinstance(pinv_iterations, int)
-            or pinv_iterations < 0
-        ):
-            raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
-        if conv_kernel_size is not None and (conv_kernel_size < 1 or conv_kernel_size % 2 == 0):
-            raise ValueError(
-                f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
-            )
+        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.conv: nn.Conv2d | None = None

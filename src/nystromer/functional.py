@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["nystrom_attention", "segment_means", "iterative_pinv", "landmark_assignment"]
+__all__ = [
+    "nystrom_attention",
+    "segment_means",
+    "iterative_pinv",
+    "landmark_assignment",
+    "check_nystrom_options",
+]
 
 
 def landmark_assignment(
@@ -120,6 +126,30 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     return z
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_nystrom_options(
+    num_landmarks: int, pinv_iterations: int, conv_kernel_size: int | None = None
+) -> None:
+    """Validate the Nyström options shared by the function, the modules and ``patch``.
+
+    Raises:
+        ValueError: naming the argument, the value received and what is expected.
+    """
+    if not _is_int(num_landmarks) or num_landmarks < 1:
+        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
+    if not _is_int(pinv_iterations) or pinv_iterations < 0:
+        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
+    if conv_kernel_size is not None and (
+        not _is_int(conv_kernel_size) or conv_kernel_size < 1 or conv_kernel_size % 2 == 0
+    ):
+        raise ValueError(
+            f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
+        )
+
+
 def _check_inputs(
     query: Tensor,
     key: Tensor,
@@ -164,14 +194,7 @@ def _check_inputs(
             raise TypeError(f"{name} must be a bool tensor (True = real token), got {got}")
         if tuple(mk.shape) != (b, n):
             raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(mk.shape)}")
-    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
-        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-    if (
-        isinstance(pinv_iterations, bool)
-        or not isinstance(pinv_iterations, int)
-        or pinv_iterations < 0
-    ):
-        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
+    check_nystrom_options(num_landmarks, pinv_iterations)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 

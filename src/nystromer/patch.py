@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import NystromMultiheadAttention, value_conv_skip
-from .functional import nystrom_attention
+from .functional import check_nystrom_options, nystrom_attention
 
 __all__ = ["patch", "SUPPORTED_TRANSFORMERS_MODEL_TYPES"]
 
@@ -66,23 +66,7 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
-        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-    if (
-        isinstance(pinv_iterations, bool)
-        or not isinstance(pinv_iterations, int)
-        or pinv_iterations < 0
-    ):
-        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
-    if conv_kernel_size is not None and (
-        isinstance(conv_kernel_size, bool)
-        or not isinstance(conv_kernel_size, int)
-        or conv_kernel_size < 1
-        or conv_kernel_size % 2 == 0
-    ):
-        raise ValueError(
-            f"conv_kernel_size must be an odd integer ≥ 1 or None, got {conv_kernel_size!r}"
-        )
+    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
     options = {
         "num_landmarks": num_landmarks,
         "pinv_iterations": pinv_iterations,
