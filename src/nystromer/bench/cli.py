@@ -29,12 +29,10 @@ def demo_command(args: argparse.Namespace) -> int:
 
     run_attention_demo(args.lengths, threads=args.threads, repeats=args.repeats)
     if args.listops_steps > 0:
-        import tempfile
-
         from ..lra.demo import run_listops_demo
 
-        with tempfile.TemporaryDirectory(prefix="nystromer-demo-") as workdir:
-            run_listops_demo(workdir, steps=args.listops_steps)
+        # Kept after the demo so the run can be inspected or re-evaluated (`nystromer eval`).
+        run_listops_demo(args.listops_dir, steps=args.listops_steps)
     return 0
 
 
@@ -195,6 +193,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=700,
         help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
         "about two minutes on 2 CPU cores)",
+    )
+    d.add_argument(
+        "--listops-dir",
+        type=Path,
+        default=Path("runs/demo"),
+        help="where the ListOps run writes its data and run files (%(default)s)",
     )
     d.set_defaults(func=demo_command)
 
