@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .functional import check_nystrom_options, nystrom_attention
 
-__all__ = ["NystromAttention", "NystromMultiheadAttention", "value_conv_skip"]
+__all__ = ["NystromAttention", "NystromMultiheadAttention", "value_conv", "value_conv_skip"]
 
 
 class NystromAttention(nn.Module):
@@ -66,15 +66,7 @@ class NystromAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.conv: nn.Conv2d | None = None
         if conv_kernel_size is not None:
-            # Weight layout (H, 1, k, 1), as in the authors' code and transformers' checkpoints.
-            self.conv = nn.Conv2d(
-                num_heads,
-                num_heads,
-                kernel_size=(conv_kernel_size, 1),
-                padding=(conv_kernel_size // 2, 0),
-                groups=num_heads,
-                bias=False,
-            )
+            self.conv = value_conv(num_heads, conv_kernel_size)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -144,6 +136,30 @@ class NystromAttention(nn.Module):
             f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
             f"conv_kernel_size={conv}, dropout={self.dropout}"
         )
+
+
+def value_conv(
+    num_heads: int,
+    kernel_size: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Conv2d:
+    """The paper's depthwise convolution over the values, one (k × 1) kernel per head.
+
+    Weight layout (H, 1, k, 1), as in the authors' code and transformers' checkpoints; odd k with
+    padding k // 2 keeps the sequence length.
+    """
+    return nn.Conv2d(
+        num_heads,
+        num_heads,
+        kernel_size=(kernel_size, 1),
+        padding=(kernel_size // 2, 0),
+        groups=num_heads,
+        bias=False,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def value_conv_skip(conv: nn.Conv2d, value: Tensor, mask: Tensor | None) -> Tensor:
@@ -249,16 +265,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         self.pinv_iterations = pinv_iterations
         self.conv: nn.Conv2d | None = None
         if conv_kernel_size is not None:
-            self.conv = nn.Conv2d(
-                num_heads,
-                num_heads,
-                kernel_size=(conv_kernel_size, 1),
-                padding=(conv_kernel_size // 2, 0),
-                groups=num_heads,
-                bias=False,
-                device=device,
-                dtype=dtype,
-            )
+            self.conv = value_conv(num_heads, conv_kernel_size, device=device, dtype=dtype)
             nn.init.zeros_(self.conv.weight)
         self.register_forward_pre_hook(_keep_off_fused_encoder_path)
 

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from .attention import NystromMultiheadAttention, value_conv_skip
+from .attention import NystromMultiheadAttention, value_conv, value_conv_skip
 from .functional import check_nystrom_options, nystrom_attention
 
 __all__ = ["patch", "SUPPORTED_TRANSFORMERS_MODEL_TYPES"]
@@ -187,16 +187,7 @@ def _patch_transformers(
             if hasattr(m, "nystrom_conv"):
                 continue  # patched before: keep its (possibly trained) convolution
             ref = next(m.parameters())
-            conv = nn.Conv2d(
-                heads,
-                heads,
-                (conv_kernel_size, 1),
-                padding=(conv_kernel_size // 2, 0),
-                groups=heads,
-                bias=False,
-                device=ref.device,
-                dtype=ref.dtype,
-            )
+            conv = value_conv(heads, conv_kernel_size, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(conv.weight)  # the patched model starts as the original
             m.nystrom_conv = conv
     previous = config._attn_implementation

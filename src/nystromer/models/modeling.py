@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import value_conv_skip
+from ..attention import value_conv, value_conv_skip
 from ..functional import nystrom_attention
 from . import hf_io
 from .config import NystromformerConfig
@@ -169,12 +169,7 @@ class NystromformerSelfAttention(nn.Module):
         self.value = nn.Linear(h, h)
         self.conv: nn.Conv2d | None = None
         if config.conv_kernel_size is not None:
-            k = config.conv_kernel_size
-            heads = config.num_attention_heads
-            # Weight (H, 1, k, 1), the layout of the authors' and transformers' checkpoints.
-            self.conv = nn.Conv2d(
-                heads, heads, (k, 1), padding=(k // 2, 0), groups=heads, bias=False
-            )
+            self.conv = value_conv(config.num_attention_heads, config.conv_kernel_size)
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
         b, n, width = hidden_states.shape
