@@ -5,10 +5,14 @@ Public API:
     NystromAttention            a batch-first multi-head attention module
     NystromMultiheadAttention   a drop-in for torch.nn.MultiheadAttention
     patch                       switch an existing model's self-attention to Nyström attention
+    convert                     patch a pretrained BERT/RoBERTa/Nyströmformer and lengthen its
+                                position table; extend_positions does the latter alone
+    from_pretrained             load a converted checkpoint with its Nyström attention
     nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 
 from .attention import NystromAttention, NystromMultiheadAttention
+from .convert import convert, extend_positions, from_pretrained
 from .functional import iterative_pinv, nystrom_attention
 from .patch import patch
 
@@ -17,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "NystromAttention",
     "NystromMultiheadAttention",
+    "convert",
+    "extend_positions",
+    "from_pretrained",
     "iterative_pinv",
     "nystrom_attention",
     "patch",

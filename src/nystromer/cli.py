@@ -16,6 +16,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "nystromer.lra.cli",
     "nystromer.bench.cli",
     "nystromer.lra.data.cli",
+    "nystromer.distill.cli",
 )
 
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="nystromer", description="Nyström attention: demo, benchmarks, LRA training."
+        prog="nystromer",
+        description="Nyström attention: demo, benchmarks, LRA training, distillation.",
     )
     parser.add_argument("--version", action="version", version=f"nystromer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_path, atomic_write
 
-__all__ = ["Stats", "MetricsLog"]
+__all__ = ["Stats", "MetricsLog", "plot_metrics"]
 
 
 class Stats:
@@ -91,3 +91,52 @@ def _finite_json(record: dict[str, Any]) -> dict[str, Any]:
         k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in record.items()
     }
+
+
+def plot_metrics(
+    metrics_file: str | os.PathLike[str],
+    key: str,
+    out_png: str | os.PathLike[str],
+    *,
+    title: str = "",
+    ylabel: str | None = None,
+    start: tuple[float, float] | None = None,
+) -> Path:
+    """Plot one metric of a ``metrics.jsonl`` against the step into a PNG (written atomically).
+
+    Args:
+        metrics_file: a run's ``metrics.jsonl``.
+        key: the record field to plot, e.g. ``val_accuracy``.
+        out_png: the image to write.
+        title, ylabel: labels (``ylabel`` defaults to ``key``).
+        start: an extra first point ``(step, value)``, e.g. the score before training.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: no record has ``key``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = MetricsLog(metrics_file).records
+    points = [(r["step"], float(r[key])) for r in records if key in r]
+    if start is not None:
+        points = [start, *points]
+    if not points:
+        raise ValueError(f"{metrics_file} has no {key!r} values to plot")
+    steps, values = zip(*points, strict=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(steps, values, marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel or key)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out

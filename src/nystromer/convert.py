@@ -1,0 +1,341 @@
+"""Give a pretrained encoder Nyström attention and a longer position table (docs/convert.md).
+
+:func:`convert` = :func:`nystromer.patch` (linear-cost attention, trained weights kept) plus,
+when asked for more positions than the model was trained with, :func:`extend_positions`: the
+learned absolute position table is lengthened by repeating the trained rows block-wise, the
+initialisation Longformer used to take RoBERTa from 512 to 4,096 positions. Both change the
+model in place and its config, so ``save_pretrained`` writes a checkpoint that
+
+- :func:`from_pretrained` loads back as the converted model (the Nyström settings are kept
+  under the config key ``"nystromer"``), and
+- plain ``transformers`` loads as an exact-attention model with the longer table (it ignores
+  the ``"nystromer"`` key; only a trained convolution skip, if one was added, is dropped).
+
+The converted model is close to the original but not equal on inputs longer than
+``num_landmarks``; ``nystromer distill`` (:mod:`nystromer.distill`) trains it back towards the
+exact model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional import check_nystrom_options
+from .patch import _is_transformers_model, patch
+
+__all__ = [
+    "CONVERTIBLE_MODEL_TYPES",
+    "CONFIG_KEY",
+    "convert",
+    "extend_positions",
+    "from_pretrained",
+    "nystrom_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+# Encoders with a learned absolute position table that convert handles (transformers' BERT
+# and RoBERTa through transformers, Nyströmformer through nystromer.models).
+CONVERTIBLE_MODEL_TYPES = ("bert", "roberta", "nystromformer")
+# config.json key under which a converted transformers model keeps its Nyström settings.
+CONFIG_KEY = "nystromer"
+
+
+def convert(
+    model: nn.Module,
+    *,
+    num_landmarks: int = 64,
+    pinv_iterations: int = 6,
+    conv_kernel_size: int | None = None,
+    max_position_embeddings: int | None = None,
+) -> nn.Module:
+    """Switch a pretrained BERT, RoBERTa or Nyströmformer to Nyström attention and, optionally,
+    a longer position table; in place, returns ``model``.
+
+    Inputs of at most ``num_landmarks`` tokens keep exact attention, so on them the converted
+    model computes what the original computed. The config is updated (its
+    ``max_position_embeddings``, and the Nyström settings), so ``save_pretrained`` writes a
+    checkpoint :func:`from_pretrained` restores.
+
+    Args:
+        model: a transformers BERT or RoBERTa model (any head), or a
+            :mod:`nystromer.models` Nyströmformer.
+        num_landmarks: m, landmarks per head.
+        pinv_iterations: pseudo-inverse iterations.
+        conv_kernel_size: odd k adds a depthwise convolution skip on the values of each
+            attention layer, initialised to zero (BERT/RoBERTa only; a Nyströmformer keeps the
+            convolution it was trained with, so only None or its own kernel size is accepted).
+        max_position_embeddings: the new value of ``config.max_position_embeddings`` (the
+            config field's meaning is kept: for RoBERTa it counts the ``pad_token_id + 1``
+            reserved rows, e.g. 4098 for 4,096 tokens as in Longformer; for BERT and
+            Nyströmformer it is the longest input). None keeps the table. See
+            :func:`extend_positions`.
+
+    Returns:
+        ``model``, converted.
+
+    Raises:
+        ValueError: an unsupported model, a shorter position table, or a bad option.
+    """
+    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
+    model_type = _model_type(model)
+    if model_type == "nystromformer":
+        _convert_nystromformer(model, num_landmarks, pinv_iterations, conv_kernel_size)
+    else:
+        patch(
+            model,
+            num_landmarks=num_landmarks,
+            pinv_iterations=pinv_iterations,
+            conv_kernel_size=conv_kernel_size,
+        )
+        setattr(
+            model.config,
+            CONFIG_KEY,
+            {
+                "num_landmarks": num_landmarks,
+                "pinv_iterations": pinv_iterations,
+                "conv_kernel_size": conv_kernel_size,
+            },
+        )
+    if max_position_embeddings is not None:
+        extend_positions(model, max_position_embeddings)
+    return model
+
+
+def nystrom_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The Nyström settings :func:`convert` recorded in ``model.config`` (None if it was not
+    converted); for a Nyströmformer, its attention settings."""
+    config = getattr(model, "config", None)
+    if _model_type(model, strict=False) == "nystromformer":
+        return {
+            "num_landmarks": config.num_landmarks,
+            "pinv_iterations": config.pinv_iterations,
+            "conv_kernel_size": config.conv_kernel_size,
+        }
+    settings = getattr(config, CONFIG_KEY, None)
+    return dict(settings) if isinstance(settings, dict) else None
+
+
+def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Module:
+    """Lengthen a learned absolute position table by repeating its trained rows; in place.
+
+    The new table starts with the old one unchanged; after it, the trained rows are copied
+    again and again (the last copy cut short), so position ``r + k·L`` starts as position
+    ``r`` (L = trained positions). Reserved rows that are never a position (RoBERTa's rows
+    up to ``pad_token_id``, Nyströmformer's first 2) are not repeated. The attention is left
+    as it is: call it on an exact model to get an exact teacher with the same table.
+
+    Args:
+        model: a transformers BERT or RoBERTa model, or a :mod:`nystromer.models` Nyströmformer.
+        max_position_embeddings: the new ``config.max_position_embeddings`` (see
+            :func:`convert`); equal to the current value leaves the model unchanged.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: an unsupported model, or a value smaller than the current one.
+    """
+    model_type = _model_type(model)
+    config = model.config
+    current = config.max_position_embeddings
+    if (
+        isinstance(max_position_embeddings, bool)
+        or not isinstance(max_position_embeddings, int)
+        or max_position_embeddings < current
+    ):
+        raise ValueError(
+            f"max_position_embeddings must be an integer ≥ the model's current {current} "
+            f"(convert only lengthens the position table), got {max_position_embeddings!r}"
+        )
+    if max_position_embeddings == current:
+        return model
+    embeddings = _embeddings_module(model)
+    old = embeddings.position_embeddings
+    if model_type == "nystromformer":
+        from .models.modeling import POSITION_OFFSET
+
+        reserved, rows = POSITION_OFFSET, max_position_embeddings + POSITION_OFFSET
+    elif model_type == "roberta":
+        # Positions count from pad_token_id + 1; rows 0 … pad_token_id are never positions.
+        reserved, rows = config.pad_token_id + 1, max_position_embeddings
+    else:
+        reserved, rows = 0, max_position_embeddings
+    if old.num_embeddings <= reserved:
+        raise ValueError(f"the position table has no trained rows beyond the {reserved} reserved")
+    new = nn.Embedding(
+        rows,
+        old.embedding_dim,
+        padding_idx=old.padding_idx,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    new.weight.requires_grad_(old.weight.requires_grad)
+    with torch.no_grad():
+        trained = old.weight[reserved:]
+        new.weight[:reserved] = old.weight[:reserved]
+        for start in range(reserved, rows, trained.shape[0]):
+            take = min(trained.shape[0], rows - start)
+            new.weight[start : start + take] = trained[:take]
+    embeddings.position_embeddings = new
+    # transformers' embeddings keep (1, max_positions) index buffers for inputs without
+    # position or token type ids; they must cover the new length.
+    for name in ("position_ids", "token_type_ids"):
+        buffer = getattr(embeddings, name, None)
+        if isinstance(buffer, torch.Tensor) and buffer.dim() == 2:
+            if name == "position_ids":
+                value = torch.arange(rows, device=buffer.device, dtype=buffer.dtype)[None]
+            else:
+                value = buffer.new_zeros(1, rows)
+            setattr(embeddings, name, value)
+    config.max_position_embeddings = max_position_embeddings
+    logger.info(
+        "extend_positions: %s position table %d -> %d rows (trained rows repeated)",
+        type(model).__name__,
+        old.num_embeddings,
+        rows,
+    )
+    return model
+
+
+def from_pretrained(
+    directory: str | os.PathLike[str], *, model_class: Any = None, **convert_options: Any
+) -> nn.Module:
+    """Load a checkpoint as a Nyström-attention model, e.g. one saved after :func:`convert`.
+
+    A transformers BERT/RoBERTa checkpoint is loaded with ``model_class`` (default
+    ``transformers.AutoModel``) and converted with the settings recorded in its config.json
+    (those of :func:`convert`'s defaults if none are recorded, e.g. an original checkpoint),
+    overridden by ``convert_options``; a trained convolution skip is restored. A Nyströmformer
+    checkpoint is loaded with :mod:`nystromer.models` (the class named in its config, or
+    ``model_class``), with ``convert_options`` as config overrides.
+
+    Args:
+        directory: a Hugging Face-format checkpoint folder.
+        model_class: the class whose ``from_pretrained`` to use (e.g.
+            ``transformers.AutoModelForMaskedLM``).
+        **convert_options: ``num_landmarks``, ``pinv_iterations``, ``conv_kernel_size``.
+
+    Returns:
+        The model, in eval mode.
+    """
+    path = Path(directory)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"directory must be a checkpoint folder with a config.json: {path}")
+    with open(config_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    unknown = set(convert_options) - {"num_landmarks", "pinv_iterations", "conv_kernel_size"}
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {sorted(unknown)}; expected num_landmarks, "
+            "pinv_iterations, conv_kernel_size"
+        )
+    model_type = raw.get("model_type")
+    if model_type == "nystromformer":
+        from . import models
+
+        if model_class is None:
+            names = raw.get("architectures") or ["NystromformerModel"]
+            model_class = getattr(models, names[0], models.NystromformerModel)
+        return model_class.from_pretrained(path, numerics="ours", **convert_options)
+    if model_type not in CONVERTIBLE_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file} has model_type {model_type!r}; expected one of "
+            f"{CONVERTIBLE_MODEL_TYPES}"
+        )
+    if model_class is None:
+        from transformers import AutoModel as model_class
+    options = {**(raw.get(CONFIG_KEY) or {}), **convert_options}
+    model = model_class.from_pretrained(path)
+    convert(model, **options)
+    if options.get("conv_kernel_size") is not None:
+        _load_conv_weights(model, path)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _model_type(model: nn.Module, *, strict: bool = True) -> str | None:
+    from_nystromer = type(model).__module__.startswith("nystromer.models")
+    if from_nystromer and getattr(model, "config", None) is not None:
+        return "nystromformer"
+    if isinstance(model, nn.Module) and _is_transformers_model(model):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type in ("bert", "roberta"):
+            return model_type
+        if model_type == "nystromformer":
+            if strict:
+                raise ValueError(
+                    "this is transformers' NystromformerModel; load the checkpoint with "
+                    "nystromer.models (e.g. nystromer.models.NystromformerModel.from_pretrained"
+                    "(directory)) and convert that"
+                )
+            return None
+    if not strict:
+        return None
+    what = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    raise ValueError(
+        f"convert supports transformers BERT and RoBERTa models and nystromer.models "
+        f"Nyströmformers, got {what!r}; for other models with torch.nn.MultiheadAttention or "
+        "ViT use nystromer.patch (no position table to extend)"
+    )
+
+
+def _embeddings_module(model: nn.Module) -> nn.Module:
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "position_embeddings", None), nn.Embedding)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one embeddings module with a learned position_embeddings table in "
+            f"{type(model).__name__}, found {len(found)}"
+        )
+    return found[0]
+
+
+def _convert_nystromformer(
+    model: nn.Module, num_landmarks: int, pinv_iterations: int, conv_kernel_size: int | None
+) -> None:
+    config = model.config
+    if conv_kernel_size is not None and conv_kernel_size != config.conv_kernel_size:
+        raise ValueError(
+            f"conv_kernel_size must be None or the model's own {config.conv_kernel_size!r} "
+            f"(its convolution is trained), got {conv_kernel_size!r}"
+        )
+    # The modules read the shared config at every call, so changing it converts the model.
+    config.num_landmarks = num_landmarks
+    config.pinv_iterations = pinv_iterations
+    config.numerics = "ours"  # transformers' numerics accept one input length only
+    config.validate()
+
+
+def _load_conv_weights(model: nn.Module, directory: Path) -> None:
+    from .models.hf_io import read_state_dict
+
+    saved = {k: v for k, v in read_state_dict(directory).items() if "nystrom_conv" in k}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    state = {}
+    for key, param in model.state_dict().items():
+        if "nystrom_conv" not in key:
+            continue
+        for candidate in (key, prefix + key, key.removeprefix(prefix)):
+            if candidate in saved:
+                state[key] = saved[candidate].to(param.dtype)
+                break
+        else:
+            raise ValueError(
+                f"{directory} records conv_kernel_size but has no weight for {key}; "
+                "pass conv_kernel_size=None to load without the convolution"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,23 @@
+"""Distillation: train a converted (Nyström-attention) encoder to reproduce its exact teacher.
+
+    nystromer distill --teacher DIR --out DIR --text FILE ...      (command line)
+    distill(DistillConfig(teacher=..., texts=[...]), out_dir)       (Python)
+
+See :mod:`nystromer.distill.run` and the README section "Long inputs for a model you already
+have".
+"""
+
+from .data import BUILTIN_TEXTS, TokenWindows, read_texts, split_corpus
+from .run import DistillConfig, distill, distill_objective, load_teacher, mean_pool
+
+__all__ = [
+    "BUILTIN_TEXTS",
+    "DistillConfig",
+    "TokenWindows",
+    "distill",
+    "distill_objective",
+    "load_teacher",
+    "mean_pool",
+    "read_texts",
+    "split_corpus",
+]

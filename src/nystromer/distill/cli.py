@@ -1,0 +1,144 @@
+"""``nystromer distill``: distil an exact pretrained encoder into its Nyström conversion.
+
+Works under ``torchrun --nproc_per_node N -m nystromer distill ...`` like ``nystromer train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..train import NonFiniteLossError
+from ..train.distributed import init_from_env
+from ..train.loop import PRECISIONS
+from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
+
+__all__ = ["register"]
+
+# DistillConfig fields and their flags; None = keep the default (or, with --resume, the
+# saved value).
+_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "teacher": ("--teacher", str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
+    "num_landmarks": ("--num-landmarks", int, "m, landmarks per head (64)"),
+    "pinv_iterations": ("--pinv-iterations", int, "pseudo-inverse iterations (6)"),
+    "conv_kernel_size": ("--conv-kernel-size", int, "add a value convolution skip (none)"),
+    "max_length": ("--max-length", int, "tokens per window (512)"),
+    "steps": ("--steps", int, "optimiser steps (300)"),
+    "batch_size": ("--batch-size", int, "windows per step (8)"),
+    "lr": ("--lr", float, "peak learning rate (1e-4)"),
+    "warmup_steps": ("--warmup-steps", int, "warm-up steps (a tenth of --steps)"),
+    "weight_decay": ("--weight-decay", float, "AdamW weight decay (0)"),
+    "eval_fraction": ("--eval-fraction", float, "share of the text held out (0.1)"),
+    "stride": ("--stride", int, "tokens between training windows (half a window)"),
+    "eval_every": ("--eval-every", int, "validate every N steps (25)"),
+    "seed": ("--seed", int, "seed (0)"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` sub-command."""
+    p = subparsers.add_parser(
+        "distill",
+        help="train a pretrained encoder's Nyström conversion to match the exact model",
+        description=(
+            "Convert a pretrained BERT/RoBERTa (nystromer.convert) and train it to reproduce "
+            "the exact model's hidden states on unlabeled text. Prints and saves the held-out "
+            "cosine of mean-pooled embeddings before and after; the trained model is written "
+            "to OUT/model."
+        ),
+    )
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        dest="texts",
+        metavar="FILE",
+        help="UTF-8 text files, or builtin:pydoc (CPython's pydoc topics)",
+    )
+    for name, (flag, typ, help_) in _FLAGS.items():
+        p.add_argument(flag, dest=name, type=typ, help=help_)
+    p.add_argument("--layers", choices=LAYERS, help="match the last layer or all layers (last)")
+    p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
+    p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "fp16"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--stop-at", type=int, help="pause after this step (resume later)")
+    p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
+    p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_distill)
+
+
+def _error(msg: str) -> int:
+    print(f"nystromer: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _config(args: argparse.Namespace) -> DistillConfig:
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(DistillConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if args.resume:
+        path = args.out / CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{args.out} is not a distillation run ({CONFIG_FILE} is missing)")
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["distill"]
+        return DistillConfig.from_dict({**saved, **given})
+    missing = [
+        flag for flag, name in (("--teacher", "teacher"), ("--text", "texts")) if name not in given
+    ]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (unless --resume)")
+    return DistillConfig(**given)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .run import distill
+
+    info = init_from_env(args.device)
+    try:
+        config = _config(args)
+        runtime = {
+            "device": args.device,
+            "stop_at": args.stop_at,
+            "checkpoint_every": args.checkpoint_every,
+            "eval_batch_size": args.eval_batch_size,
+            "progress": not args.no_progress,
+        }
+        report = distill(config, args.out, resume=args.resume, **runtime)
+    except NonFiniteLossError as exc:
+        print(f"nystromer: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if info.is_main:
+            print(
+                f"nystromer: interrupted; continue with: nystromer distill --out {args.out} "
+                "--resume",
+                file=sys.stderr,
+            )
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        return _error(str(exc))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if info.is_main:
+        if report["status"] == "completed":
+            print(
+                f"held-out cosine to the exact model: before {report['cosine_before']:.4f}, "
+                f"after {report['cosine_after']:.4f} (best step {report['best_step']}, "
+                f"{report['wall_time_s']:.0f} s); model in {args.out / 'model'}"
+            )
+            print(json.dumps(report))
+        else:
+            print(f"paused at step {report['step']}; continue with --resume", file=sys.stderr)
+    return 0

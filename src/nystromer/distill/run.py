@@ -1,0 +1,424 @@
+"""Distil an exact pretrained encoder into its Nyström-attention conversion.
+
+The teacher is the pretrained model with exact attention (with its position table lengthened
+by :func:`nystromer.extend_positions` when ``max_length`` asks for more positions); the
+student starts as :func:`nystromer.convert` of the same weights and is trained to reproduce
+the teacher's hidden states on unlabeled text: the mean squared error over real tokens of
+the last layer (``layers="last"``) or the mean of it over every layer (``layers="all"``).
+The score is the cosine similarity of mean-pooled embeddings (the sentence-embedding recipe)
+between student and teacher on held-out text, measured before training and, on the best
+checkpoint, after it.
+
+A run directory holds ``config.json`` (the distillation settings), ``before.json``, the
+``last``/``best`` checkpoints, ``metrics.jsonl`` and, when done, ``summary.json``,
+``distill.json`` (before/after), ``cosine.png`` and ``model/`` (the trained student with
+the teacher's tokenizer, loadable with :func:`nystromer.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..convert import convert, extend_positions
+from ..functional import check_nystrom_options
+from ..train import TrainConfig, evaluate, train
+from ..train import checkpoint as ckpt
+from ..train.distributed import DistInfo, resolve_device
+from ..train.metrics import plot_metrics
+from .data import TokenWindows, collate, read_texts, split_corpus
+
+__all__ = ["DistillConfig", "distill", "distill_objective", "load_teacher", "mean_pool"]
+
+CONFIG_FILE = "config.json"
+LAYERS = ("last", "all")
+LOSSES = ("cosine", "mse")
+
+
+@dataclass
+class DistillConfig:
+    """What to distil and how (``nystromer distill``'s flags).
+
+    Attributes:
+        teacher: the pretrained model's folder (Hugging Face format, BERT or RoBERTa, with
+            its tokenizer).
+        texts: text files or built-in texts (``builtin:pydoc``).
+        num_landmarks, pinv_iterations, conv_kernel_size: the student's Nyström attention
+            (:func:`nystromer.convert`).
+        max_length: tokens per window, special tokens included.
+        layers: ``last`` matches the last hidden state, ``all`` every layer's.
+        loss: per real token, ``cosine`` (1 − cosine similarity of student and teacher
+            hidden states, DistilBERT's hidden-state loss; insensitive to the few
+            large-magnitude dimensions of BERT-style models) or ``mse`` (mean squared error).
+        steps, batch_size, lr, warmup_steps, weight_decay: the optimisation (AdamW, one-cycle
+            schedule; see :class:`nystromer.train.TrainConfig`).
+        eval_fraction: share of the text held out (half validation, half test).
+        stride: tokens between consecutive training windows (default: half a window).
+        eval_every: validate every this many steps.
+        seed: data order and initialisation of new parameters.
+        precision: fp32, bf16 (autocast) or fp64.
+    """
+
+    teacher: str
+    texts: list[str]
+    num_landmarks: int = 64
+    pinv_iterations: int = 6
+    conv_kernel_size: int | None = None
+    max_length: int = 512
+    layers: str = "last"
+    loss: str = "cosine"
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    eval_fraction: float = 0.1
+    stride: int | None = None
+    eval_every: int = 25
+    seed: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_nystrom_options(self.num_landmarks, self.pinv_iterations, self.conv_kernel_size)
+        if self.layers not in LAYERS:
+            raise ValueError(f"layers must be one of {LAYERS}, got {self.layers!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("max_length", "steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_length < 4:
+            raise ValueError(
+                f"max_length must be ≥ 4 (special tokens + text), got {self.max_length}"
+            )
+        if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 1):
+            raise ValueError(f"stride must be a positive integer or None, got {self.stride!r}")
+        if not self.texts:
+            raise ValueError("texts must name at least one text file or built-in text")
+        self.texts = [str(t) for t in self.texts]
+        self.teacher = str(self.teacher)
+
+    def train_config(self, **runtime: Any) -> TrainConfig:
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = self.steps // 10
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=warmup,
+            weight_decay=self.weight_decay,
+            eval_every=self.eval_every,
+            seed=self.seed,
+            precision=self.precision,
+            select_metric="cosine",
+            select_mode="max",
+            **runtime,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown distillation settings {sorted(unknown)}")
+        return cls(**data)
+
+
+def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn.Module, Any]:
+    """The exact teacher (transformers AutoModel, SDPA attention, eval mode, frozen) and its
+    tokenizer; the position table is lengthened when ``max_length`` needs it.
+
+    Raises:
+        ValueError: not a BERT or RoBERTa checkpoint.
+        FileNotFoundError: no such folder.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"teacher must be a model folder with a config.json: {path}")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in ("bert", "roberta"):
+        raise ValueError(
+            f"teacher must be a BERT or RoBERTa checkpoint (exact attention), got model_type "
+            f"{config.model_type!r}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    # RoBERTa's position ids start after pad_token_id: its table has pad_token_id + 1 rows
+    # that are never positions.
+    reserved = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    if max_length + reserved > config.max_position_embeddings:
+        extend_positions(model, max_length + reserved)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens: (B, n, d), (B, n) → (B, d)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def distill_objective(
+    student: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    teacher: nn.Module,
+    layers: str = "last",
+    loss: str = "cosine",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The distillation objective for :func:`nystromer.train.train`.
+
+    Returns:
+        The loss (``loss`` of the hidden states, averaged over real tokens and, with
+        ``layers="all"``, over layers) and per-batch sums of ``loss``, ``mse`` (of the last
+        hidden state per real token and dimension) and ``cosine`` (of the mean-pooled last
+        hidden states, the held-out score).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    every = layers == "all"
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=every)
+    s = student(input_ids=ids, attention_mask=mask, output_hidden_states=every)
+    pairs = (
+        list(zip(s.hidden_states[1:], t.hidden_states[1:], strict=True))
+        if every
+        else [(s.last_hidden_state, t.last_hidden_state)]
+    )
+    real = mask.to(torch.float32)
+    tokens = real.sum()
+
+    def per_token(a: Tensor, b: Tensor, kind: str) -> Tensor:
+        a, b = a.float(), b.float()
+        if kind == "cosine":
+            return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        return ((a - b) ** 2).mean(-1)
+
+    value = sum((per_token(a, b, loss) * real).sum() / tokens for a, b in pairs) / len(pairs)
+    last_s, last_t = s.last_hidden_state.float(), t.last_hidden_state.float()
+    mse = (per_token(last_s, last_t, "mse") * real).sum(1) / real.sum(1).clamp_min(1.0)
+    cosine = torch.nn.functional.cosine_similarity(mean_pool(last_s, mask), mean_pool(last_t, mask))
+    n = ids.shape[0]
+    sums = {
+        "count": n,
+        "loss": value.detach() * n,
+        "mse": mse.detach().sum(),
+        "cosine": cosine.detach().sum(),
+    }
+    return value, sums
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int], int]:
+    # BERT: [CLS] … [SEP]; RoBERTa: <s> … </s>.
+    prefix = [] if tokenizer.cls_token_id is None else [tokenizer.cls_token_id]
+    suffix = [] if tokenizer.sep_token_id is None else [tokenizer.sep_token_id]
+    pad = tokenizer.pad_token_id
+    return prefix, suffix, 0 if pad is None else pad
+
+
+def _datasets(cfg: DistillConfig, tokenizer: Any) -> tuple[dict[str, TokenWindows], dict]:
+    texts = read_texts(cfg.texts)
+    ids: list[int] = []
+    for text in texts:
+        # One call per text; verbose=False: the corpus is longer than the model on purpose.
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    prefix, suffix, pad = _special_tokens(tokenizer)
+    body = cfg.max_length - len(prefix) - len(suffix)
+    train_ids, val_ids, test_ids = split_corpus(ids, cfg.eval_fraction, body)
+    common = {"prefix": prefix, "suffix": suffix, "pad_id": pad}
+    splits = {
+        "train": TokenWindows(
+            train_ids, cfg.max_length, stride=cfg.stride or max(body // 2, 1), **common
+        ),
+        "val": TokenWindows(val_ids, cfg.max_length, keep_partial=True, **common),
+        "test": TokenWindows(test_ids, cfg.max_length, keep_partial=True, **common),
+    }
+    info = {
+        "tokens": len(ids),
+        **{f"{k}_tokens": v.num_tokens for k, v in splits.items()},
+        **{f"{k}_windows": len(v) for k, v in splits.items()},
+    }
+    return splits, info
+
+
+def distill(
+    config: DistillConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    **runtime: Any,
+) -> dict[str, Any]:
+    """Distil ``config.teacher`` into its Nyström conversion; see the module docstring.
+
+    Args:
+        config: the settings (with ``resume``, the saved ones are used and this must equal
+            them, runtime settings aside).
+        out_dir: the run directory.
+        resume: continue the run in ``out_dir`` from its ``last`` checkpoint.
+        runtime: :class:`~nystromer.train.TrainConfig` settings that do not change the result
+            (device, num_workers, stop_at, progress, checkpoint_every, eval_batch_size).
+
+    Returns:
+        ``{"status", "cosine_before", "cosine_after", "step", ...}``; ``cosine_after`` is None
+        while the run is paused (``stop_at``).
+    """
+    out = Path(out_dir)
+    info = DistInfo.current()
+    train_config = config.train_config(**runtime)
+    if resume:
+        saved = _read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
+        if saved["distill"] != config.to_dict():
+            raise ValueError(
+                f"cannot resume {out} with different settings: saved {saved['distill']}, "
+                f"given {config.to_dict()}"
+            )
+    elif ckpt.find(out, "last") is not None:
+        raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or another out")
+
+    teacher, tokenizer = load_teacher(config.teacher, config.max_length)
+    splits, data_info = _datasets(config, tokenizer)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    torch.manual_seed(config.seed)  # new parameters (a convolution skip) start the same
+    convert(
+        student,
+        num_landmarks=config.num_landmarks,
+        pinv_iterations=config.pinv_iterations,
+        conv_kernel_size=config.conv_kernel_size,
+    )
+    pooler = getattr(student, "pooler", None)
+    if pooler is not None:
+        # Mean-pooled embeddings do not use it; frozen, it keeps the teacher's weights and
+        # DistributedDataParallel does not wait for its gradients.
+        pooler.requires_grad_(False)
+    student.train()
+    if config.precision == "fp64":
+        student.double()
+    device = resolve_device(train_config.device, info)
+    teacher.to(device)
+    if config.precision == "fp64":
+        teacher.double()
+    objective = functools.partial(
+        distill_objective, teacher=teacher, layers=config.layers, loss=config.loss
+    )
+    pad = splits["train"].pad_id
+    collate_fn = functools.partial(collate, pad_id=pad)
+    run_config = {
+        "distill": config.to_dict(),
+        "data": data_info,
+        "teacher_max_position_embeddings": teacher.config.max_position_embeddings,
+        "nystromer_version": __version__,
+    }
+    before_file = out / "before.json"
+    if resume:
+        before = _read_json(before_file, f"{before_file} is missing")
+    else:
+        if info.is_main:
+            ckpt.write_json(out / CONFIG_FILE, run_config)
+        # The converted, untrained student on the held-out text: the gap distillation closes.
+        before = {
+            split: evaluate(
+                student.to(device),
+                objective,
+                splits[split],
+                train_config,
+                collate_fn=collate_fn,
+                device=device,
+            )  # fmt: skip
+            for split in ("val", "test")
+        }
+        if info.is_main:
+            ckpt.write_json(before_file, before)
+            print(f"before distillation: test cosine {before['test']['cosine']:.4f}", flush=True)
+    result = train(
+        student,
+        objective,
+        splits["train"],
+        train_config,
+        out,
+        val_data=splits["val"],
+        test_data=splits["test"],
+        collate_fn=collate_fn,
+        resume=resume,
+        run_config=run_config,
+        weights_metadata={"teacher": config.teacher},
+        description="distill",
+    )
+    report: dict[str, Any] = {
+        "status": result.status,
+        "step": result.step,
+        "cosine_before": before["test"]["cosine"],
+        "cosine_after": result.test.get("cosine"),
+        "mse_before": before["test"]["mse"],
+        "mse_after": result.test.get("mse"),
+        "best_step": result.best_step,
+        "wall_time_s": round(result.wall_time_s, 1),
+    }
+    if result.status != "completed":
+        return report
+    if info.is_main:
+        # train() left the best weights in the student; save it as a usable model.
+        model_dir = out / "model"
+        tokenizer.model_max_length = config.max_length
+        _save_model_atomically(student.eval(), tokenizer, model_dir)
+        report.update(
+            {
+                "test_windows": len(splits["test"]),
+                "max_length": config.max_length,
+                "num_landmarks": config.num_landmarks,
+                "texts": config.texts,
+                "model_dir": str(model_dir),
+            }
+        )
+        ckpt.write_json(out / "distill.json", report)
+        try:
+            plot_metrics(
+                out / "metrics.jsonl",
+                "val_cosine",
+                out / "cosine.png",
+                title=f"Distillation: cosine to the exact model (m = {config.num_landmarks}, "
+                f"{config.max_length} tokens)",
+                ylabel="validation cosine of mean-pooled embeddings",
+                start=(0, before["val"]["cosine"]),
+            )
+        except ImportError:
+            pass  # matplotlib is optional: the numbers are in metrics.jsonl
+    return report
+
+
+def _save_model_atomically(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    # save_pretrained writes file by file: write a sibling folder, then swap it in, so an
+    # interrupted save never leaves a half-written model/ behind.
+    partial = target.with_name(f".{target.name}.partial")
+    old = target.with_name(f".{target.name}.old")
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path, missing: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(missing)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,68 @@
+"""Tiny local BERT checkpoints with a tokenizer, and a small text corpus."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def _vocab_file(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return path
+
+
+def make_bert(
+    directory, *, max_position_embeddings: int = 64, seed: int = 0, qk_scale: float = 30.0
+):
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer over ``WORDS``, saved to
+    ``directory``. Query and key weights are scaled by ``qk_scale``: at the usual random
+    initialisation attention is almost uniform, which Nyström attention reproduces exactly;
+    peaked attention, like a trained model's, gives the approximation a gap to close."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(_vocab_file(directory)))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=max_position_embeddings,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertModel(config)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(qk_scale)
+            layer.attention.self.key.weight.mul_(qk_scale)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_text(path, words: int = 3000, seed: int = 0):
+    """Random sentences over ``WORDS``, a sentence per line."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) for _ in range(words // 10)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    return make_bert(tmp_path / "teacher")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    return make_text(tmp_path / "text.txt")

@@ -1,0 +1,157 @@
+"""nystromer distill: data windows, the objective, a short run that closes the gap, resume,
+the command line and its errors, on a tiny local BERT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nystromer
+from nystromer.cli import main
+from nystromer.distill import DistillConfig, TokenWindows, distill, read_texts, split_corpus
+from nystromer.distill.data import collate
+
+from .conftest import make_bert, make_text
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_token_windows_wrap_special_tokens_and_keep_the_tail():
+    ids = list(range(10, 33))  # 23 tokens
+    train = TokenWindows(ids, 8, prefix=[1], suffix=[2], pad_id=0, stride=3)
+    assert len(train) == 6  # starts 0, 3, …, 15; 18 would run past the end
+    assert train[1]["input_ids"].tolist() == [1, 13, 14, 15, 16, 17, 18, 2]
+    held = TokenWindows(ids, 8, prefix=[1], suffix=[2], pad_id=0, keep_partial=True)
+    assert [len(held[i]["input_ids"]) for i in range(len(held))] == [8, 8, 8, 7]
+    assert held[3]["input_ids"].tolist() == [1, 28, 29, 30, 31, 32, 2]
+    batch = collate([held[2], held[3]], pad_id=0)
+    assert batch["input_ids"][1].tolist() == [1, 28, 29, 30, 31, 32, 2, 0]
+    assert batch["attention_mask"].sum(1).tolist() == [8, 7]
+    with pytest.raises(ValueError, match="stride must be"):
+        TokenWindows(ids, 8, prefix=[1], suffix=[2], pad_id=0, stride=0)
+    with pytest.raises(ValueError, match="max_length must exceed"):
+        TokenWindows(ids, 2, prefix=[1], suffix=[2], pad_id=0)
+
+
+def test_split_corpus_holds_out_the_tail_and_reads_texts(tmp_path):
+    train, val, test = split_corpus(list(range(100)), 0.2, 5)
+    assert (train[-1], val, test[0]) == (79, list(range(80, 90)), 90)
+    with pytest.raises(ValueError, match="eval_fraction must be in"):
+        split_corpus(list(range(100)), 1.0, 5)
+    with pytest.raises(ValueError, match="too few for one 20-token window"):
+        split_corpus(list(range(100)), 0.2, 20)
+    assert "Python" in read_texts(["builtin:pydoc"])[0]
+    with pytest.raises(FileNotFoundError, match="nope.txt does not exist"):
+        read_texts([tmp_path / "nope.txt"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_texts([tmp_path / "empty.txt"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    # max_length 96 > the teacher's 64 positions: the run also extends the position table.
+    teacher = make_bert(root / "teacher", max_position_embeddings=64)
+    text = make_text(root / "text.txt", words=6000)
+    config = DistillConfig(
+        teacher=str(teacher),
+        texts=[str(text)],
+        num_landmarks=8,
+        max_length=96,
+        steps=24,
+        batch_size=4,
+        lr=3e-4,
+        eval_every=8,
+    )
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    root, config = setup
+    report = distill(config, root / "straight", progress=False)
+    return root / "straight", report
+
+
+def test_distillation_closes_most_of_the_gap_and_saves_a_usable_model(setup, straight):
+    root, config = setup
+    run, report = straight
+    assert report["status"] == "completed"
+    # The student's hidden states approach the teacher's: the error on held-out text falls
+    # by more than half within 24 small steps (it falls ~2.8× at this size), and the score
+    # does not get worse.
+    assert report["mse_after"] < 0.5 * report["mse_before"]
+    assert report["cosine_after"] >= report["cosine_before"] - 1e-6
+    saved = json.loads((run / "distill.json").read_text())
+    assert saved["cosine_before"] == report["cosine_before"]
+    assert (run / "cosine.png").stat().st_size > 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [8, 16, 24]
+    # The trained student: Nyström attention, 96 positions, loads with nystromer.
+    student = nystromer.from_pretrained(run / "model")
+    assert student.config.max_position_embeddings == 96
+    assert student.config.nystromer["num_landmarks"] == 8
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model")
+    batch = tokenizer(["w1 w2 w3 " * 30], return_tensors="pt")
+    assert batch["input_ids"].shape[1] > 64  # longer than the teacher could read
+    assert torch.isfinite(student(**batch).last_hidden_state).all()
+
+
+def test_resume_after_stop_at_equals_the_uninterrupted_run(setup, straight):
+    root, config = setup
+    run, report = straight
+    paused = distill(config, root / "paused", progress=False, stop_at=12)
+    assert paused["status"] == "stopped" and paused["cosine_after"] is None
+    resumed = distill(config, root / "paused", resume=True, progress=False)
+    assert resumed["status"] == "completed"
+    assert (root / "paused" / "metrics.jsonl").read_text() != ""
+    a = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (root / "paused" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+    assert resumed["cosine_after"] == report["cosine_after"]
+    with pytest.raises(ValueError, match="cannot resume .* with different settings"):
+        distill(DistillConfig(**{**config.to_dict(), "lr": 1e-4}), root / "paused", resume=True)
+    with pytest.raises(ValueError, match="already holds a run"):
+        distill(config, root / "paused", progress=False)
+
+
+def test_command_line_run_and_errors(setup, tmp_path, capsys):
+    root, config = setup
+    out = tmp_path / "cli"
+    args = ["distill", "--teacher", config.teacher, "--text", *config.texts, "--out", str(out)]
+    small = ["--num-landmarks", "8", "--max-length", "64", "--steps", "2", "--batch-size", "2"]
+    assert main([*args, *small, "--eval-every", "1", "--no-progress", "--layers", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out cosine to the exact model: before" in printed
+    report = json.loads(printed.strip().splitlines()[-1])
+    assert report["status"] == "completed" and report["step"] == 2
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "--teacher and --text required" in error(["distill", "--out", str(tmp_path / "x")])
+    assert "already holds a run" in error([*args, *small])
+    assert "num_landmarks must be" in error(
+        [*args[:-1], str(tmp_path / "y"), "--num-landmarks", "0"]
+    )
+    nys = tmp_path / "nys"
+    nystromer.models.NystromformerModel(
+        nystromer.models.NystromformerConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=64,
+        )
+    ).save_pretrained(nys)  # fmt: skip
+    assert "teacher must be a BERT or RoBERTa" in error(
+        ["distill", "--teacher", str(nys), "--text", *config.texts, "--out", str(tmp_path / "z")]
+    )
+    assert "too few for one" in error(
+        [*args[:-1], str(tmp_path / "w"), "--max-length", "4000", "--steps", "1"]
+    )
+    assert "is not a distillation run" in error(["distill", "--out", str(tmp_path), "--resume"])
