@@ -55,7 +55,7 @@ def test_replace_and_overrides():
         ({"conv_kernel_size": 4}, "conv_kernel_size must be an odd"),
         ({"numerics": "fast"}, "numerics must be one of"),
         ({"hidden_act": "mish"}, "hidden_act must be one of"),
-        ({"num_landmarks": 0}, "num_landmarks must be a positive integer"),
+        ({"num_landmarks": 0}, "num_landmarks must be an integer ≥ 1"),
         ({"pinv_iterations": -1}, "pinv_iterations"),
         ({"add_cross_attention": True}, "add_cross_attention"),
         ({"numerics": "hf", "num_landmarks": 5}, "multiple of num_landmarks"),

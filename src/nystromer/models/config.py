@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write
+from ..functional import check_nystrom_options
 
 __all__ = ["NystromformerConfig", "CONFIG_NAME", "ACTIVATIONS"]
 
@@ -121,7 +122,6 @@ class NystromformerConfig:
             "max_position_embeddings",
             "type_vocab_size",
             "segment_means_seq_len",
-            "num_landmarks",
             "num_labels",
         ):
             value = getattr(self, name)
@@ -132,29 +132,11 @@ class NystromformerConfig:
                 f"hidden_size must be a multiple of num_attention_heads, got hidden_size="
                 f"{self.hidden_size}, num_attention_heads={self.num_attention_heads}"
             )
-        if self.conv_kernel_size is not None and (
-            isinstance(self.conv_kernel_size, bool)
-            or not isinstance(self.conv_kernel_size, int)
-            or self.conv_kernel_size < 1
-            or self.conv_kernel_size % 2 == 0
-        ):
-            # An even kernel with padding k // 2 would change the sequence length.
-            raise ValueError(
-                f"conv_kernel_size must be an odd positive integer or None, got "
-                f"{self.conv_kernel_size!r}"
-            )
+        check_nystrom_options(self.num_landmarks, self.pinv_iterations, self.conv_kernel_size)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
-        if (
-            isinstance(self.pinv_iterations, bool)
-            or not isinstance(self.pinv_iterations, int)
-            or self.pinv_iterations < 0
-        ):
-            raise ValueError(
-                f"pinv_iterations must be an integer ≥ 0, got {self.pinv_iterations!r}"
-            )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:

@@ -29,6 +29,8 @@ __all__ = ["hf_self_attention"]
 
 
 def _hf_iterative_inv(a: Tensor, iterations: int, per_matrix_init: bool) -> Tensor:
+    # Not nystromer.iterative_pinv: the initial scale differs and the update is associated
+    # as transformers does, (0.25·Z)·(…), which the parity tests reproduce to rounding.
     # transformers' initial scale is 1/max column sum (the softmax rows make the row norm 1);
     # without per_matrix_init the max runs over the whole (B, H) batch.
     col_sums = a.sum(-2)
