@@ -35,5 +35,10 @@ test: venv lint
 bench-core: venv
 	$(BIN)/python benchmarks/attention_core.py --write-docs docs/benchmarks.md
 
+# All of docs/benchmarks.md but the attention core (make bench-core): table, speed (CUDA too when
+# available), approx, viz; commands, dates and machine in each section. Tens of minutes on 2 cores.
+bench: venv
+	$(BIN)/nystromer bench report
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,8 +1,11 @@
-"""The benchmark commands end to end on tiny sizes, through nystromer.cli.main."""
+"""The demo, argument errors and the attention-core benchmark, through nystromer.cli.main.
+
+bench speed/table/approx and viz attention run end to end in test_report.py (``bench report
+--quick`` runs each of them once).
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import runpy
 import sys
@@ -16,73 +19,6 @@ from nystromer.bench.measure import CaseResult, CaseSpec, machine_info
 from nystromer.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--heads", "2", "--head-dim", "16", "--num-landmarks", "16", "--threads", "1"]
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def test_bench_speed_writes_json_csv_plots(tmp_path, capsys):
-    out = tmp_path / "speed"
-    argv = ["bench", "speed", "--lengths", "64,128", "--impl", "nystromer,exact"]
-    assert main([*argv, *TINY, "--repeats", "1", "--no-backward", "--out", str(out)]) == 0
-    report = json.loads((out / "speed.json").read_text())
-    assert report["lengths"] == [64, 128]
-    assert set(report["curves"]) == {"nystromer", "exact"}
-    for impl in ("nystromer", "exact"):
-        times = report["curves"][impl]["forward_ms"]
-        assert len(times) == 2 and all(t > 0 for t in times)
-        assert report["curves"][impl]["backward_ms"] == [None, None]
-        assert set(report["scaling_exponents"][impl]) >= {"forward_ms", "forward_peak_mib"}
-    assert "nystromer_beats_exact_from" in report and report["machine_label"]
-    rows = list(csv.DictReader((out / "speed.csv").open()))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
-    for name in ("speed_time.png", "speed_memory.png"):
-        assert (out / name).read_bytes()[:8] == PNG
-    assert "wrote" in capsys.readouterr().out
-
-
-def test_bench_table_stops_nothing_and_prints_paper_columns(tmp_path, capsys):
-    argv = ["bench", "table", "--lengths", "64", "--impl", "exact-matmul,nystromer"]
-    assert main([*argv, *TINY, "--repeats", "1", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "table1.md").read_text()
-    assert "exact-matmul MiB / ms" in text and "paper Transformer" in text
-    assert json.loads((tmp_path / "table1.json").read_text())["lengths"] == [64]
-
-
-def test_bench_approx_numbers_expose_peer_defects(tmp_path):
-    argv = ["bench", "approx", "--seq-len", "128", "--heads", "2", "--head-dim", "16"]
-    argv += ["--num-landmarks", "16", "--landmarks", "8,16,32,256", "--iterations", "1,6"]
-    argv += ["--model-seq-len", "64", "--model-source", "random-bert", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    report = json.loads((tmp_path / "approx.json").read_text())
-    assert set(report["sources"]) == {"random", "model"}
-    random = report["sources"]["random"]
-    assert random["landmarks"]["landmarks"] == [8, 16, 32]  # m ≥ n is exact, not swept
-    assert all(0 < e < 2 for e in random["landmarks"]["segment_means"])
-    assert len(random["iterations"]["error"]) == 2
-    assert "randomly initialised BERT" in report["sources"]["model"]["description"]
-    rows = random["implementations"]
-    assert rows["nystromer"]["batch_coupling"] == 0.0
-    assert rows["naive"]["unpadded"] == pytest.approx(rows["nystromer"]["unpadded"], rel=1e-4)
-    for peer in ("nystrom-attention", "transformers"):
-        if "skipped" not in rows[peer]:
-            assert rows[peer]["batch_coupling"] > 1e-4  # their batch-wide pinv scale
-    if "skipped" not in rows["transformers"]:
-        assert rows["transformers"]["unpadded_uneven"] == "needs n to be a multiple of m " + (
-            "(got n=120, m=16)"
-        )
-    for name in ("approx_landmarks.png", "approx_iterations.png"):
-        assert (tmp_path / name).read_bytes()[:8] == PNG
-    assert "| random | nystromer |" in (tmp_path / "approx.md").read_text()
-
-
-def test_viz_attention_writes_a_png(tmp_path, capsys):
-    out = tmp_path / "attention.png"
-    assert (
-        main(["viz", "attention", "--seq-len", "64", "--num-landmarks", "8", "--out", str(out)])
-        == 0
-    )
-    assert out.read_bytes()[:8] == PNG
-    assert "relative error of the matrix" in capsys.readouterr().out
 
 
 def test_demo_command_prints_the_table(capsys):

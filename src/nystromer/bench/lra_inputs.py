@@ -1,0 +1,331 @@
+"""Query, key and value of a trained Long Range Arena model on real validation inputs.
+
+The ``lra`` input kind of ``nystromer bench approx`` (and ``nystromer viz attention --source
+lra``): a run directory written by ``nystromer train`` / :func:`nystromer.lra.run.train_task`
+(``config.json`` and the ``best``/``last`` checkpoints) is read without writing anything to it,
+so a job that is still training there is not disturbed. Two examples of the run's validation
+split go through the model as one right-padded batch, the way training batches them, and the
+q, k, v projections of one attention layer are captured:
+
+* sample 0 is the longest example whose length is a multiple of the benchmark's landmark count
+  m, so it fills the batch exactly (no padding) and every implementation accepts it;
+* sample 1 is the example whose length is closest to ¾ of that, so about a quarter of its row
+  is padding, with whatever q, k, v the model computes at padding tokens (not zeros).
+
+Without a run, :func:`resolve_lra_run` trains the small ListOps model of ``nystromer demo``
+(:func:`nystromer.lra.demo.run_listops_demo`, about two minutes on 2 CPU cores) and reuses it
+afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..train import checkpoint as ckpt
+
+__all__ = [
+    "DEFAULT_LRA_RUN",
+    "FALLBACK_LRA_DIR",
+    "LRAInputs",
+    "has_checkpoint",
+    "resolve_lra_run",
+    "load_lra_model",
+    "pick_examples",
+    "lra_qkv",
+]
+
+#: Where the full ListOps run of ``nystromer train listops`` is kept in this repository.
+DEFAULT_LRA_RUN = Path("runs/listops")
+#: Where ``nystromer demo`` keeps its small ListOps run (``data/`` and ``run/`` inside).
+FALLBACK_LRA_DIR = Path("runs/demo")
+CHECKPOINTS = ("auto", "best", "last")
+
+
+@dataclass
+class LRAInputs:
+    """Captured q, k, v of one attention layer for two validation examples.
+
+    Attributes:
+        query, key, value: (2, H, n, d) float32; sample 0 fills all n positions, sample 1 has
+            ``lengths[1]`` real tokens followed by padding.
+        mask: (2, n) bool, True for real tokens (row 0 all True).
+        lengths: real tokens of samples 0 and 1.
+        description: one line naming the run, checkpoint, layer and examples.
+        info: the same as JSON-ready values (run_dir, checkpoint, step, metrics, layer, …).
+    """
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor
+    lengths: tuple[int, int]
+    description: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """True when ``run_dir`` has a ``config.json`` and a ``best`` or ``last`` checkpoint."""
+    run_dir = Path(run_dir)
+    return (run_dir / "config.json").is_file() and any(
+        ckpt.find(run_dir, name) is not None for name in ("best", "last")
+    )
+
+
+def resolve_lra_run(
+    run_dir: str | os.PathLike[str] | None = None,
+    *,
+    fallback_dir: str | os.PathLike[str] = FALLBACK_LRA_DIR,
+    train_steps: int = 700,
+    train_sizes: Mapping[str, int] | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> Path:
+    """The run directory to read, training a small ListOps model when there is none.
+
+    Args:
+        run_dir: use this run (it must hold a checkpoint). None: :data:`DEFAULT_LRA_RUN` when it
+            holds a checkpoint, else ``fallback_dir/run`` when that does, else a new small
+            ListOps model is trained into ``fallback_dir`` (``nystromer demo``'s run).
+        fallback_dir: where the small model is trained and found again.
+        train_steps, train_sizes: steps and split sizes of that training run (defaults: the
+            demo's, about two minutes on 2 CPU cores).
+        progress: called with a line before training (None: silent).
+
+    Returns:
+        A run directory that holds ``config.json`` and a checkpoint.
+    """
+    if run_dir is not None:
+        if not has_checkpoint(run_dir):
+            raise ValueError(
+                f"lra_run: {run_dir} holds no LRA run (expected config.json and a best/ or "
+                "last/ checkpoint written by `nystromer train`)"
+            )
+        return Path(run_dir)
+    fallback_run = Path(fallback_dir) / "run"
+    for candidate in (DEFAULT_LRA_RUN, fallback_run):
+        if has_checkpoint(candidate):
+            return candidate
+    from ..lra.demo import run_listops_demo
+
+    if progress is not None:
+        progress(
+            f"no trained LRA model in {DEFAULT_LRA_RUN} or {fallback_run}: training the small "
+            f"ListOps model of `nystromer demo` ({train_steps} steps) into {fallback_dir}"
+        )
+    run_listops_demo(fallback_dir, steps=train_steps, sizes=train_sizes, progress=False)
+    return fallback_run
+
+
+def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Tensor]]:
+    """Weights and meta of one checkpoint, consistent even while a trainer replaces it.
+
+    The trainer swaps a checkpoint directory by two renames: between them the name is briefly
+    missing, and a reader could pair one version's meta with the next one's weights. The
+    weights are read into memory whole and the meta read before and after must agree;
+    otherwise the read is retried.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    for _ in range(20):
+        where = ckpt.find(run_dir, name)
+        if where is None:
+            raise ValueError(f"{run_dir} has no `{name}` checkpoint")
+        try:
+            meta = ckpt.read_meta(where)
+            data = (where / ckpt.WEIGHTS).read_bytes()
+            again = ckpt.read_meta(where)
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.1)
+            continue
+        if meta == again:
+            return where, meta, load_safetensors(data)
+        time.sleep(0.1)
+    raise RuntimeError(f"{run_dir}/{name} kept changing while it was read; try again")
+
+
+def load_lra_model(
+    run_dir: str | os.PathLike[str], checkpoint: str = "auto"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of an LRA run in eval mode on the CPU, and what was loaded.
+
+    Args:
+        run_dir: a run directory (``config.json`` + checkpoints).
+        checkpoint: ``best``, ``last`` or ``auto`` (best when it exists, else last).
+
+    Returns:
+        ``(model, info)``; info holds run_dir, task, checkpoint, step, the checkpoint's
+        validation metrics when recorded, and the run's config.
+    """
+    from ..lra.model import LRAModelConfig, build_model
+    from ..lra.run import read_run_config
+
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    name = checkpoint
+    if name == "auto":
+        name = "best" if ckpt.find(run_dir, "best") is not None else "last"
+    _, meta, tensors = _read_checkpoint(run_dir, name)
+    model = build_model(LRAModelConfig.from_dict(config["model"]))
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    info = {
+        "run_dir": str(run_dir),
+        "task": config.get("task"),
+        "checkpoint": name,
+        "step": meta.get("step"),
+        "val": meta.get("val"),
+        "config": config,
+    }
+    return model, info
+
+
+def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, int | bool]:
+    """Choose the two examples (see the module doc) from the examples' lengths.
+
+    Returns:
+        ``{"index0", "n", "truncated0", "index1", "length1", "truncated1"}``: sample 0 is
+        example ``index0`` cut to ``n`` tokens (``truncated0`` when it is longer; only when no
+        example longer than ``multiple`` has a length that is a multiple of it), sample 1 is
+        example ``index1`` cut to ``length1`` < n tokens (``truncated1`` when no other example
+        is shorter than n).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.ndim != 1 or len(lengths) < 2:
+        raise ValueError(f"lengths: need at least two examples, got shape {lengths.shape}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be ≥ 1, got {multiple}")
+    fits = np.flatnonzero((lengths % multiple == 0) & (lengths > multiple))
+    if len(fits):
+        index0 = int(fits[np.argmax(lengths[fits])])  # argmax: the first of equal lengths
+        n, truncated0 = int(lengths[index0]), False
+    else:
+        index0 = int(np.argmax(lengths))
+        n = int(lengths[index0]) // multiple * multiple
+        truncated0 = n != int(lengths[index0])
+        if n <= multiple:
+            raise ValueError(
+                f"lengths: need an example longer than 2·{multiple} tokens to measure an "
+                f"approximation with {multiple} landmarks, the longest has {lengths.max()}"
+            )
+    target = 0.75 * n
+    others = np.array([i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n])
+    if len(others):
+        index1 = int(others[np.argmin(np.abs(lengths[others] - target))])
+        length1, truncated1 = int(lengths[index1]), False
+    else:
+        index1 = 1 if index0 == 0 else 0
+        length1, truncated1 = max(1, round(target)), True
+    return {
+        "index0": index0,
+        "n": n,
+        "truncated0": truncated0,
+        "index1": index1,
+        "length1": length1,
+        "truncated1": truncated1,
+    }
+
+
+def lra_qkv(
+    run_dir: str | os.PathLike[str],
+    *,
+    layer: int = -1,
+    checkpoint: str = "auto",
+    num_landmarks: int = 64,
+    data_dir: str | os.PathLike[str] | None = None,
+    split: str = "val",
+) -> LRAInputs:
+    """Capture q, k, v of one attention layer of an LRA run's model on two real examples.
+
+    Args:
+        run_dir: a run directory of a one-input task (ListOps, Text, Image, Pathfinder).
+        layer: which encoder layer (Python indexing: -1 is the last).
+        checkpoint: ``best``, ``last`` or ``auto``.
+        num_landmarks: m of the benchmark; sample 0's length is a multiple of it.
+        data_dir: the task's data (default: the directory the run was trained on).
+        split: which split the examples come from.
+
+    Returns:
+        :class:`LRAInputs` with (2, H, n, d) tensors and the (2, n) mask.
+    """
+    from ..lra.data import load_split
+
+    model, info = load_lra_model(run_dir, checkpoint)
+    config = info.pop("config")
+    if config["model"].get("two_tower"):
+        raise ValueError(f"run_dir: {run_dir} is a two-input (retrieval) model; use another task")
+    layers = model.encoder.layers
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer: the model has {len(layers)} layers, got {layer}")
+    layer_index = layer % len(layers)
+    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    if data_dir is None:
+        raise ValueError(f"data_dir: the run {run_dir} records no data directory; pass one")
+    task = config["task"]
+    dataset = load_split(task, data_dir, split, max_length=config["recipe"]["max_length"])
+    offsets = getattr(dataset, "offsets", None)
+    if offsets is not None:  # token datasets know every length without reading the items
+        lengths = np.diff(np.asarray(offsets))
+    else:
+        lengths = np.array([len(dataset[i][0]) for i in range(len(dataset))])
+    pick = pick_examples(lengths, num_landmarks)
+    n, length1 = int(pick["n"]), int(pick["length1"])
+    ids = torch.zeros(2, n, dtype=torch.long)  # 0 is the padding token of the LRA models
+    ids[0] = dataset[pick["index0"]][0][:n]
+    ids[1, :length1] = dataset[pick["index1"]][0][:length1]
+
+    attn = layers[layer_index].attn
+    heads = config["model"]["num_heads"]
+    caught: dict[str, Tensor] = {}
+
+    def catcher(name: str):
+        def hook(_module, _inputs, output):
+            b, seq, width = output.shape
+            caught[name] = output.detach().float().view(b, seq, heads, width // heads)
+
+        return hook
+
+    hooks = [
+        getattr(attn, f"{name[0]}_proj").register_forward_hook(catcher(name))
+        for name in ("query", "key", "value")
+    ]
+    try:
+        with torch.no_grad():
+            model.encoder(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    q, k, v = (caught[name].transpose(1, 2).contiguous() for name in ("query", "key", "value"))
+    mask = ids != 0  # real tokens are ids ≥ 1, so row 0 is all True
+    val = info.get("val") or {}
+    accuracy = f", val accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""
+    cut0 = " (truncated)" if pick["truncated0"] else ""
+    cut1 = " (truncated)" if pick["truncated1"] else ""
+    description = (
+        f"{task} model of {run_dir} ({info['checkpoint']} checkpoint, step {info['step']}"
+        f"{accuracy}), layer {layer_index}, {heads} heads × {q.shape[-1]}; {split} example "
+        f"{pick['index0']} ({n} tokens{cut0}) and example {pick['index1']} ({length1} "
+        f"tokens{cut1} + {n - length1} padding)"
+    )
+    info.update(
+        layer=layer_index,
+        split=split,
+        data_dir=str(data_dir),
+        heads=heads,
+        head_dim=int(q.shape[-1]),
+        seq_len=n,
+        examples=[pick["index0"], pick["index1"]],
+        lengths=[n, length1],
+        truncated=[bool(pick["truncated0"]), bool(pick["truncated1"])],
+    )
+    return LRAInputs(q, k, v, mask, (n, length1), description, info)
