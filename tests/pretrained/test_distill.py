@@ -12,6 +12,7 @@ import nystromer
 from nystromer.cli import main
 from nystromer.distill import DistillConfig, TokenWindows, distill, read_texts, split_corpus
 from nystromer.distill.data import collate
+from nystromer.models import NystromformerConfig, NystromformerModel
 
 from .conftest import make_bert, make_text
 
@@ -126,11 +127,24 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["distill", "--teacher", config.teacher, "--text", *config.texts, "--out", str(out)]
     small = ["--num-landmarks", "8", "--max-length", "64", "--steps", "2", "--batch-size", "2"]
-    assert main([*args, *small, "--eval-every", "1", "--no-progress", "--layers", "all"]) == 0
+    docs = tmp_path / "docs" / "results.md"
+    docs.parent.mkdir()
+    docs.write_text("# Results\n\nkept\n")
+    run_args = [*args, *small, "--eval-every", "1", "--no-progress", "--layers", "all"]
+    assert main([*run_args, "--write-docs", str(docs)]) == 0
     printed = capsys.readouterr().out
     assert "held-out cosine to the exact model: before" in printed
-    report = json.loads(printed.strip().splitlines()[-1])
+    report = json.loads(printed.strip().splitlines()[-2])
     assert report["status"] == "completed" and report["step"] == 2
+    section = docs.read_text()
+    assert section.startswith("# Results\n\nkept\n\n<!-- distill:cli:begin")
+    assert f"{report['cosine_before']:.4f} | {report['cosine_after']:.4f} |" in section
+    assert "--layers all" in section and "| 2 |" in section
+    assert (docs.parent / "results" / "cli_cosine.png").is_file()
+    # --resume on the finished run rewrites the section in place (no second copy).
+    assert main(["distill", "--out", str(out), "--resume", "--write-docs", str(docs)]) == 0
+    capsys.readouterr()
+    assert docs.read_text().count("<!-- distill:cli:begin") == 1
 
     def error(argv: list[str]) -> str:
         assert main(argv) == 2
@@ -142,8 +156,8 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
         [*args[:-1], str(tmp_path / "y"), "--num-landmarks", "0"]
     )
     nys = tmp_path / "nys"
-    nystromer.models.NystromformerModel(
-        nystromer.models.NystromformerConfig(
+    NystromformerModel(
+        NystromformerConfig(
             vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
             intermediate_size=64,
         )

@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import re
 from dataclasses import dataclass
 
-from .._io import atomic_write
+from .._io import replace_section
 from .implementations import PEERS
 from .measure import (
     CaseResult,
@@ -291,22 +290,9 @@ def write_docs_section(path: str | os.PathLike[str], report: CoreReport) -> None
     """Write or replace the attention-core section (between markers) of a Markdown file."""
     section = "\n".join(
         [
-            _BEGIN,
             f"Measured {report.date} with `{report.command}`.",
             "",
             format_report(report),
-            _END,
         ]
     )
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\n## Attention core\n\n"
-    pattern = re.compile(re.escape(_BEGIN) + r".*?" + re.escape(_END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with atomic_write(path) as f:
-        f.write(text.rstrip("\n") + "\n")
+    replace_section(path, _BEGIN, _END, section, new_file="# Benchmarks\n\n## Attention core\n")

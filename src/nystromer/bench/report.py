@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .._io import atomic_path, atomic_write
+from .._io import atomic_path, replace_section
 
 __all__ = [
     "REPORT_SECTIONS",
@@ -425,19 +424,7 @@ def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -
     """
     if name not in REPORT_SECTIONS:
         raise ValueError(f"name must be one of {REPORT_SECTIONS}, got {name!r}")
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = "# Benchmarks\n"
-    block = f"{_begin(name)}\n{markdown.rstrip()}\n{_end(name)}"
-    pattern = re.compile(re.escape(_begin(name)) + r".*?" + re.escape(_end(name)), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with atomic_write(path, encoding="utf-8") as f:
-        f.write(text)
+    replace_section(path, _begin(name), _end(name), markdown, new_file="# Benchmarks\n")
 
 
 # --- running ----------------------------------------------------------------------------------

@@ -70,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
     p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--write-docs",
+        type=Path,
+        metavar="FILE",
+        help="when done, write the results section into FILE (e.g. docs/results.md); with "
+        "--resume on a finished run, (re)writes it",
+    )
     p.set_defaults(func=_distill)
 
 
@@ -139,6 +146,11 @@ def _distill(args: argparse.Namespace) -> int:
                 f"{report['wall_time_s']:.0f} s); model in {args.out / 'model'}"
             )
             print(json.dumps(report))
+            if args.write_docs is not None:
+                from .report import write_results
+
+                write_results(args.out, args.write_docs)
+                print(f"wrote the results section of {args.write_docs}")
         else:
             print(f"paused at step {report['step']}; continue with --resume", file=sys.stderr)
     return 0

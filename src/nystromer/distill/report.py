@@ -1,0 +1,111 @@
+"""A finished distillation run as a Markdown section (``nystromer distill --write-docs``)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_path, replace_section
+from ..train.metrics import MetricsLog
+
+__all__ = ["command_line", "results_markdown", "write_results"]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: is {path.parent} a finished distillation run?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def command_line(distill_config: dict[str, Any], out: str | os.PathLike[str]) -> str:
+    """The ``nystromer distill`` command that runs ``distill_config`` into ``out``."""
+    argv = ["nystromer", "distill", "--teacher", distill_config["teacher"], "--text"]
+    argv += list(distill_config["texts"])
+    argv += ["--out", str(out)]
+    for name, value in distill_config.items():
+        if name in ("teacher", "texts") or value is None:
+            continue
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(argv)
+
+
+def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
+    """The section: command, machine, before/after table, progress table, curve."""
+    from ..bench.measure import machine_info, machine_label
+
+    run = Path(run_dir)
+    report = _load(run / "distill.json")
+    summary = _load(run / "summary.json")
+    config = _load(run / "config.json")
+    cfg, data = config["distill"], config["data"]
+    teacher = Path(cfg["teacher"]).name
+    if teacher == "model":  # a packaged model folder: name its package instead
+        teacher = Path(cfg["teacher"]).parent.name
+    minutes = summary["wall_time_s"] / 60
+    date = datetime.date.today().isoformat()
+    lines = [
+        f"### Distillation of `{teacher}`: m = {cfg['num_landmarks']}, {cfg['max_length']} tokens",
+        "",
+        f"Measured {date} with `{command_line(cfg, run)}`.",
+        f"Machine: {machine_label(machine_info())}.",
+        f"Text: {', '.join(cfg['texts'])}, {data['tokens']:,} tokens; training on the first "
+        f"{data['train_tokens']:,} ({data['train_windows']} windows), validation on the next "
+        f"{data['val_tokens']:,} ({data['val_windows']} windows), test on the last "
+        f"{data['test_tokens']:,} ({data['test_windows']} windows).",
+        "",
+        "| held-out test text | converted, before | distilled, after |",
+        "|---|--:|--:|",
+        f"| mean cosine of mean-pooled embeddings to the exact model | "
+        f"{report['cosine_before']:.4f} | {report['cosine_after']:.4f} |",
+        f"| squared error of the last hidden state (per dimension) | "
+        f"{report['mse_before']:.5f} | {report['mse_after']:.5f} |",
+        "",
+        f"{summary['steps']} steps of {cfg['batch_size']} windows in {minutes:.1f} min "
+        f"({summary['steps'] / summary['wall_time_s']:.2f} steps/s, validation included); the "
+        "after column is "
+        f"the best validation checkpoint (step {report['best_step']}).",
+        "",
+        "| step | minutes | validation cosine |",
+        "|--:|--:|--:|",
+    ]
+    before = run / "before.json"
+    if before.is_file():
+        lines.append(f"| 0 | 0.0 | {_load(before)['val']['cosine']:.4f} |")
+    for r in MetricsLog(run / "metrics.jsonl").records:
+        if "val_cosine" in r:
+            lines.append(
+                f"| {r['step']} | {r['elapsed_s'] / 60:.1f} | {float(r['val_cosine']):.4f} |"
+            )
+    if image is not None:
+        lines += ["", f"![validation cosine against steps]({image})"]
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | os.PathLike[str], docs_file: str | os.PathLike[str]) -> Path:
+    """Write the run's section into ``docs_file`` (between markers named after the run
+    folder, replacing an earlier version) and copy its curve to
+    ``<docs dir>/results/<run>_cosine.png``. Returns the docs file."""
+    run, docs = Path(run_dir), Path(docs_file)
+    image = None
+    curve = run / "cosine.png"
+    if curve.is_file():
+        target = docs.parent / "results" / f"{run.resolve().name}_cosine.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(curve, tmp)
+        image = target.relative_to(docs.parent).as_posix()
+    name = run.resolve().name
+    replace_section(
+        docs,
+        f"<!-- distill:{name}:begin (written by nystromer distill --write-docs) -->",
+        f"<!-- distill:{name}:end -->",
+        results_markdown(run, image),
+        new_file="# Results\n",
+    )
+    return docs
