@@ -169,3 +169,19 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
         [*args[:-1], str(tmp_path / "w"), "--max-length", "4000", "--steps", "1"]
     )
     assert "is not a distillation run" in error(["distill", "--out", str(tmp_path), "--resume"])
+
+
+def test_stdlib_docstrings_text_skips_tests_short_and_repeated_docstrings(tmp_path, monkeypatch):
+    import sysconfig
+
+    long_doc = "A docstring long enough to be prose: " + "words and more words " * 4
+    (tmp_path / "mod.py").write_text(
+        f'"""{long_doc}"""\n\ndef f():\n    """short"""\n\nclass C:\n    """{long_doc}"""\n'
+        f'\n    def g(self):\n        """Another {long_doc}"""\n'
+    )
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text('"""From the tests: ' + "x " * 60 + '"""\n')
+    (tmp_path / "bad.py").write_text("def (:\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    (text,) = read_texts(["builtin:stdlib-docs"])
+    assert text == f"{long_doc}\n\nAnother {long_doc}"

@@ -27,14 +27,14 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "pinv_iterations": ("--pinv-iterations", int, "pseudo-inverse iterations (6)"),
     "conv_kernel_size": ("--conv-kernel-size", int, "add a value convolution skip (none)"),
     "max_length": ("--max-length", int, "tokens per window (512)"),
-    "steps": ("--steps", int, "optimiser steps (300)"),
-    "batch_size": ("--batch-size", int, "windows per step (8)"),
+    "steps": ("--steps", int, "optimiser steps (800)"),
+    "batch_size": ("--batch-size", int, "windows per step (4)"),
     "lr": ("--lr", float, "peak learning rate (1e-4)"),
     "warmup_steps": ("--warmup-steps", int, "warm-up steps (a tenth of --steps)"),
     "weight_decay": ("--weight-decay", float, "AdamW weight decay (0)"),
-    "eval_fraction": ("--eval-fraction", float, "share of the text held out (0.1)"),
+    "eval_fraction": ("--eval-fraction", float, "share of the text held out, a tail (0.1)"),
     "stride": ("--stride", int, "tokens between training windows (half a window)"),
-    "eval_every": ("--eval-every", int, "validate every N steps (25)"),
+    "eval_every": ("--eval-every", int, "validate every N steps (50)"),
     "seed": ("--seed", int, "seed (0)"),
 }
 
@@ -57,11 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         dest="texts",
         metavar="FILE",
-        help="UTF-8 text files, or builtin:pydoc (CPython's pydoc topics)",
+        help="UTF-8 text files, or builtin:pydoc / builtin:stdlib-docs (texts shipped with "
+        "CPython: the reference manual's topics, the standard library's docstrings)",
     )
     for name, (flag, typ, help_) in _FLAGS.items():
         p.add_argument(flag, dest=name, type=typ, help=help_)
-    p.add_argument("--layers", choices=LAYERS, help="match the last layer or all layers (last)")
+    p.add_argument("--layers", choices=LAYERS, help="match all layers or the last one (all)")
     p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
     p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "fp16"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

