@@ -36,7 +36,6 @@ __all__ = [
     "convert",
     "extend_positions",
     "from_pretrained",
-    "nystrom_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,20 +106,6 @@ def convert(
     if max_position_embeddings is not None:
         extend_positions(model, max_position_embeddings)
     return model
-
-
-def nystrom_settings(model: nn.Module) -> dict[str, Any] | None:
-    """The Nyström settings :func:`convert` recorded in ``model.config`` (None if it was not
-    converted); for a Nyströmformer, its attention settings."""
-    config = getattr(model, "config", None)
-    if _model_type(model, strict=False) == "nystromformer":
-        return {
-            "num_landmarks": config.num_landmarks,
-            "pinv_iterations": config.pinv_iterations,
-            "conv_kernel_size": config.conv_kernel_size,
-        }
-    settings = getattr(config, CONFIG_KEY, None)
-    return dict(settings) if isinstance(settings, dict) else None
 
 
 def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Module:
@@ -264,24 +249,19 @@ def from_pretrained(
 # --------------------------------------------------------------------------- internals
 
 
-def _model_type(model: nn.Module, *, strict: bool = True) -> str | None:
-    from_nystromer = type(model).__module__.startswith("nystromer.models")
-    if from_nystromer and getattr(model, "config", None) is not None:
+def _model_type(model: nn.Module) -> str:
+    if type(model).__module__.startswith("nystromer.models") and hasattr(model, "config"):
         return "nystromformer"
     if isinstance(model, nn.Module) and _is_transformers_model(model):
         model_type = getattr(model.config, "model_type", None)
         if model_type in ("bert", "roberta"):
             return model_type
         if model_type == "nystromformer":
-            if strict:
-                raise ValueError(
-                    "this is transformers' NystromformerModel; load the checkpoint with "
-                    "nystromer.models (e.g. nystromer.models.NystromformerModel.from_pretrained"
-                    "(directory)) and convert that"
-                )
-            return None
-    if not strict:
-        return None
+            raise ValueError(
+                "this is transformers' NystromformerModel; load the checkpoint with "
+                "nystromer.models (e.g. nystromer.models.NystromformerModel.from_pretrained"
+                "(directory)) and convert that"
+            )
     what = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise ValueError(
         f"convert supports transformers BERT and RoBERTa models and nystromer.models "
