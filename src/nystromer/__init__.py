@@ -8,10 +8,12 @@ Public API:
     convert                     patch a pretrained BERT/RoBERTa/Nyströmformer and lengthen its
                                 position table; extend_positions does the latter alone
     from_pretrained             load a converted checkpoint with its Nyström attention
+    calibrate                   fit a converted model's convolution skips to exact attention
     nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 
 from .attention import NystromAttention, NystromMultiheadAttention
+from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
 from .functional import iterative_pinv, nystrom_attention
 from .patch import patch
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "NystromAttention",
     "NystromMultiheadAttention",
+    "CalibrationResult",
+    "calibrate",
     "convert",
     "extend_positions",
     "from_pretrained",

@@ -17,6 +17,7 @@ attention and masks other than key padding are refused with ValueError.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import sys
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 # model_type values whose attention goes through transformers' AttentionInterface and that the
 # tests check (transformers 5.24).
 SUPPORTED_TRANSFORMERS_MODEL_TYPES = ("bert", "roberta", "vit")
+
+# Set by nystromer.calibrate: called as probe(module, query, key, value, mask, scale, out,
+# num_landmarks) with the Nyström output before the convolution skip, so that it can compare
+# it with exact attention.
+_ATTENTION_PROBE: contextvars.ContextVar = contextvars.ContextVar("nystrom_probe", default=None)
 
 
 def patch(
@@ -289,6 +295,9 @@ def _transformers_attention(
         scale=scaling,
         dropout_p=dropout,
     )
+    probe = _ATTENTION_PROBE.get()
+    if probe is not None:
+        probe(module, query, key, value, mask, scaling, out, num_landmarks)
     conv = getattr(module, "nystrom_conv", None)
     if conv is not None and n_q == n_k:
         out = out + value_conv_skip(conv, value, mask)

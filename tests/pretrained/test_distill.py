@@ -12,6 +12,7 @@ import nystromer
 from nystromer.cli import main
 from nystromer.distill import DistillConfig, TokenWindows, distill, read_texts, split_corpus
 from nystromer.distill.data import collate
+from nystromer.distill.report import command_line
 from nystromer.models import NystromformerConfig, NystromformerModel
 
 from .conftest import make_bert, make_text
@@ -81,11 +82,11 @@ def test_distillation_closes_most_of_the_gap_and_saves_a_usable_model(setup, str
     root, config = setup
     run, report = straight
     assert report["status"] == "completed"
-    # The student's hidden states approach the teacher's: the error on held-out text falls
-    # by more than half within 24 small steps (it falls ~2.8× at this size), and the score
-    # does not get worse.
-    assert report["mse_after"] < 0.5 * report["mse_before"]
-    assert report["cosine_after"] >= report["cosine_before"] - 1e-6
+    # The student's hidden states approach the teacher's: the squared error on held-out text
+    # falls by a clear share within 24 small steps (by 24% at this size: 0.048 → 0.036), and
+    # the score rises (0.9930 → 0.9965).
+    assert report["mse_after"] < 0.85 * report["mse_before"]
+    assert report["cosine_after"] > report["cosine_before"]
     saved = json.loads((run / "distill.json").read_text())
     assert saved["cosine_before"] == report["cosine_before"]
     assert (run / "cosine.png").stat().st_size > 0
@@ -131,14 +132,20 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
     docs.parent.mkdir()
     docs.write_text("# Results\n\nkept\n")
     run_args = [*args, *small, "--eval-every", "1", "--no-progress", "--layers", "all"]
+    run_args += ["--conv-kernel-size", "5", "--calibrate", "3"]
     assert main([*run_args, "--write-docs", str(docs)]) == 0
     printed = capsys.readouterr().out
     assert "held-out cosine to the exact model: before" in printed
+    assert "after calibrating the convolution skip: test cosine" in printed
     report = json.loads(printed.strip().splitlines()[-2])
     assert report["status"] == "completed" and report["step"] == 2
+    before = json.loads((out / "before.json").read_text())
+    assert before["calibrated"]["windows"] == 3 and len(before["calibrated"]["explained"]) == 2
     section = docs.read_text()
     assert section.startswith("# Results\n\nkept\n\n<!-- distill:cli:begin")
-    assert f"{report['cosine_before']:.4f} | {report['cosine_after']:.4f} |" in section
+    cosines = (report["cosine_before"], report["cosine_calibrated"], report["cosine_after"])
+    assert " | ".join(f"{c:.4f}" for c in cosines) + " |" in section
+    assert "convolution skip (k = 5) was fitted to exact attention on 3 training windows" in section
     assert "--layers all" in section and "| 2 |" in section
     assert (docs.parent / "results" / "cli_cosine.png").is_file()
     # --resume on the finished run rewrites the section in place (no second copy).
@@ -169,6 +176,20 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
         [*args[:-1], str(tmp_path / "w"), "--max-length", "4000", "--steps", "1"]
     )
     assert "is not a distillation run" in error(["distill", "--out", str(tmp_path), "--resume"])
+    assert "calibrate fits the convolution skip, which needs conv_kernel_size" in error(
+        [*args[:-1], str(tmp_path / "v"), "--conv-kernel-size", "0", "--calibrate", "4"]
+    )
+
+
+def test_runs_without_a_skip_are_recorded_and_reloaded_as_such(setup):
+    root, config = setup
+    # --conv-kernel-size 0 means no skip (and then no calibration by default).
+    plain = DistillConfig(**{**config.to_dict(), "conv_kernel_size": None, "calibrate": 0})
+    line = command_line(plain.to_dict(), "out")
+    assert "--conv-kernel-size 0 --calibrate 0" in line
+    # A run saved before calibration existed has no "calibrate": it reloads as uncalibrated.
+    old = {k: v for k, v in plain.to_dict().items() if k != "calibrate"}
+    assert DistillConfig.from_dict(old) == plain
 
 
 def test_stdlib_docstrings_text_skips_tests_short_and_repeated_docstrings(tmp_path, monkeypatch):

@@ -25,7 +25,12 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "teacher": ("--teacher", str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
     "num_landmarks": ("--num-landmarks", int, "m, landmarks per head (64)"),
     "pinv_iterations": ("--pinv-iterations", int, "pseudo-inverse iterations (6)"),
-    "conv_kernel_size": ("--conv-kernel-size", int, "add a value convolution skip (none)"),
+    "conv_kernel_size": ("--conv-kernel-size", int, "value convolution skip; 0: none (35)"),
+    "calibrate": (
+        "--calibrate",
+        int,
+        "fit the convolution skip to exact attention on N training windows first; 0: no (16)",
+    ),
     "max_length": ("--max-length", int, "tokens per window (512)"),
     "steps": ("--steps", int, "optimiser steps (800)"),
     "batch_size": ("--batch-size", int, "windows per step (4)"),
@@ -92,6 +97,10 @@ def _config(args: argparse.Namespace) -> DistillConfig:
         for f in fields(DistillConfig)
         if getattr(args, f.name, None) is not None
     }
+    if given.get("conv_kernel_size") == 0:
+        # No skip, and so nothing to calibrate unless asked (which then fails clearly).
+        given["conv_kernel_size"] = None
+        given.setdefault("calibrate", 0)
     if args.resume:
         path = args.out / CONFIG_FILE
         if not path.is_file():
@@ -141,9 +150,11 @@ def _distill(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if info.is_main:
         if report["status"] == "completed":
+            fitted = report.get("cosine_calibrated")
+            fitted = "" if fitted is None else f", convolution fitted {fitted:.4f}"
             print(
-                f"held-out cosine to the exact model: before {report['cosine_before']:.4f}, "
-                f"after {report['cosine_after']:.4f} (best step {report['best_step']}, "
+                f"held-out cosine to the exact model: before {report['cosine_before']:.4f}"
+                f"{fitted}, after {report['cosine_after']:.4f} (best step {report['best_step']}, "
                 f"{report['wall_time_s']:.0f} s); model in {args.out / 'model'}"
             )
             print(json.dumps(report))

@@ -29,10 +29,40 @@ def command_line(distill_config: dict[str, Any], out: str | os.PathLike[str]) ->
     argv += list(distill_config["texts"])
     argv += ["--out", str(out)]
     for name, value in distill_config.items():
+        if name == "conv_kernel_size" and value is None:
+            value = 0  # the flag's "no skip" (its default is a kernel)
         if name in ("teacher", "texts") or value is None:
             continue
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return shlex.join(argv)
+
+
+def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    cosine = [report["cosine_before"], report["cosine_after"]]
+    mse = [report["mse_before"], report["mse_after"]]
+    head = ["converted, before", "distilled, after"]
+    note = []
+    if report.get("cosine_calibrated") is not None:
+        cosine.insert(1, report["cosine_calibrated"])
+        mse.insert(1, report["mse_calibrated"])
+        head.insert(1, "convolution skip fitted")
+        note = [
+            "",
+            f"The convolution skip (k = {cfg['conv_kernel_size']}) was fitted to exact "
+            f"attention on {cfg['calibrate']} training windows "
+            f"(`nystromer.calibrate`, {report['calibration_s']:.0f} s) before training.",
+        ]
+    return [
+        f"| held-out test text | {' | '.join(head)} |",
+        "|---" + "|--:" * len(head) + "|",
+        "| mean cosine of mean-pooled embeddings to the exact model | "
+        + " | ".join(f"{c:.4f}" for c in cosine)
+        + " |",
+        "| squared error of the last hidden state (per dimension) | "
+        + " | ".join(f"{e:.5f}" for e in mse)
+        + " |",
+        *note,
+    ]
 
 
 def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
@@ -59,12 +89,7 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
         f"{data['val_tokens']:,} ({data['val_windows']} windows), test on the last "
         f"{data['test_tokens']:,} ({data['test_windows']} windows).",
         "",
-        "| held-out test text | converted, before | distilled, after |",
-        "|---|--:|--:|",
-        f"| mean cosine of mean-pooled embeddings to the exact model | "
-        f"{report['cosine_before']:.4f} | {report['cosine_after']:.4f} |",
-        f"| squared error of the last hidden state (per dimension) | "
-        f"{report['mse_before']:.5f} | {report['mse_after']:.5f} |",
+        *_before_after_table(report, cfg),
         "",
         f"{summary['steps']} steps of {cfg['batch_size']} windows in {minutes:.1f} min "
         f"({summary['steps'] / summary['wall_time_s']:.2f} steps/s, validation included); the "
@@ -76,7 +101,8 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
     ]
     before = run / "before.json"
     if before.is_file():
-        lines.append(f"| 0 | 0.0 | {_load(before)['val']['cosine']:.4f} |")
+        start = _load(before)
+        lines.append(f"| 0 | 0.0 | {start.get('calibrated', start)['val']['cosine']:.4f} |")
     for r in MetricsLog(run / "metrics.jsonl").records:
         if "val_cosine" in r:
             lines.append(

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..calibrate import calibrate
 from ..convert import convert, extend_positions
 from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
@@ -56,6 +58,9 @@ class DistillConfig:
         texts: text files or built-in texts (``builtin:pydoc``).
         num_landmarks, pinv_iterations, conv_kernel_size: the student's Nyström attention
             (:func:`nystromer.convert`).
+        calibrate: training windows on which the convolution skip is fitted to exact attention
+            by least squares before training (:func:`nystromer.calibrate`); 0 skips it. Needs
+            ``conv_kernel_size``.
         max_length: tokens per window, special tokens included.
         layers: ``all`` matches every layer's hidden states, ``last`` the last layer's.
         loss: per real token, ``cosine`` (1 − cosine similarity of student and teacher
@@ -63,8 +68,9 @@ class DistillConfig:
             large-magnitude dimensions of BERT-style models) or ``mse`` (mean squared error).
         steps, batch_size, lr, warmup_steps, weight_decay: the optimisation (AdamW, one-cycle
             schedule; see :class:`nystromer.train.TrainConfig`). The defaults are the recipe
-            that did best on all-MiniLM-L6-v2 (docs/results.md): all layers, batch 4, lr 1e-4;
-            800 steps take about 27 minutes on 2 CPU cores at 512 tokens.
+            that did best on all-MiniLM-L6-v2 (docs/results.md): a convolution skip of 35
+            fitted on 16 windows, all layers, batch 4, lr 1e-4; 800 steps take about 27
+            minutes on 2 CPU cores at 512 tokens.
         eval_fraction: share of the text held out (half validation, half test).
         stride: tokens between consecutive training windows (default: half a window).
         eval_every: validate every this many steps.
@@ -76,7 +82,8 @@ class DistillConfig:
     texts: list[str]
     num_landmarks: int = 64
     pinv_iterations: int = 6
-    conv_kernel_size: int | None = None
+    conv_kernel_size: int | None = 35
+    calibrate: int = 16
     max_length: int = 512
     layers: str = "all"
     loss: str = "cosine"
@@ -101,6 +108,15 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.calibrate, bool) or not isinstance(self.calibrate, int):
+            raise ValueError(f"calibrate must be a number of windows (≥ 0), got {self.calibrate!r}")
+        if self.calibrate < 0:
+            raise ValueError(f"calibrate must be ≥ 0 windows, got {self.calibrate}")
+        if self.calibrate and self.conv_kernel_size is None:
+            raise ValueError(
+                "calibrate fits the convolution skip, which needs conv_kernel_size "
+                "(e.g. --conv-kernel-size 35)"
+            )
         if self.max_length < 4:
             raise ValueError(
                 f"max_length must be ≥ 4 (special tokens + text), got {self.max_length}"
@@ -136,6 +152,8 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
         names = {f.name for f in fields(cls)}
+        if "calibrate" not in data:
+            data = {**data, "calibrate": 0}  # a run from before calibration existed
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown distillation settings {sorted(unknown)}")
@@ -286,7 +304,8 @@ def distill(
     train_config = config.train_config(**runtime)
     if resume:
         saved = _read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
-        if saved["distill"] != config.to_dict():
+        # Through from_dict, so settings added since the run was saved take their old values.
+        if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
             raise ValueError(
                 f"cannot resume {out} with different settings: saved {saved['distill']}, "
                 f"given {config.to_dict()}"
@@ -334,20 +353,28 @@ def distill(
         if info.is_main:
             ckpt.write_json(out / CONFIG_FILE, run_config)
         # The converted, untrained student on the held-out text: the gap distillation closes.
-        before = {
-            split: evaluate(
-                student.to(device),
-                objective,
-                splits[split],
-                train_config,
-                collate_fn=collate_fn,
-                device=device,
-            )  # fmt: skip
-            for split in ("val", "test")
-        }
+        student.to(device)
+        before = _held_out(student, objective, splits, train_config, collate_fn, device)
+        if info.is_main:
+            print(f"before distillation: test cosine {before['test']['cosine']:.4f}", flush=True)
+        if config.calibrate:
+            started = time.perf_counter()
+            fit = calibrate(student, _calibration_batches(splits["train"], config, device))
+            before["calibrated"] = {
+                "seconds": round(time.perf_counter() - started, 1),
+                **_held_out(student, objective, splits, train_config, collate_fn, device),
+                "windows": config.calibrate,
+                "explained": [e.tolist() for e in fit.explained],
+            }
+            student.train()
+            if info.is_main:
+                print(
+                    "after calibrating the convolution skip: test cosine "
+                    f"{before['calibrated']['test']['cosine']:.4f}",
+                    flush=True,
+                )
         if info.is_main:
             ckpt.write_json(before_file, before)
-            print(f"before distillation: test cosine {before['test']['cosine']:.4f}", flush=True)
     result = train(
         student,
         objective,
@@ -362,10 +389,14 @@ def distill(
         weights_metadata={"teacher": config.teacher},
         description="distill",
     )
+    calibrated = before.get("calibrated")
     report: dict[str, Any] = {
         "status": result.status,
         "step": result.step,
         "cosine_before": before["test"]["cosine"],
+        "cosine_calibrated": calibrated["test"]["cosine"] if calibrated else None,
+        "mse_calibrated": calibrated["test"]["mse"] if calibrated else None,
+        "calibration_s": calibrated["seconds"] if calibrated else None,
         "cosine_after": result.test.get("cosine"),
         "mse_before": before["test"]["mse"],
         "mse_after": result.test.get("mse"),
@@ -397,11 +428,34 @@ def distill(
                 title=f"Distillation: cosine to the exact model (m = {config.num_landmarks}, "
                 f"{config.max_length} tokens)",
                 ylabel="validation cosine of mean-pooled embeddings",
-                start=(0, before["val"]["cosine"]),
+                start=(0, (calibrated or before)["val"]["cosine"]),
             )
         except ImportError:
             pass  # matplotlib is optional: the numbers are in metrics.jsonl
     return report
+
+
+def _held_out(student, objective, splits, train_config, collate_fn, device) -> dict[str, Any]:
+    return {
+        split: evaluate(
+            student, objective, splits[split], train_config, collate_fn=collate_fn, device=device
+        )
+        for split in ("val", "test")
+    }
+
+
+def _calibration_batches(
+    windows: TokenWindows, config: DistillConfig, device: torch.device
+) -> list[dict[str, Tensor]]:
+    # Windows spread over the training text, the same for a seed on every rank.
+    gen = torch.Generator().manual_seed(config.seed)
+    count = min(config.calibrate, len(windows))
+    chosen = torch.randperm(len(windows), generator=gen)[:count].tolist()
+    batches = []
+    for i in range(0, count, config.batch_size):
+        batch = collate([windows[j] for j in chosen[i : i + config.batch_size]], windows.pad_id)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
 
 
 def _save_model_atomically(model: nn.Module, tokenizer: Any, target: Path) -> None:
