@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shlex
 
 import pytest
 
@@ -70,6 +72,43 @@ def test_train_eval_resume_from_the_command_line(memory_data, tmp_path, capsys):
     assert not (paused / "summary.json").exists()
     assert main(["train", "listops", "--out", str(paused), "--resume", "--no-progress"]) == 0
     assert metric_lines(paused) == metric_lines(straight)
+
+
+def test_results_section_holds_a_command_that_reproduces_the_run(memory_data, tmp_path, capsys):
+    run = tmp_path / "tiny-listops"
+    docs = tmp_path / "docs" / "results.md"
+    train = ["train", "listops", "--data", str(tmp_path), "--out", str(run), *SYNTHETIC]
+    assert main([*train, "--write-docs", str(docs)]) == 0
+    assert "wrote the results section" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    text = docs.read_text()
+    assert text.count("<!-- lra:tiny-listops:begin") == 1
+    assert f"| listops | **{100 * summary['test_accuracy']:.2f}** | 37.15 | 37.10 |" in text
+    rows = [x.split(" | ")[0] for x in text.splitlines() if x.startswith("| ") and x[2].isdigit()]
+    assert rows == ["| 4", "| 8", "| 12"]  # the validation table
+    assert (docs.parent / "results" / "tiny-listops_accuracy.png").stat().st_size > 0
+
+    # The recorded command, run again into another folder, trains the same recipe to the
+    # same result (CPU training is deterministic for a seed).
+    command = re.search(r"with `(nystromer train [^`]*)`", text).group(1)
+    argv = shlex.split(command)[1:]
+    again = tmp_path / "again"
+    argv[argv.index("--out") + 1] = str(again)
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    redo = json.loads((again / "summary.json").read_text())
+    assert redo["config"]["recipe"] == summary["config"]["recipe"]
+    assert redo["test_accuracy"] == summary["test_accuracy"]
+
+    # eval --write-docs rewrites the section in place; an unfinished run is refused.
+    assert main(["eval", str(run), "--write-docs", str(docs)]) == 0
+    capsys.readouterr()
+    assert docs.read_text().count("<!-- lra:tiny-listops:begin") == 1
+    paused = tmp_path / "paused"
+    assert main([*train[:5], str(paused), *SYNTHETIC, "--stop-at", "4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(paused), "--write-docs", str(docs)]) == 2
+    assert "summary.json is missing" in capsys.readouterr().err
 
 
 def test_command_line_errors(memory_data, tmp_path, capsys):

@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
     p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--write-docs",
+        type=Path,
+        metavar="FILE",
+        help="when the run completes, write its results section (test accuracy next to the "
+        "paper's, curve, command) into FILE, e.g. docs/results.md",
+    )
     group = p.add_argument_group("recipe overrides (default: the task's recipe)")
     for name, (typ, nullable) in FIELDS.items():
         if name in _NOT_FLAGS:
@@ -81,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=PRECISIONS)
     e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument(
+        "--write-docs",
+        type=Path,
+        metavar="FILE",
+        help="also write the finished run's results section into FILE (e.g. docs/results.md)",
+    )
     e.set_defaults(func=_eval)
 
 
@@ -145,6 +158,8 @@ def _train(args: argparse.Namespace) -> int:
         if result.status == "completed":
             keys = ("test_accuracy", "best_val_accuracy", "best_step", "steps", "wall_time_s")
             print(json.dumps({k: result.summary.get(k) for k in keys}))
+            if args.write_docs is not None:
+                return _write_docs(args.out, args.write_docs)
         else:
             print(f"paused at step {result.step}; continue with --resume", file=sys.stderr)
     return 0
@@ -172,6 +187,19 @@ def _eval(args: argparse.Namespace) -> int:
         _shutdown()
     if info.is_main:
         print(json.dumps(out))
+        if args.write_docs is not None:
+            return _write_docs(args.run_dir, args.write_docs)
+    return 0
+
+
+def _write_docs(run_dir: Path, docs: Path) -> int:
+    from .report import write_results
+
+    try:
+        write_results(run_dir, docs)
+    except ValueError as exc:
+        return _error(str(exc))
+    print(f"wrote the results section of {docs}")
     return 0
 
 

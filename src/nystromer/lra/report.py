@@ -1,0 +1,142 @@
+"""A finished LRA run as a Markdown section next to the paper's numbers.
+
+``nystromer eval RUN_DIR --write-docs FILE`` (or ``nystromer train ... --write-docs FILE``, when
+the run completes) writes it between markers named after the run folder, so that rerunning the
+command replaces it in place. The section holds the command that reproduces the run, the test
+accuracy of the best checkpoint beside the paper's two columns, the wall time and the
+validation curve (a PNG copied next to the docs file).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from .._io import replace_section
+from ..train.metrics import MetricsLog, plot_metrics
+from .recipes import load_recipe
+
+__all__ = ["PAPER_ACCURACY", "command_line", "results_markdown", "write_results"]
+
+# Xiong et al. 2021, Table 3 (LRA test accuracy, %): the standard Transformer and Nyströmformer.
+PAPER_ACCURACY: dict[str, dict[str, float]] = {
+    "listops": {"softmax": 37.10, "nystrom": 37.15},
+    "text": {"softmax": 65.02, "nystrom": 65.52},
+    "retrieval": {"softmax": 79.35, "nystrom": 79.56},
+    "image": {"softmax": 38.20, "nystrom": 41.58},
+    "pathfinder": {"softmax": 74.16, "nystrom": 70.94},
+}
+_TASK_NAMES = {
+    "listops": "ListOps",
+    "text": "Text (IMDB, bytes)",
+    "retrieval": "Retrieval (ACL Anthology)",
+    "image": "Image (CIFAR-10, grey pixels)",
+    "pathfinder": "Pathfinder-32",
+}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: is {path.parent} a finished training run?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def command_line(run_config: dict[str, Any], run_dir: str | os.PathLike[str]) -> str:
+    """The ``nystromer train`` command that trains ``run_config`` (a run's config.json) into
+    ``run_dir``: the task, data and every recipe value that differs from the shipped recipe."""
+    recipe = run_config["recipe"]
+    task = run_config["task"]
+    argv = ["nystromer", "train", task, "--data", str(run_config["data_dir"])]
+    argv += ["--out", str(run_dir)]
+    shipped = load_recipe(task).to_dict()
+    for name, value in recipe.items():
+        if name in ("task", "source") or shipped.get(name) == value:
+            continue
+        argv += [f"--{name.replace('_', '-')}", "none" if value is None else str(value)]
+    return shlex.join(argv)
+
+
+def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
+    """The section: command, machine, accuracy against the paper, validation table, curve."""
+    from ..bench.measure import machine_info, machine_label
+
+    run = Path(run_dir)
+    summary = _load(run / "summary.json")
+    config = summary["config"]
+    recipe, task = config["recipe"], config["task"]
+    attention = recipe["attention"]
+    paper = PAPER_ACCURACY[task]
+    label = "Nyström attention" if attention == "nystrom" else "softmax attention"
+    if attention == "nystrom":
+        label += f" (m = {recipe['num_landmarks']}, conv skip {recipe['conv_kernel_size']})"
+    hours = summary["wall_time_s"] / 3600
+    test = 100 * summary["test_accuracy"]
+    best_val = 100 * summary["best_val_accuracy"]
+    ours_col = "Nyströmformer" if attention == "nystrom" else "Transformer"
+    lines = [
+        f"### {_TASK_NAMES[task]}, {label}",
+        "",
+        f"Measured {datetime.date.today().isoformat()} with `{command_line(config, run)}`.",
+        f"Machine: {machine_label(machine_info())}.",
+        "",
+        "| test accuracy, % | this run | paper, Nyströmformer | paper, Transformer |",
+        "|---|--:|--:|--:|",
+        f"| {task} | **{test:.2f}** | {paper['nystrom']:.2f} | {paper['softmax']:.2f} |",
+        "",
+        f"{summary['steps']} steps of {recipe['batch_size']} examples in {hours:.2f} h of "
+        "wall time (validation included; across resumes). Test accuracy of the best "
+        f"validation checkpoint (step {summary['best_step']}, validation {best_val:.2f}%); "
+        f"the paper's row to compare with is the {ours_col} column.",
+        "",
+        "| step | hours | train loss | train accuracy, % | validation accuracy, % |",
+        "|--:|--:|--:|--:|--:|",
+    ]
+    for r in MetricsLog(run / "metrics.jsonl").records:
+        if "val_accuracy" in r:
+            lines.append(
+                f"| {r['step']} | {r['elapsed_s'] / 3600:.2f} | {float(r['train_loss']):.4f} | "
+                f"{100 * float(r['train_accuracy']):.2f} | {100 * float(r['val_accuracy']):.2f} |"
+            )
+    if image is not None:
+        lines += ["", f"![validation accuracy against steps]({image})"]
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | os.PathLike[str], docs_file: str | os.PathLike[str]) -> Path:
+    """Write the run's section into ``docs_file`` (replacing an earlier version of it) and its
+    validation curve to ``<docs dir>/results/<run>_accuracy.png``. Returns the docs file.
+
+    Raises:
+        ValueError: the run has no ``summary.json`` (not finished).
+    """
+    run, docs = Path(run_dir), Path(docs_file)
+    summary = _load(run / "summary.json")
+    name = run.resolve().name
+    image = None
+    target = docs.parent / "results" / f"{name}_accuracy.png"
+    try:
+        task = summary["config"]["task"]
+        plot_metrics(
+            run / "metrics.jsonl",
+            "val_accuracy",
+            target,
+            title=f"LRA {_TASK_NAMES[task]}: validation accuracy "
+            f"(paper, test: {PAPER_ACCURACY[task]['nystrom']:.2f}%)",
+            ylabel="validation accuracy",
+        )
+        image = target.relative_to(docs.parent).as_posix()
+    except ImportError:
+        pass  # matplotlib is optional: the table has the numbers
+    replace_section(
+        docs,
+        f"<!-- lra:{name}:begin (written by nystromer eval --write-docs) -->",
+        f"<!-- lra:{name}:end -->",
+        results_markdown(run, image),
+        new_file="# Results\n",
+    )
+    return docs
