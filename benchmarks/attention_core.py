@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 
 from nystromer._io import atomic_write
@@ -25,7 +24,7 @@ from nystromer.bench.core import (
     write_docs_section,
 )
 from nystromer.bench.implementations import IMPLEMENTATIONS
-from nystromer.bench.measure import DTYPES, CaseSpec
+from nystromer.bench.measure import DTYPES, CaseSpec, recorded_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.from_json, encoding="utf-8") as f:
             report = CoreReport.from_dict(json.load(f))
         return _emit(report, args)
-    # The recorded command leaves out where the JSON copy went: it changes no number.
-    shown = list(argv)
-    if "--json" in shown:
-        i = shown.index("--json")
-        del shown[i : i + 2]
-    command = shlex.join(["python", "benchmarks/attention_core.py", *shown])
+    command = recorded_command("benchmarks/attention_core.py", argv, drop=("--json",))
     print(f"attention core benchmark: {command}", flush=True)
     report = run_core(
         base,

@@ -33,7 +33,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -53,6 +52,7 @@ from nystromer.bench.measure import (
     CaseSpec,
     machine_info,
     machine_label,
+    recorded_command,
     run_in_process,
     run_worker,
 )
@@ -479,12 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir, label = args.model, Path(args.model).resolve().name
         _check_model_dir(p, model_dir)
-        # The recorded command leaves out where the JSON went: it changes no number.
-        shown = list(argv)
-        if "--out" in shown:
-            i = shown.index("--out")
-            del shown[i : i + 2]
-        command = shlex.join(["python", "benchmarks/converted_model.py", *shown])
+        command = recorded_command("benchmarks/converted_model.py", argv, drop=("--out",))
         print(f"converted-model benchmark: {command}", flush=True)
         report = run_benchmark(
             model_dir,

@@ -92,3 +92,13 @@ def test_scaling_exponent_and_crossover():
     assert crossover(lengths, [5, 5, 5, 5], [1, 4, 16, 64]) == 2048
     assert crossover(lengths, [5, 1, 5, 5], [4, 4, 4, 64]) == 4096  # must stay ahead
     assert crossover(lengths, [5, 5, 5, 5], [1, 1, 1, 1]) is None
+
+
+def test_recorded_command_leaves_out_where_copies_go():
+    from nystromer.bench.measure import recorded_command
+
+    argv = ["--json", "a b.json", "-n", "1024", "--out=dir", "--impl", "exact"]
+    assert (
+        recorded_command("benchmarks/x.py", argv, drop=("--json", "--out"))
+        == "python benchmarks/x.py -n 1024 --impl exact"
+    )

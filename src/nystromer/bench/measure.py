@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ __all__ = [
     "machine_info",
     "machine_label",
     "matmul_flop_rate",
+    "recorded_command",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +56,20 @@ DTYPES["float64"] = torch.float64
 
 TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
+
+
+def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
+    """The command line a report records: ``python script argv…`` without the ``drop`` options
+    (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in drop:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in drop)):
+            shown.append(arg)
+    return shlex.join(["python", script, *shown])
 
 
 @dataclass(frozen=True)
