@@ -103,3 +103,24 @@ def test_one_cycle_matches_torch_one_cycle_on_the_listops_recipe():
         ref_sched.step()
     # OneCycleLR peaks one step earlier (at W − 1): the curves differ by one step's slope.
     assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-3 / 999
+
+
+def test_every_model_setting_is_a_recipe_setting_with_the_same_default():
+    # Recipe.model_config copies fields by name: a model field the recipe lacks (or whose
+    # default differs) would silently take the model's default in every LRA run.
+    from dataclasses import MISSING, fields
+
+    from nystromer.lra.model import LRAModelConfig
+
+    recipe_defaults = {f.name: f.default for f in fields(Recipe)}
+    derived = {"vocab_size", "max_length", "two_tower"}
+    for f in fields(LRAModelConfig):
+        if f.name in derived:
+            continue
+        assert f.name in recipe_defaults, f"{f.name} is not a recipe field"
+        if f.default is not MISSING:
+            assert recipe_defaults[f.name] == f.default, f.name
+    recipe = load_recipe("retrieval", embed_dim=32, num_landmarks=16, conv_kernel_size="none")
+    model = recipe.model_config(vocab_size=7)
+    assert (model.embed_dim, model.num_landmarks, model.conv_kernel_size) == (32, 16, None)
+    assert (model.vocab_size, model.max_length, model.two_tower) == (7, 4032, True)

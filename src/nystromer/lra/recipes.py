@@ -111,23 +111,17 @@ class Recipe:
 
     def model_config(self, vocab_size: int) -> LRAModelConfig:
         """The model this recipe trains, for a vocabulary of ``vocab_size`` ids."""
-        return LRAModelConfig(
-            vocab_size=vocab_size,
-            num_classes=self.num_classes,
-            max_length=self.padded_length,
-            attention=self.attention,
-            embed_dim=self.embed_dim,
-            ffn_dim=self.ffn_dim,
-            num_heads=self.num_heads,
-            num_layers=self.num_layers,
-            classifier_dim=self.classifier_dim,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            num_landmarks=self.num_landmarks,
-            conv_kernel_size=self.conv_kernel_size,
-            pinv_iterations=self.pinv_iterations,
-            two_tower=self.task == "retrieval",
-        )
+        # Every model field is a recipe field of the same name, except these three (the
+        # recipe's max_length is unpadded); tests/lra_train/test_recipes.py checks it.
+        derived = {
+            "vocab_size": vocab_size,
+            "max_length": self.padded_length,
+            "two_tower": self.task == "retrieval",
+        }
+        shared = {
+            f.name: getattr(self, f.name) for f in fields(LRAModelConfig) if f.name not in derived
+        }
+        return LRAModelConfig(**derived, **shared)
 
     def train_config(self, **runtime: Any) -> TrainConfig:
         """The :class:`~nystromer.train.TrainConfig`; ``runtime`` adds settings that are not
