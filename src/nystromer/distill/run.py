@@ -2,9 +2,11 @@
 
 The teacher is the pretrained model with exact attention (with its position table lengthened
 by :func:`nystromer.extend_positions` when ``max_length`` asks for more positions); the
-student starts as :func:`nystromer.convert` of the same weights and is trained to reproduce
-the teacher's hidden states on unlabeled text: the mean squared error over real tokens of
-the last layer (``layers="last"``) or the mean of it over every layer (``layers="all"``).
+student starts as :func:`nystromer.convert` of the same weights, its convolution skip fitted
+to exact attention by :func:`nystromer.calibrate` (``calibrate`` windows; 0 skips it), and is
+trained to reproduce the teacher's hidden states on unlabeled text: a per-token loss over real
+tokens (1 − cosine similarity, or the squared error) of the last layer (``layers="last"``) or
+averaged over every layer (``layers="all"``).
 The score is the cosine similarity of mean-pooled embeddings (the sentence-embedding recipe)
 between student and teacher on held-out text, measured before training and, on the best
 checkpoint, after it.
