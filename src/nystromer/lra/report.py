@@ -81,8 +81,9 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
     lines = [
         f"### {_TASK_NAMES[task]}, {label}",
         "",
-        f"Measured {datetime.date.today().isoformat()} with `{command_line(config, run)}`.",
-        f"Machine: {machine_label(machine_info())}.",
+        f"Trained with `{command_line(config, run)}`; section written "
+        f"{datetime.date.today().isoformat()} on {machine_label(machine_info())} (training may "
+        "have used other threads or devices: see the text around this section).",
         "",
         "| test accuracy, % | this run | paper, Nyströmformer | paper, Transformer |",
         "|---|--:|--:|--:|",
