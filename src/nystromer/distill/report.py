@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import shutil
@@ -11,16 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_path, replace_section
+from ..train.checkpoint import read_json
 from ..train.metrics import MetricsLog
 
 __all__ = ["command_line", "results_markdown", "write_results"]
 
 
 def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: is {path.parent} a finished distillation run?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, f"{path} is missing: is {path.parent} a finished distillation run?")
 
 
 def command_line(distill_config: dict[str, Any], out: str | os.PathLike[str]) -> str:

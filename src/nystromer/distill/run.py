@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import shutil
 import time
@@ -305,7 +304,7 @@ def distill(
     info = DistInfo.current()
     train_config = config.train_config(**runtime)
     if resume:
-        saved = _read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
+        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
         # Through from_dict, so settings added since the run was saved take their old values.
         if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
             raise ValueError(
@@ -350,7 +349,7 @@ def distill(
     }
     before_file = out / "before.json"
     if resume:
-        before = _read_json(before_file, f"{before_file} is missing")
+        before = ckpt.read_json(before_file, f"{before_file} is missing")
     else:
         if info.is_main:
             ckpt.write_json(out / CONFIG_FILE, run_config)
@@ -473,10 +472,3 @@ def _save_model_atomically(model: nn.Module, tokenizer: Any, target: Path) -> No
         target.rename(old)
     partial.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_json(path: Path, missing: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(missing)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

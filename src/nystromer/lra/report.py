@@ -10,13 +10,13 @@ validation curve (a PNG copied next to the docs file).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 from .._io import replace_section
+from ..train.checkpoint import read_json
 from ..train.metrics import MetricsLog, plot_metrics
 from .recipes import load_recipe
 
@@ -40,10 +40,7 @@ _TASK_NAMES = {
 
 
 def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: is {path.parent} a finished training run?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, f"{path} is missing: is {path.parent} a finished training run?")
 
 
 def command_line(run_config: dict[str, Any], run_dir: str | os.PathLike[str]) -> str:

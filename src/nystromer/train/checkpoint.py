@@ -42,6 +42,7 @@ __all__ = [
     "find",
     "read_meta",
     "write_json",
+    "read_json",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -168,6 +169,15 @@ def find(run_dir: str | os.PathLike[str], name: str) -> Path | None:
 def read_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint directory."""
     with open(Path(checkpoint_dir) / META, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_json(path: str | os.PathLike[str], missing: str) -> Any:
+    """Read a JSON file a run wrote; a missing file is a ValueError with the ``missing`` text
+    (which says what the caller expected the folder to be)."""
+    if not Path(path).is_file():
+        raise ValueError(missing)
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
