@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -48,14 +47,13 @@ from nystromer.bench.implementations import (
     register_implementation,
 )
 from nystromer.bench.measure import (
-    _RESULT_MARK,
     CaseSpec,
     machine_info,
     machine_label,
     recorded_command,
-    run_in_process,
     run_worker,
 )
+from nystromer.bench.worker import measure_and_report
 
 __all__ = [
     "BEGIN",
@@ -193,15 +191,7 @@ def _worker_main(argv: list[str]) -> int:
         print("usage: converted_model.py --worker MODEL_DIR SPEC_JSON TASKS", file=sys.stderr)
         return 2
     register_model(argv[0])
-    spec = CaseSpec(**json.loads(argv[1]))
-    try:
-        found = run_in_process(spec, [t for t in argv[2].split(",") if t])
-    except Exception as exc:  # reported to the parent as data, not as a crash
-        traceback.print_exc()
-        oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-        found = {"status": "oom" if oom else "failed", "note": f"{type(exc).__name__}: {exc}"}
-    print(_RESULT_MARK + json.dumps(found), flush=True)
-    return 0
+    return measure_and_report(argv[1], argv[2])
 
 
 def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None) -> dict:

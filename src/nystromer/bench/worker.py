@@ -19,10 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2:
         print("usage: python -m nystromer.bench.worker SPEC_JSON TASKS", file=sys.stderr)
         return 2
-    spec = CaseSpec(**json.loads(argv[0]))
+    return measure_and_report(argv[0], argv[1])
+
+
+def measure_and_report(spec_json: str, tasks: str) -> int:
+    """Run the measurement and print its result line; a failure (out of memory included) is
+    reported to the parent as data, not as a crash. Returns the exit code (0)."""
+    spec = CaseSpec(**json.loads(spec_json))
     try:
-        found = run_in_process(spec, [t for t in argv[1].split(",") if t])
-    except Exception as exc:  # reported to the parent as data, not as a crash
+        found = run_in_process(spec, [t for t in tasks.split(",") if t])
+    except Exception as exc:
         traceback.print_exc()
         oom = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
         found = {"status": "oom" if oom else "failed", "note": f"{type(exc).__name__}: {exc}"}
