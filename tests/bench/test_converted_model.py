@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ..pretrained.tiny import make_bert
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,24 +25,6 @@ SCRIPT = ROOT / "benchmarks" / "converted_model.py"
 BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -->"
 END = "<!-- converted-model:end -->"
 NUMBERS = ("forward_ms", "forward_backward_ms", "forward_peak_mib", "forward_backward_peak_mib")
-
-
-def _tiny_bert(directory: Path) -> Path:
-    """A 2-layer, 32-wide random BERT with 64 positions (n = 128 needs the table extended)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    return directory
 
 
 def _run(monkeypatch, argv: list[str]) -> int:
@@ -75,7 +59,8 @@ def _check_report(report: dict, lengths: list[int]) -> None:
 
 
 def _measure(monkeypatch, tmp_path: Path, lengths: list[int], docs: Path) -> dict:
-    model = _tiny_bert(tmp_path / "tiny_bert")
+    # 64 positions: n = 128 needs the table extended.
+    model = make_bert(tmp_path / "tiny_bert", max_position_embeddings=64)
     out = tmp_path / "out"
     argv = ["--model", str(model), "-n", *map(str, lengths), "-m", "16", "--threads", "1"]
     argv += ["--repeats", "1", "--warmup", "0", "--out", str(out), "--write-docs", str(docs)]

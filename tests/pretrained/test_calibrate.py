@@ -11,7 +11,7 @@ import torch
 import nystromer
 from nystromer import calibrate
 
-from .conftest import make_bert
+from .tiny import make_bert
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,7 +15,7 @@ from nystromer.distill.data import collate
 from nystromer.distill.report import command_line
 from nystromer.models import NystromformerConfig, NystromformerModel
 
-from .conftest import make_bert, make_text
+from .tiny import make_bert, make_text
 
 transformers = pytest.importorskip("transformers")
 
