@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train import NonFiniteLossError
-from ..train.distributed import init_from_env
+from ..train.distributed import init_from_env, shutdown
 from ..train.loop import PRECISIONS
 from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
 
@@ -120,6 +120,7 @@ def _distill(args: argparse.Namespace) -> int:
     from .run import distill
 
     info = init_from_env(args.device)
+    clean = False  # barrier before leaving the group only after a normal finish
     try:
         config = _config(args)
         runtime = {
@@ -130,6 +131,7 @@ def _distill(args: argparse.Namespace) -> int:
             "progress": not args.no_progress,
         }
         report = distill(config, args.out, resume=args.resume, **runtime)
+        clean = True
     except NonFiniteLossError as exc:
         print(f"nystromer: {exc}", file=sys.stderr)
         return 1
@@ -144,10 +146,7 @@ def _distill(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _error(str(exc))
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(synchronize=clean)
     if info.is_main:
         if report["status"] == "completed":
             fitted = report.get("cosine_calibrated")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..train import NonFiniteLossError
 from ..train import checkpoint as ckpt
-from ..train.distributed import init_from_env
+from ..train.distributed import init_from_env, shutdown
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
 from .recipes import FIELDS, TASKS, Recipe, load_recipe
@@ -114,6 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     from .run import read_run_config, train_task
 
     info = init_from_env(args.device)
+    clean = False  # barrier before leaving the group only after a normal finish
     try:
         data = args.data
         if args.resume:
@@ -139,6 +140,7 @@ def _train(args: argparse.Namespace) -> int:
             "progress": not args.no_progress,
         }
         result = train_task(recipe, data, args.out, resume=args.resume, **runtime)
+        clean = True
     except NonFiniteLossError as exc:
         print(f"nystromer: {exc}", file=sys.stderr)
         return 1
@@ -153,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _error(str(exc))
     finally:
-        _shutdown()
+        shutdown(synchronize=clean)
     if info.is_main:
         if result.status == "completed":
             keys = ("test_accuracy", "best_val_accuracy", "best_step", "steps", "wall_time_s")
@@ -169,6 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .run import evaluate_run
 
     info = init_from_env(args.device)
+    clean = False
     try:
         out = evaluate_run(
             args.run_dir,
@@ -181,10 +184,11 @@ def _eval(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             max_batches=args.max_batches,
         )
+        clean = True
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _error(str(exc))
     finally:
-        _shutdown()
+        shutdown(synchronize=clean)
     if info.is_main:
         print(json.dumps(out))
         if args.write_docs is not None:
@@ -201,10 +205,3 @@ def _write_docs(run_dir: Path, docs: Path) -> int:
         return _error(str(exc))
     print(f"wrote the results section of {docs}")
     return 0
-
-
-def _shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

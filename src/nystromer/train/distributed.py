@@ -9,7 +9,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_from_env", "resolve_device", "all_reduce_sum", "gather_objects"]
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "shutdown",
+    "resolve_device",
+    "all_reduce_sum",
+    "gather_objects",
+]
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,21 @@ def init_from_env(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
     return DistInfo.current()
+
+
+def shutdown(*, synchronize: bool = True) -> None:
+    """Leave the process group, if one is running.
+
+    Args:
+        synchronize: wait for every process first (after a normal finish). Without it one
+            process can tear down its gloo connections while another still uses them, which
+            aborts that process ("terminate called without an active exception"). False after
+            an error, when the other processes may never arrive.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
