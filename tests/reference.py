@@ -34,6 +34,19 @@ def landmarks(x: Tensor, m: int) -> Tensor:
     return torch.stack(rows)
 
 
+def kmeans_landmarks(x: Tensor, m: int, iterations: int) -> Tensor:
+    """Lloyd's k-means on the rows of x (L, d, all real), started from :func:`landmarks`:
+    each row joins its nearest centre (squared Euclidean distance, first on ties), each centre
+    with rows moves to their mean, a centre without rows stays."""
+    c = landmarks(x, m)
+    for _ in range(iterations):
+        nearest = torch.cdist(x, c).argmin(1)
+        c = torch.stack(
+            [x[nearest == j].mean(0) if (nearest == j).any() else c[j] for j in range(len(c))]
+        )
+    return c
+
+
 def newton_pinv(a: Tensor, iterations: int) -> Tensor:
     """Razavi et al. iteration with the per-matrix initial scale, for one m×m matrix."""
     z = a.T / (a.abs().sum(0).max() * a.abs().sum(1).max())
@@ -45,13 +58,21 @@ def newton_pinv(a: Tensor, iterations: int) -> Tensor:
 
 
 def nystrom_one_head(
-    q: Tensor, k: Tensor, v: Tensor, m: int, iterations: int = 6, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    m: int,
+    iterations: int = 6,
+    scale: float | None = None,
+    kmeans_iterations: int = 0,
 ) -> Tensor:
-    """The paper's three-matrix formula F·A⁺·(B·V) for one head of real tokens only."""
+    """The paper's three-matrix formula F·A⁺·(B·V) for one head of real tokens only, with
+    segment means (or, with ``kmeans_iterations``, k-means centres) as landmarks."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if k.shape[0] <= m or q.shape[0] <= m:
         return exact_attention(q, k, v, s)
-    q_l, k_l = landmarks(q, m), landmarks(k, m)
+    q_l = kmeans_landmarks(q, m, kmeans_iterations)
+    k_l = kmeans_landmarks(k, m, kmeans_iterations)
     f = torch.softmax(s * q @ k_l.T, dim=-1)
     a = torch.softmax(s * q_l @ k_l.T, dim=-1)
     b = torch.softmax(s * q_l @ k.T, dim=-1)
@@ -66,6 +87,7 @@ def nystrom_reference(
     mask: Tensor | None = None,
     query_mask: Tensor | None = None,
     iterations: int = 6,
+    kmeans_iterations: int = 0,
 ) -> Tensor:
     """(B, H, n_q, d) inputs → (B, H, n_q, d_v); padded query rows are left at zero."""
     b, h, n_q, _ = q.shape
@@ -80,5 +102,12 @@ def nystrom_reference(
         if len(kr) == 0:
             continue
         for j in range(h):
-            out[i, j, qr] = nystrom_one_head(q[i, j, qr], k[i, j, kr], v[i, j, kr], m, iterations)
+            out[i, j, qr] = nystrom_one_head(
+                q[i, j, qr],
+                k[i, j, kr],
+                v[i, j, kr],
+                m,
+                iterations,
+                kmeans_iterations=kmeans_iterations,
+            )
     return out

@@ -24,6 +24,8 @@ class NystromAttention(nn.Module):
         dropout: dropout probability on the attention weights (training only).
         bias: whether the four projections have a bias.
         kdim, vdim: widths of the key and value inputs (default ``embed_dim``).
+        kmeans_iterations: Lloyd iterations refining the landmarks from the segment means
+            (see :func:`~nystromer.nystrom_attention`); 0 keeps the paper's landmarks.
 
     Shapes:
         query (B, n_q, E), key (B, n_k, kdim), value (B, n_k, vdim), mask (B, n_k) bool with True
@@ -42,6 +44,7 @@ class NystromAttention(nn.Module):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
+        kmeans_iterations: int = 0,
     ) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
@@ -49,7 +52,7 @@ class NystromAttention(nn.Module):
                 f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
             )
-        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
+        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
@@ -57,6 +60,7 @@ class NystromAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
+        self.kmeans_iterations = kmeans_iterations
         self.dropout = dropout
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -118,6 +122,7 @@ class NystromAttention(nn.Module):
             mask=mask,
             pinv_iterations=self.pinv_iterations,
             dropout_p=self.dropout if self.training else 0.0,
+            kmeans_iterations=self.kmeans_iterations,
         )
         if self.conv is not None:
             if q.shape[2] != k.shape[2]:
@@ -134,7 +139,8 @@ class NystromAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
-            f"conv_kernel_size={conv}, dropout={self.dropout}"
+            f"conv_kernel_size={conv}, dropout={self.dropout}, "
+            f"kmeans_iterations={self.kmeans_iterations}"
         )
 
 
@@ -224,6 +230,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         num_landmarks: m (see :func:`~nystromer.nystrom_attention`); inputs of at most m keys
             get exact softmax attention, identical to nn.MultiheadAttention.
         pinv_iterations: pseudo-inverse iterations.
+        kmeans_iterations: k-means refinement of the landmarks (0: the paper's segment means).
         conv_kernel_size: odd k adds the paper's depthwise convolution skip on the values
             (self-attention only), initialised to zero so the module starts as plain attention;
             its weight appears as ``conv.weight`` in the state dict.
@@ -246,6 +253,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
         conv_kernel_size: int | None = None,
+        kmeans_iterations: int = 0,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -260,9 +268,10 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             device=device,
             dtype=dtype,
         )
-        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
+        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
+        self.kmeans_iterations = kmeans_iterations
         self.conv: nn.Conv2d | None = None
         if conv_kernel_size is not None:
             self.conv = value_conv(num_heads, conv_kernel_size, device=device, dtype=dtype)
@@ -277,6 +286,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
         conv_kernel_size: int | None = None,
+        kmeans_iterations: int = 0,
     ) -> NystromMultiheadAttention:
         """A NystromMultiheadAttention sharing ``module``'s parameters (the same Parameter
         objects, so an optimizer built before the swap keeps updating them)."""
@@ -300,6 +310,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
             conv_kernel_size=conv_kernel_size,
+            kmeans_iterations=kmeans_iterations,
         )
         result = new.load_state_dict(module.state_dict(keep_vars=True), strict=False, assign=True)
         if result.unexpected_keys or set(result.missing_keys) - {"conv.weight"}:
@@ -399,6 +410,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             pinv_iterations=self.pinv_iterations,
             dropout_p=self.dropout if self.training else 0.0,
             query_mask=query_mask,
+            kmeans_iterations=self.kmeans_iterations,
         )
         if self.conv is not None:
             if not self_attention:
@@ -502,5 +514,6 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"batch_first={self.batch_first}, num_landmarks={self.num_landmarks}, "
-            f"pinv_iterations={self.pinv_iterations}, conv_kernel_size={conv}"
+            f"pinv_iterations={self.pinv_iterations}, conv_kernel_size={conv}, "
+            f"kmeans_iterations={self.kmeans_iterations}"
         )

@@ -54,6 +54,7 @@ def convert(
     pinv_iterations: int = 6,
     conv_kernel_size: int | None = None,
     max_position_embeddings: int | None = None,
+    kmeans_iterations: int = 0,
 ) -> nn.Module:
     """Switch a pretrained BERT, RoBERTa or Nyströmformer to Nyström attention and, optionally,
     a longer position table; in place, returns ``model``.
@@ -76,6 +77,9 @@ def convert(
             reserved rows, e.g. 4098 for 4,096 tokens as in Longformer; for BERT and
             Nyströmformer it is the longest input). None keeps the table. See
             :func:`extend_positions`.
+        kmeans_iterations: k-means refinement of the landmarks from the segment means (see
+            :func:`nystromer.nystrom_attention`); 0 keeps the paper's landmarks. 3 brings a
+            converted model closer to the original (docs/results.md).
 
     Returns:
         ``model``, converted.
@@ -83,26 +87,19 @@ def convert(
     Raises:
         ValueError: an unsupported model, a shorter position table, or a bad option.
     """
-    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
+    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
+    options = {
+        "num_landmarks": num_landmarks,
+        "pinv_iterations": pinv_iterations,
+        "conv_kernel_size": conv_kernel_size,
+        "kmeans_iterations": kmeans_iterations,
+    }
     model_type = _model_type(model)
     if model_type == "nystromformer":
-        _convert_nystromformer(model, num_landmarks, pinv_iterations, conv_kernel_size)
+        _convert_nystromformer(model, **options)
     else:
-        patch(
-            model,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            conv_kernel_size=conv_kernel_size,
-        )
-        setattr(
-            model.config,
-            CONFIG_KEY,
-            {
-                "num_landmarks": num_landmarks,
-                "pinv_iterations": pinv_iterations,
-                "conv_kernel_size": conv_kernel_size,
-            },
-        )
+        patch(model, **options)
+        setattr(model.config, CONFIG_KEY, options)
     if max_position_embeddings is not None:
         extend_positions(model, max_position_embeddings)
     return model
@@ -206,7 +203,8 @@ def from_pretrained(
         directory: a Hugging Face-format checkpoint folder.
         model_class: the class whose ``from_pretrained`` to use (e.g.
             ``transformers.AutoModelForMaskedLM``).
-        **convert_options: ``num_landmarks``, ``pinv_iterations``, ``conv_kernel_size``.
+        **convert_options: ``num_landmarks``, ``pinv_iterations``, ``conv_kernel_size``,
+            ``kmeans_iterations``.
 
     Returns:
         The model, in eval mode.
@@ -217,11 +215,11 @@ def from_pretrained(
         raise FileNotFoundError(f"directory must be a checkpoint folder with a config.json: {path}")
     with open(config_file, encoding="utf-8") as f:
         raw = json.load(f)
-    unknown = set(convert_options) - {"num_landmarks", "pinv_iterations", "conv_kernel_size"}
+    allowed = ("num_landmarks", "pinv_iterations", "conv_kernel_size", "kmeans_iterations")
+    unknown = set(convert_options) - set(allowed)
     if unknown:
         raise TypeError(
-            f"unexpected keyword arguments {sorted(unknown)}; expected num_landmarks, "
-            "pinv_iterations, conv_kernel_size"
+            f"unexpected keyword arguments {sorted(unknown)}; expected {', '.join(allowed)}"
         )
     model_type = raw.get("model_type")
     if model_type == "nystromformer":
@@ -285,7 +283,12 @@ def _embeddings_module(model: nn.Module) -> nn.Module:
 
 
 def _convert_nystromformer(
-    model: nn.Module, num_landmarks: int, pinv_iterations: int, conv_kernel_size: int | None
+    model: nn.Module,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    conv_kernel_size: int | None,
+    kmeans_iterations: int,
 ) -> None:
     config = model.config
     if conv_kernel_size is not None and conv_kernel_size != config.conv_kernel_size:
@@ -296,6 +299,7 @@ def _convert_nystromformer(
     # The modules read the shared config at every call, so changing it converts the model.
     config.num_landmarks = num_landmarks
     config.pinv_iterations = pinv_iterations
+    config.kmeans_iterations = kmeans_iterations
     config.numerics = "ours"  # transformers' numerics accept one input length only
     config.validate()
 

@@ -48,6 +48,7 @@ def patch(
     num_landmarks: int = 64,
     pinv_iterations: int = 6,
     conv_kernel_size: int | None = None,
+    kmeans_iterations: int = 0,
 ) -> nn.Module:
     """Switch ``model``'s self-attention to Nyström attention, in place; returns ``model``.
 
@@ -62,6 +63,8 @@ def patch(
         conv_kernel_size: odd k adds the paper's depthwise convolution skip on the values to each
             attention layer, initialised to zero (new parameters ``conv.weight`` /
             ``nystrom_conv.weight``: fine-tune them). None adds nothing.
+        kmeans_iterations: k-means refinement of the landmarks (see
+            :func:`nystromer.nystrom_attention`); 0 keeps the paper's segment means.
 
     Returns:
         ``model``, patched. What was replaced is logged (logger ``nystromer.patch``, INFO).
@@ -72,11 +75,12 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size)
+    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
     options = {
         "num_landmarks": num_landmarks,
         "pinv_iterations": pinv_iterations,
         "conv_kernel_size": conv_kernel_size,
+        "kmeans_iterations": kmeans_iterations,
     }
     if _is_transformers_model(model):
         _patch_transformers(model, **options)
@@ -92,11 +96,12 @@ def patch(
         )
     logger.info(
         "patch: replaced %d nn.MultiheadAttention by NystromMultiheadAttention "
-        "(num_landmarks=%d, pinv_iterations=%d, conv_kernel_size=%s): %s",
+        "(num_landmarks=%d, pinv_iterations=%d, conv_kernel_size=%s, kmeans_iterations=%d): %s",
         len(replaced),
         num_landmarks,
         pinv_iterations,
         conv_kernel_size,
+        kmeans_iterations,
         ", ".join(replaced),
     )
     return model
@@ -106,7 +111,12 @@ def patch(
 
 
 def _patch_multihead_attention(
-    model: nn.Module, *, num_landmarks: int, pinv_iterations: int, conv_kernel_size: int | None
+    model: nn.Module,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    conv_kernel_size: int | None,
+    kmeans_iterations: int,
 ) -> list[str]:
     targets = []
     for parent_name, parent in model.named_modules():
@@ -128,6 +138,7 @@ def _patch_multihead_attention(
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
             conv_kernel_size=conv_kernel_size,
+            kmeans_iterations=kmeans_iterations,
         )
     if targets:
         for m in model.modules():
@@ -151,7 +162,12 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def _patch_transformers(
-    model: nn.Module, *, num_landmarks: int, pinv_iterations: int, conv_kernel_size: int | None
+    model: nn.Module,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    conv_kernel_size: int | None,
+    kmeans_iterations: int,
 ) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -178,12 +194,15 @@ def _patch_transformers(
         raise ValueError(f"found no attention modules in {type(model).__name__}")
 
     name = f"nystrom_m{num_landmarks}_i{pinv_iterations}"
+    if kmeans_iterations:
+        name += f"_k{kmeans_iterations}"
     AttentionInterface.register(
         name,
         functools.partial(
             _transformers_attention,
             num_landmarks=num_landmarks,
             pinv_iterations=pinv_iterations,
+            kmeans_iterations=kmeans_iterations,
         ),
     )
     AttentionMaskInterface.register(name, _key_padding_mask)
@@ -200,13 +219,14 @@ def _patch_transformers(
     model.set_attn_implementation(name)
     logger.info(
         "patch: %s attention %r -> %r (Nyström, num_landmarks=%d, pinv_iterations=%d, "
-        "conv_kernel_size=%s) in %d modules: %s",
+        "conv_kernel_size=%s, kmeans_iterations=%d) in %d modules: %s",
         type(model).__name__,
         previous,
         name,
         num_landmarks,
         pinv_iterations,
         conv_kernel_size,
+        kmeans_iterations,
         len(attention_modules),
         ", ".join(n for n, _ in attention_modules),
     )
@@ -278,6 +298,7 @@ def _transformers_attention(
     *,
     num_landmarks: int,
     pinv_iterations: int,
+    kmeans_iterations: int = 0,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers AttentionInterface function: (B, H, n, d) inputs → ((B, n, H, d), None)."""
@@ -294,6 +315,7 @@ def _transformers_attention(
         pinv_iterations=pinv_iterations,
         scale=scaling,
         dropout_p=dropout,
+        kmeans_iterations=kmeans_iterations,
     )
     probe = _ATTENTION_PROBE.get()
     if probe is not None:

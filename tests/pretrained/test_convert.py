@@ -75,6 +75,7 @@ def test_convert_keeps_outputs_up_to_m_tokens_and_approximates_beyond(make):
         "num_landmarks": 16,
         "pinv_iterations": 6,
         "conv_kernel_size": None,
+        "kmeans_iterations": 0,
     }
 
 
@@ -174,6 +175,32 @@ def test_nystromformer_conversion_round_trip(tmp_path):
     assert isinstance(loaded, NystromformerModel)
     x = ids(60)
     torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["bert", "nystromformer"])
+def test_kmeans_landmarks_are_used_saved_and_restored(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = bert(max_positions=60)
+    else:
+        cfg = NystromformerConfig(**SMALL, max_position_embeddings=60, conv_kernel_size=None)
+        model = _peaked(NystromformerModel(cfg).eval())
+    x = ids(60)
+    plain = copy.deepcopy(model)
+    nystromer.convert(plain, num_landmarks=8)
+    nystromer.convert(model, num_landmarks=8, kmeans_iterations=2)
+    out = model(x).last_hidden_state
+    assert (out - plain(x).last_hidden_state).abs().max() > 1e-4  # the option changes the math
+    model.save_pretrained(tmp_path)
+    loaded = nystromer.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(x).last_hidden_state, out, rtol=0, atol=0)
+    # Up to m tokens the conversion stays exact, k-means or not.
+    short = ids(8)
+    reference = bert(max_positions=60) if kind == "bert" else None
+    if reference is not None:
+        torch.testing.assert_close(
+            model(short).last_hidden_state, reference(short).last_hidden_state
+        )
 
 
 def test_convert_errors_name_what_is_wrong(tmp_path):

@@ -25,6 +25,11 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "teacher": ("--teacher", str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
     "num_landmarks": ("--num-landmarks", int, "m, landmarks per head (64)"),
     "pinv_iterations": ("--pinv-iterations", int, "pseudo-inverse iterations (6)"),
+    "kmeans_iterations": (
+        "--kmeans-iterations",
+        int,
+        "k-means iterations refining the landmarks; 0: the paper's segment means (3)",
+    ),
     "conv_kernel_size": ("--conv-kernel-size", int, "value convolution skip; 0: none (35)"),
     "calibrate": (
         "--calibrate",

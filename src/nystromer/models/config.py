@@ -67,6 +67,8 @@ class NystromformerConfig:
             masked landmarks, any length up to the position table, linear cost. "hf":
             reproduces transformers' NystromformerModel, quirks included (docs/models.md).
         pinv_iterations: pseudo-inverse iterations (6, the paper's and transformers' value).
+        kmeans_iterations: k-means refinement of the landmarks (0, the paper's segment means;
+            ``numerics="ours"`` only; see :func:`nystromer.nystrom_attention`).
 
     Unknown keys of a config.json are kept in ``extra`` and written back unchanged.
     """
@@ -98,6 +100,7 @@ class NystromformerConfig:
     problem_type: str | None = None
     numerics: str = "ours"
     pinv_iterations: int = 6
+    kmeans_iterations: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,7 +135,15 @@ class NystromformerConfig:
                 f"hidden_size must be a multiple of num_attention_heads, got hidden_size="
                 f"{self.hidden_size}, num_attention_heads={self.num_attention_heads}"
             )
-        check_nystrom_options(self.num_landmarks, self.pinv_iterations, self.conv_kernel_size)
+        check_nystrom_options(
+            self.num_landmarks, self.pinv_iterations, self.conv_kernel_size, self.kmeans_iterations
+        )
+        if self.kmeans_iterations and self.numerics != "ours":
+            raise ValueError(
+                f"kmeans_iterations needs numerics='ours' (transformers' numerics have segment-"
+                f"mean landmarks only), got kmeans_iterations={self.kmeans_iterations} with "
+                f"numerics={self.numerics!r}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         if self.numerics not in NUMERICS:

@@ -207,6 +207,7 @@ class NystromformerSelfAttention(nn.Module):
                 mask=mask,
                 pinv_iterations=cfg.pinv_iterations,
                 dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
+                kmeans_iterations=cfg.kmeans_iterations,
             )
             if self.conv is not None:
                 out = out + value_conv_skip(self.conv, v, mask)
