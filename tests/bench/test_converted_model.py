@@ -1,8 +1,10 @@
 """benchmarks/converted_model.py on a tiny random BERT: JSON shape, numbers, docs section.
 
 Every measurement runs in fresh worker processes (about 4 s each here, mostly importing torch
-and transformers), so the default test measures one length (4 processes); the two-length run
-is marked slow.
+and transformers), so the default test measures one length (4 processes), with the k-means and
+convolution options of a distilled model; the two-length run, with the default options, is
+marked slow. The worker entry point also runs in this process once (one forward), to see the
+model it builds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ SCRIPT = ROOT / "benchmarks" / "converted_model.py"
 BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -->"
 END = "<!-- converted-model:end -->"
 NUMBERS = ("forward_ms", "forward_backward_ms", "forward_peak_mib", "forward_backward_peak_mib")
+# The options the main test converts with (kernel 3 rather than distill's 35: same code, the
+# tiny model's n = 128 is short).
+CONVERT_FLAGS = ("--kmeans-iterations", "2", "--conv-kernel-size", "3")
+DEFAULT_SENTENCE = "`nystromer.convert` (m = 16, 6 pinv iterations), both with"
 
 
 def _run(monkeypatch, argv: list[str]) -> int:
@@ -34,10 +40,12 @@ def _run(monkeypatch, argv: list[str]) -> int:
     return info.value.code
 
 
-def _check_report(report: dict, lengths: list[int]) -> None:
+def _check_report(report: dict, lengths: list[int], kmeans: int, kernel: int | None) -> None:
     assert report["benchmark"] == "converted_model"
     assert report["machine_label"] and report["machine"]["threads"] == 1
-    assert report["settings"]["num_landmarks"] == 16 and report["settings"]["batch"] == 1
+    settings = report["settings"]
+    assert settings["num_landmarks"] == 16 and settings["batch"] == 1
+    assert settings["kmeans_iterations"] == kmeans and settings["conv_kernel_size"] == kernel
     assert report["model"]["max_position_embeddings"] == 64 and report["model"]["layers"] == 2
     assert [row["seq_len"] for row in report["rows"]] == lengths
     for row in report["rows"]:
@@ -58,15 +66,37 @@ def _check_report(report: dict, lengths: list[int]) -> None:
         assert row["forward_backward_memory_ratio"] > 0
 
 
-def _measure(monkeypatch, tmp_path: Path, lengths: list[int], docs: Path) -> dict:
+def _measure(
+    monkeypatch, tmp_path: Path, lengths: list[int], docs: Path, flags: tuple[str, ...] = ()
+) -> dict:
+    """Run the script with ``flags`` (none or ``CONVERT_FLAGS``); returns the report, checked,
+    and checks that every worker was started with the convert options."""
+    from nystromer.bench import measure
+
+    commands = []
+    real_run_worker = measure.run_worker
+
+    def spy(spec, tasks, timeout, *, command=None):
+        commands.append(command)
+        return real_run_worker(spec, tasks, timeout, command=command)
+
+    # The script imports run_worker when runpy runs it, so it picks up the spy.
+    monkeypatch.setattr(measure, "run_worker", spy)
     # 64 positions: n = 128 needs the table extended.
     model = make_bert(tmp_path / "tiny_bert", max_position_embeddings=64)
     out = tmp_path / "out"
     argv = ["--model", str(model), "-n", *map(str, lengths), "-m", "16", "--threads", "1"]
     argv += ["--repeats", "1", "--warmup", "0", "--out", str(out), "--write-docs", str(docs)]
-    assert _run(monkeypatch, argv) == 0
+    assert _run(monkeypatch, [*argv, *flags]) == 0
     report = json.loads((out / "results.json").read_text())
-    _check_report(report, lengths)
+    kmeans = int(flags[flags.index("--kmeans-iterations") + 1]) if flags else 0
+    kernel = int(flags[flags.index("--conv-kernel-size") + 1]) if flags else None
+    _check_report(report, lengths, kmeans, kernel)
+    assert len(commands) == 4 * len(lengths)
+    for command in commands:
+        # ... --worker MODEL_DIR CONVERT_JSON: what the worker hands nystromer.convert.
+        assert command[2:4] == ["--worker", str(model)]
+        assert json.loads(command[4]) == {"kmeans_iterations": kmeans, "conv_kernel_size": kernel}
     return report
 
 
@@ -74,13 +104,18 @@ def test_converted_model_benchmark_json_and_docs(tmp_path, monkeypatch, capsys):
     from nystromer.bench.implementations import IMPLEMENTATIONS
 
     docs = tmp_path / "docs" / "results.md"  # absent: created with a heading
-    report = _measure(monkeypatch, tmp_path, [128], docs)
+    report = _measure(monkeypatch, tmp_path, [128], docs, CONVERT_FLAGS)
     # The script registers the model only while it measures.
     assert "model-exact" not in IMPLEMENTATIONS and "model-nystromer" not in IMPLEMENTATIONS
     text = docs.read_text(encoding="utf-8")
     assert text.startswith(f"# Results\n\n{BEGIN}\n## Converted tiny_bert: speed and memory\n")
     assert text.endswith(f"{END}\n")
     assert "python benchmarks/converted_model.py --model " in text  # the command, without --out
+    assert "--kmeans-iterations 2 --conv-kernel-size 3`" in text
+    assert (
+        "`nystromer.convert` (m = 16, 6 pinv iterations, 2 k-means iterations, a "
+        "zero-initialised kernel-3 depthwise convolution on the values), both with"
+    ) in text
     assert "--out" not in text and report["machine_label"] in text
     assert "| 128 | " in text and "exact ÷ Nyström" in text
 
@@ -90,12 +125,15 @@ def test_converted_model_benchmark_json_and_docs(tmp_path, monkeypatch, capsys):
     docs.write_text(before + section + after, encoding="utf-8")
     changed = copy.deepcopy(report)
     changed["rows"][0]["exact"]["forward_ms"] = 98765.0
+    # The default options are not mentioned (a report from before they existed lacks them).
+    del changed["settings"]["kmeans_iterations"], changed["settings"]["conv_kernel_size"]
     saved = tmp_path / "changed.json"
     saved.write_text(json.dumps(changed), encoding="utf-8")
     assert _run(monkeypatch, ["--from-json", str(saved), "--write-docs", str(docs)]) == 0
     new = docs.read_text(encoding="utf-8")
     assert new.startswith(before + BEGIN) and new.endswith(END + after)
     assert new.count(BEGIN) == 1 and new.count(END) == 1 and "| 98,765.0 |" in new
+    assert DEFAULT_SENTENCE in new and "k-means" not in new
     assert "98,765.0" in capsys.readouterr().out
 
 
@@ -105,6 +143,7 @@ def test_converted_model_benchmark_two_lengths_twice(tmp_path, monkeypatch):
     docs.write_text("# Results\n\nIntro.\n", encoding="utf-8")
     _measure(monkeypatch, tmp_path, [64, 128], docs)
     first = docs.read_text(encoding="utf-8")
+    assert DEFAULT_SENTENCE in first and "k-means" not in first
     docs.write_text(first + "\nTail.\n", encoding="utf-8")
     _measure(monkeypatch, tmp_path, [64, 128], docs)
     second = docs.read_text(encoding="utf-8")
@@ -125,3 +164,53 @@ def test_model_that_is_not_bert_is_refused(tmp_path, monkeypatch, capsys):
     assert _run(monkeypatch, ["--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "BERT or RoBERTa" in err and "'gpt2'" in err
+
+
+def test_worker_converts_with_the_options_it_is_given(tmp_path, monkeypatch, capsys):
+    """The worker entry point, run here on one forward: the CONVERT_JSON argument reaches
+    nystromer.convert and the model measured has the k-means landmarks and the convolution."""
+    import nystromer
+    from nystromer.bench.implementations import IMPLEMENTATIONS
+    from nystromer.bench.measure import _RESULT_MARK
+
+    model_dir = make_bert(tmp_path / "tiny_bert", max_position_embeddings=64)
+    converted = []
+    real_convert = nystromer.convert
+
+    def spy(model, **options):
+        converted.append((model, options))
+        return real_convert(model, **options)
+
+    monkeypatch.setattr(nystromer, "convert", spy)
+    script = runpy.run_path(str(SCRIPT))  # not as __main__: nothing runs
+    # A dict, not a CaseSpec: a CaseSpec checks its implementation is registered, which only the
+    # worker does. Fields left out take CaseSpec's defaults there.
+    spec = {"impl": "model-nystromer", "heads": 4, "seq_len": 128, "head_dim": 8}
+    spec.update(num_landmarks=16, warmup=0, repeats=1)
+    options = json.dumps({"kmeans_iterations": 2, "conv_kernel_size": 3})
+    argv = ["--worker", str(model_dir), options, json.dumps(spec)]
+    assert script["main"]([*argv, "time_forward"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    found = json.loads(line.removeprefix(_RESULT_MARK))
+    assert found.get("status", "ok") == "ok" and found["forward_ms"] > 0, found
+
+    [(model, given)] = converted
+    assert given["kmeans_iterations"] == 2 and given["conv_kernel_size"] == 3
+    assert model.config.nystromer["kmeans_iterations"] == 2
+    convs = [m.nystrom_conv for m in model.modules() if hasattr(m, "nystrom_conv")]
+    assert len(convs) == 2 and all(conv.kernel_size == (3, 1) for conv in convs)
+    assert "model-nystromer" not in IMPLEMENTATIONS  # the worker left the registry as it was
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--conv-kernel-size", "4"], "argument --conv-kernel-size: expected an odd integer"),
+        (["--conv-kernel-size", "-1"], "argument --conv-kernel-size: expected an odd integer"),
+        (["--kmeans-iterations", "-1"], "argument --kmeans-iterations: expected an integer ≥ 0"),
+        (["--kmeans-iterations", "two"], "argument --kmeans-iterations: expected an integer ≥ 0"),
+    ],
+)
+def test_bad_convert_options_are_refused(monkeypatch, capsys, flags, message):
+    assert _run(monkeypatch, ["-n", "128", *flags]) == 2
+    assert message in capsys.readouterr().err
