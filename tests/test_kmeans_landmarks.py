@@ -127,3 +127,31 @@ def test_bad_kmeans_iterations_is_refused(bad):
         nystrom_attention(q, k, v, num_landmarks=4, kmeans_iterations=bad)
     with pytest.raises(ValueError, match="kmeans_iterations"):
         NystromAttention(8, 2, kmeans_iterations=bad)
+
+
+def test_kmeans_keeps_no_copy_of_queries_or_keys_for_backward():
+    # Only the assignments (int64 per token) may be kept beyond what segment means keep: a
+    # copy of q or k per iteration would grow a model's training memory by a layer's inputs.
+    b, h, n, d = 1, 4, 512, 16
+
+    def saved_bytes(iterations):
+        g = torch.Generator().manual_seed(0)
+        # (B, n, H, d) transposed, as attention layers produce: reshapes copy.
+        q, k, v = (torch.randn(b, n, h, d, generator=g, requires_grad=True) for _ in range(3))
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nystrom_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                num_landmarks=8, kmeans_iterations=iterations,
+            )  # fmt: skip
+        return sum(seen.values())
+
+    assignments = 2 * 3 * b * h * n * 8  # q and k, 3 iterations, int64
+    one_input = b * h * n * d * 4
+    extra = saved_bytes(3) - saved_bytes(0)
+    assert extra < assignments + one_input // 4

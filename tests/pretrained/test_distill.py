@@ -92,6 +92,8 @@ def test_distillation_closes_most_of_the_gap_and_saves_a_usable_model(setup, str
     assert report["cosine_after"] > report["cosine_before"]
     saved = json.loads((run / "distill.json").read_text())
     assert saved["cosine_before"] == report["cosine_before"]
+    # The training process records its machine (the docs section may be written later).
+    assert saved["machine"]["threads"] == torch.get_num_threads()
     assert (run / "cosine.png").stat().st_size > 0
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [8, 16, 24]

@@ -39,7 +39,7 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "max_length": ("--max-length", int, "tokens per window (512)"),
     "steps": ("--steps", int, "optimiser steps (800)"),
     "batch_size": ("--batch-size", int, "windows per step (4)"),
-    "lr": ("--lr", float, "peak learning rate (1e-4)"),
+    "lr": ("--lr", float, "peak learning rate (3e-5)"),
     "warmup_steps": ("--warmup-steps", int, "warm-up steps (a tenth of --steps)"),
     "weight_decay": ("--weight-decay", float, "AdamW weight decay (0)"),
     "eval_fraction": ("--eval-fraction", float, "share of the text held out, a tail (0.1)"),

@@ -80,7 +80,8 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
         f"### Distillation of `{teacher}`: m = {cfg['num_landmarks']}, {cfg['max_length']} tokens",
         "",
         f"Measured {date} with `{command_line(cfg, run)}`.",
-        f"Machine: {machine_label(machine_info())}.",
+        f"Machine: {machine_label(report.get('machine') or machine_info())}"
+        f"{'' if 'machine' in report else ' (of the report; the run did not record its own)'}.",
         f"Text: {', '.join(cfg['texts'])}, {data['tokens']:,} tokens; training on the first "
         f"{data['train_tokens']:,} ({data['train_windows']} windows), validation on the next "
         f"{data['val_tokens']:,} ({data['val_windows']} windows), test on the last "
