@@ -105,6 +105,8 @@ def test_approx_numbers_expose_peer_defects_on_every_input_kind(quick):
     random = report["sources"]["random"]
     assert random["landmarks"]["landmarks"] == [8, 16, 32]
     assert all(0 < e < 2 for e in random["landmarks"]["segment_means"])
+    assert len(random["landmarks"]["kmeans"]) == 3 and random["landmarks"]["kmeans_iterations"] == 3
+    assert all(0 < e < 2 for e in random["landmarks"]["kmeans"])
     assert len(random["iterations"]["error"]) == 2
     assert "randomly initialised BERT" in report["sources"]["lm"]["description"]
     lra = report["sources"]["lra"]

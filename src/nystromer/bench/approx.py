@@ -2,8 +2,10 @@
 
 Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only), measured
 
-* against the number of landmarks m, for segment means (the method) and for landmarks that
-  are a random subsample of the positions;
+* against the number of landmarks m, for three landmark choices: segment means (the
+  paper's method), segment means refined by 3 k-means (Lloyd) iterations towards cluster
+  centres of the real queries and keys (``nystrom_attention(..., kmeans_iterations=3)``),
+  and a random subsample of the positions;
 * against the number of pseudo-inverse iterations (and the exact ``torch.linalg.pinv``);
 * for every registered Nyström implementation (ours, the naive formula, the peers) on the
   same inputs: unpadded with n a multiple of m, unpadded with n not a multiple of m, and a
@@ -97,19 +99,47 @@ def _segment_landmarks(q: Tensor, k: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
 
 def landmark_sweep(
-    q: Tensor, k: Tensor, v: Tensor, landmarks: Sequence[int], *, iterations: int = 6, seeds=3
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    landmarks: Sequence[int],
+    *,
+    iterations: int = 6,
+    seeds: int = 3,
+    kmeans_iterations: int = 3,
 ) -> dict:
-    """Error against m for segment means and for random position subsampling (mean of seeds).
+    """Error against m for three landmark choices.
 
-    Only m < n are measured (at m ≥ n the method is exact attention).
+    Segment means (the paper's), k-means landmarks (segment means refined by
+    ``kmeans_iterations`` Lloyd iterations, as ``nystrom_attention(..., kmeans_iterations=)``
+    does) and a random subsample of the positions (mean over ``seeds`` draws). Only m < n are
+    measured (at m ≥ n the method is exact attention).
+
+    Returns:
+        ``{"landmarks": [m, ...], "segment_means", "kmeans", "random_subsample"}`` (errors
+        aligned with ``landmarks``) and ``"kmeans_iterations"``.
     """
     exact = _exact(q, k, v)
     n = q.shape[2]
-    out = {"landmarks": [], "segment_means": [], "random_subsample": []}
+    out: dict = {
+        "landmarks": [],
+        "segment_means": [],
+        "kmeans": [],
+        "random_subsample": [],
+        "kmeans_iterations": kmeans_iterations,
+    }
     for m in landmarks:
         if m >= n:
             continue
         approx = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=iterations)
+        clustered = nystrom_attention(
+            q,
+            k,
+            v,
+            num_landmarks=m,
+            pinv_iterations=iterations,
+            kmeans_iterations=kmeans_iterations,
+        )
         errors = []
         for seed in range(seeds):
             gen = torch.Generator().manual_seed(seed)
@@ -120,6 +150,7 @@ def landmark_sweep(
             errors.append(relative_error(sub, exact))
         out["landmarks"].append(m)
         out["segment_means"].append(relative_error(approx, exact))
+        out["kmeans"].append(relative_error(clustered, exact))
         out["random_subsample"].append(sum(errors) / len(errors))
     return out
 
@@ -419,10 +450,17 @@ def run_approx(
 
 
 def _pairs(ms: Sequence[int], sweep: dict) -> str:
+    kmeans = sweep.get("kmeans") or [None] * len(ms)
     return ", ".join(
-        f"m={m}: {a:.3f} (random {b:.3f})"
-        for m, a, b in zip(ms, sweep["segment_means"], sweep["random_subsample"], strict=True)
+        f"m={m}: {a:.3f} (k-means {_cell(c, '.3f')}, random {b:.3f})"
+        for m, a, c, b in zip(
+            ms, sweep["segment_means"], kmeans, sweep["random_subsample"], strict=True
+        )
     )
+
+
+def _cell(value: float | None, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def format_implementation_table(report: dict) -> str:
@@ -452,13 +490,26 @@ def format_implementation_table(report: dict) -> str:
 
 
 def format_sweep_tables(report: dict) -> str:
-    """Markdown: error against m (segment means / random positions) and against iterations."""
+    """Markdown: error against m (segment means / k-means / random positions) and iterations.
+
+    Reports written before the k-means landmarks were measured (no ``"kmeans"`` in a
+    landmark sweep) still format, with ``—`` in place of the k-means errors.
+    """
     kinds = list(report["sources"])
-    ms = sorted({m for e in report["sources"].values() for m in e["landmarks"]["landmarks"]})
+    sweeps = [e["landmarks"] for e in report["sources"].values()]
+    ms = sorted({m for s in sweeps for m in s["landmarks"]})
+    counts = sorted({s["kmeans_iterations"] for s in sweeps if "kmeans_iterations" in s})
+    if counts:
+        plural = "" if counts == [1] else "s"
+        kmeans_note = (
+            f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
+        )
+    else:
+        kmeans_note = "not measured in this report (—)"
     lines = [
-        "Relative output error against the number of landmarks m (segment means / random "
-        "positions, mean of 3 draws; 6 pinv iterations; m ≥ n is exact attention and is not "
-        "measured):",
+        "Relative output error against the number of landmarks m (cells: segment means / "
+        f"k-means / random positions; k-means: {kmeans_note}; random: mean of 3 draws; 6 pinv "
+        "iterations; m ≥ n is exact attention and is not measured):",
         "",
         "| m | " + " | ".join(kinds) + " |",
         "|--:|" + "--:|" * len(kinds),
@@ -469,8 +520,10 @@ def format_sweep_tables(report: dict) -> str:
             sweep = report["sources"][kind]["landmarks"]
             if m in sweep["landmarks"]:
                 i = sweep["landmarks"].index(m)
+                kmeans = sweep["kmeans"][i] if "kmeans" in sweep else None
                 cells.append(
-                    f"{sweep['segment_means'][i]:.3g} / {sweep['random_subsample'][i]:.3g}"
+                    f"{sweep['segment_means'][i]:.3g} / {_cell(kmeans)} / "
+                    f"{sweep['random_subsample'][i]:.3g}"
                 )
             else:
                 cells.append("—")
@@ -522,6 +575,14 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
         (line,) = ax.loglog(
             sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means"
         )
+        if "kmeans" in sweep:  # absent from reports written before it was measured
+            ax.loglog(
+                sweep["landmarks"],
+                sweep["kmeans"],
+                "^:",
+                color=line.get_color(),
+                label=f"{name}: k-means",
+            )
         ax.loglog(
             sweep["landmarks"],
             sweep["random_subsample"],

@@ -1,0 +1,97 @@
+"""``nystromer.bench.approx``: the landmark sweep's three landmark choices and their table/plot.
+
+The end-to-end run of ``bench approx`` is in test_report.py; these are the fast unit checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from nystromer.bench.approx import format_sweep_tables, landmark_sweep, write_approx_outputs
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _clustered_qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k around 6 centres per head (n = 256, d = 6, 2 heads).
+
+    Segment means of such tokens are averages over several clusters and sit near none of
+    them, while k-means landmarks find the clusters: the case the refinement is for.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    heads, n, d, clusters = 2, 256, 6, 6
+    centres = 1.5 * torch.randn(1, heads, clusters, d, generator=gen)
+
+    def draw() -> torch.Tensor:
+        which = torch.randint(clusters, (1, heads, n, 1), generator=gen).expand(1, heads, n, d)
+        noise = 0.15 * torch.randn(1, heads, n, d, generator=gen)
+        return centres.gather(2, which) + noise
+
+    q, k = draw(), draw()
+    return q, k, torch.randn(1, heads, n, d, generator=gen)
+
+
+def _report(sweep: dict) -> dict:
+    iterations = {"iterations": [6], "error": [0.5], "exact_pinv_error": 0.4, "num_landmarks": 8}
+    return {
+        "num_landmarks": 8,
+        "sources": {
+            "clustered": {"landmarks": sweep, "iterations": iterations, "implementations": {}}
+        },
+    }
+
+
+def _old_sweep(sweep: dict) -> dict:
+    """The sweep as reports written before k-means landmarks were measured store it."""
+    return {k: v for k, v in sweep.items() if k not in ("kmeans", "kmeans_iterations")}
+
+
+def test_landmark_sweep_measures_kmeans_landmarks_where_they_must_help():
+    q, k, v = _clustered_qkv()
+    sweep = landmark_sweep(q, k, v, [8, 16, 256])
+    assert sweep["landmarks"] == [8, 16]  # m = n is exact attention, not measured
+    assert sweep["kmeans_iterations"] == 3
+    for key in ("segment_means", "kmeans", "random_subsample"):
+        assert len(sweep[key]) == 2 and all(math.isfinite(e) and e >= 0 for e in sweep[key])
+    # Measured: segment means ≈ 0.83, 3 k-means iterations ≈ 0.31 at m = 8.
+    assert sweep["segment_means"][0] > 0.6
+    assert sweep["kmeans"][0] < 0.5 * sweep["segment_means"][0]
+    unrefined = landmark_sweep(q, k, v, [8], kmeans_iterations=0)
+    assert unrefined["kmeans"] == unrefined["segment_means"] and unrefined["kmeans_iterations"] == 0
+
+
+def test_sweep_table_has_three_choices_and_formats_old_reports():
+    sweep = {
+        "landmarks": [8, 16],
+        "segment_means": [0.83, 0.66],
+        "kmeans": [0.31, 0.043],
+        "random_subsample": [0.57, 0.27],
+        "kmeans_iterations": 3,
+    }
+    table = format_sweep_tables(_report(sweep))
+    assert "segment means / k-means / random positions" in table
+    assert "k-means: 3 Lloyd iterations from the segment means" in table
+    assert "| 8 | 0.83 / 0.31 / 0.57 |" in table and "| 16 | 0.66 / 0.043 / 0.27 |" in table
+    old = format_sweep_tables(_report(_old_sweep(sweep)))
+    assert "k-means: not measured in this report (—)" in old
+    assert "| 8 | 0.83 / — / 0.57 |" in old and "| 16 | 0.66 / — / 0.27 |" in old
+
+
+def test_outputs_plot_new_and_old_reports(tmp_path):
+    q, k, v = _clustered_qkv()
+    sweep = landmark_sweep(q, k, v, [8])
+    report = _report(sweep)
+    report["sources"]["old"] = {**report["sources"]["clustered"], "landmarks": _old_sweep(sweep)}
+    paths = write_approx_outputs(report, tmp_path)
+    assert [p.name for p in paths] == [
+        "approx.json",
+        "approx.md",
+        "approx_landmarks.png",
+        "approx_iterations.png",
+    ]
+    assert json.loads(paths[0].read_text())["sources"]["clustered"]["landmarks"] == sweep
+    assert f"{sweep['kmeans'][0]:.3g}" in paths[1].read_text()
+    assert paths[2].read_bytes()[:8] == PNG
