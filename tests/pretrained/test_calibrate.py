@@ -10,6 +10,7 @@ import torch
 
 import nystromer
 from nystromer import calibrate
+from nystromer.attention import value_conv_skip
 
 from .tiny import make_bert
 
@@ -163,3 +164,64 @@ def test_errors_name_what_is_wrong(teacher):
         calibrate(student, [_batch([40])], ridge=-1.0)
     with pytest.raises(ValueError, match="never reached a Nyström attention layer"):
         calibrate(student, [_batch([M])])  # n ≤ m: exact attention, nothing to fit
+
+
+def test_output_projection_fit_is_the_shrunk_least_squares_map(teacher):
+    # Layer 0 from its definition: Y = Nyström + fitted convolution (heads concatenated, a 1
+    # appended), E = exact attention; A minimises ‖E − A·Y‖² + μ‖A − [I 0]‖², and the output
+    # projection W, b becomes W·A.
+    student = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
+    batch = _batch([40, 33])
+    dense = student.encoder.layer[0].attention.output.dense
+    w0, b0 = dense.weight.detach().clone(), dense.bias.detach().clone()
+    result = calibrate(student, [batch], output_projection=0.3)
+    assert len(result.output_explained) == 2 and all(0 < e < 1 for e in result.output_explained)
+
+    attn = student.encoder.layer[0].attention.self
+    with torch.no_grad():
+        h = student.embeddings(input_ids=batch["input_ids"])
+        b, n, _ = h.shape
+        heads, d = attn.num_attention_heads, attn.attention_head_size
+
+        def split(x):
+            return x.view(b, n, heads, d).transpose(1, 2)
+
+        q, k, v = split(attn.query(h)), split(attn.key(h)), split(attn.value(h))
+        mask = batch["attention_mask"].bool()
+        y = nystromer.nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
+        y = y + value_conv_skip(attn.nystrom_conv, v, mask)
+        logits = (q @ k.transpose(-1, -2)) / d**0.5
+        exact = torch.softmax(logits.masked_fill(~mask[:, None, None, :], -torch.inf), -1) @ v
+    y = y.transpose(1, 2).reshape(b * n, -1)[mask.reshape(-1)]
+    e = exact.transpose(1, 2).reshape(b * n, -1)[mask.reshape(-1)]
+    y1 = torch.cat([y, torch.ones(len(y), 1, dtype=y.dtype)], 1)
+    width = y.shape[1]
+    prior = torch.eye(width, width + 1, dtype=y.dtype)
+    mu = 0.3 * (y * y).sum(0).mean()
+    # Normal equations of the shrunk problem, written out: A (YᵀY + μI) = EᵀY + μ[I 0].
+    a = torch.linalg.solve(
+        y1.T @ y1 + mu * torch.eye(width + 1, dtype=y.dtype), (e.T @ y1 + mu * prior).T
+    ).T
+    torch.testing.assert_close(dense.weight, w0 @ a[:, :width], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense.bias, b0 + w0 @ a[:, width], rtol=1e-8, atol=1e-10)
+
+
+def test_output_projection_fit_brings_the_model_closer_and_errors_are_clear(teacher):
+    teacher = _local_teacher(teacher)
+    held_out = _batch([48, 48, 40], seed=1)
+    fits = [_batch([48, 48, 44, 40], seed=s) for s in range(3)]
+
+    def error(model):
+        with torch.no_grad():
+            a = model(**held_out).last_hidden_state
+            b = teacher(**held_out).last_hidden_state
+        return (a - b)[held_out["attention_mask"].bool()].square().mean().item()
+
+    conv_only = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
+    calibrate(conv_only, fits)
+    both = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
+    calibrate(both, fits, output_projection=0.3)
+    assert error(both) < error(conv_only)
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="output_projection must be a number > 0"):
+            calibrate(both, fits, output_projection=bad)

@@ -150,7 +150,11 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
     assert section.startswith("# Results\n\nkept\n\n<!-- distill:cli:begin")
     cosines = (report["cosine_before"], report["cosine_calibrated"], report["cosine_after"])
     assert " | ".join(f"{c:.4f}" for c in cosines) + " |" in section
-    assert "convolution skip (k = 5) was fitted to exact attention on 3 training windows" in section
+    assert (
+        "convolution skip (k = 5) and each attention output projection (shrinkage 0.3) were "
+        "fitted to exact attention on 3 training windows" in section
+    )
+    assert len(before["calibrated"]["output_explained"]) == 2
     assert "--layers all" in section and "| 2 |" in section
     assert (docs.parent / "results" / "cli_cosine.png").is_file()
     # --resume on the finished run rewrites the section in place (no second copy).

@@ -36,6 +36,12 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
         int,
         "fit the convolution skip to exact attention on N training windows first; 0: no (16)",
     ),
+    "calibrate_output": (
+        "--calibrate-output",
+        float,
+        "with --calibrate, also fit each attention output projection, shrunk towards the "
+        "identity by MU; 0: no (0.3)",
+    ),
     "max_length": ("--max-length", int, "tokens per window (512)"),
     "steps": ("--steps", int, "optimiser steps (800)"),
     "batch_size": ("--batch-size", int, "windows per step (4)"),
@@ -102,6 +108,8 @@ def _config(args: argparse.Namespace) -> DistillConfig:
         for f in fields(DistillConfig)
         if getattr(args, f.name, None) is not None
     }
+    if given.get("calibrate_output") == 0:
+        given["calibrate_output"] = None
     if given.get("conv_kernel_size") == 0:
         # No skip, and so nothing to calibrate unless asked (which then fails clearly).
         given["conv_kernel_size"] = None

@@ -26,8 +26,8 @@ def command_line(distill_config: dict[str, Any], out: str | os.PathLike[str]) ->
     argv += list(distill_config["texts"])
     argv += ["--out", str(out)]
     for name, value in distill_config.items():
-        if name == "conv_kernel_size" and value is None:
-            value = 0  # the flag's "no skip" (its default is a kernel)
+        if name in ("conv_kernel_size", "calibrate_output") and value is None:
+            value = 0  # the flag's "none" (its default is not)
         if name in ("teacher", "texts") or value is None:
             continue
         argv += [f"--{name.replace('_', '-')}", str(value)]
@@ -42,11 +42,22 @@ def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str
     if report.get("cosine_calibrated") is not None:
         cosine.insert(1, report["cosine_calibrated"])
         mse.insert(1, report["mse_calibrated"])
-        head.insert(1, "convolution skip fitted")
+        head.insert(
+            1,
+            "convolution and output fitted"
+            if cfg.get("calibrate_output")
+            else "convolution skip fitted",
+        )
         note = [
             "",
-            f"The convolution skip (k = {cfg['conv_kernel_size']}) was fitted to exact "
-            f"attention on {cfg['calibrate']} training windows "
+            f"The convolution skip (k = {cfg['conv_kernel_size']})"
+            + (
+                f" and each attention output projection (shrinkage {cfg['calibrate_output']})"
+                if cfg.get("calibrate_output")
+                else ""
+            )
+            + (" were" if cfg.get("calibrate_output") else " was")
+            + f" fitted to exact attention on {cfg['calibrate']} training windows "
             f"(`nystromer.calibrate`, {report['calibration_s']:.0f} s) before training.",
         ]
     return [

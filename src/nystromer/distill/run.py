@@ -64,6 +64,9 @@ class DistillConfig:
         calibrate: training windows on which the convolution skip is fitted to exact attention
             by least squares before training (:func:`nystromer.calibrate`); 0 skips it. Needs
             ``conv_kernel_size``.
+        calibrate_output: with ``calibrate``, also fit each layer's attention output
+            projection, shrunk towards the identity by this factor (``output_projection`` of
+            :func:`nystromer.calibrate`); None skips it.
         max_length: tokens per window, special tokens included.
         layers: ``all`` matches every layer's hidden states, ``last`` the last layer's.
         loss: per real token, ``cosine`` (1 − cosine similarity of student and teacher
@@ -89,6 +92,7 @@ class DistillConfig:
     kmeans_iterations: int = 3
     conv_kernel_size: int | None = 35
     calibrate: int = 16
+    calibrate_output: float | None = 0.3
     max_length: int = 512
     layers: str = "all"
     loss: str = "cosine"
@@ -119,6 +123,14 @@ class DistillConfig:
             raise ValueError(f"calibrate must be a number of windows (≥ 0), got {self.calibrate!r}")
         if self.calibrate < 0:
             raise ValueError(f"calibrate must be ≥ 0 windows, got {self.calibrate}")
+        if self.calibrate_output is not None and (
+            isinstance(self.calibrate_output, bool)
+            or not isinstance(self.calibrate_output, (int, float))
+            or not self.calibrate_output > 0
+        ):
+            raise ValueError(
+                f"calibrate_output must be a shrinkage > 0 or None, got {self.calibrate_output!r}"
+            )
         if self.calibrate and self.conv_kernel_size is None:
             raise ValueError(
                 "calibrate fits the convolution skip, which needs conv_kernel_size "
@@ -159,8 +171,8 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
         names = {f.name for f in fields(cls)}
-        # Runs from before calibration and k-means landmarks existed had neither.
-        data = {"calibrate": 0, "kmeans_iterations": 0, **data}
+        # Runs from before calibration, k-means landmarks and the output fit had none of them.
+        data = {"calibrate": 0, "kmeans_iterations": 0, "calibrate_output": None, **data}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown distillation settings {sorted(unknown)}")
@@ -367,12 +379,17 @@ def distill(
             print(f"before distillation: test cosine {before['test']['cosine']:.4f}", flush=True)
         if config.calibrate:
             started = time.perf_counter()
-            fit = calibrate(student, _calibration_batches(splits["train"], config, device))
+            fit = calibrate(
+                student,
+                _calibration_batches(splits["train"], config, device),
+                output_projection=config.calibrate_output,
+            )
             before["calibrated"] = {
                 "seconds": round(time.perf_counter() - started, 1),
                 **_held_out(student, objective, splits, train_config, collate_fn, device),
                 "windows": config.calibrate,
                 "explained": [e.tolist() for e in fit.explained],
+                "output_explained": fit.output_explained,
             }
             student.train()
             if info.is_main:
