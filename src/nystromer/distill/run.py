@@ -75,9 +75,10 @@ class DistillConfig:
         steps, batch_size, lr, warmup_steps, weight_decay: the optimisation (AdamW, one-cycle
             schedule; see :class:`nystromer.train.TrainConfig`). The defaults are the recipe
             that did best on all-MiniLM-L6-v2 (docs/results.md): k-means landmarks, a
-            convolution skip of 35 fitted on 16 windows, all layers, batch 4, lr 3e-5 (a
-            start this close to the teacher loses ground at 1e-4); 800 steps took 27–40
-            minutes on a 2-core CPU at 512 tokens, depending on what else ran.
+            convolution skip of 35 and the output projections fitted on 16 windows, all
+            layers, batch 4, lr 3e-5 (a start this close to the teacher loses ground at
+            1e-4); 800 steps took 27–40 minutes on a 2-core CPU at 512 tokens, depending on
+            what else ran.
         eval_fraction: share of the text held out (half validation, half test).
         stride: tokens between consecutive training windows (default: half a window).
         eval_every: validate every this many steps.
