@@ -218,3 +218,30 @@ def test_stdlib_docstrings_text_skips_tests_short_and_repeated_docstrings(tmp_pa
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     (text,) = read_texts(["builtin:stdlib-docs"])
     assert text == f"{long_doc}\n\nAnother {long_doc}"
+
+
+def test_a_calibrated_start_that_training_does_not_beat_is_the_result(setup, tmp_path):
+    root, config = setup
+    # A learning rate that wrecks the tiny student: every trained checkpoint is worse on
+    # validation than the calibrated start, which must then be what the run returns.
+    wrecked = DistillConfig(
+        **{**config.to_dict(), "conv_kernel_size": 5, "calibrate": 4, "lr": 0.05, "steps": 4,
+           "eval_every": 2}
+    )  # fmt: skip
+    report = distill(wrecked, tmp_path / "run", progress=False)
+    before = json.loads((tmp_path / "run" / "before.json").read_text())
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["val_cosine"] for r in metrics) < before["calibrated"]["val"]["cosine"]
+    assert report["best_step"] == 0
+    assert report["cosine_after"] == report["cosine_calibrated"]
+    # The saved model is the calibrated one: it scores what calibration scored.
+    from nystromer.distill.run import _datasets, distill_objective, load_teacher
+
+    student = nystromer.from_pretrained(tmp_path / "run" / "model")
+    teacher, tokenizer = load_teacher(config.teacher, wrecked.max_length)
+    splits, _ = _datasets(wrecked, tokenizer)
+    test = splits["test"]
+    batch = collate([test[i] for i in range(len(test))], test.pad_id)
+    with torch.no_grad():
+        _, sums = distill_objective(student.eval(), batch, teacher=teacher)
+    assert sums["cosine"].item() / sums["count"] == pytest.approx(report["cosine_after"], abs=1e-5)

@@ -103,7 +103,11 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
         f"{summary['steps']} steps of {cfg['batch_size']} windows in {minutes:.1f} min "
         f"({summary['steps'] / summary['wall_time_s']:.2f} steps/s, validation included); the "
         "after column is "
-        f"the best validation checkpoint (step {report['best_step']}).",
+        + (
+            "the calibrated model: no trained checkpoint beat it on validation."
+            if report["best_step"] == 0
+            else f"the best validation checkpoint (step {report['best_step']})."
+        ),
         "",
         "| step | minutes | validation cosine |",
         "|--:|--:|--:|",

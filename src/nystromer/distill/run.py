@@ -45,6 +45,8 @@ from .data import TokenWindows, collate, read_texts, split_corpus
 __all__ = ["DistillConfig", "distill", "distill_objective", "load_teacher", "mean_pool"]
 
 CONFIG_FILE = "config.json"
+# Weights of the calibrated student before training: the baseline training must beat.
+CALIBRATED_WEIGHTS = "calibrated.safetensors"
 LAYERS = ("last", "all")
 LOSSES = ("cosine", "mse")
 
@@ -394,6 +396,8 @@ def distill(
             }
             student.train()
             if info.is_main:
+                # Kept so that training can be judged against it (and lose to it) at the end.
+                ckpt.save_weights(student, out / CALIBRATED_WEIGHTS)
                 print(
                     "after calibrating the convolution skip: test cosine "
                     f"{before['calibrated']['test']['cosine']:.4f}",
@@ -416,6 +420,16 @@ def distill(
         description="distill",
     )
     calibrated = before.get("calibrated")
+    best_val, best_step, test = result.best_val, result.best_step, result.test
+    if (
+        result.status == "completed"
+        and calibrated is not None
+        and (out / CALIBRATED_WEIGHTS).is_file()
+        and calibrated["val"]["cosine"] > best_val.get("cosine", float("-inf"))
+    ):
+        # Training never beat its calibrated start on validation: that start is the result.
+        ckpt.load_weights(student, out / CALIBRATED_WEIGHTS)
+        best_val, best_step, test = calibrated["val"], 0, calibrated["test"]
     report: dict[str, Any] = {
         "status": result.status,
         "step": result.step,
@@ -423,10 +437,10 @@ def distill(
         "cosine_calibrated": calibrated["test"]["cosine"] if calibrated else None,
         "mse_calibrated": calibrated["test"]["mse"] if calibrated else None,
         "calibration_s": calibrated["seconds"] if calibrated else None,
-        "cosine_after": result.test.get("cosine"),
+        "cosine_after": test.get("cosine"),
         "mse_before": before["test"]["mse"],
-        "mse_after": result.test.get("mse"),
-        "best_step": result.best_step,
+        "mse_after": test.get("mse"),
+        "best_step": best_step,
         "wall_time_s": round(result.wall_time_s, 1),
     }
     if result.status != "completed":
@@ -434,7 +448,8 @@ def distill(
     if info.is_main:
         from ..bench.measure import machine_info
 
-        # train() left the best weights in the student; save it as a usable model.
+        # The student holds the best weights (train()'s best, or the calibrated start); save
+        # it as a usable model.
         model_dir = out / "model"
         tokenizer.model_max_length = config.max_length
         _save_model_atomically(student.eval(), tokenizer, model_dir)
