@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .attention import value_conv_skip
 from .functional import _exact
 from .patch import _ATTENTION_PROBE
 
@@ -137,22 +138,7 @@ def calibrate(
     try:
         for target in modules:
             normal = _NormalEquations(target.nystrom_conv, chunk_size)
-
-            def probe(module, query, key, value, mask, scale, out, m, *, _t=target, _n=normal):
-                if module is _t:
-                    _n.add(query, key, value, mask, scale, out, m)
-                    raise _Stop
-
-            token = _ATTENTION_PROBE.set(probe)
-            try:
-                with torch.no_grad():
-                    for batch in inputs:
-                        try:
-                            model(**batch)
-                        except _Stop:
-                            pass
-            finally:
-                _ATTENTION_PROBE.reset(token)
+            _feed_layer(model, inputs, target, lambda module, *args, _n=normal: _n.add(*args))
             if normal.tokens == 0:
                 raise ValueError(
                     "the calibration inputs never reached a Nyström attention layer with a "
@@ -163,22 +149,7 @@ def calibrate(
             tokens = normal.tokens
             if projections:
                 fit = _OutputMap(projections[target])
-
-                def probe(module, query, key, value, mask, scale, out, m, *, _t=target, _f=fit):
-                    if module is _t:
-                        _f.add(module, query, key, value, mask, scale, out, m)
-                        raise _Stop
-
-                token = _ATTENTION_PROBE.set(probe)
-                try:
-                    with torch.no_grad():
-                        for batch in inputs:
-                            try:
-                                model(**batch)
-                            except _Stop:
-                                pass
-                finally:
-                    _ATTENTION_PROBE.reset(token)
+                _feed_layer(model, inputs, target, fit.add)
                 output_explained.append(fit.solve_into(float(output_projection)))
     finally:
         model.train(was_training)
@@ -187,6 +158,42 @@ def calibrate(
         tokens=tokens,
         output_explained=output_explained if projections else None,
     )
+
+
+def _feed_layer(model: nn.Module, inputs, target: nn.Module, add) -> None:
+    """Run ``inputs`` through ``model`` up to the attention module ``target`` and hand what it
+    computed to ``add(module, query, key, value, mask, scale, out, num_landmarks)``; the rest
+    of each forward pass is skipped."""
+
+    def probe(module, *args):
+        if module is target:
+            add(module, *args)
+            raise _Stop
+
+    token = _ATTENTION_PROBE.set(probe)
+    try:
+        with torch.no_grad():
+            for batch in inputs:
+                try:
+                    model(**batch)
+                except _Stop:
+                    pass
+    finally:
+        _ATTENTION_PROBE.reset(token)
+
+
+def _fitted_queries(query: Tensor, key: Tensor, mask: Tensor | None, num_landmarks: int):
+    """(B, n) bool: the queries a fit learns from, or None when there are none.
+
+    Self-attention only (the skip exists for it); a sequence of at most m tokens gets exact
+    attention, so it has nothing to correct and would only pull a fit towards zero.
+    """
+    b, _, n, _ = query.shape
+    if key.shape[2] != n:
+        return None
+    real = torch.ones(b, n, dtype=torch.bool, device=query.device) if mask is None else mask
+    real = real & (real.sum(-1, keepdim=True) > num_landmarks)
+    return real if real.any() else None
 
 
 def _output_projections(model: nn.Module, modules: list[nn.Module]) -> dict:
@@ -219,15 +226,10 @@ class _OutputMap:
         self.ee = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, module, query, key, value, mask, scale, out, num_landmarks) -> None:
-        from .attention import value_conv_skip
-
-        b, h, n, d = query.shape
-        if key.shape[2] != n:
+        real = _fitted_queries(query, key, mask, num_landmarks)
+        if real is None:
             return
-        real = torch.ones(b, n, dtype=torch.bool, device=query.device) if mask is None else mask
-        real = real & (real.sum(-1, keepdim=True) > num_landmarks)
-        if not real.any():
-            return
+        b, _, n, _ = query.shape
         y = out + value_conv_skip(module.nystrom_conv, value, mask)
         e = _exact(query, key, value, mask, scale, 0.0)
         keep = real.reshape(-1)
@@ -272,14 +274,8 @@ class _NormalEquations:
         self.tokens = 0
 
     def add(self, query, key, value, mask, scale, out, num_landmarks) -> None:
-        b, _, n, _ = query.shape
-        if key.shape[2] != n:
-            return  # the skip exists for self-attention only
-        real = torch.ones(b, n, dtype=torch.bool, device=query.device) if mask is None else mask
-        # A sequence of at most m tokens gets exact attention: it has nothing to correct and
-        # would only pull the kernel towards zero.
-        real = real & (real.sum(-1, keepdim=True) > num_landmarks)
-        if not real.any():
+        real = _fitted_queries(query, key, mask, num_landmarks)
+        if real is None:
             return
         exact = _exact(query, key, value, mask, scale, 0.0)
         keep = real[:, None, :, None].to(value.dtype)

@@ -37,16 +37,12 @@ def _batch(lengths, seed=0):
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def test_first_layer_kernel_equals_a_least_squares_fit_from_the_definition(teacher):
-    student = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
-    batch = _batch([40, 33])
-    result = calibrate(student, [batch], ridge=0.0)
-    assert len(result.explained) == 2 and result.tokens == 73
-
-    # Reference for layer 0, from its inputs: the embeddings, then q, k, v by hand.
-    attn = teacher.encoder.layer[0].attention.self
+def _layer0_attention(model, batch):
+    """Layer 0 by hand from the embeddings: q, k, v (B, H, n, d), the bool mask and exact
+    softmax attention."""
+    attn = model.encoder.layer[0].attention.self
     with torch.no_grad():
-        h = teacher.embeddings(input_ids=batch["input_ids"])
+        h = model.embeddings(input_ids=batch["input_ids"])
         b, n, _ = h.shape
         heads, d = attn.num_attention_heads, attn.attention_head_size
 
@@ -54,11 +50,22 @@ def test_first_layer_kernel_equals_a_least_squares_fit_from_the_definition(teach
             return x.view(b, n, heads, d).transpose(1, 2)
 
         q, k, v = split(attn.query(h)), split(attn.key(h)), split(attn.value(h))
-    mask = batch["attention_mask"].bool()
+        mask = batch["attention_mask"].bool()
+        logits = (q @ k.transpose(-1, -2)) / d**0.5
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return q, k, v, mask, torch.softmax(logits, -1) @ v
+
+
+def test_first_layer_kernel_equals_a_least_squares_fit_from_the_definition(teacher):
+    student = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
+    batch = _batch([40, 33])
+    result = calibrate(student, [batch], ridge=0.0)
+    assert len(result.explained) == 2 and result.tokens == 73
+
+    # Reference for layer 0, from its inputs.
+    q, k, v, mask, exact = _layer0_attention(teacher, batch)
+    b, heads, _, d = q.shape
     approx = nystromer.nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
-    logits = (q @ k.transpose(-1, -2)) / d**0.5
-    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-    exact = torch.softmax(logits, -1) @ v
     for h_ in range(heads):
         rows, target = [], []
         for s in range(b):
@@ -177,21 +184,11 @@ def test_output_projection_fit_is_the_shrunk_least_squares_map(teacher):
     result = calibrate(student, [batch], output_projection=0.3)
     assert len(result.output_explained) == 2 and all(0 < e < 1 for e in result.output_explained)
 
-    attn = student.encoder.layer[0].attention.self
+    q, k, v, mask, exact = _layer0_attention(student, batch)
+    b, _, n, _ = q.shape
     with torch.no_grad():
-        h = student.embeddings(input_ids=batch["input_ids"])
-        b, n, _ = h.shape
-        heads, d = attn.num_attention_heads, attn.attention_head_size
-
-        def split(x):
-            return x.view(b, n, heads, d).transpose(1, 2)
-
-        q, k, v = split(attn.query(h)), split(attn.key(h)), split(attn.value(h))
-        mask = batch["attention_mask"].bool()
         y = nystromer.nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
-        y = y + value_conv_skip(attn.nystrom_conv, v, mask)
-        logits = (q @ k.transpose(-1, -2)) / d**0.5
-        exact = torch.softmax(logits.masked_fill(~mask[:, None, None, :], -torch.inf), -1) @ v
+        y = y + value_conv_skip(student.encoder.layer[0].attention.self.nystrom_conv, v, mask)
     y = y.transpose(1, 2).reshape(b * n, -1)[mask.reshape(-1)]
     e = exact.transpose(1, 2).reshape(b * n, -1)[mask.reshape(-1)]
     y1 = torch.cat([y, torch.ones(len(y), 1, dtype=y.dtype)], 1)
