@@ -263,3 +263,29 @@ def test_segment_means_any_memory_layout():
         a = fn.segment_means(x, index, counts, 5, torch.float64)
         b = fn.segment_means(x.contiguous(), index, counts, 5, torch.float64)
         assert torch.allclose(a, b, atol=1e-15)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["contiguous", "head-split"])
+def test_equal_segments_gradients_in_the_inputs_layout(split):
+    # n divisible by m, no mask: the landmarks are plain segment means with their own
+    # backward, which must be the mean's gradient and write it in the input's layout.
+    q, k, v = qkv(b=2, h=3, n=16, d=5, seed=2)
+    if split:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def f(q, k, v):
+        return nystrom_attention(q, k, v, num_landmarks=4)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6)
+    x = q.detach().clone().requires_grad_(True)
+    index, counts = fn.landmark_assignment(None, 16, 4, x.device)
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    (fn.segment_means(x, index, counts, 4, torch.float64) * g).sum().backward()
+    assert torch.equal(x.grad, g.repeat_interleave(4, dim=2) / 4)
+    assert x.grad.stride() == x.stride()
+    # A non-dense input (a slice) gets a dense gradient.
+    y = torch.randn(2, 3, 32, 5, dtype=torch.float64)[:, :, ::2].requires_grad_(True)
+    (fn.segment_means(y, index, counts, 4, torch.float64) * g).sum().backward()
+    assert torch.equal(y.grad, g.repeat_interleave(4, dim=2) / 4)

@@ -83,7 +83,7 @@ def segment_means(
     m = num_landmarks
     if counts is None and n % m == 0:
         # The paper's equal segments: a reshape, no scatter.
-        return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
+        return _EqualSegmentMeans.apply(x, m, dtype)
     # One index_add_ over rows of d features: each (sample, head) gets its own m + 1 slots.
     rows = torch.arange(b * h, device=x.device).view(b, h, 1) * (m + 1)
     slots = rows + index.view(-1 if counts is not None else 1, 1, n)
@@ -100,6 +100,37 @@ def segment_means(
     else:
         sizes = counts[:, :m].clamp_min(1).to(dtype).view(b, 1, m, 1)
     return sums / sizes
+
+
+class _EqualSegmentMeans(torch.autograd.Function):
+    """``x.reshape(B, H, m, n // m, d).mean(3)`` with a one-pass backward in x's layout.
+
+    torch's mean backward divides an expanded gradient and copies it again for the reshape:
+    two passes over an n·d tensor in fresh memory, in (B, H, n, d) order even when x is a
+    head split of (B, n, H, d) memory, so that adding it to the attention gradient of x
+    (in x's layout) is a strided pass and the sum may still need a layout copy. Here the
+    gradient is written once, into memory laid out like x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: int, dtype: torch.dtype) -> Tensor:
+        b, h, n, d = x.shape
+        ctx.shape, ctx.m = x.shape, m
+        ctx.x_dtype = x.dtype
+        # x's strides if x is dense, else contiguous ones (empty_like's rule); no data kept.
+        ctx.layout = torch.empty_like(x, device="meta").stride()
+        return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        b, h, n, d = ctx.shape
+        m = ctx.m
+        out = torch.empty_strided(ctx.shape, ctx.layout, dtype=ctx.x_dtype, device=grad.device)
+        # Splitting n into (m, n // m) is a view for any strides of a dense (B, H, n, d) tensor.
+        out.view(b, h, m, n // m, d).copy_(
+            (grad / (n // m)).unsqueeze(3).expand(b, h, m, n // m, d)
+        )
+        return out, None, None
 
 
 class _SumRows(torch.autograd.Function):

@@ -115,3 +115,21 @@ def test_padding_mask_and_inputs_validate():
     q, k, _ = random_qkv(1, 2, 512, 32, style="structured", logit_std=2.0)
     logits = q @ k.transpose(-1, -2) / 32**0.5
     assert 1.5 < float(logits.std()) < 2.5  # the requested spread, up to sampling
+
+
+@pytest.mark.parametrize("name", ["nystromer", "naive", "exact", "exact-matmul"])
+def test_head_taking_implementations_get_a_projections_layout(name):
+    # Ours and SDPA take heads: in a model their inputs are (B, n, H, d) memory viewed as
+    # (B, H, n, d), and so are the output gradient and the inputs' gradients. The benchmark
+    # feeds them that layout instead of charging them a transpose no model pays.
+    from nystromer.bench.measure import CaseSpec, _call, _prepared
+
+    spec = CaseSpec(impl=name, seq_len=N, heads=H, head_dim=D, num_landmarks=M, dtype="float64")
+    runner = get_implementation(name).build(spec.config())
+    args, grad = _prepared(spec, runner, backward=True)
+    for t in (*args[:3], grad):
+        assert t.transpose(1, 2).is_contiguous()
+    _call(runner, args, grad)
+    for t in args[:3]:
+        assert t.grad.stride() == t.stride()
+    # (Their outputs through this layout are checked against references above.)

@@ -86,6 +86,11 @@ class AttentionRunner:
         """
         return (q, k, v, mask)
 
+    def prepare_grad(self, grad: Tensor) -> Tensor:
+        """The output gradient (contiguous, of :meth:`output_shape`) in the layout the
+        implementation's output has in a model; unmeasured, like :meth:`prepare`."""
+        return grad
+
     def run(self, *prepared) -> Tensor:
         """The attention math on prepared inputs; returns the native output."""
         raise NotImplementedError
@@ -232,7 +237,28 @@ def naive_nystrom_attention(
 # --- runners ----------------------------------------------------------------------------------
 
 
-class _NystromerRunner(AttentionRunner):
+def _head_split(t: Tensor) -> Tensor:
+    """(B, H, n, d) → the same values as a (B, H, n, d) view of (B, n, H, d) memory.
+
+    The layout a model hands to an attention function that takes heads: a projection's
+    (B, n, H·d) output viewed as (B, n, H, d) and transposed (what :class:`NystromAttention`,
+    ``transformers`` and ``nn.MultiheadAttention``-style code do). Gradients then come back in
+    that layout too, as they would in the model, with no transpose copy on either side.
+    """
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class _HeadSplitRunner(AttentionRunner):
+    """(B, H, n, d) in and out, in the layout a head split of a projection gives."""
+
+    def prepare(self, q, k, v, mask):
+        return (_head_split(q), _head_split(k), _head_split(v), mask)
+
+    def prepare_grad(self, grad):
+        return _head_split(grad)
+
+
+class _NystromerRunner(_HeadSplitRunner):
     def __init__(self, config: AttentionConfig) -> None:
         self.m = config.num_landmarks
         self.iterations = config.pinv_iterations
@@ -250,12 +276,15 @@ class _NaiveRunner(_NystromerRunner):
         )
 
 
-class _ExactRunner(AttentionRunner):
+class _ExactRunner(_HeadSplitRunner):
     def __init__(self, config: AttentionConfig) -> None:
         pass
 
     def prepare(self, q, k, v, mask):
-        return (q, k, v, None if mask is None else mask[:, None, None, :])
+        return (
+            *super().prepare(q, k, v, None)[:3],
+            None if mask is None else mask[:, None, None, :],
+        )
 
     def run(self, q, k, v, attn_mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -271,6 +271,7 @@ def _prepared(spec: CaseSpec, runner, backward: bool):
         shape = runner.output_shape(spec.batch, spec.heads, spec.seq_len, spec.head_dim)
         gen = torch.Generator().manual_seed(spec.seed + 1)
         grad = torch.randn(shape, generator=gen).to(device=spec.device, dtype=DTYPES[spec.dtype])
+        grad = runner.prepare_grad(grad)
     return args, grad
 
 
