@@ -245,3 +245,65 @@ def test_a_calibrated_start_that_training_does_not_beat_is_the_result(setup, tmp
     with torch.no_grad():
         _, sums = distill_objective(student.eval(), batch, teacher=teacher)
     assert sums["cosine"].item() / sums["count"] == pytest.approx(report["cosine_after"], abs=1e-5)
+
+
+def test_the_student_trains_without_dropout_unless_asked(setup, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from nystromer.distill import build_student
+
+    root, config = setup
+    # A teacher with BERT's usual dropout (the tiny fixture model has none).
+    teacher = BertModel(
+        BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+        )
+    ).eval()  # fmt: skip
+    ids = torch.randint(5, 50, (2, 24))
+    with torch.no_grad():
+        exact = teacher(input_ids=ids).last_hidden_state
+
+    def two_training_forwards(dropout):
+        student = build_student(teacher, DistillConfig(**{**config.to_dict(), "dropout": dropout}))
+        assert student.training
+        with torch.no_grad():
+            return [student(input_ids=ids).last_hidden_state for _ in range(2)]
+
+    # Default 0: in training mode the student computes what it is evaluated with; n = 24 ≤
+    # 3 × 8 landmarks is not exact, so compare the two passes, and each against eval mode.
+    a, b = two_training_forwards(0.0)
+    assert torch.equal(a, b)
+    student = build_student(teacher, config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a, student(input_ids=ids).last_hidden_state)
+    # The teacher's own rates (None) and an explicit rate do drop units.
+    for dropout in (None, 0.3):
+        a, b = two_training_forwards(dropout)
+        assert not torch.allclose(a, b)
+    # The teacher keeps its rates and its eval mode.
+    assert (
+        all(m.p == 0.1 for m in teacher.modules() if isinstance(m, torch.nn.Dropout))
+        and not teacher.training
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(input_ids=ids).last_hidden_state, exact)
+
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\) or None"):
+            DistillConfig(**{**config.to_dict(), "dropout": bad})
+    # Runs saved before the setting trained with the teacher's rates, and reload so.
+    old = {k: v for k, v in config.to_dict().items() if k != "dropout"}
+    assert DistillConfig.from_dict(old).dropout is None
+    # The command line: a probability, or `teacher`.
+    args = ["distill", "--teacher", config.teacher, "--text", *config.texts]
+    args += ["--num-landmarks", "8", "--max-length", "64", "--steps", "1", "--batch-size", "2"]
+    args += ["--eval-every", "1", "--no-progress", "--calibrate", "0"]
+    assert main([*args, "--out", str(tmp_path / "t"), "--dropout", "teacher"]) == 0
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())["distill"]
+    assert saved["dropout"] is None
+    assert "--dropout teacher" in command_line(saved, "out")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "u"), "--dropout", "some"])
+    assert "expected a probability in [0, 1) or 'teacher', got 'some'" in capsys.readouterr().err

@@ -8,16 +8,26 @@ have".
 """
 
 from .data import BUILTIN_TEXTS, TokenWindows, read_texts, split_corpus
-from .run import DistillConfig, distill, distill_objective, load_teacher, mean_pool
+from .run import (
+    DistillConfig,
+    build_student,
+    distill,
+    distill_objective,
+    load_teacher,
+    mean_pool,
+    set_dropout,
+)
 
 __all__ = [
     "BUILTIN_TEXTS",
     "DistillConfig",
     "TokenWindows",
+    "build_student",
     "distill",
     "distill_objective",
     "load_teacher",
     "mean_pool",
     "read_texts",
+    "set_dropout",
     "split_corpus",
 ]

@@ -19,6 +19,18 @@ from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
 
 __all__ = ["register"]
 
+
+def _dropout(text: str) -> float | str:
+    if text == "teacher":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability in [0, 1) or 'teacher', got {text!r}"
+        ) from None
+
+
 # DistillConfig fields and their flags; None = keep the default (or, with --resume, the
 # saved value).
 _FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -48,6 +60,12 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "lr": ("--lr", float, "peak learning rate (3e-5)"),
     "warmup_steps": ("--warmup-steps", int, "warm-up steps (a tenth of --steps)"),
     "weight_decay": ("--weight-decay", float, "AdamW weight decay (0)"),
+    "dropout": (
+        "--dropout",
+        _dropout,
+        "dropout probability of the student while it trains, or 'teacher' for the "
+        "teacher's own rates (0)",
+    ),
     "eval_fraction": ("--eval-fraction", float, "share of the text held out, a tail (0.1)"),
     "stride": ("--stride", int, "tokens between training windows (half a window)"),
     "eval_every": ("--eval-every", int, "validate every N steps (50)"),
@@ -108,6 +126,8 @@ def _config(args: argparse.Namespace) -> DistillConfig:
         for f in fields(DistillConfig)
         if getattr(args, f.name, None) is not None
     }
+    if given.get("dropout") == "teacher":
+        given["dropout"] = None
     if given.get("calibrate_output") == 0:
         given["calibrate_output"] = None
     if given.get("conv_kernel_size") == 0:

@@ -28,6 +28,8 @@ def command_line(distill_config: dict[str, Any], out: str | os.PathLike[str]) ->
     for name, value in distill_config.items():
         if name in ("conv_kernel_size", "calibrate_output") and value is None:
             value = 0  # the flag's "none" (its default is not)
+        if name == "dropout" and value is None:
+            value = "teacher"
         if name in ("teacher", "texts") or value is None:
             continue
         argv += [f"--{name.replace('_', '-')}", str(value)]

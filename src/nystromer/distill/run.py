@@ -81,6 +81,11 @@ class DistillConfig:
             layers, batch 4, lr 3e-5 (a start this close to the teacher loses ground at
             1e-4); 800 steps took 27–40 minutes on a 2-core CPU at 512 tokens, depending on
             what else ran.
+        dropout: dropout probability of every dropout layer of the student (attention
+            dropout included) while it trains; 0 (default) trains the deterministic model
+            that is evaluated, None keeps the teacher's own rates (0.1 for BERT). The
+            student is chasing the teacher's eval-mode outputs, which carry no dropout
+            noise (docs/results.md compares the two).
         eval_fraction: share of the text held out (half validation, half test).
         stride: tokens between consecutive training windows (default: half a window).
         eval_every: validate every this many steps.
@@ -104,6 +109,7 @@ class DistillConfig:
     lr: float = 3e-5
     warmup_steps: int | None = None
     weight_decay: float = 0.0
+    dropout: float | None = 0.0
     eval_fraction: float = 0.1
     stride: int | None = None
     eval_every: int = 50
@@ -143,6 +149,12 @@ class DistillConfig:
             raise ValueError(
                 f"max_length must be ≥ 4 (special tokens + text), got {self.max_length}"
             )
+        if self.dropout is not None and (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"dropout must be in [0, 1) or None, got {self.dropout!r}")
         if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 1):
             raise ValueError(f"stride must be a positive integer or None, got {self.stride!r}")
         if not self.texts:
@@ -174,8 +186,15 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
         names = {f.name for f in fields(cls)}
-        # Runs from before calibration, k-means landmarks and the output fit had none of them.
-        data = {"calibrate": 0, "kmeans_iterations": 0, "calibrate_output": None, **data}
+        # Runs from before calibration, k-means landmarks, the output fit and the dropout
+        # setting had none of them (and trained with the teacher's dropout).
+        data = {
+            "calibrate": 0,
+            "kmeans_iterations": 0,
+            "calibrate_output": None,
+            "dropout": None,
+            **data,
+        }
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown distillation settings {sorted(unknown)}")
@@ -210,6 +229,42 @@ def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn
         extend_positions(model, max_length + reserved)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def build_student(teacher: nn.Module, config: DistillConfig) -> nn.Module:
+    """The student before calibration and training: a converted copy of ``teacher``.
+
+    Nyström attention as ``config`` sets it (:func:`nystromer.convert`), the pooler frozen, the
+    dropout rates of ``config.dropout``, in training mode. ``teacher`` is not modified.
+    """
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    torch.manual_seed(config.seed)  # new parameters (a convolution skip) start the same
+    convert(
+        student,
+        num_landmarks=config.num_landmarks,
+        pinv_iterations=config.pinv_iterations,
+        conv_kernel_size=config.conv_kernel_size,
+        kmeans_iterations=config.kmeans_iterations,
+    )
+    pooler = getattr(student, "pooler", None)
+    if pooler is not None:
+        # Mean-pooled embeddings do not use it; frozen, it keeps the teacher's weights and
+        # DistributedDataParallel does not wait for its gradients.
+        pooler.requires_grad_(False)
+    if config.dropout is not None:
+        set_dropout(student, config.dropout)
+    return student.train()
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``model`` to ``p``.
+
+    Covers attention dropout too: BERT-style attention reads its rate from its
+    ``nn.Dropout`` module (``self.dropout.p``) and hands it to the attention function.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -337,21 +392,7 @@ def distill(
 
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
     splits, data_info = _datasets(config, tokenizer)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    torch.manual_seed(config.seed)  # new parameters (a convolution skip) start the same
-    convert(
-        student,
-        num_landmarks=config.num_landmarks,
-        pinv_iterations=config.pinv_iterations,
-        conv_kernel_size=config.conv_kernel_size,
-        kmeans_iterations=config.kmeans_iterations,
-    )
-    pooler = getattr(student, "pooler", None)
-    if pooler is not None:
-        # Mean-pooled embeddings do not use it; frozen, it keeps the teacher's weights and
-        # DistributedDataParallel does not wait for its gradients.
-        pooler.requires_grad_(False)
-    student.train()
+    student = build_student(teacher, config)
     if config.precision == "fp64":
         student.double()
     device = resolve_device(train_config.device, info)
