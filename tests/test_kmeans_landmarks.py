@@ -155,3 +155,24 @@ def test_kmeans_keeps_no_copy_of_queries_or_keys_for_backward():
     one_input = b * h * n * d * 4
     extra = saved_bytes(3) - saved_bytes(0)
     assert extra < assignments + one_input // 4
+
+
+def test_kmeans_any_memory_layout():
+    # Attention layers hand over (B, n, H, d) memory viewed as (B, H, n, d); k-means sums the
+    # tokens in that order, and must give what it gives on contiguous inputs (gradients too).
+    q, k, v = clustered_qkv(b=3, h=2, n=70)
+    mask = right_padded_mask([70, 45, 9], 70)
+    outs, grads = [], []
+    for split in (False, True):
+        inputs = [t.transpose(1, 2).contiguous().transpose(1, 2) if split else t.clone()
+                  for t in (q, k, v)]  # fmt: skip
+        assert inputs[0].is_contiguous() != split
+        for t in inputs:
+            t.requires_grad_(True)
+        out = nystrom_attention(*inputs, num_landmarks=8, mask=mask, kmeans_iterations=3)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append([t.grad for t in inputs])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

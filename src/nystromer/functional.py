@@ -152,6 +152,21 @@ class _SumRows(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
+def _nearest(x: Tensor, c: Tensor) -> Tensor:
+    """Index of the nearest of the (B, H, m, d) centres ``c`` for each of the (B, H, n, d)
+    tokens ``x``: (B, H, n) int64. argmin ‖x − c‖² = argmin (‖c‖² − 2·x·c), one (n × m)
+    product per head, computed sample by sample: bmm takes each sample's heads at any
+    stride (no copy of a head-split x) and the n×m distances of one sample at a time are
+    the only temporary."""
+    cc = (c * c).sum(-1).unsqueeze(2)  # (B, H, 1, m)
+    return torch.stack(
+        [
+            torch.baddbmm(cc[i], x[i], c[i].transpose(1, 2), alpha=-2.0).argmin(-1)
+            for i in range(x.shape[0])
+        ]
+    )
+
+
 def refine_landmarks(x: Tensor, landmarks: Tensor, valid: Tensor | None, iterations: int) -> Tensor:
     """Lloyd (k-means) iterations on each head's tokens, started from ``landmarks``.
 
@@ -176,22 +191,20 @@ def refine_landmarks(x: Tensor, landmarks: Tensor, valid: Tensor | None, iterati
     xw = x.to(landmarks.dtype)
     # Each (sample, head) owns m + 1 rows of the sums; row m collects padding and is dropped.
     rows = (torch.arange(b * h, device=x.device) * (m + 1)).view(b, h, 1)
-    src = xw.reshape(b * h * n, d)
+    if xw.transpose(1, 2).is_contiguous():
+        # (B, n, H, d) in memory, as a projection followed by a head split gives: the tokens
+        # are summed in that order (no copy of x), with the indices laid out to match.
+        src, order = xw.transpose(1, 2).reshape(b * n * h, d), (lambda t: t.transpose(1, 2))
+    else:
+        src, order = xw.reshape(b * h * n, d), (lambda t: t)
     ones = xw.new_ones(b * h * n)
     c = landmarks
     for _ in range(iterations):
         with torch.no_grad():
-            # argmin ‖x − c‖² = argmin (‖c‖² − 2·x·c): one (n × m) product per head.
-            dist = torch.baddbmm(
-                (c * c).sum(-1).view(b * h, 1, m),
-                xw.reshape(b * h, n, d),
-                c.reshape(b * h, m, d).transpose(1, 2),
-                alpha=-2.0,
-            )
-            assign = dist.argmin(-1).view(b, h, n)
+            assign = _nearest(xw, c)
             if valid is not None:
                 assign = assign.masked_fill(~valid[:, None, :], m)
-            index = (rows + assign).reshape(-1)
+            index = order(rows + assign).reshape(-1)
             counts = xw.new_zeros(b * h * (m + 1)).index_add_(0, index, ones)
             counts = counts.view(b, h, m + 1, 1)[:, :, :m]
         sums = _SumRows.apply(src, index, b * h * (m + 1))
