@@ -174,5 +174,5 @@ def test_kmeans_any_memory_layout():
         outs.append(out)
         grads.append([t.grad for t in inputs])
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
-    for a, b in zip(grads[1], grads[0]):
+    for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
