@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Input layout benchmark: our attention on contiguous vs head-split (B, H, n, d) inputs.
+
+    python benchmarks/input_layout.py                        # n = 16,384, 1 × 8 heads × 64
+    python benchmarks/input_layout.py --write-docs docs/benchmarks.md
+
+A model hands attention (B, n, H, d) memory viewed as (B, H, n, d) (a projection, then a head
+split); tests and micro-benchmarks usually pass contiguous (B, H, n, d) tensors. The attention
+core benchmark uses the model's layout since 2026-12-01; this one shows what that choice does to
+our times: both layouts are timed in one process, alternating round by round, so that the
+machine's drift hits both alike. Forward runs without autograd; forward+backward
+back-propagates an output gradient in the same layout as the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from nystromer import nystrom_attention
+from nystromer._io import replace_section
+from nystromer.bench.measure import machine_info, machine_label, recorded_command
+
+LAYOUTS = ("contiguous", "head-split")
+BEGIN = "<!-- input-layout:begin (written by benchmarks/input_layout.py) -->"
+END = "<!-- input-layout:end -->"
+
+
+def make_inputs(layout: str, batch: int, heads: int, n: int, d: int, seed: int = 0) -> list:
+    """q, k, v and an output gradient, (B, H, n, d) each, in ``layout``."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return [torch.randn(batch, heads, n, d, generator=gen) for _ in range(4)]
+    return [torch.randn(batch, n, heads, d, generator=gen).transpose(1, 2) for _ in range(4)]
+
+
+def time_layouts(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds per call: ``{layout: {"forward": [...], "forward_backward": [...]}}``."""
+    inputs = {
+        layout: make_inputs(layout, args.batch, args.heads, args.seq_len, args.head_dim)
+        for layout in LAYOUTS
+    }
+    for q, k, v, _ in inputs.values():
+        for t in (q, k, v):
+            t.requires_grad_(True)
+
+    def forward(q, k, v, grad):
+        with torch.no_grad():
+            nystrom_attention(q, k, v, num_landmarks=args.num_landmarks)
+
+    def forward_backward(q, k, v, grad):
+        for t in (q, k, v):
+            t.grad = None
+        nystrom_attention(q, k, v, num_landmarks=args.num_landmarks).backward(grad)
+
+    times = {layout: {"forward": [], "forward_backward": []} for layout in LAYOUTS}
+    for task, call in (("forward", forward), ("forward_backward", forward_backward)):
+        for layout in LAYOUTS:
+            call(*inputs[layout])  # warm-up
+        for _ in range(args.repeats):
+            for layout in LAYOUTS:
+                t0 = time.perf_counter()
+                call(*inputs[layout])
+                times[layout][task].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def render(times: dict, command: str, label: str, args: argparse.Namespace) -> str:
+    med = {lay: {t: statistics.median(v) for t, v in times[lay].items()} for lay in LAYOUTS}
+    lines = [
+        "## Input layout: contiguous vs head-split inputs",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.",
+        f"Machine: {label}.",
+        "",
+        f"Ours only, n = {args.seq_len:,}, batch {args.batch}, {args.heads} heads × "
+        f"{args.head_dim}, m = {args.num_landmarks}, float32; median of {args.repeats} calls "
+        "per layout, the layouts alternating in one process.",
+        "",
+        "| inputs | forward ms | forward+backward ms |",
+        "|---|--:|--:|",
+    ]
+    for lay in LAYOUTS:
+        lines.append(
+            f"| {lay} | {med[lay]['forward']:,.1f} | {med[lay]['forward_backward']:,.1f} |"
+        )
+    ratio = {t: med["head-split"][t] / med["contiguous"][t] for t in med["contiguous"]}
+    lines.append(
+        f"| head-split ÷ contiguous | {ratio['forward']:.2f} | {ratio['forward_backward']:.2f} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-len", "-n", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--num-landmarks", "-m", type=int, default=64)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument("--repeats", type=int, default=9, help="timed calls per layout (median)")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    args = p.parse_args(argv)
+    for name in ("seq_len", "batch", "heads", "head_dim", "num_landmarks", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = recorded_command("benchmarks/input_layout.py", argv, drop=())
+    print(f"input layout benchmark: {command}", flush=True)
+    markdown = render(time_layouts(args), command, machine_label(machine_info()), args)
+    print(markdown)
+    if args.write_docs:
+        replace_section(args.write_docs, BEGIN, END, markdown, new_file="# Benchmarks\n")
+        print(f"wrote the input-layout section of {args.write_docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
