@@ -24,21 +24,21 @@ from nystromer.bench.core import (
     write_docs_section,
 )
 from nystromer.bench.implementations import IMPLEMENTATIONS
-from nystromer.bench.measure import DTYPES, CaseSpec, recorded_command
+from nystromer.bench.measure import (
+    DTYPES,
+    CaseSpec,
+    add_core_problem_arguments,
+    recorded_command,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seq-len", "-n", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-landmarks", "-m", type=int, default=64)
+    add_core_problem_arguments(p)
     p.add_argument("--pinv-iterations", type=int, default=6)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--padding", type=float, default=0.1, help="padding fraction of the padded row")
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     p.add_argument("--warmup", type=int, default=1)

@@ -23,7 +23,12 @@ import torch
 
 from nystromer import nystrom_attention
 from nystromer._io import replace_section
-from nystromer.bench.measure import machine_info, machine_label, recorded_command
+from nystromer.bench.measure import (
+    add_core_problem_arguments,
+    machine_info,
+    machine_label,
+    recorded_command,
+)
 
 LAYOUTS = ("contiguous", "head-split")
 BEGIN = "<!-- input-layout:begin (written by benchmarks/input_layout.py) -->"
@@ -98,12 +103,7 @@ def render(times: dict, command: str, label: str, args: argparse.Namespace) -> s
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seq-len", "-n", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-landmarks", "-m", type=int, default=64)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    add_core_problem_arguments(p)
     p.add_argument("--repeats", type=int, default=9, help="timed calls per layout (median)")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     args = p.parse_args(argv)

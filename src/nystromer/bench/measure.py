@@ -58,6 +58,17 @@ TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
 
 
+def add_core_problem_arguments(parser) -> None:
+    """The attention core problem's options (defaults: issue 3's n = 16,384, batch 1, 8 heads
+    of 64, m = 64) and ``--threads``, shared by the scripts in ``benchmarks/``."""
+    parser.add_argument("--seq-len", "-n", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--num-landmarks", "-m", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+
+
 def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
     """The command line a report records: ``python script argv…`` without the ``drop`` options
     (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
