@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train import NonFiniteLossError
+from ..train.cli import add_runtime_arguments, runtime_options
 from ..train.distributed import init_from_env, shutdown
 from ..train.loop import PRECISIONS
 from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
@@ -100,11 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
     p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "fp16"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--stop-at", type=int, help="pause after this step (resume later)")
-    p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
-    p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
     p.add_argument(
         "--write-docs",
         type=Path,
@@ -156,14 +153,7 @@ def _distill(args: argparse.Namespace) -> int:
     clean = False  # barrier before leaving the group only after a normal finish
     try:
         config = _config(args)
-        runtime = {
-            "device": args.device,
-            "stop_at": args.stop_at,
-            "checkpoint_every": args.checkpoint_every,
-            "eval_batch_size": args.eval_batch_size,
-            "progress": not args.no_progress,
-        }
-        report = distill(config, args.out, resume=args.resume, **runtime)
+        report = distill(config, args.out, resume=args.resume, **runtime_options(args))
         clean = True
     except NonFiniteLossError as exc:
         print(f"nystromer: {exc}", file=sys.stderr)

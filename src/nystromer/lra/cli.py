@@ -15,6 +15,7 @@ from typing import Any
 
 from ..train import NonFiniteLossError
 from ..train import checkpoint as ckpt
+from ..train.cli import add_runtime_arguments, runtime_options
 from ..train.distributed import init_from_env, shutdown
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
@@ -48,12 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_runtime_arguments(p)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--stop-at", type=int, help="pause after this step (resume later)")
-    p.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
-    p.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--write-docs",
         type=Path,
@@ -131,14 +128,7 @@ def _train(args: argparse.Namespace) -> int:
                 return _error(f"the recipe {args.recipe} is for {recipe.task}, not {args.task}")
         if data is None:
             return _error("--data is required")
-        runtime = {
-            "device": args.device,
-            "num_workers": args.num_workers,
-            "stop_at": args.stop_at,
-            "checkpoint_every": args.checkpoint_every,
-            "eval_batch_size": args.eval_batch_size,
-            "progress": not args.no_progress,
-        }
+        runtime = {**runtime_options(args), "num_workers": args.num_workers}
         result = train_task(recipe, data, args.out, resume=args.resume, **runtime)
         clean = True
     except NonFiniteLossError as exc:
