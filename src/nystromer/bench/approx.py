@@ -575,21 +575,18 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
         (line,) = ax.loglog(
             sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means"
         )
-        if "kmeans" in sweep:  # absent from reports written before it was measured
-            ax.loglog(
-                sweep["landmarks"],
-                sweep["kmeans"],
-                "^:",
-                color=line.get_color(),
-                label=f"{name}: k-means",
-            )
-        ax.loglog(
-            sweep["landmarks"],
-            sweep["random_subsample"],
-            "s--",
-            color=line.get_color(),
-            label=f"{name}: random positions",
-        )
+        for key, style, choice in (
+            ("kmeans", "^:", "k-means"),  # absent from reports written before it was measured
+            ("random_subsample", "s--", "random positions"),
+        ):
+            if key in sweep:
+                ax.loglog(
+                    sweep["landmarks"],
+                    sweep[key],
+                    style,
+                    color=line.get_color(),
+                    label=f"{name}: {choice}",
+                )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("landmarks m")
     ax.set_ylabel("relative error vs exact")

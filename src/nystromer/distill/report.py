@@ -44,22 +44,17 @@ def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str
     if report.get("cosine_calibrated") is not None:
         cosine.insert(1, report["cosine_calibrated"])
         mse.insert(1, report["mse_calibrated"])
-        head.insert(
-            1,
-            "convolution and output fitted"
-            if cfg.get("calibrate_output")
-            else "convolution skip fitted",
-        )
+        fitted = f"The convolution skip (k = {cfg['conv_kernel_size']}) was"
+        head.insert(1, "convolution skip fitted")
+        if cfg.get("calibrate_output"):
+            fitted = (
+                f"The convolution skip (k = {cfg['conv_kernel_size']}) and each attention "
+                f"output projection (shrinkage {cfg['calibrate_output']}) were"
+            )
+            head[1] = "convolution and output fitted"
         note = [
             "",
-            f"The convolution skip (k = {cfg['conv_kernel_size']})"
-            + (
-                f" and each attention output projection (shrinkage {cfg['calibrate_output']})"
-                if cfg.get("calibrate_output")
-                else ""
-            )
-            + (" were" if cfg.get("calibrate_output") else " was")
-            + f" fitted to exact attention on {cfg['calibrate']} training windows "
+            f"{fitted} fitted to exact attention on {cfg['calibrate']} training windows "
             f"(`nystromer.calibrate`, {report['calibration_s']:.0f} s) before training.",
         ]
     return [
