@@ -10,6 +10,7 @@ import shlex
 import pytest
 
 from nystromer.cli import main
+from nystromer.lra.report import accuracy_interval
 
 from .synthetic import TokenDataset
 
@@ -86,6 +87,10 @@ def test_results_section_holds_a_command_that_reproduces_the_run(memory_data, tm
     assert f"| listops | **{100 * summary['test_accuracy']:.2f}** | 37.15 | 37.10 |" in text
     rows = [x.split(" | ")[0] for x in text.splitlines() if x.startswith("| ") and x[2].isdigit()]
     assert rows == ["| 4", "| 8", "| 12"]  # the validation table
+    assert summary["test_examples"] == 16
+    low, high = accuracy_interval(summary["test_accuracy"], 16)
+    assert "On 16 test examples the 95% interval of this accuracy (Wilson) is " in text
+    assert f"{100 * low:.2f}–{100 * high:.2f}%; the paper's 37.15 lies " in text
     assert (docs.parent / "results" / "tiny-listops_accuracy.png").stat().st_size > 0
 
     # The recorded command, run again into another folder, trains the same recipe to the
@@ -109,6 +114,21 @@ def test_results_section_holds_a_command_that_reproduces_the_run(memory_data, tm
     capsys.readouterr()
     assert main(["eval", str(paused), "--write-docs", str(docs)]) == 2
     assert "summary.json is missing" in capsys.readouterr().err
+
+
+def test_accuracy_interval_is_wilsons():
+    # Reference values of the Wilson score interval (Newcombe 1998, Table I; Brown, Cai and
+    # DasGupta 2001): 50/100 and 0/10 at 95%.
+    assert accuracy_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=5e-5)
+    low, high = accuracy_interval(0.0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=5e-5)
+    # ListOps: 2,000 test examples at 36% leave about ±2.1 points.
+    low, high = accuracy_interval(0.36, 2000)
+    assert 100 * (high - low) / 2 == pytest.approx(2.1, abs=0.05)
+    with pytest.raises(ValueError, match="accuracy must be a fraction"):
+        accuracy_interval(36.0, 2000)
+    with pytest.raises(ValueError, match="n .the number of examples"):
+        accuracy_interval(0.4, 0)
 
 
 def test_command_line_errors(memory_data, tmp_path, capsys):

@@ -722,6 +722,9 @@ class Trainer:
             "steps": self.step,
             **{f"test_{k}": v for k, v in test.items()},
             "test_checkpoint": tested if test else None,
+            # How many examples the test metrics average over, so that reports can give their
+            # sampling error.
+            "test_examples": len(self.test_data) if test else None,  # type: ignore[arg-type]
             **{f"best_val_{k}": v for k, v in self.best_val.items()},
             "best_step": self.best_step,
             "wall_time_s": round(wall, 3),
