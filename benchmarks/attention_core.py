@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--padding", type=float, default=0.1, help="padding fraction of the padded row")
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every implementation this many times, in turn (median over rounds)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--exact-repeats", type=int, default=2, help="timed calls of exact SDPA")
     p.add_argument("--gemm-size", type=int, default=4096)
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         base,
         implementations=args.impl,
         padding=args.padding,
+        rounds=args.rounds,
         exact_repeats=args.exact_repeats,
         gemm_size=args.gemm_size,
         gemm_repeats=args.gemm_repeats,

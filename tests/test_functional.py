@@ -289,3 +289,66 @@ def test_equal_segments_gradients_in_the_inputs_layout(split):
     y = torch.randn(2, 3, 32, 5, dtype=torch.float64)[:, :, ::2].requires_grad_(True)
     (fn.segment_means(y, index, counts, 4, torch.float64) * g).sum().backward()
     assert torch.equal(y.grad, g.repeat_interleave(4, dim=2) / 4)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["contiguous", "head-split"])
+@pytest.mark.parametrize(
+    "n, lengths", [(16, None), (18, None), (16, [16, 11])], ids=["equal", "uneven", "padded"]
+)
+def test_landmark_gradient_is_added_in_place_only_where_safe(monkeypatch, split, n, lengths):
+    # Without k-means, q and k pass through one node that also gives their segment means,
+    # and its backward adds the means' gradient into the attention's gradient in place. The
+    # result must be what autograd gives for the two uses taken separately, in x's layout,
+    # and nothing saved for a second backward may be disturbed.
+    q, k, v = qkv(b=2, h=3, n=n, d=5, seed=3)
+    if split:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask = None if lengths is None else right_padded_mask(lengths, n)
+    g = torch.randn(2, 3, n, 5, dtype=torch.float64)
+    # Blocks of 3 rows, the last one short, where segments are gathered block by block.
+    monkeypatch.setattr(fn, "_GATHER_BLOCK", 2 * 3 * 5 * 3)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = nystrom_attention(*leaves, num_landmarks=4, mask=mask)
+        out.backward(g, retain_graph=True)
+        first = [t.grad.clone() for t in leaves]
+        out.backward(g)  # the graph's saved tensors must be intact for a second pass
+        for t, f in zip(leaves, first, strict=True):
+            assert torch.allclose(t.grad, 2 * f, rtol=1e-12, atol=1e-12)
+        return first, [t.grad.stride() for t in leaves]
+
+    fused, strides = grads()
+    assert strides == [q.stride(), k.stride(), v.stride()]
+    # The reference: the same math with the means as a separate use of x (autograd sums).
+    monkeypatch.setattr(
+        fn._SharedSegmentMeans,
+        "apply",
+        lambda x, index, counts, m, dtype: (x, fn.segment_means(x, index, counts, m, dtype)),
+    )
+    reference, _ = grads()
+    for a, b in zip(fused, reference, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+    # The node alone: an expanded incoming gradient (from a sum) is never written to, and a
+    # missing one (only the means used) gives the means' gradient alone.
+
+
+def test_shared_landmark_node_with_an_unwritable_or_missing_gradient():
+    # An expanded incoming gradient (from a sum) is never written to, and a missing one (only
+    # the means used) gives the means' gradient alone, with and without padding.
+    x = torch.randn(2, 3, 16, 5, dtype=torch.float64, requires_grad=True)
+    equal = fn.landmark_assignment(None, 16, 4, x.device)
+    padded = fn.landmark_assignment(right_padded_mask([16, 8], 16), 16, 4, x.device)
+    share = torch.ones(2, 1, 16, 1, dtype=torch.float64) / 4  # segments of 4 tokens
+    share[1, :, :8] = 1 / 2  # 8 real tokens: segments of 2
+    share[1, :, 8:] = 0  # padding
+    for (index, counts), means_share in ((equal, 1 / 4), (padded, share)):
+        same, means = fn._SharedSegmentMeans.apply(x, index, counts, 4, torch.float64)
+        (same.sum() + means.sum()).backward()
+        assert torch.allclose(x.grad, (1 + means_share) * torch.ones_like(x), atol=1e-15)
+        x.grad = None
+        _, means = fn._SharedSegmentMeans.apply(x, index, counts, 4, torch.float64)
+        means.sum().backward()
+        assert torch.allclose(x.grad, means_share * torch.ones_like(x), atol=1e-15)
+        x.grad = None

@@ -152,6 +152,86 @@ class _SumRows(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
+class _SharedSegmentMeans(torch.autograd.Function):
+    """``(x, segment_means(x, index, counts, m, dtype))`` as one node: x passes through, and
+    the backward adds the means' gradient in place into the gradient that arrives for x.
+
+    Autograd would otherwise sum the two gradients of x (the attention's and the means')
+    out of place: a third n·d tensor in fresh memory, besides the means' own full-size
+    gradient. Fresh memory is not free on CPU: the first touch of each page costs more than
+    the arithmetic (a 32 MiB gradient: ~12 ms of page faults against ~1 ms to add it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, counts, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        n = x.shape[2]
+        ctx.shape, ctx.m, ctx.x_dtype = x.shape, m, x.dtype
+        # x's strides if x is dense, else contiguous ones (empty_like's rule); no data kept.
+        ctx.layout = torch.empty_like(x, device="meta").stride()
+        ctx.equal = counts is None and n % m == 0
+        if not ctx.equal:
+            sizes = torch.bincount(index, minlength=m) if counts is None else counts[:, :m]
+            ctx.save_for_backward(index, sizes)
+        return x.view_as(x), segment_means(x, index, counts, m, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor | None, grad_means: Tensor | None):
+        none = (None,) * 4
+        if grad_means is None:
+            return grad_x, *none
+        # In place only into a dense gradient that nothing else can see: not under
+        # create_graph (the gradient is then part of a graph) and not into an expanded or
+        # overlapping tensor (e.g. the broadcast ones of ``out.sum().backward()``).
+        writable = grad_x is not None and not (
+            torch.is_grad_enabled()
+            or grad_x.dtype != ctx.x_dtype
+            or not (grad_x.is_contiguous() or grad_x.transpose(1, 2).is_contiguous())
+        )
+        if writable:
+            into = grad_x
+        else:
+            into = torch.empty_strided(
+                ctx.shape, ctx.layout, dtype=ctx.x_dtype, device=grad_means.device
+            )
+        if ctx.equal:
+            b, h, n, d = ctx.shape
+            m = ctx.m
+            spread = (grad_means / (n // m)).to(ctx.x_dtype).unsqueeze(3)
+            spread = spread.expand(b, h, m, n // m, d)
+            # Splitting n into (m, n // m) is a view for any strides of a dense tensor.
+            if writable:
+                into.view(b, h, m, n // m, d).add_(spread)
+            else:
+                into.view(b, h, m, n // m, d).copy_(spread)
+        else:
+            if not writable:
+                into.zero_()
+            _add_segment_gradient(into, grad_means, *ctx.saved_tensors, ctx.m)
+        if grad_x is not None and not writable:
+            into = grad_x + into
+        return into, *none
+
+
+# Elements gathered per block by _add_segment_gradient: large enough that the loop costs
+# little, small enough that the temporary is reused memory rather than fresh pages.
+_GATHER_BLOCK = 1 << 20
+
+
+def _add_segment_gradient(into: Tensor, grad_means: Tensor, index, sizes, m: int) -> None:
+    """Add to ``into`` (B, H, n, d) each token's share of its segment's gradient,
+    ``grad_means[segment] / size``; padding (segment m) gets nothing. A block of rows at a
+    time, so that no full-size temporary is allocated."""
+    b, h, n, d = into.shape
+    share = grad_means / sizes.clamp_min(1).to(grad_means.dtype).view(-1, 1, m, 1)
+    share = torch.cat([share, share.new_zeros(share.shape[0], h, 1, d)], 2).to(into.dtype)
+    share = share.expand(b, h, m + 1, d)
+    index = index.view(-1, 1, n, 1)
+    rows = max(1, _GATHER_BLOCK // max(1, b * h * d))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        into[:, :, s:e].add_(share.gather(2, index[:, :, s:e].expand(b, h, e - s, d)))
+
+
 def _nearest(x: Tensor, c: Tensor) -> Tensor:
     """Index of the nearest of the (B, H, m, d) centres ``c`` for each of the (B, H, n, d)
     tokens ``x``: (B, H, n) int64. argmin ‖x − c‖² = argmin (‖c‖² − 2·x·c), one (n × m)
@@ -432,8 +512,13 @@ def _nystrom(
 
     q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
     k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-    q_land = segment_means(query, q_index, q_counts, m, work)
-    k_land = segment_means(key, k_index, k_counts, m, work)
+    if kmeans_iterations:
+        q_land = segment_means(query, q_index, q_counts, m, work)
+        k_land = segment_means(key, k_index, k_counts, m, work)
+    else:
+        # q and k have exactly two uses, their means and one attention call: one node each.
+        query, q_land = _SharedSegmentMeans.apply(query, q_index, q_counts, m, work)
+        key, k_land = _SharedSegmentMeans.apply(key, k_index, k_counts, m, work)
     if kmeans_iterations:
         q_land = _refined(query, q_land, query_mask, q_counts, m, kmeans_iterations)
         k_land = _refined(key, k_land, mask, k_counts, m, kmeans_iterations)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from nystromer.bench.core import CoreReport, check_targets, format_report, write_docs_section
+from nystromer.bench.core import (
+    CoreReport,
+    check_targets,
+    format_report,
+    run_core,
+    write_docs_section,
+)
 from nystromer.bench.demo import run_attention_demo
 from nystromer.bench.measure import CaseResult, CaseSpec, machine_info
 from nystromer.cli import main
@@ -100,7 +106,7 @@ def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
     docs, report = tmp_path / "benchmarks.md", tmp_path / "core.json"
     argv = ["-n", "128", "--heads", "2", "--head-dim", "16", "-m", "16", "--threads", "1"]
     argv += ["--impl", "nystromer", "--impl", "exact", "--repeats", "1", "--gemm-size", "64"]
-    argv += ["--write-docs", str(docs), "--json", str(report)]
+    argv += ["--rounds", "2", "--write-docs", str(docs), "--json", str(report)]
     monkeypatch.setattr(sys, "argv", ["attention_core.py", *argv])
     with pytest.raises(SystemExit) as info:
         runpy.run_path(str(ROOT / "benchmarks" / "attention_core.py"), run_name="__main__")
@@ -111,6 +117,15 @@ def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
     assert set(data["rows"]) == {"nystromer", "exact", "nystromer (padded)"}
     assert data["gemm_gflops"] > 0 and data["flop_limit_ms"] > 0
     assert "python benchmarks/attention_core.py -n 128" in docs.read_text()
+    # Two rounds, implementations in turn; exact only in the first.
+    assert data["rounds"] == 2 and "in each of 2 rounds" in docs.read_text()
+    assert "(round 2/2)" in out
+    rows = data["rows"]
+    assert len(rows["nystromer"]["forward_times_ms"]) == 2
+    assert len(rows["nystromer (padded)"]["backward_times_ms"]) == 2
+    assert len(rows["exact"]["forward_times_ms"]) == 1
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        run_core(CaseSpec("nystromer"), rounds=0)
 
     # A saved report renders again without measuring.
     monkeypatch.setattr(sys, "argv", ["attention_core.py", "--from-json", str(report)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import statistics
 from dataclasses import dataclass
 
 from .._io import replace_section
@@ -79,6 +80,7 @@ class CoreReport:
     machine: dict
     command: str
     date: str
+    rounds: int = 1
 
     @classmethod
     def from_dict(cls, data: dict) -> CoreReport:
@@ -97,6 +99,7 @@ class CoreReport:
             machine=data["machine"],
             command=data["command"],
             date=data["date"],
+            rounds=data.get("rounds", 1),
         )
 
     def to_dict(self) -> dict:
@@ -110,6 +113,7 @@ class CoreReport:
             "machine_label": machine_label(self.machine),
             "command": self.command,
             "date": self.date,
+            "rounds": self.rounds,
             "targets": [dataclasses.asdict(t) | {"passed": t.passed} for t in check_targets(self)],
         }
 
@@ -119,6 +123,7 @@ def run_core(
     *,
     implementations: list[str] | None = None,
     padding: float = 0.1,
+    rounds: int = 1,
     exact_repeats: int = 2,
     gemm_size: int = 4096,
     gemm_repeats: int = 5,
@@ -132,6 +137,10 @@ def run_core(
         base: the problem; its ``impl`` is ignored.
         implementations: registry names (default: :data:`CORE_IMPLEMENTATIONS`).
         padding: padding fraction of the extra nystromer row.
+        rounds: how many times to measure every implementation, in turn (round-robin), so
+            that each one is measured across the same stretch of a shared machine's noise;
+            each row is the median over rounds. Exact attention is measured in the first
+            round only.
         exact_repeats: timed repeats of exact attention (it is only the O(n²) reference and
             takes seconds per call at n = 16k).
         gemm_size, gemm_repeats: the GEMM that measures the FLOP rate (best of the repeats).
@@ -151,11 +160,18 @@ def run_core(
     if OURS in names and padding > 0:
         cases.append((OURS_PADDED, dataclasses.replace(base, impl=OURS, padding=padding)))
 
-    rows: dict[str, CaseResult] = {}
-    for label, spec in cases:
-        rows[label] = result = measure_case(spec, timeout=timeout)
-        if progress is not None:
-            progress(f"  {label:<20} {_row_summary(result)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds!r}")
+    measured: dict[str, list[CaseResult]] = {label: [] for label, _ in cases}
+    for r in range(rounds):
+        for label, spec in cases:
+            if r > 0 and (spec.impl == "exact" or measured[label][0].status != "ok"):
+                continue
+            measured[label].append(result := measure_case(spec, timeout=timeout))
+            if progress is not None:
+                where = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
+                progress(f"  {label:<20} {_row_summary(result)}{where}")
+    rows = {label: _median_result(results) for label, results in measured.items()}
 
     if base.threads is not None:
         torch.set_num_threads(base.threads)
@@ -170,6 +186,28 @@ def run_core(
         machine=machine_info(base.device, base.threads),
         command=command,
         date=datetime.date.today().isoformat(),
+        rounds=rounds,
+    )
+
+
+def _median_result(results: list[CaseResult]) -> CaseResult:
+    """One row from the rounds of one case: the median of each quantity (every call's time
+    kept); a case that was not ``ok`` in its first round keeps that result."""
+    if len(results) == 1 or results[0].status != "ok":
+        return results[0]
+
+    def median(attr: str) -> float | None:
+        values = [getattr(r, attr) for r in results if getattr(r, attr) is not None]
+        return statistics.median(values) if values else None
+
+    return dataclasses.replace(
+        results[0],
+        forward_ms=median("forward_ms"),
+        backward_ms=median("backward_ms"),
+        forward_peak_mib=median("forward_peak_mib"),
+        backward_peak_mib=median("backward_peak_mib"),
+        forward_times_ms=[t for r in results for t in r.forward_times_ms],
+        backward_times_ms=[t for r in results for t in r.backward_times_ms],
     )
 
 
@@ -262,12 +300,20 @@ def format_report(report: CoreReport) -> str:
     exact = report.rows.get("exact")
     exact_note = ""
     if exact is not None and exact.spec.repeats != b.repeats:
-        exact_note = f" (exact: {exact.spec.repeats} calls)"
+        exact_note = f" (exact: {exact.spec.repeats} calls"
+        exact_note += ", first round only)" if report.rounds > 1 else ")"
+    rounds_note = ""
+    if report.rounds > 1:
+        rounds_note = (
+            f", in each of {report.rounds} rounds that run every implementation in turn; "
+            "each cell is the median over the rounds"
+        )
     itemsize = {"float64": 8, "float32": 4}.get(b.dtype, 2)
     io_mib = b.batch * b.heads * b.seq_len * b.head_dim * itemsize / 2**20
     lines += [
         "",
-        f"Times: median of {b.repeats} calls after {b.warmup} warm-up{exact_note}; forward "
+        f"Times: median of {b.repeats} calls after {b.warmup} warm-up{exact_note}"
+        f"{rounds_note}; forward "
         "without autograd, forward+backward back to the inputs. Peak memory: "
         f"fresh process per measurement, method `{method}`, above the inputs' footprint; it "
         f"includes the output ({io_mib:,.1f} MiB) and, for forward+backward, the gradients of "
