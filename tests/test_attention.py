@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nystromer import NystromAttention
+from nystromer.attention import banded_sequence_conv, value_conv, value_conv_skip
 
 from .reference import nystrom_reference
 
@@ -57,6 +58,67 @@ def test_conv_skip_is_the_depthwise_convolution_of_values():
     want = skip.transpose(1, 2).reshape(1, 40, 32) @ attn.out_proj.weight.T
     assert torch.allclose(diff, want, atol=1e-10)
     assert attn.conv.weight.shape == (4, 1, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "n, heads, d, k",
+    [(100, 3, 5, 7), (10, 2, 3, 35), (200, 2, 4, 101), (1, 2, 3, 3), (64, 2, 4, 35), (33, 1, 1, 1)],
+)
+def test_banded_sequence_conv_is_the_depthwise_convolution(n, heads, d, k):
+    # Kernels longer than the sequence, n a multiple of the block and not, k = 1, one head,
+    # and blocks longer than 32 (k = 101): the banded products equal torch's convolution,
+    # on a head split of (B, n, H, d) memory as a model hands it, with and without bias.
+    g = torch.Generator().manual_seed(n + k)
+    v = torch.randn(2, n, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    w = torch.randn(heads, 1, k, 1, generator=g, dtype=torch.float64)
+    bias = torch.randn(heads, generator=g, dtype=torch.float64)
+    for b in (None, bias):
+        want = F.conv2d(v, w, b, padding=(k // 2, 0), groups=heads)
+        assert torch.allclose(banded_sequence_conv(v, w, b), want, rtol=0, atol=1e-12)
+    sv = v[:, :, :9].detach().clone().requires_grad_(True)
+    sw = w.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(banded_sequence_conv, (sv, sw))
+
+
+def test_banded_conv_weight_gradient_is_accurate_in_float32():
+    # The kernel's gradient sums B·n·d products per tap. In float32 the banded form keeps it
+    # to ~1e-7 of float64 (sums of T-long products, then of blocks); torch's CPU depthwise
+    # convolution was off by 6% at this size (torch 2.13), which is why it is not the
+    # reference here. 1e-5 leaves room for a different summation order.
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 512, 12, 32, generator=g).transpose(1, 2)
+    w = 0.1 * torch.randn(12, 1, 35, 1, generator=g)
+    grad = torch.randn(4, 12, 512, 32, generator=g)
+
+    def weight_grad(conv, dtype):
+        ww = w.to(dtype).requires_grad_(True)
+        conv(v.to(dtype), ww).backward(grad.to(dtype))
+        return ww.grad.double()
+
+    def torch_conv(x, weight):
+        return F.conv2d(x, weight, padding=(17, 0), groups=12)
+
+    exact = weight_grad(torch_conv, torch.float64)
+    err = (weight_grad(banded_sequence_conv, torch.float32) - exact).abs().max() / exact.abs().max()
+    assert err.item() < 1e-5
+
+
+def test_conv_skip_uses_the_banded_form_only_for_the_papers_layer():
+    x = torch.randn(2, 3, 50, 4)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [31]])
+    conv = value_conv(3, 35)
+    # float32 and bfloat16 against torch's convolution: rounding-level differences only.
+    want = conv(x * mask[:, None, :, None]) * mask[:, None, :, None]
+    assert torch.allclose(value_conv_skip(conv, x, mask), want, rtol=0, atol=1e-5)
+    # bfloat16 keeps 8 significant bits (~0.4% per product), summed over up to 35 taps.
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 layer, autocast products
+        auto = value_conv_skip(conv, x, mask)
+    low = value_conv_skip(conv.bfloat16(), x.bfloat16(), mask)
+    for y in (auto.float(), low.float()):
+        assert torch.allclose(y, want, rtol=0, atol=0.1 * want.abs().max().item())
+    # Another convolution (here circular padding) is applied as it is.
+    circular = torch.nn.Conv2d(3, 3, (5, 1), padding=(2, 0), groups=3, padding_mode="circular")
+    assert torch.equal(value_conv_skip(circular, x, None), circular(x))
 
 
 def test_cross_attention_with_kdim_vdim():
