@@ -26,9 +26,13 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from nystromer._io import replace_section
 from nystromer.attention import banded_sequence_conv
-from nystromer.bench.measure import machine_info, machine_label, recorded_command
+from nystromer.bench.measure import (
+    emit_section,
+    machine_info,
+    machine_label,
+    recorded_command,
+)
 
 BEGIN = "<!-- conv-skip:begin (written by benchmarks/conv_skip.py) -->"
 END = "<!-- conv-skip:end -->"
@@ -226,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: done", flush=True)
     steps = time_listops_steps(args.steps) if args.steps else None
     markdown = render(results, errors, steps, command, machine_label(machine_info()), args)
-    print(markdown)
-    if args.write_docs:
-        replace_section(args.write_docs, BEGIN, END, markdown, new_file="# Benchmarks\n")
-        print(f"wrote the conv-skip section of {args.write_docs}")
+    emit_section(markdown, args.write_docs, BEGIN, END, "conv-skip")
     return 0
 
 

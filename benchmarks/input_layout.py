@@ -22,9 +22,9 @@ import time
 import torch
 
 from nystromer import nystrom_attention
-from nystromer._io import replace_section
 from nystromer.bench.measure import (
     add_core_problem_arguments,
+    emit_section,
     machine_info,
     machine_label,
     recorded_command,
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     command = recorded_command("benchmarks/input_layout.py", argv, drop=())
     print(f"input layout benchmark: {command}", flush=True)
     markdown = render(time_layouts(args), command, machine_label(machine_info()), args)
-    print(markdown)
-    if args.write_docs:
-        replace_section(args.write_docs, BEGIN, END, markdown, new_file="# Benchmarks\n")
-        print(f"wrote the input-layout section of {args.write_docs}")
+    emit_section(markdown, args.write_docs, BEGIN, END, "input-layout")
     return 0
 
 

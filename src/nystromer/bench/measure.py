@@ -83,6 +83,17 @@ def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str
     return shlex.join(["python", script, *shown])
 
 
+def emit_section(markdown: str, docs: str | None, begin: str, end: str, name: str) -> None:
+    """Print a benchmark script's Markdown section and, when ``docs`` is a file name, write it
+    there between ``begin`` and ``end`` (replacing an earlier version of it)."""
+    from .._io import replace_section
+
+    print(markdown)
+    if docs:
+        replace_section(docs, begin, end, markdown, new_file="# Benchmarks\n")
+        print(f"wrote the {name} section of {docs}")
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     """One measurement: an implementation and a problem size.
