@@ -196,7 +196,7 @@ def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = No
     k // 2 positions, so each output block is the sum of three T×T banded matrices times the
     input blocks before, at and after it: three batched matrix products, run at the matrix
     rate, where torch's depthwise convolution kernels run its few channels slowly on the CPU
-    (the LRA ListOps layer, 2 heads of 32 at 2,000 tokens: ~8× faster forward+backward).
+    (the LRA ListOps layer, 2 heads of 32 at 2,000 tokens: ~6× faster forward+backward).
 
     Args:
         value: (B, H, n, d).

@@ -515,13 +515,12 @@ def _nystrom(
     if kmeans_iterations:
         q_land = segment_means(query, q_index, q_counts, m, work)
         k_land = segment_means(key, k_index, k_counts, m, work)
+        q_land = _refined(query, q_land, query_mask, q_counts, m, kmeans_iterations)
+        k_land = _refined(key, k_land, mask, k_counts, m, kmeans_iterations)
     else:
         # q and k have exactly two uses, their means and one attention call: one node each.
         query, q_land = _SharedSegmentMeans.apply(query, q_index, q_counts, m, work)
         key, k_land = _SharedSegmentMeans.apply(key, k_index, k_counts, m, work)
-    if kmeans_iterations:
-        q_land = _refined(query, q_land, query_mask, q_counts, m, kmeans_iterations)
-        k_land = _refined(key, k_land, mask, k_counts, m, kmeans_iterations)
 
     # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
     bv = _exact(q_land.to(query.dtype), key, value, mask, scale, 0.0)
