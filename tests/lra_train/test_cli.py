@@ -67,6 +67,15 @@ def test_train_eval_resume_from_the_command_line(memory_data, tmp_path, capsys):
         metric_lines(straight)[-1]["val_accuracy"]
     )
 
+    # --micro-batches reaches the trainer (it is a runtime option, not part of the recipe).
+    split = tmp_path / "split"
+    args = ["train", "listops", "--data", str(tmp_path), "--out", str(split), *SYNTHETIC]
+    assert main([*args, "--micro-batches", "3"]) == 0
+    capsys.readouterr()
+    split_summary = json.loads((split / "summary.json").read_text())
+    assert split_summary["train_config"]["micro_batches"] == 3
+    assert "micro_batches" not in split_summary["config"]["recipe"]
+
     # Pause, then resume with nothing but --resume: the recipe comes from config.json.
     args = ["train", "listops", "--data", str(tmp_path), "--out", str(paused)]
     assert main([*args, *SYNTHETIC, "--stop-at", "6"]) == 0

@@ -19,11 +19,11 @@ TRAIN = TokenDataset(40, seed=0)
 VAL = TokenDataset(13, seed=1)  # odd size: the two shards differ in length
 
 
-def _config():
+def _config(micro_batches=1):
     # float64 so that the only difference, the order of the gradient sums, is ~1e-16.
     return TrainConfig(
         steps=4, batch_size=8, lr=3e-3, warmup_steps=1, eval_every=2, seed=1,
-        device="cpu", precision="fp64", progress=False,
+        device="cpu", precision="fp64", progress=False, micro_batches=micro_batches,
     )  # fmt: skip
 
 
@@ -40,7 +40,9 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
     )
     try:
         model = _model()
-        train(model, classification_objective, TRAIN, _config(), run_dir,
+        # Each process also splits its 4 samples in two and accumulates (DDP's no_sync for
+        # the first part): still the single process's update.
+        train(model, classification_objective, TRAIN, _config(micro_batches=2), run_dir,
               val_data=VAL, collate_fn=collate)  # fmt: skip
         if rank == 0:
             torch.save(model.state_dict(), f"{run_dir}/params.pt")

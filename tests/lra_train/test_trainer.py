@@ -12,6 +12,7 @@ import torch
 from nystromer.lra.model import build_model, classification_objective, collate
 from nystromer.train import NonFiniteLossError, ResumableBatchSampler, TrainConfig, train
 from nystromer.train import checkpoint as ckpt
+from nystromer.train.loop import split_batch
 
 from .synthetic import TokenDataset, recording_objective, tiny_model_config
 
@@ -185,6 +186,47 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert result.best_val["accuracy"] > 0.6
 
 
+def test_micro_batches_give_the_same_update(tmp_path):
+    # float64 and no dropout: splitting each batch of 8 into parts of 3, 3 and 2 and
+    # accumulating their size-weighted gradients must give the parameters and metrics of
+    # whole batches, to rounding.
+    def fit(run_dir, parts):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(dropout=0.0))
+        cfg = config(steps=6, eval_every=3, precision="fp64", micro_batches=parts)
+        train(
+            model, classification_objective, TRAIN, cfg, run_dir,
+            val_data=VAL, collate_fn=collate,
+        )  # fmt: skip
+        return model, metric_lines(run_dir)
+
+    whole, whole_metrics = fit(tmp_path / "whole", 1)
+    split, split_metrics = fit(tmp_path / "split", 3)
+    for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+    assert len(whole_metrics) == len(split_metrics) == 2
+    for a, b in zip(whole_metrics, split_metrics, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert v == pytest.approx(b[k], rel=1e-10), k
+
+
+def test_split_batch_cuts_every_tensor_alike():
+    batch = {"input_ids": torch.arange(14).view(7, 2), "labels": torch.arange(7)}
+    parts = split_batch(batch, 3)
+    assert [size for _, size in parts] == [3, 2, 2]
+    assert torch.equal(torch.cat([p["input_ids"] for p, _ in parts]), batch["input_ids"])
+    assert [p["labels"].tolist() for p, _ in parts] == [[0, 1, 2], [3, 4], [5, 6]]
+    pair = (torch.zeros(2, 3), [torch.ones(2)])
+    assert [size for _, size in split_batch(pair, 5)] == [1, 1]  # never an empty part
+    assert isinstance(split_batch(pair, 2)[0][0][1], list)
+    assert split_batch(batch, 1) == [(batch, 7)]
+    with pytest.raises(ValueError, match="share a first .sample. dimension, got sizes \\[2, 7\\]"):
+        split_batch({"a": torch.zeros(7), "b": torch.zeros(2)}, 2)
+    with pytest.raises(TypeError, match="holding str into micro-batches"):
+        split_batch({"a": torch.zeros(2), "name": "x"}, 2)
+
+
 def test_fp16_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
@@ -199,6 +241,9 @@ def test_train_config_validation_names_the_field():
         TrainConfig(steps=10, batch_size=2, precision="half")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(steps=10, batch_size=0)
+    for parts in (0, 3):
+        with pytest.raises(ValueError, match=r"micro_batches must be an integer in \[1, batch"):
+            TrainConfig(steps=10, batch_size=2, micro_batches=parts)
 
 
 def test_sampler_order_is_seeded_resumable_and_shards_global_batches():

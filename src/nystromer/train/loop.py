@@ -90,6 +90,11 @@ class TrainConfig:
         stop_at: leave the loop after this step, saving ``last``, to resume later (the
             schedule still spans ``steps``).
         progress: show a progress bar (rank 0 only).
+        micro_batches: split each batch (each process's share of it) into this many parts
+            and accumulate their gradients before the step: the same update (up to rounding
+            and the order dropout draws its masks) with a fraction of the activation memory.
+            On the CPU it is also faster when activations are large (LRA Pathfinder's batch
+            of 256 × 1,024 tokens: 8.3 → 4.4 s per step with 8 parts).
     """
 
     steps: int
@@ -111,6 +116,7 @@ class TrainConfig:
     select_mode: str = "max"
     stop_at: int | None = None
     progress: bool = True
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -145,6 +151,11 @@ class TrainConfig:
         need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "≥ 0")
         need(self.select_mode in ("max", "min"), "select_mode", "'max' or 'min'")
         need(self.stop_at is None or (is_int(self.stop_at) and self.stop_at >= 0), "stop_at", "≥ 0")
+        need(
+            is_int(self.micro_batches) and 1 <= self.micro_batches <= self.batch_size,
+            "micro_batches",
+            f"an integer in [1, batch_size={self.batch_size}]",
+        )
 
     @property
     def checkpoint_interval(self) -> int:
@@ -311,6 +322,54 @@ def evaluate(
         total = torch.zeros(len(keys), dtype=torch.float64)
     total = all_reduce_sum(total.to(device), info).cpu()
     return Stats(dict(zip(keys, total.tolist(), strict=True))).means()
+
+
+def split_batch(batch: Any, parts: int) -> list[tuple[Any, int]]:
+    """``batch`` cut along its first dimension into at most ``parts`` pieces of nearly equal
+    size (no empty piece), with each piece's size. A batch is a tensor, or a tuple, list or
+    mapping of batches (what a collate function returns); every tensor in it must have the
+    same first dimension.
+
+    Raises:
+        TypeError: the batch holds something other than tensors and those containers.
+    """
+    sizes: set[int] = set()
+
+    def count(x: Any) -> None:
+        if isinstance(x, Tensor):
+            sizes.add(x.shape[0] if x.dim() else -1)
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                count(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                count(v)
+        else:
+            raise TypeError(
+                f"cannot split a batch holding {type(x).__name__} into micro-batches: a batch "
+                "must be tensors in tuples, lists or dicts (use micro_batches=1)"
+            )
+
+    count(batch)
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(
+            "cannot split a batch into micro-batches: its tensors must share a first "
+            f"(sample) dimension, got sizes {sorted(sizes)}"
+        )
+    n = sizes.pop()
+    k = max(1, min(parts, n))
+    if k == 1:
+        return [(batch, n)]
+
+    def piece(x: Any, i: int) -> Any:
+        if isinstance(x, Tensor):
+            return x.tensor_split(k)[i]
+        if isinstance(x, Mapping):
+            return {key: piece(v, i) for key, v in x.items()}
+        return type(x)(piece(v, i) for v in x)
+
+    bounds = [len(r) for r in torch.arange(n).tensor_split(k)]
+    return [(piece(batch, i), bounds[i]) for i in range(k)]
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -594,14 +653,37 @@ class Trainer:
         )
         return iter(loader)
 
-    def _update(self, loss: Tensor) -> None:
+    def _forward_backward(self, batch: Any) -> tuple[list[Tensor], dict[str, float]]:
+        """Losses and summed metrics of one batch, its gradients accumulated part by part
+        (``micro_batches``); DDP synchronises them with the last part only."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
+        parts = split_batch(batch, cfg.micro_batches)
+        total = sum(size for _, size in parts)
+        losses: list[Tensor] = []
+        sums: dict[str, float] = {}
+        for i, (part, size) in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.info.enabled else self.net.no_sync()
+            with sync:
+                with autocast(self.device, cfg.precision):
+                    loss, part_sums = self.objective(self.net, part)
+                # The objective's loss is the mean over its part; the batch's is their mean
+                # weighted by size.
+                weighted = loss * (size / total) if len(parts) > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(weighted).backward()
+                else:
+                    weighted.backward()
+            losses.append(loss.detach())
+            for k, v in part_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return losses, sums
+
+    def _update(self) -> None:
+        cfg = self.config
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
         self._updating = True  # from here to the step count, an interrupt leaves no valid state
@@ -645,8 +727,7 @@ class Trainer:
                     rng_at_step_start = ckpt.capture_rng(self.device)
                     batch = to_device(next(batches), self.device)
                     self.net.train()
-                    with autocast(self.device, cfg.precision):
-                        loss, sums = self.objective(self.net, batch)
+                    losses, sums = self._forward_backward(batch)
                     if keys is None:
                         keys = sorted(sums)
                         if "count" not in keys:
@@ -655,7 +736,8 @@ class Trainer:
                             )
                     # One all-reduce carries the metric sums and two flags all processes must
                     # agree on: a stop request and a non-finite loss.
-                    flags = [float(stop.requested), float(not torch.isfinite(loss.detach()).item())]
+                    finite = all(torch.isfinite(x).item() for x in losses)
+                    flags = [float(stop.requested), float(not finite)]
                     vec = torch.cat(
                         [stats_tensor(sums, keys), torch.tensor(flags, dtype=torch.float64)]
                     )
@@ -663,8 +745,9 @@ class Trainer:
                     reduced = dict(zip(keys, vec[:-2].tolist(), strict=True))
                     stop_now = vec[-2].item() > 0 or (not info.enabled and stop.requested)
                     if vec[-1].item() > 0 or not all(math.isfinite(v) for v in reduced.values()):
-                        _non_finite(self.run_dir, self.step + 1, loss.item(), self.metrics_log)
-                    self._update(loss)
+                        loss = sum(x.item() for x in losses) / len(losses)
+                        _non_finite(self.run_dir, self.step + 1, loss, self.metrics_log)
+                    self._update()
                     self.interval_stats.add(reduced)
                     recent.append(reduced)
                     self._show(recent)
