@@ -113,14 +113,10 @@ def time_listops_steps(repeats: int, batch: int = 32, length: int = 2000) -> dic
     """Seconds per training step (forward, backward, AdamW) of the ListOps recipe's model on
     random tokens, with the skip computed by torch's convolution or by the banded form,
     alternating step by step."""
-    from nystromer.lra.model import LRAModelConfig, build_model
+    from nystromer.lra.model import build_model
     from nystromer.lra.recipes import load_recipe
 
-    recipe = load_recipe("listops").to_dict()
-    known = LRAModelConfig.__dataclass_fields__
-    cfg = LRAModelConfig(
-        **{k: v for k, v in recipe.items() if k in known and k != "vocab_size"}, vocab_size=20
-    )
+    cfg = load_recipe("listops").model_config(vocab_size=20)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
