@@ -334,6 +334,7 @@ def split_batch(batch: Any, parts: int) -> list[tuple[Any, int]]:
 
     Raises:
         TypeError: the batch holds something other than tensors and those containers.
+        ValueError: its tensors differ in their first dimension (or one is a scalar).
     """
     sizes: set[int] = set()
 
