@@ -32,6 +32,7 @@ from nystromer.bench.measure import (
     machine_info,
     machine_label,
     recorded_command,
+    time_alternating,
 )
 
 BEGIN = "<!-- conv-skip:begin (written by benchmarks/conv_skip.py) -->"
@@ -96,17 +97,8 @@ def time_case(batch: int, n: int, heads: int, d: int, k: int, repeats: int) -> d
         value.grad = weight.grad = None
         conv(value, weight).backward(grad)
 
-    times = {form: {"forward": [], "forward_backward": []} for form in FORMS}
-    forms = _forms()
-    for task, call in (("forward", forward), ("forward_backward", forward_backward)):
-        for form in FORMS:
-            call(forms[form])  # warm-up
-        for _ in range(repeats):
-            for form in FORMS:
-                t0 = time.perf_counter()
-                call(forms[form])
-                times[form][task].append((time.perf_counter() - t0) * 1e3)
-    return times
+    tasks = {"forward": forward, "forward_backward": forward_backward}
+    return time_alternating(tasks, _forms(), repeats)
 
 
 def time_listops_steps(repeats: int, batch: int = 32, length: int = 2000) -> dict[str, list]:

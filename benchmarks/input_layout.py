@@ -28,6 +28,7 @@ from nystromer.bench.measure import (
     machine_info,
     machine_label,
     recorded_command,
+    time_alternating,
 )
 
 LAYOUTS = ("contiguous", "head-split")
@@ -53,25 +54,19 @@ def time_layouts(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         for t in (q, k, v):
             t.requires_grad_(True)
 
-    def forward(q, k, v, grad):
+    def forward(qkvg):
+        q, k, v, _ = qkvg
         with torch.no_grad():
             nystrom_attention(q, k, v, num_landmarks=args.num_landmarks)
 
-    def forward_backward(q, k, v, grad):
+    def forward_backward(qkvg):
+        q, k, v, grad = qkvg
         for t in (q, k, v):
             t.grad = None
         nystrom_attention(q, k, v, num_landmarks=args.num_landmarks).backward(grad)
 
-    times = {layout: {"forward": [], "forward_backward": []} for layout in LAYOUTS}
-    for task, call in (("forward", forward), ("forward_backward", forward_backward)):
-        for layout in LAYOUTS:
-            call(*inputs[layout])  # warm-up
-        for _ in range(args.repeats):
-            for layout in LAYOUTS:
-                t0 = time.perf_counter()
-                call(*inputs[layout])
-                times[layout][task].append((time.perf_counter() - t0) * 1e3)
-    return times
+    tasks = {"forward": forward, "forward_backward": forward_backward}
+    return time_alternating(tasks, inputs, args.repeats)
 
 
 def render(times: dict, command: str, label: str, args: argparse.Namespace) -> str:

@@ -31,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -81,6 +83,32 @@ def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str
         elif not arg.startswith(tuple(f"{flag}=" for flag in drop)):
             shown.append(arg)
     return shlex.join(["python", script, *shown])
+
+
+def time_alternating(
+    tasks: dict[str, Callable[[Any], object]], variants: dict[str, Any], repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds per call of every task on every variant, timed side by side in this
+    process: ``{variant: {task: [ms, ...]}}``.
+
+    For each task, every variant runs once untimed (warm-up), then ``repeats`` rounds run
+    each variant once in turn, so that the machine's drift hits all variants alike.
+
+    Args:
+        tasks: name → function called with one variant (e.g. forward, forward+backward).
+        variants: name → what the task functions take (inputs, an implementation).
+        repeats: timed calls per task and variant.
+    """
+    times: dict[str, dict[str, list[float]]] = {v: {t: [] for t in tasks} for v in variants}
+    for task, call in tasks.items():
+        for variant in variants.values():
+            call(variant)
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                t0 = time.perf_counter()
+                call(variant)
+                times[name][task].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def emit_section(markdown: str, docs: str | None, begin: str, end: str, name: str) -> None:

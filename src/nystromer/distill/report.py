@@ -44,14 +44,15 @@ def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str
     if report.get("cosine_calibrated") is not None:
         cosine.insert(1, report["cosine_calibrated"])
         mse.insert(1, report["mse_calibrated"])
-        fitted = f"The convolution skip (k = {cfg['conv_kernel_size']}) was"
-        head.insert(1, "convolution skip fitted")
         if cfg.get("calibrate_output"):
+            head.insert(1, "convolution and output fitted")
             fitted = (
                 f"The convolution skip (k = {cfg['conv_kernel_size']}) and each attention "
                 f"output projection (shrinkage {cfg['calibrate_output']}) were"
             )
-            head[1] = "convolution and output fitted"
+        else:
+            head.insert(1, "convolution skip fitted")
+            fitted = f"The convolution skip (k = {cfg['conv_kernel_size']}) was"
         note = [
             "",
             f"{fitted} fitted to exact attention on {cfg['calibrate']} training windows "

@@ -370,7 +370,8 @@ def distill(
         out_dir: the run directory.
         resume: continue the run in ``out_dir`` from its ``last`` checkpoint.
         runtime: :class:`~nystromer.train.TrainConfig` settings that do not change the result
-            (device, num_workers, stop_at, progress, checkpoint_every, eval_batch_size).
+            (device, num_workers, stop_at, progress, checkpoint_every, eval_batch_size;
+            micro_batches up to rounding).
 
     Returns:
         ``{"status", "cosine_before", "cosine_after", "step", ...}``; ``cosine_after`` is None

@@ -64,7 +64,7 @@ def train_task(
         run_dir: output directory; with ``resume`` an existing run to continue.
         splits: ``{"train", "val", "test"}`` datasets to use instead of reading ``data_dir``.
         runtime: extra :class:`~nystromer.train.TrainConfig` settings (device, num_workers,
-            stop_at, progress, checkpoint_every, eval_batch_size).
+            stop_at, progress, checkpoint_every, eval_batch_size, micro_batches).
 
     Returns:
         The :class:`~nystromer.train.TrainResult`; ``summary.json`` holds ``test_accuracy``.
