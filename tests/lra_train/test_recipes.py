@@ -124,3 +124,19 @@ def test_every_model_setting_is_a_recipe_setting_with_the_same_default():
     model = recipe.model_config(vocab_size=7)
     assert (model.embed_dim, model.num_landmarks, model.conv_kernel_size) == (32, 16, None)
     assert (model.vocab_size, model.max_length, model.two_tower) == (7, 4032, True)
+
+
+def test_the_reproduction_table_in_the_docs_states_the_papers_numbers():
+    """docs/lra.md's per-task table of expected accuracies is the one the reports print."""
+    from pathlib import Path
+
+    from nystromer.lra.report import PAPER_ACCURACY
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "lra.md").read_text()
+    table = text[text.index("## Reproducing the paper's table") :]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in TASKS:
+            rows[cells[0]] = {"softmax": float(cells[2]), "nystrom": float(cells[3])}
+    assert rows == PAPER_ACCURACY
