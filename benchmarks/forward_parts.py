@@ -40,6 +40,7 @@ from nystromer.bench.measure import (
     machine_label,
     matmul_flop_rate,
     recorded_command,
+    require_positive,
     time_alternating,
 )
 
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemm-size", type=int, default=4096, help="GEMM that measures the rate")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     args = p.parse_args(argv)
-    for name in ("seq_len", "batch", "heads", "head_dim", "num_landmarks", "repeats", "gemm_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    require_positive(
+        p, args, ("seq_len", "batch", "heads", "head_dim", "num_landmarks", "repeats", "gemm_size")
+    )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = recorded_command("benchmarks/forward_parts.py", argv, drop=())

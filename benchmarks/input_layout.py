@@ -28,6 +28,7 @@ from nystromer.bench.measure import (
     machine_info,
     machine_label,
     recorded_command,
+    require_positive,
     time_alternating,
 )
 
@@ -102,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9, help="timed calls per layout (median)")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     args = p.parse_args(argv)
-    for name in ("seq_len", "batch", "heads", "head_dim", "num_landmarks", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    require_positive(p, args, ("seq_len", "batch", "heads", "head_dim", "num_landmarks", "repeats"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = recorded_command("benchmarks/input_layout.py", argv, drop=())

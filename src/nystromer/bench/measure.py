@@ -51,6 +51,7 @@ __all__ = [
     "machine_label",
     "matmul_flop_rate",
     "recorded_command",
+    "require_positive",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +70,14 @@ def add_core_problem_arguments(parser) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--num-landmarks", "-m", type=int, default=64)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+
+
+def require_positive(parser, args, names: tuple[str, ...]) -> None:
+    """Stop with ``parser.error`` naming the first option among ``names`` (attribute names of
+    ``args``) whose value is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
 
 
 def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
