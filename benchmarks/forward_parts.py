@@ -129,7 +129,7 @@ def render(times: dict[str, list[float]], gemm_flops: float, command: str, label
         (EXP, med[EXP], "counted twice below: one softmax per step"),
         (FIRST_WRITE, med[FIRST_WRITE], ""),
         ("**work every implementation must do, as separate torch kernels**", mandatory, ""),
-        ("FLOP limit: 8·B·H·n·m·d at the 4096² GEMM rate", flop_limit, ""),
+        (f"FLOP limit: 8·B·H·n·m·d at the {args.gemm_size}² GEMM rate", flop_limit, ""),
     ]
     lines = [
         "## Forward parts: where the forward's time goes",
@@ -139,7 +139,7 @@ def render(times: dict[str, list[float]], gemm_flops: float, command: str, label
         "",
         f"n = {n:,}, batch {b}, {h} heads × {d}, m = {m}, float32, head-split inputs; median "
         f"of {args.repeats} calls per part, the parts alternating in one process. FP32 GEMM "
-        f"4096²: {gemm_flops / 1e9:,.1f} GFLOP/s.",
+        f"{args.gemm_size}²: {gemm_flops / 1e9:,.1f} GFLOP/s.",
         "",
         "| part | ms | note |",
         "|---|--:|---|",

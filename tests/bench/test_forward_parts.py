@@ -18,6 +18,7 @@ def script():
 
 def _args(**kw):
     base = dict(batch=1, heads=2, seq_len=96, head_dim=8, num_landmarks=16, repeats=2)
+    base |= dict(gemm_size=4096)
     return argparse.Namespace(**(base | kw))
 
 
