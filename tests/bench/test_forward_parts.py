@@ -26,9 +26,8 @@ def test_the_products_compute_what_they_are_named_after(script):
     import torch
 
     parts = script["make_parts"](_args())
-    assert set(parts) == {
-        script[k] for k in ("OURS", "STEP1", "STEP3", "PRODUCTS1", "PRODUCTS3", "EXP")
-    } | {script["FIRST_WRITE"]}
+    names = ("OURS", "STEP1", "STEP3", "PRODUCTS1", "PRODUCTS3", "EXP", "FIRST_WRITE")
+    assert set(parts) == {script[name] for name in names}
     for call in parts.values():
         call()
     a, b, c = torch.randn(2, 5, 3), torch.randn(2, 3, 4), torch.randn(2, 4, 6)
