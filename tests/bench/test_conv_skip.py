@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "conv_skip.py"
+from .scripts import docs_file, load_script, written_section
 
 
 @pytest.fixture(scope="module")
 def script():
-    return runpy.run_path(str(SCRIPT))
+    return load_script("conv_skip.py")
 
 
 def test_both_forms_compute_the_same_convolution(script):
@@ -26,8 +23,7 @@ def test_both_forms_compute_the_same_convolution(script):
 
 
 def test_times_both_forms_and_writes_its_section(script, tmp_path, monkeypatch, capsys):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\nkept\n")
+    docs = docs_file(tmp_path)
     argv = ["--case", "2,64,2,4", "--kernel-size", "5", "--repeats", "2", "--steps", "1"]
     # The ListOps step at full size takes seconds: time it on a short batch.
     real = script["time_listops_steps"]
@@ -35,9 +31,7 @@ def test_times_both_forms_and_writes_its_section(script, tmp_path, monkeypatch, 
         script["main"].__globals__, "time_listops_steps", lambda n: real(n, batch=2, length=128)
     )
     assert script["main"]([*argv, "--write-docs", str(docs)]) == 0
-    text = docs.read_text()
-    assert text.startswith("# Benchmarks\n\nkept\n")
-    section = text[text.index(script["BEGIN"]) : text.index(script["END"])]
+    section = written_section(docs, script)
     assert "`python benchmarks/conv_skip.py --case 2,64,2,4 --kernel-size 5" in section
     row = next(line for line in section.splitlines() if line.startswith("| custom (2, 64, 2, 4)"))
     cells = [c.strip() for c in row.strip("|").split("|")]

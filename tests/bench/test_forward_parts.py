@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import runpy
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "forward_parts.py"
+from .scripts import docs_file, load_script, written_section
 
 
 @pytest.fixture(scope="module")
 def script():
-    return runpy.run_path(str(SCRIPT))
+    return load_script("forward_parts.py")
 
 
 def _args(**kw):
@@ -64,14 +62,11 @@ def test_render_adds_up_the_mandatory_work(script):
 
 
 def test_times_every_part_and_writes_its_section(script, tmp_path, capsys):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\nkept\n")
+    docs = docs_file(tmp_path)
     argv = ["-n", "128", "-m", "16", "--heads", "2", "--head-dim", "8", "--repeats", "2"]
     argv += ["--gemm-size", "64"]
     assert script["main"]([*argv, "--write-docs", str(docs)]) == 0
-    text = docs.read_text()
-    assert text.startswith("# Benchmarks\n\nkept\n")
-    section = text[text.index(script["BEGIN"]) : text.index(script["END"])]
+    section = written_section(docs, script)
     assert "`python benchmarks/forward_parts.py -n 128 -m 16" in section
     for name in ("OURS", "STEP1", "STEP3", "PRODUCTS1", "PRODUCTS3", "EXP", "FIRST_WRITE"):
         row = next(line for line in section.splitlines() if line.startswith(f"| {script[name]} |"))

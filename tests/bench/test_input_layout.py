@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "input_layout.py"
+from .scripts import docs_file, load_script, written_section
 
 
 @pytest.fixture(scope="module")
 def script():
-    return runpy.run_path(str(SCRIPT))
+    return load_script("input_layout.py")
 
 
 def test_layouts_are_what_they_claim(script):
@@ -25,13 +22,10 @@ def test_layouts_are_what_they_claim(script):
 
 
 def test_times_both_layouts_and_writes_its_section(script, tmp_path, capsys):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\nkept\n")
+    docs = docs_file(tmp_path)
     argv = ["-n", "128", "-m", "16", "--heads", "2", "--head-dim", "8", "--repeats", "2"]
     assert script["main"]([*argv, "--write-docs", str(docs)]) == 0
-    text = docs.read_text()
-    assert text.startswith("# Benchmarks\n\nkept\n")
-    section = text[text.index(script["BEGIN"]) : text.index(script["END"])]
+    section = written_section(docs, script)
     assert "`python benchmarks/input_layout.py -n 128 -m 16" in section
     rows = [line for line in section.splitlines() if line.startswith("| contiguous |")]
     rows += [line for line in section.splitlines() if line.startswith("| head-split |")]

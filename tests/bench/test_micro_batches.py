@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "micro_batches.py"
+from .scripts import docs_file, load_script, written_section
 
 
 @pytest.fixture(scope="module")
 def script():
-    return runpy.run_path(str(SCRIPT))
+    return load_script("micro_batches.py")
 
 
 def test_times_each_setting_and_writes_its_section(script, tmp_path, capsys):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\nkept\n")
+    docs = docs_file(tmp_path)
     argv = ["--task", "listops", "--batch-size", "4", "--parts", "1,2", "--steps", "1"]
     argv += ["--rounds", "1", "--write-docs", str(docs)]
     assert script["main"](argv) == 0
-    text = docs.read_text()
-    assert text.startswith("# Benchmarks\n\nkept\n")
-    section = text[text.index(script["BEGIN"]) : text.index(script["END"])]
+    section = written_section(docs, script)
     assert "`python benchmarks/micro_batches.py --task listops --batch-size 4" in section
     rows = [line for line in section.splitlines() if line.startswith("| 1 |")]
     rows += [line for line in section.splitlines() if line.startswith("| 2 |")]
