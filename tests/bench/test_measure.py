@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
 from nystromer.bench.measure import (
     CaseSpec,
+    allocator_settings,
     machine_info,
     machine_label,
     matmul_flop_rate,
     measure_case,
     run_in_process,
+    run_worker,
 )
 from nystromer.bench.speed import crossover, scaling_exponent
 
@@ -80,6 +83,38 @@ def test_machine_label_and_flop_rate():
     assert "1 torch threads" in machine_label(info) and "device cpu" in machine_label(info)
     rate = matmul_flop_rate(128, repeats=2)
     assert 1e6 < rate < 1e14  # FLOP/s of any CPU this runs on
+
+
+def test_allocator_variables_label_the_machine(monkeypatch):
+    environ = {"MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "/x/libtcmalloc.so", "MALLOCX": "no"}
+    environ |= {"TCMALLOC_RELEASE_RATE": "0", "THP_MEM_ALLOC_ENABLE": "1", "HOME": "/root"}
+    assert allocator_settings(environ) == {
+        "LD_PRELOAD": "/x/libtcmalloc.so",
+        "MALLOC_ARENA_MAX": "2",
+        "TCMALLOC_RELEASE_RATE": "0",
+        "THP_MEM_ALLOC_ENABLE": "1",
+    }
+    for key in allocator_settings():
+        monkeypatch.delenv(key)
+    assert "allocator" not in machine_info() and "allocator" not in machine_label(machine_info())
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    assert machine_label(machine_info()).endswith(", allocator MALLOC_TRIM_THRESHOLD_=4096")
+
+
+def test_worker_environment_changes_set_and_remove_variables(monkeypatch):
+    # A stand-in worker that reports two variables of its environment as its result.
+    report = (
+        "import json, os, sys; from nystromer.bench.measure import _RESULT_MARK; "
+        "print(_RESULT_MARK + json.dumps({k: os.environ.get(k) for k in ('A_SET', 'A_GONE')}))"
+    )
+    monkeypatch.setenv("A_GONE", "here")
+    spec = CaseSpec("exact", seq_len=64, **TINY)
+    command = [sys.executable, "-c", report]
+    assert run_worker(spec, [], 60, command=command) == {"A_SET": None, "A_GONE": "here"}
+    changed = run_worker(spec, [], 60, command=command, env={"A_SET": "1", "A_GONE": None})
+    assert changed == {"A_SET": "1", "A_GONE": None}
+    with pytest.raises(ValueError, match="env needs fresh_process=True"):
+        measure_case(spec, memory=False, fresh_process=False, env={"A_SET": "1"})
 
 
 def test_scaling_exponent_and_crossover():

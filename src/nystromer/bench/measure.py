@@ -41,9 +41,11 @@ from .implementations import AttentionConfig, get_implementation, unavailable_re
 from .inputs import padding_mask, random_qkv
 
 __all__ = [
+    "ALLOCATOR_VARIABLES",
     "CaseSpec",
     "CaseResult",
     "DTYPES",
+    "allocator_settings",
     "measure_case",
     "run_in_process",
     "run_worker",
@@ -227,8 +229,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change how host memory is allocated, and with it CPU times:
+#: glibc's ``MALLOC_*`` tunables, a preloaded allocator (tcmalloc, jemalloc and its
+#: ``MALLOC_CONF``), tcmalloc's own and torch's transparent-huge-page switch.
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_", "TCMALLOC_", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The allocator variables (see :data:`ALLOCATOR_VARIABLES`) set in ``environ`` (default:
+    this process's environment); empty under the C library's defaults."""
+    environ = os.environ if environ is None else environ
+    return {
+        key: value
+        for key, value in sorted(environ.items())
+        if any(key == v or (v.endswith("_") and key.startswith(v)) for v in ALLOCATOR_VARIABLES)
+    }
+
+
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
-    """CPU model, cores, torch threads, torch version and device name, for labelling results."""
+    """CPU model, cores, torch threads, torch version and device name, for labelling results;
+    ``allocator`` holds the allocator variables when any is set."""
     info = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -239,16 +259,22 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if settings := allocator_settings():
+        info["allocator"] = settings
     return info
 
 
 def machine_label(info: dict) -> str:
-    """One line: ``AMD EPYC (2 cores), 2 torch threads, torch 2.x, device cpu``."""
+    """One line: ``AMD EPYC (2 cores), 2 torch threads, torch 2.x, device cpu``, followed by
+    ``, allocator K=V …`` when allocator variables were set (they change CPU times 2×)."""
     where = info["device"] if "gpu" not in info else f"{info['device']} ({info['gpu']})"
-    return (
+    label = (
         f"{info['cpu']} ({info['cpu_count']} cores), {info['threads']} torch threads, "
         f"torch {info['torch']}, device {where}"
     )
+    if info.get("allocator"):
+        label += ", allocator " + " ".join(f"{k}={v}" for k, v in info["allocator"].items())
+    return label
 
 
 def _sync(device: str) -> None:
@@ -422,15 +448,19 @@ def run_worker(
     timeout: float | None,
     *,
     command: list[str] | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> dict:
     """Run ``tasks`` for ``spec`` in a fresh process and return its result dict.
 
     ``command`` starts the worker (default ``python -m nystromer.bench.worker``); the spec as
     JSON and the comma-joined tasks are appended. The worker prints one line starting with
-    the result mark, as :mod:`nystromer.bench.worker` does. A crash or timeout becomes
+    the result mark, as :mod:`nystromer.bench.worker` does. ``env`` changes the worker's
+    environment: a string sets a variable, None removes it. A crash or timeout becomes
     ``{"status": "oom" | "failed", "note": ...}``.
     """
-    env = dict(os.environ)
+    changes = env or {}
+    env = {k: v for k, v in os.environ.items() if k not in changes}
+    env.update({k: v for k, v in changes.items() if v is not None})
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)
     start = command if command is not None else [sys.executable, "-m", "nystromer.bench.worker"]
@@ -457,6 +487,7 @@ def measure_case(
     timing: bool = True,
     fresh_process: bool = True,
     timeout: float | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> CaseResult:
     """Measure one case; memory in fresh processes (one for forward, one for backward).
 
@@ -467,6 +498,8 @@ def measure_case(
         fresh_process: False runs everything in this process (timings only are meaningful
             then; memory is refused).
         timeout: seconds allowed to each worker process.
+        env: changes to the workers' environment (see :func:`run_worker`), e.g. allocator
+            variables, which only act from a process's start.
 
     Returns:
         A :class:`CaseResult`; an implementation that is not installed or does not accept the
@@ -490,7 +523,12 @@ def measure_case(
     if memory and backward:
         runs.append(["memory_backward"])
     for tasks in runs:
-        found = run_worker(spec, tasks, timeout) if fresh_process else run_in_process(spec, tasks)
+        if fresh_process:
+            found = run_worker(spec, tasks, timeout, env=env)
+        elif env:
+            raise ValueError("env needs fresh_process=True: it acts when a process starts")
+        else:
+            found = run_in_process(spec, tasks)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]
             return result
