@@ -27,25 +27,27 @@ from nystromer.lra.model import build_model, classification_objective, collate
 from nystromer.lra.recipes import load_recipe
 from nystromer.train import TrainConfig, train
 
-#: Tasks of one sequence per example (retrieval's pairs need another dataset).
-TASKS = ("listops", "text", "image", "pathfinder")
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 BEGIN = "<!-- micro-batches:begin (written by benchmarks/micro_batches.py) -->"
 END = "<!-- micro-batches:end -->"
 
 
 class RandomTokens(torch.utils.data.Dataset):
-    """``count`` random sequences of ``length`` tokens in [1, vocab) with labels."""
+    """``count`` random examples of ``length`` tokens in [1, vocab) with labels: one sequence
+    each, or a pair of sequences (retrieval's two documents) when ``pairs``."""
 
-    def __init__(self, count: int, length: int, vocab: int, classes: int) -> None:
+    def __init__(
+        self, count: int, length: int, vocab: int, classes: int, *, pairs: bool = False
+    ) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, vocab, (count, length), generator=gen)
+        self.ids = torch.randint(1, vocab, (count, 1 + pairs, length), generator=gen)
         self.labels = torch.randint(0, classes, (count,), generator=gen)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        return self.ids[i], int(self.labels[i])
+        return *self.ids[i].unbind(0), int(self.labels[i])
 
 
 def seconds_per_step(task: str, parts: int, steps: int, batch_size: int | None = None) -> float:
@@ -54,7 +56,7 @@ def seconds_per_step(task: str, parts: int, steps: int, batch_size: int | None =
     recipe = load_recipe(task)
     batch = batch_size or recipe.batch_size
     cfg = recipe.model_config(vocab_size=257)
-    data = RandomTokens(batch * steps, recipe.max_length, 257, cfg.num_classes)
+    data = RandomTokens(batch * steps, recipe.max_length, 257, cfg.num_classes, pairs=cfg.two_tower)
     torch.manual_seed(0)
     model = build_model(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.task)
     batch = args.batch_size or recipe.batch_size
     base = statistics.median(times[parts[0]])
+    pair = "2 documents × " if args.task == "retrieval" else ""
     lines = [
         "## Micro-batches: one training step split into parts",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.",
         f"Machine: {machine_label(machine_info())}.",
         "",
-        f"The {args.task} recipe's model, batch {batch} × {recipe.max_length:,} random tokens, "
+        f"The {args.task} recipe's model, batch {batch} × {pair}{recipe.max_length:,} random "
+        "tokens, "
         f"fp32: seconds per step of `nystromer.train.train` (forward, backward, AdamW), median "
         f"of {args.rounds} runs of {args.steps} steps per setting, the settings alternating.",
         "",

@@ -30,3 +30,14 @@ def test_times_each_setting_and_writes_its_section(script, tmp_path, capsys):
         with pytest.raises(SystemExit):
             script["main"](bad)
         assert message in capsys.readouterr().err
+
+
+def test_retrieval_steps_run_the_two_tower_model_on_pairs(script, tmp_path):
+    ids_1, ids_2, label = script["RandomTokens"](3, 10, 257, 2, pairs=True)[0]
+    assert ids_1.shape == ids_2.shape == (10,) and not ids_1.equal(ids_2) and label in (0, 1)
+    docs = docs_file(tmp_path)
+    argv = ["--task", "retrieval", "--batch-size", "2", "--parts", "2", "--steps", "1"]
+    assert script["main"]([*argv, "--rounds", "1", "--write-docs", str(docs)]) == 0
+    section = written_section(docs, script)
+    assert "batch 2 × 2 documents × 4,000 random tokens" in section
+    assert "| 2 | 1 |" in section  # 2 parts of 1 pair
