@@ -50,7 +50,9 @@ class RandomTokens(torch.utils.data.Dataset):
         return *self.ids[i].unbind(0), int(self.labels[i])
 
 
-def seconds_per_step(task: str, parts: int, steps: int, batch_size: int | None = None) -> float:
+def seconds_per_step(
+    task: str, parts: int, steps: int, batch_size: int | None = None, device: str = "cpu"
+) -> float:
     """Wall seconds per step of a ``train`` run of ``steps`` steps (its set-up included),
     after an untimed run of one step."""
     recipe = load_recipe(task)
@@ -62,7 +64,7 @@ def seconds_per_step(task: str, parts: int, steps: int, batch_size: int | None =
     with tempfile.TemporaryDirectory() as tmp:
         for name, n in (("warm-up", 1), ("timed", steps)):
             config = TrainConfig(
-                steps=n, batch_size=batch, micro_batches=parts, device="cpu", progress=False
+                steps=n, batch_size=batch, micro_batches=parts, device=device, progress=False
             )
             t0 = time.perf_counter()
             run_dir = f"{tmp}/{name}"
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="runs per setting (median)")
     p.add_argument("--batch-size", type=int, help="instead of the recipe's")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     args = p.parse_args(argv)
     try:
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[int, list[float]] = {k: [] for k in parts}
     for _ in range(args.rounds):
         for k in parts:
-            times[k].append(seconds_per_step(args.task, k, args.steps, args.batch_size))
+            times[k].append(
+                seconds_per_step(args.task, k, args.steps, args.batch_size, args.device)
+            )
     recipe = load_recipe(args.task)
     batch = args.batch_size or recipe.batch_size
     base = statistics.median(times[parts[0]])
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Micro-batches: one training step split into parts",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.",
-        f"Machine: {machine_label(machine_info())}.",
+        f"Machine: {machine_label(machine_info(args.device))}.",
         "",
         f"The {args.task} recipe's model, batch {batch} × {pair}{recipe.max_length:,} random "
         "tokens, "
