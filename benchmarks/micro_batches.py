@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine_label(machine_info(args.device))}.",
         "",
         f"The {args.task} recipe's model, batch {batch} × {pair}{recipe.max_length:,} random "
-        "tokens, "
-        f"fp32: seconds per step of `nystromer.train.train` (forward, backward, AdamW), median "
-        f"of {args.rounds} runs of {args.steps} steps per setting, the settings alternating.",
+        "tokens, fp32: seconds per step of `nystromer.train.train` (forward, backward, "
+        f"AdamW), median of {args.rounds} runs of {args.steps} steps per setting, the settings alternating.",
         "",
         f"| micro-batches | samples per part | s/step | speed-up over {parts[0]} |",
         "|--:|--:|--:|--:|",
