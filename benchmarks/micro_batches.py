@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"The {args.task} recipe's model, batch {batch} × {pair}{recipe.max_length:,} random "
         "tokens, fp32: seconds per step of `nystromer.train.train` (forward, backward, "
-        f"AdamW), median of {args.rounds} runs of {args.steps} steps per setting, the settings alternating.",
+        f"AdamW), median of {args.rounds} runs of {args.steps} steps per setting, the "
+        "settings alternating.",
         "",
         f"| micro-batches | samples per part | s/step | speed-up over {parts[0]} |",
         "|--:|--:|--:|--:|",
