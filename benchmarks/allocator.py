@@ -39,6 +39,7 @@ from nystromer.bench.measure import (
     CaseSpec,
     add_core_problem_arguments,
     allocator_settings,
+    core_problem_spec,
     emit_section,
     machine_info,
     machine_label,
@@ -206,16 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         envs = allocators(args.preload)
     except ValueError as exc:
         p.error(str(exc))
-    base = CaseSpec(
-        impl=OURS,
-        batch=args.batch,
-        heads=args.heads,
-        seq_len=args.seq_len,
-        head_dim=args.head_dim,
-        num_landmarks=args.num_landmarks,
-        threads=args.threads,
-        repeats=args.repeats,
-    )
+    base = core_problem_spec(args, OURS, repeats=args.repeats)
     implementations = args.impl or [OURS, *PEERS]
     command = recorded_command("benchmarks/allocator.py", argv, drop=())
     print(f"allocator benchmark: {command}", flush=True)

@@ -26,8 +26,8 @@ from nystromer.bench.core import (
 from nystromer.bench.implementations import IMPLEMENTATIONS
 from nystromer.bench.measure import (
     DTYPES,
-    CaseSpec,
     add_core_problem_arguments,
+    core_problem_spec,
     recorded_command,
 )
 
@@ -68,17 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = p.parse_args(argv)
 
-    base = CaseSpec(
-        impl="nystromer",
-        batch=args.batch,
-        heads=args.heads,
-        seq_len=args.seq_len,
-        head_dim=args.head_dim,
-        num_landmarks=args.num_landmarks,
+    base = core_problem_spec(
+        args,
         pinv_iterations=args.pinv_iterations,
         dtype=args.dtype,
         device=args.device,
-        threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats,
     )

@@ -129,19 +129,23 @@ def test_cross_attention_with_kdim_vdim():
     assert torch.isfinite(out).all()
 
 
-def test_module_trains():
-    torch.manual_seed(0)
-    attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3)
-    x = torch.randn(4, 64, 32)
-    target = torch.randn(4, 64, 32)
+def fit(attn: NystromAttention, x: torch.Tensor, target: torch.Tensor, steps: int = 20):
+    """The losses of ``steps`` Adam steps fitting ``attn(x)`` to ``target`` (MSE)."""
     opt = torch.optim.Adam(attn.parameters(), lr=1e-2)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         loss = F.mse_loss(attn(x), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_module_trains():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3)
+    losses = fit(attn, torch.randn(4, 64, 32), torch.randn(4, 64, 32))
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from nystromer import NystromAttention, nystrom_attention
 
 from .reference import nystrom_reference
+from .test_attention import fit
 
 DEVICE = os.environ.get("NYSTROMER_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = pytest.mark.skipif(not DEVICE, reason="needs CUDA (or NYSTROMER_TEST_DEVICE)")
@@ -111,14 +112,7 @@ def test_module_trains_and_compiles_on_the_device():
     torch.manual_seed(0)
     attn = NystromAttention(32, 4, num_landmarks=8, conv_kernel_size=3).to(DEVICE)
     x, target = torch.randn(4, 64, 32, device=DEVICE), torch.randn(4, 64, 32, device=DEVICE)
-    opt = torch.optim.Adam(attn.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = F.mse_loss(attn(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(attn, x, target)
     assert losses[-1] < 0.9 * losses[0]
     attn.eval()
     mask = (torch.arange(64)[None] < torch.tensor([[64], [40], [64], [7]])).to(DEVICE)

@@ -50,7 +50,10 @@ def test_times_ours_and_a_peer_under_each_allocator_and_writes_its_section(
         times = [float(x.replace(",", "")) for x in row.strip("|").split("|")[1:]]
         assert len(times) == 4 and all(t > 0 for t in times)
     ratio = next(line for line in section.splitlines() if line.startswith("| faster peer"))
-    assert all(float(x) > 0 for x in ratio.strip("|").split("|")[1:])
+    # Numbers, not "n/a"; their values at this size are noise (0.00 when a busy machine stalls
+    # one call), so only their presence is checked.
+    ratios = [float(x) for x in ratio.strip("|").split("|")[1:]]
+    assert len(ratios) == 4 and all(r >= 0 for r in ratios)
     # A second run (ours alone, a median over two rounds) replaces the section.
     assert (
         script["main"]([*TINY, "--rounds", "2", "--impl", "nystromer", "--write-docs", str(docs)])

@@ -46,6 +46,7 @@ __all__ = [
     "CaseResult",
     "DTYPES",
     "allocator_settings",
+    "core_problem_spec",
     "measure_case",
     "run_in_process",
     "run_worker",
@@ -72,6 +73,13 @@ def add_core_problem_arguments(parser) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--num-landmarks", "-m", type=int, default=64)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+
+
+def core_problem_spec(args, impl: str = "nystromer", **fields: Any) -> CaseSpec:
+    """The :class:`CaseSpec` of the options :func:`add_core_problem_arguments` added to
+    ``args`` (sizes and ``--threads``), with ``fields`` (e.g. ``repeats``) set as given."""
+    problem = ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "threads")
+    return CaseSpec(impl=impl, **{name: getattr(args, name) for name in problem}, **fields)
 
 
 def require_positive(parser, args, names: tuple[str, ...]) -> None:
