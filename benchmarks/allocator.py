@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 
-from nystromer.bench.core import OURS
+from nystromer.bench.core import OURS, median_result
 from nystromer.bench.implementations import IMPLEMENTATIONS, PEERS
 from nystromer.bench.measure import (
     CaseResult,
@@ -84,16 +83,18 @@ def measure(
     rounds: int,
     timeout: float | None = None,
     progress=print,
-) -> dict[str, dict[str, CaseResult | None]]:
-    """``{implementation: {allocator: result}}``, each result's times the median over the
-    rounds; None where a round failed (its note is printed). An implementation that is not
-    installed is left out."""
+) -> dict[str, dict[str, CaseResult]]:
+    """``{implementation: {allocator: result}}``: the rounds of each pair combined as the
+    attention-core benchmark combines them (:func:`nystromer.bench.core.median_result`); a
+    pair that failed in its first round keeps that result and is not run again. An
+    implementation that is not installed is left out."""
     runs: dict[tuple[str, str], list[CaseResult]] = {}
     skipped: set[str] = set()
     for r in range(rounds):
         for alloc, env in envs.items():
             for impl in implementations:
-                if impl in skipped:
+                earlier = runs.get((impl, alloc))
+                if impl in skipped or (earlier and earlier[0].status != "ok"):
                     continue
                 spec = dataclasses.replace(base, impl=impl)
                 result = measure_case(spec, memory=False, timeout=timeout, env=env)
@@ -111,27 +112,22 @@ def measure(
                         else f"{result.status}: {result.note}"
                     )
                     progress(f"  {impl:<18} {alloc:<12} {said} (round {r + 1}/{rounds})")
-    out: dict[str, dict[str, CaseResult | None]] = {}
+    out: dict[str, dict[str, CaseResult]] = {}
     for (impl, alloc), results in runs.items():
-        if impl in skipped:
-            continue
-        ok = [res for res in results if res.status == "ok"]
-        if len(ok) < len(results):
-            out.setdefault(impl, {})[alloc] = None
-            continue
-        row = dataclasses.replace(ok[0])
-        for _, attr in TASKS:
-            setattr(row, attr, statistics.median(getattr(res, attr) for res in ok))
-        out.setdefault(impl, {})[alloc] = row
+        out.setdefault(impl, {})[alloc] = median_result(results)
     return out
 
 
+def _ok(row: CaseResult | None) -> CaseResult | None:
+    return row if row is not None and row.status == "ok" else None
+
+
 def _ms(row: CaseResult | None, attr: str) -> str:
-    return "n/a" if row is None else f"{getattr(row, attr):,.1f}"
+    return "n/a" if _ok(row) is None else f"{getattr(row, attr):,.1f}"
 
 
 def render(
-    found: dict[str, dict[str, CaseResult | None]],
+    found: dict[str, dict[str, CaseResult]],
     envs: dict[str, dict[str, str | None]],
     base: CaseSpec,
     rounds: int,
@@ -167,8 +163,8 @@ def render(
         cells = []
         for _, attr in TASKS:
             for alloc in allocs:
-                mine = ours.get(alloc)
-                theirs = [found[p].get(alloc) for p in peers]
+                mine = _ok(ours.get(alloc))
+                theirs = [_ok(found[p].get(alloc)) for p in peers]
                 if mine is None or any(t is None for t in theirs):
                     cells.append("n/a")
                 else:

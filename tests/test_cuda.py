@@ -18,30 +18,23 @@ from nystromer import NystromAttention, nystrom_attention
 
 from .reference import nystrom_reference
 from .test_attention import fit
+from .test_functional import qkv, rel_err
+from .test_functional import right_padded_mask as padded
 
 DEVICE = os.environ.get("NYSTROMER_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = pytest.mark.skipif(not DEVICE, reason="needs CUDA (or NYSTROMER_TEST_DEVICE)")
-
-
-def qkv(b=2, h=3, n=70, d=8, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, h, n, d, generator=g, dtype=dtype) for _ in range(3))
 
 
 def on(*tensors, dtype=None):
     return tuple(t.to(device=DEVICE, dtype=dtype or t.dtype) for t in tensors)
 
 
-def padded(lengths, n):
-    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
-
-
-def rel_err(a, b):
-    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+def cpu64(t):
+    return t.cpu().double()
 
 
 def test_float64_on_the_device_equals_the_papers_formula():
-    q, k, v = qkv(b=3)
+    q, k, v = qkv(b=3, n=70)
     mask = padded([70, 41, 9], 70)  # Nyström, Nyström over a padded row, exact (9 ≤ m)
     out = nystrom_attention(*on(q, k, v), num_landmarks=8, mask=mask.to(DEVICE))
     assert out.device.type == torch.device(DEVICE).type
@@ -58,7 +51,7 @@ def test_float32_on_the_device_is_close_to_float64():
     # Float32 carries 6e-8 relative rounding, which the pinv iterations amplify: on the CPU
     # this error is 4e-7. 1e-4 leaves room for other kernels' summation order, and none for
     # TF32 (~1e-3), which must stay off for float32 attention.
-    assert rel_err(out, nystrom_reference(q, k, v, 16, mask=mask)) <= 1e-4
+    assert rel_err(cpu64(out), nystrom_reference(q, k, v, 16, mask=mask)) <= 1e-4
 
 
 def test_padding_and_batch_invariance_on_the_device():
@@ -95,7 +88,7 @@ def test_half_precisions_are_finite_and_close_to_float32(dtype):
         raise
     assert out.dtype == dtype and torch.isfinite(out).all()
     # An 8-bit (bf16) or 11-bit (fp16) mantissa: a few roundings stay within the issue's 2e-2.
-    assert rel_err(out, ref) <= 2e-2
+    assert rel_err(cpu64(out), cpu64(ref)) <= 2e-2
 
 
 def test_gradcheck_float64_on_the_device():

@@ -41,6 +41,7 @@ __all__ = [
     "OURS",
     "OURS_PADDED",
     "CORE_IMPLEMENTATIONS",
+    "median_result",
 ]
 
 #: What the core benchmark compares by default (the O(n²)-memory exact-matmul is left out).
@@ -171,7 +172,7 @@ def run_core(
             if progress is not None:
                 where = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
                 progress(f"  {label:<20} {_row_summary(result)}{where}")
-    rows = {label: _median_result(results) for label, results in measured.items()}
+    rows = {label: median_result(results) for label, results in measured.items()}
 
     if base.threads is not None:
         torch.set_num_threads(base.threads)
@@ -190,7 +191,7 @@ def run_core(
     )
 
 
-def _median_result(results: list[CaseResult]) -> CaseResult:
+def median_result(results: list[CaseResult]) -> CaseResult:
     """One row from the rounds of one case: the median of each quantity (every call's time
     kept); a case that was not ``ok`` in its first round keeps that result."""
     if len(results) == 1 or results[0].status != "ok":
