@@ -352,3 +352,35 @@ def test_shared_landmark_node_with_an_unwritable_or_missing_gradient():
         means.sum().backward()
         assert torch.allclose(x.grad, means_share * torch.ones_like(x), atol=1e-15)
         x.grad = None
+
+
+@pytest.mark.parametrize(
+    "threads, lengths, n, blocks",
+    [(2, [12], 12, 2), (4, [12, 3], 12, 2), (3, [12, 7], 12, 3), (2, [13], 13, 1)],
+    ids=["1-sample-2-threads", "2-samples-4-threads", "2-samples-3-threads", "n-indivisible"],
+)
+def test_rows_split_among_threads(threads, lengths, n, blocks):
+    # Head-split inputs with fewer samples than threads: step 3 runs each sample's rows as
+    # `blocks` samples (functional._row_chunks) so that threads write disjoint pages. Values,
+    # gradients and the output's layout must be those of the formula, short samples (≤ m
+    # real keys, the masked-landmark path) included.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = (
+            t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(len(lengths), 2, n, 3)
+        )
+        assert fn._row_chunks(q) == blocks
+        mask = right_padded_mask(lengths, n)
+        out = nystrom_attention(q, k, v, num_landmarks=4, mask=mask)
+        assert (out - nystrom_reference(q, k, v, 4, mask=mask)).abs().max().item() <= FUSED_TOL
+        assert out.transpose(1, 2).is_contiguous()
+        for t in (q, k, v):
+            t.requires_grad_(True)
+
+        def f(q, k, v):
+            return nystrom_attention(q, k, v, num_landmarks=4, mask=mask)
+
+        assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(old)

@@ -408,6 +408,44 @@ def _exact(q, k, v, key_mask, scale, dropout_p):
     )
 
 
+def _row_chunks(q: Tensor) -> int:
+    """How many row blocks step 3 splits each sample's queries into, as extra batch entries.
+
+    torch's CPU attention kernel shares (batch, head, row block) work among its threads in that
+    order and writes its output in the queries' layout. With the model's head-split layout
+    ((B, n, H, d) memory viewed as (B, H, n, d)) and fewer samples than threads, threads then
+    own different heads of the same rows: they write the same pages of the fresh output at the
+    same time and fault on them together, which the kernel counts and serves about twice
+    (n = 16,384, B = 1, 8 heads, 2 threads: 15,700 page faults for the 8,192 pages). As B·c
+    samples, B·c a multiple of the thread count, every thread owns whole rows. The split is a
+    view of q, and the output keeps the memory and strides it would have had.
+    """
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    b, h, n, _ = q.shape
+    if h == 1 or not q.transpose(1, 2).is_contiguous():
+        return 1
+    threads = torch.get_num_threads()
+    c = threads // math.gcd(b, threads)
+    return c if n % c == 0 else 1
+
+
+def _exact_rows(q, k, v, key_mask, scale, dropout_p):
+    """:func:`_exact` for many queries over few keys (step 3), split as :func:`_row_chunks` says."""
+    c = _row_chunks(q)
+    if c == 1:
+        return _exact(q, k, v, key_mask, scale, dropout_p)
+    b, h, n, d = q.shape
+
+    def per_block(t: Tensor) -> Tensor:
+        return t.unsqueeze(1).expand(b, c, *t.shape[1:]).reshape(b * c, *t.shape[1:])
+
+    q_blocks = q.transpose(1, 2).reshape(b * c, n // c, h, d).transpose(1, 2)
+    mask = None if key_mask is None else per_block(key_mask)
+    out = _exact(q_blocks, per_block(k), per_block(v), mask, scale, dropout_p)
+    return out.transpose(1, 2).reshape(b, n, h, -1).transpose(1, 2)
+
+
 def nystrom_attention(
     query: Tensor,
     key: Tensor,
@@ -547,7 +585,9 @@ def _nystrom(
         w = torch.where(short[:, None, None, None], v_land, w)
 
     # 3. out = softmax(s·QK̃ᵀ)·W: every query over the m landmark keys.
-    return _exact(query, k_land.to(query.dtype), w.to(query.dtype), k_nonempty, scale, dropout_p)
+    return _exact_rows(
+        query, k_land.to(query.dtype), w.to(query.dtype), k_nonempty, scale, dropout_p
+    )
 
 
 def _refined(x, land, valid, counts, m, iterations):
