@@ -84,17 +84,23 @@ def segment_means(
     if counts is None and n % m == 0:
         # The paper's equal segments: a reshape, no scatter.
         return _EqualSegmentMeans.apply(x, m, dtype)
-    # One index_add_ over rows of d features: each (sample, head) gets its own m + 1 slots.
-    rows = torch.arange(b * h, device=x.device).view(b, h, 1) * (m + 1)
-    slots = rows + index.view(-1 if counts is not None else 1, 1, n)
     if x.transpose(1, 2).is_contiguous():
-        # (B, n, H, d) in memory, as a projection followed by a head split gives: no copy.
-        src, flat_index = x.transpose(1, 2).reshape(-1, d), slots.transpose(1, 2).reshape(-1)
+        # (B, n, H, d) in memory, as a projection followed by a head split gives: one
+        # index_add_ over whole tokens (rows of H·d features), each sample with its own m + 1
+        # slots. Rows of d features, one per head, make index_add_ 5× slower (n = 16,384,
+        # 8 heads of 64: 9.5 → 1.8 ms).
+        slots = torch.arange(b, device=x.device).view(b, 1) * (m + 1)
+        slots = slots + index.view(-1 if counts is not None else 1, n)
+        sums = x.new_zeros(b * (m + 1), h * d, dtype=dtype)
+        sums.index_add_(0, slots.reshape(-1), x.transpose(1, 2).reshape(b * n, h * d).to(dtype))
+        sums = sums.view(b, m + 1, h, d).transpose(1, 2)[:, :, :m]
     else:
-        src, flat_index = x.reshape(-1, d), slots.reshape(-1)
-    sums = x.new_zeros(b * h * (m + 1), d, dtype=dtype)
-    sums.index_add_(0, flat_index, src.to(dtype))
-    sums = sums.view(b, h, m + 1, d)[:, :, :m]
+        # Rows of d features: each (sample, head) gets its own m + 1 slots.
+        rows = torch.arange(b * h, device=x.device).view(b, h, 1) * (m + 1)
+        slots = rows + index.view(-1 if counts is not None else 1, 1, n)
+        sums = x.new_zeros(b * h * (m + 1), d, dtype=dtype)
+        sums.index_add_(0, slots.reshape(-1), x.reshape(-1, d).to(dtype))
+        sums = sums.view(b, h, m + 1, d)[:, :, :m]
     if counts is None:
         sizes = torch.bincount(index, minlength=m).to(dtype).view(1, 1, m, 1)
     else:
@@ -225,6 +231,17 @@ def _add_segment_gradient(into: Tensor, grad_means: Tensor, index, sizes, m: int
     share = grad_means / sizes.clamp_min(1).to(grad_means.dtype).view(-1, 1, m, 1)
     share = torch.cat([share, share.new_zeros(share.shape[0], h, 1, d)], 2).to(into.dtype)
     share = share.expand(b, h, m + 1, d)
+    if into.transpose(1, 2).is_contiguous():
+        # Head-split memory: whole tokens (rows of H·d) gathered by one index per token, as
+        # in segment_means (n = 16,384, 8 heads of 64: 7.7 → 1.9 ms per call).
+        tokens = share.transpose(1, 2).reshape(b * (m + 1), h * d)
+        slots = torch.arange(b, device=index.device).view(b, 1) * (m + 1)
+        slots = (slots + index.view(-1, n)).reshape(-1)
+        flat = into.transpose(1, 2).view(b * n, h * d)
+        rows = max(1, _GATHER_BLOCK // (h * d))
+        for s in range(0, b * n, rows):
+            flat[s : s + rows].add_(tokens.index_select(0, slots[s : s + rows]))
+        return
     index = index.view(-1, 1, n, 1)
     rows = max(1, _GATHER_BLOCK // max(1, b * h * d))
     for s in range(0, n, rows):
