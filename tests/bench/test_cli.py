@@ -88,6 +88,23 @@ def test_core_targets_table_and_docs_section(tmp_path):
     assert targets["padded / unpadded forward time"].value == pytest.approx(1.2)
     slow = {t.name: t for t in check_targets(_fake_report(ours_fwd=20.0))}
     assert slow["forward time: faster peer / ours"].passed is False
+    # With rounds, time targets also give the ratio's range over the rounds, each round's
+    # peer against the same round's ours (round 2 failed for the peer: left out).
+    report = _fake_report()
+    report.rounds = 3
+    report.per_round = {
+        "nystromer": {"forward_ms": [10.0, 12.0, 8.0], "backward_ms": [30.0, 30.0, 30.0]},
+        "nystrom-attention": {"forward_ms": [30.0, None, 28.0], "backward_ms": [70.0] * 3},
+        "nystromer (padded)": {"forward_ms": [11.0, 12.0, 12.0], "backward_ms": [33.0] * 3},
+    }
+    notes = {t.name: t.note for t in check_targets(report)}
+    assert notes["forward time: faster peer / ours"].endswith("; rounds 3.00–3.50")
+    assert notes["forward+backward time: faster peer / ours"].endswith("; rounds 2.33–2.33")
+    assert "rounds" not in notes["forward peak memory: leaner peer / ours"]
+    assert notes["forward time / FLOP limit"].endswith("; rounds 1.33–2.00")
+    assert notes["padded / unpadded forward time"] == "10% padding; rounds 1.00–1.50"
+    assert CoreReport.from_dict(report.to_dict()).per_round == report.per_round
+    assert "rounds" not in " ".join(t.note for t in check_targets(_fake_report()))
 
     text = format_report(_fake_report())
     assert "| transformers | skipped: absent |" in text
@@ -124,6 +141,8 @@ def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
     assert len(rows["nystromer"]["forward_times_ms"]) == 2
     assert len(rows["nystromer (padded)"]["backward_times_ms"]) == 2
     assert len(rows["exact"]["forward_times_ms"]) == 1
+    assert len(data["per_round"]["nystromer"]["forward_ms"]) == 2
+    assert "; rounds " in docs.read_text()  # padded / unpadded, round by round
     with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
         run_core(CaseSpec("nystromer"), rounds=0)
 
