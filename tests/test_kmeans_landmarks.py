@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nystromer import NystromAttention, nystrom_attention
+from nystromer import NystromAttention, functional, nystrom_attention
 from nystromer.functional import refine_landmarks, segment_means
 
 from .reference import kmeans_landmarks, nystrom_reference
@@ -28,8 +28,13 @@ def clustered_qkv(b=2, h=2, n=96, d=6, clusters=5, seed=0, spread=3.0):
     return q, k, v
 
 
+@pytest.mark.parametrize("block", [None, 112], ids=["one-block", "blocks-of-7-rows"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_refined_landmarks_are_lloyd_iterations_over_real_tokens(iterations):
+def test_refined_landmarks_are_lloyd_iterations_over_real_tokens(iterations, block, monkeypatch):
+    # On the CPU the nearest landmarks are found a block of rows at a time (rows = block //
+    # (heads · m)): 7 rows leave a short last block, and must give the same iterations.
+    if block is not None:
+        monkeypatch.setattr(functional, "_GATHER_BLOCK", block)
     q, _, _ = clustered_qkv(b=2, h=2, n=70)
     lengths = [70, 45]
     mask = right_padded_mask(lengths, 70)

@@ -253,15 +253,21 @@ def _nearest(x: Tensor, c: Tensor) -> Tensor:
     """Index of the nearest of the (B, H, m, d) centres ``c`` for each of the (B, H, n, d)
     tokens ``x``: (B, H, n) int64. argmin ‖x − c‖² = argmin (‖c‖² − 2·x·c), one (n × m)
     product per head, computed sample by sample: bmm takes each sample's heads at any
-    stride (no copy of a head-split x) and the n×m distances of one sample at a time are
-    the only temporary."""
+    stride (no copy of a head-split x). On the CPU the distances are computed a block of rows
+    at a time, small enough to stay in cache and to reuse freed memory: all of one sample's
+    n×m distances are fresh pages once they pass glibc's 32 MiB mapping limit (12 heads of
+    32, m = 64, 3 iterations: the forward 262 → 173 ms at n = 16,384, 104 → 98 at 8,192)."""
+    b, h, n, _ = x.shape
+    m = c.shape[2]
     cc = (c * c).sum(-1).unsqueeze(2)  # (B, H, 1, m)
-    return torch.stack(
-        [
-            torch.baddbmm(cc[i], x[i], c[i].transpose(1, 2), alpha=-2.0).argmin(-1)
-            for i in range(x.shape[0])
-        ]
-    )
+    rows = n if x.device.type != "cpu" else max(1, _GATHER_BLOCK // max(1, h * m))
+    out = torch.empty(b, h, n, dtype=torch.long, device=x.device)
+    for i in range(b):
+        ct = c[i].transpose(1, 2)
+        for s in range(0, n, rows):
+            dist = torch.baddbmm(cc[i], x[i, :, s : s + rows], ct, alpha=-2.0)
+            out[i, :, s : s + rows] = dist.argmin(-1)
+    return out
 
 
 def refine_landmarks(x: Tensor, landmarks: Tensor, valid: Tensor | None, iterations: int) -> Tensor:
