@@ -58,6 +58,10 @@ def test_conv_skip_is_the_depthwise_convolution_of_values():
     want = skip.transpose(1, 2).reshape(1, 40, 32) @ attn.out_proj.weight.T
     assert torch.allclose(diff, want, atol=1e-10)
     assert attn.conv.weight.shape == (4, 1, 3, 1)
+    # Without autograd the skip is added in place into the attention output: same result.
+    with torch.no_grad():
+        inplace = attn(x)
+    assert torch.equal(inplace, attn(x).detach())
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,10 @@ class NystromAttention(nn.Module):
                     "conv_kernel_size is for self-attention: query and key lengths must match, "
                     f"got {q.shape[2]} and {k.shape[2]}"
                 )
-            out = out + value_conv_skip(self.conv, v, mask)
+            skip = value_conv_skip(self.conv, v, mask)
+            # In place when autograd does not need the attention output: one n·d tensor of
+            # fresh memory fewer.
+            out = out + skip if out.requires_grad else out.add_(skip)
         b, _, n_q, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n_q, self.embed_dim))
 
