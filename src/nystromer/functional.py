@@ -218,8 +218,9 @@ class _SharedSegmentMeans(torch.autograd.Function):
         return into, *none
 
 
-# Elements gathered per block by _add_segment_gradient: large enough that the loop costs
-# little, small enough that the temporary is reused memory rather than fresh pages.
+# Elements per block of _add_segment_gradient's gathers and of _nearest's distances: large
+# enough that the loop costs little, small enough that the temporary is reused memory rather
+# than fresh pages.
 _GATHER_BLOCK = 1 << 20
 
 
