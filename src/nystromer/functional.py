@@ -89,10 +89,9 @@ def segment_means(
         # index_add_ over whole tokens (rows of H·d features), each sample with its own m + 1
         # slots. Rows of d features, one per head, make index_add_ 5× slower (n = 16,384,
         # 8 heads of 64: 9.5 → 1.8 ms).
-        slots = torch.arange(b, device=x.device).view(b, 1) * (m + 1)
-        slots = slots + index.view(-1 if counts is not None else 1, n)
         sums = x.new_zeros(b * (m + 1), h * d, dtype=dtype)
-        sums.index_add_(0, slots.reshape(-1), x.transpose(1, 2).reshape(b * n, h * d).to(dtype))
+        tokens = x.transpose(1, 2).reshape(b * n, h * d).to(dtype)
+        sums.index_add_(0, _token_slots(index, b, n, m), tokens)
         sums = sums.view(b, m + 1, h, d).transpose(1, 2)[:, :, :m]
     else:
         # Rows of d features: each (sample, head) gets its own m + 1 slots.
@@ -106,6 +105,14 @@ def segment_means(
     else:
         sizes = counts[:, :m].clamp_min(1).to(dtype).view(b, 1, m, 1)
     return sums / sizes
+
+
+def _token_slots(index: Tensor, b: int, n: int, m: int) -> Tensor:
+    """(B·n,) row of each token in a (B·(m + 1), ·) table that gives every sample m + 1
+    segment slots (the last for padding), from :func:`landmark_assignment`'s (B, n) or (n,)
+    ``index``: the layout of head-split memory's whole tokens."""
+    first = torch.arange(b, device=index.device).view(b, 1) * (m + 1)
+    return (first + index.view(-1, n)).reshape(-1)
 
 
 class _EqualSegmentMeans(torch.autograd.Function):
@@ -236,8 +243,7 @@ def _add_segment_gradient(into: Tensor, grad_means: Tensor, index, sizes, m: int
         # Head-split memory: whole tokens (rows of H·d) gathered by one index per token, as
         # in segment_means (n = 16,384, 8 heads of 64: 7.7 → 1.9 ms per call).
         tokens = share.transpose(1, 2).reshape(b * (m + 1), h * d)
-        slots = torch.arange(b, device=index.device).view(b, 1) * (m + 1)
-        slots = (slots + index.view(-1, n)).reshape(-1)
+        slots = _token_slots(index, b, n, m)
         flat = into.transpose(1, 2).view(b * n, h * d)
         rows = max(1, _GATHER_BLOCK // (h * d))
         for s in range(0, b * n, rows):
