@@ -87,8 +87,8 @@ def segment_means(
     if x.transpose(1, 2).is_contiguous():
         # (B, n, H, d) in memory, as a projection followed by a head split gives: one
         # index_add_ over whole tokens (rows of H·d features), each sample with its own m + 1
-        # slots. Rows of d features, one per head, make index_add_ 5× slower (n = 16,384,
-        # 8 heads of 64: 9.5 → 1.8 ms).
+        # slots. Rows of d features, one per head, make index_add_ several times slower
+        # (benchmarks/against_commit.py 735c51d: the padded forward, with step 3's row split).
         sums = x.new_zeros(b * (m + 1), h * d, dtype=dtype)
         tokens = x.transpose(1, 2).reshape(b * n, h * d).to(dtype)
         sums.index_add_(0, _token_slots(index, b, n, m), tokens)
@@ -241,7 +241,7 @@ def _add_segment_gradient(into: Tensor, grad_means: Tensor, index, sizes, m: int
     share = share.expand(b, h, m + 1, d)
     if into.transpose(1, 2).is_contiguous():
         # Head-split memory: whole tokens (rows of H·d) gathered by one index per token, as
-        # in segment_means (n = 16,384, 8 heads of 64: 7.7 → 1.9 ms per call).
+        # in segment_means.
         tokens = share.transpose(1, 2).reshape(b * (m + 1), h * d)
         slots = _token_slots(index, b, n, m)
         flat = into.transpose(1, 2).view(b * n, h * d)
@@ -263,7 +263,8 @@ def _nearest(x: Tensor, c: Tensor) -> Tensor:
     stride (no copy of a head-split x). On the CPU the distances are computed a block of rows
     at a time, small enough to stay in cache and to reuse freed memory: all of one sample's
     n×m distances are fresh pages once they pass glibc's 32 MiB mapping limit (12 heads of
-    32, m = 64, 3 iterations: the forward 262 → 173 ms at n = 16,384, 104 → 98 at 8,192)."""
+    32, m = 64, 3 iterations: the forward 312 → 201 ms at n = 16,384, 139 → 118 at 8,192 by
+    benchmarks/against_commit.py against the code before)."""
     b, h, n, _ = x.shape
     m = c.shape[2]
     cc = (c * c).sum(-1).unsqueeze(2)  # (B, H, 1, m)
