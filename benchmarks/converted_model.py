@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from nystromer._io import atomic_write, replace_section
+from nystromer._io import atomic_write
+from nystromer._machine import machine_info, machine_label
+from nystromer._markdown import replace_section
 from nystromer.bench.implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -49,13 +51,7 @@ from nystromer.bench.implementations import (
     Implementation,
     register_implementation,
 )
-from nystromer.bench.measure import (
-    CaseSpec,
-    machine_info,
-    machine_label,
-    recorded_command,
-    run_worker,
-)
+from nystromer.bench.measure import CaseSpec, recorded_command, run_worker
 from nystromer.bench.worker import measure_and_report
 from nystromer.functional import check_nystrom_options
 

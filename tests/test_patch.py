@@ -1,4 +1,5 @@
-"""nystromer.patch and NystromMultiheadAttention: drop-in Nyström attention for existing models."""
+"""Switching existing models to Nyström attention: `nystromer.patch` (the function; its module is
+`nystromer.patching`) and NystromMultiheadAttention."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from nystromer import patch
 from nystromer.attention import NystromMultiheadAttention
-from nystromer.patch import patch
 
 # float32 against torch's own attention: exact fallback (n ≤ m) differs only by the order of
 # float32 reductions inside SDPA vs the math path (measured ≤ 5e-7).
@@ -124,7 +125,7 @@ def test_transformer_encoder_exact_when_n_le_m_even_on_the_fused_inference_path(
     x, pad = _padded_batch()
     with torch.no_grad():  # eval + no_grad: nn.TransformerEncoder's fused path conditions
         ref = enc(x, src_key_padding_mask=pad)
-        with caplog.at_level(logging.INFO, logger="nystromer.patch"):
+        with caplog.at_level(logging.INFO, logger="nystromer.patching"):
             patched = patch(copy.deepcopy(enc), num_landmarks=64)
         assert "layers.0.self_attn, layers.1.self_attn" in caplog.text
         assert all(type(layer.self_attn) is NystromMultiheadAttention for layer in patched.layers)
@@ -244,7 +245,7 @@ def test_transformers_models_exact_when_n_le_m(kind, caplog):
     inputs, real = _inputs(kind, 50)
     with torch.no_grad():
         ref = _hidden(model, inputs)
-        with caplog.at_level(logging.INFO, logger="nystromer.patch"):
+        with caplog.at_level(logging.INFO, logger="nystromer.patching"):
             patched = patch(copy.deepcopy(model), num_landmarks=80)
         assert "attention 'sdpa' -> 'nystrom_m80_i6'" in caplog.text
         out = _hidden(patched, inputs)
@@ -306,7 +307,7 @@ def test_transformers_decoders_and_other_models_are_refused():
         patch(gpt2)
     from transformers.masking_utils import causal_mask_function
 
-    from nystromer.patch import _key_padding_mask
+    from nystromer.patching import _key_padding_mask
 
     with pytest.raises(ValueError, match="bidirectional attention with key padding only"):
         _key_padding_mask(2, 5, 5, mask_function=causal_mask_function)

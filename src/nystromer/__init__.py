@@ -16,7 +16,7 @@ from .attention import NystromAttention, NystromMultiheadAttention
 from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
 from .functional import iterative_pinv, nystrom_attention
-from .patch import patch
+from .patching import patch
 
 __version__ = "0.1.0"
 

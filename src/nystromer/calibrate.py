@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .attention import value_conv_skip
 from .functional import _exact
-from .patch import _ATTENTION_PROBE
+from .patching import _ATTENTION_PROBE
 
 __all__ = ["calibrate", "CalibrationResult"]
 

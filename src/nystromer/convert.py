@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .functional import check_nystrom_options
-from .patch import _is_transformers_model, patch
+from .patching import _is_transformers_model, patch
 
 __all__ = [
     "CONVERTIBLE_MODEL_TYPES",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nystromer._machine import machine_info
 from nystromer.bench.core import (
     CoreReport,
     check_targets,
@@ -21,7 +22,7 @@ from nystromer.bench.core import (
     write_docs_section,
 )
 from nystromer.bench.demo import run_attention_demo
-from nystromer.bench.measure import CaseResult, CaseSpec, machine_info
+from nystromer.bench.measure import CaseResult, CaseSpec
 from nystromer.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,11 +8,9 @@ import sys
 
 import pytest
 
+from nystromer._machine import allocator_settings, machine_info, machine_label
 from nystromer.bench.measure import (
     CaseSpec,
-    allocator_settings,
-    machine_info,
-    machine_label,
     matmul_flop_rate,
     measure_case,
     run_in_process,

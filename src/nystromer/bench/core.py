@@ -20,16 +20,10 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from .._io import replace_section
+from .._machine import machine_info, machine_label
+from .._markdown import replace_section
 from .implementations import PEERS
-from .measure import (
-    CaseResult,
-    CaseSpec,
-    machine_info,
-    machine_label,
-    matmul_flop_rate,
-    measure_case,
-)
+from .measure import CaseResult, CaseSpec, matmul_flop_rate, measure_case
 
 __all__ = [
     "CoreReport",

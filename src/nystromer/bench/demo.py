@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._machine import machine_info, machine_label
 from .implementations import get_implementation
 from .inputs import random_qkv, relative_error
-from .measure import CaseSpec, machine_info, machine_label, measure_case
+from .measure import CaseSpec, measure_case
 
 __all__ = ["DemoRow", "DEMO_LENGTHS", "run_attention_demo", "format_demo_table"]
 

@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -41,17 +40,13 @@ from .implementations import AttentionConfig, get_implementation, unavailable_re
 from .inputs import padding_mask, random_qkv
 
 __all__ = [
-    "ALLOCATOR_VARIABLES",
     "CaseSpec",
     "CaseResult",
     "DTYPES",
-    "allocator_settings",
     "core_problem_spec",
     "measure_case",
     "run_in_process",
     "run_worker",
-    "machine_info",
-    "machine_label",
     "matmul_flop_rate",
     "recorded_command",
     "require_positive",
@@ -133,7 +128,7 @@ def time_alternating(
 def emit_section(markdown: str, docs: str | None, begin: str, end: str, name: str) -> None:
     """Print a benchmark script's Markdown section and, when ``docs`` is a file name, write it
     there between ``begin`` and ``end`` (replacing an earlier version of it)."""
-    from .._io import replace_section
+    from .._markdown import replace_section
 
     print(markdown)
     if docs:
@@ -221,68 +216,6 @@ class CaseResult:
         d = dataclasses.asdict(self)
         d["spec"] = dataclasses.asdict(self.spec)
         return d
-
-
-# --- machine description ----------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-#: Environment variables that change how host memory is allocated, and with it CPU times:
-#: glibc's ``MALLOC_*`` tunables, a preloaded allocator (tcmalloc, jemalloc and its
-#: ``MALLOC_CONF``), tcmalloc's own and torch's transparent-huge-page switch.
-ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_", "TCMALLOC_", "THP_MEM_ALLOC_ENABLE")
-
-
-def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The allocator variables (see :data:`ALLOCATOR_VARIABLES`) set in ``environ`` (default:
-    this process's environment); empty under the C library's defaults."""
-    environ = os.environ if environ is None else environ
-    return {
-        key: value
-        for key, value in sorted(environ.items())
-        if any(key == v or (v.endswith("_") and key.startswith(v)) for v in ALLOCATOR_VARIABLES)
-    }
-
-
-def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
-    """CPU model, cores, torch threads, torch version and device name, for labelling results;
-    ``allocator`` holds the allocator variables when any is set."""
-    info = {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    if settings := allocator_settings():
-        info["allocator"] = settings
-    return info
-
-
-def machine_label(info: dict) -> str:
-    """One line: ``AMD EPYC (2 cores), 2 torch threads, torch 2.x, device cpu``, followed by
-    ``, allocator K=V …`` when allocator variables were set (they change CPU times 2×)."""
-    where = info["device"] if "gpu" not in info else f"{info['device']} ({info['gpu']})"
-    label = (
-        f"{info['cpu']} ({info['cpu_count']} cores), {info['threads']} torch threads, "
-        f"torch {info['torch']}, device {where}"
-    )
-    if info.get("allocator"):
-        label += ", allocator " + " ".join(f"{k}={v}" for k, v in info["allocator"].items())
-    return label
 
 
 def _sync(device: str) -> None:

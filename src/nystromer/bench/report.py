@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .._io import atomic_path, replace_section
+from .._io import atomic_path
+from .._markdown import replace_section
 
 __all__ = [
     "REPORT_SECTIONS",
@@ -459,7 +460,7 @@ def _build_section(
     name: str, commands: list[list[str]], docs: Path, images_dir: Path, gpu_dir: Path
 ) -> ReportSection:
     """Render one section from the outputs its commands wrote."""
-    from .measure import machine_info, machine_label
+    from .._machine import machine_info, machine_label
 
     section = ReportSection(name, commands)
     shown = [_shown(c) for c in commands]

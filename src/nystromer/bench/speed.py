@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .._io import atomic_path, atomic_write
-from .measure import CaseResult, CaseSpec, machine_info, machine_label, measure_case
+from .._machine import machine_info, machine_label
+from .measure import CaseResult, CaseSpec, measure_case
 
 __all__ = [
     "SPEED_LENGTHS",

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, replace_section
+from .._io import atomic_path
+from .._markdown import replace_section
 from ..train.checkpoint import read_json
 from ..train.metrics import MetricsLog
 
@@ -73,7 +74,7 @@ def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str
 
 def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
     """The section: command, machine, before/after table, progress table, curve."""
-    from ..bench.measure import machine_info, machine_label
+    from .._machine import machine_info, machine_label
 
     run = Path(run_dir)
     report = _load(run / "distill.json")

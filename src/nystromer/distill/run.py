@@ -488,7 +488,7 @@ def distill(
     if result.status != "completed":
         return report
     if info.is_main:
-        from ..bench.measure import machine_info
+        from .._machine import machine_info
 
         # The student holds the best weights (train()'s best, or the calibrated start); save
         # it as a usable model.

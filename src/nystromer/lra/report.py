@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .._io import replace_section
+from .._markdown import replace_section
 from ..train.checkpoint import read_json
 from ..train.metrics import MetricsLog, plot_metrics
 from .recipes import load_recipe
@@ -108,7 +108,7 @@ def command_line(run_config: dict[str, Any], run_dir: str | os.PathLike[str]) ->
 
 def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
     """The section: command, machine, accuracy against the paper, validation table, curve."""
-    from ..bench.measure import machine_info, machine_label
+    from .._machine import machine_info, machine_label
 
     run = Path(run_dir)
     summary = _load(run / "summary.json")

@@ -67,7 +67,7 @@ def patch(
             :func:`nystromer.nystrom_attention`); 0 keeps the paper's segment means.
 
     Returns:
-        ``model``, patched. What was replaced is logged (logger ``nystromer.patch``, INFO).
+        ``model``, patched. What was replaced is logged (logger ``nystromer.patching``, INFO).
 
     Raises:
         ValueError: decoder / causal attention, an unsupported transformers model, or nothing
