@@ -16,6 +16,7 @@ from .attention import NystromAttention, NystromMultiheadAttention
 from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
 from .functional import iterative_pinv, nystrom_attention
+from .options import NystromOptions
 from .patching import patch
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NystromAttention",
     "NystromMultiheadAttention",
+    "NystromOptions",
     "CalibrationResult",
     "calibrate",
     "convert",

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .options import check_nystrom_options
+
 __all__ = [
     "nystrom_attention",
     "segment_means",
@@ -351,35 +353,6 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
         t = 13 * eye - az @ t
         z = 0.25 * (z @ t)
     return z
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_nystrom_options(
-    num_landmarks: int,
-    pinv_iterations: int,
-    conv_kernel_size: int | None = None,
-    kmeans_iterations: int = 0,
-) -> None:
-    """Validate the Nyström options shared by the function, the modules and ``patch``.
-
-    Raises:
-        ValueError: naming the argument, the value received and what is expected.
-    """
-    if not _is_int(num_landmarks) or num_landmarks < 1:
-        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-    if not _is_int(pinv_iterations) or pinv_iterations < 0:
-        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
-    if not _is_int(kmeans_iterations) or kmeans_iterations < 0:
-        raise ValueError(f"kmeans_iterations must be an integer ≥ 0, got {kmeans_iterations!r}")
-    if conv_kernel_size is not None and (
-        not _is_int(conv_kernel_size) or conv_kernel_size < 1 or conv_kernel_size % 2 == 0
-    ):
-        raise ValueError(
-            f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
-        )
 
 
 def _check_inputs(

@@ -1,0 +1,97 @@
+"""The Nyström settings, in one object: what every layer, model and command passes along.
+
+``NystromOptions`` is validated once, when it is made; the function, the modules, ``patch``,
+``convert``, the model config and the LRA and distillation commands all take or build one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["NystromOptions", "check_nystrom_options"]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_nystrom_options(
+    num_landmarks: int,
+    pinv_iterations: int,
+    conv_kernel_size: int | None = None,
+    kmeans_iterations: int = 0,
+) -> None:
+    """Validate the Nyström settings.
+
+    Raises:
+        ValueError: naming the argument, the value received and what is expected.
+    """
+    if not _is_int(num_landmarks) or num_landmarks < 1:
+        raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
+    if not _is_int(pinv_iterations) or pinv_iterations < 0:
+        raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
+    if not _is_int(kmeans_iterations) or kmeans_iterations < 0:
+        raise ValueError(f"kmeans_iterations must be an integer ≥ 0, got {kmeans_iterations!r}")
+    if conv_kernel_size is not None and (
+        not _is_int(conv_kernel_size) or conv_kernel_size < 1 or conv_kernel_size % 2 == 0
+    ):
+        raise ValueError(
+            f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"
+        )
+
+
+@dataclass(frozen=True)
+class NystromOptions:
+    """How Nyström attention approximates a layer.
+
+    Args:
+        num_landmarks: m, landmarks per head (see :func:`nystromer.nystrom_attention`).
+        pinv_iterations: iterations of the pseudo-inverse (6 in the paper).
+        kmeans_iterations: Lloyd iterations that refine the landmarks from the segment means;
+            0 keeps the paper's landmarks.
+        conv_kernel_size: odd k adds the paper's depthwise convolution of the values along the
+            sequence as a skip; None adds none.
+
+    Raises:
+        ValueError: at construction, naming the first setting with an impossible value.
+    """
+
+    num_landmarks: int = 64
+    pinv_iterations: int = 6
+    kmeans_iterations: int = 0
+    conv_kernel_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_nystrom_options(
+            self.num_landmarks, self.pinv_iterations, self.conv_kernel_size, self.kmeans_iterations
+        )
+
+    def attention_kwargs(self) -> dict[str, int]:
+        """The keyword arguments of :func:`nystromer.nystrom_attention` these settings fix."""
+        return {
+            "num_landmarks": self.num_landmarks,
+            "pinv_iterations": self.pinv_iterations,
+            "kmeans_iterations": self.kmeans_iterations,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (e.g. for a config file); :meth:`from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any] | None) -> NystromOptions:
+        """Settings from a dict; missing keys take the defaults, unknown keys are an error."""
+        settings = dict(settings or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown Nyström setting(s) {unknown}; expected some of {sorted(known)}"
+            )
+        return cls(**settings)
+
+    def replace(self, **changes: Any) -> NystromOptions:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
