@@ -357,6 +357,7 @@ def measure_case(
     memory: bool = True,
     timing: bool = True,
     timeout: float | None = None,
+    worker: list[str] | None = None,
 ) -> CaseResult:
     """Measure one case in fresh processes (one for forward memory and the timings, one for
     forward+backward memory).
@@ -366,6 +367,8 @@ def measure_case(
         forward, backward: measure inference forward and/or forward+backward.
         memory, timing: measure peak memory and/or time.
         timeout: seconds allowed to each worker process.
+        worker: the command that starts a worker (see :func:`run_worker`), for a benchmark
+            whose implementations the default worker does not know.
 
     Returns:
         A :class:`CaseResult`; an implementation that is not installed or does not accept the
@@ -387,7 +390,7 @@ def measure_case(
     if memory and backward:
         runs.append(["memory_backward"])
     for tasks in runs:
-        found = run_worker(spec, tasks, timeout)
+        found = run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]
             return result
