@@ -119,3 +119,15 @@ def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(ROOT / "benchmarks" / "attention_core.py"), run_name="__main__")
     assert info.value.code == 0
     assert "| nystromer (padded) |" in capsys.readouterr().out
+
+
+def test_commands_that_read_an_lra_model_refuse_a_missing_one_and_train_nothing(tmp_path):
+    absent = tmp_path / "absent"
+    for argv in (
+        ["viz", "attention", "--source", "lra", "--out", str(tmp_path / "a.png")],
+        ["bench", "approx", "--sources", "lra", "--out", str(tmp_path / "approx")],
+    ):
+        with pytest.raises(ValueError, match="--lra-run: .* holds no trained LRA model") as info:
+            main([*argv, "--lra-run", str(absent)])
+        assert "nystromer train listops" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
