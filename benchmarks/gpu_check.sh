@@ -4,11 +4,10 @@
 #
 #   bash benchmarks/gpu_check.sh OUT [STAGE...]
 #
-# STAGE is any of (default: tests bf16 lra):
+# STAGE is any of (default: tests bf16):
 #   tests  tests/test_cuda.py: the attention, module, torch.compile and LRA training on CUDA;
 #   bf16   `nystromer bench speed --device cuda --dtype bfloat16` (the GPU section's command);
-#   fp32   the same in float32;
-#   lra    seconds per training step of the Pathfinder-32 and ListOps recipes on the GPU.
+#   fp32   the same in float32.
 # The bench stages take the lengths in $LENGTHS (default 1024,4096,16384,65536,131072; the
 # GPU section's full list is 512 … 131,072) and the implementations in $IMPLS (default: all).
 # DEVICE=cpu runs every stage on the CPU, which checks this script without a GPU.
@@ -20,10 +19,10 @@
 # nystrom-attention==0.0.14 --no-deps -d .whl`, .whl/ ignored by git and named in the device
 # tool's carry); without it, its rows say it is not installed.
 set -u -o pipefail
-out=${1:?usage: bash benchmarks/gpu_check.sh OUT [tests|bf16|fp32|lra ...]}
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT [tests|bf16|fp32 ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests bf16 lra)
+[ ${#stages[@]} -gt 0 ] || stages=(tests bf16)
 py=${PYTHON:-python3}
 lengths=${LENGTHS:-1024,4096,16384,65536,131072}
 device=${DEVICE:-cuda}
@@ -58,14 +57,8 @@ for stage in "${stages[@]}"; do
         mkdir -p "$out/gpu/$dtype"
         cp "$scratch/$dtype/speed.json" "$out/gpu/$dtype/" 2>>"$log" || status=1
         ;;
-    lra)
-        for task in pathfinder listops; do
-            "$py" benchmarks/micro_batches.py --task "$task" --device "$device" --parts 1 \
-                --steps 5 --rounds 1 2>&1 | tee -a "$log" || status=1
-        done
-        ;;
     *)
-        echo "unknown stage $stage: expected tests, bf16, fp32 or lra" | tee -a "$log"
+        echo "unknown stage $stage: expected tests, bf16 or fp32" | tee -a "$log"
         status=2
         ;;
     esac

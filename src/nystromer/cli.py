@@ -1,8 +1,10 @@
-"""The ``nystromer`` command. Thin: each feature module registers its own sub-commands.
+"""The ``nystromer`` command. Thin: it parses and calls the modules that do the work.
 
-A module listed in ``_COMMAND_MODULES`` defines ``register(subparsers)``, which adds its
-sub-parser(s) and sets ``func`` (called with the parsed ``argparse.Namespace``, returning an
-exit code) as the parser default.
+Each feature package registers its own sub-commands: a module named in ``_COMMANDS``
+defines ``register(subparsers)``, which adds its sub-parser(s) and sets ``func`` (called with the
+parsed ``argparse.Namespace``, returning an exit code) as the parser default. ``demo`` and
+``viz`` are registered here: ``demo`` runs the benchmarks' attention comparison and then a short
+LRA training run, so it belongs to neither package.
 """
 
 from __future__ import annotations
@@ -11,10 +13,105 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-_COMMAND_MODULES: tuple[str, ...] = (
+
+def _demo(args: argparse.Namespace) -> int:
+    from .bench.demo import run_attention_demo
+
+    run_attention_demo(args.lengths, threads=args.threads, repeats=args.repeats)
+    if args.listops_steps > 0:
+        from .lra.demo import run_listops_demo
+
+        # Kept after the demo so the run can be inspected or re-evaluated (`nystromer eval`).
+        run_listops_demo(args.listops_dir, steps=args.listops_steps)
+    return 0
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    from .bench.cli import int_list
+    from .bench.demo import DEMO_LENGTHS
+
+    d = subparsers.add_parser(
+        "demo",
+        help="exact vs Nyström attention: time, memory and error as n grows",
+        description="Exact vs Nyström attention (m = 64) for n = 1k … 16k: forward time, peak "
+        "memory (fresh process each) and relative output error.",
+    )
+    d.add_argument("--lengths", type=int_list, default=list(DEMO_LENGTHS), help="%(default)s")
+    d.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
+    d.add_argument(
+        "--listops-steps",
+        type=int,
+        default=700,
+        help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
+        "about two minutes on 2 CPU cores)",
+    )
+    d.add_argument(
+        "--listops-dir",
+        type=Path,
+        default=Path("runs/demo"),
+        help="where the ListOps run writes its data and run files (%(default)s)",
+    )
+    d.set_defaults(func=_demo)
+
+
+def _viz_attention(args: argparse.Namespace) -> int:
+    from .bench.viz import attention_figure
+
+    found = attention_figure(
+        args.out,
+        source=args.source,
+        seq_len=args.seq_len,
+        num_landmarks=args.num_landmarks,
+        pinv_iterations=args.pinv_iterations,
+        model_source=args.model_source,
+        lra_run=args.lra_run,
+        lra_checkpoint=args.lra_checkpoint,
+        layer=args.layer,
+        head=args.head,
+        window=args.window,
+    )
+    print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
+    print(f"wrote {found['json']}")
+    return 0
+
+
+def _register_viz(subparsers: argparse._SubParsersAction) -> None:
+    from .bench.cli import add_input_source_args
+
+    viz = subparsers.add_parser("viz", help="visualisations")
+    viz_sub = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
+    v = viz_sub.add_parser(
+        "attention",
+        help="exact vs Nyström attention matrix, side by side (PNG)",
+        description="Plot one head's exact attention matrix beside its Nyström approximation.",
+    )
+    v.add_argument("--out", type=Path, default=Path("bench-out/attention.png"))
+    v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
+    v.add_argument("--num-landmarks", type=int, default=16)
+    v.add_argument("--pinv-iterations", type=int, default=6)
+    v.add_argument(
+        "--source",
+        choices=("random", "lm", "lra"),
+        default="random",
+        help="structured random q, k; a language model's (lm); a trained LRA model's (lra)",
+    )
+    add_input_source_args(v, layer=False)
+    v.add_argument("--layer", type=int, help="model layer (default: lm 2, lra the last)")
+    v.add_argument("--head", type=int, default=0)
+    v.add_argument("--window", type=int, help="draw only the first WINDOW positions (default: all)")
+    v.set_defaults(func=_viz_attention)
+
+
+#: In the order of ``nystromer --help``: modules with a ``register`` function, or the
+#: registering functions of the commands defined here.
+_COMMANDS = (
     "nystromer.lra.cli",
+    _register_demo,
     "nystromer.bench.cli",
+    _register_viz,
     "nystromer.lra.data.cli",
     "nystromer.distill.cli",
 )
@@ -29,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nystromer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for entry in _COMMANDS:
+        register = importlib.import_module(entry).register if isinstance(entry, str) else entry
+        register(subparsers)
     return parser
 
 

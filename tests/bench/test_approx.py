@@ -44,11 +44,6 @@ def _report(sweep: dict) -> dict:
     }
 
 
-def _old_sweep(sweep: dict) -> dict:
-    """The sweep as reports written before k-means landmarks were measured store it."""
-    return {k: v for k, v in sweep.items() if k not in ("kmeans", "kmeans_iterations")}
-
-
 def test_landmark_sweep_measures_kmeans_landmarks_where_they_must_help():
     q, k, v = _clustered_qkv()
     sweep = landmark_sweep(q, k, v, [8, 16, 256])
@@ -63,7 +58,7 @@ def test_landmark_sweep_measures_kmeans_landmarks_where_they_must_help():
     assert unrefined["kmeans"] == unrefined["segment_means"] and unrefined["kmeans_iterations"] == 0
 
 
-def test_sweep_table_has_three_choices_and_formats_old_reports():
+def test_sweep_table_has_three_choices():
     sweep = {
         "landmarks": [8, 16],
         "segment_means": [0.83, 0.66],
@@ -75,16 +70,12 @@ def test_sweep_table_has_three_choices_and_formats_old_reports():
     assert "segment means / k-means / random positions" in table
     assert "k-means: 3 Lloyd iterations from the segment means" in table
     assert "| 8 | 0.83 / 0.31 / 0.57 |" in table and "| 16 | 0.66 / 0.043 / 0.27 |" in table
-    old = format_sweep_tables(_report(_old_sweep(sweep)))
-    assert "k-means: not measured in this report (—)" in old
-    assert "| 8 | 0.83 / — / 0.57 |" in old and "| 16 | 0.66 / — / 0.27 |" in old
 
 
-def test_outputs_plot_new_and_old_reports(tmp_path):
+def test_outputs_table_and_plots(tmp_path):
     q, k, v = _clustered_qkv()
     sweep = landmark_sweep(q, k, v, [8])
     report = _report(sweep)
-    report["sources"]["old"] = {**report["sources"]["clustered"], "landmarks": _old_sweep(sweep)}
     paths = write_approx_outputs(report, tmp_path)
     assert [p.name for p in paths] == [
         "approx.json",

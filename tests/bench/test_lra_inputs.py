@@ -107,26 +107,16 @@ def test_checkpoint_read_retries_until_meta_and_weights_agree(lra_run, monkeypat
     assert any(name.endswith("q_proj.weight") for name in tensors)
 
 
-def test_resolve_lra_run(tmp_path, lra_run, monkeypatch):
+def test_resolve_lra_run_reads_a_run_and_never_trains_one(tmp_path, lra_run, monkeypatch):
     assert has_checkpoint(lra_run) and not has_checkpoint(tmp_path)
     assert resolve_lra_run(lra_run) == lra_run
-    with pytest.raises(ValueError, match="holds no LRA run"):
+    with pytest.raises(ValueError, match=r"--lra-run: .* holds no trained LRA model.*nystromer"):
         resolve_lra_run(tmp_path)
     monkeypatch.setattr(lra_inputs, "DEFAULT_LRA_RUN", tmp_path / "absent")
-    # The demo's run is found again instead of being retrained.
-    assert resolve_lra_run(None, fallback_dir=lra_run.parent, progress=None) == lra_run
-    trained = []
-
-    def fake_demo(workdir, **kwargs):
-        trained.append((workdir, kwargs))
-
-    import nystromer.lra.demo
-
-    monkeypatch.setattr(nystromer.lra.demo, "run_listops_demo", fake_demo)
-    lines = []
-    got = resolve_lra_run(
-        None, fallback_dir=tmp_path / "demo", train_steps=5, progress=lines.append
-    )
-    assert got == tmp_path / "demo" / "run"
-    assert trained == [(tmp_path / "demo", {"steps": 5, "sizes": None, "progress": False})]
-    assert "training the small ListOps model" in lines[0]
+    # The demo's run is a default too.
+    monkeypatch.setattr(lra_inputs, "FALLBACK_LRA_DIR", lra_run.parent)
+    assert resolve_lra_run(None) == lra_run
+    monkeypatch.setattr(lra_inputs, "FALLBACK_LRA_DIR", tmp_path / "demo")
+    with pytest.raises(ValueError, match="no trained LRA model in .*nystromer train listops"):
+        resolve_lra_run(None)
+    assert not (tmp_path / "demo").exists()

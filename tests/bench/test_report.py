@@ -1,7 +1,7 @@
 """``nystromer bench report --quick``: every benchmark command end to end, and the Markdown.
 
-One quick report (tiny sizes, ~20 s on 2 busy cores) runs bench table, bench speed, bench
-approx (random, LRA and language-model inputs) and viz attention through nystromer.cli.main;
+One quick report (tiny sizes, ~30 s on 2 busy cores) runs bench table, bench speed, bench
+approx (random, LRA and language-model inputs) and viz attention as ``python -m nystromer``;
 the tests below check each command's own outputs and the sections written from them.
 """
 
@@ -202,7 +202,14 @@ def test_report_arguments(tmp_path):
     parser = build_parser()
     for argv in [*sum(full.values(), []), *report_mod.gpu_commands("docs/bench/gpu")]:
         parser.parse_args(argv)  # every full-size command is valid as written
+    # Without a trained LRA model the report leaves its inputs out instead of training one.
+    bare = report_mod.report_commands("o", with_lra=False)
+    assert parser.parse_args(bare["approx"][0]).sources == ["random", "lm"]
+    assert [c[:2] for c in bare["viz"]] == [["viz", "attention"]] and "--source" not in bare["viz"][
+        0
+    ]
     gpu = parser.parse_args(report_mod.gpu_commands("g")[0])
+
     assert (gpu.device, gpu.dtype, gpu.lengths[-1]) == ("cuda", "bfloat16", 131072)
 
 

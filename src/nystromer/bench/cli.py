@@ -1,4 +1,5 @@
-"""``nystromer demo``, ``bench {speed,table,approx,report}`` and ``viz attention``."""
+"""``nystromer bench {speed,table,approx,report}``, and the argument types and input options
+that the top-level ``demo`` and ``viz attention`` commands share with them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import shlex
 from pathlib import Path
 
-__all__ = ["register", "demo_command"]
+__all__ = ["register", "int_list", "add_input_source_args"]
 
 _DEFAULT_OUT = Path("bench-out")
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (``1024,2048``)."""
     try:
         values = [int(x) for x in text.split(",") if x]
     except ValueError:
@@ -22,19 +24,6 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    """The ``demo`` sub-command: the attention comparison, then a short ListOps training run."""
-    from .demo import run_attention_demo
-
-    run_attention_demo(args.lengths, threads=args.threads, repeats=args.repeats)
-    if args.listops_steps > 0:
-        from ..lra.demo import run_listops_demo
-
-        # Kept after the demo so the run can be inspected or re-evaluated (`nystromer eval`).
-        run_listops_demo(args.listops_dir, steps=args.listops_steps)
-    return 0
 
 
 #: Short dtype names accepted besides the full ones.
@@ -57,7 +46,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
-    p.add_argument("--lengths", type=_int_list, default=list(lengths), help="%(default)s")
+    p.add_argument("--lengths", type=int_list, default=list(lengths), help="%(default)s")
     p.add_argument(
         "--impl",
         type=_name_list,
@@ -187,85 +176,10 @@ def _approx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _viz(args: argparse.Namespace) -> int:
-    from .._io import atomic_write
-    from .viz import plot_attention
-
-    q = k = title = None
-    if args.source == "lm":
-        from .approx import model_qkv
-
-        args.layer = 2 if args.layer is None else args.layer
-        mq, mk, _, description = model_qkv(args.seq_len, source=args.model_source)
-        if not (0 <= args.layer < mq.shape[0] and 0 <= args.head < mq.shape[1]):
-            raise ValueError(
-                f"--layer/--head: the model has {mq.shape[0]} layers of {mq.shape[1]} heads, "
-                f"got layer {args.layer}, head {args.head}"
-            )
-        q, k = mq[args.layer, args.head], mk[args.layer, args.head]
-        title = f"{description}, layer {args.layer}, head {args.head}, n = {q.shape[0]}"
-    elif args.source == "lra":
-        from .lra_inputs import lra_qkv, resolve_lra_run
-
-        lra = lra_qkv(
-            resolve_lra_run(args.lra_run),
-            layer=-1 if args.layer is None else args.layer,
-            checkpoint=args.lra_checkpoint,
-            num_landmarks=args.num_landmarks,
-        )
-        if not 0 <= args.head < lra.query.shape[1]:
-            raise ValueError(f"--head: the model has {lra.query.shape[1]} heads, got {args.head}")
-        # Sample 0: a whole validation example without padding.
-        q, k = lra.query[0, args.head], lra.key[0, args.head]
-        title = f"{lra.description.split(';')[0]}, head {args.head}, n = {q.shape[0]}"
-    found = plot_attention(
-        args.out,
-        seq_len=args.seq_len,
-        num_landmarks=args.num_landmarks,
-        pinv_iterations=args.pinv_iterations,
-        q=q,
-        k=k,
-        title=title,
-        window=args.window,
-    )
-    found["pinv_iterations"] = args.pinv_iterations
-    sidecar = Path(args.out).with_suffix(".json")
-    with atomic_write(sidecar) as f:
-        json.dump(found, f, indent=2)
-    print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
-    print(f"wrote {sidecar}")
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo``, ``bench`` and ``viz`` sub-commands."""
+    """Add the ``bench`` sub-command and its own sub-commands."""
     from .approx import ITERATIONS, LANDMARKS, SOURCES
-    from .demo import DEMO_LENGTHS
     from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
-
-    d = subparsers.add_parser(
-        "demo",
-        help="exact vs Nyström attention: time, memory and error as n grows",
-        description="Exact vs Nyström attention (m = 64) for n = 1k … 16k: forward time, peak "
-        "memory (fresh process each) and relative output error.",
-    )
-    d.add_argument("--lengths", type=_int_list, default=list(DEMO_LENGTHS), help="%(default)s")
-    d.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
-    d.add_argument(
-        "--listops-steps",
-        type=int,
-        default=700,
-        help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
-        "about two minutes on 2 CPU cores)",
-    )
-    d.add_argument(
-        "--listops-dir",
-        type=Path,
-        default=Path("runs/demo"),
-        help="where the ListOps run writes its data and run files (%(default)s)",
-    )
-    d.set_defaults(func=demo_command)
 
     bench = subparsers.add_parser("bench", help="speed, memory and approximation benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -299,8 +213,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--heads", type=int, default=4)
     a.add_argument("--head-dim", type=int, default=64)
     a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
-    a.add_argument("--landmarks", type=_int_list, default=list(LANDMARKS), help="%(default)s")
-    a.add_argument("--iterations", type=_int_list, default=list(ITERATIONS))
+    a.add_argument("--landmarks", type=int_list, default=list(LANDMARKS), help="%(default)s")
+    a.add_argument("--iterations", type=int_list, default=list(ITERATIONS))
     a.add_argument(
         "--sources",
         type=_name_list,
@@ -308,49 +222,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="input kinds, comma-separated (default: %(default)s)",
     )
     a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
-    a.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
-    _add_lra_args(a)
+    add_input_source_args(a)
     a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
     a.set_defaults(func=_approx)
-
-    viz = subparsers.add_parser("viz", help="visualisations")
-    viz_sub = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
-    v = viz_sub.add_parser(
-        "attention",
-        help="exact vs Nyström attention matrix, side by side (PNG)",
-        description="Plot one head's exact attention matrix beside its Nyström approximation.",
-    )
-    v.add_argument("--out", type=Path, default=_DEFAULT_OUT / "attention.png")
-    v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
-    v.add_argument("--num-landmarks", type=int, default=16)
-    v.add_argument("--pinv-iterations", type=int, default=6)
-    v.add_argument(
-        "--source",
-        choices=("random", "lm", "lra"),
-        default="random",
-        help="structured random q, k; a language model's (lm); a trained LRA model's (lra)",
-    )
-    v.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
-    _add_lra_args(v, layer=False)
-    v.add_argument("--layer", type=int, help="model layer (default: lm 2, lra the last)")
-    v.add_argument("--head", type=int, default=0)
-    v.add_argument("--window", type=int, help="draw only the first WINDOW positions (default: all)")
-    v.set_defaults(func=_viz)
 
     from .report import register_report
 
     register_report(bench_sub)
 
 
-def _add_lra_args(p: argparse.ArgumentParser, *, layer: bool = True) -> None:
+def add_input_source_args(p: argparse.ArgumentParser, *, layer: bool = True) -> None:
+    """The language-model and LRA-model options of ``bench approx`` and ``viz attention``."""
     from .lra_inputs import DEFAULT_LRA_RUN, FALLBACK_LRA_DIR
 
+    p.add_argument("--model-source", choices=("auto", "minilm", "random-bert"), default="auto")
     p.add_argument(
         "--lra-run",
         type=Path,
-        help=f"LRA run directory to read (read-only; default: {DEFAULT_LRA_RUN} when it holds a "
-        f"checkpoint, else {FALLBACK_LRA_DIR}/run, else a small ListOps model is trained there, "
-        "about two minutes)",
+        help="a trained LRA run directory to read (read-only), as `nystromer train` or "
+        f"`nystromer demo` write them (default: {DEFAULT_LRA_RUN}, else "
+        f"{FALLBACK_LRA_DIR}/run; nothing is trained here)",
     )
     p.add_argument("--lra-checkpoint", choices=("auto", "best", "last"), default="auto")
     if layer:

@@ -12,9 +12,8 @@ q, k, v projections of one attention layer are captured:
 * sample 1 is the example whose length is closest to ¾ of that, so about a quarter of its row
   is padding, with whatever q, k, v the model computes at padding tokens (not zeros).
 
-Without a run, :func:`resolve_lra_run` trains the small ListOps model of ``nystromer demo``
-(:func:`nystromer.lra.demo.run_listops_demo`, about two minutes on 2 CPU cores) and reuses it
-afterwards.
+The benchmarks never train a model themselves: :func:`resolve_lra_run` finds the run that was
+named or a default one, and says which command makes one when there is none.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,48 +79,39 @@ def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
     )
 
 
-def resolve_lra_run(
-    run_dir: str | os.PathLike[str] | None = None,
-    *,
-    fallback_dir: str | os.PathLike[str] = FALLBACK_LRA_DIR,
-    train_steps: int = 700,
-    train_sizes: Mapping[str, int] | None = None,
-    progress: Callable[[str], None] | None = print,
-) -> Path:
-    """The run directory to read, training a small ListOps model when there is none.
+def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The LRA run directory a benchmark reads.
 
     Args:
-        run_dir: use this run (it must hold a checkpoint). None: :data:`DEFAULT_LRA_RUN` when it
-            holds a checkpoint, else ``fallback_dir/run`` when that does, else a new small
-            ListOps model is trained into ``fallback_dir`` (``nystromer demo``'s run).
-        fallback_dir: where the small model is trained and found again.
-        train_steps, train_sizes: steps and split sizes of that training run (defaults: the
-            demo's, about two minutes on 2 CPU cores).
-        progress: called with a line before training (None: silent).
+        run_dir: the run to use (it must hold a checkpoint). None: :data:`DEFAULT_LRA_RUN`, else
+            ``FALLBACK_LRA_DIR/run`` (the small model of ``nystromer demo``), whichever holds a
+            checkpoint.
 
     Returns:
         A run directory that holds ``config.json`` and a checkpoint.
+
+    Raises:
+        ValueError: no such run; the message names ``--lra-run`` and the commands that make one.
     """
+    how = (
+        "make one with `nystromer train listops --data DATA --out DIR` (the paper's recipe) or "
+        f"`nystromer demo` (a small ListOps model in {FALLBACK_LRA_DIR / 'run'}, about two "
+        "minutes), then pass its run directory as --lra-run DIR"
+    )
     if run_dir is not None:
         if not has_checkpoint(run_dir):
             raise ValueError(
-                f"lra_run: {run_dir} holds no LRA run (expected config.json and a best/ or "
-                "last/ checkpoint written by `nystromer train`)"
+                f"--lra-run: {run_dir} holds no trained LRA model (expected config.json and a "
+                f"best/ or last/ checkpoint); {how}"
             )
         return Path(run_dir)
-    fallback_run = Path(fallback_dir) / "run"
-    for candidate in (DEFAULT_LRA_RUN, fallback_run):
+    candidates = (DEFAULT_LRA_RUN, FALLBACK_LRA_DIR / "run")
+    for candidate in candidates:
         if has_checkpoint(candidate):
             return candidate
-    from ..lra.demo import run_listops_demo
-
-    if progress is not None:
-        progress(
-            f"no trained LRA model in {DEFAULT_LRA_RUN} or {fallback_run}: training the small "
-            f"ListOps model of `nystromer demo` ({train_steps} steps) into {fallback_dir}"
-        )
-    run_listops_demo(fallback_dir, steps=train_steps, sizes=train_sizes, progress=False)
-    return fallback_run
+    raise ValueError(
+        f"--lra-run: no trained LRA model in {' or '.join(map(str, candidates))}; {how}"
+    )
 
 
 def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Tensor]]:

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +46,7 @@ __all__ = [
     "measure_case",
     "run_in_process",
     "run_worker",
-    "matmul_flop_rate",
     "recorded_command",
-    "require_positive",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,8 +57,8 @@ _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
 
 
 def add_core_problem_arguments(parser) -> None:
-    """The attention core problem's options (defaults: issue 3's n = 16,384, batch 1, 8 heads
-    of 64, m = 64) and ``--threads``, shared by the scripts in ``benchmarks/``."""
+    """The attention-core problem's options (defaults: n = 16,384, batch 1, 8 heads of 64,
+    m = 64) and ``--threads``."""
     parser.add_argument("--seq-len", "-n", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
@@ -77,14 +74,6 @@ def core_problem_spec(args, impl: str = "nystromer", **fields: Any) -> CaseSpec:
     return CaseSpec(impl=impl, **{name: getattr(args, name) for name in problem}, **fields)
 
 
-def require_positive(parser, args, names: tuple[str, ...]) -> None:
-    """Stop with ``parser.error`` naming the first option among ``names`` (attribute names of
-    ``args``) whose value is below 1."""
-    for name in names:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-
-
 def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
     """The command line a report records: ``python script argv…`` without the ``drop`` options
     (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
@@ -97,43 +86,6 @@ def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str
         elif not arg.startswith(tuple(f"{flag}=" for flag in drop)):
             shown.append(arg)
     return shlex.join(["python", script, *shown])
-
-
-def time_alternating(
-    tasks: dict[str, Callable[[Any], object]], variants: dict[str, Any], repeats: int
-) -> dict[str, dict[str, list[float]]]:
-    """Milliseconds per call of every task on every variant, timed side by side in this
-    process: ``{variant: {task: [ms, ...]}}``.
-
-    For each task, every variant runs once untimed (warm-up), then ``repeats`` rounds run
-    each variant once in turn, so that the machine's drift hits all variants alike.
-
-    Args:
-        tasks: name → function called with one variant (e.g. forward, forward+backward).
-        variants: name → what the task functions take (inputs, an implementation).
-        repeats: timed calls per task and variant.
-    """
-    times: dict[str, dict[str, list[float]]] = {v: {t: [] for t in tasks} for v in variants}
-    for task, call in tasks.items():
-        for variant in variants.values():
-            call(variant)
-        for _ in range(repeats):
-            for name, variant in variants.items():
-                t0 = time.perf_counter()
-                call(variant)
-                times[name][task].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def emit_section(markdown: str, docs: str | None, begin: str, end: str, name: str) -> None:
-    """Print a benchmark script's Markdown section and, when ``docs`` is a file name, write it
-    there between ``begin`` and ``end`` (replacing an earlier version of it)."""
-    from .._markdown import replace_section
-
-    print(markdown)
-    if docs:
-        replace_section(docs, begin, end, markdown, new_file="# Benchmarks\n")
-        print(f"wrote the {name} section of {docs}")
 
 
 @dataclass(frozen=True)
@@ -221,24 +173,6 @@ class CaseResult:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
-
-
-def matmul_flop_rate(
-    size: int = 4096, repeats: int = 5, device: str = "cpu", dtype: str = "float32"
-) -> float:
-    """Best achieved FLOP/s of a ``size``×``size`` matrix product (2·size³ FLOPs), one warm-up."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, generator=gen).to(device=device, dtype=DTYPES[dtype])
-    best = float("inf")
-    for i in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i:  # the first product is warm-up
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
 
 
 # --- in-process measurement (valid for memory only in a fresh process) ------------------------
@@ -389,19 +323,15 @@ def run_worker(
     timeout: float | None,
     *,
     command: list[str] | None = None,
-    env: dict[str, str | None] | None = None,
 ) -> dict:
     """Run ``tasks`` for ``spec`` in a fresh process and return its result dict.
 
     ``command`` starts the worker (default ``python -m nystromer.bench.worker``); the spec as
     JSON and the comma-joined tasks are appended. The worker prints one line starting with
-    the result mark, as :mod:`nystromer.bench.worker` does. ``env`` changes the worker's
-    environment: a string sets a variable, None removes it. A crash or timeout becomes
+    the result mark, as :mod:`nystromer.bench.worker` does. A crash or timeout becomes
     ``{"status": "oom" | "failed", "note": ...}``.
     """
-    changes = env or {}
-    env = {k: v for k, v in os.environ.items() if k not in changes}
-    env.update({k: v for k, v in changes.items() if v is not None})
+    env = dict(os.environ)
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)
     start = command if command is not None else [sys.executable, "-m", "nystromer.bench.worker"]
@@ -426,21 +356,19 @@ def measure_case(
     backward: bool = True,
     memory: bool = True,
     timing: bool = True,
-    fresh_process: bool = True,
     timeout: float | None = None,
-    env: dict[str, str | None] | None = None,
+    worker: list[str] | None = None,
 ) -> CaseResult:
-    """Measure one case; memory in fresh processes (one for forward, one for backward).
+    """Measure one case in fresh processes (one for forward memory and the timings, one for
+    forward+backward memory).
 
     Args:
         spec: what to measure.
         forward, backward: measure inference forward and/or forward+backward.
         memory, timing: measure peak memory and/or time.
-        fresh_process: False runs everything in this process (timings only are meaningful
-            then; memory is refused).
         timeout: seconds allowed to each worker process.
-        env: changes to the workers' environment (see :func:`run_worker`), e.g. allocator
-            variables, which only act from a process's start.
+        worker: the command that starts a worker (see :func:`run_worker`), for a benchmark
+            whose implementations the default worker does not know.
 
     Returns:
         A :class:`CaseResult`; an implementation that is not installed or does not accept the
@@ -453,8 +381,6 @@ def measure_case(
     if reason is not None:
         result.status, result.note = "skipped", reason
         return result
-    if memory and not fresh_process:
-        raise ValueError("memory=True needs fresh_process=True: RSS peaks are per process")
     first = (["memory_forward"] if memory and forward else []) + (
         (["time_forward"] if forward else []) + (["time_backward"] if backward else [])
         if timing
@@ -464,12 +390,7 @@ def measure_case(
     if memory and backward:
         runs.append(["memory_backward"])
     for tasks in runs:
-        if fresh_process:
-            found = run_worker(spec, tasks, timeout, env=env)
-        elif env:
-            raise ValueError("env needs fresh_process=True: it acts when a process starts")
-        else:
-            found = run_in_process(spec, tasks)
+        found = run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]
             return result

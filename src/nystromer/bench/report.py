@@ -1,7 +1,7 @@
 """``nystromer bench report`` (``make bench``): regenerate docs/benchmarks.md from the commands.
 
 Runs, each into its own folder under ``--out``, the benchmark commands exactly as a user would
-type them (through :func:`nystromer.cli.main`):
+type them (``python -m nystromer ...``, one process per command):
 
 * ``table``: ``nystromer bench table`` (the paper's Table 1 form, n = 512 … 8192);
 * ``speed``: ``nystromer bench speed`` (CPU, float32, n = 512 … 65,536, every implementation);
@@ -12,6 +12,10 @@ type them (through :func:`nystromer.cli.main`):
 * ``approx``: ``nystromer bench approx`` (all input kinds: random, a trained LRA model, a
   language model);
 * ``viz``: ``nystromer viz attention`` on random inputs and on the LRA model.
+
+The LRA inputs need a trained model (``--lra-run``, default ``runs/listops`` or the demo's
+``runs/demo/run``); nothing is trained here. Without one, those parts are left out and the
+report says which command makes one.
 
 Each section is then written into the Markdown file between its own marker comments
 (``<!-- bench-report:NAME:begin … -->`` … ``<!-- bench-report:NAME:end -->``), stating the
@@ -28,6 +32,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -123,6 +128,7 @@ def report_commands(
     quick: bool = False,
     lra_run: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    with_lra: bool = True,
 ) -> dict[str, list[list[str]]]:
     """The ``nystromer`` commands of each CPU section (the GPU section's: :func:`gpu_commands`).
 
@@ -131,10 +137,17 @@ def report_commands(
         quick: tiny sizes (a few seconds in all) instead of the full benchmark.
         lra_run: LRA run directory for the ``lra`` inputs (None: the commands' default).
         threads: torch threads of the timed sections (None: torch's default).
+        with_lra: False leaves out the inputs of a trained LRA model (when there is none).
     """
-    out = Path(out)
+    commands = _commands(Path(out), quick, _lra_args(lra_run), threads)
+    if not with_lra:
+        commands["approx"][0][2:2] = ["--sources", "random,lm"]
+        commands["viz"] = commands["viz"][:1]
+    return commands
+
+
+def _commands(out: Path, quick: bool, lra: list[str], threads: int | None) -> dict:
     timing = [] if threads is None else ["--threads", str(threads)]
-    lra = _lra_args(lra_run)
     if not quick:
         return {
             "table": [["bench", "table", *timing, "--out", str(out / "table1")]],
@@ -331,8 +344,8 @@ def render_approx(
         "example with the model's own padding tokens), error of sample 1 against exact "
         "attention over its real tokens; *full sample, padded batch*: sample 0 in that batch; "
         "*batch coupling*: how much sample 0's output moves when sample 1 is scaled by 3 "
-        "(0 when samples are independent). See DESIGN.md §4 for the peers' masking defects "
-        "these numbers show.",
+        "(0 when samples are independent). docs/design.md (what the other implementations do) "
+        "explains the peers' masking defects these numbers show.",
         "",
         format_implementation_table(report),
     ]
@@ -432,10 +445,9 @@ def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -
 
 
 def _run_command(argv: list[str], say: Callable[[str], None]) -> None:
-    from ..cli import main
-
     say(f"$ {_shown(argv)}")
-    code = main(argv)
+    sys.stdout.flush()
+    code = subprocess.run([sys.executable, "-m", "nystromer", *argv]).returncode
     if code != 0:
         raise RuntimeError(f"`{_shown(argv)}` exited with {code}")
 
@@ -516,7 +528,8 @@ def run_report(
         gpu_dir: where CUDA results are looked for (default: ``images_dir/gpu``).
         quick: tiny sizes, seconds in all.
         only: run and write only these sections (default: all of :data:`REPORT_SECTIONS`).
-        lra_run: LRA run directory for the ``lra`` inputs (default: the commands' own choice).
+        lra_run: LRA run directory for the ``lra`` inputs (default: the commands' own choice;
+            without a trained model there, the LRA inputs are left out).
         threads: torch threads of the timed sections.
         run_gpu: run the GPU commands first (default: when CUDA is available and not quick).
         progress: called with progress lines (None: silent).
@@ -534,7 +547,18 @@ def run_report(
     docs = Path(docs) if docs is not None else (out / "benchmarks.md" if quick else DEFAULT_DOCS)
     images_dir = Path(images_dir) if images_dir is not None else docs.parent / "bench"
     gpu_dir = Path(gpu_dir) if gpu_dir is not None else images_dir / "gpu"
-    commands = report_commands(out, quick=quick, lra_run=lra_run, threads=threads)
+    with_lra = True
+    if lra_run is None and {"approx", "viz"} & set(sections):
+        from .lra_inputs import resolve_lra_run
+
+        try:
+            resolve_lra_run(None)
+        except ValueError as exc:
+            with_lra = False
+            say(f"the sections leave out the inputs of a trained LRA model: {exc}")
+    commands = report_commands(
+        out, quick=quick, lra_run=lra_run, threads=threads, with_lra=with_lra
+    )
     if run_gpu is None:
         import torch
 

@@ -18,7 +18,7 @@ from .._io import atomic_path
 from ..functional import iterative_pinv, landmark_assignment, segment_means
 from .inputs import random_qkv
 
-__all__ = ["attention_matrices", "plot_attention"]
+__all__ = ["attention_matrices", "attention_figure", "plot_attention"]
 
 
 def attention_matrices(
@@ -146,3 +146,85 @@ def plot_attention(
         "title": title,
         "window": shown,
     }
+
+
+def attention_figure(
+    path: str | os.PathLike[str],
+    *,
+    source: str = "random",
+    seq_len: int = 256,
+    num_landmarks: int = 16,
+    pinv_iterations: int = 6,
+    model_source: str = "auto",
+    lra_run: str | os.PathLike[str] | None = None,
+    lra_checkpoint: str = "auto",
+    layer: int | None = None,
+    head: int = 0,
+    window: int | None = None,
+) -> dict:
+    """``nystromer viz attention``: :func:`plot_attention` on one head of the chosen inputs,
+    and its result beside the PNG as JSON (same name, ``.json``).
+
+    Args:
+        path: the PNG to write.
+        source: ``random`` (structured random q, k), ``lm`` (a language model's, see
+            :func:`~nystromer.bench.approx.model_qkv`) or ``lra`` (a trained LRA model's, see
+            :mod:`~nystromer.bench.lra_inputs`; ``lra_run`` names it).
+        seq_len: n of the random and lm inputs.
+        num_landmarks, pinv_iterations, window: as in :func:`plot_attention`.
+        model_source: the language model (``auto``, ``minilm``, ``random-bert``).
+        lra_run, lra_checkpoint: the LRA run directory (None: the default places) and checkpoint.
+        layer: model layer (default: lm 2, lra the last).
+        head: which head.
+
+    Returns:
+        :func:`plot_attention`'s dict with ``pinv_iterations`` and ``json`` (the side file).
+    """
+    import json
+
+    from .._io import atomic_write
+
+    if source not in ("random", "lm", "lra"):
+        raise ValueError(f"source must be random, lm or lra, got {source!r}")
+    q = k = title = None
+    if source == "lm":
+        from .approx import model_qkv
+
+        layer = 2 if layer is None else layer
+        mq, mk, _, description = model_qkv(seq_len, source=model_source)
+        if not (0 <= layer < mq.shape[0] and 0 <= head < mq.shape[1]):
+            raise ValueError(
+                f"--layer/--head: the model has {mq.shape[0]} layers of {mq.shape[1]} heads, "
+                f"got layer {layer}, head {head}"
+            )
+        q, k = mq[layer, head], mk[layer, head]
+        title = f"{description}, layer {layer}, head {head}, n = {q.shape[0]}"
+    elif source == "lra":
+        from .lra_inputs import lra_qkv, resolve_lra_run
+
+        lra = lra_qkv(
+            resolve_lra_run(lra_run),
+            layer=-1 if layer is None else layer,
+            checkpoint=lra_checkpoint,
+            num_landmarks=num_landmarks,
+        )
+        if not 0 <= head < lra.query.shape[1]:
+            raise ValueError(f"--head: the model has {lra.query.shape[1]} heads, got {head}")
+        # Sample 0: a whole validation example without padding.
+        q, k = lra.query[0, head], lra.key[0, head]
+        title = f"{lra.description.split(';')[0]}, head {head}, n = {q.shape[0]}"
+    found = plot_attention(
+        path,
+        seq_len=seq_len,
+        num_landmarks=num_landmarks,
+        pinv_iterations=pinv_iterations,
+        q=q,
+        k=k,
+        title=title,
+        window=window,
+    )
+    found["pinv_iterations"] = pinv_iterations
+    sidecar = Path(path).with_suffix(".json")
+    with atomic_write(sidecar) as f:
+        json.dump(found, f, indent=2)
+    return found | {"json": str(sidecar)}
