@@ -216,3 +216,41 @@ def test_listops_demo_runs_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert acc == summary["test_accuracy"] and summary["steps"] == 6
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_run_command_maps_each_failure_to_its_exit_code_and_message(capsys):
+    """The shared wrapper of ``nystromer train``, ``eval``, ``distill`` and ``data``."""
+    from nystromer.train import NonFiniteLossError
+    from nystromer.train.cli import run_command
+
+    def fail(exc: BaseException):
+        def work():
+            raise exc
+
+        return work
+
+    reported = []
+    resume = "nystromer train listops --out run --resume"
+    assert run_command(fail(ValueError("bad --steps")), reported.append) == 2
+    assert capsys.readouterr().err == "nystromer: error: bad --steps\n"
+    assert run_command(fail(FileNotFoundError("no data.tsv"))) == 2
+    assert "nystromer: error: no data.tsv" in capsys.readouterr().err
+    assert run_command(fail(NonFiniteLossError("the loss became nan"))) == 1
+    assert capsys.readouterr().err == "nystromer: the loss became nan\n"
+    assert run_command(fail(KeyboardInterrupt()), resume_command=resume) == 130
+    assert capsys.readouterr().err == f"nystromer: interrupted; continue with: {resume}\n"
+    with pytest.raises(KeyboardInterrupt):  # nothing to resume: the interrupt goes on
+        run_command(fail(KeyboardInterrupt()))
+    with pytest.raises(RuntimeError, match="a bug"):  # not an input error: a traceback
+        run_command(fail(RuntimeError("a bug")))
+    assert reported == []  # a failed work is never reported
+
+    assert run_command(lambda: 7, reported.append) == 0 and reported == [7]
+    assert run_command(lambda: 7, lambda result: result - 4) == 3
+    assert run_command(lambda: 7) == 0
+
+    def bad_report(result):
+        raise ValueError(f"cannot write docs for {result}")
+
+    assert run_command(lambda: "run", bad_report) == 2
+    assert capsys.readouterr().err == "nystromer: error: cannot write docs for run\n"

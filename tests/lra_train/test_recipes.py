@@ -10,7 +10,7 @@ import torch
 from nystromer.lra.recipes import FIELDS, TASKS, Recipe, load_recipe, recipe_path
 from nystromer.train.schedule import OneCycle
 
-# DESIGN.md §5: (batch size, steps, warm-up, max length, classes), Xiong et al. 2021.
+# (batch size, steps, warm-up, max length, classes): Xiong et al. 2021, as in docs/lra.md.
 PAPER = {
     "listops": (32, 5000, 1000, 2000, 10),
     "text": (32, 20000, 8000, 1000, 2),
@@ -105,25 +105,41 @@ def test_one_cycle_matches_torch_one_cycle_on_the_listops_recipe():
     assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-3 / 999
 
 
-def test_every_model_setting_is_a_recipe_setting_with_the_same_default():
-    # Recipe.model_config copies fields by name: a model field the recipe lacks (or whose
-    # default differs) would silently take the model's default in every LRA run.
-    from dataclasses import MISSING, fields
+def test_every_architecture_setting_is_a_recipe_key_that_reaches_the_model():
+    from dataclasses import fields
 
-    from nystromer.lra.model import LRAModelConfig
+    from nystromer.lra.model import LRAArchitecture, LRAModelConfig
 
-    recipe_defaults = {f.name: f.default for f in fields(Recipe)}
-    derived = {"vocab_size", "max_length", "two_tower"}
-    for f in fields(LRAModelConfig):
-        if f.name in derived:
-            continue
-        assert f.name in recipe_defaults, f"{f.name} is not a recipe field"
-        if f.default is not MISSING:
-            assert recipe_defaults[f.name] == f.default, f.name
     recipe = load_recipe("retrieval", embed_dim=32, num_landmarks=16, conv_kernel_size="none")
+    assert recipe.model == LRAArchitecture(embed_dim=32, num_landmarks=16, conv_kernel_size=None)
+    for f in fields(LRAArchitecture):
+        assert f.name in FIELDS, f"{f.name} has no recipe key (and so no flag)"
     model = recipe.model_config(vocab_size=7)
-    assert (model.embed_dim, model.num_landmarks, model.conv_kernel_size) == (32, 16, None)
+    assert isinstance(model, LRAModelConfig) and model.architecture == recipe.model
     assert (model.vocab_size, model.max_length, model.two_tower) == (7, 4032, True)
+    assert model.nystrom.num_landmarks == 16 and model.nystrom.conv_kernel_size is None
+
+
+def test_flat_keys_read_through_to_the_sections():
+    r = load_recipe("listops")
+    assert (r.num_landmarks, r.attention) == (r.model.num_landmarks, r.model.attention)
+    assert (r.batch_size, r.lr) == (r.training.batch_size, r.training.lr)
+    assert r.to_dict()["embed_dim"] == r.model.embed_dim
+    with pytest.raises(AttributeError, match="no attribute 'device'"):
+        getattr(r, "device")  # noqa: B009 - a runtime setting, not part of a recipe
+    with pytest.raises(ValueError, match=r"\['steps'\] are recipe keys"):
+        r.train_config(steps=3)
+
+
+def test_a_recipe_file_without_source_or_with_a_missing_key(tmp_path):
+    flat = load_recipe("text").to_dict()
+    del flat["source"]  # optional
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(flat))
+    assert load_recipe(path).source == ""
+    del flat["eval_every"]
+    with pytest.raises(ValueError, match=r"recipe keys \['eval_every'\] are required"):
+        Recipe.from_dict(flat)
 
 
 def test_the_reproduction_table_in_the_docs_states_the_papers_numbers():
@@ -140,3 +156,34 @@ def test_the_reproduction_table_in_the_docs_states_the_papers_numbers():
         if line.startswith("| ") and cells[0] in TASKS:
             rows[cells[0]] = {"softmax": float(cells[2]), "nystrom": float(cells[3])}
     assert rows == PAPER_ACCURACY
+
+
+# What earlier versions wrote into a run's config.json ("recipe" and "model"), literally: a run
+# directory from before the recipe held its model and training configs must still load.
+_OLD_RUN_RECIPE = {
+    "task": "listops", "max_length": 2000, "num_classes": 10, "batch_size": 32, "steps": 12,
+    "warmup_steps": 2, "eval_every": 4, "source": "", "attention": "softmax", "embed_dim": 16,
+    "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "classifier_dim": 128, "dropout": 0.1,
+    "attention_dropout": None, "num_landmarks": 64, "conv_kernel_size": 35,
+    "pinv_iterations": 6, "lr": 0.0001, "adam_eps": 1e-06, "weight_decay": 0.0,
+    "grad_clip": None, "eval_batches": None, "seed": 0, "precision": "fp32",
+}  # fmt: skip
+_OLD_RUN_MODEL = {
+    "vocab_size": 16, "num_classes": 10, "max_length": 2048, "attention": "softmax",
+    "embed_dim": 16, "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "classifier_dim": 128,
+    "dropout": 0.1, "attention_dropout": None, "num_landmarks": 64, "conv_kernel_size": 35,
+    "pinv_iterations": 6, "two_tower": False,
+}  # fmt: skip
+
+
+def test_a_run_config_written_by_earlier_versions_still_loads():
+    from nystromer.lra.model import LRAModelConfig
+
+    recipe = Recipe.from_dict(_OLD_RUN_RECIPE)
+    assert (recipe.model.attention, recipe.model.embed_dim, recipe.training.steps) == (
+        "softmax", 16, 12,
+    )  # fmt: skip
+    assert recipe.to_dict() == _OLD_RUN_RECIPE  # written back in the same layout
+    model = LRAModelConfig.from_dict(_OLD_RUN_MODEL)
+    # Resuming compares the saved model with the recipe's: they must agree key for key.
+    assert recipe.model_config(vocab_size=16).to_dict() == _OLD_RUN_MODEL == model.to_dict()

@@ -12,9 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..train import NonFiniteLossError
-from ..train.cli import add_runtime_arguments, runtime_options
-from ..train.distributed import init_from_env, shutdown
+from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
 
@@ -112,11 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_distill)
 
 
-def _error(msg: str) -> int:
-    print(f"nystromer: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _config(args: argparse.Namespace) -> DistillConfig:
     given = {
         f.name: getattr(args, f.name)
@@ -147,44 +140,32 @@ def _config(args: argparse.Namespace) -> DistillConfig:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .run import distill
+    def work() -> dict[str, Any]:
+        from .run import distill
 
-    info = init_from_env(args.device)
-    clean = False  # barrier before leaving the group only after a normal finish
-    try:
-        config = _config(args)
-        report = distill(config, args.out, resume=args.resume, **runtime_options(args))
-        clean = True
-    except NonFiniteLossError as exc:
-        print(f"nystromer: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if info.is_main:
-            print(
-                f"nystromer: interrupted; continue with: nystromer distill --out {args.out} "
-                "--resume",
-                file=sys.stderr,
-            )
-        return 130
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return _error(str(exc))
-    finally:
-        shutdown(synchronize=clean)
-    if info.is_main:
-        if report["status"] == "completed":
-            fitted = report.get("cosine_calibrated")
-            fitted = "" if fitted is None else f", convolution fitted {fitted:.4f}"
-            print(
-                f"held-out cosine to the exact model: before {report['cosine_before']:.4f}"
-                f"{fitted}, after {report['cosine_after']:.4f} (best step {report['best_step']}, "
-                f"{report['wall_time_s']:.0f} s); model in {args.out / 'model'}"
-            )
-            print(json.dumps(report))
-            if args.write_docs is not None:
-                from .report import write_results
+        return distill(_config(args), args.out, resume=args.resume, **runtime_options(args))
 
-                write_results(args.out, args.write_docs)
-                print(f"wrote the results section of {args.write_docs}")
-        else:
-            print(f"paused at step {report['step']}; continue with --resume", file=sys.stderr)
-    return 0
+    def report(result: dict[str, Any]) -> None:
+        if result["status"] != "completed":
+            print(f"paused at step {result['step']}; continue with --resume", file=sys.stderr)
+            return
+        fitted = result.get("cosine_calibrated")
+        fitted = "" if fitted is None else f", convolution fitted {fitted:.4f}"
+        print(
+            f"held-out cosine to the exact model: before {result['cosine_before']:.4f}"
+            f"{fitted}, after {result['cosine_after']:.4f} (best step {result['best_step']}, "
+            f"{result['wall_time_s']:.0f} s); model in {args.out / 'model'}"
+        )
+        print(json.dumps(result))
+        if args.write_docs is not None:
+            from .report import write_results
+
+            write_results(args.out, args.write_docs)
+            print(f"wrote the results section of {args.write_docs}")
+
+    return run_command(
+        work,
+        report,
+        device=args.device,
+        resume_command=f"nystromer distill --out {args.out} --resume",
+    )

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..train import NonFiniteLossError
+from ..train import TrainResult
 from ..train import checkpoint as ckpt
-from ..train.cli import add_runtime_arguments, runtime_options
-from ..train.distributed import init_from_env, shutdown
+from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
 from .recipes import FIELDS, TASKS, Recipe, load_recipe
@@ -102,68 +101,51 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _error(msg: str) -> int:
-    print(f"nystromer: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _train(args: argparse.Namespace) -> int:
-    from .run import read_run_config, train_task
+    def work() -> TrainResult:
+        from .run import read_run_config, train_task
 
-    info = init_from_env(args.device)
-    clean = False  # barrier before leaving the group only after a normal finish
-    try:
         data = args.data
         if args.resume:
             saved = read_run_config(args.out)
             if saved["task"] != args.task:
-                return _error(f"{args.out} is a {saved['task']} run, not {args.task}")
+                raise ValueError(f"{args.out} is a {saved['task']} run, not {args.task}")
             recipe = Recipe.from_dict(saved["recipe"]).with_overrides(**_overrides(args))
             data = data if data is not None else saved.get("data_dir")
         else:
             if ckpt.find(args.out, "last") is not None:
-                return _error(f"{args.out} already holds a run: add --resume or pick a new --out")
+                raise ValueError(
+                    f"{args.out} already holds a run: add --resume or pick a new --out"
+                )
             recipe = load_recipe(args.recipe or args.task, **_overrides(args))
             if recipe.task != args.task:
-                return _error(f"the recipe {args.recipe} is for {recipe.task}, not {args.task}")
+                raise ValueError(f"the recipe {args.recipe} is for {recipe.task}, not {args.task}")
         if data is None:
-            return _error("--data is required")
+            raise ValueError("--data is required")
         runtime = {**runtime_options(args), "num_workers": args.num_workers}
-        result = train_task(recipe, data, args.out, resume=args.resume, **runtime)
-        clean = True
-    except NonFiniteLossError as exc:
-        print(f"nystromer: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if info.is_main:
-            print(
-                f"nystromer: interrupted; continue with: nystromer train {args.task} "
-                f"--out {args.out} --resume",
-                file=sys.stderr,
-            )
-        return 130
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return _error(str(exc))
-    finally:
-        shutdown(synchronize=clean)
-    if info.is_main:
-        if result.status == "completed":
-            keys = ("test_accuracy", "best_val_accuracy", "best_step", "steps", "wall_time_s")
-            print(json.dumps({k: result.summary.get(k) for k in keys}))
-            if args.write_docs is not None:
-                return _write_docs(args.out, args.write_docs)
-        else:
+        return train_task(recipe, data, args.out, resume=args.resume, **runtime)
+
+    def report(result: TrainResult) -> int:
+        if result.status != "completed":
             print(f"paused at step {result.step}; continue with --resume", file=sys.stderr)
-    return 0
+            return 0
+        keys = ("test_accuracy", "best_val_accuracy", "best_step", "steps", "wall_time_s")
+        print(json.dumps({k: result.summary.get(k) for k in keys}))
+        return _write_docs(args.out, args.write_docs)
+
+    return run_command(
+        work,
+        report,
+        device=args.device,
+        resume_command=f"nystromer train {args.task} --out {args.out} --resume",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .run import evaluate_run
+    def work() -> dict[str, Any]:
+        from .run import evaluate_run
 
-    info = init_from_env(args.device)
-    clean = False
-    try:
-        out = evaluate_run(
+        return evaluate_run(
             args.run_dir,
             split=args.split,
             checkpoint=args.checkpoint,
@@ -174,24 +156,19 @@ def _eval(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             max_batches=args.max_batches,
         )
-        clean = True
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return _error(str(exc))
-    finally:
-        shutdown(synchronize=clean)
-    if info.is_main:
+
+    def report(out: dict[str, Any]) -> int:
         print(json.dumps(out))
-        if args.write_docs is not None:
-            return _write_docs(args.run_dir, args.write_docs)
-    return 0
+        return _write_docs(args.run_dir, args.write_docs)
+
+    return run_command(work, report, device=args.device)
 
 
-def _write_docs(run_dir: Path, docs: Path) -> int:
+def _write_docs(run_dir: Path, docs: Path | None) -> int:
+    if docs is None:
+        return 0
     from .report import write_results
 
-    try:
-        write_results(run_dir, docs)
-    except ValueError as exc:
-        return _error(str(exc))
+    write_results(run_dir, docs)
     print(f"wrote the results section of {docs}")
     return 0

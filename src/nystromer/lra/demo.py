@@ -79,8 +79,8 @@ def run_listops_demo(
     print(
         f"ListOps demo: {sizes['train']} training expressions of "
         f"{DEMO_SETTINGS['min_length']}–{DEMO_SETTINGS['max_length']} tokens, Nyström "
-        f"attention with {recipe.num_landmarks} landmarks, {steps} steps of batch "
-        f"{recipe.batch_size}",
+        f"attention with {recipe.model.num_landmarks} landmarks, {steps} steps of batch "
+        f"{recipe.training.batch_size}",
         flush=True,
     )
     result = train_task(recipe, data_dir, run_dir, device="auto", progress=progress)

@@ -10,24 +10,26 @@ mask, so the paper's two columns are compared on identical data and code.
 
 Differences from the authors' code, all because padding must not change a result: pooling
 averages real tokens only (theirs averages every position, padding counted as zeros), and
-Nyström landmarks ignore padding (theirs do not; see DESIGN.md §4). Token 0 is padding.
+Nyström landmarks ignore padding (theirs do not; see docs/lra.md). Token 0 is padding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import NystromAttention
+from ..options import NystromOptions, check_nystrom_options
 
 __all__ = [
     "ATTENTIONS",
     "PAD_MULTIPLE",
+    "LRAArchitecture",
     "LRAModelConfig",
     "SoftmaxAttention",
     "LRAEncoder",
@@ -44,19 +46,19 @@ ATTENTIONS = ("nystrom", "softmax")
 PAD_MULTIPLE = 64  # the authors pad every sequence to a multiple of the landmark count
 
 
+_Config = TypeVar("_Config", bound="LRAArchitecture")
+
+
 def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
     """Smallest multiple of ``multiple`` that is ≥ ``n``."""
     return -(-n // multiple) * multiple
 
 
-@dataclass
-class LRAModelConfig:
-    """Shape of an LRA classifier.
+@dataclass(frozen=True)
+class LRAArchitecture:
+    """What an LRA classifier is, apart from the data it reads: the part a recipe chooses.
 
     Attributes:
-        vocab_size: number of token ids (0 is padding).
-        num_classes: number of labels.
-        max_length: rows of the position table: the longest (padded) input.
         attention: ``nystrom`` or ``softmax``.
         embed_dim, ffn_dim, num_heads, num_layers: encoder shape (64, 128, 2, 2).
         classifier_dim: hidden width of the head (128).
@@ -64,13 +66,13 @@ class LRAModelConfig:
         attention_dropout: on attention weights; None means the authors' choice: 0.1 for
             softmax, 0 for Nyström (their Nyström attention has none).
         num_landmarks, conv_kernel_size, pinv_iterations: Nyström settings (64, 35, 6);
-            ``conv_kernel_size=None`` drops the convolution skip.
-        two_tower: the retrieval model (two inputs, shared encoder).
+            ``conv_kernel_size=None`` drops the convolution skip. :attr:`nystrom` holds them
+            as one :class:`~nystromer.NystromOptions`.
+
+    Raises:
+        ValueError: at construction, naming the first field with an impossible value.
     """
 
-    vocab_size: int
-    num_classes: int
-    max_length: int
     attention: str = "nystrom"
     embed_dim: int = 64
     ffn_dim: int = 128
@@ -82,15 +84,10 @@ class LRAModelConfig:
     num_landmarks: int = 64
     conv_kernel_size: int | None = 35
     pinv_iterations: int = 6
-    two_tower: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_classes", "max_length", "embed_dim", "ffn_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be ≥ 2, got {self.num_classes}")
+        for name in ("embed_dim", "ffn_dim"):
+            _check_positive(name, getattr(self, name))
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.num_layers < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
@@ -103,6 +100,16 @@ class LRAModelConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        check_nystrom_options(self.num_landmarks, self.pinv_iterations, self.conv_kernel_size)
+
+    @property
+    def nystrom(self) -> NystromOptions:
+        """The Nyström settings as one validated object."""
+        return NystromOptions(
+            num_landmarks=self.num_landmarks,
+            pinv_iterations=self.pinv_iterations,
+            conv_kernel_size=self.conv_kernel_size,
+        )
 
     @property
     def effective_attention_dropout(self) -> float:
@@ -114,7 +121,7 @@ class LRAModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LRAModelConfig:
+    def from_dict(cls: type[_Config], d: Mapping[str, Any]) -> _Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -122,6 +129,40 @@ class LRAModelConfig:
                 f"unknown model config keys {unknown}; expected some of {sorted(known)}"
             )
         return cls(**dict(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRAModelConfig(LRAArchitecture):
+    """Shape of an LRA classifier: an :class:`LRAArchitecture` plus what the data fixes.
+
+    Attributes (besides the architecture's; all keyword-only):
+        vocab_size: number of token ids (0 is padding).
+        num_classes: number of labels.
+        max_length: rows of the position table: the longest (padded) input.
+        two_tower: the retrieval model (two inputs, shared encoder).
+    """
+
+    vocab_size: int
+    num_classes: int
+    max_length: int
+    two_tower: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_classes", "max_length"):
+            _check_positive(name, getattr(self, name))
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be ≥ 2, got {self.num_classes}")
+        super().__post_init__()
+
+    @property
+    def architecture(self) -> LRAArchitecture:
+        """The data-independent part of this config."""
+        return LRAArchitecture(**{f.name: getattr(self, f.name) for f in fields(LRAArchitecture)})
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 class SoftmaxAttention(nn.Module):
@@ -172,12 +213,13 @@ class _EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
         self.attn: nn.Module
         if cfg.attention == "nystrom":
+            nystrom = cfg.nystrom
             self.attn = NystromAttention(
                 cfg.embed_dim,
                 cfg.num_heads,
-                num_landmarks=cfg.num_landmarks,
-                pinv_iterations=cfg.pinv_iterations,
-                conv_kernel_size=cfg.conv_kernel_size,
+                num_landmarks=nystrom.num_landmarks,
+                pinv_iterations=nystrom.pinv_iterations,
+                conv_kernel_size=nystrom.conv_kernel_size,
                 dropout=p_attn,
             )
         else:

@@ -4,84 +4,121 @@ The recipes (``nystromer/lra/recipes/<task>.json``) hold what Xiong et al. (2021
 model shape, batch size, steps, warm-up, AdamW (lr 1e-4, ε 1e-6, no weight decay), sequence
 length, classes and how often to validate. :func:`load_recipe` reads one; every field can be
 overridden (the ``nystromer train`` flags are generated from :data:`FIELDS`).
+
+In memory a :class:`Recipe` holds the model's :class:`~nystromer.lra.model.LRAArchitecture`
+and a :class:`~nystromer.train.TrainConfig`; on disk (recipe files, a run's ``config.json``)
+and on the command line it is one flat set of keys, the fields of both, so that a key, its
+flag and its place in the file share one name.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..train import TrainConfig
-from .model import ATTENTIONS, LRAModelConfig, round_up
+from .model import LRAArchitecture, LRAModelConfig, round_up
 
 __all__ = ["Recipe", "FIELDS", "TASKS", "load_recipe", "recipe_path"]
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+
+# The TrainConfig fields a recipe fixes; the others say how a run executes (device, workers,
+# progress, ...) and are given when it starts (Recipe.train_config's ``runtime``).
+_TRAINING_FIELDS = (
+    "batch_size",
+    "steps",
+    "warmup_steps",
+    "lr",
+    "adam_eps",
+    "weight_decay",
+    "grad_clip",
+    "eval_batches",
+    "seed",
+    "precision",
+    "eval_every",
+)
+
+# Keys a recipe file must give: the task's own numbers have no sensible default.
+_REQUIRED = ("task", "max_length", "num_classes", "batch_size", "steps", "warmup_steps")
+_REQUIRED += ("eval_every",)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that defines an LRA run besides the data and where it runs.
 
-    Model fields are those of :class:`~nystromer.lra.model.LRAModelConfig`; training fields
-    those of :class:`~nystromer.train.TrainConfig`. ``max_length`` is the longest input in
-    tokens (per document for retrieval) before padding to a multiple of 64.
+    Attributes:
+        task: one of :data:`TASKS`.
+        max_length: the longest input in tokens (per document for retrieval) before padding
+            to a multiple of 64.
+        num_classes: number of labels.
+        model: the classifier's architecture (:class:`~nystromer.lra.model.LRAArchitecture`).
+        training: the optimisation (:class:`~nystromer.train.TrainConfig`; only the fields in
+            :data:`FIELDS` belong to the recipe, the rest keep their defaults here).
+        source: where the numbers come from.
+
+    Every key of :data:`FIELDS` also reads as an attribute (``recipe.num_landmarks`` is
+    ``recipe.model.num_landmarks``, ``recipe.batch_size`` is ``recipe.training.batch_size``).
     """
 
     task: str
     max_length: int
     num_classes: int
-    batch_size: int
-    steps: int
-    warmup_steps: int
-    eval_every: int
+    model: LRAArchitecture
+    training: TrainConfig
     source: str = ""
-    attention: str = "nystrom"
-    embed_dim: int = 64
-    ffn_dim: int = 128
-    num_heads: int = 2
-    num_layers: int = 2
-    classifier_dim: int = 128
-    dropout: float = 0.1
-    attention_dropout: float | None = None
-    num_landmarks: int = 64
-    conv_kernel_size: int | None = 35
-    pinv_iterations: int = 6
-    lr: float = 1e-4
-    adam_eps: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    eval_batches: int | None = None
-    seed: int = 0
-    precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name))
+        for name, value in self.to_dict().items():
+            _check_type(name, value)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be ≥ 1, got {self.max_length}")
-        # Build both configs once: their own checks reject bad values here, early.
+        if not isinstance(self.model, LRAArchitecture):
+            raise TypeError(f"model must be an LRAArchitecture, got {type(self.model).__name__}")
+        # The full model config checks the classes and the length against the architecture.
         self.model_config(vocab_size=2)
-        self.train_config()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not attributes: the flat keys of the sections.
+        section = _SECTION.get(name)
+        if section is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(getattr(self, section), name)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
-        """A recipe from a mapping with exactly the known keys (missing ones take defaults)."""
+        """A recipe from a flat mapping of :data:`FIELDS` keys (missing ones take defaults)."""
         unknown = sorted(set(d) - set(FIELDS))
         if unknown:
             raise ValueError(f"unknown recipe keys {unknown}; known keys: {sorted(FIELDS)}")
-        return cls(**dict(d))
+        for name, value in d.items():
+            _check_type(name, value)
+        sections: dict[str, dict[str, Any]] = {"model": {}, "training": {}}
+        top = {}
+        for name, value in d.items():
+            if name in _SECTION:
+                sections[_SECTION[name]][name] = value
+            else:
+                top[name] = value
+        missing = sorted(set(_REQUIRED) - set(d))
+        if missing:
+            raise ValueError(f"recipe keys {missing} are required")
+        return cls(
+            **top,
+            model=LRAArchitecture(**sections["model"]),
+            training=TrainConfig(**sections["training"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat keys of :data:`FIELDS`, in the order of the shipped recipe files."""
+        return {name: getattr(self, name) for name in FIELDS}
 
     def with_overrides(self, **overrides: Any) -> Recipe:
         """A copy with some fields replaced.
@@ -102,7 +139,7 @@ class Recipe:
             changes[k] = v
         if "steps" in changes and "warmup_steps" not in changes:
             changes["warmup_steps"] = self.warmup_steps * changes["steps"] // self.steps
-        return replace(self, **changes)
+        return Recipe.from_dict({**self.to_dict(), **changes})
 
     @property
     def padded_length(self) -> int:
@@ -111,31 +148,46 @@ class Recipe:
 
     def model_config(self, vocab_size: int) -> LRAModelConfig:
         """The model this recipe trains, for a vocabulary of ``vocab_size`` ids."""
-        # Every model field is a recipe field of the same name, except these three (the
-        # recipe's max_length is unpadded); tests/lra_train/test_recipes.py checks it.
-        derived = {
-            "vocab_size": vocab_size,
-            "max_length": self.padded_length,
-            "two_tower": self.task == "retrieval",
-        }
-        shared = {
-            f.name: getattr(self, f.name) for f in fields(LRAModelConfig) if f.name not in derived
-        }
-        return LRAModelConfig(**derived, **shared)
+        return LRAModelConfig(
+            **self.model.to_dict(),
+            vocab_size=vocab_size,
+            num_classes=self.num_classes,
+            max_length=self.padded_length,
+            two_tower=self.task == "retrieval",
+        )
 
     def train_config(self, **runtime: Any) -> TrainConfig:
         """The :class:`~nystromer.train.TrainConfig`; ``runtime`` adds settings that are not
         part of a recipe (device, num_workers, stop_at, progress, checkpoint_every, ...)."""
-        shared = {k: getattr(self, k) for k in TrainConfig.field_names() if k in FIELDS}
-        return TrainConfig(**shared, **runtime)
+        fixed = sorted(set(runtime) & set(FIELDS))
+        if fixed:
+            raise ValueError(
+                f"{fixed} are recipe keys, not runtime settings: override them in the recipe"
+            )
+        return replace(self.training, **runtime)
 
 
-# name → (python type, nullable), from the dataclass annotations.
-_TYPES = {"int": int, "float": float, "str": str}
-FIELDS: dict[str, tuple[type, bool]] = {}
-for _f in fields(Recipe):
-    _ann = str(_f.type).replace(" ", "")
-    FIELDS[_f.name] = (_TYPES[_ann.split("|")[0]], _ann.endswith("|None"))
+def _annotation(f: Any) -> tuple[type, bool]:
+    # "int", "float | None", ... (the modules use postponed annotations).
+    types = {"int": int, "float": float, "str": str}
+    text = str(f.type).replace(" ", "")
+    return types[text.split("|")[0]], text.endswith("|None")
+
+
+_TOP_LEVEL = ("task", "source", "max_length", "num_classes")
+_RECIPE_FIELDS = {f.name: f for f in fields(Recipe)}
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+# flat key → the section that holds it
+_SECTION: dict[str, str] = {
+    **{f.name: "model" for f in fields(LRAArchitecture)},
+    **{name: "training" for name in _TRAINING_FIELDS},
+}
+# name → (python type, nullable), from the dataclass annotations, in the files' order.
+FIELDS: dict[str, tuple[type, bool]] = {
+    **{name: _annotation(_RECIPE_FIELDS[name]) for name in _TOP_LEVEL},
+    **{f.name: _annotation(f) for f in fields(LRAArchitecture)},
+    **{name: _annotation(_TRAIN_FIELDS[name]) for name in _TRAINING_FIELDS},
+}
 
 
 def _check_type(name: str, value: Any) -> None:

@@ -102,7 +102,7 @@ def train_task(
     elif info.is_main:
         ckpt.write_json(run_dir / CONFIG_FILE, run_config)
     # The same initial weights on every process and for every attention type.
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.training.seed)
     model = build_model(model_cfg)
     return train(
         model,
@@ -115,8 +115,8 @@ def train_task(
         collate_fn=collate,
         resume=resume,
         run_config=run_config,
-        weights_metadata={"task": recipe.task, "attention": recipe.attention},
-        description=f"{recipe.task} {recipe.attention}",
+        weights_metadata={"task": recipe.task, "attention": recipe.model.attention},
+        description=f"{recipe.task} {recipe.model.attention}",
     )
 
 
@@ -163,9 +163,9 @@ def evaluate_run(
     ckpt.load_weights(model, where / ckpt.WEIGHTS)
     tc = TrainConfig(
         steps=1,
-        batch_size=batch_size or recipe.batch_size,
+        batch_size=batch_size or recipe.training.batch_size,
         device=device,
-        precision=precision or recipe.precision,
+        precision=precision or recipe.training.precision,
         num_workers=num_workers,
         eval_batches=max_batches,
     )

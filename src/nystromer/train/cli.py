@@ -1,12 +1,36 @@
-"""Command-line options that every training command shares (``nystromer train``,
-``nystromer distill``): where to run, when to pause and checkpoint, progress display."""
+"""What the training and data commands share (``nystromer train``, ``eval``, ``distill``,
+``data``): the runtime options (where to run, when to pause and checkpoint, progress display)
+and :func:`run_command`, which turns their failures into messages and exit codes."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["add_runtime_arguments", "runtime_options"]
+from .distributed import DistInfo, init_from_env, shutdown
+from .loop import NonFiniteLossError
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "USAGE_ERRORS",
+    "add_runtime_arguments",
+    "error",
+    "run_command",
+    "runtime_options",
+]
+
+EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
+EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the run can be resumed
+
+# Errors that mean "the input is wrong": reported in one line, without a traceback.
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+_Result = TypeVar("_Result")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +62,64 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.no_progress,
         "micro_batches": args.micro_batches,
     }
+
+
+def error(message: str) -> int:
+    """Print ``nystromer: error: message`` on stderr; returns :data:`EXIT_USAGE`."""
+    print(f"nystromer: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run_command(
+    work: Callable[[], _Result],
+    report: Callable[[_Result], int | None] | None = None,
+    *,
+    device: str | None = None,
+    resume_command: str | None = None,
+) -> int:
+    """Run a command's ``work``, then ``report`` its result; the exit code of the whole.
+
+    Failures become a message on stderr and an exit code:
+
+    - :data:`USAGE_ERRORS` (``ValueError``, ``TypeError``, ``FileNotFoundError``), in ``work``
+      or ``report``: ``nystromer: error: <message>``, :data:`EXIT_USAGE` (2);
+    - :class:`~nystromer.train.NonFiniteLossError`: ``nystromer: <message>``,
+      :data:`EXIT_FAILED` (1);
+    - ``KeyboardInterrupt``, when ``resume_command`` is given: ``nystromer: interrupted;
+      continue with: <resume_command>``, :data:`EXIT_INTERRUPTED` (130). Without it the
+      interrupt propagates.
+
+    Args:
+        work: the computation; it raises to fail.
+        report: called with ``work``'s result on the main process only, after the process
+            group is left (it must not take part in collectives); returns the exit code
+            (None: 0). Without ``report`` the command exits with 0.
+        device: for commands that may run under ``torchrun``: join its process group on this
+            device first (:func:`~nystromer.train.distributed.init_from_env`) and leave it
+            after ``work``, waiting for the other processes only when ``work`` finished.
+        resume_command: the command line that continues an interrupted run.
+    """
+    info = init_from_env(device) if device is not None else DistInfo.current()
+    try:
+        finished = False
+        try:
+            result = work()
+            finished = True
+        finally:
+            if device is not None:
+                shutdown(synchronize=finished)
+        if report is None or not info.is_main:
+            return 0
+        code = report(result)
+        return 0 if code is None else code
+    except NonFiniteLossError as exc:
+        print(f"nystromer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        if resume_command is None:
+            raise
+        if info.is_main:
+            print(f"nystromer: interrupted; continue with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USAGE_ERRORS as exc:
+        return error(str(exc))

@@ -95,8 +95,8 @@ class TrainConfig:
             step: the same update (up to rounding and the order dropout draws its masks) when
             the objective's loss is a mean over samples (or over tokens, with as many real
             tokens in every sample), with a fraction of the activation memory.
-            On the CPU it is also faster when activations are large (LRA Pathfinder's batch
-            of 256 × 1,024 tokens: 8.8 → 4.2 s per step with 8 parts).
+            On the CPU it is also faster when activations are large (docs/lra.md measures it
+            on Pathfinder's batches of 256 × 1,024 tokens).
     """
 
     steps: int
@@ -408,8 +408,9 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 class Trainer:
     """One training run: set-up (or resume), the loop, checkpoints, validation, summary.
 
-    :func:`train` is the usual entry point; the class exists so that a different task can
-    reuse or override single pieces (e.g. :meth:`validate`). Arguments as in :func:`train`.
+    :func:`train` is the usual entry point (``Trainer(...).fit()``) and documents the
+    arguments; the class exists so that a different task can reuse or override single pieces
+    (e.g. :meth:`validate`).
     """
 
     def __init__(
@@ -839,14 +840,7 @@ def train(
     train_data: Dataset,
     config: TrainConfig,
     run_dir: str | Path,
-    *,
-    val_data: Dataset | None = None,
-    test_data: Dataset | None = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    resume: bool = False,
-    run_config: Mapping[str, Any] | None = None,
-    weights_metadata: Mapping[str, str] | None = None,
-    description: str = "train",
+    **options: Any,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``; write checkpoints, metrics and a summary to ``run_dir``.
 
@@ -863,6 +857,9 @@ def train(
         train_data, val_data, test_data: map-style datasets; ``collate_fn`` builds a batch.
         config: :class:`TrainConfig`.
         run_dir: output directory. Without ``resume`` it must not hold a checkpoint.
+        options: the keyword arguments of :class:`Trainer` (all optional):
+            ``val_data``, ``test_data``, ``collate_fn``, ``resume``, ``run_config``,
+            ``weights_metadata``, ``description``, described below.
         resume: continue from ``run_dir/last``: weights, optimiser, schedule, random states
             and data position are restored, so the losses equal those of an uninterrupted
             run (bit for bit on the same hardware and number of processes).
@@ -879,18 +876,4 @@ def train(
         KeyboardInterrupt: Ctrl-C or SIGTERM; ``last`` was saved at the last finished step.
         ValueError: inconsistent arguments (e.g. resuming with a different schedule).
     """
-    trainer = Trainer(
-        model,
-        objective,
-        train_data,
-        config,
-        run_dir,
-        val_data=val_data,
-        test_data=test_data,
-        collate_fn=collate_fn,
-        resume=resume,
-        run_config=run_config,
-        weights_metadata=weights_metadata,
-        description=description,
-    )
-    return trainer.fit()
+    return Trainer(model, objective, train_data, config, run_dir, **options).fit()

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ...train.cli import run_command
+
 __all__ = ["register"]
 
 
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lo.add_argument("--max-depth", type=int, default=10, help="depth of digits-only nodes (10)")
     lo.add_argument("--max-args", type=int, default=10, help="most operator arguments (10)")
     lo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    lo.set_defaults(func=_listops)
+    lo.set_defaults(func=lambda args: run_command(lambda: _listops(args)))
 
     pf = commands.add_parser(
         "pathfinder",
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images-per-batch", type=_positive, default=1000, help="images per batch folder (1000)"
     )
     pf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pf.set_defaults(func=_pathfinder)
+    pf.set_defaults(func=lambda args: run_command(lambda: _pathfinder(args)))
 
 
 def _count(text: str) -> int:
@@ -76,47 +78,34 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _error(msg: str) -> int:
-    print(f"nystromer: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _listops(args: argparse.Namespace) -> int:
+def _listops(args: argparse.Namespace) -> None:
     from .listops import write_splits
 
     t0 = time.perf_counter()
-    try:
-        paths = write_splits(
-            args.out,
-            {"train": args.train, "val": args.val, "test": args.test},
-            seed=args.seed,
-            min_length=args.min_length,
-            max_length=args.max_length,
-            max_depth=args.max_depth,
-            max_args=args.max_args,
-            progress=not args.no_progress,
-        )
-    except (ValueError, TypeError) as exc:
-        return _error(str(exc))
+    paths = write_splits(
+        args.out,
+        {"train": args.train, "val": args.val, "test": args.test},
+        seed=args.seed,
+        min_length=args.min_length,
+        max_length=args.max_length,
+        max_depth=args.max_depth,
+        max_args=args.max_args,
+        progress=not args.no_progress,
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s")
-    return 0
 
 
-def _pathfinder(args: argparse.Namespace) -> int:
+def _pathfinder(args: argparse.Namespace) -> None:
     from .pathfinder import write_dataset
 
     t0 = time.perf_counter()
-    try:
-        folder = write_dataset(
-            args.out,
-            images=args.images,
-            resolution=args.resolution,
-            contour_length=args.contour_length,
-            seed=args.seed,
-            images_per_batch=args.images_per_batch,
-            progress=not args.no_progress,
-        )
-    except (ValueError, TypeError) as exc:
-        return _error(str(exc))
+    folder = write_dataset(
+        args.out,
+        images=args.images,
+        resolution=args.resolution,
+        contour_length=args.contour_length,
+        seed=args.seed,
+        images_per_batch=args.images_per_batch,
+        progress=not args.no_progress,
+    )
     print(f"wrote {args.images} images to {folder} in {time.perf_counter() - t0:.1f} s")
-    return 0

@@ -37,7 +37,7 @@ __all__ = [
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 SPLITS = ("train", "val", "test")
-# The Nyströmformer paper's lengths (DESIGN §5); text reviews: 1000 bytes (LRA itself uses 4000).
+# The Nyströmformer paper's lengths (docs/lra.md); text reviews: 1000 bytes (LRA itself uses 4000).
 DEFAULT_MAX_LENGTH = {
     "listops": 2000,
     "text": 1000,
