@@ -93,6 +93,8 @@ def test_results_section_holds_a_command_that_reproduces_the_run(memory_data, tm
     summary = json.loads((run / "summary.json").read_text())
     text = docs.read_text()
     assert text.count("<!-- lra:tiny-listops:begin") == 1
+    # The heading tells this run from others of the same task and attention.
+    assert "### ListOps: Nyström attention (m = " in text and "), seed 0\n" in text
     assert f"| listops | **{100 * summary['test_accuracy']:.2f}** | 37.15 | 37.10 |" in text
     rows = [x.split(" | ")[0] for x in text.splitlines() if x.startswith("| ") and x[2].isdigit()]
     assert rows == ["| 4", "| 8", "| 12"]  # the validation table

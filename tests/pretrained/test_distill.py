@@ -156,6 +156,8 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
     )
     assert len(before["calibrated"]["output_explained"]) == 2
     assert "--layers all" in section and "| 2 |" in section
+    # The heading says what sets the run apart (its section title is unique among runs).
+    assert ", k-means landmarks, convolution and output fitted, dropout 0, lr " in section
     assert (docs.parent / "results" / "cli_cosine.png").is_file()
     # --resume on the finished run rewrites the section in place (no second copy).
     assert main(["distill", "--out", str(out), "--resume", "--write-docs", str(docs)]) == 0

@@ -3,8 +3,7 @@
     nystromer distill --teacher DIR --out DIR --text FILE ...      (command line)
     distill(DistillConfig(teacher=..., texts=[...]), out_dir)       (Python)
 
-See :mod:`nystromer.distill.run` and the README section "Long inputs for a model you already
-have".
+See :mod:`nystromer.distill.run` and docs/convert.md.
 """
 
 from .data import BUILTIN_TEXTS, TokenWindows, read_texts, split_corpus

@@ -72,6 +72,25 @@ def _before_after_table(report: dict[str, Any], cfg: dict[str, Any]) -> list[str
     ]
 
 
+def run_title(teacher: str, cfg: dict, data: dict) -> str:
+    """The section heading: what sets this run apart from the others (landmarks, what was
+    fitted, dropout, learning rate, text), so that every run's section has its own title."""
+    landmarks = "k-means landmarks" if cfg.get("kmeans_iterations") else "segment-mean landmarks"
+    if not cfg.get("conv_kernel_size"):
+        skip = "no convolution"
+    elif cfg.get("calibrate"):
+        fitted = "convolution and output" if cfg.get("calibrate_output") else "convolution"
+        skip = f"{fitted} fitted"
+    else:
+        skip = "convolution trained from zero"
+    dropout = cfg.get("dropout", None)
+    dropout = "teacher's dropout" if dropout is None else f"dropout {dropout:g}"
+    return (
+        f"Distillation: {teacher}, m = {cfg['num_landmarks']}, {cfg['max_length']} tokens, "
+        f"{landmarks}, {skip}, {dropout}, lr {cfg['lr']:g}, {data['tokens']:,} tokens of text"
+    )
+
+
 def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
     """The section: command, machine, before/after table, progress table, curve."""
     from .._machine import machine_info, machine_label
@@ -87,7 +106,7 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
     minutes = summary["wall_time_s"] / 60
     date = datetime.date.today().isoformat()
     lines = [
-        f"### Distillation of `{teacher}`: m = {cfg['num_landmarks']}, {cfg['max_length']} tokens",
+        f"### {run_title(teacher, cfg, data)}",
         "",
         f"Measured {date} with `{command_line(cfg, run)}`.",
         f"Machine: {machine_label(report.get('machine') or machine_info())}"

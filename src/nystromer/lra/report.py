@@ -106,6 +106,16 @@ def command_line(run_config: dict[str, Any], run_dir: str | os.PathLike[str]) ->
     return shlex.join(argv)
 
 
+def _run_suffix(recipe: dict) -> str:
+    """What tells runs of one task and attention apart in their headings: the seed, and
+    attention dropout when it differs from the model's dropout."""
+    parts = [f"seed {recipe.get('seed', 0)}"]
+    attention_dropout = recipe.get("attention_dropout")
+    if attention_dropout is not None and attention_dropout != recipe.get("dropout"):
+        parts.append(f"attention dropout {attention_dropout:g}")
+    return ", " + ", ".join(parts)
+
+
 def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) -> str:
     """The section: command, machine, accuracy against the paper, validation table, curve."""
     from .._machine import machine_info, machine_label
@@ -135,7 +145,7 @@ def results_markdown(run_dir: str | os.PathLike[str], image: str | None = None) 
             f"{100 * low:.2f}–{100 * high:.2f}%; the paper's {paper_ours:.2f} lies {inside} it."
         )
     lines = [
-        f"### {_TASK_NAMES[task]}, {label}",
+        f"### {_TASK_NAMES[task]}: {label}{_run_suffix(recipe)}",
         "",
         f"Trained with `{command_line(config, run)}`; section written "
         f"{datetime.date.today().isoformat()} on {machine_label(machine_info())} (training may "
