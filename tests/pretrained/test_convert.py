@@ -123,14 +123,14 @@ def test_convert_nystromformer_changes_landmarks_and_positions():
     )
     model = NystromformerModel(cfg).eval()
     reference = copy.deepcopy(model)  # its own copy of the config, too
-    reference.config.numerics, reference.config.num_landmarks = "ours", 64
+    reference.config.numerics, reference.config.num_landmarks = "nystromer", 64
     old = model.embeddings.position_embeddings.weight.detach().clone()  # 32 rows: 2 + 30
     nystromer.convert(model, num_landmarks=8, max_position_embeddings=70)
     new = model.embeddings.position_embeddings.weight.detach()
     assert new.shape == (72, 32) and model.config.max_position_embeddings == 70
     assert torch.equal(new[:32], old)
     assert torch.equal(new[32:62], old[2:]) and torch.equal(new[62:72], old[2:12])
-    assert (model.config.num_landmarks, model.config.numerics) == (8, "ours")
+    assert (model.config.num_landmarks, model.config.numerics) == (8, "nystromer")
     x = ids(8)  # n ≤ m: exact attention plus the trained convolution, in both
     torch.testing.assert_close(model(x).last_hidden_state, reference(x).last_hidden_state)
     assert model(ids(70)).last_hidden_state.shape == (2, 70, 32)
