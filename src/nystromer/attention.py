@@ -164,11 +164,7 @@ class NystromAttention(_NystromSettings, nn.Module):
                 f"num_heads={num_heads}"
             )
         self.options = resolve_options(
-            options,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            kmeans_iterations=kmeans_iterations,
-            conv_kernel_size=conv_kernel_size,
+            options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
         )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -473,11 +469,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
             dtype=dtype,
         )
         self.options = resolve_options(
-            options,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            kmeans_iterations=kmeans_iterations,
-            conv_kernel_size=conv_kernel_size,
+            options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
         )
         self.conv: ValueConv | None = None
         if self.options.conv_kernel_size is not None:
@@ -521,11 +513,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
             device=ref.device,
             dtype=ref.dtype,
             options=resolve_options(
-                options,
-                num_landmarks=num_landmarks,
-                pinv_iterations=pinv_iterations,
-                kmeans_iterations=kmeans_iterations,
-                conv_kernel_size=conv_kernel_size,
+                options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
             ),
         )
         result = new.load_state_dict(module.state_dict(keep_vars=True), strict=False, assign=True)

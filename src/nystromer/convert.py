@@ -38,13 +38,13 @@ __all__ = [
     "from_pretrained",
 ]
 
-logger = logging.getLogger(__name__)
-
 # Encoders with a learned absolute position table that convert handles (transformers' BERT
 # and RoBERTa through transformers, Nyströmformer through nystromer.models).
 CONVERTIBLE_MODEL_TYPES = ("bert", "roberta", "nystromformer")
 # config.json key under which a converted transformers model keeps its Nyström settings.
 CONFIG_KEY = "nystromer"
+
+logger = logging.getLogger(__name__)
 
 
 def convert(
@@ -93,11 +93,7 @@ def convert(
         ValueError: an unsupported model, a shorter position table, or a bad option.
     """
     options = resolve_options(
-        options,
-        num_landmarks=num_landmarks,
-        pinv_iterations=pinv_iterations,
-        kmeans_iterations=kmeans_iterations,
-        conv_kernel_size=conv_kernel_size,
+        options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
     )
     model_type = _model_type(model)
     if model_type == "nystromformer":

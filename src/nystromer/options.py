@@ -98,34 +98,33 @@ class NystromOptions:
 
 
 def resolve_options(
-    options: NystromOptions | None = None,
-    *,
+    options: NystromOptions | None,
     num_landmarks: int = 64,
     pinv_iterations: int = 6,
     kmeans_iterations: int = 0,
     conv_kernel_size: int | None = None,
+    /,
 ) -> NystromOptions:
     """The one :class:`NystromOptions` behind a signature that takes both forms.
 
     Public constructors and functions take the settings as keyword arguments (as PyTorch
-    modules do) or as ``options``; this turns either into the object passed along.
+    modules do) or as ``options``; this turns either into the object passed along. The
+    settings come in the order of NystromOptions' fields.
 
     Args:
-        options: the settings as one object, or None to build them from the keywords.
+        options: the settings as one object, or None to build them from the others.
         num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size: the settings as
-            keywords; with ``options`` given, each must keep its default.
+            the caller's keywords received them; with ``options`` given, each must keep its
+            default.
 
     Raises:
         TypeError: ``options`` is neither None nor a NystromOptions.
         ValueError: ``options`` together with a keyword that differs from its default (which
             one should win would be a guess), or an impossible setting.
     """
-    keywords = {
-        "num_landmarks": num_landmarks,
-        "pinv_iterations": pinv_iterations,
-        "kmeans_iterations": kmeans_iterations,
-        "conv_kernel_size": conv_kernel_size,
-    }
+    settings = NystromOptions.__dataclass_fields__.keys()
+    values = (num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size)
+    keywords = dict(zip(settings, values, strict=True))
     if options is None:
         return NystromOptions(**keywords)
     if not isinstance(options, NystromOptions):

@@ -131,11 +131,7 @@ def patch(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     options = resolve_options(
-        options,
-        num_landmarks=num_landmarks,
-        pinv_iterations=pinv_iterations,
-        kmeans_iterations=kmeans_iterations,
-        conv_kernel_size=conv_kernel_size,
+        options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
     )
     if is_transformers_model(model):
         _patch_transformers(model, options)

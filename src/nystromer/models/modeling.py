@@ -670,13 +670,14 @@ class NystromformerForQuestionAnswering(_HeadModel):
         output_hidden_states: bool = False,
     ) -> QuestionAnsweringModelOutput:
         """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
+        # NystromformerModel.forward's own argument order.
         out = self.nystromformer(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
         )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
         loss = None
