@@ -226,3 +226,28 @@ def test_convert_errors_name_what_is_wrong(tmp_path):
     vit.save_pretrained(tmp_path / "v")
     with pytest.raises(ValueError, match="model_type 'vit'"):
         nystromer.from_pretrained(tmp_path / "v")
+
+
+def test_options_object_equals_the_keywords_and_is_recorded(tmp_path):
+    opts = nystromer.NystromOptions(num_landmarks=8, kmeans_iterations=1, conv_kernel_size=3)
+    by_keywords = nystromer.convert(bert(), **opts.to_dict())
+    model = nystromer.convert(bert(), options=opts)
+    assert model.config.nystromer == opts.to_dict() == by_keywords.config.nystromer
+    x = ids(40)
+    torch.testing.assert_close(
+        model(x).last_hidden_state, by_keywords(x).last_hidden_state, rtol=0, atol=0
+    )
+    model.save_pretrained(tmp_path)
+    # Loading with options replaces the recorded settings; keywords then override fields.
+    other = nystromer.NystromOptions(num_landmarks=16)
+    loaded = nystromer.from_pretrained(tmp_path, options=other, pinv_iterations=4)
+    assert loaded.config.nystromer == other.replace(pinv_iterations=4).to_dict()
+    with pytest.raises(TypeError, match="options must be a NystromOptions"):
+        nystromer.from_pretrained(tmp_path, options=opts.to_dict())
+    # A Nyströmformer keeps its trained convolution under options without one.
+    torch.manual_seed(0)
+    cfg = NystromformerConfig(**SMALL, max_position_embeddings=40, conv_kernel_size=5)
+    NystromformerModel(cfg).save_pretrained(tmp_path / "nf")
+    nf = nystromer.from_pretrained(tmp_path / "nf", options=other)
+    assert nf.config.nystrom_options == other.replace(conv_kernel_size=5)
+    assert nf.config.numerics == "nystromer"
