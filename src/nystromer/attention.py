@@ -1,4 +1,9 @@
-"""Attention modules: parameters and reshapes around `nystromer.functional`."""
+"""Attention modules: parameters and reshapes around `nystromer.functional`.
+
+``multihead_nystrom_attention`` is the one path from projected, head-split inputs to the merged
+output (attention plus the paper's convolution skip, a :class:`ValueConv` module); the modules
+here, the Nyströmformer model and patched transformers models all go through it.
+"""
 
 from __future__ import annotations
 
@@ -699,6 +704,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         pad = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(
             lengths, device=padded.device
         ).view(-1, 1)
+        # self.forward, not self(...): this call's hooks have run already, on the nested input.
         out, _ = self.forward(padded, padded, padded, key_padding_mask=pad, need_weights=False)
         parts = [o[:length] for o, length in zip(out.unbind(), lengths, strict=True)]
         return torch.nested.as_nested_tensor(parts, layout=query.layout), None
