@@ -314,7 +314,7 @@ def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = No
     k // 2 positions, so each output block is the sum of three T×T banded matrices times the
     input blocks before, at and after it: three batched matrix products, run at the matrix
     rate, where torch's depthwise convolution kernels run its few channels slowly on the CPU
-    (docs/design.md has the measurement).
+    (docs/design.md says why; docs/benchmarks.md has the measurement).
 
     Args:
         value: (B, H, n, d).
