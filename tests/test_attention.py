@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nystromer import NystromAttention
-from nystromer.attention import banded_sequence_conv, value_conv, value_conv_skip
+from nystromer import NystromAttention, NystromMultiheadAttention, NystromOptions
+from nystromer.attention import ValueConv, banded_sequence_conv, value_conv, value_conv_skip
 
 from .reference import nystrom_reference
 
@@ -107,22 +107,105 @@ def test_banded_conv_weight_gradient_is_accurate_in_float32():
     assert err.item() < 1e-5
 
 
-def test_conv_skip_uses_the_banded_form_only_for_the_papers_layer():
+def test_conv_skip_module_is_torchs_convolution_of_the_masked_values():
     x = torch.randn(2, 3, 50, 4)
     mask = torch.arange(50)[None] < torch.tensor([[50], [31]])
-    conv = value_conv(3, 35)
+    conv = ValueConv(3, 35)
+    assert isinstance(conv, torch.nn.Conv2d) and conv.weight.shape == (3, 1, 35, 1)
     # float32 and bfloat16 against torch's convolution: rounding-level differences only.
-    want = conv(x * mask[:, None, :, None]) * mask[:, None, :, None]
-    assert torch.allclose(value_conv_skip(conv, x, mask), want, rtol=0, atol=1e-5)
+    want = F.conv2d(x * mask[:, None, :, None], conv.weight, padding=(17, 0), groups=3)
+    want = want * mask[:, None, :, None]
+    assert torch.allclose(conv(x, mask), want, rtol=0, atol=1e-5)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight, padding=(17, 0), groups=3), atol=1e-5)
     # bfloat16 keeps 8 significant bits (~0.4% per product), summed over up to 35 taps.
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 layer, autocast products
-        auto = value_conv_skip(conv, x, mask)
-    low = value_conv_skip(conv.bfloat16(), x.bfloat16(), mask)
+        auto = conv(x, mask)
+    low = conv.bfloat16()(x.bfloat16(), mask)
     for y in (auto.float(), low.float()):
         assert torch.allclose(y, want, rtol=0, atol=0.1 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bad", [4, 0, 2.0, True])
+def test_conv_skip_module_refuses_even_kernels(bad):
+    with pytest.raises(ValueError, match=f"kernel_size must be an odd integer.*{bad!r}"):
+        ValueConv(2, bad)
+
+
+def test_deprecated_conv_functions_warn_and_keep_their_results():
+    x = torch.randn(2, 3, 50, 4)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [31]])
+    with pytest.warns(DeprecationWarning, match="ValueConv"):
+        conv = value_conv(3, 7)
+    assert type(conv) is ValueConv and conv.kernel_size == (7, 1)
+    with pytest.warns(DeprecationWarning, match="conv\\(value, mask\\)"):
+        assert torch.equal(value_conv_skip(conv, x, mask), conv(x, mask))
     # Another convolution (here circular padding) is applied as it is.
     circular = torch.nn.Conv2d(3, 3, (5, 1), padding=(2, 0), groups=3, padding_mode="circular")
-    assert torch.equal(value_conv_skip(circular, x, None), circular(x))
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(value_conv_skip(circular, x, None), circular(x))
+
+
+@pytest.mark.parametrize("cls", [NystromAttention, NystromMultiheadAttention])
+def test_forward_hooks_on_the_conv_skip_fire(cls):
+    # The skip is called as a module: hooks see its inputs, and what a hook returns is used.
+    torch.manual_seed(0)
+    attn = cls(32, 4, num_landmarks=8, conv_kernel_size=3)
+    torch.nn.init.normal_(attn.conv.weight)
+    x = torch.randn(2, 40, 32)
+    mask = torch.arange(40)[None] < torch.tensor([[40], [29]])
+
+    def run():
+        if cls is NystromAttention:
+            return attn(x, mask=mask)
+        xt = x.transpose(0, 1)  # (L, N, E)
+        return attn(xt, xt, xt, key_padding_mask=~mask)[0].transpose(0, 1)
+
+    seen = []
+
+    def hook(module, args, output):
+        seen.append((module, args[0].shape, args[1].shape))
+        return torch.zeros_like(output)
+
+    with_skip = run()
+    handle = attn.conv.register_forward_hook(hook)
+    hooked = run()
+    handle.remove()
+    assert seen == [(attn.conv, (2, 4, 40, 8), (2, 40))]
+    with torch.no_grad():
+        attn.conv.weight.zero_()
+    assert torch.equal(hooked, run())
+    assert not torch.allclose(hooked, with_skip)
+
+
+def test_options_object_equals_the_keywords():
+    opts = NystromOptions(
+        num_landmarks=8, pinv_iterations=4, kmeans_iterations=1, conv_kernel_size=5
+    )
+    torch.manual_seed(0)
+    by_keywords = NystromAttention(32, 4, **opts.to_dict())
+    torch.manual_seed(0)
+    by_options = NystromAttention(32, 4, options=opts)
+    assert by_options.options == by_keywords.options == opts
+    assert by_options.state_dict().keys() == by_keywords.state_dict().keys()
+    assert by_options.conv.weight.shape == (4, 1, 5, 1)
+    x = torch.randn(2, 40, 32)
+    assert torch.equal(by_options(x), by_keywords(x))
+    assert repr(by_options) == repr(by_keywords)
+    assert (by_options.num_landmarks, by_options.conv_kernel_size) == (8, 5)
+    # The attributes still set what they read, validated, through the options object.
+    by_options.num_landmarks = 16
+    assert by_options.options == opts.replace(num_landmarks=16)
+    with pytest.raises(ValueError, match="num_landmarks"):
+        by_options.num_landmarks = 0
+    with pytest.raises(AttributeError):
+        by_options.conv_kernel_size = 3
+
+
+def test_options_and_changed_keywords_together_are_refused():
+    with pytest.raises(ValueError, match="either as options or as keywords.*num_landmarks=8"):
+        NystromAttention(32, 4, num_landmarks=8, options=NystromOptions())
+    with pytest.raises(TypeError, match="options must be a NystromOptions"):
+        NystromAttention(32, 4, options={"num_landmarks": 8})
 
 
 def test_cross_attention_with_kdim_vdim():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from nystromer import patch
+import nystromer
+from nystromer import NystromOptions, patch
 from nystromer.attention import NystromMultiheadAttention
 
 # float32 against torch's own attention: exact fallback (n ≤ m) differs only by the order of
@@ -339,3 +340,87 @@ def test_worked_example_pretrained_bert_with_linear_attention(tmp_path):
     pooled, pooled_ref = (emb * w).sum(1) / w.sum(1), (ref * w).sum(1) / w.sum(1)
     cosine = nn.functional.cosine_similarity(pooled, pooled_ref)
     assert (cosine > 0.99).all()  # random weights; a trained MiniLM gives ≈ 0.89 (docs)
+
+
+# --------------------------------------------------------------------------- options and hooks
+
+
+def test_options_object_equals_the_keywords_in_patch_and_the_module():
+    opts = NystromOptions(num_landmarks=16, pinv_iterations=4, conv_kernel_size=3)
+    by_keywords = patch(_encoder(), **opts.to_dict())
+    by_options = patch(_encoder(), options=opts)
+    x, pad = _padded_batch()
+    attns = [m.layers[0].self_attn for m in (by_keywords, by_options)]
+    assert attns[0].options == attns[1].options == opts
+    assert "conv.weight" in dict(attns[1].named_parameters())
+    with torch.no_grad():
+        for a in attns:
+            a.conv.weight.fill_(0.1)
+        outs = [m.eval()(x, src_key_padding_mask=pad) for m in (by_keywords, by_options)]
+    assert torch.equal(outs[0], outs[1])
+    mha = nn.MultiheadAttention(32, 4)
+    direct = NystromMultiheadAttention.from_multihead_attention(mha, options=opts)
+    assert direct.options == opts and direct.in_proj_weight is mha.in_proj_weight
+    with pytest.raises(ValueError, match="either as options or as keywords"):
+        patch(_encoder(), options=opts, conv_kernel_size=5)
+
+
+def test_transformers_patch_takes_options_and_the_conv_skip_takes_hooks():
+    opts = NystromOptions(num_landmarks=16, conv_kernel_size=5)
+    inputs, _ = _inputs("bert", 100)
+    by_keywords = patch(_bert_like("bert"), num_landmarks=16, conv_kernel_size=5)
+    model = patch(_bert_like("bert"), options=opts)
+    conv = model.bert.encoder.layer[1].attention.self.nystrom_conv
+    assert conv.weight.shape == (4, 1, 5, 1)
+    seen = []
+    handle = conv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        out = _hidden(model, inputs)
+        assert torch.equal(out, _hidden(by_keywords, inputs))
+    handle.remove()
+    assert seen == [(2, 4, 100, 8)]
+
+
+def test_attention_probe_sees_each_layer_before_the_skip():
+    from nystromer.patching import AttentionCall, attention_probe
+
+    opts = NystromOptions(num_landmarks=16, conv_kernel_size=5)
+    model = patch(_bert_like("bert"), options=opts)
+    inputs, real = _inputs("bert", 100)
+    for layer in model.bert.encoder.layer:
+        torch.nn.init.normal_(layer.attention.self.nystrom_conv.weight)
+    calls: list[AttentionCall] = []
+
+    def probe(call):
+        calls.append(call)
+        # What the layer adds next: its convolution skip.
+        skip = call.module.nystrom_conv(call.value, call.mask)
+        skips.append(skip)
+        outputs.append(call.output.clone())
+
+    skips, outputs = [], []
+    with torch.no_grad(), attention_probe(probe):
+        _hidden(model, inputs)
+    assert [c.module for c in calls] == [m.attention.self for m in model.bert.encoder.layer]
+    first = calls[0]
+    assert first.query.shape == first.value.shape == (2, 4, 100, 8)
+    assert torch.equal(first.mask, real) and first.options.num_landmarks == 16
+    # The output before the skip is Nyström attention of the layer's own q, k, v.
+    want = nystromer.nystrom_attention(
+        first.query, first.key, first.value, num_landmarks=16, mask=first.mask, scale=first.scale
+    )
+    assert torch.allclose(outputs[0], want, atol=1e-6)
+    assert skips[0].abs().max() > 0
+    # Outside the block nothing is probed; an exception in the probe ends the forward pass.
+    with torch.no_grad():
+        _hidden(model, inputs)
+    assert len(calls) == 2
+
+    class Stop(Exception):
+        pass
+
+    def stop(call):
+        raise Stop
+
+    with pytest.raises(Stop), attention_probe(stop), torch.no_grad():
+        _hidden(model, inputs)

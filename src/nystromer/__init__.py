@@ -4,6 +4,8 @@ Public API:
     nystrom_attention           the attention function (shapes like scaled_dot_product_attention)
     NystromAttention            a batch-first multi-head attention module
     NystromMultiheadAttention   a drop-in for torch.nn.MultiheadAttention
+    NystromOptions              the Nyström settings as one object; every entry point below
+                                takes it as ``options=`` or the settings as keywords
     patch                       switch an existing model's self-attention to Nyström attention
     convert                     patch a pretrained BERT/RoBERTa/Nyströmformer and lengthen its
                                 position table; extend_positions does the latter alone

@@ -1,22 +1,128 @@
-"""Attention modules: parameters and reshapes around `nystromer.functional`."""
+"""Attention modules: parameters and reshapes around `nystromer.functional`.
+
+``multihead_nystrom_attention`` is the one path from projected, head-split inputs to the merged
+output (attention plus the paper's convolution skip, a :class:`ValueConv` module); the modules
+here, the Nyströmformer model and patched transformers models all go through it.
+"""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .functional import check_nystrom_options, nystrom_attention
+from .functional import nystrom_attention
+from .options import NystromOptions, resolve_options
 
 __all__ = [
     "NystromAttention",
     "NystromMultiheadAttention",
+    "ValueConv",
     "banded_sequence_conv",
+    "multihead_nystrom_attention",
     "value_conv",
     "value_conv_skip",
 ]
 
 
-class NystromAttention(nn.Module):
+def multihead_nystrom_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    options: NystromOptions,
+    *,
+    mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    conv: ValueConv | None = None,
+    observe: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Nyström attention of projected, head-split inputs, plus the optional convolution skip.
+
+    The one path from projections to the merged output that the modules, the Nyströmformer
+    model and the patched transformers models share: heads to the front, the attention
+    function, the convolution of the values, heads back.
+
+    Args:
+        query: (B, n_q, H, d), the projected queries with the width split into heads.
+        key: (B, n_k, H, d).
+        value: (B, n_k, H, d_v).
+        options: the Nyström settings (``conv_kernel_size`` is the module's business: pass
+            ``conv``).
+        mask: (B, n_k) bool, True for real keys, or None.
+        query_mask: (B, n_q) bool, True for real queries (see
+            :func:`~nystromer.nystrom_attention`); it also masks the convolution skip, which
+            uses ``mask`` when this is None.
+        dropout_p: dropout on the attention weights (pass 0 outside training).
+        scale: score scale; None is 1/sqrt(d).
+        conv: the paper's convolution skip, for self-attention: added on the first n_q values
+            (keys appended after the sequence, as nn.MultiheadAttention's ``bias_k``, are not
+            convolved).
+        observe: called with the attention output (B, H, n_q, d_v) before the skip is added;
+            it must not keep the tensor, which may then be updated in place.
+
+    Returns:
+        (B, n_q, H, d_v), contiguous: ``.flatten(2)`` merges the heads without a copy.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    out = nystrom_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        query_mask=query_mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        **options.attention_kwargs(),
+    )
+    if observe is not None:
+        observe(out)
+    if conv is not None:
+        n_q = q.shape[2]
+        if k.shape[2] < n_q:
+            raise ValueError(
+                "the convolution skip is for self-attention: query and key lengths must match, "
+                f"got {n_q} and {k.shape[2]}"
+            )
+        skip = conv(v[:, :, :n_q], mask if query_mask is None else query_mask)
+        # In place when autograd does not need the attention output: one n·d tensor of
+        # fresh memory fewer.
+        out = out + skip if out.requires_grad else out.add_(skip)
+    return out.transpose(1, 2).contiguous()
+
+
+def _setting(name: str, settable: bool = True) -> property:
+    """A module attribute that reads (and replaces) one field of ``module.options``."""
+
+    def get(self) -> int | None:
+        return getattr(self.options, name)
+
+    def put(self, value: int) -> None:
+        self.options = self.options.replace(**{name: value})
+
+    doc = f"``options.{name}``" + ("; setting it replaces ``options``." if settable else ".")
+    return property(get, put if settable else None, doc=doc)
+
+
+class _NystromSettings:
+    """The Nyström settings of an attention module, readable as attributes as they always
+    were; the object behind them is ``self.options``."""
+
+    options: NystromOptions
+    num_landmarks = _setting("num_landmarks")
+    pinv_iterations = _setting("pinv_iterations")
+    kmeans_iterations = _setting("kmeans_iterations")
+    # A new kernel size would need a new parameter: fixed at construction.
+    conv_kernel_size = _setting("conv_kernel_size", settable=False)
+
+    def _settings_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.to_dict().items())
+
+
+class NystromAttention(_NystromSettings, nn.Module):
     """Multi-head Nyström attention, batch-first, a linear-cost stand-in for self-attention.
 
     Args:
@@ -32,6 +138,9 @@ class NystromAttention(nn.Module):
         kdim, vdim: widths of the key and value inputs (default ``embed_dim``).
         kmeans_iterations: Lloyd iterations refining the landmarks from the segment means
             (see :func:`~nystromer.nystrom_attention`); 0 keeps the paper's landmarks.
+        options: the four Nyström settings above as one :class:`~nystromer.NystromOptions`,
+            instead of the keywords (which must then keep their defaults). The module keeps
+            them as ``self.options``; ``self.num_landmarks`` etc. read it.
 
     Shapes:
         query (B, n_q, E), key (B, n_k, kdim), value (B, n_k, vdim), mask (B, n_k) bool with True
@@ -51,6 +160,7 @@ class NystromAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         kmeans_iterations: int = 0,
+        options: NystromOptions | None = None,
     ) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
@@ -58,15 +168,14 @@ class NystromAttention(nn.Module):
                 f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
             )
-        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
+        self.options = resolve_options(
+            options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
+        )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.num_landmarks = num_landmarks
-        self.pinv_iterations = pinv_iterations
-        self.kmeans_iterations = kmeans_iterations
         self.dropout = dropout
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -74,13 +183,12 @@ class NystromAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.conv: nn.Conv2d | None = None
-        if conv_kernel_size is not None:
-            self.conv = value_conv(num_heads, conv_kernel_size)
+        self.conv: ValueConv | None = None
+        if self.options.conv_kernel_size is not None:
+            self.conv = ValueConv(num_heads, self.options.conv_kernel_size)
 
     def _heads(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
 
     def forward(
         self,
@@ -117,89 +225,96 @@ class NystromAttention(nn.Module):
                 f"query, key and value must share the batch size and key/value the length, got "
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
-        q = self._heads(self.q_proj(query))
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(value))
-        out = nystrom_attention(
-            q,
-            k,
-            v,
-            num_landmarks=self.num_landmarks,
+        if self.conv is not None and query.shape[1] != key.shape[1]:
+            raise ValueError(
+                "conv_kernel_size is for self-attention: query and key lengths must match, "
+                f"got {query.shape[1]} and {key.shape[1]}"
+            )
+        out = multihead_nystrom_attention(
+            self._heads(self.q_proj(query)),
+            self._heads(self.k_proj(key)),
+            self._heads(self.v_proj(value)),
+            self.options,
             mask=mask,
-            pinv_iterations=self.pinv_iterations,
             dropout_p=self.dropout if self.training else 0.0,
-            kmeans_iterations=self.kmeans_iterations,
+            conv=self.conv,
         )
-        if self.conv is not None:
-            if q.shape[2] != k.shape[2]:
-                raise ValueError(
-                    "conv_kernel_size is for self-attention: query and key lengths must match, "
-                    f"got {q.shape[2]} and {k.shape[2]}"
-                )
-            skip = value_conv_skip(self.conv, v, mask)
-            # In place when autograd does not need the attention output: one n·d tensor of
-            # fresh memory fewer.
-            out = out + skip if out.requires_grad else out.add_(skip)
-        b, _, n_q, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n_q, self.embed_dim))
+        return self.out_proj(out.flatten(2))
 
     def extra_repr(self) -> str:
-        conv = None if self.conv is None else self.conv.kernel_size[0]
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-            f"num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}, "
-            f"conv_kernel_size={conv}, dropout={self.dropout}, "
-            f"kmeans_iterations={self.kmeans_iterations}"
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+            + self._settings_repr()
         )
 
 
-def value_conv(
-    num_heads: int,
-    kernel_size: int,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> nn.Conv2d:
-    """The paper's depthwise convolution over the values, one (k × 1) kernel per head.
+class ValueConv(nn.Conv2d):
+    """The paper's depthwise convolution of the values along the sequence: the skip that
+    :class:`NystromAttention` adds with ``conv_kernel_size``.
 
-    Weight layout (H, 1, k, 1), as in the authors' code and transformers' checkpoints; odd k with
-    padding k // 2 keeps the sequence length.
+    An ``nn.Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``, one (k × 1)
+    kernel per head shared by the head's features: weight (H, 1, k, 1), as in the authors' code
+    and transformers' checkpoints, so state dicts load unchanged. Its forward takes the key
+    padding mask and computes the convolution as banded matrix products
+    (:func:`banded_sequence_conv`), which run faster than torch's depthwise kernels.
+
+    Args:
+        num_heads: H.
+        kernel_size: k, odd (the length is kept).
+        device, dtype: of the weight.
     """
-    return nn.Conv2d(
-        num_heads,
-        num_heads,
-        kernel_size=(kernel_size, 1),
-        padding=(kernel_size // 2, 0),
-        groups=num_heads,
-        bias=False,
-        device=device,
-        dtype=dtype,
-    )
 
+    def __init__(
+        self,
+        num_heads: int,
+        kernel_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+            raise ValueError(f"kernel_size must be an odd integer ≥ 1, got {kernel_size!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer ≥ 1, got {kernel_size!r}")
+        super().__init__(
+            num_heads,
+            num_heads,
+            kernel_size=(kernel_size, 1),
+            padding=(kernel_size // 2, 0),
+            groups=num_heads,
+            bias=False,
+            device=device,
+            dtype=dtype,
+        )
 
-def _is_value_conv(conv: nn.Conv2d, heads: int) -> bool:
-    """Whether ``conv`` is :func:`value_conv`'s layer for ``heads`` heads (any odd k)."""
-    k = conv.kernel_size[0]
-    return (
-        conv.in_channels == conv.out_channels == conv.groups == heads
-        and conv.kernel_size[1] == 1
-        and k % 2 == 1
-        and conv.padding == (k // 2, 0)
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.padding_mode == "zeros"
-    )
+    def forward(self, value: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Convolve each head's values along the sequence, padding-correct.
+
+        Padding is zeroed before the convolution, so a real position sees what it would see in
+        the unpadded sequence (the convolution's own zero padding), and zeroed again after it.
+
+        Args:
+            value: (B, H, n, d).
+            mask: (B, n) bool, True for real tokens, or None.
+
+        Returns:
+            (B, H, n, d), zero at padded positions.
+        """
+        if mask is None:
+            return banded_sequence_conv(value, self.weight, self.bias)
+        keep = mask[:, None, :, None].to(value.dtype)
+        return banded_sequence_conv(value * keep, self.weight, self.bias) * keep
 
 
 def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:func:`value_conv`'s convolution, computed as products with banded (Toeplitz) blocks.
+    """:class:`ValueConv`'s convolution, computed as products with banded (Toeplitz) blocks.
 
     Equals ``F.conv2d(value, weight, bias, padding=(k // 2, 0), groups=H)``: each head's k taps
     slide along the sequence, shared by the d features. The sequence is cut into blocks of T ≥
     k // 2 positions, so each output block is the sum of three T×T banded matrices times the
     input blocks before, at and after it: three batched matrix products, run at the matrix
     rate, where torch's depthwise convolution kernels run its few channels slowly on the CPU
-    (the LRA ListOps layer, 2 heads of 32 at 2,000 tokens: ~6× faster forward+backward).
+    (docs/design.md says why; docs/benchmarks.md has the measurement).
 
     Args:
         value: (B, H, n, d).
@@ -239,31 +354,40 @@ def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = No
     return out if bias is None else out + bias.view(1, h, 1, 1)
 
 
+def value_conv(
+    num_heads: int,
+    kernel_size: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ValueConv:
+    """Deprecated: use ``ValueConv(num_heads, kernel_size, device=..., dtype=...)``."""
+    warnings.warn(
+        "nystromer.attention.value_conv is deprecated; use nystromer.attention.ValueConv",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return ValueConv(num_heads, kernel_size, device=device, dtype=dtype)
+
+
 def value_conv_skip(conv: nn.Conv2d, value: Tensor, mask: Tensor | None) -> Tensor:
-    """The paper's depthwise convolution of the values along the sequence, padding-correct.
+    """Deprecated: call the :class:`ValueConv` module, ``conv(value, mask)``.
 
-    Padding is zeroed before the convolution, so a real position sees what it would see in the
-    unpadded sequence (the convolution's own zero padding), and zeroed again after it.
-
-    Args:
-        conv: ``nn.Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``.
-        value: (B, H, n, d).
-        mask: (B, n) bool, True for real tokens, or None.
-
-    Returns:
-        (B, H, n, d), zero at padded positions.
+    Another ``nn.Conv2d`` over (B, H, n, d) values is applied as it is, padding zeroed before
+    and after it.
     """
-    if not _is_value_conv(conv, value.shape[1]):
-        convolve = conv
-    else:
-        # The same convolution, faster (see banded_sequence_conv).
-        def convolve(x: Tensor) -> Tensor:
-            return banded_sequence_conv(x, conv.weight, conv.bias)
-
+    warnings.warn(
+        "nystromer.attention.value_conv_skip is deprecated; call the ValueConv module: "
+        "conv(value, mask)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if isinstance(conv, ValueConv):
+        return conv(value, mask)
     if mask is None:
-        return convolve(value)
+        return conv(value)
     keep = mask[:, None, :, None].to(value.dtype)
-    return convolve(value * keep) * keep
+    return conv(value * keep) * keep
 
 
 def _keep_off_fused_encoder_path(module: nn.Module, args: tuple) -> None:
@@ -288,7 +412,7 @@ def _padding_from_mask(mask: Tensor, name: str) -> Tensor:
     return masked
 
 
-class NystromMultiheadAttention(nn.MultiheadAttention):
+class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
     """Drop-in replacement for :class:`torch.nn.MultiheadAttention` with Nyström attention.
 
     Same constructor, parameters and state-dict keys (``in_proj_weight``, ``in_proj_bias`` or
@@ -312,6 +436,8 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         conv_kernel_size: odd k adds the paper's depthwise convolution skip on the values
             (self-attention only), initialised to zero so the module starts as plain attention;
             its weight appears as ``conv.weight`` in the state dict.
+        options: these four settings as one :class:`~nystromer.NystromOptions`, instead of
+            the keywords (which must then keep their defaults); kept as ``self.options``.
     """
 
     def __init__(
@@ -332,6 +458,7 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         pinv_iterations: int = 6,
         conv_kernel_size: int | None = None,
         kmeans_iterations: int = 0,
+        options: NystromOptions | None = None,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -346,13 +473,14 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             device=device,
             dtype=dtype,
         )
-        check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
-        self.num_landmarks = num_landmarks
-        self.pinv_iterations = pinv_iterations
-        self.kmeans_iterations = kmeans_iterations
-        self.conv: nn.Conv2d | None = None
-        if conv_kernel_size is not None:
-            self.conv = value_conv(num_heads, conv_kernel_size, device=device, dtype=dtype)
+        self.options = resolve_options(
+            options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
+        )
+        self.conv: ValueConv | None = None
+        if self.options.conv_kernel_size is not None:
+            self.conv = ValueConv(
+                num_heads, self.options.conv_kernel_size, device=device, dtype=dtype
+            )
             nn.init.zeros_(self.conv.weight)
         self.register_forward_pre_hook(_keep_off_fused_encoder_path)
 
@@ -365,9 +493,13 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         pinv_iterations: int = 6,
         conv_kernel_size: int | None = None,
         kmeans_iterations: int = 0,
+        options: NystromOptions | None = None,
     ) -> NystromMultiheadAttention:
         """A NystromMultiheadAttention sharing ``module``'s parameters (the same Parameter
-        objects, so an optimizer built before the swap keeps updating them)."""
+        objects, so an optimizer built before the swap keeps updating them).
+
+        The Nyström settings are the constructor's, as keywords or as ``options``.
+        """
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(
                 f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}"
@@ -385,10 +517,9 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             batch_first=module.batch_first,
             device=ref.device,
             dtype=ref.dtype,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            conv_kernel_size=conv_kernel_size,
-            kmeans_iterations=kmeans_iterations,
+            options=resolve_options(
+                options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
+            ),
         )
         result = new.load_state_dict(module.state_dict(keep_vars=True), strict=False, assign=True)
         if result.unexpected_keys or set(result.missing_keys) - {"conv.weight"}:
@@ -459,15 +590,19 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
             )
         pad = self._key_padding(key_padding_mask, attn_mask, b, n_q, n_k)
 
+        if self.conv is not None and not self_attention:
+            raise ValueError(
+                "conv_kernel_size is for self-attention: call with query, key and value "
+                "being the same tensor"
+            )
         q, k, v = self._project(query, key, value, self_attention)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1)
-        q, k, v = (self._heads(t) for t in (q, k, v))
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(b, self.num_heads, 1, self.head_dim)], dim=2)
-            v = torch.cat([v, v.new_zeros(b, self.num_heads, 1, self.head_dim)], dim=2)
-        extra = k.shape[2] - n_k  # appended bias / zero keys: always real
+            k = torch.cat([k, k.new_zeros(b, 1, self.embed_dim)], dim=1)
+            v = torch.cat([v, v.new_zeros(b, 1, self.embed_dim)], dim=1)
+        extra = k.shape[1] - n_k  # appended bias / zero keys: always real
         real = None
         if pad is not None:
             real = ~pad
@@ -479,34 +614,20 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         elif real is not None and real.shape[1] == n_q:
             # Cross-attention of equal lengths: the key mask says nothing about the queries.
             query_mask = real.new_ones(b, n_q)
-        out = nystrom_attention(
-            q,
-            k,
-            v,
-            num_landmarks=self.num_landmarks,
+        out = multihead_nystrom_attention(
+            *(t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k, v)),
+            self.options,
             mask=real,
-            pinv_iterations=self.pinv_iterations,
-            dropout_p=self.dropout if self.training else 0.0,
             query_mask=query_mask,
-            kmeans_iterations=self.kmeans_iterations,
+            dropout_p=self.dropout if self.training else 0.0,
+            conv=self.conv,
         )
-        if self.conv is not None:
-            if not self_attention:
-                raise ValueError(
-                    "conv_kernel_size is for self-attention: call with query, key and value "
-                    "being the same tensor"
-                )
-            out = out + value_conv_skip(self.conv, v[:, :, :n_q], query_mask)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, self.embed_dim))
+        out = self.out_proj(out.flatten(2))
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
-
-    def _heads(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(
         self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
@@ -583,15 +704,13 @@ class NystromMultiheadAttention(nn.MultiheadAttention):
         pad = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(
             lengths, device=padded.device
         ).view(-1, 1)
+        # self.forward, not self(...): this call's hooks have run already, on the nested input.
         out, _ = self.forward(padded, padded, padded, key_padding_mask=pad, need_weights=False)
         parts = [o[:length] for o, length in zip(out.unbind(), lengths, strict=True)]
         return torch.nested.as_nested_tensor(parts, layout=query.layout), None
 
     def extra_repr(self) -> str:
-        conv = None if self.conv is None else self.conv.kernel_size[0]
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-            f"batch_first={self.batch_first}, num_landmarks={self.num_landmarks}, "
-            f"pinv_iterations={self.pinv_iterations}, conv_kernel_size={conv}, "
-            f"kmeans_iterations={self.kmeans_iterations}"
+            f"batch_first={self.batch_first}, " + self._settings_repr()
         )

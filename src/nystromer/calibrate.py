@@ -7,18 +7,17 @@ pretrained encoder is local: heads that attend to the previous or next tokens, o
 window, which 64 segment means blur away. A depthwise convolution of the values is exactly such
 a fixed local mixing, so its weights can be *fitted* instead of trained: for each head, the k
 weights that bring the layer's output closest, in least squares, to exact softmax attention on
-the same queries, keys and values. On all-MiniLM-L6-v2 at 512 tokens and m = 64 this raises the
-cosine of mean-pooled embeddings to the exact model from 0.906 to 0.941 in about 30 seconds of
-CPU, before any training (docs/results.md).
+the same queries, keys and values. This brings a converted sentence encoder measurably closer
+to the exact model before any training (docs/results.md has the figures).
 
 With ``output_projection`` set, each layer's attention output projection is fitted too: the
 linear map, shrunk towards the identity, that takes the layer's Nyström output (convolution
 included) closest to exact attention, folded into the projection's weight and bias. It
-corrects what the convolution cannot: mixing across heads and channels. On all-MiniLM-L6-v2
-it raises the cosine further, from 0.963 to 0.971 with k-means landmarks (docs/results.md).
+corrects what the convolution cannot: mixing across heads and channels.
 
 Layers are fitted in order, each on the inputs it receives once the layers below it have been
-fitted, so that the fit sees the activations the calibrated model will produce.
+fitted, so that the fit sees the activations the calibrated model will produce. What a layer
+computed reaches the fit through :func:`nystromer.patching.attention_probe`.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import value_conv_skip
+from .attention import ValueConv
 from .functional import _exact
-from .patching import _ATTENTION_PROBE
+from .patching import AttentionCall, attention_probe
 
 __all__ = ["calibrate", "CalibrationResult"]
 
@@ -102,7 +101,7 @@ def calibrate(
     """
     # Registration order is the order of the layers in BERT and RoBERTa: bottom-up.
     modules = [
-        m for m in model.modules() if isinstance(getattr(m, "nystrom_conv", None), nn.Conv2d)
+        m for m in model.modules() if isinstance(getattr(m, "nystrom_conv", None), ValueConv)
     ]
     if not modules:
         raise ValueError(
@@ -138,7 +137,7 @@ def calibrate(
     try:
         for target in modules:
             normal = _NormalEquations(target.nystrom_conv, chunk_size)
-            _feed_layer(model, inputs, target, lambda module, *args, _n=normal: _n.add(*args))
+            _feed_layer(model, inputs, target, normal.add)
             if normal.tokens == 0:
                 raise ValueError(
                     "the calibration inputs never reached a Nyström attention layer with a "
@@ -162,37 +161,34 @@ def calibrate(
 
 def _feed_layer(model: nn.Module, inputs, target: nn.Module, add) -> None:
     """Run ``inputs`` through ``model`` up to the attention module ``target`` and hand what it
-    computed to ``add(module, query, key, value, mask, scale, out, num_landmarks)``; the rest
-    of each forward pass is skipped."""
+    computed to ``add(call)`` (an :class:`~nystromer.patching.AttentionCall`); the rest of each
+    forward pass is skipped."""
 
-    def probe(module, *args):
-        if module is target:
-            add(module, *args)
+    def probe(call: AttentionCall) -> None:
+        if call.module is target:
+            add(call)
             raise _Stop
 
-    token = _ATTENTION_PROBE.set(probe)
-    try:
-        with torch.no_grad():
-            for batch in inputs:
-                try:
-                    model(**batch)
-                except _Stop:
-                    pass
-    finally:
-        _ATTENTION_PROBE.reset(token)
+    with attention_probe(probe), torch.no_grad():
+        for batch in inputs:
+            try:
+                model(**batch)
+            except _Stop:
+                pass
 
 
-def _fitted_queries(query: Tensor, key: Tensor, mask: Tensor | None, num_landmarks: int):
+def _fitted_queries(call: AttentionCall):
     """(B, n) bool: the queries a fit learns from, or None when there are none.
 
     Self-attention only (the skip exists for it); a sequence of at most m tokens gets exact
     attention, so it has nothing to correct and would only pull a fit towards zero.
     """
-    b, _, n, _ = query.shape
-    if key.shape[2] != n:
+    b, _, n, _ = call.query.shape
+    if call.key.shape[2] != n:
         return None
-    real = torch.ones(b, n, dtype=torch.bool, device=query.device) if mask is None else mask
-    real = real & (real.sum(-1, keepdim=True) > num_landmarks)
+    mask = call.mask
+    real = torch.ones(b, n, dtype=torch.bool, device=call.query.device) if mask is None else mask
+    real = real & (real.sum(-1, keepdim=True) > call.options.num_landmarks)
     return real if real.any() else None
 
 
@@ -225,13 +221,13 @@ class _OutputMap:
         self.ey = torch.zeros(width, width + 1, dtype=torch.float64, device=device)
         self.ee = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, module, query, key, value, mask, scale, out, num_landmarks) -> None:
-        real = _fitted_queries(query, key, mask, num_landmarks)
+    def add(self, call: AttentionCall) -> None:
+        real = _fitted_queries(call)
         if real is None:
             return
-        b, _, n, _ = query.shape
-        y = out + value_conv_skip(module.nystrom_conv, value, mask)
-        e = _exact(query, key, value, mask, scale, 0.0)
+        b, _, n, _ = call.query.shape
+        y = call.output + call.module.nystrom_conv(call.value, call.mask)
+        e = _exact(call.query, call.key, call.value, call.mask, call.scale, 0.0)
         keep = real.reshape(-1)
         y = y.transpose(1, 2).reshape(b * n, -1)[keep].double()
         e = e.transpose(1, 2).reshape(b * n, -1)[keep].double()
@@ -263,7 +259,7 @@ class _OutputMap:
 class _NormalEquations:
     """Per-head sums XᵀX (H, k, k), Xᵀr (H, k) and rᵀr (H,) in float64."""
 
-    def __init__(self, conv: nn.Conv2d, chunk_size: int) -> None:
+    def __init__(self, conv: ValueConv, chunk_size: int) -> None:
         self.k = conv.kernel_size[0]
         self.heads = conv.weight.shape[0]
         self.chunk_size = chunk_size
@@ -273,14 +269,15 @@ class _NormalEquations:
         self.rr = torch.zeros(self.heads, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    def add(self, query, key, value, mask, scale, out, num_landmarks) -> None:
-        real = _fitted_queries(query, key, mask, num_landmarks)
+    def add(self, call: AttentionCall) -> None:
+        real = _fitted_queries(call)
         if real is None:
             return
-        exact = _exact(query, key, value, mask, scale, 0.0)
+        value, mask, out = call.value, call.mask, call.output
+        exact = _exact(call.query, call.key, value, mask, call.scale, 0.0)
         keep = real[:, None, :, None].to(value.dtype)
         residual = (exact - out) * keep
-        # Padding is zero for the convolution, as in value_conv_skip.
+        # Padding is zero for the convolution, as in ValueConv.
         values = value if mask is None else value * mask[:, None, :, None].to(value.dtype)
         self.tokens += int(real.sum())
         half = self.k // 2
@@ -298,7 +295,7 @@ class _NormalEquations:
             self.rhs += torch.einsum("bhndk,bhnd->hk", taps, r)
             self.rr += r.square().sum((0, 2, 3))
 
-    def solve_into(self, conv: nn.Conv2d, ridge: float) -> Tensor:
+    def solve_into(self, conv: ValueConv, ridge: float) -> Tensor:
         diag = self.gram.diagonal(dim1=-2, dim2=-1)
         lam = ridge * diag.mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
         eye = torch.eye(self.k, dtype=torch.float64, device=self.gram.device)

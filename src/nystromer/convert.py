@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import check_nystrom_options
-from .patching import _is_transformers_model, patch
+from .options import NystromOptions, resolve_options
+from .patching import is_transformers_model, patch
 
 __all__ = [
     "CONVERTIBLE_MODEL_TYPES",
@@ -38,13 +38,13 @@ __all__ = [
     "from_pretrained",
 ]
 
-logger = logging.getLogger(__name__)
-
 # Encoders with a learned absolute position table that convert handles (transformers' BERT
 # and RoBERTa through transformers, Nyströmformer through nystromer.models).
 CONVERTIBLE_MODEL_TYPES = ("bert", "roberta", "nystromformer")
 # config.json key under which a converted transformers model keeps its Nyström settings.
 CONFIG_KEY = "nystromer"
+
+logger = logging.getLogger(__name__)
 
 
 def convert(
@@ -55,6 +55,7 @@ def convert(
     conv_kernel_size: int | None = None,
     max_position_embeddings: int | None = None,
     kmeans_iterations: int = 0,
+    options: NystromOptions | None = None,
 ) -> nn.Module:
     """Switch a pretrained BERT, RoBERTa or Nyströmformer to Nyström attention and, optionally,
     a longer position table; in place, returns ``model``.
@@ -80,6 +81,10 @@ def convert(
         kmeans_iterations: k-means refinement of the landmarks from the segment means (see
             :func:`nystromer.nystrom_attention`); 0 keeps the paper's landmarks. 3 brings a
             converted model closer to the original (docs/results.md).
+        options: the four Nyström settings (``num_landmarks``, ``pinv_iterations``,
+            ``conv_kernel_size``, ``kmeans_iterations``) as one
+            :class:`~nystromer.NystromOptions`, instead of the keywords (which must then keep
+            their defaults).
 
     Returns:
         ``model``, converted.
@@ -87,19 +92,15 @@ def convert(
     Raises:
         ValueError: an unsupported model, a shorter position table, or a bad option.
     """
-    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
-    options = {
-        "num_landmarks": num_landmarks,
-        "pinv_iterations": pinv_iterations,
-        "conv_kernel_size": conv_kernel_size,
-        "kmeans_iterations": kmeans_iterations,
-    }
+    options = resolve_options(
+        options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
+    )
     model_type = _model_type(model)
     if model_type == "nystromformer":
-        _convert_nystromformer(model, **options)
+        _convert_nystromformer(model, options)
     else:
-        patch(model, **options)
-        setattr(model.config, CONFIG_KEY, options)
+        patch(model, options=options)
+        setattr(model.config, CONFIG_KEY, options.to_dict())
     if max_position_embeddings is not None:
         extend_positions(model, max_position_embeddings)
     return model
@@ -188,7 +189,11 @@ def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Modul
 
 
 def from_pretrained(
-    directory: str | os.PathLike[str], *, model_class: Any = None, **convert_options: Any
+    directory: str | os.PathLike[str],
+    *,
+    model_class: Any = None,
+    options: NystromOptions | None = None,
+    **convert_options: Any,
 ) -> nn.Module:
     """Load a checkpoint as a Nyström-attention model, e.g. one saved after :func:`convert`.
 
@@ -203,8 +208,10 @@ def from_pretrained(
         directory: a Hugging Face-format checkpoint folder.
         model_class: the class whose ``from_pretrained`` to use (e.g.
             ``transformers.AutoModelForMaskedLM``).
+        options: a :class:`~nystromer.NystromOptions` to use instead of the recorded settings
+            (for a Nyströmformer, ``conv_kernel_size=None`` keeps the trained convolution).
         **convert_options: ``num_landmarks``, ``pinv_iterations``, ``conv_kernel_size``,
-            ``kmeans_iterations``.
+            ``kmeans_iterations``: single settings to override (after ``options``).
 
     Returns:
         The model, in eval mode.
@@ -221,6 +228,8 @@ def from_pretrained(
         raise TypeError(
             f"unexpected keyword arguments {sorted(unknown)}; expected {', '.join(allowed)}"
         )
+    if options is not None and not isinstance(options, NystromOptions):
+        raise TypeError(f"options must be a NystromOptions or None, got {type(options).__name__}")
     model_type = raw.get("model_type")
     if model_type == "nystromformer":
         from . import models
@@ -228,7 +237,13 @@ def from_pretrained(
         if model_class is None:
             names = raw.get("architectures") or ["NystromformerModel"]
             model_class = getattr(models, names[0], models.NystromformerModel)
-        return model_class.from_pretrained(path, numerics="ours", **convert_options)
+        overrides = {}
+        if options is not None:
+            overrides = options.to_dict()
+            if options.conv_kernel_size is None:
+                del overrides["conv_kernel_size"]  # the trained convolution stays
+        overrides.update(convert_options)
+        return model_class.from_pretrained(path, numerics="nystromer", **overrides)
     if model_type not in CONVERTIBLE_MODEL_TYPES:
         raise ValueError(
             f"{config_file} has model_type {model_type!r}; expected one of "
@@ -236,10 +251,12 @@ def from_pretrained(
         )
     if model_class is None:
         from transformers import AutoModel as model_class
-    options = {**(raw.get(CONFIG_KEY) or {}), **convert_options}
+    if options is None:
+        options = NystromOptions.from_dict(raw.get(CONFIG_KEY))
+    options = options.replace(**convert_options)
     model = model_class.from_pretrained(path)
-    convert(model, **options)
-    if options.get("conv_kernel_size") is not None:
+    convert(model, options=options)
+    if options.conv_kernel_size is not None:
         _load_conv_weights(model, path)
     return model.eval()
 
@@ -250,7 +267,7 @@ def from_pretrained(
 def _model_type(model: nn.Module) -> str:
     if type(model).__module__.startswith("nystromer.models") and hasattr(model, "config"):
         return "nystromformer"
-    if isinstance(model, nn.Module) and _is_transformers_model(model):
+    if isinstance(model, nn.Module) and is_transformers_model(model):
         model_type = getattr(model.config, "model_type", None)
         if model_type in ("bert", "roberta"):
             return model_type
@@ -282,25 +299,19 @@ def _embeddings_module(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def _convert_nystromformer(
-    model: nn.Module,
-    *,
-    num_landmarks: int,
-    pinv_iterations: int,
-    conv_kernel_size: int | None,
-    kmeans_iterations: int,
-) -> None:
+def _convert_nystromformer(model: nn.Module, options: NystromOptions) -> None:
     config = model.config
-    if conv_kernel_size is not None and conv_kernel_size != config.conv_kernel_size:
+    k = options.conv_kernel_size
+    if k is not None and k != config.conv_kernel_size:
         raise ValueError(
             f"conv_kernel_size must be None or the model's own {config.conv_kernel_size!r} "
-            f"(its convolution is trained), got {conv_kernel_size!r}"
+            f"(its convolution is trained), got {k!r}"
         )
     # The modules read the shared config at every call, so changing it converts the model.
-    config.num_landmarks = num_landmarks
-    config.pinv_iterations = pinv_iterations
-    config.kmeans_iterations = kmeans_iterations
-    config.numerics = "ours"  # transformers' numerics accept one input length only
+    config.num_landmarks = options.num_landmarks
+    config.pinv_iterations = options.pinv_iterations
+    config.kmeans_iterations = options.kmeans_iterations
+    config.numerics = "nystromer"  # transformers' numerics accept one input length only
     config.validate()
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NystromOptions", "check_nystrom_options"]
+__all__ = ["NystromOptions", "check_nystrom_options", "resolve_options"]
 
 
 def _is_int(x: object) -> bool:
@@ -95,3 +95,45 @@ class NystromOptions:
     def replace(self, **changes: Any) -> NystromOptions:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def resolve_options(
+    options: NystromOptions | None,
+    num_landmarks: int = 64,
+    pinv_iterations: int = 6,
+    kmeans_iterations: int = 0,
+    conv_kernel_size: int | None = None,
+    /,
+) -> NystromOptions:
+    """The one :class:`NystromOptions` behind a signature that takes both forms.
+
+    Public constructors and functions take the settings as keyword arguments (as PyTorch
+    modules do) or as ``options``; this turns either into the object passed along. The
+    settings come in the order of NystromOptions' fields.
+
+    Args:
+        options: the settings as one object, or None to build them from the others.
+        num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size: the settings as
+            the caller's keywords received them; with ``options`` given, each must keep its
+            default.
+
+    Raises:
+        TypeError: ``options`` is neither None nor a NystromOptions.
+        ValueError: ``options`` together with a keyword that differs from its default (which
+            one should win would be a guess), or an impossible setting.
+    """
+    settings = NystromOptions.__dataclass_fields__.keys()
+    values = (num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size)
+    keywords = dict(zip(settings, values, strict=True))
+    if options is None:
+        return NystromOptions(**keywords)
+    if not isinstance(options, NystromOptions):
+        raise TypeError(f"options must be a NystromOptions or None, got {type(options).__name__}")
+    default = NystromOptions()
+    changed = [f"{k}={v!r}" for k, v in keywords.items() if v != getattr(default, k)]
+    if changed:
+        raise ValueError(
+            f"pass the Nyström settings either as options or as keywords, not both: got options "
+            f"and {', '.join(changed)}"
+        )
+    return options

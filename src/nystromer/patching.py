@@ -17,29 +17,81 @@ attention and masks other than key padding are refused with ValueError.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .attention import NystromMultiheadAttention, value_conv, value_conv_skip
-from .functional import check_nystrom_options, nystrom_attention
+from .attention import NystromMultiheadAttention, ValueConv, multihead_nystrom_attention
+from .options import NystromOptions, resolve_options
 
-__all__ = ["patch", "SUPPORTED_TRANSFORMERS_MODEL_TYPES"]
+__all__ = [
+    "AttentionCall",
+    "SUPPORTED_TRANSFORMERS_MODEL_TYPES",
+    "attention_probe",
+    "is_transformers_model",
+    "patch",
+]
 
 logger = logging.getLogger(__name__)
 
 # model_type values whose attention goes through transformers' AttentionInterface and that the
-# tests check (transformers 5.24).
+# tests check (with transformers 5.24).
 SUPPORTED_TRANSFORMERS_MODEL_TYPES = ("bert", "roberta", "vit")
 
-# Set by nystromer.calibrate: called as probe(module, query, key, value, mask, scale, out,
-# num_landmarks) with the Nyström output before the convolution skip, so that it can compare
-# it with exact attention.
-_ATTENTION_PROBE: contextvars.ContextVar = contextvars.ContextVar("nystrom_probe", default=None)
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one call of a patched transformers attention layer computed, for
+    :func:`attention_probe`.
+
+    Attributes:
+        module: the transformers attention module (its ``nystrom_conv``, if any, is the skip).
+        query, key, value: (B, H, n, d), as transformers passed them.
+        mask: (B, n_k) bool, True for real keys, or None.
+        scale: the score scale transformers passed (None: 1/sqrt(d)).
+        output: (B, H, n_q, d), the Nyström attention output *before* the convolution skip.
+        options: the Nyström settings of the attention function (``conv_kernel_size`` None:
+            the skip belongs to the module).
+    """
+
+    module: nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor | None
+    scale: float | None
+    output: Tensor
+    options: NystromOptions
+
+
+_PROBE: contextvars.ContextVar[Callable[[AttentionCall], None] | None] = contextvars.ContextVar(
+    "nystromer_attention_probe", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_probe(probe: Callable[[AttentionCall], None]) -> Iterator[None]:
+    """Within the block, call ``probe(call)`` from every patched transformers attention layer.
+
+    ``call`` is an :class:`AttentionCall`: the layer's inputs and its Nyström output before the
+    convolution skip, e.g. to compare it with exact attention (:func:`nystromer.calibrate`
+    fits the skips this way). The probe runs inside the forward pass, before the skip is added
+    (possibly in place: copy ``call.output`` to keep it); an exception it raises ends the pass.
+    Probes do not nest: the innermost one is called. Layers patched from
+    ``torch.nn.MultiheadAttention`` are modules: use forward hooks there.
+    """
+    token = _PROBE.set(probe)
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
 
 
 def patch(
@@ -49,6 +101,7 @@ def patch(
     pinv_iterations: int = 6,
     conv_kernel_size: int | None = None,
     kmeans_iterations: int = 0,
+    options: NystromOptions | None = None,
 ) -> nn.Module:
     """Switch ``model``'s self-attention to Nyström attention, in place; returns ``model``.
 
@@ -65,6 +118,8 @@ def patch(
             ``nystrom_conv.weight``: fine-tune them). None adds nothing.
         kmeans_iterations: k-means refinement of the landmarks (see
             :func:`nystromer.nystrom_attention`); 0 keeps the paper's segment means.
+        options: the four settings above as one :class:`~nystromer.NystromOptions`, instead
+            of the keywords (which must then keep their defaults).
 
     Returns:
         ``model``, patched. What was replaced is logged (logger ``nystromer.patching``, INFO).
@@ -75,17 +130,13 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
-    options = {
-        "num_landmarks": num_landmarks,
-        "pinv_iterations": pinv_iterations,
-        "conv_kernel_size": conv_kernel_size,
-        "kmeans_iterations": kmeans_iterations,
-    }
-    if _is_transformers_model(model):
-        _patch_transformers(model, **options)
+    options = resolve_options(
+        options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
+    )
+    if is_transformers_model(model):
+        _patch_transformers(model, options)
         return model
-    replaced = _patch_multihead_attention(model, **options)
+    replaced = _patch_multihead_attention(model, options)
     if not replaced:
         if any(isinstance(m, NystromMultiheadAttention) for m in model.modules()):
             logger.info("patch: %s is already patched; nothing replaced", type(model).__name__)
@@ -95,13 +146,9 @@ def patch(
             f"and not a transformers model of type {SUPPORTED_TRANSFORMERS_MODEL_TYPES}"
         )
     logger.info(
-        "patch: replaced %d nn.MultiheadAttention by NystromMultiheadAttention "
-        "(num_landmarks=%d, pinv_iterations=%d, conv_kernel_size=%s, kmeans_iterations=%d): %s",
+        "patch: replaced %d nn.MultiheadAttention by NystromMultiheadAttention (%s): %s",
         len(replaced),
-        num_landmarks,
-        pinv_iterations,
-        conv_kernel_size,
-        kmeans_iterations,
+        options,
         ", ".join(replaced),
     )
     return model
@@ -110,14 +157,7 @@ def patch(
 # --------------------------------------------------------------------------- torch.nn
 
 
-def _patch_multihead_attention(
-    model: nn.Module,
-    *,
-    num_landmarks: int,
-    pinv_iterations: int,
-    conv_kernel_size: int | None,
-    kmeans_iterations: int,
-) -> list[str]:
+def _patch_multihead_attention(model: nn.Module, options: NystromOptions) -> list[str]:
     targets = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
@@ -134,11 +174,7 @@ def _patch_multihead_attention(
     for _, parent, child_name, child in targets:
         # _modules, not setattr: works for ModuleList / Sequential children named "0", "1", ….
         parent._modules[child_name] = NystromMultiheadAttention.from_multihead_attention(
-            child,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            conv_kernel_size=conv_kernel_size,
-            kmeans_iterations=kmeans_iterations,
+            child, options=options
         )
     if targets:
         for m in model.modules():
@@ -152,8 +188,9 @@ def _patch_multihead_attention(
 # --------------------------------------------------------------------------- transformers
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    # Never import transformers for a plain torch model.
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers
+    for a plain torch model)."""
     if "transformers" not in sys.modules:
         return False
     from transformers import PreTrainedModel
@@ -161,14 +198,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _patch_transformers(
-    model: nn.Module,
-    *,
-    num_landmarks: int,
-    pinv_iterations: int,
-    conv_kernel_size: int | None,
-    kmeans_iterations: int,
-) -> None:
+def _patch_transformers(model: nn.Module, options: NystromOptions) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -193,40 +223,33 @@ def _patch_transformers(
     if not attention_modules:
         raise ValueError(f"found no attention modules in {type(model).__name__}")
 
-    name = f"nystrom_m{num_landmarks}_i{pinv_iterations}"
-    if kmeans_iterations:
-        name += f"_k{kmeans_iterations}"
+    name = f"nystrom_m{options.num_landmarks}_i{options.pinv_iterations}"
+    if options.kmeans_iterations:
+        name += f"_k{options.kmeans_iterations}"
+    # The registered function depends on its name only (the skip is each module's own
+    # nystrom_conv), so models patched with other kernel sizes can share it.
     AttentionInterface.register(
         name,
-        functools.partial(
-            _transformers_attention,
-            num_landmarks=num_landmarks,
-            pinv_iterations=pinv_iterations,
-            kmeans_iterations=kmeans_iterations,
-        ),
+        functools.partial(_transformers_attention, options=options.replace(conv_kernel_size=None)),
     )
     AttentionMaskInterface.register(name, _key_padding_mask)
-    if conv_kernel_size is not None:
+    if options.conv_kernel_size is not None:
         heads = config.num_attention_heads
         for _, m in attention_modules:
             if hasattr(m, "nystrom_conv"):
                 continue  # patched before: keep its (possibly trained) convolution
             ref = next(m.parameters())
-            conv = value_conv(heads, conv_kernel_size, device=ref.device, dtype=ref.dtype)
+            conv = ValueConv(heads, options.conv_kernel_size, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(conv.weight)  # the patched model starts as the original
             m.nystrom_conv = conv
     previous = config._attn_implementation
     model.set_attn_implementation(name)
     logger.info(
-        "patch: %s attention %r -> %r (Nyström, num_landmarks=%d, pinv_iterations=%d, "
-        "conv_kernel_size=%s, kmeans_iterations=%d) in %d modules: %s",
+        "patch: %s attention %r -> %r (%s) in %d modules: %s",
         type(model).__name__,
         previous,
         name,
-        num_landmarks,
-        pinv_iterations,
-        conv_kernel_size,
-        kmeans_iterations,
+        options,
         len(attention_modules),
         ", ".join(n for n, _ in attention_modules),
     )
@@ -296,9 +319,7 @@ def _transformers_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     *,
-    num_landmarks: int,
-    pinv_iterations: int,
-    kmeans_iterations: int = 0,
+    options: NystromOptions,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers AttentionInterface function: (B, H, n, d) inputs → ((B, n, H, d), None)."""
@@ -306,21 +327,24 @@ def _transformers_attention(
         raise ValueError("causal attention cannot use Nyström attention")
     n_q, n_k = query.shape[2], key.shape[2]
     mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
-    out = nystrom_attention(
-        query,
-        key,
-        value,
-        num_landmarks=num_landmarks,
-        mask=mask,
-        pinv_iterations=pinv_iterations,
-        scale=scaling,
-        dropout_p=dropout,
-        kmeans_iterations=kmeans_iterations,
-    )
-    probe = _ATTENTION_PROBE.get()
+    probe = _PROBE.get()
+    observe = None
     if probe is not None:
-        probe(module, query, key, value, mask, scaling, out, num_landmarks)
-    conv = getattr(module, "nystrom_conv", None)
-    if conv is not None and n_q == n_k:
-        out = out + value_conv_skip(conv, value, mask)
-    return out.transpose(1, 2).contiguous(), None
+
+        def observe(out: Tensor) -> None:
+            probe(AttentionCall(module, query, key, value, mask, scaling, out, options))
+
+    # The skip is for self-attention; these models have no other kind once patch accepted them.
+    conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
+    out = multihead_nystrom_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        options,
+        mask=mask,
+        dropout_p=dropout,
+        scale=scaling,
+        conv=conv,
+        observe=observe,
+    )
+    return out, None

@@ -72,3 +72,29 @@ def test_validation_names_the_field(changes, message):
 def test_a_config_of_another_model_type_is_refused():
     with pytest.raises(ValueError, match="'bert' model"):
         NystromformerConfig.from_dict({"model_type": "bert", "hidden_size": 32})
+
+
+def test_old_numerics_name_is_read_with_a_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="numerics='ours' is deprecated.*'nystromer'"):
+        old = NystromformerConfig(hidden_size=32, num_attention_heads=4, numerics="ours")
+    assert old == NystromformerConfig(hidden_size=32, num_attention_heads=4)
+    assert old.numerics == "nystromer"
+    # A config.json written before the rename loads, and is written back with the new name.
+    data = {**old.to_dict(), "numerics": "ours"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.warns(DeprecationWarning):
+        back = NystromformerConfig.from_pretrained(tmp_path)
+    assert back == old and back.to_dict()["numerics"] == "nystromer"
+    with pytest.raises(ValueError, match="numerics must be one of.*'nystromer', 'hf'"):
+        NystromformerConfig(numerics="mine")
+
+
+def test_nystrom_options_are_the_four_attention_fields():
+    from nystromer import NystromOptions
+
+    cfg = NystromformerConfig(num_landmarks=32, kmeans_iterations=2, conv_kernel_size=None)
+    assert cfg.nystrom_options == NystromOptions(
+        num_landmarks=32, pinv_iterations=6, kmeans_iterations=2, conv_kernel_size=None
+    )
+    opts = NystromOptions(num_landmarks=16, conv_kernel_size=3)
+    assert cfg.replace(**opts.to_dict()).nystrom_options == opts

@@ -87,7 +87,7 @@ def test_hf_numerics_nystrom_branch_quirks(tmp_path):
         a, b = model(**kwargs)[0], model(**other)[0]
         assert torch.isfinite(a).all()
         assert rel_err(a[real], b[real]) > 1e-4  # padding leaks into real positions
-        model.config.numerics = "ours"
+        model.config.numerics = "nystromer"
         a, b = model(**kwargs)[0], model(**other)[0]
         assert rel_err(a[real], b[real]) < 1e-6
         model.config.numerics = "hf"
@@ -139,7 +139,7 @@ def test_config_json_is_read_by_transformers(tmp_path):
     assert hf_cfg.problem_type == "single_label_classification"
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["architectures"] == ["NystromformerForSequenceClassification"]
-    assert data["numerics"] == "ours"
+    assert data["numerics"] == "nystromer"
 
 
 def test_pytorch_model_bin_and_sharded_safetensors(tmp_path):

@@ -201,3 +201,29 @@ def test_longest_input_and_inputs_embeds():
         a = model(input_ids=ids).last_hidden_state
         b = model(inputs_embeds=model.get_input_embeddings()(ids)).last_hidden_state
     assert torch.equal(a, b)
+
+
+def test_old_numerics_name_gives_the_same_model_outputs(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path)
+    with pytest.warns(DeprecationWarning, match="numerics='ours'"):
+        old = NystromformerModel.from_pretrained(tmp_path, numerics="ours")
+    assert old.config.numerics == "nystromer"
+    kwargs, _ = batch("NystromformerModel", 40, pad=True)
+    with torch.no_grad():
+        assert torch.equal(old(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state)
+
+
+@pytest.mark.parametrize("numerics", ["nystromer", "hf"])
+def test_forward_hooks_on_the_conv_skip_fire(numerics):
+    # The convolution skip is a submodule called as one, with either numerics.
+    overrides = {"numerics": numerics, "segment_means_seq_len": 8} if numerics == "hf" else {}
+    model = _model(**overrides)
+    conv = model.encoder.layer[1].attention.self.conv
+    seen = []
+    handle = conv.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    kwargs, _ = batch("NystromformerModel", 40, pad=False)
+    with torch.no_grad():
+        model(**kwargs)
+    handle.remove()
+    assert seen == [(2, 4, 40, 8)]

@@ -123,14 +123,14 @@ def test_convert_nystromformer_changes_landmarks_and_positions():
     )
     model = NystromformerModel(cfg).eval()
     reference = copy.deepcopy(model)  # its own copy of the config, too
-    reference.config.numerics, reference.config.num_landmarks = "ours", 64
+    reference.config.numerics, reference.config.num_landmarks = "nystromer", 64
     old = model.embeddings.position_embeddings.weight.detach().clone()  # 32 rows: 2 + 30
     nystromer.convert(model, num_landmarks=8, max_position_embeddings=70)
     new = model.embeddings.position_embeddings.weight.detach()
     assert new.shape == (72, 32) and model.config.max_position_embeddings == 70
     assert torch.equal(new[:32], old)
     assert torch.equal(new[32:62], old[2:]) and torch.equal(new[62:72], old[2:12])
-    assert (model.config.num_landmarks, model.config.numerics) == (8, "ours")
+    assert (model.config.num_landmarks, model.config.numerics) == (8, "nystromer")
     x = ids(8)  # n ≤ m: exact attention plus the trained convolution, in both
     torch.testing.assert_close(model(x).last_hidden_state, reference(x).last_hidden_state)
     assert model(ids(70)).last_hidden_state.shape == (2, 70, 32)
@@ -226,3 +226,28 @@ def test_convert_errors_name_what_is_wrong(tmp_path):
     vit.save_pretrained(tmp_path / "v")
     with pytest.raises(ValueError, match="model_type 'vit'"):
         nystromer.from_pretrained(tmp_path / "v")
+
+
+def test_options_object_equals_the_keywords_and_is_recorded(tmp_path):
+    opts = nystromer.NystromOptions(num_landmarks=8, kmeans_iterations=1, conv_kernel_size=3)
+    by_keywords = nystromer.convert(bert(), **opts.to_dict())
+    model = nystromer.convert(bert(), options=opts)
+    assert model.config.nystromer == opts.to_dict() == by_keywords.config.nystromer
+    x = ids(40)
+    torch.testing.assert_close(
+        model(x).last_hidden_state, by_keywords(x).last_hidden_state, rtol=0, atol=0
+    )
+    model.save_pretrained(tmp_path)
+    # Loading with options replaces the recorded settings; keywords then override fields.
+    other = nystromer.NystromOptions(num_landmarks=16)
+    loaded = nystromer.from_pretrained(tmp_path, options=other, pinv_iterations=4)
+    assert loaded.config.nystromer == other.replace(pinv_iterations=4).to_dict()
+    with pytest.raises(TypeError, match="options must be a NystromOptions"):
+        nystromer.from_pretrained(tmp_path, options=opts.to_dict())
+    # A Nyströmformer keeps its trained convolution under options without one.
+    torch.manual_seed(0)
+    cfg = NystromformerConfig(**SMALL, max_position_embeddings=40, conv_kernel_size=5)
+    NystromformerModel(cfg).save_pretrained(tmp_path / "nf")
+    nf = nystromer.from_pretrained(tmp_path / "nf", options=other)
+    assert nf.config.nystrom_options == other.replace(conv_kernel_size=5)
+    assert nf.config.numerics == "nystromer"

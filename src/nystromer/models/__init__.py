@@ -12,38 +12,10 @@ Every class has ``from_pretrained(directory, **config_overrides)`` and
 ``save_pretrained(directory)``; transformers is not required.
 """
 
+from . import modeling
 from .config import NystromformerConfig
 from .hf_io import CheckpointError
-from .modeling import (
-    BaseModelOutput,
-    MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    NystromformerForMaskedLM,
-    NystromformerForMultipleChoice,
-    NystromformerForQuestionAnswering,
-    NystromformerForSequenceClassification,
-    NystromformerForTokenClassification,
-    NystromformerModel,
-    NystromformerPreTrainedModel,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
-)
+from .modeling import *  # noqa: F403  (the classes listed in modeling.__all__)
 
-__all__ = [
-    "CheckpointError",
-    "NystromformerConfig",
-    "NystromformerModel",
-    "NystromformerPreTrainedModel",
-    "NystromformerForMaskedLM",
-    "NystromformerForSequenceClassification",
-    "NystromformerForTokenClassification",
-    "NystromformerForMultipleChoice",
-    "NystromformerForQuestionAnswering",
-    "BaseModelOutput",
-    "MaskedLMOutput",
-    "SequenceClassifierOutput",
-    "TokenClassifierOutput",
-    "MultipleChoiceModelOutput",
-    "QuestionAnsweringModelOutput",
-]
+__all__ = ["CheckpointError", "NystromformerConfig"]
+__all__ += modeling.__all__

@@ -1,8 +1,9 @@
 """NystromformerConfig: the single source of truth for a model's shape, stored as config.json.
 
 Field names and defaults are those of ``transformers.NystromformerConfig`` (checked against
-transformers 5.24), so a config.json written by either library is read by the other. Two fields
-are ours: ``numerics`` and ``pinv_iterations``; transformers ignores them.
+transformers 5.24), so a config.json written by either library is read by the other. Three
+fields are ours: ``numerics``, ``pinv_iterations`` and ``kmeans_iterations``; transformers
+ignores them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write
-from ..functional import check_nystrom_options
+from ..options import NystromOptions
 
 __all__ = ["NystromformerConfig", "CONFIG_NAME", "ACTIVATIONS"]
 
@@ -31,7 +33,9 @@ ACTIVATIONS = (
     "swish",
     "tanh",
 )
-NUMERICS = ("ours", "hf")
+NUMERICS = ("nystromer", "hf")
+# Earlier name of "nystromer", still read (with a DeprecationWarning) so old config.json load.
+_OLD_NUMERICS = {"ours": "nystromer"}
 # Written by transformers but describing the file, not the model: kept out of `extra`.
 _FILE_KEYS = ("architectures", "model_type", "transformers_version")
 
@@ -62,15 +66,18 @@ class NystromformerConfig:
         num_labels, id2label, label2id, problem_type: classification heads (2 labels;
             problem_type None infers regression / single-label / multi-label from the labels).
 
-    Args (ours):
-        numerics: "ours" (default): :func:`nystromer.nystrom_attention` with ``num_landmarks``,
-            masked landmarks, any length up to the position table, linear cost. "hf":
-            reproduces transformers' NystromformerModel, quirks included (docs/models.md).
+    Args (nystromer's):
+        numerics: "nystromer" (default): :func:`nystromer.nystrom_attention` with
+            ``num_landmarks``, masked landmarks, any length up to the position table, linear
+            cost. "hf": reproduces transformers' NystromformerModel, quirks included
+            (docs/models.md). The former name "ours" is read as "nystromer", with a
+            DeprecationWarning.
         pinv_iterations: pseudo-inverse iterations (6, the paper's and transformers' value).
         kmeans_iterations: k-means refinement of the landmarks (0, the paper's segment means;
-            ``numerics="ours"`` only; see :func:`nystromer.nystrom_attention`).
+            ``numerics="nystromer"`` only; see :func:`nystromer.nystrom_attention`).
 
-    Unknown keys of a config.json are kept in ``extra`` and written back unchanged.
+    The four Nyström settings are also :attr:`nystrom_options`. Unknown keys of a config.json
+    are kept in ``extra`` and written back unchanged.
     """
 
     vocab_size: int = 30000
@@ -98,7 +105,7 @@ class NystromformerConfig:
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
     problem_type: str | None = None
-    numerics: str = "ours"
+    numerics: str = "nystromer"
     pinv_iterations: int = 6
     kmeans_iterations: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -135,14 +142,20 @@ class NystromformerConfig:
                 f"hidden_size must be a multiple of num_attention_heads, got hidden_size="
                 f"{self.hidden_size}, num_attention_heads={self.num_attention_heads}"
             )
-        check_nystrom_options(
-            self.num_landmarks, self.pinv_iterations, self.conv_kernel_size, self.kmeans_iterations
-        )
-        if self.kmeans_iterations and self.numerics != "ours":
+        _ = self.nystrom_options  # raises ValueError naming an impossible Nyström setting
+        if self.numerics in _OLD_NUMERICS:
+            new = _OLD_NUMERICS[self.numerics]
+            warnings.warn(
+                f"numerics={self.numerics!r} is deprecated; it is now called {new!r}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.numerics = new
+        if self.kmeans_iterations and self.numerics != "nystromer":
             raise ValueError(
-                f"kmeans_iterations needs numerics='ours' (transformers' numerics have segment-"
-                f"mean landmarks only), got kmeans_iterations={self.kmeans_iterations} with "
-                f"numerics={self.numerics!r}"
+                f"kmeans_iterations needs numerics='nystromer' (transformers' numerics have "
+                f"segment-mean landmarks only), got kmeans_iterations={self.kmeans_iterations} "
+                f"with numerics={self.numerics!r}"
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
@@ -176,6 +189,18 @@ class NystromformerConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def nystrom_options(self) -> NystromOptions:
+        """The Nyström settings of the attention layers (num_landmarks, pinv_iterations,
+        kmeans_iterations, conv_kernel_size) as one object; ``replace(**options.to_dict())``
+        sets them."""
+        return NystromOptions(
+            num_landmarks=self.num_landmarks,
+            pinv_iterations=self.pinv_iterations,
+            kmeans_iterations=self.kmeans_iterations,
+            conv_kernel_size=self.conv_kernel_size,
+        )
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """Names a config.json or a ``from_pretrained`` override may set."""
@@ -197,7 +222,7 @@ class NystromformerConfig:
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """config.json dictionary: every field, our two included, plus ``extra``."""
+        """config.json dictionary: every field, nystromer's included, plus ``extra``."""
         out: dict[str, Any] = dict(self.extra)
         for name in self.field_names():
             value = getattr(self, name)

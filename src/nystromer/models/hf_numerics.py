@@ -87,7 +87,7 @@ def hf_self_attention(
                 f"numerics='hf' with num_landmarks ({num_landmarks}) < segment_means_seq_len "
                 f"({segment_means_seq_len}) needs inputs of exactly {segment_means_seq_len} "
                 f"tokens, as transformers does; got {n}. Pad the input to that length, or use "
-                "numerics='ours', which takes any length."
+                "numerics='nystromer', which takes any length."
             )
         seg = segment_means_seq_len // num_landmarks
         q_land = q.reshape(b, h, num_landmarks, seg, d).mean(-2)

@@ -5,8 +5,9 @@ Post-LN BERT-style encoder (Xiong et al. 2021, transformers' NystromformerModel)
 optional depthwise convolution skip on the values, dense + residual + LayerNorm, feed-forward
 (gelu_new) + residual + LayerNorm. Parameter names equal transformers' state-dict keys.
 
-Attention goes through :func:`nystromer.nystrom_attention` (``numerics="ours"``, the default) or,
-to reproduce transformers' outputs exactly, through the compatibility function in
+Attention goes through :func:`nystromer.nystrom_attention` (``numerics="nystromer"``, the
+default), by the same path as :class:`nystromer.NystromAttention`, or, to reproduce
+transformers' outputs exactly, through the compatibility function in
 :mod:`nystromer.models.hf_numerics` (``numerics="hf"``).
 """
 
@@ -20,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import value_conv, value_conv_skip
-from ..functional import nystrom_attention
+from ..attention import ValueConv, multihead_nystrom_attention
 from . import hf_io
 from .config import NystromformerConfig
 from .hf_numerics import hf_self_attention
@@ -75,39 +75,30 @@ class BaseModelOutput(_Output):
 
 
 @dataclass
-class MaskedLMOutput(_Output):
-    """loss (scalar, with labels), logits (B, n, vocab_size)."""
-
+class _LogitsOutput(_Output):
     loss: Tensor | None
     logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
 
 
 @dataclass
-class SequenceClassifierOutput(_Output):
-    """loss (scalar, with labels), logits (B, num_labels)."""
-
-    loss: Tensor | None
-    logits: Tensor
-    hidden_states: tuple[Tensor, ...] | None = None
+class MaskedLMOutput(_LogitsOutput):
+    """loss (scalar, with labels), logits (B, n, vocab_size), hidden_states."""
 
 
 @dataclass
-class TokenClassifierOutput(_Output):
-    """loss (scalar, with labels), logits (B, n, num_labels)."""
-
-    loss: Tensor | None
-    logits: Tensor
-    hidden_states: tuple[Tensor, ...] | None = None
+class SequenceClassifierOutput(_LogitsOutput):
+    """loss (scalar, with labels), logits (B, num_labels), hidden_states."""
 
 
 @dataclass
-class MultipleChoiceModelOutput(_Output):
-    """loss (scalar, with labels), logits (B, num_choices)."""
+class TokenClassifierOutput(_LogitsOutput):
+    """loss (scalar, with labels), logits (B, n, num_labels), hidden_states."""
 
-    loss: Tensor | None
-    logits: Tensor
-    hidden_states: tuple[Tensor, ...] | None = None
+
+@dataclass
+class MultipleChoiceModelOutput(_LogitsOutput):
+    """loss (scalar, with labels), logits (B, num_choices), hidden_states."""
 
 
 @dataclass
@@ -158,7 +149,10 @@ class NystromformerEmbeddings(nn.Module):
 
 class NystromformerSelfAttention(nn.Module):
     """Q, K, V projections, attention, optional convolution skip. Output (B, n, hidden), before
-    the output projection (which lives in ``attention.output.dense`` in this layout)."""
+    the output projection (which lives in ``attention.output.dense`` in this layout).
+
+    The settings are read from the shared config at every call, so changing the config (as
+    :func:`nystromer.convert` does) changes the attention of every layer."""
 
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__()
@@ -167,51 +161,49 @@ class NystromformerSelfAttention(nn.Module):
         self.query = nn.Linear(h, h)
         self.key = nn.Linear(h, h)
         self.value = nn.Linear(h, h)
-        self.conv: nn.Conv2d | None = None
+        self.conv: ValueConv | None = None
         if config.conv_kernel_size is not None:
-            self.conv = value_conv(config.num_attention_heads, config.conv_kernel_size)
+            self.conv = ValueConv(config.num_attention_heads, config.conv_kernel_size)
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
-        b, n, width = hidden_states.shape
-        heads = self.config.num_attention_heads
-
-        def split(x: Tensor) -> Tensor:
-            return x.view(b, n, heads, width // heads).transpose(1, 2)
-
-        q = split(self.query(hidden_states))
-        k = split(self.key(hidden_states))
-        v = split(self.value(hidden_states))
         cfg = self.config
+        q, k, v = (
+            proj(hidden_states).unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
+            for proj in (self.query, self.key, self.value)
+        )
         if cfg.numerics == "hf":
-            additive = None
-            if mask is not None:
-                neg = torch.finfo(q.dtype).min
-                additive = q.new_zeros(b, 1, 1, n).masked_fill(~mask[:, None, None, :], neg)
-            out = hf_self_attention(
-                q,
-                k,
-                v,
-                additive,
-                num_landmarks=cfg.num_landmarks,
-                segment_means_seq_len=cfg.segment_means_seq_len,
-                pinv_iterations=cfg.pinv_iterations,
-                per_matrix_init=cfg.inv_coeff_init_option,
-                conv=self.conv,
-            )
-        else:
-            out = nystrom_attention(
-                q,
-                k,
-                v,
-                num_landmarks=cfg.num_landmarks,
-                mask=mask,
-                pinv_iterations=cfg.pinv_iterations,
-                dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
-                kmeans_iterations=cfg.kmeans_iterations,
-            )
-            if self.conv is not None:
-                out = out + value_conv_skip(self.conv, v, mask)
-        return out.transpose(1, 2).reshape(b, n, width)
+            return self._hf_attention(q, k, v, mask).transpose(1, 2).flatten(2)
+        out = multihead_nystrom_attention(
+            q,
+            k,
+            v,
+            cfg.nystrom_options,
+            mask=mask,
+            dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
+            conv=self.conv,
+        )
+        return out.flatten(2)
+
+    def _hf_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """transformers' numerics: (B, n, H, d) inputs → (B, H, n, d)."""
+        cfg = self.config
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        additive = None
+        if mask is not None:
+            neg = torch.finfo(q.dtype).min
+            additive = q.new_zeros(mask.shape[0], 1, 1, mask.shape[1])
+            additive = additive.masked_fill(~mask[:, None, None, :], neg)
+        return hf_self_attention(
+            q,
+            k,
+            v,
+            additive,
+            num_landmarks=cfg.num_landmarks,
+            segment_means_seq_len=cfg.segment_means_seq_len,
+            pinv_iterations=cfg.pinv_iterations,
+            per_matrix_init=cfg.inv_coeff_init_option,
+            conv=self.conv,
+        )
 
 
 class _DenseResidualNorm(nn.Module):
@@ -457,6 +449,11 @@ class NystromformerModel(NystromformerPreTrainedModel):
 
 
 class _HeadModel(NystromformerPreTrainedModel):
+    """The encoder and a task head: ``forward`` encodes, ``_logits`` and ``_loss`` are the
+    head's, ``output_class`` the output's."""
+
+    output_class: type[_LogitsOutput]
+
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__(config)
         self.nystromformer = NystromformerModel(config)
@@ -464,8 +461,42 @@ class _HeadModel(NystromformerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.nystromformer.embeddings.word_embeddings
 
-    def _encode(self, **kwargs: Any) -> BaseModelOutput:
-        return self.nystromformer(**kwargs)
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> _LogitsOutput:
+        """Encode and apply the head; inputs as :meth:`NystromformerModel.forward`, ``labels``
+        as the class docstring says. Returns the class's output (loss None without labels)."""
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        out = self.nystromformer(
+            **self._encoder_inputs(inputs), output_hidden_states=output_hidden_states
+        )
+        logits = self._logits(out.last_hidden_state, inputs)
+        loss = None if labels is None else self._loss(logits, labels)
+        return self.output_class(loss, logits, out.hidden_states)
+
+    def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        return inputs
+
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        raise NotImplementedError
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # Cross-entropy over the last axis, labels -100 ignored: the masked-LM, token and
+        # multiple-choice heads.
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 class _LMPredictions(nn.Module):
@@ -488,6 +519,8 @@ class NystromformerForMaskedLM(_HeadModel):
     """Masked language model: logits (B, n, vocab_size); loss is cross-entropy over labels
     (B, n), positions labelled -100 ignored."""
 
+    output_class = MaskedLMOutput
+
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__(config)
         self.cls = nn.Module()
@@ -504,29 +537,8 @@ class NystromformerForMaskedLM(_HeadModel):
             )
             self._tied_keys = ("cls.predictions.decoder.weight",)
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> MaskedLMOutput:
-        out = self._encode(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.cls.predictions(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
-        return MaskedLMOutput(loss, logits, out.hidden_states)
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        return self.cls.predictions(hidden)
 
 
 class NystromformerForSequenceClassification(_HeadModel):
@@ -535,6 +547,8 @@ class NystromformerForSequenceClassification(_HeadModel):
     Loss as transformers: ``problem_type`` (or, when None, inferred: num_labels == 1 →
     regression (MSE); integer labels → single-label cross-entropy; else multi-label BCE).
     """
+
+    output_class = SequenceClassifierOutput
 
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__(config)
@@ -545,31 +559,10 @@ class NystromformerForSequenceClassification(_HeadModel):
         self.act = _activation(config.hidden_act)
         self._post_init()
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> SequenceClassifierOutput:
-        out = self._encode(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-        )
-        x = self.dropout(out.last_hidden_state[:, 0])
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        x = self.dropout(hidden[:, 0])
         x = self.dropout(self.act(self.classifier.dense(x)))
-        logits = self.classifier.out_proj(x)
-        loss = None
-        if labels is not None:
-            loss = self._loss(logits, labels)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states)
+        return self.classifier.out_proj(x)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         k = self.config.num_labels
@@ -593,40 +586,23 @@ class NystromformerForSequenceClassification(_HeadModel):
 class NystromformerForTokenClassification(_HeadModel):
     """Per-token classification: logits (B, n, num_labels); cross-entropy, -100 ignored."""
 
+    output_class = TokenClassifierOutput
+
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._post_init()
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> TokenClassifierOutput:
-        out = self._encode(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
-        return TokenClassifierOutput(loss, logits, out.hidden_states)
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        return self.classifier(self.dropout(hidden))
 
 
 class NystromformerForMultipleChoice(_HeadModel):
     """Multiple choice: inputs (B, C, n) (embeddings (B, C, n, hidden)), logits (B, C),
     cross-entropy over choices with labels (B,)."""
+
+    output_class = MultipleChoiceModelOutput
 
     def __init__(self, config: NystromformerConfig) -> None:
         super().__init__(config)
@@ -634,16 +610,10 @@ class NystromformerForMultipleChoice(_HeadModel):
         self.classifier = nn.Linear(config.hidden_size, 1)
         self._post_init()
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> MultipleChoiceModelOutput:
+    @staticmethod
+    def _choices(inputs: dict[str, Tensor | None]) -> tuple[int, int]:
+        """(B, C) from input_ids (B, C, n) or inputs_embeds (B, C, n, hidden)."""
+        input_ids, inputs_embeds = inputs["input_ids"], inputs["inputs_embeds"]
         lead = input_ids if input_ids is not None else inputs_embeds
         if lead is None:
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -654,7 +624,10 @@ class NystromformerForMultipleChoice(_HeadModel):
                 f"{name} must have {want} dimensions (batch, num_choices, seq_len"
                 f"{', hidden' if want == 4 else ''}), got shape {tuple(lead.shape)}"
             )
-        b, c, n = lead.shape[:3]
+        return lead.shape[0], lead.shape[1]
+
+    def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        b, c = self._choices(inputs)
 
         def flat(t: Tensor | None, name: str) -> Tensor | None:
             if t is None:
@@ -666,18 +639,11 @@ class NystromformerForMultipleChoice(_HeadModel):
                 )
             return t.reshape(b * c, *t.shape[2:])
 
-        out = self._encode(
-            input_ids=flat(input_ids, "input_ids"),
-            attention_mask=flat(attention_mask, "attention_mask"),
-            token_type_ids=flat(token_type_ids, "token_type_ids"),
-            position_ids=flat(position_ids, "position_ids"),
-            inputs_embeds=flat(inputs_embeds, "inputs_embeds"),
-            output_hidden_states=output_hidden_states,
-        )
-        pooled = F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
-        logits = self.classifier(pooled).view(b, c)
-        loss = None if labels is None else F.cross_entropy(logits, labels)
-        return MultipleChoiceModelOutput(loss, logits, out.hidden_states)
+        return {name: flat(t, name) for name, t in inputs.items()}
+
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        pooled = F.relu(self.pre_classifier(hidden[:, 0]))
+        return self.classifier(pooled).view(self._choices(inputs))
 
 
 class NystromformerForQuestionAnswering(_HeadModel):
@@ -703,13 +669,15 @@ class NystromformerForQuestionAnswering(_HeadModel):
         end_positions: Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> QuestionAnsweringModelOutput:
-        out = self._encode(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
+        """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
+        # NystromformerModel.forward's own argument order.
+        out = self.nystromformer(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_hidden_states,
         )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
         loss = None
