@@ -71,7 +71,7 @@ def test_few_real_tokens_give_exact_attention_in_float32():
     mask = padded([200, 10], 200).to(DEVICE)
     out = nystrom_attention(q, k, v, num_landmarks=16, mask=mask)
     sdpa = F.scaled_dot_product_attention(q[1:, :, :10], k[1:, :, :10], v[1:, :, :10])
-    # The bound: float32 rounding of a 10-term softmax average.
+    # The required bound: float32 rounding of a 10-term softmax average.
     assert (out[1:, :, :10] - sdpa).abs().max().item() <= 1e-6
 
 
@@ -87,7 +87,7 @@ def test_half_precisions_are_finite_and_close_to_float32(dtype):
             pytest.skip(f"float16 not supported here: {e}")
         raise
     assert out.dtype == dtype and torch.isfinite(out).all()
-    # An 8-bit (bf16) or 11-bit (fp16) mantissa: a few roundings stay within the 2e-2.
+    # An 8-bit (bf16) or 11-bit (fp16) mantissa: a few roundings stay within the required 2e-2.
     assert rel_err(cpu64(out), cpu64(ref)) <= 2e-2
 
 

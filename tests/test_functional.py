@@ -99,7 +99,7 @@ def test_few_real_tokens_give_exact_attention_float32():
     mask = right_padded_mask([200, 10], 200)
     out = nystrom_attention(q, k, v, num_landmarks=16, mask=mask)
     sdpa = F.scaled_dot_product_attention(q[1:, :, :10], k[1:, :, :10], v[1:, :, :10])
-    # 1e-6 is float32 rounding of a 10-term softmax average (the bound).
+    # 1e-6 is float32 rounding of a 10-term softmax average (the required bound).
     assert (out[1:, :, :10] - sdpa).abs().max().item() <= 1e-6
     # n ≤ m without a mask: exact too.
     out = nystrom_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], num_landmarks=16)
@@ -155,7 +155,7 @@ def test_dtypes_finite_and_low_precision_close_to_float32(dtype):
     assert torch.isfinite(out).all()
     if dtype in (torch.bfloat16, torch.float16):
         # bf16 has an 8-bit mantissa (relative step 2^-8 ≈ 4e-3); a few roundings of inputs,
-        # landmarks and SDPA outputs stay within the 2e-2.
+        # landmarks and SDPA outputs stay within the required 2e-2.
         assert rel_err(out.float(), ref) <= 2e-2
 
 
@@ -267,8 +267,8 @@ def test_segment_means_any_memory_layout():
 
 @pytest.mark.parametrize("split", [False, True], ids=["contiguous", "head-split"])
 def test_equal_segments_gradients_in_the_inputs_layout(split):
-    # n divisible by m, no mask: the landmarks are plain segment means with their own
-    # backward, which must be the mean's gradient and write it in the input's layout.
+    # n divisible by m, no mask: the landmarks are plain segment means, whose gradient must
+    # be the mean's and reach the inputs in their own layout.
     q, k, v = qkv(b=2, h=3, n=16, d=5, seed=2)
     if split:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))

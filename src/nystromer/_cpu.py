@@ -6,9 +6,8 @@ runs the plain expression everywhere else. What each one buys, measured, is in d
 ("CPU speed-ups").
 
 Most of the gain is memory that is *not* freshly allocated: on the CPU the first touch of each
-fresh page costs more than the arithmetic done on it (a 32 MiB tensor: ~12 ms of page faults
-against ~1 ms to add it), so writing a gradient in place, or reusing one small block, beats
-writing a new full-size tensor.
+fresh page costs more than the arithmetic done on it, so writing a gradient in place, or
+reusing one small block, beats writing a new full-size tensor.
 """
 
 from __future__ import annotations
@@ -39,12 +38,12 @@ def _head_split(x: Tensor) -> bool:
 
 
 def segment_means(x: Tensor, index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
-    """:func:`nystromer.functional.segment_means` by ``index_add_`` over rows (CPU's scatter
-    is slower), with a one-pass backward for equal segments."""
+    """:func:`nystromer.functional.segment_means` by ``index_add_`` over rows (the CPU's
+    scatter is slower), over whole tokens for head-split inputs."""
     b, h, n, d = x.shape
     if counts is None and n % m == 0:
-        # Equal segments: the gradient written once, in x's layout.
-        return _EqualSegmentMeans.apply(x, m, dtype)
+        # Equal segments: as functional.segment_means (a view and a mean).
+        return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
     if _head_split(x):
         # Whole tokens: H times fewer, longer rows than one per (token, head), which index_add_
         # handles several times faster, and no copy of x into (B, H, n, d) order.
@@ -82,32 +81,6 @@ def _token_slots(index: Tensor, b: int, n: int, m: int) -> Tensor:
     segment slots (the last for padding), from a (B, n) or (n,) segment ``index``."""
     first = torch.arange(b, device=index.device).view(b, 1) * (m + 1)
     return (first + index.view(-1, n)).reshape(-1)
-
-
-class _EqualSegmentMeans(torch.autograd.Function):
-    """``x.reshape(B, H, m, n // m, d).mean(3)`` with a one-pass backward in x's layout.
-
-    torch's mean backward divides an expanded gradient and copies it again for the reshape,
-    in (B, H, n, d) order even when x is head-split; here the gradient is written once, into
-    memory laid out like x, so adding it to x's other gradient is a dense pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, m: int, dtype: torch.dtype) -> Tensor:
-        b, h, n, d = x.shape
-        ctx.shape, ctx.m, ctx.x_dtype = x.shape, m, x.dtype
-        # x's strides if x is dense, else contiguous ones (empty_like's rule); no data kept.
-        ctx.layout = torch.empty_like(x, device="meta").stride()
-        return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        b, h, n, d = ctx.shape
-        m = ctx.m
-        out = torch.empty_strided(ctx.shape, ctx.layout, dtype=ctx.x_dtype, device=grad.device)
-        # Splitting n into (m, n // m) is a view for any strides of a dense (B, H, n, d) tensor.
-        out.view(b, h, m, n // m, d).copy_((grad / (n // m)).unsqueeze(3).expand(b, h, m, -1, d))
-        return out, None, None
 
 
 class _SharedSegmentMeans(torch.autograd.Function):
