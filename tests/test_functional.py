@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nystromer.functional as fn
-from nystromer import iterative_pinv, nystrom_attention
+from nystromer import _cpu, iterative_pinv, nystrom_attention
 
 from .reference import landmarks, newton_pinv, nystrom_one_head, nystrom_reference
 
@@ -99,7 +99,7 @@ def test_few_real_tokens_give_exact_attention_float32():
     mask = right_padded_mask([200, 10], 200)
     out = nystrom_attention(q, k, v, num_landmarks=16, mask=mask)
     sdpa = F.scaled_dot_product_attention(q[1:, :, :10], k[1:, :, :10], v[1:, :, :10])
-    # 1e-6 is float32 rounding of a 10-term softmax average (the issue's bound).
+    # 1e-6 is float32 rounding of a 10-term softmax average (the required bound).
     assert (out[1:, :, :10] - sdpa).abs().max().item() <= 1e-6
     # n ≤ m without a mask: exact too.
     out = nystrom_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], num_landmarks=16)
@@ -155,7 +155,7 @@ def test_dtypes_finite_and_low_precision_close_to_float32(dtype):
     assert torch.isfinite(out).all()
     if dtype in (torch.bfloat16, torch.float16):
         # bf16 has an 8-bit mantissa (relative step 2^-8 ≈ 4e-3); a few roundings of inputs,
-        # landmarks and SDPA outputs stay within the issue's 2e-2.
+        # landmarks and SDPA outputs stay within the required 2e-2.
         assert rel_err(out.float(), ref) <= 2e-2
 
 
@@ -267,8 +267,8 @@ def test_segment_means_any_memory_layout():
 
 @pytest.mark.parametrize("split", [False, True], ids=["contiguous", "head-split"])
 def test_equal_segments_gradients_in_the_inputs_layout(split):
-    # n divisible by m, no mask: the landmarks are plain segment means with their own
-    # backward, which must be the mean's gradient and write it in the input's layout.
+    # n divisible by m, no mask: the landmarks are plain segment means, whose gradient must
+    # be the mean's and reach the inputs in their own layout.
     q, k, v = qkv(b=2, h=3, n=16, d=5, seed=2)
     if split:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
@@ -306,7 +306,7 @@ def test_landmark_gradient_is_added_in_place_only_where_safe(monkeypatch, split,
     mask = None if lengths is None else right_padded_mask(lengths, n)
     g = torch.randn(2, 3, n, 5, dtype=torch.float64)
     # Blocks of 3 rows, the last one short, where segments are gathered block by block.
-    monkeypatch.setattr(fn, "_GATHER_BLOCK", 2 * 3 * 5 * 3)
+    monkeypatch.setattr(_cpu, "_GATHER_BLOCK", 2 * 3 * 5 * 3)
 
     def grads():
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
@@ -322,9 +322,9 @@ def test_landmark_gradient_is_added_in_place_only_where_safe(monkeypatch, split,
     assert strides == [q.stride(), k.stride(), v.stride()]
     # The reference: the same math with the means as a separate use of x (autograd sums).
     monkeypatch.setattr(
-        fn._SharedSegmentMeans,
-        "apply",
-        lambda x, index, counts, m, dtype: (x, fn.segment_means(x, index, counts, m, dtype)),
+        _cpu,
+        "shared_segment_means",
+        lambda x, index, counts, m, dtype: (x, _cpu.segment_means(x, index, counts, m, dtype)),
     )
     reference, _ = grads()
     for a, b in zip(fused, reference, strict=True):
@@ -344,11 +344,11 @@ def test_shared_landmark_node_with_an_unwritable_or_missing_gradient():
     share[1, :, :8] = 1 / 2  # 8 real tokens: segments of 2
     share[1, :, 8:] = 0  # padding
     for (index, counts), means_share in ((equal, 1 / 4), (padded, share)):
-        same, means = fn._SharedSegmentMeans.apply(x, index, counts, 4, torch.float64)
+        same, means = _cpu.shared_segment_means(x, index, counts, 4, torch.float64)
         (same.sum() + means.sum()).backward()
         assert torch.allclose(x.grad, (1 + means_share) * torch.ones_like(x), atol=1e-15)
         x.grad = None
-        _, means = fn._SharedSegmentMeans.apply(x, index, counts, 4, torch.float64)
+        _, means = _cpu.shared_segment_means(x, index, counts, 4, torch.float64)
         means.sum().backward()
         assert torch.allclose(x.grad, means_share * torch.ones_like(x), atol=1e-15)
         x.grad = None
@@ -361,7 +361,7 @@ def test_shared_landmark_node_with_an_unwritable_or_missing_gradient():
 )
 def test_rows_split_among_threads(threads, lengths, n, blocks):
     # Head-split inputs with fewer samples than threads: step 3 runs each sample's rows as
-    # `blocks` samples (functional._row_chunks) so that threads write disjoint pages. Values,
+    # `blocks` samples (_cpu.row_blocks) so that threads write disjoint pages. Values,
     # gradients and the output's layout must be those of the formula, short samples (≤ m
     # real keys, the masked-landmark path) included.
     old = torch.get_num_threads()
@@ -370,7 +370,7 @@ def test_rows_split_among_threads(threads, lengths, n, blocks):
         q, k, v = (
             t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(len(lengths), 2, n, 3)
         )
-        assert fn._row_chunks(q) == blocks
+        assert _cpu.row_blocks(q) == blocks
         mask = right_padded_mask(lengths, n)
         out = nystrom_attention(q, k, v, num_landmarks=4, mask=mask)
         assert (out - nystrom_reference(q, k, v, 4, mask=mask)).abs().max().item() <= FUSED_TOL
@@ -384,3 +384,71 @@ def test_rows_split_among_threads(threads, lengths, n, blocks):
         assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["contiguous", "head-split"])
+@pytest.mark.parametrize("n, lengths", [(16, None), (18, None), (18, [18, 7])])
+def test_cpu_segment_means_equal_the_plain_definition(split, n, lengths):
+    # nystromer._cpu computes the same means in the CPU-friendly layouts, gradients included.
+    x = torch.randn(2, 3, n, 5, dtype=torch.float64)
+    if split:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    mask = None if lengths is None else right_padded_mask(lengths, n)
+    index, counts = fn.landmark_assignment(mask, n, 4, x.device)
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    results = []
+    for means in (fn.segment_means, _cpu.segment_means):
+        leaf = x.clone().requires_grad_(True)
+        out = means(leaf, index, counts, 4, torch.float64)
+        (out * g).sum().backward()
+        results.append((out, leaf.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def _forbid_host_reads(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise (a GPU sync otherwise)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "bincount", refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+
+
+@pytest.mark.parametrize("kmeans", [0, 2])
+@pytest.mark.parametrize(
+    "n, lengths", [(64, None), (50, None), (70, [70, 41]), (70, [70, 41, 6])],
+    ids=["equal", "uneven", "padded", "padded-with-a-short-sample"],
+)  # fmt: skip
+def test_gpu_branch_reads_no_value_on_the_host_and_equals_the_cpu_branch(
+    monkeypatch, kmeans, n, lengths
+):
+    # Off the CPU (and under torch.compile) the code never looks at a tensor's value, which
+    # on a GPU would wait for all queued work every call. Forced here on the CPU: the same
+    # results, gradients included, with every host read refused.
+    b = 1 if lengths is None else len(lengths)
+    q, k, v = qkv(b=b, n=n)
+    mask = None if lengths is None else right_padded_mask(lengths, n)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = nystrom_attention(*leaves, num_landmarks=8, mask=mask, kmeans_iterations=kmeans)
+        out.backward(torch.ones_like(out))
+        return out.detach(), [t.grad for t in leaves]
+
+    cpu_out, cpu_grads = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(fn, "_host_reads_are_cheap", lambda x: False)
+        patch.setattr(_cpu, "applies", lambda x: False)
+        _forbid_host_reads(patch)
+        gpu_out, gpu_grads = run()
+    assert (gpu_out - cpu_out).abs().max().item() <= FUSED_TOL
+    for a, b_ in zip(gpu_grads, cpu_grads, strict=True):
+        assert (a - b_).abs().max().item() <= FUSED_TOL
+    if mask is not None:
+        assert (
+            gpu_out - nystrom_reference(q, k, v, 8, mask=mask, kmeans_iterations=kmeans)
+        ).abs().max().item() <= FUSED_TOL

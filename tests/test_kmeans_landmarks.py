@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nystromer import NystromAttention, functional, nystrom_attention
+from nystromer import NystromAttention, _cpu, nystrom_attention
 from nystromer.functional import refine_landmarks, segment_means
 
 from .reference import kmeans_landmarks, nystrom_reference
@@ -34,7 +34,7 @@ def test_refined_landmarks_are_lloyd_iterations_over_real_tokens(iterations, blo
     # On the CPU the nearest landmarks are found a block of rows at a time (rows = block //
     # (heads · m)): 7 rows leave a short last block, and must give the same iterations.
     if block is not None:
-        monkeypatch.setattr(functional, "_GATHER_BLOCK", block)
+        monkeypatch.setattr(_cpu, "_GATHER_BLOCK", block)
     q, _, _ = clustered_qkv(b=2, h=2, n=70)
     lengths = [70, 45]
     mask = right_padded_mask(lengths, 70)

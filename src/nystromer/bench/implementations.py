@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import iterative_pinv, landmark_assignment, nystrom_attention, segment_means
+from .. import reference
+from ..functional import nystrom_attention
 
 __all__ = [
     "AttentionConfig",
@@ -178,9 +179,10 @@ def naive_nystrom_attention(
 ) -> Tensor:
     """The paper's formula ``F · A⁺ · (B · V)`` with the n×m and m×n kernels materialised.
 
-    Same landmarks (masked segment means), pseudo-inverse and padding rules as
-    :func:`nystromer.nystrom_attention`, evaluated the way the peers do it, so it is both a
-    numerical cross-check and the speed/memory baseline of the unfused formulation.
+    :mod:`nystromer.reference` (the definition the tests hold the fused function to) run on
+    each sample's real tokens, all heads at once, in at least float32: the way the peers
+    evaluate the formula, so it is both a numerical cross-check and the speed/memory baseline
+    of the unfused formulation.
 
     Args:
         query, key, value: (B, H, n, d) self-attention inputs (n_q == n_k).
@@ -194,15 +196,12 @@ def naive_nystrom_attention(
     Returns:
         (B, H, n, d_v); padded query rows are zero.
     """
-    b, h, n, d = query.shape
+    n = query.shape[2]
     if key.shape[2] != n:
         raise ValueError(
             f"naive_nystrom_attention is self-attention only: query has n={n}, key n={key.shape[2]}"
         )
     m = num_landmarks
-    s = 1.0 / math.sqrt(d) if scale is None else scale
-    work = torch.promote_types(query.dtype, torch.float32)
-    key_bias = None
     if mask is not None:
         real = mask.sum(-1)
         if n > m and bool((real <= m).any()):
@@ -210,27 +209,11 @@ def naive_nystrom_attention(
                 f"mask: every sample needs more than num_landmarks={m} real tokens, got "
                 f"real lengths {real.tolist()}"
             )
-        key_bias = torch.zeros(b, 1, 1, n, dtype=work, device=query.device)
-        key_bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    qw, kw, vw = query.to(work), key.to(work), value.to(work)
-    if n <= m:
-        logits = (qw @ kw.transpose(-1, -2)) * s
-        if key_bias is not None:
-            logits = logits + key_bias
-        out = torch.softmax(logits, -1) @ vw
-    else:
-        index, counts = landmark_assignment(mask, n, m, query.device)
-        q_land = segment_means(query, index, counts, m, work)
-        k_land = segment_means(key, index, counts, m, work)
-        kernel_f = torch.softmax((qw @ k_land.transpose(-1, -2)) * s, -1)  # (B, H, n, m)
-        kernel_a = torch.softmax((q_land @ k_land.transpose(-1, -2)) * s, -1)  # (B, H, m, m)
-        logits_b = (q_land @ kw.transpose(-1, -2)) * s  # (B, H, m, n)
-        if key_bias is not None:
-            logits_b = logits_b + key_bias
-        kernel_b = torch.softmax(logits_b, -1)
-        out = (kernel_f @ iterative_pinv(kernel_a, pinv_iterations)) @ (kernel_b @ vw)
-    if mask is not None:
-        out = out * mask[:, None, :, None].to(work)
+    work = torch.promote_types(query.dtype, torch.float32)
+    out = reference.nystrom_reference(
+        query.to(work), key.to(work), value.to(work), m, mask=mask,
+        iterations=pinv_iterations, scale=scale,
+    )  # fmt: skip
     return out.to(query.dtype)
 
 

@@ -7,15 +7,14 @@ side by side with the same colour scale, the landmark segments marked on both.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .. import reference
 from .._io import atomic_path
-from ..functional import iterative_pinv, landmark_assignment, segment_means
 from .inputs import random_qkv
 
 __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
@@ -39,17 +38,10 @@ def attention_matrices(
     m = num_landmarks
     if n <= m:
         raise ValueError(f"q: need more positions than num_landmarks={m}, got n={n}")
-    s = 1.0 / math.sqrt(d)
-    exact = torch.softmax((q @ k.T) * s, -1)
-    index, counts = landmark_assignment(None, n, m, q.device)
-    q_land = segment_means(q[None, None], index, counts, m, q.dtype)[0, 0]
-    k_land = segment_means(k[None, None], index, counts, m, k.dtype)[0, 0]
-    kernel_f = torch.softmax((q @ k_land.T) * s, -1)
-    kernel_a = torch.softmax((q_land @ k_land.T) * s, -1)
-    kernel_b = torch.softmax((q_land @ k.T) * s, -1)
-    approx = kernel_f @ iterative_pinv(kernel_a, pinv_iterations) @ kernel_b
-    sizes = torch.bincount(index, minlength=m)
-    boundaries = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    exact = reference.softmax_kernel(q, k)
+    approx = reference.nystrom_matrix(q, k, m, pinv_iterations)
+    starts = [lo for lo, _ in reference.segment_bounds(n, m)]
+    boundaries = torch.tensor([*starts, n])
     return exact, approx, boundaries
 
 
