@@ -12,8 +12,9 @@ reusing one small block, beats writing a new full-size tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,9 +24,26 @@ from torch import Tensor
 _GATHER_BLOCK = 1 << 20
 
 
+_enabled = True
+
+
 def applies(x: Tensor) -> bool:
-    """Whether the speed-ups of this module are used for ``x``: on the CPU only."""
-    return x.device.type == "cpu"
+    """Whether the speed-ups of this module are used for ``x``: on the CPU, unless
+    :func:`plain` switched them off."""
+    return _enabled and x.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def plain() -> Iterator[None]:
+    """Run ``functional`` without these speed-ups (the plain definition) inside the block:
+    what the benchmarks' ``nystromer-plain`` measures, so that each speed-up's gain stays
+    measurable with a shipped command."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def _head_split(x: Tensor) -> bool:

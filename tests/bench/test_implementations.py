@@ -58,6 +58,30 @@ def test_naive_refuses_samples_with_too_few_real_tokens():
         naive_nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
 
 
+def test_plain_runs_the_definition_without_the_cpu_speed_ups(monkeypatch):
+    import nystromer._cpu as cpu
+
+    calls = []
+    for name in ("shared_segment_means", "segment_means", "attention_by_row_blocks"):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(
+            cpu, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+        )
+    q, k, v = _qkv()
+    mask = padding_mask(B, N, 0.25)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    fast = get_implementation("nystromer").build(_config())(q, k, v, mask)
+    assert calls, "the CPU speed-ups should run by default"
+    calls.clear()
+    plain = get_implementation("nystromer-plain").build(_config())(q, k, v, mask)
+    assert calls == [] and cpu.applies(q)  # off inside the call only
+    assert relative_error(plain, fast) < 1e-12
+    grads = torch.autograd.grad(fast.sum(), (q, k, v))
+    plain_grads = torch.autograd.grad(plain.sum(), (q, k, v))
+    assert all(relative_error(a, b) < 1e-12 for a, b in zip(plain_grads, grads, strict=True))
+
+
 @pytest.mark.parametrize("name", ["exact", "exact-matmul"])
 def test_exact_implementations_match_the_float64_reference(name):
     q, k, v = _qkv()

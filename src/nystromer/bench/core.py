@@ -34,6 +34,8 @@ __all__ = [
 CORE_IMPLEMENTATIONS = ("nystromer", "naive", "exact", *PEERS)
 OURS = "nystromer"
 OURS_PADDED = "nystromer (padded)"
+#: Ours without the CPU speed-ups (not in the default set): ``--impl nystromer-plain``.
+OURS_PLAIN = "nystromer-plain"
 _BEGIN = "<!-- attention-core:begin (written by benchmarks/attention_core.py) -->"
 _END = "<!-- attention-core:end -->"
 _METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
@@ -115,8 +117,10 @@ def run_core(
         if name == "exact":
             spec = dataclasses.replace(spec, repeats=min(base.repeats, exact_repeats))
         cases.append((name, spec))
-    if OURS in names and padding > 0:
-        cases.append((OURS_PADDED, dataclasses.replace(base, impl=OURS, padding=padding)))
+    for name in (OURS, OURS_PLAIN):
+        if name in names and padding > 0:
+            padded = dataclasses.replace(base, impl=name, padding=padding)
+            cases.append((f"{name} (padded)", padded))
 
     measured: dict[str, list[CaseResult]] = {label: [] for label, _ in cases}
     for r in range(rounds):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference
+from .. import _cpu, reference
 from ..functional import nystrom_attention
 
 __all__ = [
@@ -252,6 +252,12 @@ class _NystromerRunner(_HeadSplitRunner):
         )
 
 
+class _PlainNystromerRunner(_NystromerRunner):
+    def run(self, q, k, v, mask):
+        with _cpu.plain():
+            return super().run(q, k, v, mask)
+
+
 class _NaiveRunner(_NystromerRunner):
     def run(self, q, k, v, mask):
         return naive_nystrom_attention(
@@ -404,6 +410,14 @@ register_implementation(
         "nystromer",
         "nystromer.nystrom_attention (fused: two SDPA calls around the m×m pseudo-inverse)",
         _NystromerRunner,
+    )
+)
+register_implementation(
+    Implementation(
+        "nystromer-plain",
+        "nystromer.nystrom_attention without the CPU speed-ups of nystromer._cpu (the plain "
+        "definition; the same numbers)",
+        _PlainNystromerRunner,
     )
 )
 register_implementation(
