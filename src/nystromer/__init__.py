@@ -2,6 +2,7 @@
 
 Public API:
     nystrom_attention           the attention function (shapes like scaled_dot_product_attention)
+    attention_rows              rows of the matrix it applies (heatmaps), without the n×n matrix
     NystromAttention            a batch-first multi-head attention module
     NystromMultiheadAttention   a drop-in for torch.nn.MultiheadAttention
     NystromOptions              the Nyström settings as one object; every entry point below
@@ -17,7 +18,7 @@ Public API:
 from .attention import NystromAttention, NystromMultiheadAttention
 from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
-from .functional import iterative_pinv, nystrom_attention
+from .functional import attention_rows, iterative_pinv, nystrom_attention
 from .options import NystromOptions
 from .patching import patch
 
@@ -34,6 +35,7 @@ __all__ = [
     "from_pretrained",
     "iterative_pinv",
     "nystrom_attention",
+    "attention_rows",
     "patch",
     "__version__",
 ]

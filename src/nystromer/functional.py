@@ -23,6 +23,7 @@ plain float64 formula the tests hold this code to.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from .options import check_nystrom_options
 
 __all__ = [
     "nystrom_attention",
+    "attention_rows",
     "segment_means",
     "iterative_pinv",
     "refine_landmarks",
@@ -122,16 +124,132 @@ def nystrom_attention(
         )  # fmt: skip
 
     # One multiply zeroes padded queries and samples without a real key.
-    keep = None
-    if query_mask is not None:
-        keep = query_mask if empty is None else query_mask & ~empty[:, None]
-    elif empty is not None:
-        keep = (~empty)[:, None].expand(b, n_q)
+    keep = _rows_to_keep(query_mask, empty, b, n_q)
     if keep is not None:
         keep = keep[:, None, :, None].to(out.dtype)
         # In place when autograd does not need the SDPA output: saves writing a new n·d tensor.
         out = out * keep if out.requires_grad else out.mul_(keep)
     return out
+
+
+def attention_rows(
+    query: Tensor,
+    key: Tensor,
+    rows: int | Sequence[int] | Tensor,
+    *,
+    num_landmarks: int = 64,
+    mask: Tensor | None = None,
+    pinv_iterations: int = 6,
+    scale: float | None = None,
+    query_mask: Tensor | None = None,
+    kmeans_iterations: int = 0,
+) -> Tensor:
+    """Rows of the attention matrix that :func:`nystrom_attention` multiplies the values by.
+
+    Nyström attention never forms its n_q×n_k matrix F·A⁺·B; this returns r of its rows, e.g.
+    ``rows=0`` for a class token's heatmap, in O((m + r)·n_k) memory per head. With the same
+    settings (and no dropout), ``attention_rows(q, k, rows, ...) @ v`` equals
+    ``nystrom_attention(q, k, v, ...)[:, :, rows]``: sequences of at most m real keys get
+    exact softmax rows, as there. An approximation's rows may have negative entries and need
+    not sum to exactly 1.
+
+    Args:
+        query: (B, H, n_q, d).
+        key: (B, H, n_k, d).
+        rows: the query positions, an int, a sequence of r ints or a 1-D integer tensor; each in
+            [-n_q, n_q) (negative counts from the end).
+        num_landmarks, mask, pinv_iterations, scale, query_mask, kmeans_iterations: as for
+            :func:`nystrom_attention`.
+
+    Returns:
+        (B, H, r, n_k) in the dtype of ``query``, computed in at least float32. Columns of
+        padding keys are zero, as are the rows of padded queries and every row of a sample
+        with no real key.
+    """
+    _check_inputs(
+        query, key, key, mask, query_mask, num_landmarks, pinv_iterations, 0.0, kmeans_iterations
+    )
+    b, h, n_q, d = query.shape
+    n_k, m = key.shape[2], num_landmarks
+    index = _row_index(rows, n_q, query.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if query_mask is None and mask is not None and n_q == n_k:
+        query_mask = mask
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1)
+        mask = mask | empty[:, None]
+
+    work = torch.promote_types(query.dtype, torch.float32)
+    q_rows, key_w = query[:, :, index].to(work), key.to(work)
+    exact = _softmax_rows(q_rows, key_w, mask, scale)
+    if n_k <= m or n_q <= m:
+        out = exact
+    else:
+        # The kernels of _nystrom, with F limited to the requested rows and B formed (m×n_k).
+        q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
+        k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
+        _, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
+        _, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
+        k_nonempty = None if k_counts is None else k_counts[:, :m] > 0
+        kernel = _softmax_rows(q_land, k_land, k_nonempty, scale)
+        if q_counts is not None:
+            kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
+        f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
+        b_kernel = _softmax_rows(q_land, key_w, mask, scale)
+        out = (f @ iterative_pinv(kernel, pinv_iterations)) @ b_kernel
+        if k_counts is not None:
+            # Samples with at most m real keys get exact attention (see _nystrom).
+            short = k_counts[:, :m].sum(-1) <= m
+            out = torch.where(short[:, None, None, None], exact, out)
+    keep = _rows_to_keep(query_mask, empty, b, n_q)
+    if keep is not None:
+        out = out * keep[:, index][:, None, :, None].to(work)
+    return out.to(query.dtype)
+
+
+def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:
+    """``rows`` as a 1-D int64 tensor of positions in [0, n); errors name ``rows``."""
+    if isinstance(rows, Tensor):
+        if rows.dtype in (torch.bool,) or rows.is_floating_point() or rows.is_complex():
+            raise TypeError(f"rows must hold integers, got a tensor of dtype {rows.dtype}")
+        if rows.dim() > 1:
+            raise ValueError(f"rows must be an int or 1-D, got shape {tuple(rows.shape)}")
+        index = rows.reshape(-1).to(device=device, dtype=torch.long)
+    else:
+        values = [rows] if isinstance(rows, int) else list(rows)
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in values):
+            raise TypeError(f"rows must be an int or a sequence of ints, got {rows!r}")
+        index = torch.tensor(values, dtype=torch.long, device=device)
+    if index.numel() == 0:
+        raise ValueError("rows must name at least one query position, got none")
+    bad = (index < -n) | (index >= n)
+    if bool(bad.any()):
+        raise ValueError(
+            f"rows must be query positions in [-{n}, {n}) (n_q = {n}), got "
+            f"{index[bad].tolist()[:5]}"
+        )
+    return index % n
+
+
+def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(s·QKᵀ) with the keys that are False in the (B, n_k) ``key_mask`` masked out."""
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _rows_to_keep(
+    query_mask: Tensor | None, empty: Tensor | None, b: int, n_q: int
+) -> Tensor | None:
+    """(B, n_q) bool: the output rows that are not zeroed (real queries of samples with a real
+    key), or None when every row is kept."""
+    if query_mask is not None:
+        return query_mask if empty is None else query_mask & ~empty[:, None]
+    if empty is not None:
+        return (~empty)[:, None].expand(b, n_q)
+    return None
 
 
 def _nystrom(
