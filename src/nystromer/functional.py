@@ -460,7 +460,7 @@ def _nearest(x: Tensor, c: Tensor) -> Tensor:
     return torch.stack([d.argmin(-1) for d in dist])
 
 
-def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
+def iterative_pinv(a: Tensor, iterations: int = 6, *, initial_scale: str = "matrix") -> Tensor:
     """Approximate Moore–Penrose pseudo-inverse by the iteration of Razavi et al. (2014).
 
     ``Z₀ = Aᵀ / (‖A‖₁·‖A‖∞)``, scaled per matrix (so one sample never affects another), then
@@ -470,13 +470,21 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     Args:
         a: (..., m, m).
         iterations: number of updates (≥ 0); 0 returns Z₀.
+        initial_scale: ``"matrix"`` (default) takes the two norms of each matrix alone;
+            ``"batch"`` takes the largest column and row sums over the whole of ``a`` (every
+            sample and head), as the ``nystrom-attention`` package does. Only for reproducing
+            that package: it makes one sample's result depend on the others.
 
     Returns:
         (..., m, m), same dtype as ``a``.
     """
+    if initial_scale not in ("matrix", "batch"):
+        raise ValueError(f'initial_scale must be "matrix" or "batch", got {initial_scale!r}')
     absa = a.abs()
     norm_1 = absa.sum(-2).amax(-1)  # largest column sum
     norm_inf = absa.sum(-1).amax(-1)  # largest row sum
+    if initial_scale == "batch":
+        norm_1, norm_inf = norm_1.amax(), norm_inf.amax()
     denom = (norm_1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
     z = a.transpose(-1, -2) / denom[..., None, None]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)

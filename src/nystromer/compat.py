@@ -1,0 +1,580 @@
+"""A drop-in for the ``nystrom-attention`` package: its classes, arguments and state dicts.
+
+``from nystromer.compat import NystromAttention`` (or ``Nystromformer``) in place of
+``from nystrom_attention import ...`` is the whole migration: the constructors take the same
+arguments with the same defaults, the parameters have the same names and shapes (so
+``load_state_dict(strict=True)`` takes a state dict saved from the package), and ``forward`` has
+the same signature. ``numerics=`` chooses what is computed:
+
+- ``"nystromer"`` (default): nystromer's Nyström attention (:func:`~nystromer.nystrom_attention`)
+  on the package's projections: no padding tokens, masks that keep padding out of every landmark
+  and weight, a pseudo-inverse scaled per matrix, so that a sample's output depends on neither
+  the other samples of the batch nor its masked padding; any length, fp16/bf16.
+- ``"lucidrains"``: the package's outputs (to float32 rounding), for models trained with it
+  that must keep their predictions: zero tokens padded in front to a multiple of m, masked
+  tokens zeroed but still counted by the landmark means without a mask, the pseudo-inverse's
+  initial scale taken over the whole batch.
+
+``return_attn=True`` returns an :class:`AttentionMap`, indexable like the (B, H, n, n) attention
+matrix but computing only the rows asked for.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable, Iterator
+from math import ceil
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import ValueConv, multihead_nystrom_attention
+from .functional import attention_rows, iterative_pinv, landmark_assignment, segment_means
+from .options import NystromOptions
+
+__all__ = ["AttentionMap", "NUMERICS", "NystromAttention", "Nystromformer"]
+
+NUMERICS = ("nystromer", "lucidrains")
+
+# (batch selection, head selection, row positions) → (B', H', r, n_k) rows of the matrix.
+RowFunction = Callable[[slice, slice, Tensor], Tensor]
+
+
+class AttentionMap:
+    """The (B, H, n_q, n_k) attention matrix of one forward, computed only where indexed.
+
+    Index it as the dense tensor: ``attn[:, :, 0]`` is the first query's row for every sample
+    and head, (B, H, n_k); ``attn[0, 3, 5:9]``, negative positions, lists and integer tensors
+    work as for a tensor. Each index computes only the rows it names, in O((m + r)·n_k) memory
+    per head. ``full()`` (alias ``to_dense()``) materialises the whole matrix, and like any
+    index whose result exceeds ``warn_bytes`` (1 GiB by default; settable per object) it warns
+    with the size first.
+
+    Attributes:
+        shape: torch.Size (B, H, n_q, n_k).
+        dtype, device: of the rows it returns.
+        warn_bytes: results larger than this warn before they are computed.
+    """
+
+    warn_bytes: int = 1 << 30
+
+    def __init__(
+        self, rows: RowFunction, shape: tuple[int, int, int, int], dtype: torch.dtype, device
+    ) -> None:
+        self._rows = rows
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def dim(self) -> int:
+        return 4
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        b, h, n_q, n_k = self.shape
+        return f"AttentionMap(shape=({b}, {h}, {n_q}, {n_k}), dtype={self.dtype}, rows on demand)"
+
+    def full(self) -> Tensor:
+        """The whole (B, H, n_q, n_k) matrix (warns above ``warn_bytes``)."""
+        return self[:, :, :, :]
+
+    to_dense = full
+
+    def __getitem__(self, index) -> Tensor:
+        items = _expand_index(index)
+        dims = _dim_positions(items)
+        b, h, n_q, n_k = self.shape
+        # Integers and slices on the batch and head axes narrow the work; other indices are
+        # applied to the computed rows.
+        selections = []
+        for axis, size in ((0, b), (1, h)):
+            pos = dims[axis]
+            sel, items[pos] = _narrow(items[pos], size, axis)
+            selections.append(sel)
+        pos = dims[2]
+        rows, items[pos] = _row_positions(items[pos], n_q, self.device)
+        b_sel, h_sel = selections
+        n_b, n_h = len(range(b)[b_sel]), len(range(h)[h_sel])
+        size = n_b * n_h * rows.numel() * n_k * self.dtype.itemsize
+        if size > self.warn_bytes:
+            warnings.warn(
+                f"computing {n_b * n_h * rows.numel()} attention rows of length {n_k} "
+                f"({size / 2**30:.2f} GiB); index only the rows you need, e.g. attn[:, :, 0]",
+                stacklevel=2,
+            )
+        if rows.numel() == 0:
+            computed = torch.zeros(n_b, n_h, 0, n_k, dtype=self.dtype, device=self.device)
+        else:
+            computed = self._rows(b_sel, h_sel, rows)
+        return computed[tuple(items)]
+
+
+def _expand_index(index) -> list:
+    """The index as a list with the ellipsis expanded and missing trailing axes filled."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    items = [torch.as_tensor(it) if isinstance(it, list) else it for it in items]
+    for it in items:
+        if isinstance(it, Tensor) and it.dtype == torch.bool and it.dim() > 1:
+            raise IndexError(
+                "attention maps take 1-D boolean indices only; index each axis separately"
+            )
+    used = sum(it is not None and it is not Ellipsis for it in items)
+    if used > 4:
+        raise IndexError(f"too many indices for the 4-D attention map: {used}")
+    ellipses = [i for i, it in enumerate(items) if it is Ellipsis]
+    if len(ellipses) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    fill = [slice(None)] * (4 - used)
+    if ellipses:
+        items[ellipses[0] : ellipses[0] + 1] = fill
+    else:
+        items += fill
+    return items
+
+
+def _dim_positions(items: list) -> list[int]:
+    """Position in ``items`` of the index of each of the four axes (None adds no axis)."""
+    return [i for i, it in enumerate(items) if it is not None]
+
+
+def _as_int(it) -> int | None:
+    if isinstance(it, Tensor):
+        return int(it) if it.dim() == 0 and not it.is_floating_point() else None
+    if isinstance(it, bool):
+        return None
+    try:
+        return operator.index(it)
+    except TypeError:
+        return None
+
+
+def _narrow(it, size: int, axis: int) -> tuple[slice, object]:
+    """(selection of the axis to compute, the index to apply to what is computed)."""
+    i = _as_int(it)
+    if i is not None:
+        if not -size <= i < size:
+            raise IndexError(f"index {i} is out of bounds for axis {axis} with size {size}")
+        i %= size
+        return slice(i, i + 1), 0
+    if isinstance(it, slice):
+        return it, slice(None)
+    return slice(None), it
+
+
+def _row_positions(it, n: int, device: torch.device) -> tuple[Tensor, object]:
+    """(the query rows to compute, the index into the computed rows)."""
+    i = _as_int(it)
+    if i is not None:
+        if not -n <= i < n:
+            raise IndexError(f"row {i} is out of bounds for an attention map with {n} rows")
+        return torch.tensor([i % n], device=device), 0
+    if isinstance(it, slice):
+        return torch.arange(n, device=device)[it], slice(None)
+    if not isinstance(it, Tensor):
+        raise IndexError(
+            f"attention maps are indexed by ints, slices, lists, integer tensors or '...', "
+            f"got {type(it).__name__}"
+        )
+    if it.dtype == torch.bool:
+        if it.shape != (n,):
+            raise IndexError(f"a boolean row index must have shape ({n},), got {tuple(it.shape)}")
+        it = it.nonzero().squeeze(1)
+    if it.is_floating_point() or it.is_complex():
+        raise IndexError(f"row indices must be integers, got dtype {it.dtype}")
+    it = it.to(device=device, dtype=torch.long)
+    bad = (it < -n) | (it >= n)
+    if bool(bad.any()):
+        raise IndexError(
+            f"rows {it[bad].tolist()[:5]} are out of bounds for an attention map with {n} rows"
+        )
+    rows, inverse = torch.unique(it % n, return_inverse=True)
+    return rows, inverse
+
+
+class NystromAttention(nn.Module):
+    """The ``nystrom-attention`` package's ``NystromAttention``, with a choice of numerics.
+
+    Same arguments, defaults, parameters (``to_qkv``, ``to_out``, ``res_conv``) and forward as
+    the package: state dicts load with ``strict=True`` either way.
+
+    Args:
+        dim: width of the input and output.
+        dim_head: width of each head (queries are scaled by dim_head^-0.5).
+        heads: number of heads.
+        num_landmarks: m.
+        pinv_iterations: iterations of the pseudo-inverse.
+        residual: add the depthwise convolution of the values (``res_conv``).
+        residual_conv_kernel: its kernel size k (odd).
+        eps: added to the landmark counts under a mask (``"lucidrains"`` numerics).
+        dropout: dropout after the output projection.
+        numerics: ``"nystromer"`` (default) or ``"lucidrains"`` (module docstring).
+
+    Shapes:
+        x (B, n, dim), mask (B, n) bool with True for real tokens → (B, n, dim).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        num_landmarks: int = 256,
+        pinv_iterations: int = 6,
+        residual: bool = True,
+        residual_conv_kernel: int = 33,
+        eps: float = 1e-8,
+        dropout: float = 0.0,
+        *,
+        numerics: str = "nystromer",
+    ) -> None:
+        super().__init__()
+        self.numerics = _check_numerics(numerics)
+        self.eps = eps
+        inner_dim = heads * dim_head
+        # Validates m and the iterations with messages naming them.
+        NystromOptions(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations)
+        self.num_landmarks = num_landmarks
+        self.pinv_iterations = pinv_iterations
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
+        self.residual = residual
+        if residual:
+            k = residual_conv_kernel
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+                # An even kernel changes the sequence length: the package fails in forward.
+                raise ValueError(f"residual_conv_kernel must be an odd integer ≥ 1, got {k!r}")
+            self.res_conv = ValueConv(heads, k)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_attn: bool = False,
+        return_attn_matrices: bool = False,
+    ) -> Tensor | tuple[Tensor, AttentionMap] | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Self-attention over ``x``.
+
+        Args:
+            x: (B, n, dim).
+            mask: (B, n) bool, True for real tokens, or None.
+            return_attn: also return the attention matrix as an :class:`AttentionMap`:
+                (B, H, n, n) in ``"nystromer"`` numerics; in ``"lucidrains"`` numerics
+                (B, H, n_pad, n_pad) with the package's front padding, so that row
+                ``n_pad - n + i`` is token i's, as in the package's dense matrix.
+            return_attn_matrices: instead, return the three factors (F, A⁺, B) whose product
+                is that matrix: (B, H, n', m), (B, H, m, m), (B, H, m, n') with n' as above.
+
+        Returns:
+            (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
+        """
+        _check_input(x, mask, self.to_qkv.in_features)
+        if self.numerics == "lucidrains":
+            out, attn, factors = self._forward_lucidrains(x, mask, return_attn_matrices)
+        else:
+            out, attn, factors = self._forward_nystromer(x, mask, return_attn_matrices)
+        if return_attn_matrices:
+            return out, factors()
+        if return_attn:
+            return out, attn
+        return out
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (B, n, H, d), in the package's layout of ``to_qkv``'s output."""
+        return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
+
+    def _forward_nystromer(self, x, mask, matrices):
+        q, k, v = self._split(x)
+        options = NystromOptions(self.num_landmarks, self.pinv_iterations)
+        conv = self.res_conv if self.residual else None
+        out = multihead_nystrom_attention(
+            q, k, v, options, mask=mask, scale=self.scale, conv=conv
+        )  # fmt: skip
+        out = self.to_out(out.flatten(2))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        b, h, n, _ = q.shape
+
+        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+            return attention_rows(
+                q[b_sel, h_sel], k[b_sel, h_sel], index,
+                num_landmarks=self.num_landmarks,
+                mask=None if mask is None else mask[b_sel],
+                pinv_iterations=self.pinv_iterations,
+                scale=self.scale,
+            )  # fmt: skip
+
+        attn = AttentionMap(rows, (b, h, n, n), q.dtype, q.device)
+
+        def factors():
+            return _nystromer_factors(
+                q, k, mask, self.num_landmarks, self.pinv_iterations, self.scale
+            )
+
+        return out, attn, factors
+
+    def _forward_lucidrains(self, x, mask, matrices):
+        b, n, _ = x.shape
+        h, m = self.heads, self.num_landmarks
+        # The package's layout: zero tokens in front up to a multiple of m, m groups of l.
+        pad = -n % m
+        l = ceil(n / m)  # noqa: E741
+        n_pad = n + pad
+        if pad:
+            x = F.pad(x, (0, 0, pad, 0))
+            if mask is not None:
+                mask = F.pad(mask, (pad, 0), value=False)
+        q, k, v = (t.transpose(1, 2) for t in self._split(x))  # (B, H, n_pad, d)
+        if mask is not None:
+            keep = mask[:, None, :, None].to(q.dtype)
+            q, k, v = q * keep, k * keep, v * keep
+        q = q * self.scale
+
+        # Landmarks: sums over the m groups divided by l, or by the group's real count + eps.
+        q_land = q.unflatten(2, (m, l)).sum(3)
+        k_land = k.unflatten(2, (m, l)).sum(3)
+        land_ok = None
+        if mask is None:
+            divisor = l
+        else:
+            counts = mask.unflatten(1, (m, l)).sum(-1)  # (B, m)
+            divisor = counts[:, None, :, None] + self.eps
+            land_ok = counts > 0
+        q_land, k_land = q_land / divisor, k_land / divisor
+
+        # A⁺, m×m, with the initial scale taken over the whole batch as the package does.
+        work = torch.promote_types(q.dtype, torch.float32)
+        a = _package_softmax(q_land.to(work) @ k_land.to(work).transpose(-1, -2), land_ok, land_ok)
+        a_pinv = iterative_pinv(a, self.pinv_iterations, initial_scale="batch")
+
+        # B·V: m landmark queries over the n_pad keys (fused). An empty landmark's row is all
+        # −max in the package, a uniform softmax over every key: the mean of the (zeroed) v.
+        # Samples without a real token attend to everything so no row is NaN (then replaced).
+        key_ok = None if mask is None else mask | ~mask.any(-1, keepdim=True)
+        bv = _sdpa(q_land, k, v, key_ok)
+        if land_ok is not None:
+            bv = torch.where(land_ok[:, None, :, None], bv, v.mean(2, keepdim=True))
+        w = (a_pinv @ bv.to(work)).to(q.dtype)
+
+        # F·W for the last n queries (the package drops the front rows) over the m landmark
+        # keys; a masked query's row is all −max, uniform over the landmarks: the mean of W.
+        # Reassociating the package's (F·A⁺)·(B·V) as F·(A⁺·(B·V)) avoids the stored n×m F·A⁺.
+        q_out = q[:, :, pad:]
+        land_key_ok = None if land_ok is None else land_ok | ~land_ok.any(-1, keepdim=True)
+        out = _sdpa(q_out, k_land, w, land_key_ok)
+        if mask is not None:
+            out = torch.where(mask[:, None, pad:, None], out, w.mean(2, keepdim=True))
+        if self.residual:
+            # The package's convolution over the padded, masked v (front zeros add nothing),
+            # not zeroed at masked positions afterwards.
+            conv = self.res_conv
+            out = out + F.conv2d(v, conv.weight, None, padding=conv.padding, groups=h)[:, :, pad:]
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+
+        def f_rows(b_sel, h_sel, index):
+            f = q[b_sel, h_sel][:, :, index].to(work) @ k_land[b_sel, h_sel].to(work).mT
+            q_ok = None if mask is None else mask[b_sel][:, index]
+            return _package_softmax(f, q_ok, None if land_ok is None else land_ok[b_sel])
+
+        def b_kernel(b_sel, h_sel):
+            logits = q_land[b_sel, h_sel].to(work) @ k[b_sel, h_sel].to(work).mT
+            return _package_softmax(
+                logits,
+                None if land_ok is None else land_ok[b_sel],
+                None if mask is None else mask[b_sel],
+            )
+
+        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+            # The package's association, (F·A⁺)·B, restricted to the rows asked for.
+            out = (f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel]) @ b_kernel(b_sel, h_sel)
+            return out.to(q.dtype)
+
+        attn = AttentionMap(rows, (b, h, n_pad, n_pad), q.dtype, q.device)
+        everything = slice(None)
+
+        def factors():
+            f = f_rows(everything, everything, torch.arange(n_pad, device=q.device))
+            return (f.to(q.dtype), a_pinv.to(q.dtype), b_kernel(everything, everything).to(q.dtype))
+
+        return out, attn, factors
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor | None) -> Tensor:
+    """softmax(Q·Kᵀ)·V (q already scaled) with keys False in the (B, n_k) ``key_ok`` masked."""
+    attn_mask = None if key_ok is None else key_ok[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+
+
+def _package_softmax(logits: Tensor, row_ok: Tensor | None, col_ok: Tensor | None) -> Tensor:
+    """The package's masked softmax: logits whose row or column is masked become −finfo.max,
+    so a fully masked row is uniform. ``row_ok`` (B, r), ``col_ok`` (B, c); logits (B, H, r, c).
+    """
+    if row_ok is None and col_ok is None:
+        return logits.softmax(-1)
+    b, _, r, c = logits.shape
+    rows = torch.ones(b, r, dtype=torch.bool, device=logits.device) if row_ok is None else row_ok
+    cols = torch.ones(b, c, dtype=torch.bool, device=logits.device) if col_ok is None else col_ok
+    ok = rows[:, None, :, None] & cols[:, None, None, :]
+    return logits.masked_fill(~ok, -torch.finfo(logits.dtype).max).softmax(-1)
+
+
+def _nystromer_factors(q, k, mask, m, iterations, scale):
+    """(F, A⁺, B) with F·A⁺·B the matrix that nystrom_attention applies to V (without the
+    convolution): (B, H, n, m), (B, H, m, m), (B, H, m, n).
+
+    A sample with at most m real tokens gets exact attention there; here each of its real
+    tokens is its own segment, so its factors are F = softmax over those tokens, A⁺ = I and
+    B = the segment membership (B·V is then V itself).
+    """
+    b, h, n, _ = q.shape
+    work = torch.promote_types(q.dtype, torch.float32)
+    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    index, counts = landmark_assignment(real, n, m, q.device)
+    q_land = segment_means(q, index, counts, m, work)
+    k_land = segment_means(k, index, counts, m, work)
+    nonempty = counts[:, :m] > 0  # (B, m)
+    short = counts[:, :m].sum(-1) <= m  # (B,)
+    qw, kw = q.to(work), k.to(work)
+    f = _masked_softmax(qw @ k_land.mT * scale, nonempty)
+    a = _masked_softmax(q_land @ k_land.mT * scale, nonempty)
+    a = a * nonempty[:, None, :, None].to(work)  # an empty query segment is no landmark
+    a_pinv = iterative_pinv(a, iterations)
+    bk = _masked_softmax(q_land @ kw.mT * scale, real)
+    member = F.one_hot(index, m + 1)[..., :m].transpose(1, 2).to(work)[:, None]  # (B, 1, m, n)
+    eye = torch.eye(m, dtype=work, device=q.device)
+    s = short[:, None, None, None]
+    a_pinv = torch.where(s, eye, a_pinv)
+    bk = torch.where(s, member.expand_as(bk), bk)
+    # Padded queries and samples without a real token have zero rows, as in the output.
+    keep = real & real.any(-1, keepdim=True)
+    f = f * keep[:, None, :, None].to(work)
+    return f.to(q.dtype), a_pinv.to(q.dtype), bk.to(q.dtype)
+
+
+def _masked_softmax(logits: Tensor, key_ok: Tensor) -> Tensor:
+    """Softmax over keys with False in the (B, c) ``key_ok`` excluded; a row with no key left
+    is zero (not NaN)."""
+    logits = logits.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+    return torch.nan_to_num(logits.softmax(-1), nan=0.0)
+
+
+class _PreNorm(nn.Module):
+    """LayerNorm, then ``fn`` (parameter names ``norm``, ``fn`` as in the package)."""
+
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class _FeedForward(nn.Module):
+    """Linear(dim, mult·dim), GELU, Dropout, Linear(mult·dim, dim), named ``net`` as in the
+    package."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Nystromformer(nn.Module):
+    """The package's ``Nystromformer`` stack: per layer ``x = attn(LayerNorm(x), mask) + x``,
+    then ``x = ff(LayerNorm(x)) + x``. Same arguments, defaults and state-dict keys
+    (``layers.{i}.0.norm.*``, ``layers.{i}.0.fn.to_qkv.weight``, …, ``layers.{i}.1.fn.net.*``).
+
+    Args:
+        dim, depth, dim_head, heads, num_landmarks, pinv_iterations: as the package.
+        attn_values_residual, attn_values_residual_conv_kernel: the attention layers'
+            ``residual`` and ``residual_conv_kernel``.
+        attn_dropout, ff_dropout: dropout after the attention's output projection and inside
+            the feed-forward block.
+        numerics: ``"nystromer"`` (default) or ``"lucidrains"``, for every layer.
+
+    Shapes:
+        x (B, n, dim), mask (B, n) bool with True for real tokens → (B, n, dim).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        num_landmarks: int = 256,
+        pinv_iterations: int = 6,
+        attn_values_residual: bool = True,
+        attn_values_residual_conv_kernel: int = 33,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        numerics: str = "nystromer",
+    ) -> None:
+        super().__init__()
+        self.numerics = _check_numerics(numerics)
+        self.layers = nn.ModuleList([])
+        for _ in range(depth):
+            attn = NystromAttention(
+                dim=dim,
+                dim_head=dim_head,
+                heads=heads,
+                num_landmarks=num_landmarks,
+                pinv_iterations=pinv_iterations,
+                residual=attn_values_residual,
+                residual_conv_kernel=attn_values_residual_conv_kernel,
+                dropout=attn_dropout,
+                numerics=numerics,
+            )
+            ff = _FeedForward(dim=dim, dropout=ff_dropout)
+            self.layers.append(nn.ModuleList([_PreNorm(dim, attn), _PreNorm(dim, ff)]))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (B, n, dim), mask (B, n) bool or None → (B, n, dim)."""
+        for attn, ff in self.layers:
+            x = attn(x, mask=mask) + x
+            x = ff(x) + x
+        return x
+
+
+def _check_numerics(numerics: str) -> str:
+    if numerics not in NUMERICS:
+        raise ValueError(f'numerics must be "nystromer" or "lucidrains", got {numerics!r}')
+    return numerics
+
+
+def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (batch, seq_len, {dim}), got {got}")
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"mask must have shape {tuple(x.shape[:2])} (batch, seq_len) to match x, got "
+            f"{tuple(mask.shape)}"
+        )
