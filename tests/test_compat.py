@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -98,7 +100,8 @@ def test_lucidrains_numerics_reproduce_the_package(n, masked):
         assert _relative(attn[:, :, -n], expected_attn[:, :, -n]) <= PARITY
         assert _relative(attn.full(), expected_attn) <= PARITY
         factors = ours(x, mask=mask, return_attn_matrices=True)[1]
-        for got, want in zip(factors, theirs(x, mask=mask, return_attn_matrices=True)[1]):
+        expected_factors = theirs(x, mask=mask, return_attn_matrices=True)[1]
+        for got, want in zip(factors, expected_factors, strict=True):
             assert got.shape == want.shape and _relative(got, want) <= PARITY
 
 
@@ -280,8 +283,6 @@ def test_attention_map_warns_before_large_results(attn_and_dense):
         attn.full()
     with pytest.warns(UserWarning, match=r"GiB"):
         attn[0]
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attn[:, :, 0]
