@@ -115,6 +115,10 @@ def test_lucidrains_numerics_reproduce_the_package_stack():
     with torch.no_grad():
         for mask in (None, _lengths_mask(45, [45, 30])):
             assert _relative(ours(x, mask=mask), theirs(x, mask=mask)) <= PARITY
+        # Switching the stack's numerics switches every layer's.
+        ours.numerics = "nystromer"
+        assert all(layer[0].fn.numerics == "nystromer" for layer in ours.layers)
+        assert _relative(ours(x), theirs(x)) > PARITY
 
 
 def test_lucidrains_numerics_share_the_batch_wide_pinv_scale():
@@ -213,13 +217,15 @@ def test_a_bag_without_real_tokens_gives_zero_attention_and_finite_gradients():
         assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
 
 
-def test_nystromer_numerics_run_in_bfloat16():
-    ours = _randomised(NystromAttention(**SIZES), seed=17).eval()
+@pytest.mark.parametrize("numerics", ["nystromer", "lucidrains"])
+def test_both_numerics_run_in_bfloat16(numerics):
+    ours = _randomised(NystromAttention(**SIZES, numerics=numerics), seed=17).eval()
     x = torch.randn(2, 60, DIM, generator=torch.Generator().manual_seed(18))
     mask = _lengths_mask(60, [60, 44])
     with torch.no_grad():
         full = ours(x, mask=mask)
-        half = ours.to(torch.bfloat16)(x.bfloat16(), mask=mask)
+        half, attn = ours.to(torch.bfloat16)(x.bfloat16(), mask=mask, return_attn=True)
+        assert attn[:, :, -1].dtype == torch.bfloat16
     assert half.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: a few percent of the output's scale.
     assert _relative(half.float(), full) < 0.05
@@ -304,8 +310,20 @@ def test_bad_input_is_refused_by_name():
         NystromAttention(**SIZES, numerics="package")
     with pytest.raises(ValueError, match='"nystromer" or "lucidrains"'):
         Nystromformer(dim=DIM, depth=1, numerics="exact")
+    with pytest.raises(ValueError, match='"nystromer" or "lucidrains"'):
+        ours.numerics = "fast"
     with pytest.raises(ValueError, match="residual_conv_kernel"):
         NystromAttention(dim=DIM, residual_conv_kernel=32)
+
+
+def test_a_mask_broadcast_over_the_batch_is_accepted_as_by_the_package():
+    theirs, ours = _pair(seed=22)
+    x = torch.randn(3, 30, DIM, generator=torch.Generator().manual_seed(23))
+    mask = torch.arange(30)[None, :] < 21  # (1, n): the package broadcasts it
+    with torch.no_grad():
+        assert _relative(ours(x, mask=mask), theirs(x, mask=mask)) <= PARITY
+        ours.numerics = "nystromer"
+        torch.testing.assert_close(ours(x, mask=mask), ours(x, mask=mask.expand(3, 30)))
 
 
 def test_iterative_pinv_initial_scale():

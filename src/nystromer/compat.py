@@ -243,7 +243,7 @@ class NystromAttention(nn.Module):
         numerics: str = "nystromer",
     ) -> None:
         super().__init__()
-        self.numerics = _check_numerics(numerics)
+        self.numerics = numerics
         self.eps = eps
         inner_dim = heads * dim_head
         # Validates m and the iterations with messages naming them.
@@ -262,6 +262,15 @@ class NystromAttention(nn.Module):
                 # An even kernel changes the sequence length: the package fails in forward.
                 raise ValueError(f"residual_conv_kernel must be an odd integer ≥ 1, got {k!r}")
             self.res_conv = ValueConv(heads, k)
+
+    @property
+    def numerics(self) -> str:
+        """``"nystromer"`` or ``"lucidrains"``; may be changed between calls."""
+        return self._numerics
+
+    @numerics.setter
+    def numerics(self, value: str) -> None:
+        self._numerics = _check_numerics(value)
 
     def forward(
         self,
@@ -285,7 +294,7 @@ class NystromAttention(nn.Module):
         Returns:
             (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
         """
-        _check_input(x, mask, self.to_qkv.in_features)
+        mask = _check_input(x, mask, self.to_qkv.in_features)
         if self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask, return_attn_matrices)
         else:
@@ -356,7 +365,8 @@ class NystromAttention(nn.Module):
             counts = mask.unflatten(1, (m, l)).sum(-1)  # (B, m)
             divisor = counts[:, None, :, None] + self.eps
             land_ok = counts > 0
-        q_land, k_land = q_land / divisor, k_land / divisor
+        # (The count's dtype is float32, as in the package; the means keep q's dtype.)
+        q_land, k_land = (q_land / divisor).to(q.dtype), (k_land / divisor).to(q.dtype)
 
         # A⁺, m×m, with the initial scale taken over the whole batch as the package does.
         work = torch.promote_types(q.dtype, torch.float32)
@@ -533,7 +543,7 @@ class Nystromformer(nn.Module):
         numerics: str = "nystromer",
     ) -> None:
         super().__init__()
-        self.numerics = _check_numerics(numerics)
+        self.numerics = numerics
         self.layers = nn.ModuleList([])
         for _ in range(depth):
             attn = NystromAttention(
@@ -550,6 +560,17 @@ class Nystromformer(nn.Module):
             ff = _FeedForward(dim=dim, dropout=ff_dropout)
             self.layers.append(nn.ModuleList([_PreNorm(dim, attn), _PreNorm(dim, ff)]))
 
+    @property
+    def numerics(self) -> str:
+        """``"nystromer"`` or ``"lucidrains"``; setting it sets every layer's."""
+        return self._numerics
+
+    @numerics.setter
+    def numerics(self, value: str) -> None:
+        self._numerics = _check_numerics(value)
+        for attn, _ in getattr(self, "layers", ()):
+            attn.fn.numerics = value
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x (B, n, dim), mask (B, n) bool or None → (B, n, dim)."""
         for attn, ff in self.layers:
@@ -564,17 +585,20 @@ def _check_numerics(numerics: str) -> str:
     return numerics
 
 
-def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> None:
+def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> Tensor | None:
+    """Validate x and mask; returns the mask as (B, n) (the package also broadcasts a (1, n)
+    mask over the batch)."""
     if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must have shape (batch, seq_len, {dim}), got {got}")
     if mask is None:
-        return
+        return None
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
-    if tuple(mask.shape) != tuple(x.shape[:2]):
+    b, n = x.shape[:2]
+    if mask.dim() != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != n:
         raise ValueError(
-            f"mask must have shape {tuple(x.shape[:2])} (batch, seq_len) to match x, got "
-            f"{tuple(mask.shape)}"
+            f"mask must have shape ({b}, {n}) (batch, seq_len) to match x, got {tuple(mask.shape)}"
         )
+    return mask.expand(b, n)
