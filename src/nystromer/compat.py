@@ -296,9 +296,9 @@ class NystromAttention(nn.Module):
         """
         mask = _check_input(x, mask, self.to_qkv.in_features)
         if self.numerics == "lucidrains":
-            out, attn, factors = self._forward_lucidrains(x, mask, return_attn_matrices)
+            out, attn, factors = self._forward_lucidrains(x, mask)
         else:
-            out, attn, factors = self._forward_nystromer(x, mask, return_attn_matrices)
+            out, attn, factors = self._forward_nystromer(x, mask)
         if return_attn_matrices:
             return out, factors()
         if return_attn:
@@ -309,7 +309,7 @@ class NystromAttention(nn.Module):
         """q, k, v as (B, n, H, d), in the package's layout of ``to_qkv``'s output."""
         return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
 
-    def _forward_nystromer(self, x, mask, matrices):
+    def _forward_nystromer(self, x, mask):
         q, k, v = self._split(x)
         options = NystromOptions(self.num_landmarks, self.pinv_iterations)
         conv = self.res_conv if self.residual else None
@@ -338,7 +338,7 @@ class NystromAttention(nn.Module):
 
         return out, attn, factors
 
-    def _forward_lucidrains(self, x, mask, matrices):
+    def _forward_lucidrains(self, x, mask):
         b, n, _ = x.shape
         h, m = self.heads, self.num_landmarks
         # The package's layout: zero tokens in front up to a multiple of m, m groups of l.
@@ -411,7 +411,8 @@ class NystromAttention(nn.Module):
             )
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
-            # The package's association, (F·A⁺)·B, restricted to the rows asked for.
+            # The package's association, (F·A⁺)·B, restricted to the rows asked for. B (m×n_pad
+            # per head) is formed whole: every row needs all of it; O((m + r)·n) memory.
             out = (f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel]) @ b_kernel(b_sel, h_sel)
             return out.to(q.dtype)
 
