@@ -313,9 +313,7 @@ class NystromAttention(nn.Module):
         q, k, v = self._split(x)
         options = NystromOptions(self.num_landmarks, self.pinv_iterations)
         conv = self.res_conv if self.residual else None
-        out = multihead_nystrom_attention(
-            q, k, v, options, mask=mask, scale=self.scale, conv=conv
-        )  # fmt: skip
+        out = multihead_nystrom_attention(q, k, v, options, mask=mask, scale=self.scale, conv=conv)
         out = self.to_out(out.flatten(2))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         b, h, n, _ = q.shape
