@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .._machine import machine_info, machine_label
 from .._markdown import replace_section
 from .implementations import PEERS
-from .measure import CaseResult, CaseSpec, measure_case
+from .measure import CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "CoreReport",
@@ -130,7 +130,7 @@ def run_core(
             measured[label].append(result := measure_case(spec, timeout=timeout))
             if progress is not None:
                 where = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
-                progress(f"  {label:<20} {_row_summary(result)}{where}")
+                progress(f"  {label:<20} {result.summary()}{where}")
     return CoreReport(
         base=base,
         rows={label: median_result(results) for label, results in measured.items()},
@@ -159,19 +159,6 @@ def median_result(results: list[CaseResult]) -> CaseResult:
     )
 
 
-def _row_summary(r: CaseResult) -> str:
-    if r.status != "ok":
-        return f"{r.status}: {r.note}"
-    return (
-        f"fwd {r.forward_ms:.1f} ms, fwd+bwd {r.backward_ms:.1f} ms, "
-        f"peak {r.forward_peak_mib:.1f} / {r.backward_peak_mib:.1f} MiB"
-    )
-
-
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{x:,.{digits}f}"
-
-
 def format_report(report: CoreReport) -> str:
     """Markdown: size line, machine, one row per implementation with its ratios to ours."""
     b = report.base
@@ -196,7 +183,7 @@ def format_report(report: CoreReport) -> str:
             None if ours is None or not getattr(ours, attr) else value / getattr(ours, attr)
             for attr, value in zip(_METRICS, values, strict=True)
         ]
-        cells = [_fmt(x) for x in values] + [_fmt(x, 2) for x in ratios]
+        cells = [fmt(x) for x in values] + [fmt(x, ".2f") for x in ratios]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     method = next((r.memory_method for r in report.rows.values() if r.memory_method), "")
     exact = report.rows.get("exact")

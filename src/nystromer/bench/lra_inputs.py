@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..train import checkpoint as ckpt
+from .inputs import captured_heads
 
 __all__ = [
     "DEFAULT_LRA_RUN",
@@ -275,26 +276,8 @@ def lra_qkv(
 
     attn = layers[layer_index].attn
     heads = config["model"]["num_heads"]
-    caught: dict[str, Tensor] = {}
-
-    def catcher(name: str):
-        def hook(_module, _inputs, output):
-            b, seq, width = output.shape
-            caught[name] = output.detach().float().view(b, seq, heads, width // heads)
-
-        return hook
-
-    hooks = [
-        getattr(attn, f"{name[0]}_proj").register_forward_hook(catcher(name))
-        for name in ("query", "key", "value")
-    ]
-    try:
-        with torch.no_grad():
-            model.encoder(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    q, k, v = (caught[name].transpose(1, 2).contiguous() for name in ("query", "key", "value"))
+    projections = {name: [getattr(attn, f"{name}_proj")] for name in ("q", "k", "v")}
+    q, k, v = captured_heads(lambda: model.encoder(ids), projections, heads)
     mask = ids != 0  # real tokens are ids ≥ 1, so row 0 is all True
     val = info.get("val") or {}
     accuracy = f", val accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""

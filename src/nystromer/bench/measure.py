@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import shlex
 import statistics
@@ -47,6 +48,7 @@ __all__ = [
     "run_in_process",
     "run_worker",
     "recorded_command",
+    "fmt",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,6 +170,22 @@ class CaseResult:
         d = dataclasses.asdict(self)
         d["spec"] = dataclasses.asdict(self.spec)
         return d
+
+    def summary(self) -> str:
+        """One progress line: times and peaks, or the status and why."""
+        if self.status != "ok":
+            return f"{self.status}: {self.note}"
+        times = f"fwd {fmt(self.forward_ms)} ms"
+        peaks = f"peak {fmt(self.forward_peak_mib)}"
+        if self.backward_ms is not None or self.backward_peak_mib is not None:
+            times += f", fwd+bwd {fmt(self.backward_ms)} ms"
+            peaks += f" / {fmt(self.backward_peak_mib)}"
+        return f"{times}, {peaks} MiB"
+
+
+def fmt(value: float | None, spec: str = ",.1f") -> str:
+    """A number for a table or a progress line; — where there is none."""
+    return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _sync(device: str) -> None:

@@ -8,6 +8,7 @@ side by side with the same colour scale, the landmark segments marked on both.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from .._io import atomic_path
+from .._machine import machine_info, machine_label
 from .inputs import random_qkv
 
 __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
@@ -170,7 +172,8 @@ def attention_figure(
         head: which head.
 
     Returns:
-        :func:`plot_attention`'s dict with ``pinv_iterations`` and ``json`` (the side file).
+        :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
+        ``json`` (the side file).
     """
     import json
 
@@ -216,6 +219,7 @@ def attention_figure(
         window=window,
     )
     found["pinv_iterations"] = pinv_iterations
+    found |= {"date": date.today().isoformat(), "machine_label": machine_label(machine_info())}
     sidecar = Path(path).with_suffix(".json")
     with atomic_write(sidecar) as f:
         json.dump(found, f, indent=2)
