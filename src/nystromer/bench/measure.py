@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -43,7 +42,6 @@ __all__ = [
     "CaseSpec",
     "CaseResult",
     "DTYPES",
-    "core_problem_spec",
     "measure_case",
     "run_in_process",
     "run_worker",
@@ -56,24 +54,6 @@ DTYPES["float64"] = torch.float64
 
 TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
-
-
-def add_core_problem_arguments(parser) -> None:
-    """The attention-core problem's options (defaults: n = 16,384, batch 1, 8 heads of 64,
-    m = 64) and ``--threads``."""
-    parser.add_argument("--seq-len", "-n", type=int, default=16384)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--num-landmarks", "-m", type=int, default=64)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-
-
-def core_problem_spec(args, impl: str = "nystromer", **fields: Any) -> CaseSpec:
-    """The :class:`CaseSpec` of the options :func:`add_core_problem_arguments` added to
-    ``args`` (sizes and ``--threads``), with ``fields`` (e.g. ``repeats``) set as given."""
-    problem = ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "threads")
-    return CaseSpec(impl=impl, **{name: getattr(args, name) for name in problem}, **fields)
 
 
 def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
