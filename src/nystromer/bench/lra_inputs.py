@@ -195,34 +195,30 @@ def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, i
         raise ValueError(f"lengths: need at least two examples, got shape {lengths.shape}")
     if multiple < 1:
         raise ValueError(f"multiple must be ≥ 1, got {multiple}")
-    fits = np.flatnonzero((lengths % multiple == 0) & (lengths > multiple))
-    if len(fits):
-        index0 = int(fits[np.argmax(lengths[fits])])  # argmax: the first of equal lengths
-        n, truncated0 = int(lengths[index0]), False
-    else:
-        index0 = int(np.argmax(lengths))
-        n = int(lengths[index0]) // multiple * multiple
-        truncated0 = n != int(lengths[index0])
-        if n <= multiple:
-            raise ValueError(
-                f"lengths: need an example longer than 2·{multiple} tokens to measure an "
-                f"approximation with {multiple} landmarks, the longest has {lengths.max()}"
-            )
+    usable = lengths // multiple * multiple
+    fits = [i for i in range(len(lengths)) if usable[i] > multiple]
+    if not fits:
+        raise ValueError(
+            f"lengths: need an example longer than 2·{multiple} tokens to measure an "
+            f"approximation with {multiple} landmarks, the longest has {lengths.max()}"
+        )
+    # Uncut examples first, then the longest; the first of equals.
+    index0 = max(fits, key=lambda i: (usable[i] == lengths[i], usable[i], lengths[i], -i))
+    n = int(usable[index0])
     target = 0.75 * n
-    others = np.array([i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n])
-    if len(others):
-        index1 = int(others[np.argmin(np.abs(lengths[others] - target))])
-        length1, truncated1 = int(lengths[index1]), False
+    shorter = [i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n]
+    if shorter:
+        index1 = min(shorter, key=lambda i: (abs(lengths[i] - target), i))
+        length1 = int(lengths[index1])
     else:
-        index1 = 1 if index0 == 0 else 0
-        length1, truncated1 = max(1, round(target)), True
+        index1, length1 = int(index0 == 0), max(1, round(target))
     return {
         "index0": index0,
         "n": n,
-        "truncated0": truncated0,
+        "truncated0": n != int(lengths[index0]),
         "index1": index1,
         "length1": length1,
-        "truncated1": truncated1,
+        "truncated1": not shorter,
     }
 
 
