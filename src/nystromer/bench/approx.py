@@ -166,15 +166,12 @@ def implementation_errors(
     ``mask``: (2, n) bool, True = real token, for inputs that come with their own padding
     (a model's q, k, v on a padded batch): row 0 must be all True, row 1 right padding.
     """
-    m = num_landmarks
-    n = q.shape[2]
+    m, n, qkv = num_landmarks, q.shape[2], (q, k, v)
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
-    uneven = n - max(1, m // 2)
     if mask is None:
-        length = n - n // 8
         mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
-        mask[1, length:] = False
+        mask[1, n - n // 8 :] = False
     else:
         length = int(mask[1].sum()) if mask.shape == (2, n) else -1
         right_padded = torch.arange(n, device=mask.device) < length
@@ -185,12 +182,11 @@ def implementation_errors(
                 f"{mask.sum(-1).tolist()} real tokens"
             )
         mask = mask.to(q.device)
-    pair = [t[:2] for t in (q, k, v)]
-    alone1 = [t[1:2, :, :length] for t in (q, k, v)]
-    exact0 = _exact(*[t[:1] for t in (q, k, v)])
-    exact1 = _exact(*alone1)
-    exact0_uneven = _exact(*[t[:1, :, :uneven] for t in (q, k, v)])
-    heads, d = q.shape[1], q.shape[-1]
+    length, uneven = int(mask[1].sum()), n - max(1, m // 2)
+    alone0, pair = [t[:1] for t in qkv], [t[:2] for t in qkv]
+    uneven0 = [t[:1, :, :uneven] for t in qkv]
+    exact0, exact0_uneven = _exact(*alone0), _exact(*uneven0)
+    exact1 = _exact(*[t[1:2, :, :length] for t in qkv])
     report: dict = {}
     for name in _NYSTROM_IMPLS:
         reason = unavailable_reason(name)
@@ -199,30 +195,33 @@ def implementation_errors(
             continue
         impl = get_implementation(name)
 
-        def run(xs, mask_, seq_len, impl=impl):
-            config = AttentionConfig(heads, d, seq_len, m, 6, str(q.device), q.dtype)
+        def run(xs, mask_, impl=impl):
+            """The implementation's output, or why it does not accept these inputs."""
+            seq_len = xs[0].shape[2]
+            config = AttentionConfig(q.shape[1], q.shape[-1], seq_len, m, 6, str(q.device), q.dtype)
             why = impl.supports(config, mask_ is not None)
             if why is not None:
                 return why
             with torch.no_grad():
                 return impl.build(config)(*xs, mask_)
 
-        row: dict = {}
-        out = run([t[:1] for t in (q, k, v)], None, n)
-        row["unpadded"] = out if isinstance(out, str) else relative_error(out, exact0)
-        out = run([t[:1, :, :uneven] for t in (q, k, v)], None, uneven)
-        row["unpadded_uneven"] = out if isinstance(out, str) else relative_error(out, exact0_uneven)
-        out = run(pair, mask, n)
+        def error(xs, exact):
+            out = run(xs, None)
+            return out if isinstance(out, str) else relative_error(out, exact)
+
+        out = run(pair, mask)
+        scenarios = ("padded_sample", "full_sample_in_padded_batch", "batch_coupling")
         if isinstance(out, str):
-            row["padded_sample"] = row["full_sample_in_padded_batch"] = out
-            row["batch_coupling"] = out
+            padded = dict.fromkeys(scenarios, out)
         else:
-            row["padded_sample"] = relative_error(out[1:2, :, :length], exact1)
-            row["full_sample_in_padded_batch"] = relative_error(out[:1], exact0)
-            other = [torch.stack([t[0], 3 * t[1]]) for t in pair]
-            moved = run(other, mask, n)
-            row["batch_coupling"] = relative_error(moved[:1], out[:1])
-        report[name] = row
+            moved = run([torch.stack([t[0], 3 * t[1]]) for t in pair], mask)
+            errors = (out[1:2, :, :length], exact1), (out[:1], exact0), (moved[:1], out[:1])
+            padded = {key: relative_error(*e) for key, e in zip(scenarios, errors, strict=True)}
+        report[name] = {
+            "unpadded": error(alone0, exact0),
+            "unpadded_uneven": error(uneven0, exact0_uneven),
+        }
+        report[name] |= padded
     return report
 
 

@@ -1,19 +1,13 @@
 """Query, key and value of a trained Long Range Arena model on real validation inputs.
 
-The ``lra`` input kind of ``nystromer bench approx`` (and ``nystromer viz attention --source
-lra``): a run directory written by ``nystromer train`` / :func:`nystromer.lra.run.train_task`
-(``config.json`` and the ``best``/``last`` checkpoints) is read without writing anything to it,
-so a job that is still training there is not disturbed. Two examples of the run's validation
-split go through the model as one right-padded batch, the way training batches them, and the
-q, k, v projections of one attention layer are captured:
-
-* sample 0 is the longest example whose length is a multiple of the benchmark's landmark count
-  m, so it fills the batch exactly (no padding) and every implementation accepts it;
-* sample 1 is the example whose length is closest to ¾ of that, so about a quarter of its row
-  is padding, with whatever q, k, v the model computes at padding tokens (not zeros).
-
-The benchmarks never train a model themselves: :func:`resolve_lra_run` finds the run that was
-named or a default one, and says which command makes one when there is none.
+The ``lra`` inputs of ``nystromer bench approx`` and ``nystromer viz attention``. A run
+directory as ``nystromer train`` writes it is only read (a job still training there is not
+disturbed); two validation examples go through the model as one right-padded batch, as training
+batches them, and one attention layer's q, k, v projections are captured. Sample 0 is the
+longest example whose length is a multiple of the landmark count m (no padding, so every
+implementation accepts it); sample 1 the one closest to ¾ of that, padded with whatever q, k, v
+the model computes at padding tokens. Nothing is trained here: :func:`resolve_lra_run` says
+which command makes a run when there is none.
 """
 
 from __future__ import annotations

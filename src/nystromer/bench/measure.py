@@ -1,21 +1,14 @@
 """Time and peak memory of one attention implementation on one problem size.
 
-Times are medians over repeats after warm-up. Peak memory is that of the attention math alone:
-the peak minus what was resident once the inputs existed. On the CPU it can only be read
-reliably in a process that has done nothing else, so :func:`measure_case` runs each
-measurement in a fresh ``python -m nystromer.bench.worker`` process:
-
-* CPU: the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset
-  just before the call by writing 5 to ``/proc/self/clear_refs`` (method ``rss-reset``). Where
-  the kernel refuses the reset, the high-water mark since process start is used instead
-  (method ``rss-hwm``, an upper bound). Either way the resident size after the inputs were
-  created, and the allocator trimmed, is subtracted.
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
-  allocated memory after the inputs were created (method ``cuda-allocated``).
-
-Forward is measured as inference (under ``torch.no_grad``); forward+backward back-propagates a
-random output gradient to the inputs, so its peak includes the input gradients (the same size
-for every implementation).
+Times are medians over repeats after warm-up; forward runs under ``torch.no_grad`` (inference),
+forward+backward back-propagates a random output gradient to the inputs (so its peak includes
+their gradients, the same for every implementation). Peak memory is that of the call alone,
+above what was resident once the inputs existed, each in a fresh ``python -m
+nystromer.bench.worker`` process, the only place where the CPU reading is reliable: on the CPU
+the resident-set high-water mark (``VmHWM``) reset just before the call through
+``/proc/self/clear_refs`` (method ``rss-reset``; where the kernel refuses, the mark since start,
+``rss-hwm``, an upper bound) after trimming the allocator; on CUDA
+``torch.cuda.max_memory_allocated`` (``cuda-allocated``).
 """
 
 from __future__ import annotations
@@ -49,8 +42,7 @@ __all__ = [
     "fmt",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPES["float64"] = torch.float64
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
 TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
@@ -350,20 +342,18 @@ def run_worker(
 def measure_case(
     spec: CaseSpec,
     *,
-    forward: bool = True,
     backward: bool = True,
-    memory: bool = True,
     timing: bool = True,
     timeout: float | None = None,
     worker: list[str] | None = None,
 ) -> CaseResult:
-    """Measure one case in fresh processes (one for forward memory and the timings, one for
-    forward+backward memory).
+    """Measure one case: forward memory and the timings in one fresh process, forward+backward
+    memory in another.
 
     Args:
         spec: what to measure.
-        forward, backward: measure inference forward and/or forward+backward.
-        memory, timing: measure peak memory and/or time.
+        backward: measure forward+backward too, not only the inference forward.
+        timing: measure time too, not only peak memory.
         timeout: seconds allowed to each worker process.
         worker: the command that starts a worker (see :func:`run_worker`), for a benchmark
             whose implementations the default worker does not know.
@@ -379,15 +369,8 @@ def measure_case(
     if reason is not None:
         result.status, result.note = "skipped", reason
         return result
-    first = (["memory_forward"] if memory and forward else []) + (
-        (["time_forward"] if forward else []) + (["time_backward"] if backward else [])
-        if timing
-        else []
-    )
-    runs = [first] if first else []
-    if memory and backward:
-        runs.append(["memory_backward"])
-    for tasks in runs:
+    times = (["time_forward", "time_backward"] if backward else ["time_forward"]) if timing else []
+    for tasks in [["memory_forward", *times]] + ([["memory_backward"]] if backward else []):
         found = run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]
