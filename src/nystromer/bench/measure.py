@@ -44,6 +44,8 @@ __all__ = [
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
+#: What a :class:`CaseResult` reports per case, as its attribute names.
+METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
 TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
 
@@ -139,9 +141,7 @@ class CaseResult:
     threads: int | None = None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["spec"] = dataclasses.asdict(self.spec)
-        return d
+        return dataclasses.asdict(self)
 
     def summary(self) -> str:
         """One progress line: times and peaks, or the status and why."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
-from .measure import CaseResult, CaseSpec, fmt, measure_case
+from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "SPEED_LENGTHS",
@@ -48,7 +48,6 @@ PAPER_TABLE1 = {
     4096: ((2620, 32.9), (229, 5.9)),
     8192: ((10233, 155.4), (450, 12.3)),
 }
-METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
 
 
 def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> float | None:
