@@ -128,15 +128,10 @@ def _problem_command(args: argparse.Namespace, backward: bool) -> str:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from .speed import write_speed_outputs
+    from .speed import format_speed, write_speed_outputs
 
     report = _speed_report(args, backward=not args.no_backward)
-    print(f"\n{report['machine_label']}")
-    for impl, fits in report["scaling_exponents"].items():
-        shown = ", ".join(f"{k} n^{v:.2f}" for k, v in fits.items() if v is not None)
-        print(f"  {impl:<18} {shown or 'too few points for a fit'}")
-    for metric, n in report["nystromer_beats_exact_from"].items():
-        print(f"  nystromer faster than exact ({metric}) from n = {n}")
+    print(f"\nMachine: {report['machine_label']}.\n\n{format_speed(report)}\n")
     for path in write_speed_outputs(report, args.out):
         print(f"wrote {path}")
     return 0

@@ -171,22 +171,12 @@ def naive_nystrom_attention(
 ) -> Tensor:
     """The paper's formula ``F · A⁺ · (B · V)`` with the n×m and m×n kernels materialised.
 
-    :mod:`nystromer.reference` (the definition the tests hold the fused function to) run on
-    each sample's real tokens, all heads at once, in at least float32: the way the peers
-    evaluate the formula, so it is both a numerical cross-check and the speed/memory baseline
-    of the unfused formulation.
-
-    Args:
-        query, key, value: (B, H, n, d) self-attention inputs (n_q == n_k).
-        num_landmarks: m.
-        mask: (B, n) bool, True for real tokens; every sample needs more than m real tokens
-            when n > m (with fewer, landmarks would be empty segments; the fused function
-            switches to exact attention there, which this baseline does not reproduce).
-        pinv_iterations: iterations of the pseudo-inverse.
-        scale: factor on QKᵀ (default 1/√d).
-
-    Returns:
-        (B, H, n, d_v); padded query rows are zero.
+    :func:`nystromer.reference.nystrom_reference` on each sample's real tokens, all heads at
+    once, in at least float32: the peers' evaluation order, so both a numerical cross-check and
+    the speed/memory baseline of the unfused formulation. Arguments as in
+    :func:`nystromer.nystrom_attention`, for self-attention (B, H, n, d) inputs; with a ``mask``
+    every sample needs more than m real tokens when n > m (the fused function switches to exact
+    attention below that, which this baseline does not reproduce). Padded query rows are zero.
     """
     n = query.shape[2]
     if key.shape[2] != n:

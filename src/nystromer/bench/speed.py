@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,28 +61,21 @@ def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> 
     if len(pts) < 2:
         return None
     pts = pts[len(pts) // 2 :] if len(pts) >= 4 else pts
-    xs = [math.log(n) for n, _ in pts]
-    ys = [math.log(v) for _, v in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    fit = statistics.linear_regression([math.log(n) for n, _ in pts], [math.log(v) for _, v in pts])
+    return fit.slope
 
 
 def crossover(
     lengths: Sequence[int], ours: Sequence[float | None], exact: Sequence[float | None]
 ) -> int | None:
     """The smallest n from which ``ours`` < ``exact`` at every larger n measured for both."""
-    both = [
-        (n, a, b)
-        for n, a, b in zip(lengths, ours, exact, strict=True)
-        if a is not None and b is not None
-    ]
     found = None
-    for n, a, b in reversed(both):
-        if a < b:
-            found = n
-        else:
+    for n, a, b in reversed(list(zip(lengths, ours, exact, strict=True))):
+        if a is None or b is None:
+            continue
+        if a >= b:
             break
+        found = n
     return found
 
 
