@@ -53,6 +53,7 @@ __all__ = [
     "format_implementation_table",
     "format_sweep_tables",
     "format_approx",
+    "SCENARIOS",
     "write_approx_outputs",
 ]
 
@@ -60,6 +61,9 @@ LANDMARKS = (8, 16, 32, 64, 128, 256, 512)
 ITERATIONS = tuple(range(1, 21))
 SOURCES = ("random", "lra", "lm")
 _NYSTROM_IMPLS = ("nystromer", "naive", "nystrom-attention", "transformers")
+_PADDED_BATCH = ("padded_sample", "full_sample_in_padded_batch", "batch_coupling")
+#: What :func:`implementation_errors` reports: sample 0 alone, then the padded batch.
+SCENARIOS = ("unpadded", "unpadded_uneven", *_PADDED_BATCH)
 
 
 def _exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -210,13 +214,12 @@ def implementation_errors(
             return out if isinstance(out, str) else relative_error(out, exact)
 
         out = run(pair, mask)
-        scenarios = ("padded_sample", "full_sample_in_padded_batch", "batch_coupling")
         if isinstance(out, str):
-            padded = dict.fromkeys(scenarios, out)
+            padded = dict.fromkeys(_PADDED_BATCH, out)
         else:
             moved = run([torch.stack([t[0], 3 * t[1]]) for t in pair], mask)
             errors = (out[1:2, :, :length], exact1), (out[:1], exact0), (moved[:1], out[:1])
-            padded = {key: relative_error(*e) for key, e in zip(scenarios, errors, strict=True)}
+            padded = {key: relative_error(*e) for key, e in zip(_PADDED_BATCH, errors, strict=True)}
         report[name] = {
             "unpadded": error(alone0, exact0),
             "unpadded_uneven": error(uneven0, exact0_uneven),
@@ -405,13 +408,6 @@ def _list(errors: Sequence[float]) -> str:
 
 def format_implementation_table(report: dict) -> str:
     """Markdown: one row per (input kind, implementation), one column per scenario."""
-    cols = (
-        "unpadded",
-        "unpadded_uneven",
-        "padded_sample",
-        "full_sample_in_padded_batch",
-        "batch_coupling",
-    )
     lines = [
         f"Relative error vs exact attention, m = {report['num_landmarks']}:",
         "",
@@ -424,7 +420,9 @@ def format_implementation_table(report: dict) -> str:
             if "skipped" in row:
                 lines.append(f"| {source} | {impl} | skipped: {row['skipped']} |" + " |" * 4)
                 continue
-            cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in cols]
+            cells = [
+                f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in SCENARIOS
+            ]
             lines.append(f"| {source} | {impl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

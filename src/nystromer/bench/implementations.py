@@ -360,11 +360,8 @@ class _TransformersRunner(_LucidrainsRunner):
         module.conv_kernel_size = None
         del module.conv
         hd = h * d
-        module.query, module.key, module.value = (
-            _Columns(0, hd),
-            _Columns(hd, 2 * hd),
-            _Columns(2 * hd, 3 * hd),
-        )
+        for i, name in enumerate(("query", "key", "value")):
+            setattr(module, name, _Columns(i * hd, (i + 1) * hd))
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = h
 

@@ -75,19 +75,10 @@ def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The LRA run directory a benchmark reads.
-
-    Args:
-        run_dir: the run to use (it must hold a checkpoint). None: :data:`DEFAULT_LRA_RUN`, else
-            ``FALLBACK_LRA_DIR/run`` (the small model of ``nystromer demo``), whichever holds a
-            checkpoint.
-
-    Returns:
-        A run directory that holds ``config.json`` and a checkpoint.
-
-    Raises:
-        ValueError: no such run; the message names ``--lra-run`` and the commands that make one.
-    """
+    """The LRA run directory a benchmark reads: ``run_dir``, or by default
+    :data:`DEFAULT_LRA_RUN`, else the demo's ``FALLBACK_LRA_DIR/run``, whichever holds
+    ``config.json`` and a checkpoint. ValueError naming ``--lra-run`` and the commands that
+    make a run when there is none."""
     how = (
         "make one with `nystromer train listops --data DATA --out DIR` (the paper's recipe) or "
         f"`nystromer demo` (a small ListOps model in {FALLBACK_LRA_DIR / 'run'}, about two "

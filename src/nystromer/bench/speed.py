@@ -118,12 +118,10 @@ def run_speed(
                     stop = f"stopped: forward took {r.forward_ms / 1e3:.1f} s at n = {n}"
             results[impl].append(r)
             say(f"  {impl:<18} n = {n:>6}: {r.summary()}")
-    curves = {}
-    for impl, rs in results.items():
-        curves[impl] = {
-            metric: [getattr(r, metric) if r.status == "ok" else None for r in rs]
-            for metric in METRICS
-        }
+    curves = {
+        impl: {m: [getattr(r, m) if r.status == "ok" else None for r in rs] for m in METRICS}
+        for impl, rs in results.items()
+    }
     fits = {
         impl: {metric: scaling_exponent(lengths, vals) for metric, vals in c.items()}
         for impl, c in curves.items()

@@ -159,17 +159,11 @@ def attention_figure(
     """``nystromer viz attention``: :func:`plot_attention` on one head of the chosen inputs,
     and its result beside the PNG as JSON (same name, ``.json``).
 
-    Args:
-        path: the PNG to write.
-        source: ``random`` (structured random q, k), ``lm`` (a language model's, see
-            :func:`~nystromer.bench.approx.model_qkv`) or ``lra`` (a trained LRA model's, see
-            :mod:`~nystromer.bench.lra_inputs`; ``lra_run`` names it).
-        seq_len: n of the random and lm inputs.
-        num_landmarks, pinv_iterations, window: as in :func:`plot_attention`.
-        model_source: the language model (``auto``, ``minilm``, ``random-bert``).
-        lra_run, lra_checkpoint: the LRA run directory (None: the default places) and checkpoint.
-        layer: model layer (default: lm 2, lra the last).
-        head: which head.
+    ``source``: ``random`` (structured random q, k), ``lm`` (a language model's,
+    :func:`~nystromer.bench.approx.model_qkv`, ``model_source``) or ``lra`` (a trained LRA
+    model's, :mod:`~nystromer.bench.lra_inputs`, ``lra_run`` and ``lra_checkpoint``); ``layer``
+    defaults to 2 for lm and the last for lra; ``seq_len`` is n of the random and lm inputs; the
+    other arguments are :func:`plot_attention`'s.
 
     Returns:
         :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
