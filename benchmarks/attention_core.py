@@ -16,7 +16,7 @@ import json
 import sys
 
 from nystromer._io import atomic_write
-from nystromer.bench.cli import call_with
+from nystromer.bench.cli import add_script_args, call_with
 from nystromer.bench.core import CoreReport, format_report, run_core, write_docs_section
 from nystromer.bench.implementations import IMPLEMENTATIONS
 from nystromer.bench.measure import DTYPES, CaseSpec, recorded_command
@@ -26,23 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", "-n", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-landmarks", "-m", type=int, default=64)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    p.add_argument("--pinv-iterations", type=int, default=6)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--padding", type=float, default=0.1, help="padding fraction of the padded row")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     p.add_argument(
         "--rounds",
         type=int,
         default=3,
         help="measure every implementation this many times, in turn (median over rounds)",
     )
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--exact-repeats", type=int, default=2, help="timed calls of exact SDPA")
     p.add_argument(
         "--impl",
@@ -50,14 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(IMPLEMENTATIONS),
         help="only these implementations (repeatable; default: all but exact-matmul)",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     p.add_argument("--json", help="also write the full report as JSON here")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json",
-        metavar="FILE",
-        help="measure nothing: print (and --write-docs) a report saved earlier with --json",
-    )
+    add_script_args(p, repeats=5, timeout=1800, saved="a report saved earlier with --json")
     args = p.parse_args(argv)
 
     # The rows' implementation and padding are set per row.

@@ -36,7 +36,7 @@ import torch
 from nystromer._io import atomic_write
 from nystromer._machine import machine_info, machine_label
 from nystromer._markdown import replace_section
-from nystromer.bench.cli import call_with, int_at_least
+from nystromer.bench.cli import add_script_args, call_with, int_at_least
 from nystromer.bench.implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -452,9 +452,6 @@ def main(argv: list[str] | None = None) -> int:
         default=list(DEFAULT_LENGTHS),
         metavar="N",
     )
-    p.add_argument("--batch", type=int_at_least(1), default=1)
-    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
-    p.add_argument("--pinv-iterations", type=int, default=6)
     p.add_argument(
         "--kmeans-iterations",
         type=int_at_least(0),
@@ -471,20 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         help="odd kernel of the converted model's depthwise convolution on the values, 0 for "
         "none (default 0; `nystromer distill` uses 35)",
     )
-    p.add_argument(
-        "--threads", type=int_at_least(1), help="torch threads (default: torch's default)"
-    )
-    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json",
-        metavar="FILE",
-        help="measure nothing: print (and --write-docs) a results.json saved earlier",
-    )
+    add_script_args(p, repeats=3, timeout=3600, saved="a results.json saved earlier")
     args = p.parse_args(argv)
 
     if args.from_json:

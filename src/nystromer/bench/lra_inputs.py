@@ -130,16 +130,9 @@ def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Te
 def load_lra_model(
     run_dir: str | os.PathLike[str], checkpoint: str = "auto"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of an LRA run in eval mode on the CPU, and what was loaded.
-
-    Args:
-        run_dir: a run directory (``config.json`` + checkpoints).
-        checkpoint: ``best``, ``last`` or ``auto`` (best when it exists, else last).
-
-    Returns:
-        ``(model, info)``; info holds run_dir, task, checkpoint, step, the checkpoint's
-        validation metrics when recorded, and the run's config.
-    """
+    """``(model, info)``: the model of an LRA run in eval mode on the CPU, from its ``best``,
+    ``last`` or (``auto``) best-else-last checkpoint; info holds run_dir, task, checkpoint,
+    step, the checkpoint's validation metrics when recorded, and the run's config."""
     from ..lra.model import LRAModelConfig, build_model
     from ..lra.run import read_run_config
 

@@ -1,16 +1,12 @@
 """``nystromer bench report`` (``make bench``): regenerate docs/benchmarks.md from the commands.
 
-Runs ``bench table``, ``bench speed`` (CPU; on CUDA too when available), ``bench approx`` and
-``viz attention`` as a user would type them (``python -m nystromer ...``), each into a folder
-under ``--out``, then writes each section between its own marker comments
-(``<!-- bench-report:NAME:begin … -->`` … ``<!-- bench-report:NAME:end -->``) of the Markdown
-file: the command, date and machine, then the Markdown the command's own module renders from
-its JSON (the same text the command writes beside it), and the plots, copied to ``docs/bench/``.
-Everything outside the markers is kept byte for byte. CUDA results copied from another machine
-to ``docs/bench/gpu/<dtype>/`` are rendered naming the device; without any, the GPU section
-gives the commands that make them. The LRA inputs need a trained model (``--lra-run``); nothing
-is trained here, and without one those inputs are left out. ``--quick`` runs the same pipeline
-on tiny sizes (seconds), into a scratch Markdown file.
+Runs ``bench table``, ``bench speed`` (CPU; CUDA too when available), ``bench approx`` and
+``viz attention`` as a user types them, each into a folder under ``--out``, and writes each
+section between its own marker comments of the Markdown file (everything outside them is kept
+byte for byte): the command, date and machine, the Markdown the command's own module renders
+from its JSON (what the command writes beside it), and the plots, copied to ``docs/bench/``.
+CUDA results copied from another machine to ``docs/bench/gpu/<dtype>/`` are rendered naming the
+device. Nothing is trained here: without a trained LRA model, the LRA inputs are left out.
 """
 
 from __future__ import annotations
@@ -386,13 +382,9 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--lra-run", type=Path, help="LRA run for the lra inputs (default: see approx)")
     r.add_argument("--threads", type=int, help="torch threads of the timed sections")
-    gpu = r.add_mutually_exclusive_group()
-    gpu.add_argument(
+    r.add_argument(
         "--run-gpu",
-        dest="run_gpu",
-        action="store_true",
-        default=None,
+        action=argparse.BooleanOptionalAction,
         help="run the CUDA speed commands (default: when CUDA is available, not with --quick)",
     )
-    gpu.add_argument("--no-run-gpu", dest="run_gpu", action="store_false")
     r.set_defaults(func=_report_command)

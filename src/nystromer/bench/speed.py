@@ -1,11 +1,10 @@
 """``nystromer bench speed``: time and peak memory against sequence length.
 
-For each implementation and n = 512, 1,024, … (doubling), forward and forward+backward time
-and peak memory (fresh process per measurement). An implementation stops growing n once a
-forward call took longer than ``max_seconds`` or its process ran out of memory, so exact
-attention goes as far as it fits. Writes ``speed.json``, ``speed.csv`` and log-log plots, with
-a fitted scaling exponent per curve and the n from which nystromer beats exact attention,
-and ``speed.md``, the tables that ``nystromer bench report`` puts in docs/benchmarks.md.
+Each implementation over n = 512, 1,024, … (doubling), forward and forward+backward, fresh
+process per measurement, until a forward took longer than ``max_seconds`` or ran out of memory.
+Writes ``speed.json``, ``speed.md`` (the tables ``nystromer bench report`` shows), ``speed.csv``
+and log-log plots, with a fitted scaling exponent per curve and the n from which nystromer beats
+exact attention.
 """
 
 from __future__ import annotations
