@@ -104,16 +104,16 @@ def run_attention_demo(
         "what storing it (as the paper's Transformer did) would take."
     )
     rows = []
+    problem = CaseSpec(
+        "exact",
+        heads=heads,
+        head_dim=head_dim,
+        num_landmarks=num_landmarks,
+        threads=threads,
+        repeats=repeats,
+    )
     for n in lengths:
-        base = CaseSpec(
-            "exact",
-            heads=heads,
-            seq_len=n,
-            head_dim=head_dim,
-            num_landmarks=num_landmarks,
-            threads=threads,
-            repeats=repeats,
-        )
+        base = dataclasses.replace(problem, seq_len=n)
         found = {}
         for impl in ("exact", "nystromer"):
             found[impl] = measure_case(dataclasses.replace(base, impl=impl), backward=False)

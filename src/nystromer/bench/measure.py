@@ -109,15 +109,9 @@ class CaseSpec:
         get_implementation(self.impl)  # ValueError for an unknown name
 
     def config(self) -> AttentionConfig:
-        return AttentionConfig(
-            heads=self.heads,
-            head_dim=self.head_dim,
-            seq_len=self.seq_len,
-            num_landmarks=self.num_landmarks,
-            pinv_iterations=self.pinv_iterations,
-            device=self.device,
-            dtype=DTYPES[self.dtype],
-        )
+        """The runner's shape: this case's fields of the same names, the dtype as a torch one."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionConfig)}
+        return AttentionConfig(**shared | {"dtype": DTYPES[self.dtype]})
 
 
 @dataclass
