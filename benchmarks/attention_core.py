@@ -16,32 +16,26 @@ import json
 import sys
 
 from nystromer._io import atomic_write
+from nystromer.bench.cli import add_script_args, call_with
 from nystromer.bench.core import CoreReport, format_report, run_core, write_docs_section
 from nystromer.bench.implementations import IMPLEMENTATIONS
-from nystromer.bench.measure import (
-    DTYPES,
-    add_core_problem_arguments,
-    core_problem_spec,
-    recorded_command,
-)
+from nystromer.bench.measure import DTYPES, CaseSpec, recorded_command
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_core_problem_arguments(p)
-    p.add_argument("--pinv-iterations", type=int, default=6)
+    p.add_argument("--seq-len", "-n", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--padding", type=float, default=0.1, help="padding fraction of the padded row")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     p.add_argument(
         "--rounds",
         type=int,
         default=3,
         help="measure every implementation this many times, in turn (median over rounds)",
     )
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--exact-repeats", type=int, default=2, help="timed calls of exact SDPA")
     p.add_argument(
         "--impl",
@@ -49,38 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(IMPLEMENTATIONS),
         help="only these implementations (repeatable; default: all but exact-matmul)",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     p.add_argument("--json", help="also write the full report as JSON here")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json",
-        metavar="FILE",
-        help="measure nothing: print (and --write-docs) a report saved earlier with --json",
-    )
+    add_script_args(p, repeats=5, timeout=1800, saved="a report saved earlier with --json")
     args = p.parse_args(argv)
 
-    base = core_problem_spec(
-        args,
-        pinv_iterations=args.pinv_iterations,
-        dtype=args.dtype,
-        device=args.device,
-        warmup=args.warmup,
-        repeats=args.repeats,
-    )
+    # The rows' implementation and padding are set per row.
+    base = call_with(CaseSpec, args, impl="nystromer", padding=0.0)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             report = CoreReport.from_dict(json.load(f))
         return _emit(report, args)
     command = recorded_command("benchmarks/attention_core.py", argv, drop=("--json",))
     print(f"attention core benchmark: {command}", flush=True)
-    report = run_core(
+    report = call_with(
+        run_core,
+        args,
         base,
         implementations=args.impl,
-        padding=args.padding,
-        rounds=args.rounds,
-        exact_repeats=args.exact_repeats,
         command=command,
-        timeout=args.timeout,
         progress=lambda line: print(line, flush=True),
     )
     return _emit(report, args)

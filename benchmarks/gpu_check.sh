@@ -4,20 +4,17 @@
 #
 #   bash benchmarks/gpu_check.sh OUT [STAGE...]
 #
-# STAGE is any of (default: tests bf16):
-#   tests  tests/test_cuda.py: the attention, module, torch.compile and LRA training on CUDA;
-#   bf16   `nystromer bench speed --device cuda --dtype bfloat16` (the GPU section's command);
-#   fp32   the same in float32.
-# The bench stages take the lengths in $LENGTHS (default 1024,4096,16384,65536,131072; the
-# GPU section's full list is 512 … 131,072) and the implementations in $IMPLS (default: all).
-# DEVICE=cpu runs every stage on the CPU, which checks this script without a GPU.
+# STAGE (default: tests bf16): tests (tests/test_cuda.py: attention, module, torch.compile and
+# LRA training on CUDA), bf16 (`nystromer bench speed --device cuda --dtype bfloat16`, the GPU
+# section's command) or fp32 (the same in float32), at the lengths in $LENGTHS (default
+# 1024,4096,16384,65536,131072) and the implementations in $IMPLS (default: all). DEVICE=cpu
+# runs every stage on the CPU, which checks this script without a GPU.
 #
-# OUT receives at most 8 files (what the device tool brings back): check.log, and
-# gpu/<dtype>/speed.json per bench stage. Back on the development machine, copy those to
-# docs/bench/gpu/<dtype>/speed.json and run `nystromer bench report --only gpu`.
-# The peer nystrom-attention is measured when its wheel lies in .whl/ (`pip download
-# nystrom-attention==0.0.14 --no-deps -d .whl`, .whl/ ignored by git and named in the device
-# tool's carry); without it, its rows say it is not installed.
+# OUT receives at most 8 files (what the device tool brings back): check.log and
+# gpu/<dtype>/speed.json per bench stage. Copy those to docs/bench/gpu/<dtype>/speed.json on the
+# development machine and run `nystromer bench report --only gpu`. The peer nystrom-attention is
+# measured when its wheel lies in .whl/ (`pip download nystrom-attention==0.0.14 --no-deps -d
+# .whl`, ignored by git, named in the device tool's carry); without it, its rows say so.
 set -u -o pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [tests|bf16|fp32 ...]}
 shift

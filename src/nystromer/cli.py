@@ -17,9 +17,10 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .bench.cli import call_with
     from .bench.demo import run_attention_demo
 
-    run_attention_demo(args.lengths, threads=args.threads, repeats=args.repeats)
+    call_with(run_attention_demo, args)
     if args.listops_steps > 0:
         from .lra.demo import run_listops_demo
 
@@ -58,21 +59,10 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _viz_attention(args: argparse.Namespace) -> int:
+    from .bench.cli import call_with
     from .bench.viz import attention_figure
 
-    found = attention_figure(
-        args.out,
-        source=args.source,
-        seq_len=args.seq_len,
-        num_landmarks=args.num_landmarks,
-        pinv_iterations=args.pinv_iterations,
-        model_source=args.model_source,
-        lra_run=args.lra_run,
-        lra_checkpoint=args.lra_checkpoint,
-        layer=args.layer,
-        head=args.head,
-        window=args.window,
-    )
+    found = call_with(attention_figure, args, args.out)
     print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
     print(f"wrote {found['json']}")
     return 0

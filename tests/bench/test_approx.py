@@ -39,7 +39,12 @@ def _report(sweep: dict) -> dict:
     return {
         "num_landmarks": 8,
         "sources": {
-            "clustered": {"landmarks": sweep, "iterations": iterations, "implementations": {}}
+            "clustered": {
+                "description": "q, k around 6 centres",
+                "landmarks": sweep,
+                "iterations": iterations,
+                "implementations": {},
+            }
         },
     }
 
@@ -84,5 +89,6 @@ def test_outputs_table_and_plots(tmp_path):
         "approx_iterations.png",
     ]
     assert json.loads(paths[0].read_text())["sources"]["clustered"]["landmarks"] == sweep
-    assert f"{sweep['kmeans'][0]:.3g}" in paths[1].read_text()
+    md = paths[1].read_text()
+    assert f"{sweep['kmeans'][0]:.3g}" in md and "- `clustered`: q, k around 6 centres" in md
     assert paths[2].read_bytes()[:8] == PNG

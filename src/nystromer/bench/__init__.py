@@ -4,7 +4,7 @@ Modules:
     implementations  the registry of attention implementations (ours, naive, exact, peers)
     inputs           random query/key/value tensors and padding masks
     measure          time and peak memory of one case, in a fresh process
-    core             the attention-core benchmark and its targets (benchmarks/attention_core.py)
+    core             the attention-core benchmark (benchmarks/attention_core.py)
     demo             ``nystromer demo``: exact vs Nyström as n grows
     speed            ``nystromer bench speed``: time and memory against n, scaling fits, plots
     approx           ``nystromer bench approx``: approximation error against m, iterations, ...

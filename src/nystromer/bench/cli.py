@@ -4,11 +4,20 @@ that the top-level ``demo`` and ``viz attention`` commands share with them."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register", "int_list", "add_input_source_args"]
+__all__ = [
+    "register",
+    "int_list",
+    "int_at_least",
+    "add_input_source_args",
+    "add_script_args",
+    "call_with",
+]
 
 _DEFAULT_OUT = Path("bench-out")
 
@@ -24,6 +33,47 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer ≥ ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
+    """``func(*positional, **given)`` plus every parsed option named like one of its keyword
+    parameters, so that an option is spelled once, where it is declared."""
+    names = inspect.signature(func).parameters
+    found = {k: v for k, v in vars(args).items() if k in names and k not in given}
+    return func(*positional, **found, **given)
+
+
+def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
+    """The options both scripts in benchmarks/ take: measurement settings named as
+    :class:`~nystromer.bench.measure.CaseSpec`'s fields, the worker timeout, and where the
+    Markdown section goes (``saved``: what ``--from-json`` reads)."""
+    p.add_argument("--batch", type=int_at_least(1), default=1)
+    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
+    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=int_at_least(1), default=repeats, help="timed calls (median)")
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json", metavar="FILE", help=f"measure nothing: print (and --write-docs) {saved}"
+    )
 
 
 #: Short dtype names accepted besides the full ones.
@@ -79,25 +129,8 @@ def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
 
     for name in args.impl:
         get_implementation(name)  # ValueError naming the known ones
-    base = CaseSpec(
-        args.impl[0],
-        batch=args.batch,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        num_landmarks=args.num_landmarks,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-        repeats=args.repeats,
-    )
-    report = run_speed(
-        base,
-        lengths=args.lengths,
-        implementations=args.impl,
-        backward=backward,
-        max_seconds=args.max_seconds,
-        timeout=args.timeout,
-    )
+    base = call_with(CaseSpec, args, impl=args.impl[0])
+    report = call_with(run_speed, args, base, implementations=args.impl, backward=backward)
     report["command"] = _problem_command(args, backward)
     return report
 
@@ -120,15 +153,10 @@ def _problem_command(args: argparse.Namespace, backward: bool) -> str:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from .speed import write_speed_outputs
+    from .speed import format_speed, write_speed_outputs
 
     report = _speed_report(args, backward=not args.no_backward)
-    print(f"\n{report['machine_label']}")
-    for impl, fits in report["scaling_exponents"].items():
-        shown = ", ".join(f"{k} n^{v:.2f}" for k, v in fits.items() if v is not None)
-        print(f"  {impl:<18} {shown or 'too few points for a fit'}")
-    for metric, n in report["nystromer_beats_exact_from"].items():
-        print(f"  nystromer faster than exact ({metric}) from n = {n}")
+    print(f"\nMachine: {report['machine_label']}.\n\n{format_speed(report)}\n")
     for path in write_speed_outputs(report, args.out):
         print(f"wrote {path}")
     return 0
@@ -139,17 +167,13 @@ def _table(args: argparse.Namespace) -> int:
     from .speed import format_table1
 
     report = _speed_report(args, backward=False)
-    text = (
-        f"Forward (inference) peak memory above the inputs and time per instance, batch 1, "
-        f"{args.heads} heads × {args.head_dim}, {args.dtype}; {report['machine_label']}.\n\n"
-        + format_table1(report)
-    )
+    text = f"Machine: {report['machine_label']}.\n\n{format_table1(report)}\n"
     print("\n" + text)
     out = Path(args.out)
     with atomic_write(out / "table1.json") as f:
         json.dump(report, f, indent=2)
     with atomic_write(out / "table1.md") as f:
-        f.write(text + "\n")
+        f.write(text)
     print(f"wrote {out / 'table1.md'} and {out / 'table1.json'}")
     return 0
 
@@ -157,21 +181,7 @@ def _table(args: argparse.Namespace) -> int:
 def _approx(args: argparse.Namespace) -> int:
     from .approx import run_approx, write_approx_outputs
 
-    report = run_approx(
-        seq_len=args.seq_len,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        landmarks=args.landmarks,
-        iterations=args.iterations,
-        num_landmarks=args.num_landmarks,
-        model_seq_len=args.model_seq_len,
-        model_source=args.model_source,
-        sources=args.sources,
-        lra_run=args.lra_run,
-        lra_layer=args.lra_layer,
-        lra_checkpoint=args.lra_checkpoint,
-    )
-    for path in write_approx_outputs(report, args.out):
+    for path in write_approx_outputs(call_with(run_approx, args), args.out):
         print(f"wrote {path}")
     return 0
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .._machine import machine_info, machine_label
 from .._markdown import replace_section
 from .implementations import PEERS
-from .measure import CaseResult, CaseSpec, measure_case
+from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "CoreReport",
@@ -38,7 +38,6 @@ OURS_PADDED = "nystromer (padded)"
 OURS_PLAIN = "nystromer-plain"
 _BEGIN = "<!-- attention-core:begin (written by benchmarks/attention_core.py) -->"
 _END = "<!-- attention-core:end -->"
-_METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
 
 
 @dataclass
@@ -55,30 +54,17 @@ class CoreReport:
     @classmethod
     def from_dict(cls, data: dict) -> CoreReport:
         """Rebuild a report from :meth:`to_dict`'s output (e.g. a saved ``--json`` file)."""
-
-        def result(d: dict) -> CaseResult:
-            fields = {k: v for k, v in d.items() if k != "spec"}
-            return CaseResult(CaseSpec(**d["spec"]), **fields)
-
-        return cls(
-            base=CaseSpec(**data["base"]),
-            rows={k: result(v) for k, v in data["rows"].items()},
-            machine=data["machine"],
-            command=data["command"],
-            date=data["date"],
-            rounds=data.get("rounds", 1),
-        )
+        rows = {
+            label: CaseResult(
+                CaseSpec(**row["spec"]), **{k: v for k, v in row.items() if k != "spec"}
+            )
+            for label, row in data["rows"].items()
+        }
+        recorded = {key: data[key] for key in ("machine", "command", "date")}
+        return cls(CaseSpec(**data["base"]), rows, **recorded, rounds=data.get("rounds", 1))
 
     def to_dict(self) -> dict:
-        return {
-            "base": dataclasses.asdict(self.base),
-            "rows": {k: v.to_dict() for k, v in self.rows.items()},
-            "machine": self.machine,
-            "machine_label": machine_label(self.machine),
-            "command": self.command,
-            "date": self.date,
-            "rounds": self.rounds,
-        }
+        return dataclasses.asdict(self) | {"machine_label": machine_label(self.machine)}
 
 
 def run_core(
@@ -130,7 +116,7 @@ def run_core(
             measured[label].append(result := measure_case(spec, timeout=timeout))
             if progress is not None:
                 where = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
-                progress(f"  {label:<20} {_row_summary(result)}{where}")
+                progress(f"  {label:<20} {result.summary()}{where}")
     return CoreReport(
         base=base,
         rows={label: median_result(results) for label, results in measured.items()},
@@ -153,23 +139,10 @@ def median_result(results: list[CaseResult]) -> CaseResult:
 
     return dataclasses.replace(
         results[0],
-        **{attr: median(attr) for attr in _METRICS},
+        **{attr: median(attr) for attr in METRICS},
         forward_times_ms=[t for r in results for t in r.forward_times_ms],
         backward_times_ms=[t for r in results for t in r.backward_times_ms],
     )
-
-
-def _row_summary(r: CaseResult) -> str:
-    if r.status != "ok":
-        return f"{r.status}: {r.note}"
-    return (
-        f"fwd {r.forward_ms:.1f} ms, fwd+bwd {r.backward_ms:.1f} ms, "
-        f"peak {r.forward_peak_mib:.1f} / {r.backward_peak_mib:.1f} MiB"
-    )
-
-
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{x:,.{digits}f}"
 
 
 def format_report(report: CoreReport) -> str:
@@ -191,12 +164,12 @@ def format_report(report: CoreReport) -> str:
         if r.status != "ok":
             lines.append(f"| {label} | {r.status}: {r.note} |" + " |" * 8)
             continue
-        values = [getattr(r, attr) for attr in _METRICS]
+        values = [getattr(r, attr) for attr in METRICS]
         ratios = [
             None if ours is None or not getattr(ours, attr) else value / getattr(ours, attr)
-            for attr, value in zip(_METRICS, values, strict=True)
+            for attr, value in zip(METRICS, values, strict=True)
         ]
-        cells = [_fmt(x) for x in values] + [_fmt(x, 2) for x in ratios]
+        cells = [fmt(x) for x in values] + [fmt(x, ".2f") for x in ratios]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     method = next((r.memory_method for r in report.rows.values() if r.memory_method), "")
     exact = report.rows.get("exact")

@@ -1,11 +1,8 @@
 """``nystromer demo``, part 1: exact vs Nyström attention as the sequence grows.
 
-:func:`run_attention_demo` measures, for n = 1,024 … 16,384 (batch 1, 8 heads of 64, m = 64,
-float32), the forward time and peak memory of exact attention (torch SDPA) and of
-:func:`nystromer.nystrom_attention`, each in a fresh process, and the relative output error
-of the approximation on random inputs shaped like a trained model's
-(:func:`nystromer.bench.inputs.random_qkv` with ``style="structured"``). About a minute on a
-2-core CPU.
+Forward time and peak memory (fresh process each) of torch SDPA and of
+:func:`nystromer.nystrom_attention`, and the relative output error on random inputs shaped like
+a trained model's, for n = 1,024 … 16,384. About a minute on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import torch
 from .._machine import machine_info, machine_label
 from .implementations import get_implementation
 from .inputs import random_qkv, relative_error
-from .measure import CaseSpec, measure_case
+from .measure import CaseSpec, fmt, measure_case
 
 __all__ = ["DemoRow", "DEMO_LENGTHS", "run_attention_demo", "format_demo_table"]
 
@@ -56,9 +53,6 @@ def _error(spec: CaseSpec) -> float:
 def format_demo_table(rows: Sequence[DemoRow]) -> str:
     """Markdown table of :func:`run_attention_demo`'s rows with speed-up and memory ratio."""
 
-    def f(x: float | None, spec: str = ",.1f") -> str:
-        return "—" if x is None else format(x, spec)
-
     lines = [
         "| n | exact ms | Nyström ms | speed-up | exact MiB | Nyström MiB | n×n matrix MiB "
         "| relative error |",
@@ -67,8 +61,8 @@ def format_demo_table(rows: Sequence[DemoRow]) -> str:
     for r in rows:
         speed = r.exact_ms / r.nystrom_ms if r.exact_ms and r.nystrom_ms else None
         lines.append(
-            f"| {r.seq_len:,} | {f(r.exact_ms)} | {f(r.nystrom_ms)} | {f(speed, '.1f')}× "
-            f"| {f(r.exact_mib)} | {f(r.nystrom_mib)} | {f(r.matrix_mib, ',.0f')} "
+            f"| {r.seq_len:,} | {fmt(r.exact_ms)} | {fmt(r.nystrom_ms)} | {fmt(speed, '.1f')}× "
+            f"| {fmt(r.exact_mib)} | {fmt(r.nystrom_mib)} | {fmt(r.matrix_mib, ',.0f')} "
             f"| {r.relative_error:.3f} |"
         )
     return "\n".join(lines)
@@ -110,18 +104,16 @@ def run_attention_demo(
         "what storing it (as the paper's Transformer did) would take."
     )
     rows = []
+    problem = CaseSpec(
+        "exact",
+        heads=heads,
+        head_dim=head_dim,
+        num_landmarks=num_landmarks,
+        threads=threads,
+        repeats=repeats,
+    )
     for n in lengths:
-        base = CaseSpec(
-            "exact",
-            batch=1,
-            heads=heads,
-            seq_len=n,
-            head_dim=head_dim,
-            num_landmarks=num_landmarks,
-            threads=threads,
-            warmup=1,
-            repeats=repeats,
-        )
+        base = dataclasses.replace(problem, seq_len=n)
         found = {}
         for impl in ("exact", "nystromer"):
             found[impl] = measure_case(dataclasses.replace(base, impl=impl), backward=False)

@@ -1,22 +1,14 @@
 """A registry of attention implementations that the benchmarks loop over.
 
-Every entry turns the same inputs, query/key/value of shape (B, H, n, d) and an optional key
-padding mask (B, n) (True = real token), into an attention output, and measures only the
-attention math: the peers' input and output projections are replaced by exact selections, so
-no implementation pays for a matrix multiply the others skip.
-
-An implementation is split in three steps so that layout conversions stay outside the timed
-and memory-measured region:
-
-* ``runner.prepare(q, k, v, mask)`` converts the inputs to the implementation's own layout
-  (a peer that only accepts one hidden-state tensor gets ``x = [q | k | v]``, (B, n, 3·H·d));
-* ``runner.run(*prepared)`` is the measured call and returns the native output;
-* ``runner.to_bhnd(out)`` converts the native output back to (B, H, n, d).
-
-``runner(q, k, v, mask)`` chains the three.
-
-Peers are optional: :func:`available_implementations` lists only the installed ones and
-:func:`unavailable_reason` says why one is missing.
+Every entry turns query/key/value (B, H, n, d) and an optional key padding mask (B, n) (True =
+real token) into the attention output. Only the attention math is measured: the peers' input
+and output projections are replaced by exact selections, and each runner splits its work so
+that layout conversions stay outside the measured call: ``prepare(q, k, v, mask)`` (to the
+implementation's own layout; a peer that takes hidden states gets ``x = [q | k | v]``,
+(B, n, 3·H·d)), ``run(*prepared)`` (measured; the native output), ``to_bhnd(out)`` (back to
+(B, H, n, d)); ``runner(q, k, v, mask)`` chains the three. Peers are optional:
+:func:`available_implementations` lists the installed ones, :func:`unavailable_reason` says why
+one is missing.
 """
 
 from __future__ import annotations
@@ -120,7 +112,7 @@ class Implementation:
         build: ``build(config) -> AttentionRunner``.
         supports: ``supports(config, padded) -> None`` or the reason the configuration is
             outside what the implementation accepts (e.g. n not a multiple of m).
-        is_peer: another project's implementation (compared against in the targets).
+        is_peer: another project's implementation.
     """
 
     name: str
@@ -179,22 +171,12 @@ def naive_nystrom_attention(
 ) -> Tensor:
     """The paper's formula ``F · A⁺ · (B · V)`` with the n×m and m×n kernels materialised.
 
-    :mod:`nystromer.reference` (the definition the tests hold the fused function to) run on
-    each sample's real tokens, all heads at once, in at least float32: the way the peers
-    evaluate the formula, so it is both a numerical cross-check and the speed/memory baseline
-    of the unfused formulation.
-
-    Args:
-        query, key, value: (B, H, n, d) self-attention inputs (n_q == n_k).
-        num_landmarks: m.
-        mask: (B, n) bool, True for real tokens; every sample needs more than m real tokens
-            when n > m (with fewer, landmarks would be empty segments; the fused function
-            switches to exact attention there, which this baseline does not reproduce).
-        pinv_iterations: iterations of the pseudo-inverse.
-        scale: factor on QKᵀ (default 1/√d).
-
-    Returns:
-        (B, H, n, d_v); padded query rows are zero.
+    :func:`nystromer.reference.nystrom_reference` on each sample's real tokens, all heads at
+    once, in at least float32: the peers' evaluation order, so both a numerical cross-check and
+    the speed/memory baseline of the unfused formulation. Arguments as in
+    :func:`nystromer.nystrom_attention`, for self-attention (B, H, n, d) inputs; with a ``mask``
+    every sample needs more than m real tokens when n > m (the fused function switches to exact
+    attention below that, which this baseline does not reproduce). Padded query rows are zero.
     """
     n = query.shape[2]
     if key.shape[2] != n:
@@ -378,11 +360,8 @@ class _TransformersRunner(_LucidrainsRunner):
         module.conv_kernel_size = None
         del module.conv
         hd = h * d
-        module.query, module.key, module.value = (
-            _Columns(0, hd),
-            _Columns(hd, 2 * hd),
-            _Columns(2 * hd, 3 * hd),
-        )
+        for i, name in enumerate(("query", "key", "value")):
+            setattr(module, name, _Columns(i * hd, (i + 1) * hd))
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = h
 
@@ -405,48 +384,36 @@ def _transformers_supports(config: AttentionConfig, padded: bool) -> str | None:
     return None
 
 
-register_implementation(
+for _impl in (
     Implementation(
         "nystromer",
         "nystromer.nystrom_attention (fused: two SDPA calls around the m×m pseudo-inverse)",
         _NystromerRunner,
-    )
-)
-register_implementation(
+    ),
     Implementation(
         "nystromer-plain",
         "nystromer.nystrom_attention without the CPU speed-ups of nystromer._cpu (the plain "
         "definition; the same numbers)",
         _PlainNystromerRunner,
-    )
-)
-register_implementation(
+    ),
     Implementation(
         "naive",
         "F·A⁺·(B·V) with the n×m and m×n kernels materialised, same landmarks as nystromer",
         _NaiveRunner,
-    )
-)
-register_implementation(
-    Implementation("exact", "torch scaled_dot_product_attention (exact softmax)", _ExactRunner)
-)
-register_implementation(
+    ),
+    Implementation("exact", "torch scaled_dot_product_attention (exact softmax)", _ExactRunner),
     Implementation(
         "exact-matmul",
         "softmax(s·QKᵀ)·V with the n×n matrix materialised (the paper's Transformer baseline)",
         _MatmulRunner,
-    )
-)
-register_implementation(
+    ),
     Implementation(
         "nystrom-attention",
         "PyPI nystrom-attention (lucidrains) NystromAttention, projections removed",
         _LucidrainsRunner,
         requires=("nystrom_attention", "einops"),
         is_peer=True,
-    )
-)
-register_implementation(
+    ),
     Implementation(
         "transformers",
         "transformers NystromformerSelfAttention, projections removed",
@@ -454,8 +421,9 @@ register_implementation(
         requires=("transformers",),
         supports=_transformers_supports,
         is_peer=True,
-    )
-)
+    ),
+):
+    register_implementation(_impl)
 
 #: Names of the other projects' implementations, in registry order.
 PEERS: tuple[str, ...] = tuple(name for name, impl in IMPLEMENTATIONS.items() if impl.is_peer)

@@ -1,13 +1,15 @@
-"""Benchmark inputs: random query/key/value tensors and right-padding masks."""
+"""Benchmark inputs: random query/key/value tensors, right-padding masks, and the q, k, v that a
+model's projections compute."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["INPUT_STYLES", "padding_mask", "random_qkv", "relative_error"]
+__all__ = ["INPUT_STYLES", "padding_mask", "random_qkv", "relative_error", "captured_heads"]
 
 #: ``gaussian``: i.i.d. N(0, 1) entries (attention logits of standard deviation 1, nearly
 #: uniform attention). ``structured``: shaped like a trained model's, see :func:`random_qkv`.
@@ -52,9 +54,8 @@ def random_qkv(
     similar (each of q, k, v is half a smooth signal along the sequence, a random walk
     low-pass filtered over ~n/64 positions, and half token-specific noise), every head has a
     shared offset direction (as LayerNorm'd hidden states give), and q, k are scaled so that
-    the attention logits q·k/√d have standard deviation ``logit_std``. The default 2 is what a
-    trained model shows: in all-MiniLM-L6-v2 (6 layers × 12 heads) on 512 tokens of English
-    text the per-head logit standard deviation has median 1.8 (quartiles 1.3 and 3.3).
+    the attention logits q·k/√d have standard deviation ``logit_std`` (the default 2 is about a
+    trained model's per-head median, e.g. all-MiniLM-L6-v2's on English text).
 
     Generated in float32 on the CPU from ``seed`` (reproducible across devices), then cast.
     """
@@ -95,3 +96,29 @@ def relative_error(approx: Tensor, exact: Tensor, mask: Tensor | None = None) ->
         keep = mask[:, None, :, None].to(diff.dtype)
         diff, ref = diff * keep, ref * keep
     return float(diff.sum().sqrt() / ref.sum().sqrt().clamp_min(1e-300))
+
+
+def captured_heads(
+    run: Callable[[], object], projections: dict[str, list[nn.Module]], heads: int
+) -> list[Tensor]:
+    """What the named projection layers output while ``run()`` runs (without autograd).
+
+    Each layer's (B, n, H·d) output becomes (B, H, n, d) float32; per name, the outputs of its
+    layers are concatenated along the first axis (e.g. every layer of a model, as a batch).
+    """
+    caught: dict[str, list[Tensor]] = {name: [] for name in projections}
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out, got=got: got.append(out.detach().float()))
+        for name, got in caught.items()
+        for layer in projections[name]
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [
+        torch.cat([t.view(*t.shape[:2], heads, -1).transpose(1, 2) for t in caught[name]])
+        for name in projections
+    ]

@@ -1,19 +1,13 @@
 """Query, key and value of a trained Long Range Arena model on real validation inputs.
 
-The ``lra`` input kind of ``nystromer bench approx`` (and ``nystromer viz attention --source
-lra``): a run directory written by ``nystromer train`` / :func:`nystromer.lra.run.train_task`
-(``config.json`` and the ``best``/``last`` checkpoints) is read without writing anything to it,
-so a job that is still training there is not disturbed. Two examples of the run's validation
-split go through the model as one right-padded batch, the way training batches them, and the
-q, k, v projections of one attention layer are captured:
-
-* sample 0 is the longest example whose length is a multiple of the benchmark's landmark count
-  m, so it fills the batch exactly (no padding) and every implementation accepts it;
-* sample 1 is the example whose length is closest to ¾ of that, so about a quarter of its row
-  is padding, with whatever q, k, v the model computes at padding tokens (not zeros).
-
-The benchmarks never train a model themselves: :func:`resolve_lra_run` finds the run that was
-named or a default one, and says which command makes one when there is none.
+The ``lra`` inputs of ``nystromer bench approx`` and ``nystromer viz attention``. A run
+directory as ``nystromer train`` writes it is only read (a job still training there is not
+disturbed); two validation examples go through the model as one right-padded batch, as training
+batches them, and one attention layer's q, k, v projections are captured. Sample 0 is the
+longest example whose length is a multiple of the landmark count m (no padding, so every
+implementation accepts it); sample 1 the one closest to ¾ of that, padded with whatever q, k, v
+the model computes at padding tokens. Nothing is trained here: :func:`resolve_lra_run` says
+which command makes a run when there is none.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..train import checkpoint as ckpt
+from .inputs import captured_heads
 
 __all__ = [
     "DEFAULT_LRA_RUN",
@@ -80,19 +75,10 @@ def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
 
 
 def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The LRA run directory a benchmark reads.
-
-    Args:
-        run_dir: the run to use (it must hold a checkpoint). None: :data:`DEFAULT_LRA_RUN`, else
-            ``FALLBACK_LRA_DIR/run`` (the small model of ``nystromer demo``), whichever holds a
-            checkpoint.
-
-    Returns:
-        A run directory that holds ``config.json`` and a checkpoint.
-
-    Raises:
-        ValueError: no such run; the message names ``--lra-run`` and the commands that make one.
-    """
+    """The LRA run directory a benchmark reads: ``run_dir``, or by default
+    :data:`DEFAULT_LRA_RUN`, else the demo's ``FALLBACK_LRA_DIR/run``, whichever holds
+    ``config.json`` and a checkpoint. ValueError naming ``--lra-run`` and the commands that
+    make a run when there is none."""
     how = (
         "make one with `nystromer train listops --data DATA --out DIR` (the paper's recipe) or "
         f"`nystromer demo` (a small ListOps model in {FALLBACK_LRA_DIR / 'run'}, about two "
@@ -144,16 +130,9 @@ def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Te
 def load_lra_model(
     run_dir: str | os.PathLike[str], checkpoint: str = "auto"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of an LRA run in eval mode on the CPU, and what was loaded.
-
-    Args:
-        run_dir: a run directory (``config.json`` + checkpoints).
-        checkpoint: ``best``, ``last`` or ``auto`` (best when it exists, else last).
-
-    Returns:
-        ``(model, info)``; info holds run_dir, task, checkpoint, step, the checkpoint's
-        validation metrics when recorded, and the run's config.
-    """
+    """``(model, info)``: the model of an LRA run in eval mode on the CPU, from its ``best``,
+    ``last`` or (``auto``) best-else-last checkpoint; info holds run_dir, task, checkpoint,
+    step, the checkpoint's validation metrics when recorded, and the run's config."""
     from ..lra.model import LRAModelConfig, build_model
     from ..lra.run import read_run_config
 
@@ -194,34 +173,30 @@ def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, i
         raise ValueError(f"lengths: need at least two examples, got shape {lengths.shape}")
     if multiple < 1:
         raise ValueError(f"multiple must be ≥ 1, got {multiple}")
-    fits = np.flatnonzero((lengths % multiple == 0) & (lengths > multiple))
-    if len(fits):
-        index0 = int(fits[np.argmax(lengths[fits])])  # argmax: the first of equal lengths
-        n, truncated0 = int(lengths[index0]), False
-    else:
-        index0 = int(np.argmax(lengths))
-        n = int(lengths[index0]) // multiple * multiple
-        truncated0 = n != int(lengths[index0])
-        if n <= multiple:
-            raise ValueError(
-                f"lengths: need an example longer than 2·{multiple} tokens to measure an "
-                f"approximation with {multiple} landmarks, the longest has {lengths.max()}"
-            )
+    usable = lengths // multiple * multiple
+    fits = [i for i in range(len(lengths)) if usable[i] > multiple]
+    if not fits:
+        raise ValueError(
+            f"lengths: need an example longer than 2·{multiple} tokens to measure an "
+            f"approximation with {multiple} landmarks, the longest has {lengths.max()}"
+        )
+    # Uncut examples first, then the longest; the first of equals.
+    index0 = max(fits, key=lambda i: (usable[i] == lengths[i], usable[i], lengths[i], -i))
+    n = int(usable[index0])
     target = 0.75 * n
-    others = np.array([i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n])
-    if len(others):
-        index1 = int(others[np.argmin(np.abs(lengths[others] - target))])
-        length1, truncated1 = int(lengths[index1]), False
+    shorter = [i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n]
+    if shorter:
+        index1 = min(shorter, key=lambda i: (abs(lengths[i] - target), i))
+        length1 = int(lengths[index1])
     else:
-        index1 = 1 if index0 == 0 else 0
-        length1, truncated1 = max(1, round(target)), True
+        index1, length1 = int(index0 == 0), max(1, round(target))
     return {
         "index0": index0,
         "n": n,
-        "truncated0": truncated0,
+        "truncated0": n != int(lengths[index0]),
         "index1": index1,
         "length1": length1,
-        "truncated1": truncated1,
+        "truncated1": not shorter,
     }
 
 
@@ -275,26 +250,8 @@ def lra_qkv(
 
     attn = layers[layer_index].attn
     heads = config["model"]["num_heads"]
-    caught: dict[str, Tensor] = {}
-
-    def catcher(name: str):
-        def hook(_module, _inputs, output):
-            b, seq, width = output.shape
-            caught[name] = output.detach().float().view(b, seq, heads, width // heads)
-
-        return hook
-
-    hooks = [
-        getattr(attn, f"{name[0]}_proj").register_forward_hook(catcher(name))
-        for name in ("query", "key", "value")
-    ]
-    try:
-        with torch.no_grad():
-            model.encoder(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    q, k, v = (caught[name].transpose(1, 2).contiguous() for name in ("query", "key", "value"))
+    projections = {name: [getattr(attn, f"{name}_proj")] for name in ("q", "k", "v")}
+    q, k, v = captured_heads(lambda: model.encoder(ids), projections, heads)
     mask = ids != 0  # real tokens are ids ≥ 1, so row 0 is all True
     val = info.get("val") or {}
     accuracy = f", val accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""

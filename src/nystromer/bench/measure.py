@@ -1,21 +1,14 @@
 """Time and peak memory of one attention implementation on one problem size.
 
-Times are medians over repeats after warm-up. Peak memory is that of the attention math alone:
-the peak minus what was resident once the inputs existed. On the CPU it can only be read
-reliably in a process that has done nothing else, so :func:`measure_case` runs each
-measurement in a fresh ``python -m nystromer.bench.worker`` process:
-
-* CPU: the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset
-  just before the call by writing 5 to ``/proc/self/clear_refs`` (method ``rss-reset``). Where
-  the kernel refuses the reset, the high-water mark since process start is used instead
-  (method ``rss-hwm``, an upper bound). Either way the resident size after the inputs were
-  created, and the allocator trimmed, is subtracted.
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
-  allocated memory after the inputs were created (method ``cuda-allocated``).
-
-Forward is measured as inference (under ``torch.no_grad``); forward+backward back-propagates a
-random output gradient to the inputs, so its peak includes the input gradients (the same size
-for every implementation).
+Times are medians over repeats after warm-up; forward runs under ``torch.no_grad`` (inference),
+forward+backward back-propagates a random output gradient to the inputs (so its peak includes
+their gradients, the same for every implementation). Peak memory is that of the call alone,
+above what was resident once the inputs existed, each in a fresh ``python -m
+nystromer.bench.worker`` process, the only place where the CPU reading is reliable: on the CPU
+the resident-set high-water mark (``VmHWM``) reset just before the call through
+``/proc/self/clear_refs`` (method ``rss-reset``; where the kernel refuses, the mark since start,
+``rss-hwm``, an upper bound) after trimming the allocator; on CUDA
+``torch.cuda.max_memory_allocated`` (``cuda-allocated``).
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import shlex
 import statistics
@@ -31,7 +25,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -42,36 +35,19 @@ __all__ = [
     "CaseSpec",
     "CaseResult",
     "DTYPES",
-    "core_problem_spec",
     "measure_case",
     "run_in_process",
     "run_worker",
     "recorded_command",
+    "fmt",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPES["float64"] = torch.float64
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
+#: What a :class:`CaseResult` reports per case, as its attribute names.
+METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
 TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
-
-
-def add_core_problem_arguments(parser) -> None:
-    """The attention-core problem's options (defaults: n = 16,384, batch 1, 8 heads of 64,
-    m = 64) and ``--threads``."""
-    parser.add_argument("--seq-len", "-n", type=int, default=16384)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--num-landmarks", "-m", type=int, default=64)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-
-
-def core_problem_spec(args, impl: str = "nystromer", **fields: Any) -> CaseSpec:
-    """The :class:`CaseSpec` of the options :func:`add_core_problem_arguments` added to
-    ``args`` (sizes and ``--threads``), with ``fields`` (e.g. ``repeats``) set as given."""
-    problem = ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "threads")
-    return CaseSpec(impl=impl, **{name: getattr(args, name) for name in problem}, **fields)
 
 
 def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
@@ -133,15 +109,9 @@ class CaseSpec:
         get_implementation(self.impl)  # ValueError for an unknown name
 
     def config(self) -> AttentionConfig:
-        return AttentionConfig(
-            heads=self.heads,
-            head_dim=self.head_dim,
-            seq_len=self.seq_len,
-            num_landmarks=self.num_landmarks,
-            pinv_iterations=self.pinv_iterations,
-            device=self.device,
-            dtype=DTYPES[self.dtype],
-        )
+        """The runner's shape: this case's fields of the same names, the dtype as a torch one."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionConfig)}
+        return AttentionConfig(**shared | {"dtype": DTYPES[self.dtype]})
 
 
 @dataclass
@@ -165,9 +135,23 @@ class CaseResult:
     threads: int | None = None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["spec"] = dataclasses.asdict(self.spec)
-        return d
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One progress line: times and peaks, or the status and why."""
+        if self.status != "ok":
+            return f"{self.status}: {self.note}"
+        times = f"fwd {fmt(self.forward_ms)} ms"
+        peaks = f"peak {fmt(self.forward_peak_mib)}"
+        if self.backward_ms is not None or self.backward_peak_mib is not None:
+            times += f", fwd+bwd {fmt(self.backward_ms)} ms"
+            peaks += f" / {fmt(self.backward_peak_mib)}"
+        return f"{times}, {peaks} MiB"
+
+
+def fmt(value: float | None, spec: str = ",.1f") -> str:
+    """A number for a table or a progress line; — where there is none."""
+    return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _sync(device: str) -> None:
@@ -352,20 +336,18 @@ def run_worker(
 def measure_case(
     spec: CaseSpec,
     *,
-    forward: bool = True,
     backward: bool = True,
-    memory: bool = True,
     timing: bool = True,
     timeout: float | None = None,
     worker: list[str] | None = None,
 ) -> CaseResult:
-    """Measure one case in fresh processes (one for forward memory and the timings, one for
-    forward+backward memory).
+    """Measure one case: forward memory and the timings in one fresh process, forward+backward
+    memory in another.
 
     Args:
         spec: what to measure.
-        forward, backward: measure inference forward and/or forward+backward.
-        memory, timing: measure peak memory and/or time.
+        backward: measure forward+backward too, not only the inference forward.
+        timing: measure time too, not only peak memory.
         timeout: seconds allowed to each worker process.
         worker: the command that starts a worker (see :func:`run_worker`), for a benchmark
             whose implementations the default worker does not know.
@@ -381,15 +363,8 @@ def measure_case(
     if reason is not None:
         result.status, result.note = "skipped", reason
         return result
-    first = (["memory_forward"] if memory and forward else []) + (
-        (["time_forward"] if forward else []) + (["time_backward"] if backward else [])
-        if timing
-        else []
-    )
-    runs = [first] if first else []
-    if memory and backward:
-        runs.append(["memory_backward"])
-    for tasks in runs:
+    times = (["time_forward", "time_backward"] if backward else ["time_forward"]) if timing else []
+    for tasks in [["memory_forward", *times]] + ([["memory_backward"]] if backward else []):
         found = run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
             result.status, result.note = found["status"], found["note"]

@@ -1,10 +1,10 @@
 """``nystromer bench speed``: time and peak memory against sequence length.
 
-For each implementation and n = 512, 1,024, … (doubling), forward and forward+backward time
-and peak memory (fresh process per measurement). An implementation stops growing n once a
-forward call took longer than ``max_seconds`` or its process ran out of memory, so exact
-attention goes as far as it fits. Writes ``speed.json``, ``speed.csv`` and log-log plots, with
-a fitted scaling exponent per curve and the n from which nystromer beats exact attention.
+Each implementation over n = 512, 1,024, … (doubling), forward and forward+backward, fresh
+process per measurement, until a forward took longer than ``max_seconds`` or ran out of memory.
+Writes ``speed.json``, ``speed.md`` (the tables ``nystromer bench report`` shows), ``speed.csv``
+and log-log plots, with a fitted scaling exponent per curve and the n from which nystromer beats
+exact attention.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
-from .measure import CaseResult, CaseSpec, measure_case
+from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "SPEED_LENGTHS",
@@ -29,6 +30,7 @@ __all__ = [
     "scaling_exponent",
     "crossover",
     "write_speed_outputs",
+    "format_speed",
     "PAPER_TABLE1",
     "TABLE1_LENGTHS",
     "format_table1",
@@ -46,7 +48,6 @@ PAPER_TABLE1 = {
     4096: ((2620, 32.9), (229, 5.9)),
     8192: ((10233, 155.4), (450, 12.3)),
 }
-METRICS = ("forward_ms", "backward_ms", "forward_peak_mib", "backward_peak_mib")
 
 
 def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> float | None:
@@ -59,28 +60,21 @@ def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> 
     if len(pts) < 2:
         return None
     pts = pts[len(pts) // 2 :] if len(pts) >= 4 else pts
-    xs = [math.log(n) for n, _ in pts]
-    ys = [math.log(v) for _, v in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    fit = statistics.linear_regression([math.log(n) for n, _ in pts], [math.log(v) for _, v in pts])
+    return fit.slope
 
 
 def crossover(
     lengths: Sequence[int], ours: Sequence[float | None], exact: Sequence[float | None]
 ) -> int | None:
     """The smallest n from which ``ours`` < ``exact`` at every larger n measured for both."""
-    both = [
-        (n, a, b)
-        for n, a, b in zip(lengths, ours, exact, strict=True)
-        if a is not None and b is not None
-    ]
     found = None
-    for n, a, b in reversed(both):
-        if a < b:
-            found = n
-        else:
+    for n, a, b in reversed(list(zip(lengths, ours, exact, strict=True))):
+        if a is None or b is None:
+            continue
+        if a >= b:
             break
+        found = n
     return found
 
 
@@ -122,13 +116,11 @@ def run_speed(
                 elif r.status == "ok" and r.forward_ms / 1e3 > max_seconds:
                     stop = f"stopped: forward took {r.forward_ms / 1e3:.1f} s at n = {n}"
             results[impl].append(r)
-            say(f"  {impl:<18} n = {n:>6}: " + (_summary(r) if r.status == "ok" else r.note))
-    curves = {}
-    for impl, rs in results.items():
-        curves[impl] = {
-            metric: [getattr(r, metric) if r.status == "ok" else None for r in rs]
-            for metric in METRICS
-        }
+            say(f"  {impl:<18} n = {n:>6}: {r.summary()}")
+    curves = {
+        impl: {m: [getattr(r, m) if r.status == "ok" else None for r in rs] for m in METRICS}
+        for impl, rs in results.items()
+    }
     fits = {
         impl: {metric: scaling_exponent(lengths, vals) for metric, vals in c.items()}
         for impl, c in curves.items()
@@ -151,24 +143,17 @@ def run_speed(
     }
 
 
-def _summary(r: CaseResult) -> str:
-    parts = [f"fwd {r.forward_ms:.1f} ms"]
-    if r.backward_ms is not None:
-        parts.append(f"fwd+bwd {r.backward_ms:.1f} ms")
-    parts.append(f"peak {r.forward_peak_mib:.1f} MiB")
-    if r.backward_peak_mib is not None:
-        parts.append(f"/ {r.backward_peak_mib:.1f} MiB")
-    return ", ".join(parts)
-
-
 def write_speed_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``speed.json``, ``speed.csv``, ``speed_time.png`` and ``speed_memory.png``."""
+    """Write ``speed.json``, ``speed.md``, ``speed.csv``, ``speed_time.png`` and
+    ``speed_memory.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "speed.json", out / "speed.csv"]
+    written = [out / "speed.json", out / "speed.md", out / "speed.csv"]
     with atomic_write(written[0]) as f:
         json.dump(report, f, indent=2)
-    with atomic_write(written[1], encoding="utf-8") as f:
+    with atomic_write(written[1]) as f:
+        f.write(format_speed(report) + "\n")
+    with atomic_write(written[2], encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["implementation", "n", "status", *METRICS, "memory_method", "threads"])
         for impl, rs in report["results"].items():
@@ -218,13 +203,17 @@ def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None
 
 
 def format_table1(report: dict) -> str:
-    """Markdown in the style of the paper's Table 1 from a :func:`run_speed` report.
-
-    Columns: per n, peak memory (MiB) / forward time (ms) of each measured implementation, then
-    the paper's Transformer and Nyströmformer numbers (1080Ti GPU, their model) for reference.
-    """
-    impls = list(report["curves"])
+    """Markdown in the form of the paper's Table 1 from a :func:`run_speed` report: per n, the
+    forward peak memory (MiB) / time (ms) of each implementation, then the paper's numbers."""
+    impls, base = list(report["curves"]), report["base"]
     lines = [
+        f"Forward (inference) peak memory above the inputs (MiB) and time (ms) per instance: "
+        f"batch {base['batch']}, {base['heads']} heads × {base['head_dim']}, m = "
+        f"{base['num_landmarks']}, {base['dtype']}. `exact-matmul` is the paper's Transformer "
+        "(softmax(QKᵀ)·V materialised), `exact` torch SDPA, `nystromer` ours; the last two "
+        "columns are the paper's numbers (1080Ti GPU, their whole attention layer), for the "
+        "shape of the curves rather than the values.",
+        "",
         "| n | "
         + " | ".join(f"{impl} MiB / ms" for impl in impls)
         + " | paper Transformer MB / ms | paper Nyströmformer MB / ms |",
@@ -237,10 +226,69 @@ def format_table1(report: dict) -> str:
             ms = report["curves"][impl]["forward_ms"][i]
             cells.append("—" if mem is None or ms is None else f"{mem:,.1f} / {ms:,.1f}")
         paper = PAPER_TABLE1.get(n)
-        cells += (
-            [f"{paper[0][0]:,} / {paper[0][1]}", f"{paper[1][0]:,} / {paper[1][1]}"]
-            if paper
-            else ["—", "—"]
-        )
+        cells += [f"{p[0]:,} / {p[1]}" for p in paper] if paper else ["—", "—"]
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+_METRIC_NAMES = {
+    "forward_ms": "fwd time",
+    "backward_ms": "fwd+bwd time",
+    "forward_peak_mib": "fwd memory",
+    "backward_peak_mib": "fwd+bwd memory",
+}
+
+
+def format_speed(report: dict) -> str:
+    """Markdown of a :func:`run_speed` report: settings, time and memory tables against n,
+    fitted exponents, the crossover with exact attention and why a sweep stopped."""
+    base, impls, curves = report["base"], list(report["curves"]), report["curves"]
+    backward = any(v is not None for c in curves.values() for v in c["backward_ms"])
+    lines = [
+        f"Batch {base['batch']}, {base['heads']} heads × {base['head_dim']}, m = "
+        f"{base['num_landmarks']}, {base['pinv_iterations']} pinv iterations, {base['dtype']}, "
+        f"{base['device']}; median of {base['repeats']} calls after {base['warmup']} warm-up; "
+        "peak memory above the inputs, fresh process per measurement. "
+        + ("Cells: forward / forward+backward." if backward else "Forward only."),
+        "",
+    ]
+    for title, first, second in (
+        ("time (ms)", "forward_ms", "backward_ms"),
+        ("peak memory (MiB)", "forward_peak_mib", "backward_peak_mib"),
+    ):
+        lines += [
+            "| n | " + " | ".join(f"{impl} {title}" for impl in impls) + " |",
+            "|--:|" + "--:|" * len(impls),
+        ]
+        for i, n in enumerate(report["lengths"]):
+            cells = [
+                fmt(curves[impl][first][i])
+                + (f" / {fmt(curves[impl][second][i])}" if backward else "")
+                for impl in impls
+            ]
+            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+        lines.append("")
+    shown = [m for m in _METRIC_NAMES if backward or not m.startswith("backward")]
+    lines += [
+        "Fitted scaling exponent (slope of log value against log n over the larger half of "
+        "the measured n; ours should be ≈ 1, exact attention's time ≈ 2):",
+        "",
+        "| implementation | " + " | ".join(_METRIC_NAMES[m] for m in shown) + " |",
+        "|---|" + "--:|" * len(shown),
+    ]
+    for impl in impls:
+        fits = report["scaling_exponents"][impl]
+        lines.append(f"| {impl} | " + " | ".join(fmt(fits[m], ".2f") for m in shown) + " |")
+    lines.append("")
+    cross = report.get("nystromer_beats_exact_from") or {}
+    for metric, label in (("forward_ms", "forward"), ("backward_ms", "forward+backward")):
+        if metric in cross and (backward or metric == "forward_ms"):
+            n = cross[metric]
+            lines.append(
+                f"- nystromer is faster than exact attention ({label}) "
+                + (f"from n = {n:,} on." if n is not None else "at none of the measured n.")
+            )
+    for impl, results in report["results"].items():
+        stops = [r["note"] for r in results if r["status"] != "ok" and r["note"]]
+        lines += [f"- {impl}: {stops[0]}"] if stops else []
+    return "\n".join(lines).rstrip()

@@ -8,6 +8,7 @@ side by side with the same colour scale, the landmark segments marked on both.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from .._io import atomic_path
+from .._machine import machine_info, machine_label
 from .inputs import random_qkv
 
 __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
@@ -157,20 +159,15 @@ def attention_figure(
     """``nystromer viz attention``: :func:`plot_attention` on one head of the chosen inputs,
     and its result beside the PNG as JSON (same name, ``.json``).
 
-    Args:
-        path: the PNG to write.
-        source: ``random`` (structured random q, k), ``lm`` (a language model's, see
-            :func:`~nystromer.bench.approx.model_qkv`) or ``lra`` (a trained LRA model's, see
-            :mod:`~nystromer.bench.lra_inputs`; ``lra_run`` names it).
-        seq_len: n of the random and lm inputs.
-        num_landmarks, pinv_iterations, window: as in :func:`plot_attention`.
-        model_source: the language model (``auto``, ``minilm``, ``random-bert``).
-        lra_run, lra_checkpoint: the LRA run directory (None: the default places) and checkpoint.
-        layer: model layer (default: lm 2, lra the last).
-        head: which head.
+    ``source``: ``random`` (structured random q, k), ``lm`` (a language model's,
+    :func:`~nystromer.bench.approx.model_qkv`, ``model_source``) or ``lra`` (a trained LRA
+    model's, :mod:`~nystromer.bench.lra_inputs`, ``lra_run`` and ``lra_checkpoint``); ``layer``
+    defaults to 2 for lm and the last for lra; ``seq_len`` is n of the random and lm inputs; the
+    other arguments are :func:`plot_attention`'s.
 
     Returns:
-        :func:`plot_attention`'s dict with ``pinv_iterations`` and ``json`` (the side file).
+        :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
+        ``json`` (the side file).
     """
     import json
 
@@ -216,6 +213,7 @@ def attention_figure(
         window=window,
     )
     found["pinv_iterations"] = pinv_iterations
+    found |= {"date": date.today().isoformat(), "machine_label": machine_label(machine_info())}
     sidecar = Path(path).with_suffix(".json")
     with atomic_write(sidecar) as f:
         json.dump(found, f, indent=2)
