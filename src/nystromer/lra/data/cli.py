@@ -28,25 +28,26 @@ def _positive(text: str) -> int:
     return value
 
 
-# Each generator's options as (flag, type, default, help). A flag's name, dashes read as
-# underscores, is the generator's keyword argument, so an option is written down once.
+# Each generator's options as (flag, type, default, help); the help shows the default. A flag's
+# name, dashes read as underscores, is the generator's keyword argument, so an option is
+# written down once.
 _Options = tuple[tuple[str, Callable[[str], Any], Any, str], ...]
 _LISTOPS_OPTIONS: _Options = (
-    ("--train", _count, 96000, "training examples (96000)"),
-    ("--val", _count, 2000, "validation examples (2000)"),
-    ("--test", _count, 2000, "test examples (2000)"),
-    ("--seed", _count, 0, "random seed (0)"),
-    ("--min-length", int, 500, "tokens > this (500)"),
-    ("--max-length", int, 2000, "tokens < this (2000)"),
-    ("--max-depth", int, 10, "depth of digits-only nodes (10)"),
-    ("--max-args", int, 10, "most operator arguments (10)"),
+    ("--train", _count, 96000, "training examples"),
+    ("--val", _count, 2000, "validation examples"),
+    ("--test", _count, 2000, "test examples"),
+    ("--seed", _count, 0, "random seed"),
+    ("--min-length", int, 500, "tokens > this"),
+    ("--max-length", int, 2000, "tokens < this"),
+    ("--max-depth", int, 10, "depth of digits-only nodes"),
+    ("--max-args", int, 10, "most operator arguments"),
 )
 _PATHFINDER_OPTIONS: _Options = (
-    ("--images", _positive, 200_000, "images (200000)"),
-    ("--resolution", int, 32, "image side in pixels (32)"),
-    ("--contour-length", int, 14, "paddles per path (14)"),
-    ("--seed", _count, 0, "random seed (0)"),
-    ("--images-per-batch", _positive, 1000, "images per batch folder (1000)"),
+    ("--images", _positive, 200_000, "images"),
+    ("--resolution", int, 32, "image side in pixels"),
+    ("--contour-length", int, 14, "paddles per path"),
+    ("--seed", _count, 0, "random seed"),
+    ("--images-per-batch", _positive, 1000, "images per batch folder"),
 )
 
 
@@ -96,7 +97,7 @@ def _add_generator(
     parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("--out", type=Path, required=True, help=out_help)
     for flag, type_, default, help_ in options:
-        parser.add_argument(flag, type=type_, default=default, help=help_)
+        parser.add_argument(flag, type=type_, default=default, help=f"{help_} (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=lambda args: run_command(lambda: write(args)))
 
