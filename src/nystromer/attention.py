@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_probability, check_shape
 from .functional import nystrom_attention
 from .options import NystromOptions, resolve_options
 
@@ -171,8 +172,7 @@ class NystromAttention(_NystromSettings, nn.Module):
         self.options = resolve_options(
             options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
         )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -655,11 +655,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         """Both masks → (B, n_k) bool, True = padding; None when nothing is masked."""
         pad = None
         if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (b, n_k):
-                raise ValueError(
-                    f"key_padding_mask must have shape ({b}, {n_k}) (batch, key length), got "
-                    f"{tuple(key_padding_mask.shape)}"
-                )
+            check_shape("key_padding_mask", key_padding_mask, (b, n_k), "batch, key length")
             pad = _padding_from_mask(key_padding_mask, "key_padding_mask")
         if attn_mask is not None:
             masked = _padding_from_mask(attn_mask, "attn_mask")

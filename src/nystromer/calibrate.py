@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
 from .attention import ValueConv
 from .functional import _exact
 from .patching import AttentionCall, attention_probe
@@ -115,8 +116,7 @@ def calibrate(
         )
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
         raise ValueError(f"ridge must be a number ≥ 0, got {ridge!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     projections = {}
     if output_projection is not None:
         if (

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpu
+from ._checks import check_probability, check_shape
 from .options import check_nystrom_options
 
 __all__ = [
@@ -541,8 +542,6 @@ def _check_inputs(
         if not isinstance(mk, Tensor) or mk.dtype != torch.bool:
             got = mk.dtype if isinstance(mk, Tensor) else type(mk).__name__
             raise TypeError(f"{name} must be a bool tensor (True = real token), got {got}")
-        if tuple(mk.shape) != (b, n):
-            raise ValueError(f"{name} must have shape ({b}, {n}), got {tuple(mk.shape)}")
+        check_shape(name, mk, (b, n))
     check_nystrom_options(num_landmarks, pinv_iterations, kmeans_iterations=kmeans_iterations)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    check_probability("dropout_p", dropout_p)

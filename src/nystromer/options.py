@@ -10,11 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import is_int
+
 __all__ = ["NystromOptions", "check_nystrom_options", "resolve_options"]
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_nystrom_options(
@@ -28,14 +26,14 @@ def check_nystrom_options(
     Raises:
         ValueError: naming the argument, the value received and what is expected.
     """
-    if not _is_int(num_landmarks) or num_landmarks < 1:
+    if not is_int(num_landmarks) or num_landmarks < 1:
         raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
-    if not _is_int(pinv_iterations) or pinv_iterations < 0:
+    if not is_int(pinv_iterations) or pinv_iterations < 0:
         raise ValueError(f"pinv_iterations must be an integer ≥ 0, got {pinv_iterations!r}")
-    if not _is_int(kmeans_iterations) or kmeans_iterations < 0:
+    if not is_int(kmeans_iterations) or kmeans_iterations < 0:
         raise ValueError(f"kmeans_iterations must be an integer ≥ 0, got {kmeans_iterations!r}")
     if conv_kernel_size is not None and (
-        not _is_int(conv_kernel_size) or conv_kernel_size < 1 or conv_kernel_size % 2 == 0
+        not is_int(conv_kernel_size) or conv_kernel_size < 1 or conv_kernel_size % 2 == 0
     ):
         raise ValueError(
             f"conv_kernel_size must be an odd integer ≥ 1 (or None), got {conv_kernel_size!r}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_shape
 from .attention import NystromMultiheadAttention, ValueConv, multihead_nystrom_attention
 from .options import NystromOptions, resolve_options
 
@@ -277,10 +278,7 @@ def _key_padding_mask(
     if attention_mask is None:
         return None
     mask = attention_mask.to(torch.bool)
-    if mask.shape != (batch_size, kv_length):
-        raise ValueError(
-            f"attention_mask must have shape ({batch_size}, {kv_length}), got {tuple(mask.shape)}"
-        )
+    check_shape("attention_mask", mask, (batch_size, kv_length))
     if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask[:, None, None, :]

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._checks import check_positive_int
 from ..calibrate import calibrate
 from ..convert import convert, extend_positions
 from ..functional import check_nystrom_options
@@ -124,9 +125,7 @@ class DistillConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("max_length", "steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.calibrate, bool) or not isinstance(self.calibrate, int):
             raise ValueError(f"calibrate must be a number of windows (≥ 0), got {self.calibrate!r}")
         if self.calibrate < 0:

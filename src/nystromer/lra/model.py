@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int, check_probability
 from ..attention import NystromAttention
 from ..options import NystromOptions, check_nystrom_options
 
@@ -87,7 +88,7 @@ class LRAArchitecture:
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "ffn_dim"):
-            _check_positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.num_layers < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
@@ -97,9 +98,8 @@ class LRAArchitecture:
                 f"num_heads={self.num_heads}"
             )
         for name in ("dropout", "attention_dropout"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+            if getattr(self, name) is not None:
+                check_probability(name, getattr(self, name))
         check_nystrom_options(self.num_landmarks, self.pinv_iterations, self.conv_kernel_size)
 
     @property
@@ -149,7 +149,7 @@ class LRAModelConfig(LRAArchitecture):
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_classes", "max_length"):
-            _check_positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be ≥ 2, got {self.num_classes}")
         super().__post_init__()
@@ -158,11 +158,6 @@ class LRAModelConfig(LRAArchitecture):
     def architecture(self) -> LRAArchitecture:
         """The data-independent part of this config."""
         return LRAArchitecture(**{f.name: getattr(self, f.name) for f in fields(LRAArchitecture)})
-
-
-def _check_positive(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 class SoftmaxAttention(nn.Module):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import check_positive_int, check_probability
 from .._io import atomic_write
 from ..options import NystromOptions
 
@@ -134,9 +135,7 @@ class NystromformerConfig:
             "segment_means_seq_len",
             "num_labels",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size must be a multiple of num_attention_heads, got hidden_size="
@@ -162,9 +161,7 @@ class NystromformerConfig:
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+            check_probability(name, getattr(self, name))
         if self.add_cross_attention:
             raise ValueError("add_cross_attention=True is not supported: the model is an encoder")
         if self.problem_type not in (

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_shape
 from ..attention import ValueConv, multihead_nystrom_attention
 from . import hf_io
 from .config import NystromformerConfig
@@ -337,8 +338,8 @@ class NystromformerPreTrainedModel(nn.Module):
 def _check_ids(name: str, ids: Tensor, high: int, shape: tuple[int, ...] | None) -> None:
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if shape is not None and tuple(ids.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(ids.shape)}")
+    if shape is not None:
+        check_shape(name, ids, shape)
     if ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= high:
@@ -428,11 +429,7 @@ class NystromformerModel(NystromformerPreTrainedModel):
             _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, (b, n))
         mask = None
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != (b, n):
-                raise ValueError(
-                    f"attention_mask must have shape ({b}, {n}) (batch, seq_len), got "
-                    f"{tuple(attention_mask.shape)}"
-                )
+            check_shape("attention_mask", attention_mask, (b, n), "batch, seq_len")
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
             if not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None  # no padding: the unmasked attention path is faster

@@ -5,58 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ...train.cli import run_command
 
 __all__ = ["register"]
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``data`` sub-command with its ``listops`` and ``pathfinder`` commands."""
-    data = subparsers.add_parser(
-        "data",
-        help="generate LRA data (ListOps, Pathfinder) in the official layout",
-        description="Generate Long Range Arena data sets in the layout of the official release.",
-    )
-    commands = data.add_subparsers(dest="data_command", metavar="DATASET")
-    data.set_defaults(func=lambda args: _usage(data))
-
-    lo = commands.add_parser(
-        "listops",
-        help="basic_{train,val,test}.tsv (LRA's ListOps)",
-        description="Write basic_{train,val,test}.tsv like LRA's ListOps release: expressions "
-        "of min_length < tokens < max_length, no duplicates, targets computed exactly.",
-    )
-    lo.add_argument("--out", type=Path, required=True, help="output folder")
-    lo.add_argument("--train", type=_count, default=96000, help="training examples (96000)")
-    lo.add_argument("--val", type=_count, default=2000, help="validation examples (2000)")
-    lo.add_argument("--test", type=_count, default=2000, help="test examples (2000)")
-    lo.add_argument("--seed", type=_count, default=0, help="random seed (0)")
-    lo.add_argument("--min-length", type=int, default=500, help="tokens > this (500)")
-    lo.add_argument("--max-length", type=int, default=2000, help="tokens < this (2000)")
-    lo.add_argument("--max-depth", type=int, default=10, help="depth of digits-only nodes (10)")
-    lo.add_argument("--max-args", type=int, default=10, help="most operator arguments (10)")
-    lo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    lo.set_defaults(func=lambda args: run_command(lambda: _listops(args)))
-
-    pf = commands.add_parser(
-        "pathfinder",
-        help="curv_contour_length_<L>/{imgs,metadata} (LRA's Pathfinder)",
-        description="Write a Pathfinder set like LRA's release into "
-        "OUT/curv_contour_length_<L>/: imgs/<batch>/sample_<k>.png and metadata/<batch>.npy. "
-        "Re-running with the same arguments resumes: complete batches are kept.",
-    )
-    pf.add_argument("--out", type=Path, required=True, help="parent output folder")
-    pf.add_argument("--images", type=_positive, default=200_000, help="images (200000)")
-    pf.add_argument("--resolution", type=int, default=32, help="image side in pixels (32)")
-    pf.add_argument("--contour-length", type=int, default=14, help="paddles per path (14)")
-    pf.add_argument("--seed", type=_count, default=0, help="random seed (0)")
-    pf.add_argument(
-        "--images-per-batch", type=_positive, default=1000, help="images per batch folder (1000)"
-    )
-    pf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pf.set_defaults(func=lambda args: run_command(lambda: _pathfinder(args)))
 
 
 def _count(text: str) -> int:
@@ -73,25 +28,98 @@ def _positive(text: str) -> int:
     return value
 
 
+# Each generator's options as (flag, type, default, help); the help shows the default. A flag's
+# name, dashes read as underscores, is the generator's keyword argument, so an option is
+# written down once.
+_Options = tuple[tuple[str, Callable[[str], Any], Any, str], ...]
+_LISTOPS_OPTIONS: _Options = (
+    ("--train", _count, 96000, "training examples"),
+    ("--val", _count, 2000, "validation examples"),
+    ("--test", _count, 2000, "test examples"),
+    ("--seed", _count, 0, "random seed"),
+    ("--min-length", int, 500, "tokens > this"),
+    ("--max-length", int, 2000, "tokens < this"),
+    ("--max-depth", int, 10, "depth of digits-only nodes"),
+    ("--max-args", int, 10, "most operator arguments"),
+)
+_PATHFINDER_OPTIONS: _Options = (
+    ("--images", _positive, 200_000, "images"),
+    ("--resolution", int, 32, "image side in pixels"),
+    ("--contour-length", int, 14, "paddles per path"),
+    ("--seed", _count, 0, "random seed"),
+    ("--images-per-batch", _positive, 1000, "images per batch folder"),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` sub-command with its ``listops`` and ``pathfinder`` commands."""
+    data = subparsers.add_parser(
+        "data",
+        help="generate LRA data (ListOps, Pathfinder) in the official layout",
+        description="Generate Long Range Arena data sets in the layout of the official release.",
+    )
+    commands = data.add_subparsers(dest="data_command", metavar="DATASET")
+    data.set_defaults(func=lambda args: _usage(data))
+    _add_generator(
+        commands,
+        "listops",
+        help="basic_{train,val,test}.tsv (LRA's ListOps)",
+        description="Write basic_{train,val,test}.tsv like LRA's ListOps release: expressions "
+        "of min_length < tokens < max_length, no duplicates, targets computed exactly.",
+        out_help="output folder",
+        options=_LISTOPS_OPTIONS,
+        write=_listops,
+    )
+    _add_generator(
+        commands,
+        "pathfinder",
+        help="curv_contour_length_<L>/{imgs,metadata} (LRA's Pathfinder)",
+        description="Write a Pathfinder set like LRA's release into "
+        "OUT/curv_contour_length_<L>/: imgs/<batch>/sample_<k>.png and metadata/<batch>.npy. "
+        "Re-running with the same arguments resumes: complete batches are kept.",
+        out_help="parent output folder",
+        options=_PATHFINDER_OPTIONS,
+        write=_pathfinder,
+    )
+
+
+def _add_generator(
+    commands: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    out_help: str,
+    options: _Options,
+    write: Callable[[argparse.Namespace], None],
+) -> None:
+    """One generator's command: ``--out``, its own options, ``--no-progress``."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    for flag, type_, default, help_ in options:
+        parser.add_argument(flag, type=type_, default=default, help=f"{help_} (%(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=lambda args: run_command(lambda: write(args)))
+
+
+def _keywords(args: argparse.Namespace, options: _Options) -> dict[str, Any]:
+    """The parsed values of ``options``, keyed by the generator's keyword names."""
+    names = (flag.removeprefix("--").replace("-", "_") for flag, *_ in options)
+    return {name: getattr(args, name) for name in names}
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
 
 
 def _listops(args: argparse.Namespace) -> None:
-    from .listops import write_splits
+    from .listops import SPLITS, write_splits
 
+    settings = _keywords(args, _LISTOPS_OPTIONS)
+    sizes = {split: settings.pop(split) for split in SPLITS}
     t0 = time.perf_counter()
-    paths = write_splits(
-        args.out,
-        {"train": args.train, "val": args.val, "test": args.test},
-        seed=args.seed,
-        min_length=args.min_length,
-        max_length=args.max_length,
-        max_depth=args.max_depth,
-        max_args=args.max_args,
-        progress=not args.no_progress,
-    )
+    paths = write_splits(args.out, sizes, **settings, progress=not args.no_progress)
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -99,13 +127,6 @@ def _pathfinder(args: argparse.Namespace) -> None:
     from .pathfinder import write_dataset
 
     t0 = time.perf_counter()
-    folder = write_dataset(
-        args.out,
-        images=args.images,
-        resolution=args.resolution,
-        contour_length=args.contour_length,
-        seed=args.seed,
-        images_per_batch=args.images_per_batch,
-        progress=not args.no_progress,
-    )
+    settings = _keywords(args, _PATHFINDER_OPTIONS)
+    folder = write_dataset(args.out, **settings, progress=not args.no_progress)
     print(f"wrote {args.images} images to {folder} in {time.perf_counter() - t0:.1f} s")

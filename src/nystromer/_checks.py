@@ -1,0 +1,37 @@
+"""Argument checks that several public functions, modules and configs share.
+
+Each rule has one wording, so an impossible value reads the same wherever it is passed: the
+message names the argument, what it must be and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (True is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is an int ≥ 1."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_probability(name: str, value: float) -> None:
+    """Raise ValueError unless 0 ≤ ``value`` < 1 (a dropout rate)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_shape(name: str, tensor: Tensor, shape: Sequence[int], axes: str | None = None) -> None:
+    """Raise ValueError unless ``tensor`` has exactly ``shape``; ``axes`` names its axes in
+    the message, e.g. ``"batch, seq_len"``."""
+    shape = tuple(shape)
+    if tuple(tensor.shape) != shape:
+        named = f" ({axes})" if axes else ""
+        raise ValueError(f"{name} must have shape {shape}{named}, got {tuple(tensor.shape)}")
