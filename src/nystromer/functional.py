@@ -104,16 +104,7 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if query_mask is None and mask is not None and n_q == n_k:
-        query_mask = mask
-
-    # A sample without any real key attends to everything (to stay finite) and is zeroed below.
-    empty = None
-    if mask is not None:
-        empty = ~mask.any(-1)
-        mask = mask | empty[:, None]
+    scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
 
     if n_k <= m or n_q <= m:
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
@@ -173,13 +164,7 @@ def attention_rows(
     b, h, n_q, d = query.shape
     n_k, m = key.shape[2], num_landmarks
     index = _row_index(rows, n_q, query.device)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if query_mask is None and mask is not None and n_q == n_k:
-        query_mask = mask
-    empty = None
-    if mask is not None:
-        empty = ~mask.any(-1)
-        mask = mask | empty[:, None]
+    scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
 
     work = torch.promote_types(query.dtype, torch.float32)
     q_rows, key_w = query[:, :, index].to(work), key.to(work)
@@ -207,6 +192,21 @@ def attention_rows(
     if keep is not None:
         out = out * keep[:, index][:, None, :, None].to(work)
     return out.to(query.dtype)
+
+
+def _defaults(query, key, mask, query_mask, scale):
+    """``(scale, mask, query_mask, empty)`` as both public functions use them: the 1/√d scale,
+    the key mask as query mask in self-attention, and the (B,) samples without a real key,
+    whose keys are all unmasked (to stay finite) so that their rows can be zeroed after."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if query_mask is None and mask is not None and query.shape[2] == key.shape[2]:
+        query_mask = mask
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1)
+        mask = mask | empty[:, None]
+    return scale, mask, query_mask, empty
 
 
 def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:
