@@ -8,7 +8,9 @@ Public API:
     NystromOptions              the Nyström settings as one object; every entry point below
                                 takes it as ``options=`` or the settings as keywords
     patch                       switch an existing model's self-attention to Nyström attention
-    convert                     patch a pretrained BERT/RoBERTa/Nyströmformer and lengthen its
+    attn_implementation="nystrom"   transformers' own switch, registered by importing nystromer
+                                (nystromer.hf; settings in config.nystrom)
+    convert                     patch a pretrained encoder (BERT, RoBERTa, …) and lengthen its
                                 position table; extend_positions does the latter alone
     from_pretrained             load a converted checkpoint with its Nyström attention
     calibrate                   fit a converted model's convolution skips to exact attention
@@ -21,6 +23,11 @@ from .convert import convert, extend_positions, from_pretrained
 from .functional import attention_rows, iterative_pinv, nystrom_attention
 from .options import NystromOptions
 from .patching import patch
+from . import hf as _hf
+
+# attn_implementation="nystrom": registered now if transformers is imported, else right after
+# it is (importing transformers here would cost seconds to users who never use it).
+_hf.install()
 
 __version__ = "0.1.0"
 

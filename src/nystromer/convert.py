@@ -7,9 +7,10 @@ initialisation Longformer used to take RoBERTa from 512 to 4,096 positions. Both
 model in place and its config, so ``save_pretrained`` writes a checkpoint that
 
 - :func:`from_pretrained` loads back as the converted model (the Nyström settings are kept
-  under the config key ``"nystromer"``), and
-- plain ``transformers`` loads as an exact-attention model with the longer table (it ignores
-  the ``"nystromer"`` key; only a trained convolution skip, if one was added, is dropped).
+  in the config, ``config.nystrom``, and the convolution skips, if any, are restored),
+- ``transformers.AutoModel.from_pretrained(path, attn_implementation="nystrom")`` loads with
+  the same settings (a convolution skip needs :func:`from_pretrained`), and
+- plain ``transformers`` loads as an exact-attention model with the longer table.
 
 The converted model is close to the original but not equal on inputs longer than
 ``num_landmarks``; ``nystromer distill`` (:mod:`nystromer.distill`) trains it back towards the
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf
 from .options import NystromOptions, resolve_options
 from .patching import is_transformers_model, patch
 
@@ -36,13 +38,27 @@ __all__ = [
     "convert",
     "extend_positions",
     "from_pretrained",
+    "reserved_positions",
 ]
 
-# Encoders with a learned absolute position table that convert handles (transformers' BERT
-# and RoBERTa through transformers, Nyströmformer through nystromer.models).
-CONVERTIBLE_MODEL_TYPES = ("bert", "roberta", "nystromformer")
+# Encoders with a learned absolute position table that the tests convert and lengthen
+# (transformers families through "nystrom", Nyströmformer through nystromer.models). Any encoder
+# nystromer.patch accepts converts; lengthening needs such a table.
+CONVERTIBLE_MODEL_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "electra",
+    "albert",
+    "distilbert",
+    "ernie",
+    "nystromformer",
+)
 # config.json key under which a converted transformers model keeps its Nyström settings.
-CONFIG_KEY = "nystromer"
+CONFIG_KEY = hf.CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +73,9 @@ def convert(
     kmeans_iterations: int = 0,
     options: NystromOptions | None = None,
 ) -> nn.Module:
-    """Switch a pretrained BERT, RoBERTa or Nyströmformer to Nyström attention and, optionally,
-    a longer position table; in place, returns ``model``.
+    """Switch a pretrained encoder (a transformers BERT, RoBERTa, ELECTRA, ViT, … or a
+    Nyströmformer) to Nyström attention and, optionally, a longer position table; in place,
+    returns ``model``.
 
     Inputs of at most ``num_landmarks`` tokens keep exact attention, so on them the converted
     model computes what the original computed. The config is updated (its
@@ -66,17 +83,18 @@ def convert(
     checkpoint :func:`from_pretrained` restores.
 
     Args:
-        model: a transformers BERT or RoBERTa model (any head), or a
-            :mod:`nystromer.models` Nyströmformer.
+        model: a transformers encoder that :func:`nystromer.patch` accepts (any head;
+            docs/models.md lists the families), or a :mod:`nystromer.models` Nyströmformer.
         num_landmarks: m, landmarks per head.
         pinv_iterations: pseudo-inverse iterations.
         conv_kernel_size: odd k adds a depthwise convolution skip on the values of each
-            attention layer, initialised to zero (BERT/RoBERTa only; a Nyströmformer keeps the
+            attention layer, initialised to zero (transformers models; a Nyströmformer keeps the
             convolution it was trained with, so only None or its own kernel size is accepted).
         max_position_embeddings: the new value of ``config.max_position_embeddings`` (the
             config field's meaning is kept: for RoBERTa it counts the ``pad_token_id + 1``
             reserved rows, e.g. 4098 for 4,096 tokens as in Longformer; for BERT and
-            Nyströmformer it is the longest input). None keeps the table. See
+            Nyströmformer it is the longest input). None keeps the table. Needs a learned
+            absolute position table (ModernBERT's rotary positions need none). See
             :func:`extend_positions`.
         kmeans_iterations: k-means refinement of the landmarks from the segment means (see
             :func:`nystromer.nystrom_attention`); 0 keeps the paper's landmarks. 3 brings a
@@ -100,7 +118,6 @@ def convert(
         _convert_nystromformer(model, options)
     else:
         patch(model, options=options)
-        setattr(model.config, CONFIG_KEY, options.to_dict())
     if max_position_embeddings is not None:
         extend_positions(model, max_position_embeddings)
     return model
@@ -116,7 +133,8 @@ def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Modul
     as it is: call it on an exact model to get an exact teacher with the same table.
 
     Args:
-        model: a transformers BERT or RoBERTa model, or a :mod:`nystromer.models` Nyströmformer.
+        model: a transformers encoder with a learned absolute position table (BERT, RoBERTa,
+            ELECTRA, DistilBERT, …), or a :mod:`nystromer.models` Nyströmformer.
         max_position_embeddings: the new ``config.max_position_embeddings`` (see
             :func:`convert`); equal to the current value leaves the model unchanged.
 
@@ -127,6 +145,7 @@ def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Modul
         ValueError: an unsupported model, or a value smaller than the current one.
     """
     model_type = _model_type(model)
+    embeddings = _embeddings_module(model)
     config = model.config
     current = config.max_position_embeddings
     if (
@@ -140,17 +159,11 @@ def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Modul
         )
     if max_position_embeddings == current:
         return model
-    embeddings = _embeddings_module(model)
     old = embeddings.position_embeddings
+    reserved = reserved_positions(model)
+    rows = max_position_embeddings
     if model_type == "nystromformer":
-        from .models.modeling import POSITION_OFFSET
-
-        reserved, rows = POSITION_OFFSET, max_position_embeddings + POSITION_OFFSET
-    elif model_type == "roberta":
-        # Positions count from pad_token_id + 1; rows 0 … pad_token_id are never positions.
-        reserved, rows = config.pad_token_id + 1, max_position_embeddings
-    else:
-        reserved, rows = 0, max_position_embeddings
+        rows += reserved  # its config counts positions, its table also the reserved rows
     if old.num_embeddings <= reserved:
         raise ValueError(f"the position table has no trained rows beyond the {reserved} reserved")
     new = nn.Embedding(
@@ -195,14 +208,16 @@ def from_pretrained(
     options: NystromOptions | None = None,
     **convert_options: Any,
 ) -> nn.Module:
-    """Load a checkpoint as a Nyström-attention model, e.g. one saved after :func:`convert`.
+    """Load a checkpoint as a Nyström-attention model, e.g. one saved after :func:`convert` or
+    :func:`nystromer.patch`.
 
-    A transformers BERT/RoBERTa checkpoint is loaded with ``model_class`` (default
-    ``transformers.AutoModel``) and converted with the settings recorded in its config.json
-    (those of :func:`convert`'s defaults if none are recorded, e.g. an original checkpoint),
-    overridden by ``convert_options``; a trained convolution skip is restored. A Nyströmformer
-    checkpoint is loaded with :mod:`nystromer.models` (the class named in its config, or
-    ``model_class``), with ``convert_options`` as config overrides.
+    A transformers checkpoint is loaded with ``model_class`` (default
+    ``transformers.AutoModel``) and ``attn_implementation="nystrom"``, with the settings its
+    config records (``config.nystrom``; :func:`convert`'s defaults if none are recorded, e.g.
+    an original checkpoint), overridden by ``options`` and ``convert_options``; trained
+    convolution skips are restored. A Nyströmformer checkpoint is loaded with
+    :mod:`nystromer.models` (the class named in its config, or ``model_class``), with
+    ``convert_options`` as config overrides.
 
     Args:
         directory: a Hugging Face-format checkpoint folder.
@@ -215,6 +230,13 @@ def from_pretrained(
 
     Returns:
         The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: no config.json in ``directory``.
+        ValueError: a model Nyström attention cannot serve (causal, or attention outside
+            transformers' interface).
+        nystromer.models.CheckpointError: a weights file that cannot be read (named), or
+            convolution weights missing or of the wrong shape.
     """
     path = Path(directory)
     config_file = path / "config.json"
@@ -230,8 +252,7 @@ def from_pretrained(
         )
     if options is not None and not isinstance(options, NystromOptions):
         raise TypeError(f"options must be a NystromOptions or None, got {type(options).__name__}")
-    model_type = raw.get("model_type")
-    if model_type == "nystromformer":
+    if raw.get("model_type") == "nystromformer":
         from . import models
 
         if model_class is None:
@@ -244,21 +265,41 @@ def from_pretrained(
                 del overrides["conv_kernel_size"]  # the trained convolution stays
         overrides.update(convert_options)
         return model_class.from_pretrained(path, numerics="nystromer", **overrides)
-    if model_type not in CONVERTIBLE_MODEL_TYPES:
-        raise ValueError(
-            f"{config_file} has model_type {model_type!r}; expected one of "
-            f"{CONVERTIBLE_MODEL_TYPES}"
-        )
     if model_class is None:
         from transformers import AutoModel as model_class
+    recorded = raw.get(CONFIG_KEY, raw.get(hf.LEGACY_CONFIG_KEY))
     if options is None:
-        options = NystromOptions.from_dict(raw.get(CONFIG_KEY))
+        options = NystromOptions.from_dict(recorded)
     options = options.replace(**convert_options)
-    model = model_class.from_pretrained(path)
-    convert(model, options=options)
+    try:
+        with hf.conv_weights_expected():
+            model = model_class.from_pretrained(path, attn_implementation=hf.IMPLEMENTATION)
+    except Exception as e:
+        _name_unreadable_file(path, e)
+        raise
     if options.conv_kernel_size is not None:
+        hf.add_conv_skips(model, options.conv_kernel_size)
         _load_conv_weights(model, path)
+    convert(model, options=options)
     return model.eval()
+
+
+def reserved_positions(model: nn.Module) -> int:
+    """Rows at the start of ``model``'s position table that are never a position: RoBERTa-like
+    models count positions from ``padding_idx + 1``, a Nyströmformer from 2; others 0."""
+    if _model_type(model) == "nystromformer":
+        from .models.modeling import POSITION_OFFSET
+
+        return POSITION_OFFSET
+    tables = _position_tables(model)
+    if len(tables) != 1:
+        return 0  # no learned table (rotary positions, a patch grid): nothing is reserved
+    embeddings = tables[0]
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    # RoBERTa-style embeddings create position ids from the input ids, after padding_idx.
+    if padding_idx is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
+        return padding_idx + 1
+    return 0
 
 
 # --------------------------------------------------------------------------- internals
@@ -269,34 +310,65 @@ def _model_type(model: nn.Module) -> str:
         return "nystromformer"
     if isinstance(model, nn.Module) and is_transformers_model(model):
         model_type = getattr(model.config, "model_type", None)
-        if model_type in ("bert", "roberta"):
-            return model_type
         if model_type == "nystromformer":
             raise ValueError(
                 "this is transformers' NystromformerModel; load the checkpoint with "
                 "nystromer.models (e.g. nystromer.models.NystromformerModel.from_pretrained"
                 "(directory)) and convert that"
             )
+        hf.check_supported(model)
+        return model_type
     what = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise ValueError(
-        f"convert supports transformers BERT and RoBERTa models and nystromer.models "
-        f"Nyströmformers, got {what!r}; for other models with torch.nn.MultiheadAttention or "
-        "ViT use nystromer.patch (no position table to extend)"
+        f"convert supports transformers encoders and nystromer.models Nyströmformers, got "
+        f"{what!r}; for other models with torch.nn.MultiheadAttention use nystromer.patch "
+        "(no position table to extend)"
     )
 
 
-def _embeddings_module(model: nn.Module) -> nn.Module:
-    found = [
+def _position_tables(model: nn.Module) -> list[nn.Module]:
+    """The modules holding a learned position table (``position_embeddings``, an Embedding)."""
+    return [
         m
         for m in model.modules()
         if isinstance(getattr(m, "position_embeddings", None), nn.Embedding)
     ]
-    if len(found) != 1:
+
+
+def _embeddings_module(model: nn.Module) -> nn.Module:
+    found = _position_tables(model)
+    if len(found) == 1:
+        return found[0]
+    name = type(model).__name__
+    if not found and any(hasattr(m, "rotary_emb") for m in model.modules()):
         raise ValueError(
-            f"expected one embeddings module with a learned position_embeddings table in "
-            f"{type(model).__name__}, found {len(found)}"
+            f"{name} has rotary position embeddings, which take any length: it needs no "
+            "longer table; leave max_position_embeddings out"
         )
-    return found[0]
+    if not found and any(
+        isinstance(getattr(m, "position_embeddings", None), nn.Parameter) for m in model.modules()
+    ):
+        raise ValueError(
+            f"{name}'s position embeddings are a patch grid (a vision model), not a table of "
+            "token positions; leave max_position_embeddings out"
+        )
+    raise ValueError(
+        f"expected one embeddings module with a learned position_embeddings table in {name}, "
+        f"found {len(found)}"
+    )
+
+
+def _name_unreadable_file(path: Path, error: Exception) -> None:
+    """Re-raise a weights file that cannot be read as an error naming it (transformers
+    passes on safetensors' message, which does not)."""
+    from .models.hf_io import CheckpointError, read_state_dict
+
+    try:
+        read_state_dict(path)
+    except CheckpointError as e:
+        raise e from error
+    except Exception:
+        pass
 
 
 def _convert_nystromformer(model: nn.Module, options: NystromOptions) -> None:
@@ -316,9 +388,15 @@ def _convert_nystromformer(model: nn.Module, options: NystromOptions) -> None:
 
 
 def _load_conv_weights(model: nn.Module, directory: Path) -> None:
-    from .models.hf_io import read_state_dict
+    """Load the saved ``nystrom_conv`` weights into ``model``'s (new) skips.
+
+    Keys are matched as saved, with or without the base model's prefix, or else by their layer
+    numbers (a model saved from another class of the family names its layers differently).
+    """
+    from .models.hf_io import CheckpointError, read_state_dict
 
     saved = {k: v for k, v in read_state_dict(directory).items() if "nystrom_conv" in k}
+    by_layer = {_layer_numbers(k): k for k in saved}
     prefix = getattr(model, "base_model_prefix", "") + "."
     state = {}
     for key, param in model.state_dict().items():
@@ -326,11 +404,22 @@ def _load_conv_weights(model: nn.Module, directory: Path) -> None:
             continue
         for candidate in (key, prefix + key, key.removeprefix(prefix)):
             if candidate in saved:
-                state[key] = saved[candidate].to(param.dtype)
                 break
         else:
-            raise ValueError(
+            candidate = by_layer.get(_layer_numbers(key))
+        if candidate is None:
+            raise CheckpointError(
                 f"{directory} records conv_kernel_size but has no weight for {key}; "
                 "pass conv_kernel_size=None to load without the convolution"
             )
+        if saved[candidate].shape != param.shape:
+            raise CheckpointError(
+                f"{directory}: {candidate} has shape {tuple(saved[candidate].shape)}, the model's "
+                f"{key} {tuple(param.shape)} (conv_kernel_size or the number of heads differs)"
+            )
+        state[key] = saved[candidate].to(param.dtype)
     model.load_state_dict(state, strict=False)
+
+
+def _layer_numbers(key: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in key.split(".") if part.isdigit())

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from .. import __version__
 from .._checks import check_positive_int
 from ..calibrate import calibrate
-from ..convert import convert, extend_positions
+from .. import hf
+from ..convert import convert, extend_positions, reserved_positions
 from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
 from ..train import checkpoint as ckpt
@@ -204,26 +205,19 @@ def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn
     tokenizer; the position table is lengthened when ``max_length`` needs it.
 
     Raises:
-        ValueError: not a BERT or RoBERTa checkpoint.
+        ValueError: not an encoder Nyström attention can serve (docs/models.md).
         FileNotFoundError: no such folder.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher must be a model folder with a config.json: {path}")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in ("bert", "roberta"):
-        raise ValueError(
-            f"teacher must be a BERT or RoBERTa checkpoint (exact attention), got model_type "
-            f"{config.model_type!r}"
-        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
-    # RoBERTa's position ids start after pad_token_id: its table has pad_token_id + 1 rows
-    # that are never positions.
-    reserved = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-    if max_length + reserved > config.max_position_embeddings:
+    hf.check_supported(model)
+    reserved = reserved_positions(model)
+    if max_length + reserved > model.config.max_position_embeddings:
         extend_positions(model, max_length + reserved)
     model.eval().requires_grad_(False)
     return model, tokenizer

@@ -38,7 +38,15 @@ _MAX_LISTED = 12
 
 
 class CheckpointError(ValueError):
-    """A checkpoint's keys or shapes do not fit the model (the message lists them)."""
+    """A checkpoint's file cannot be read, or its keys or shapes do not fit the model (the
+    message names the file, or lists the keys)."""
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the weights file {path} (truncated or corrupt? save or download it "
+        f"again): {error}"
+    )
 
 
 def _safetensors_load(path: Path) -> dict[str, Tensor]:
@@ -48,12 +56,18 @@ def _safetensors_load(path: Path) -> dict[str, Tensor]:
         raise ImportError(
             f"reading {path} needs the safetensors package: pip install safetensors"
         ) from e
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors' errors do not name the file
+        raise _unreadable(path, e) from e
 
 
 def _bin_load(path: Path) -> dict[str, Tensor]:
     # weights_only: a .bin is a pickle, and a pickle from the internet may run code.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unreadable(path, e) from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

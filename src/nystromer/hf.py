@@ -1,0 +1,560 @@
+"""transformers integration: the attention implementation ``"nystrom"``.
+
+``import nystromer`` registers, with transformers' ``AttentionInterface`` and
+``AttentionMaskInterface``, one attention function and one mask builder under the name
+``"nystrom"`` (as soon as transformers is imported; ``import nystromer`` itself does not import
+it). Then, as with ``"sdpa"``::
+
+    model = AutoModel.from_pretrained(path, attn_implementation="nystrom")
+    model.set_attn_implementation("nystrom")
+
+give every encoder whose attention goes through the interface Nyström attention. The settings
+are read from the config at each call, ``config.nystrom = {"num_landmarks": 64,
+"pinv_iterations": 6, "kmeans_iterations": 0, "conv_kernel_size": None}`` (missing keys take
+these defaults), so ``save_pretrained`` writes them into config.json and a checkpoint carries
+them. The convolution skip is a parameter of each attention module (``nystrom_conv``), which
+:func:`nystromer.patch` adds and :func:`nystromer.from_pretrained` restores.
+
+What is refused, with an error that says why (docs/models.md, "Families"): causal attention and
+decoders (Nyström landmarks average over future tokens), models whose attention bypasses the
+interface (transformers keeps eager attention for them), and masks other than key padding or a
+bidirectional local window (ModernBERT's local layers, which keep exact attention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.abc
+import importlib.util
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_shape
+from .attention import ValueConv, multihead_nystrom_attention
+from .functional import attention_rows
+from .options import NystromOptions
+
+__all__ = [
+    "CONFIG_KEY",
+    "IMPLEMENTATION",
+    "AttentionCall",
+    "add_conv_skips",
+    "attention_modules",
+    "attention_probe",
+    "check_supported",
+    "get_options",
+    "register",
+    "set_options",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "nystrom"
+"""The ``attn_implementation`` name."""
+CONFIG_KEY = "nystrom"
+"""The config attribute (and config.json key) holding the Nyström settings as a dict."""
+# Checkpoints written before the settings had their own name keep them under this key; read only.
+LEGACY_CONFIG_KEY = "nystromer"
+# Materialised attention weights (output_attentions=True) above this size come with a warning.
+_WARN_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def get_options(config: Any) -> NystromOptions:
+    """The Nyström settings a transformers config records (defaults where it records none).
+
+    Raises:
+        ValueError: an unknown key or an impossible value in ``config.nystrom``.
+    """
+    settings = getattr(config, CONFIG_KEY, None)
+    if settings is None:
+        settings = getattr(config, LEGACY_CONFIG_KEY, None)
+    if isinstance(settings, NystromOptions):
+        return settings
+    if settings is not None and not isinstance(settings, dict):
+        raise TypeError(
+            f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
+        )
+    return _options(tuple(sorted((settings or {}).items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _options(items: tuple[tuple[str, Any], ...]) -> NystromOptions:
+    # Every attention call reads the settings: parse and validate each distinct dict once.
+    return NystromOptions.from_dict(dict(items))
+
+
+def set_options(config: Any, options: NystromOptions) -> None:
+    """Record ``options`` in ``config`` (``config.nystrom``, saved by ``save_pretrained``)."""
+    setattr(config, CONFIG_KEY, options.to_dict())
+    if LEGACY_CONFIG_KEY in vars(config):
+        delattr(config, LEGACY_CONFIG_KEY)
+
+
+# --------------------------------------------------------------------------- capability
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules of a transformers model that call the attention function:
+    those with a config and an ``is_causal`` flag."""
+    from transformers import PreTrainedModel
+
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "is_causal") and hasattr(m, "config") and not isinstance(m, PreTrainedModel)
+    ]
+
+
+def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Check that Nyström attention can serve ``model``; returns its attention modules.
+
+    Raises:
+        TypeError: not a transformers model.
+        ValueError: its attention bypasses transformers' attention interface, it is a decoder,
+            it has causal attention modules, or none at all.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
+    if not type(model)._can_set_attn_implementation():
+        raise ValueError(
+            f"{name}'s attention does not go through transformers' attention interface "
+            "(transformers itself keeps eager attention for it), so attn_implementation="
+            f'"{IMPLEMENTATION}" cannot reach it; docs/models.md lists the families that work'
+        )
+    config = model.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError(
+            f"{name} is configured as a decoder (is_decoder / add_cross_attention): its "
+            "self-attention is causal, and Nyström landmarks would leak future tokens; "
+            "Nyström attention serves encoders only"
+        )
+    modules = attention_modules(model)
+    causal = [n for n, m in modules if m.is_causal]
+    if causal:
+        raise ValueError(
+            f"{name} has causal attention ({', '.join(causal[:3])}…): Nyström landmarks "
+            "average over all keys, so future tokens would leak; use it on encoders only"
+        )
+    if not modules:
+        raise ValueError(f"found no attention modules in {name}")
+    return modules
+
+
+def _check_model_type(config: Any) -> None:
+    """Refuse a config whose model ignores the interface (set through from_pretrained, which
+    does not ask the model class): it would apply our key-padding mask in its own attention."""
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    class_name = MODEL_MAPPING_NAMES.get(model_type)
+    if not isinstance(class_name, str):
+        return
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is not None and not cls._can_set_attn_implementation():
+        raise ValueError(
+            f"{class_name}'s attention does not go through transformers' attention interface, "
+            f'so attn_implementation="{IMPLEMENTATION}" cannot serve it (its own attention would '
+            "misread the mask); docs/models.md lists the families that work"
+        )
+
+
+# --------------------------------------------------------------------------- convolution skips
+
+
+def add_conv_skips(model: nn.Module, kernel_size: int) -> int:
+    """Give each global attention module of ``model`` a convolution skip ``nystrom_conv``,
+    initialised to zero (the model computes what it computed before); returns how many.
+
+    Modules that already have one keep it (it may be trained); local sliding-window layers
+    (ModernBERT's), which keep exact attention, get none.
+    """
+    heads = model.config.num_attention_heads
+    added = 0
+    for _, m in attention_modules(model):
+        if hasattr(m, "nystrom_conv") or getattr(m, "sliding_window", None) is not None:
+            continue
+        ref = next(m.parameters())
+        conv = ValueConv(heads, kernel_size, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(conv.weight)
+        m.nystrom_conv = conv
+        added += 1
+    return added
+
+
+def conv_kernel_size(model: nn.Module) -> int | None:
+    """The kernel size of the convolution skips ``model`` already has, or None."""
+    for _, m in attention_modules(model):
+        conv = getattr(m, "nystrom_conv", None)
+        if conv is not None:
+            return conv.kernel_size[0]
+    return None
+
+
+@contextlib.contextmanager
+def conv_weights_expected() -> Iterator[None]:
+    """Within the block, transformers' load report does not list ``nystrom_conv`` weights as
+    unexpected: :func:`nystromer.from_pretrained` loads them itself once the model exists."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._adjust_missing_and_unexpected_keys
+
+    def adjust(self, loading_info):
+        original(self, loading_info)
+        loading_info.unexpected_keys = {
+            k for k in loading_info.unexpected_keys if "nystrom_conv" not in k
+        }
+
+    PreTrainedModel._adjust_missing_and_unexpected_keys = adjust
+    try:
+        yield
+    finally:
+        PreTrainedModel._adjust_missing_and_unexpected_keys = original
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one call of Nyström attention in a transformers model computed, for
+    :func:`attention_probe`.
+
+    Attributes:
+        module: the transformers attention module (its ``nystrom_conv``, if any, is the skip).
+        query, key, value: (B, H, n, d), as transformers passed them.
+        mask: (B, n_k) bool, True for real keys, or None.
+        scale: the score scale transformers passed (None: 1/sqrt(d)).
+        output: (B, H, n_q, d), the Nyström attention output *before* the convolution skip.
+        options: the Nyström settings of the call.
+    """
+
+    module: nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    mask: Tensor | None
+    scale: float | None
+    output: Tensor
+    options: NystromOptions
+
+
+_PROBE: contextvars.ContextVar[Callable[[AttentionCall], None] | None] = contextvars.ContextVar(
+    "nystromer_attention_probe", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_probe(probe: Callable[[AttentionCall], None]) -> Iterator[None]:
+    """Within the block, call ``probe(call)`` from every Nyström attention call of a
+    transformers model.
+
+    ``call`` is an :class:`AttentionCall`: the layer's inputs and its Nyström output before the
+    convolution skip, e.g. to compare it with exact attention (:func:`nystromer.calibrate`
+    fits the skips this way). The probe runs inside the forward pass, before the skip is added
+    (possibly in place: copy ``call.output`` to keep it); an exception it raises ends the pass.
+    Probes do not nest: the innermost one is called. Layers patched from
+    ``torch.nn.MultiheadAttention`` are modules: use forward hooks there.
+    """
+    token = _PROBE.set(probe)
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
+
+
+# --------------------------------------------------------------------------- mask builder
+
+
+def _mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: Tensor | None = None,
+    config: Any = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """transformers mask builder: (B, 1, 1, kv_length) bool key padding (True = attend), or
+    None without padding, for plain bidirectional attention (O(n) memory, unlike the built-in
+    (B, 1, n, n) masks); transformers' dense mask for a bidirectional local window, whose
+    layers keep exact attention; an error for anything else."""
+    _check_model_type(config)
+    kind = _mask_kind(mask_function, q_length, kv_length, q_offset, kv_offset)
+    if kind == "window":
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(
+            batch_size,
+            q_length,
+            kv_length,
+            q_offset,
+            kv_offset,
+            mask_function,
+            attention_mask,
+            **kwargs,
+        )
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)
+    check_shape("attention_mask", mask, (batch_size, kv_length))
+    # An all-real mask is dropped on the CPU (the faster unmasked path); on a GPU the check
+    # would wait for the device at every layer, and the masked path gives the same result.
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask[:, None, None, :]
+
+
+# Mask functions are evaluated on all query rows up to this many (query, key) pairs, beyond it
+# on a spread of rows, to tell their kind.
+_PROBE_PAIRS = 1 << 22
+
+
+def _mask_kind(
+    mask_function: Callable | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int
+) -> str:
+    """``"full"`` (every query sees every key), ``"window"`` (bidirectional, local) or an
+    error: causal and other one-sided masks would need future keys kept out of the landmarks."""
+    if mask_function is None:
+        raise ValueError("Nyström attention's mask builder needs transformers' mask_function")
+    if q_length * kv_length <= _PROBE_PAIRS:
+        rows = torch.arange(q_length)
+    else:
+        rows = torch.linspace(0, q_length - 1, steps=max(1, _PROBE_PAIRS // kv_length)).long()
+    q = (rows + q_offset)[:, None]
+    kv = (torch.arange(kv_length) + kv_offset)[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        allowed = torch.broadcast_to(mask_function(zero, zero, q, kv), (len(rows), kv_length))
+    except Exception as e:  # a mask function that is not index-based
+        raise ValueError(
+            "Nyström attention supports key padding and bidirectional local windows only; "
+            f"this model's mask function {getattr(mask_function, '__name__', mask_function)!s} "
+            f"could not be evaluated ({e})"
+        ) from e
+    if bool(allowed.all()):
+        return "full"
+    future = kv > q
+    if not bool((allowed & future).any()):
+        raise ValueError(
+            "this model asked for a causal attention mask: Nyström landmarks average over all "
+            "keys, so future tokens would leak; Nyström attention serves encoders only"
+        )
+    if _symmetric(allowed, q, kv):
+        return "window"
+    raise ValueError(
+        "Nyström attention supports key padding and bidirectional local windows only; this "
+        f"model asked for a {getattr(mask_function, '__name__', mask_function)!s} mask"
+    )
+
+
+def _symmetric(allowed: Tensor, q: Tensor, kv: Tensor) -> bool:
+    """Whether the allowed pairs depend on |query − key| only, as in a local window."""
+    distance = (kv - q).abs()
+    width = distance[allowed].max()
+    return bool((allowed == (distance <= width)).all())
+
+
+def _key_mask_from_4d(mask: Tensor, n_q: int, n_k: int) -> Tensor:
+    """A (B, 1, n_q or 1, n_k) mask → (B, n_k) bool, True = real; refuse anything else."""
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        # transformers' additive masks: 0 = attend, dtype minimum (or -inf) = masked.
+        masked = mask <= torch.finfo(mask.dtype).min
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
+            raise ValueError("additive attention biases are not supported by Nyström attention")
+        allowed = ~masked
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-1] != n_k:
+        raise ValueError(
+            f"attention_mask must have shape (batch, 1, {n_q} or 1, {n_k}), got "
+            f"{tuple(allowed.shape)}"
+        )
+    if allowed.shape[2] != 1 and not torch.compiler.is_compiling():
+        if not bool((allowed == allowed[:, :, :1]).all()):
+            raise ValueError(
+                "attention_mask masks different keys for different queries (causal or "
+                "structured); Nyström attention supports key padding only"
+            )
+    return allowed[:, 0, 0]
+
+
+# --------------------------------------------------------------------------- attention function
+
+
+def _attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers AttentionInterface function: (B, H, n, d) inputs → ((B, n, H, d), weights
+    or None)."""
+    if sliding_window is not None:
+        # A local window costs O(n·w) exactly: these layers keep exact attention.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
+    if getattr(module, "is_causal", False):
+        raise ValueError(
+            f"{type(module).__name__} is causal: Nyström landmarks would leak future tokens"
+        )
+    options = get_options(module.config)
+    n_q, n_k = query.shape[2], key.shape[2]
+    conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
+    if options.conv_kernel_size is not None and conv is None and n_q == n_k:
+        raise ValueError(
+            f"config.{CONFIG_KEY} asks for a convolution skip (conv_kernel_size="
+            f"{options.conv_kernel_size}) but {type(module).__name__} has none: transformers "
+            "does not load it; load the checkpoint with nystromer.from_pretrained(path), or "
+            f"add new skips with nystromer.patch(model, conv_kernel_size={options.conv_kernel_size})"
+        )
+    mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
+    probe = _PROBE.get()
+    observe = None
+    if probe is not None:
+
+        def observe(out: Tensor) -> None:
+            probe(AttentionCall(module, query, key, value, mask, scaling, out, options))
+
+    out = multihead_nystrom_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        options,
+        mask=mask,
+        dropout_p=dropout,
+        scale=scaling,
+        conv=conv,
+        observe=observe,
+    )
+    weights = None
+    if _attentions_requested():
+        weights = _all_rows(query, key, mask, scaling, options)
+    return out, weights
+
+
+def _attentions_requested() -> bool:
+    """Whether transformers is collecting attention weights (``output_attentions=True``)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers: nothing is collected this way
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _all_rows(
+    query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None, options: NystromOptions
+) -> Tensor:
+    b, h, n_q, _ = query.shape
+    size = b * h * n_q * key.shape[2] * query.element_size()
+    if size > _WARN_BYTES:
+        warnings.warn(
+            f"output_attentions=True materialises the (B, H, n, n) attention matrix "
+            f"({size / 2**30:.1f} GiB); nystromer.attention_rows computes only the rows you "
+            "need",
+            stacklevel=3,
+        )
+    return attention_rows(
+        query,
+        key,
+        torch.arange(n_q, device=query.device),
+        mask=mask,
+        scale=scaling,
+        **options.attention_kwargs(),
+    )
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register() -> None:
+    """Register ``"nystrom"`` with transformers (imports it); done by ``import nystromer``
+    once transformers is imported, so calling it is needed only after unregistering."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+
+
+# transformers' AttentionInterface lives here: once it has run, registering is possible.
+_TRIGGER = "transformers.modeling_utils"
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers ``"nystrom"`` right after transformers' modeling utilities are imported, so
+    that ``import nystromer`` does not import transformers (seconds) for users who do not use it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        try:
+            register()
+        except Exception as e:  # never break the user's transformers import
+            logger.warning("could not register attn_implementation=%r: %s", IMPLEMENTATION, e)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def install() -> None:
+    """Register now if transformers is imported, else as soon as it is (no import here)."""
+    if _TRIGGER in sys.modules:
+        register()
+    elif importlib.util.find_spec("transformers") is not None and not any(
+        isinstance(f, _RegisterAfterImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _RegisterAfterImport())
