@@ -203,7 +203,7 @@ def test_worker_converts_with_the_options_it_is_given(tmp_path, monkeypatch, cap
 
     [(model, given)] = converted
     assert given["kmeans_iterations"] == 2 and given["conv_kernel_size"] == 3
-    assert model.config.nystromer["kmeans_iterations"] == 2
+    assert model.config.nystrom["kmeans_iterations"] == 2
     convs = [m.nystrom_conv for m in model.modules() if hasattr(m, "nystrom_conv")]
     assert len(convs) == 2 and all(conv.kernel_size == (3, 1) for conv in convs)
     assert "model-nystromer" not in IMPLEMENTATIONS  # the worker left the registry as it was

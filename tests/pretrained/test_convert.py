@@ -16,6 +16,8 @@ from transformers import (  # noqa: E402
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    GPT2Config,
+    GPT2Model,
     RobertaConfig,
     RobertaModel,
     ViTConfig,
@@ -71,7 +73,7 @@ def test_convert_keeps_outputs_up_to_m_tokens_and_approximates_beyond(make):
     diff = (converted(x).last_hidden_state - exact(x).last_hidden_state).abs().max()
     assert torch.isfinite(diff) and diff > 1e-4  # a real approximation, not exact attention
     assert nystromer.convert.__module__ == "nystromer.convert"
-    assert converted.config.nystromer == {
+    assert converted.config.nystrom == {
         "num_landmarks": 16,
         "pinv_iterations": 6,
         "conv_kernel_size": None,
@@ -161,7 +163,7 @@ def test_saved_conversion_loads_back_with_nystromer_and_with_plain_transformers(
     mlm = nystromer.from_pretrained(
         tmp_path, model_class=BertForMaskedLM, num_landmarks=16, conv_kernel_size=None
     )
-    assert isinstance(mlm, BertForMaskedLM) and mlm.config.nystromer["num_landmarks"] == 16
+    assert isinstance(mlm, BertForMaskedLM) and mlm.config.nystrom["num_landmarks"] == 16
 
 
 def test_nystromformer_conversion_round_trip(tmp_path):
@@ -210,8 +212,8 @@ def test_convert_errors_name_what_is_wrong(tmp_path):
         )
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                              intermediate_size=64, image_size=8, patch_size=4))  # fmt: skip
-    with pytest.raises(ValueError, match="got 'vit'"):
-        nystromer.convert(vit)
+    with pytest.raises(ValueError, match="patch grid"):
+        nystromer.convert(vit, max_position_embeddings=64)
     with pytest.raises(ValueError, match="max_position_embeddings must be an integer ≥ the"):
         nystromer.convert(bert(max_positions=40), max_position_embeddings=20)
     with pytest.raises(ValueError, match="num_landmarks"):
@@ -223,16 +225,17 @@ def test_convert_errors_name_what_is_wrong(tmp_path):
     bert().save_pretrained(tmp_path / "b")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['landmarks'\\]"):
         nystromer.from_pretrained(tmp_path / "b", landmarks=8)
-    vit.save_pretrained(tmp_path / "v")
-    with pytest.raises(ValueError, match="model_type 'vit'"):
-        nystromer.from_pretrained(tmp_path / "v")
+    gpt2 = GPT2Model(GPT2Config(vocab_size=60, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    gpt2.save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match="future tokens would leak"):
+        nystromer.from_pretrained(tmp_path / "g")
 
 
 def test_options_object_equals_the_keywords_and_is_recorded(tmp_path):
     opts = nystromer.NystromOptions(num_landmarks=8, kmeans_iterations=1, conv_kernel_size=3)
     by_keywords = nystromer.convert(bert(), **opts.to_dict())
     model = nystromer.convert(bert(), options=opts)
-    assert model.config.nystromer == opts.to_dict() == by_keywords.config.nystromer
+    assert model.config.nystrom == opts.to_dict() == by_keywords.config.nystrom
     x = ids(40)
     torch.testing.assert_close(
         model(x).last_hidden_state, by_keywords(x).last_hidden_state, rtol=0, atol=0
@@ -241,7 +244,7 @@ def test_options_object_equals_the_keywords_and_is_recorded(tmp_path):
     # Loading with options replaces the recorded settings; keywords then override fields.
     other = nystromer.NystromOptions(num_landmarks=16)
     loaded = nystromer.from_pretrained(tmp_path, options=other, pinv_iterations=4)
-    assert loaded.config.nystromer == other.replace(pinv_iterations=4).to_dict()
+    assert loaded.config.nystrom == other.replace(pinv_iterations=4).to_dict()
     with pytest.raises(TypeError, match="options must be a NystromOptions"):
         nystromer.from_pretrained(tmp_path, options=opts.to_dict())
     # A Nyströmformer keeps its trained convolution under options without one.

@@ -100,7 +100,7 @@ def test_distillation_closes_most_of_the_gap_and_saves_a_usable_model(setup, str
     # The trained student: Nyström attention, 96 positions, loads with nystromer.
     student = nystromer.from_pretrained(run / "model")
     assert student.config.max_position_embeddings == 96
-    assert student.config.nystromer["num_landmarks"] == 8
+    assert student.config.nystrom["num_landmarks"] == 8
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "model")
     batch = tokenizer(["w1 w2 w3 " * 30], return_tensors="pt")
     assert batch["input_ids"].shape[1] > 64  # longer than the teacher could read
@@ -180,7 +180,7 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
             intermediate_size=64,
         )
     ).save_pretrained(nys)  # fmt: skip
-    assert "teacher must be a BERT or RoBERTa" in error(
+    assert "teacher must be an exact-attention encoder" in error(
         ["distill", "--teacher", str(nys), "--text", *config.texts, "--out", str(tmp_path / "z")]
     )
     assert "too few for one" in error(

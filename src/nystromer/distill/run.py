@@ -208,11 +208,17 @@ def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn
         ValueError: not an encoder Nyström attention can serve (docs/models.md).
         FileNotFoundError: no such folder.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher must be a model folder with a config.json: {path}")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type == "nystromformer":
+        raise ValueError(
+            "teacher must be an exact-attention encoder (BERT, RoBERTa, ELECTRA, …: "
+            f"docs/models.md), got model_type {model_type!r}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
     hf.check_supported(model)
