@@ -159,7 +159,7 @@ def test_gradients_finite_and_save_load_restores_settings_and_skips(family, tmp_
         m.nystrom_conv for _, m in hf.attention_modules(loaded) if hasattr(m, "nystrom_conv")
     ]
     assert len(loaded_skips) == len(skips)
-    for a, b in zip(skips, loaded_skips):
+    for a, b in zip(skips, loaded_skips, strict=True):
         torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -235,7 +235,7 @@ def test_output_attentions_returns_the_rows_not_an_empty_tuple():
         got = model(**short, output_attentions=True).attentions
         want = exact(**short, output_attentions=True).attentions
     assert len(got) == len(want) == 2
-    for a, b in zip(got, want):  # n ≤ m: the exact softmax rows
+    for a, b in zip(got, want, strict=True):  # n ≤ m: the exact softmax rows
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     long = inputs("bert", 40)
     with torch.no_grad():

@@ -17,13 +17,13 @@ Public API:
     nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 
+from . import hf as _hf
 from .attention import NystromAttention, NystromMultiheadAttention
 from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
 from .functional import attention_rows, iterative_pinv, nystrom_attention
 from .options import NystromOptions
 from .patching import patch
-from . import hf as _hf
 
 # attn_implementation="nystrom": registered now if transformers is imported, else right after
 # it is (importing transformers here would cost seconds to users who never use it).

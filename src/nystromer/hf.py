@@ -437,12 +437,13 @@ def _attention(
     options = get_options(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
-    if options.conv_kernel_size is not None and conv is None and n_q == n_k:
+    k = options.conv_kernel_size
+    if k is not None and conv is None and n_q == n_k:
         raise ValueError(
-            f"config.{CONFIG_KEY} asks for a convolution skip (conv_kernel_size="
-            f"{options.conv_kernel_size}) but {type(module).__name__} has none: transformers "
-            "does not load it; load the checkpoint with nystromer.from_pretrained(path), or "
-            f"add new skips with nystromer.patch(model, conv_kernel_size={options.conv_kernel_size})"
+            f"config.{CONFIG_KEY} asks for a convolution skip (conv_kernel_size={k}) but "
+            f"{type(module).__name__} has none: transformers does not load it; load the "
+            "checkpoint with nystromer.from_pretrained(path), or add new skips with "
+            f"nystromer.patch(model, conv_kernel_size={k})"
         )
     mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
     probe = _PROBE.get()

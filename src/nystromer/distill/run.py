@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
+from .. import __version__, hf
 from .._checks import check_positive_int
 from ..calibrate import calibrate
-from .. import hf
 from ..convert import convert, extend_positions, reserved_positions
 from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
