@@ -30,7 +30,7 @@ from torch import nn
 
 from . import hf
 from .options import NystromOptions, resolve_options
-from .patching import is_transformers_model, patch
+from .patching import SUPPORTED_TRANSFORMERS_MODEL_TYPES, is_transformers_model, patch
 
 __all__ = [
     "CONVERTIBLE_MODEL_TYPES",
@@ -43,18 +43,10 @@ __all__ = [
 
 # Encoders with a learned absolute position table that the tests convert and lengthen
 # (transformers families through "nystrom", Nyströmformer through nystromer.models). Any encoder
-# nystromer.patch accepts converts; lengthening needs such a table.
+# nystromer.patch accepts converts; lengthening needs such a table, which vision models (a patch
+# grid) and ModernBERT (rotary positions) do not have.
 CONVERTIBLE_MODEL_TYPES = (
-    "bert",
-    "roberta",
-    "xlm-roberta",
-    "xlm-roberta-xl",
-    "camembert",
-    "data2vec-text",
-    "electra",
-    "albert",
-    "distilbert",
-    "ernie",
+    *(t for t in SUPPORTED_TRANSFORMERS_MODEL_TYPES if t not in ("vit", "deit", "modernbert")),
     "nystromformer",
 )
 # config.json key under which a converted transformers model keeps its Nyström settings.
