@@ -332,3 +332,15 @@ def test_real_minilm_with_attn_implementation_equals_patch():
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # one code path: identical
     # ... and it is Nyström attention, not exact: 300 tokens > m = 64 differ from exact.
     assert (a - exact.last_hidden_state).abs().max() > 1e-3
+
+
+def test_masks_other_than_padding_or_a_window_are_refused():
+    from transformers.masking_utils import sliding_window_bidirectional_mask_function
+
+    assert hf._mask(2, 30, 30, mask_function=sliding_window_bidirectional_mask_function(4)).shape
+    with pytest.raises(ValueError, match="key padding and bidirectional local windows only"):
+        hf._mask(2, 30, 30, mask_function=lambda b, h, q, kv: (q + kv) % 2 == 0)
+    additive = torch.zeros(2, 1, 30, 30)
+    additive[..., 3] = -1.0  # a bias, not a mask
+    with pytest.raises(ValueError, match="additive attention biases"):
+        hf._key_mask_from_4d(additive, 30, 30)

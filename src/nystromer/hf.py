@@ -304,6 +304,8 @@ def _mask(
     if kind == "window":
         from transformers.masking_utils import sdpa_mask
 
+        # Never None: a window layer given no mask would attend to every key.
+        kwargs["allow_is_causal_skip"] = kwargs["allow_is_bidirectional_skip"] = False
         return sdpa_mask(
             batch_size,
             q_length,
