@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_int
 from .attention import ValueConv
-from .functional import _exact
+from .functional import softmax_attention
 from .patching import AttentionCall, attention_probe
 
 __all__ = ["calibrate", "CalibrationResult"]
@@ -227,7 +227,7 @@ class _OutputMap:
             return
         b, _, n, _ = call.query.shape
         y = call.output + call.module.nystrom_conv(call.value, call.mask)
-        e = _exact(call.query, call.key, call.value, call.mask, call.scale, 0.0)
+        e = softmax_attention(call.query, call.key, call.value, call.mask, call.scale, 0.0)
         keep = real.reshape(-1)
         y = y.transpose(1, 2).reshape(b * n, -1)[keep].double()
         e = e.transpose(1, 2).reshape(b * n, -1)[keep].double()
@@ -274,7 +274,7 @@ class _NormalEquations:
         if real is None:
             return
         value, mask, out = call.value, call.mask, call.output
-        exact = _exact(call.query, call.key, value, mask, call.scale, 0.0)
+        exact = softmax_attention(call.query, call.key, value, mask, call.scale, 0.0)
         keep = real[:, None, :, None].to(value.dtype)
         residual = (exact - out) * keep
         # Padding is zero for the convolution, as in ValueConv.

@@ -41,6 +41,7 @@ __all__ = [
     "refine_landmarks",
     "landmark_assignment",
     "check_nystrom_options",
+    "softmax_attention",
 ]
 
 
@@ -108,7 +109,7 @@ def nystrom_attention(
 
     if n_k <= m or n_q <= m:
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
-        out = _exact(query, key, value, mask, scale, dropout_p)
+        out = softmax_attention(query, key, value, mask, scale, dropout_p)
     else:
         out = _nystrom(
             query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p,
@@ -268,7 +269,7 @@ def _nystrom(
     key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
 
     # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
-    bv = _exact(q_land.to(query.dtype), key, value, mask, scale, 0.0)
+    bv = softmax_attention(q_land.to(query.dtype), key, value, mask, scale, 0.0)
 
     # 2. W = A⁺·BV, with A = softmax(s·Q̃K̃ᵀ) and its pseudo-inverse in `work` precision.
     logits = (q_land @ k_land.transpose(-1, -2)) * scale
@@ -297,12 +298,23 @@ def _nystrom(
     k_land, w = k_land.to(query.dtype), w.to(query.dtype)
     if _cpu.applies(query):
         # CPU: threads own whole rows of the fresh output instead of sharing its pages.
-        return _cpu.attention_by_row_blocks(_exact, query, k_land, w, k_nonempty, scale, dropout_p)
-    return _exact(query, k_land, w, k_nonempty, scale, dropout_p)
+        return _cpu.attention_by_row_blocks(
+            softmax_attention, query, k_land, w, k_nonempty, scale, dropout_p
+        )
+    return softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
 
 
-def _exact(q, k, v, key_mask, scale, dropout_p):
-    """softmax(s·QKᵀ)·V with padding keys (False in the (B, n_k) ``key_mask``) masked out."""
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Exact softmax(s·QKᵀ)·V, (B, H, n_q, d) × (B, H, n_k, d) → (B, H, n_q, d_v), with the
+    padding keys (False in the (B, n_k) ``key_mask``) masked out: what Nyström attention
+    approximates, e.g. to compare a layer's output with it."""
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
