@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--batch", type=int, default=4, help="bags per training step")
     parser.add_argument(
-        "--train-sizes", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX")
+        "--train-sizes", type=int, nargs=2, default=(32, 1024), metavar=("MIN", "MAX")
     )
     parser.add_argument("--dim", type=int, default=128, help="model width (TransMIL: 512)")
     parser.add_argument("--landmarks", type=int, default=64, help="m (TransMIL: 256)")

@@ -38,7 +38,7 @@ KEYS = (2, 6)
 
 
 def make_bags(
-    batch: int, n: int, features: int, generator: torch.Generator, signal: float = 4.0
+    batch: int, n: int, features: int, generator: torch.Generator, signal: float = 6.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``batch`` synthetic bags of ``n`` instances, about half of them positive.
 
@@ -169,10 +169,15 @@ def save_heatmap(weights: Tensor, keys: Tensor, path: str) -> None:
     grid = torch.full((side * side,), float("nan"))
     grid[:n] = weights
     fig, ax = plt.subplots(figsize=(5, 4.4))
-    image = ax.imshow(grid.view(side, side), cmap="magma")
+    image = ax.imshow(grid.view(side, side).numpy(), cmap="magma")
     where = keys.nonzero().squeeze(1)
     ax.scatter(
-        where % side, where // side, s=120, facecolors="none", edgecolors="cyan", label="keys"
+        (where % side).numpy(),
+        (where // side).numpy(),
+        s=120,
+        facecolors="none",
+        edgecolors="cyan",
+        label="keys",
     )
     ax.set_title(f"class-token attention, mean of heads (n = {n})")
     ax.set_xticks([])
@@ -191,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--landmarks", type=int, default=64, help="m, landmarks per head")
     parser.add_argument("--features", type=int, default=64, help="instance feature width")
     parser.add_argument(
-        "--train-sizes", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX")
+        "--train-sizes", type=int, nargs=2, default=(32, 1024), metavar=("MIN", "MAX")
     )
     parser.add_argument("--bag-size", type=int, default=1000, help="n of the bag drawn")
     parser.add_argument("--eval-bags", type=int, default=32, help="bags the accuracy is taken on")
