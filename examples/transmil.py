@@ -15,10 +15,12 @@ position encoding is left out). TransMIL has dim = 512 and m = 256; the defaults
 smaller, so that it trains in a minute on a CPU. The import is the one line a TransMIL code
 base changes: ``from nystromer.compat import NystromAttention``.
 
-After training, the class token's row of the last layer's attention (``attn[:, :, 0]``, mean
-over the heads) is drawn for one positive bag, its instances laid out on a square grid as
-patches on a slide, with the key instances circled. ``benchmarks/mil_switch.py`` trains the same
-model on the ``nystrom-attention`` package and measures what switching changes (docs/mil.md).
+After training, the class token's row of the first layer's attention (``attn[:, :, 0]``, mean
+over the heads) is drawn for one positive bag, its instances laid out on a square grid as patches
+on a slide, with the key instances circled. (In this model the class token gathers the key
+instances in the first layer; the second layer's row, ``--layer 1``, is nearly uniform.)
+``benchmarks/mil_switch.py`` trains the same model on the ``nystrom-attention`` package and
+measures what switching changes (docs/mil.md).
 """
 
 from __future__ import annotations
@@ -121,12 +123,12 @@ class TransMIL(nn.Module):
             x = layer(x)
         return self.head(self.norm(x[:, 0]))
 
-    def heatmap(self, bags: Tensor) -> Tensor:
-        """The class token's attention over the instances in the last layer: (B, heads, n)."""
+    def heatmap(self, bags: Tensor, layer: int = 0) -> Tensor:
+        """The class token's attention over the instances in one layer: (B, heads, n)."""
         x = self._tokens(bags)
-        for layer in self.layers[:-1]:
-            x = layer(x)
-        _, attn = self.layers[-1](x, return_attn=True)
+        for earlier in self.layers[:layer]:
+            x = earlier(x)
+        _, attn = self.layers[layer](x, return_attn=True)
         # numerics="lucidrains" keeps the package's front padding: token i is row pad + i.
         pad = attn.shape[-1] - x.shape[1]
         return attn[:, :, pad, pad + 1 :]
@@ -179,7 +181,7 @@ def save_heatmap(weights: Tensor, keys: Tensor, path: str) -> None:
         edgecolors="cyan",
         label="keys",
     )
-    ax.set_title(f"class-token attention, mean of heads (n = {n})")
+    ax.set_title(f"class-token attention, mean of heads (n = {n})", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(loc="upper right", fontsize=8)
@@ -200,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--bag-size", type=int, default=1000, help="n of the bag drawn")
     parser.add_argument("--eval-bags", type=int, default=32, help="bags the accuracy is taken on")
+    parser.add_argument("--layer", type=int, default=0, choices=(0, 1), help="whose heatmap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="heatmap.png", help="where the PNG goes")
     args = parser.parse_args(argv)
@@ -218,13 +221,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bag, _, keys = make_bags(1, args.bag_size, args.features, generator)
         while not keys.any():  # a positive bag
             bag, _, keys = make_bags(1, args.bag_size, args.features, generator)
-        weights = model.heatmap(bag)[0].mean(0)  # (n,): mean over the heads
+        weights = model.heatmap(bag, args.layer)[0].mean(0)  # (n,): mean over the heads
     save_heatmap(weights, keys[0], args.out)
     key_share = weights[keys[0]].sum().item()
     print(
         f"loss {losses[0]:.3f} → {losses[-1]:.3f} in {args.steps} steps; accuracy at "
         f"n = {args.bag_size}: {accuracy:.2f}; the {int(keys.sum())} key instances hold "
-        f"{key_share:.0%} of the class token's attention; heatmap: {args.out}"
+        f"{key_share:.0%} of the class token's attention in layer {args.layer}; heatmap: {args.out}"
     )
     return {"losses": losses, "accuracy": accuracy, "key_share": key_share, "out": args.out}
 

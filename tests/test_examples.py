@@ -30,15 +30,15 @@ def test_transmil_heatmap_is_the_class_token_row_in_both_numerics():
     model = example["TransMIL"](8, 16, landmarks=8).eval()
     bags = torch.randn(2, 21, 8)
     for numerics in ("nystromer", "lucidrains"):
-        for layer in model.layers:
-            layer.attn.numerics = numerics
+        for trans_layer in model.layers:
+            trans_layer.attn.numerics = numerics
         with torch.no_grad():
-            heat = model.heatmap(bags)
             x = model._tokens(bags)
-            x = model.layers[0](x)
-            _, attn = model.layers[1](x, return_attn=True)
-        assert heat.shape == (2, 8, 21)
+            _, first = model.layers[0](x, return_attn=True)
+            _, second = model.layers[1](model.layers[0](x), return_attn=True)
         # 22 tokens: lucidrains numerics pad 2 zero tokens in front to a multiple of 8.
         pad = {"nystromer": 0, "lucidrains": 2}[numerics]
-        assert attn.shape[-1] == 22 + pad
-        torch.testing.assert_close(heat, attn.full()[:, :, pad, pad + 1 :])
+        for layer, attn in enumerate((first, second)):
+            heat = model.heatmap(bags, layer)
+            assert heat.shape == (2, 8, 21) and attn.shape[-1] == 22 + pad
+            torch.testing.assert_close(heat, attn.full()[:, :, pad, pad + 1 :])
