@@ -131,8 +131,8 @@ def table(report: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1500, 3000])
-    parser.add_argument("--bags", type=int, default=32, help="evaluation bags per size")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1500, 3000, 10000])
+    parser.add_argument("--bags", type=int, default=100, help="evaluation bags per size")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--batch", type=int, default=4, help="bags per training step")
     parser.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A TransMIL-style bag classifier built on ``nystromer.compat``, with a class-token heatmap.
 
-    python examples/transmil.py                           # 300 steps, about a minute on a CPU
+    python examples/transmil.py                     # 300 steps, two minutes on 2 CPU cores
     python examples/transmil.py --bag-size 5000 --out slide.png
 
 Multiple-instance learning as in whole-slide pathology: a bag (a slide) is n instance feature
@@ -12,7 +12,7 @@ embedding, a class token in front, two pre-norm layers ``x + attn(LayerNorm(x))`
 ``NystromAttention(dim, dim_head=dim // 8, heads=8, num_landmarks=m, residual=True,
 dropout=0.1)``, a LayerNorm and a linear head on the class token (TransMIL's convolutional
 position encoding is left out). TransMIL has dim = 512 and m = 256; the defaults here are
-smaller, so that it trains in a minute on a CPU. The import is the one line a TransMIL code
+smaller, so that it trains in minutes on a CPU. The import is the one line a TransMIL code
 base changes: ``from nystromer.compat import NystromAttention``.
 
 After training, the class token's row of the first layer's attention (``attn[:, :, 0]``, mean
