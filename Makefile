@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench bench-model clean
+.PHONY: venv demo test lint format bench-core bench bench-model bench-mil-switch clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,12 @@ demo: venv
 	$(BIN)/nystromer demo
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 format: venv
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks examples
+	$(BIN)/ruff check --fix src tests benchmarks examples
 
 test: venv lint
 	$(BIN)/python -m pytest -m "not slow"
@@ -48,6 +48,11 @@ bench: venv
 bench-model: venv
 	$(BIN)/python benchmarks/converted_model.py $(if $(MODEL),--model $(MODEL)) \
 		--kmeans-iterations 3 --conv-kernel-size 35 --write-docs docs/results.md
+
+# A TransMIL-style model trained on the nystrom-attention package, then run on nystromer.compat
+# in both numerics: logit and prediction changes per bag size (docs/mil.md). Minutes on 2 cores.
+bench-mil-switch: venv
+	$(BIN)/python benchmarks/mil_switch.py --out runs/bench/mil_switch.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

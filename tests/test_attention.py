@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nystromer import NystromAttention, NystromMultiheadAttention, NystromOptions
+from nystromer import AttentionMap, NystromAttention, NystromMultiheadAttention, NystromOptions
 from nystromer.attention import ValueConv, banded_sequence_conv, value_conv, value_conv_skip
 
-from .reference import nystrom_reference
+from .reference import nystrom_matrix, nystrom_reference
 
 
 def make(seed=0, **kw):
@@ -214,6 +214,71 @@ def test_cross_attention_with_kdim_vdim():
     out = attn(torch.randn(2, 30, 32), torch.randn(2, 77, 12), torch.randn(2, 77, 20))
     assert out.shape == (2, 30, 32)
     assert torch.isfinite(out).all()
+
+
+def _heads(t: torch.Tensor, h: int = 4) -> torch.Tensor:
+    """(B, n, E) → (B, H, n, E / H)."""
+    return t.unflatten(-1, (h, -1)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_map_is_the_dense_nystrom_matrix_of_the_projections(masked):
+    attn = make(conv_kernel_size=5)
+    x = torch.randn(2, 50, 32, dtype=torch.float64)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [33]]) if masked else None
+    amap = attn.attention_map(x, mask=mask)
+    assert isinstance(amap, AttentionMap) and amap.shape == (2, 4, 50, 50)
+    q, k = _heads(attn.q_proj(x)), _heads(attn.k_proj(x))
+    # The paper's F·A⁺·B in float64, per sample on its real tokens only.
+    real = [50, 33] if masked else [50, 50]
+    for i, n in enumerate(real):
+        dense = nystrom_matrix(q[i, :, :n], k[i, :, :n], 8)
+        torch.testing.assert_close(amap[i, :, :n, :n], dense, rtol=0, atol=1e-12)
+        torch.testing.assert_close(amap[i, :, 0, :n], dense[:, 0], rtol=0, atol=1e-12)
+        # Padding keys get no weight and padded queries no row.
+        assert (amap[i, :, :, n:] == 0).all() and (amap[i, :, n:] == 0).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kmeans", [0, 2])
+def test_attention_map_is_what_forward_multiplies_the_values_by(masked, kmeans):
+    attn = make(conv_kernel_size=5, kmeans_iterations=kmeans).eval()
+    x = torch.randn(2, 50, 32, dtype=torch.float64)
+    mask = torch.arange(50)[None] < torch.tensor([[50], [33]]) if masked else None
+    merged = []  # the attention output before out_proj
+    hook = attn.out_proj.register_forward_pre_hook(lambda _, args: merged.append(args[0]))
+    attn(x, mask=mask)
+    hook.remove()
+    v = _heads(attn.v_proj(x))
+    expected = attn.attention_map(x, mask=mask).full() @ v + attn.conv(v, mask)
+    torch.testing.assert_close(expected.transpose(1, 2).flatten(2), merged[0], rtol=0, atol=1e-10)
+
+
+def test_attention_map_of_cross_attention():
+    torch.manual_seed(0)
+    attn = NystromAttention(32, 4, num_landmarks=8, kdim=12, vdim=20).double()
+    query = torch.randn(2, 30, 32, dtype=torch.float64)
+    key = torch.randn(2, 77, 12, dtype=torch.float64)
+    value = torch.randn(2, 77, 20, dtype=torch.float64)
+    mask = torch.arange(77)[None] < torch.tensor([[77], [40]])
+    amap = attn.attention_map(query, key, mask=mask)
+    assert amap.shape == (2, 4, 30, 77)
+    merged = attn(query, key, value, mask=mask) - attn.out_proj.bias
+    ours = (amap.full() @ _heads(attn.v_proj(value))).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(ours @ attn.out_proj.weight.T, merged, rtol=0, atol=1e-10)
+
+
+def test_attention_map_errors():
+    attn = NystromAttention(32, 4, num_landmarks=8)
+    x = torch.randn(2, 10, 32)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 10\).*got \(2, 9\)"):
+        attn.attention_map(x, mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor.*float32"):
+        attn.attention_map(x, mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq_len, 32\)"):
+        attn.attention_map(torch.randn(2, 10, 16))
+    with pytest.raises(IndexError, match="row 10 is out of bounds"):
+        attn.attention_map(x)[:, :, 10]
 
 
 def fit(attn: NystromAttention, x: torch.Tensor, target: torch.Tensor, steps: int = 20):

@@ -3,6 +3,8 @@
 Public API:
     nystrom_attention           the attention function (shapes like scaled_dot_product_attention)
     attention_rows              rows of the matrix it applies (heatmaps), without the n×n matrix
+    AttentionMap                that matrix indexed like a tensor, rows computed on demand
+                                (``NystromAttention.attention_map``, ``compat``'s return_attn)
     NystromAttention            a batch-first multi-head attention module
     NystromMultiheadAttention   a drop-in for torch.nn.MultiheadAttention
     NystromOptions              the Nyström settings as one object; every entry point below
@@ -19,6 +21,7 @@ Public API:
 
 from . import hf as _hf
 from .attention import NystromAttention, NystromMultiheadAttention
+from .attention_map import AttentionMap
 from .calibrate import CalibrationResult, calibrate
 from .convert import convert, extend_positions, from_pretrained
 from .functional import attention_rows, iterative_pinv, nystrom_attention
@@ -43,6 +46,7 @@ __all__ = [
     "iterative_pinv",
     "nystrom_attention",
     "attention_rows",
+    "AttentionMap",
     "patch",
     "__version__",
 ]

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_probability, check_shape
-from .functional import nystrom_attention
+from .attention_map import AttentionMap
+from .functional import attention_rows, nystrom_attention
 from .options import NystromOptions, resolve_options
 
 __all__ = [
@@ -211,11 +212,27 @@ class NystromAttention(_NystromSettings, nn.Module):
         """
         key = query if key is None else key
         value = key if value is None else value
-        for name, t, width in (
-            ("query", query, self.embed_dim),
-            ("key", key, self.kdim),
-            ("value", value, self.vdim),
-        ):
+        self._check_inputs(query, key, value)
+        out = multihead_nystrom_attention(
+            self._heads(self.q_proj(query)),
+            self._heads(self.k_proj(key)),
+            self._heads(self.v_proj(value)),
+            self.options,
+            mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            conv=self.conv,
+        )
+        return self.out_proj(out.flatten(2))
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor | None = None) -> None:
+        """Raise ValueError naming the first input whose shape does not fit (``value`` None:
+        the attention map, which needs no values)."""
+        inputs = [("query", query, self.embed_dim), ("key", key, self.kdim)]
+        if value is None:
+            value = key
+        else:
+            inputs.append(("value", value, self.vdim))
+        for name, t, width in inputs:
             if t.dim() != 3 or t.shape[-1] != width:
                 raise ValueError(
                     f"{name} must have shape (batch, seq_len, {width}), got {tuple(t.shape)}"
@@ -230,16 +247,48 @@ class NystromAttention(_NystromSettings, nn.Module):
                 "conv_kernel_size is for self-attention: query and key lengths must match, "
                 f"got {query.shape[1]} and {key.shape[1]}"
             )
-        out = multihead_nystrom_attention(
-            self._heads(self.q_proj(query)),
-            self._heads(self.k_proj(key)),
-            self._heads(self.v_proj(value)),
-            self.options,
-            mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            conv=self.conv,
-        )
-        return self.out_proj(out.flatten(2))
+
+    def attention_map(
+        self, query: Tensor, key: Tensor | None = None, *, mask: Tensor | None = None
+    ) -> AttentionMap:
+        """The attention matrix that :meth:`forward` multiplies the values by, row by row.
+
+        Indexing the result as the dense (B, H, n_q, n_k) tensor computes only the rows named,
+        e.g. ``module.attention_map(x)[:, :, 0]``, a class token's heatmap for every head,
+        in O((m + r)·n_k) memory per head; the whole matrix only with ``.full()``. A row is
+        F·A⁺·B's (:func:`~nystromer.attention_rows`) for this module's projected queries and
+        keys: times the projected values, plus the convolution skip, it is :meth:`forward`'s
+        output before ``out_proj`` (without dropout, which the map leaves out).
+
+        Args:
+            query: (B, n_q, E).
+            key: (B, n_k, kdim) or None for self-attention.
+            mask: (B, n_k) bool, True for real tokens, as for :meth:`forward`.
+
+        Returns:
+            an :class:`~nystromer.attention_map.AttentionMap` of shape (B, H, n_q, n_k). The
+            projections are computed now (with autograd, if enabled); the rows when indexed.
+        """
+        key = query if key is None else key
+        self._check_inputs(query, key)
+        b, n_q, _ = query.shape
+        n_k = key.shape[1]
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+                raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
+            check_shape("mask", mask, (b, n_k), "batch, key length")
+        q = self._heads(self.q_proj(query)).transpose(1, 2)  # (B, H, n_q, d)
+        k = self._heads(self.k_proj(key)).transpose(1, 2)  # (B, H, n_k, d)
+        settings = self.options.attention_kwargs()
+
+        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+            sample_mask = None if mask is None else mask[b_sel]
+            return attention_rows(
+                q[b_sel, h_sel], k[b_sel, h_sel], index, mask=sample_mask, **settings
+            )
+
+        return AttentionMap(rows, (b, self.num_heads, n_q, n_k), q.dtype, q.device)
 
     def extra_repr(self) -> str:
         return (
