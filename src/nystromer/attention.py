@@ -88,10 +88,12 @@ def multihead_nystrom_attention(
                 "the convolution skip is for self-attention: query and key lengths must match, "
                 f"got {n_q} and {k.shape[2]}"
             )
-        skip = conv(v[:, :, :n_q], mask if query_mask is None else query_mask)
-        # In place when autograd does not need the attention output: one n·d tensor of
-        # fresh memory fewer.
-        out = out + skip if out.requires_grad else out.add_(skip)
+        skip_mask = mask if query_mask is None else query_mask
+        if out.requires_grad:
+            out = out + conv(v[:, :, :n_q], skip_mask)
+        else:
+            # In place when autograd does not need the attention output, a head at a time.
+            conv.add_to_(out, v[:, :, :n_q], skip_mask)
     return out.transpose(1, 2).contiguous()
 
 
@@ -304,6 +306,22 @@ class ValueConv(nn.Conv2d):
             return banded_sequence_conv(value, self.weight, self.bias)
         keep = mask[:, None, :, None].to(value.dtype)
         return banded_sequence_conv(value * keep, self.weight, self.bias) * keep
+
+    def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``out += self(value, mask)`` in place, one head at a time, so that the
+        convolution's temporaries are 1/H of the output's size (not for autograd).
+
+        Args:
+            out: (B, H, n, d), updated in place and returned.
+            value, mask: as for :meth:`forward`.
+        """
+        keep = None if mask is None else mask[:, None, :, None].to(value.dtype)
+        for h in range(value.shape[1]):
+            one = value[:, h : h + 1] if keep is None else value[:, h : h + 1] * keep
+            bias = None if self.bias is None else self.bias[h : h + 1]
+            skip = banded_sequence_conv(one, self.weight[h : h + 1], bias)
+            out[:, h : h + 1].add_(skip if keep is None else skip * keep)
+        return out
 
 
 def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

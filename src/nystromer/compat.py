@@ -298,7 +298,8 @@ class NystromAttention(nn.Module):
         if self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask)
         else:
-            out, attn, factors = self._forward_nystromer(x, mask)
+            keep = return_attn or return_attn_matrices
+            out, attn, factors = self._forward_nystromer(x, mask, keep)
         if return_attn_matrices:
             return out, factors()
         if return_attn:
@@ -309,11 +310,22 @@ class NystromAttention(nn.Module):
         """q, k, v as (B, n, H, d), in the package's layout of ``to_qkv``'s output."""
         return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
 
-    def _forward_nystromer(self, x, mask):
-        q, k, v = self._split(x)
+    def _forward_nystromer(self, x, mask, keep_attn: bool):
+        # q, k and v as three products with row blocks of to_qkv's weight, not one joint
+        # product split in three: autograd then frees their gradients one by one, where the
+        # joint product's backward would stack them into a fourth full-size tensor.
+        weights = self.to_qkv.weight.unflatten(0, (3, self.heads * self.dim_head))
+        heads = (self.heads, self.dim_head)
+        q, k, v = (F.linear(x, w).unflatten(-1, heads) for w in weights)
         options = NystromOptions(self.num_landmarks, self.pinv_iterations)
         conv = self.res_conv if self.residual else None
         out = multihead_nystrom_attention(q, k, v, options, mask=mask, scale=self.scale, conv=conv)
+        del v
+        if not keep_attn:
+            # Without autograd nothing needs q and k any more: free them before the output
+            # projection allocates its result.
+            del q, k
+            return self.to_out(out.flatten(2)), None, None
         out = self.to_out(out.flatten(2))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         b, h, n, _ = q.shape
