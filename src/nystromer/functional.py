@@ -167,12 +167,12 @@ def attention_rows(
     scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
 
     work = torch.promote_types(query.dtype, torch.float32)
-    q_rows, key_w = query[:, :, index].to(work), key.to(work)
-    exact = _softmax_rows(q_rows, key_w, mask, scale)
+    q_rows = query[:, :, index].to(work)
     if n_k <= m or n_q <= m:
-        out = exact
+        out = _softmax_rows(q_rows, key.to(work), mask, scale)
     else:
-        # The kernels of _nystrom, with F limited to the requested rows and B formed (m×n_k).
+        # The kernels of _nystrom, with F limited to the requested rows; B is never formed
+        # whole (_rows_of_product).
         q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
         k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
         _, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
@@ -182,11 +182,13 @@ def attention_rows(
         if q_counts is not None:
             kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
         f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
-        b_kernel = _softmax_rows(q_land, key_w, mask, scale)
-        out = (f @ iterative_pinv(kernel, pinv_iterations)) @ b_kernel
+        out = _rows_of_product(
+            f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
+        )
         if k_counts is not None:
             # Samples with at most m real keys get exact attention (see _nystrom).
             short = k_counts[:, :m].sum(-1) <= m
+            exact = _softmax_rows(q_rows, key.to(work), mask, scale)
             out = torch.where(short[:, None, None, None], exact, out)
     keep = _rows_to_keep(query_mask, empty, b, n_q)
     if keep is not None:
@@ -239,6 +241,36 @@ def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _rows_of_product(
+    c: Tensor, q_land: Tensor, key: Tensor, key_mask: Tensor | None, scale: float
+) -> Tensor:
+    """``c @ softmax(s·Q̃Kᵀ)`` without the (B, H, m, n_k) kernel: two passes over blocks of
+    keys, the first for each landmark row's log-normaliser, the second for the product, so
+    that memory stays O(m·block) per head. c (B, H, r, m) and q_land (B, H, m, d) in the
+    working precision; returns (B, H, r, n_k) in it."""
+    b, h, m, _ = q_land.shape
+    n_k = key.shape[2]
+    block = max(1, _ROWS_BLOCK // (b * h * m))
+
+    def logits(s: int) -> Tensor:
+        out = (q_land @ key[:, :, s : s + block].to(c.dtype).transpose(-1, -2)) * scale
+        if key_mask is not None:
+            out = out.masked_fill(~key_mask[:, None, None, s : s + block], float("-inf"))
+        return out
+
+    lse = torch.logsumexp(logits(0), -1)
+    for s in range(block, n_k, block):
+        lse = torch.logaddexp(lse, torch.logsumexp(logits(s), -1))
+    out = c.new_empty(*c.shape[:3], n_k)
+    for s in range(0, n_k, block):
+        out[..., s : s + block] = c @ (logits(s) - lse[..., None]).exp_()
+    return out
+
+
+#: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
+_ROWS_BLOCK = 1 << 20
 
 
 def _rows_to_keep(
