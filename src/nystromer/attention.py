@@ -89,7 +89,9 @@ def multihead_nystrom_attention(
                 f"got {n_q} and {k.shape[2]}"
             )
         skip_mask = mask if query_mask is None else query_mask
-        value = v[:, :, :n_q]
+        # Not sliced when nothing is cut off: slicing's backward writes the gradient into a
+        # fresh zero tensor of the values' size.
+        value = v if v.shape[2] == n_q else v[:, :, :n_q]
         grad = torch.is_grad_enabled() and (out.requires_grad or conv.weight.requires_grad)
         if _called_as_module(conv):
             # Hooks (or a subclass's forward) must see the call and may replace its result.

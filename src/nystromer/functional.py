@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from . import _cpu
 from ._checks import check_probability, check_shape
@@ -318,7 +319,14 @@ def _nystrom(
     if q_counts is not None:
         # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
         kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
-    w = iterative_pinv(kernel, pinv_iterations) @ bv.to(work)
+    if kernel.requires_grad:
+        # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
+        # products per head (their memory matters at large m; the recomputation costs one
+        # more pseudo-inverse).
+        a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
+    else:
+        a_pinv = iterative_pinv(kernel, pinv_iterations)
+    w = a_pinv @ bv.to(work)
     if k_nonempty is not None:
         # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
         # themselves; with their values as W, step 3 is exact softmax attention.
