@@ -93,7 +93,9 @@ def multihead_nystrom_attention(
         # fresh zero tensor of the values' size.
         value = v if v.shape[2] == n_q else v[:, :, :n_q]
         grad = torch.is_grad_enabled() and (out.requires_grad or conv.weight.requires_grad)
-        if _called_as_module(conv):
+        if _called_as_module(conv) or torch.compiler.is_compiling():
+            # (A compiler traces the plain call; the in-place and recomputing forms are for
+            # eager runs.)
             # Hooks (or a subclass's forward) must see the call and may replace its result.
             skip = conv(value, skip_mask)
             out = out + skip if grad else out.add_(skip)

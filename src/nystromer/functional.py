@@ -319,7 +319,7 @@ def _nystrom(
     if q_counts is not None:
         # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
         kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
-    if kernel.requires_grad:
+    if kernel.requires_grad and not torch.compiler.is_compiling():
         # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
         # products per head (their memory matters at large m; the recomputation costs one
         # more pseudo-inverse).
