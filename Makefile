@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench bench-model clean
+.PHONY: venv demo test lint format bench-core bench bench-model bench-transmil clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: venv
 bench-model: venv
 	$(BIN)/python benchmarks/converted_model.py $(if $(MODEL),--model $(MODEL)) \
 		--kmeans-iterations 3 --conv-kernel-size 35 --write-docs docs/results.md
+
+# TransMIL's attention layer: nystromer.compat against the nystrom-attention package (same
+# weights), n = 2,000 … 100,000, one thread; its section of docs/benchmarks.md and
+# docs/bench/transmil.png. About half an hour on 2 cores.
+bench-transmil: venv
+	$(BIN)/nystromer bench transmil --write-docs docs/benchmarks.md --out bench-out/transmil
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
