@@ -270,6 +270,10 @@ def _rows_of_product(
     return out
 
 
+#: The pseudo-inverse's intermediate products are recomputed in the backward (not kept) from
+#: this many bytes on; below it the recomputation's overhead outweighs the memory.
+_RECOMPUTE_PINV_BYTES = 16 << 20
+
 #: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
 _ROWS_BLOCK = 1 << 20
 
@@ -319,7 +323,8 @@ def _nystrom(
     if q_counts is not None:
         # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
         kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
-    if kernel.requires_grad and not torch.compiler.is_compiling():
+    kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
+    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
         # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
         # products per head (their memory matters at large m; the recomputation costs one
         # more pseudo-inverse).
