@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
 from .._markdown import replace_section
-from .cli import int_at_least, int_list
+from .cli import _dtype, int_at_least, int_list
 from .implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -501,8 +501,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
     else:
-        if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"--dtype: unknown {args.dtype!r}")
         base = CaseSpec(
             impl="exact",
             batch=args.batch,
@@ -550,7 +548,9 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
         "--conv-kernel", type=_kernel, default=33, help="residual_conv_kernel (0: no skip)"
     )
     p.add_argument("--batch", type=int_at_least(1), default=1)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls (median)")
