@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench bench-model bench-mil-switch clean
+.PHONY: venv demo test lint format bench-core bench bench-model bench-mil-switch bench-transmil clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench-model: venv
 # in both numerics: logit and prediction changes per bag size (docs/mil.md). Minutes on 2 cores.
 bench-mil-switch: venv
 	$(BIN)/python benchmarks/mil_switch.py --out runs/bench/mil_switch.json
+
+# TransMIL's attention layer: nystromer.compat against the nystrom-attention package (same
+# weights), n = 2,000 … 100,000, one thread; its section of docs/benchmarks.md and
+# docs/bench/transmil.png. About half an hour on 2 cores.
+bench-transmil: venv
+	$(BIN)/nystromer bench transmil --write-docs docs/benchmarks.md --out bench-out/transmil
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -349,3 +349,28 @@ def test_forward_errors():
         attn(torch.randn(2, 10, 32), torch.randn(2, 12, 32))
     with pytest.raises(ValueError, match="batch size"):
         attn(torch.randn(2, 10, 32), torch.randn(3, 10, 32))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(masked):
+    # add_to_ (inference, a head at a time) and added_to (autograd, recomputing per head in
+    # the backward) against out + conv(value, mask) with plain autograd, in float64.
+    conv = ValueConv(3, 5, dtype=torch.float64)
+    torch.nn.init.normal_(conv.weight)
+    g = torch.Generator().manual_seed(0)
+    out, value, grad = (torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64) for _ in "ovg")
+    mask = (torch.arange(23)[None] < torch.tensor([[23], [15]])) if masked else None
+    o1, v1 = out.clone().requires_grad_(), value.clone().requires_grad_()
+    expected = o1 + conv(v1, mask)
+    expected.backward(grad)
+    w_grad, conv.weight.grad = conv.weight.grad, None
+    o2, v2 = out.clone().requires_grad_(), value.clone().requires_grad_()
+    got = conv.added_to(o2, v2, mask)
+    got.backward(grad)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for a, b in ((o2.grad, o1.grad), (v2.grad, v1.grad), (conv.weight.grad, w_grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            conv.add_to_(out.clone(), value, mask), expected, rtol=0, atol=1e-12
+        )

@@ -94,3 +94,20 @@ def test_bad_rows_are_refused_by_name():
         attention_rows(q, k, [], num_landmarks=M)
     with pytest.raises(ValueError, match="mask must have shape"):
         attention_rows(q, k, 0, num_landmarks=M, mask=torch.ones(2, 19, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("real", [None, [50, 37]])
+def test_rows_are_the_same_when_the_keys_come_in_blocks(monkeypatch, real):
+    # The kernel B is formed a block of keys at a time (log-normaliser first, then the
+    # product); blocks of 7 keys, which divide neither n nor the padding boundary, must give
+    # the rows of the one-block computation and of the dense float64 reference.
+    from nystromer import functional
+
+    q, k, v = _qkv(50, 50, seed=2)
+    mask = None if real is None else _right_padded(50, real)
+    whole = attention_rows(q, k, [0, 21], num_landmarks=M, mask=mask)
+    monkeypatch.setattr(functional, "_ROWS_BLOCK", B * H * M * 7)
+    blocked = attention_rows(q, k, [0, 21], num_landmarks=M, mask=mask)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-12)
+    out = nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
+    torch.testing.assert_close(blocked @ v, out[:, :, [0, 21]], rtol=0, atol=1e-10)

@@ -176,6 +176,24 @@ def test_nystromer_rows_equal_the_dense_reference_in_float64():
         assert (attn[1, :, 5, 33:] == 0).all() and (attn[1, :, 40] == 0).all()
 
 
+def test_nystromer_map_refuses_rows_after_its_input_or_weights_changed():
+    # The map recomputes q and k from the forward's input when indexed (it holds no n·H·d
+    # tensor): an in-place change of x or of to_qkv.weight would give rows of another forward.
+    ours = _randomised(NystromAttention(**SIZES), seed=3).eval()
+    x = torch.randn(1, 40, DIM)
+    with torch.no_grad():
+        first = ours(x, return_attn=True)[1][:, :, 0]
+        attn = ours(x, return_attn=True)[1]
+        torch.testing.assert_close(attn[:, :, 0], first, rtol=0, atol=0)
+        x.mul_(2)
+        with pytest.raises(RuntimeError, match="modified in place after the forward"):
+            attn[:, :, 0]
+        attn = ours(x, return_attn=True)[1]
+        ours.to_qkv.weight.add_(1)
+        with pytest.raises(RuntimeError, match="modified in place after the forward"):
+            attn[:, :, 0]
+
+
 @pytest.mark.parametrize("n, lengths", [(50, [50, 33]), (50, [50, 9]), (12, [12, 7])])
 def test_nystromer_factors_multiply_to_the_rows(n, lengths):
     # return_attn_matrices: F·A⁺·B is the matrix the attention applies, also for bags that get

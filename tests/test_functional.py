@@ -452,3 +452,22 @@ def test_gpu_branch_reads_no_value_on_the_host_and_equals_the_cpu_branch(
         assert (
             gpu_out - nystrom_reference(q, k, v, 8, mask=mask, kmeans_iterations=kmeans)
         ).abs().max().item() <= FUSED_TOL
+
+
+def test_recomputed_pseudo_inverse_gives_the_same_gradients(monkeypatch):
+    # Above a size the pseudo-inverse is recomputed in the backward (checkpoint) instead of
+    # keeping its products: forcing it at a tiny size must not change values or gradients.
+    q, k, v = qkv(b=2, h=3, n=40, d=5, seed=4)
+
+    def grads():
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = nystrom_attention(*inputs, num_landmarks=8)
+        out.backward(torch.ones_like(out))
+        return out.detach(), [t.grad for t in inputs]
+
+    kept_out, kept_grads = grads()
+    monkeypatch.setattr(fn, "_RECOMPUTE_PINV_BYTES", 0)
+    out, recomputed = grads()
+    torch.testing.assert_close(out, kept_out, rtol=0, atol=1e-14)
+    for a, b in zip(recomputed, kept_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -46,6 +46,17 @@ def plain() -> Iterator[None]:
         _enabled = before
 
 
+def _token_rows(x: Tensor) -> bool:
+    """Whether each token's H·d features of (B, H, n, d) x are one contiguous row, as in
+    :func:`_head_split` or in q, k or v split from a joint (B, n, 3·H·d) projection."""
+    b, h, n, d = x.shape
+    return (
+        (d == 1 or x.stride(3) == 1)
+        and (h == 1 or x.stride(1) == d)
+        and (b == 1 or x.stride(0) == n * x.stride(2))
+    )
+
+
 def _head_split(x: Tensor) -> bool:
     """(B, n, H, d) memory viewed as (B, H, n, d), as a projection followed by a head split
     gives: whole tokens (rows of H·d features) are then contiguous."""
@@ -62,12 +73,17 @@ def segment_means(x: Tensor, index: Tensor, counts: Tensor | None, m: int, dtype
     if counts is None and n % m == 0:
         # Equal segments: as functional.segment_means (a view and a mean).
         return x.reshape(b, h, m, n // m, d).mean(3, dtype=dtype)
-    if _head_split(x):
+    if _token_rows(x):
         # Whole tokens: H times fewer, longer rows than one per (token, head), which index_add_
         # handles several times faster, and no copy of x into (B, H, n, d) order.
         sums = x.new_zeros(b * (m + 1), h * d, dtype=dtype)
-        tokens = x.transpose(1, 2).reshape(b * n, h * d).to(dtype)
-        sums.index_add_(0, _token_slots(index, b, n, m), tokens)
+        tokens = x.transpose(1, 2).reshape(b * n, h * d)
+        slots = _token_slots(index, b, n, m)
+        # A block of rows at a time: index_add_ copies a strided source (q or k inside the
+        # (B, n, 3·H·d) output of a joint projection) whole before adding it.
+        rows = max(1, _GATHER_BLOCK // (h * d))
+        for s in range(0, b * n, rows):
+            sums.index_add_(0, slots[s : s + rows], tokens[s : s + rows].to(dtype))
         sums = sums.view(b, m + 1, h, d).transpose(1, 2)[:, :, :m]
     else:
         # Rows of d features: each (sample, head) gets its own m + 1 slots.

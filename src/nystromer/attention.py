@@ -89,11 +89,35 @@ def multihead_nystrom_attention(
                 "the convolution skip is for self-attention: query and key lengths must match, "
                 f"got {n_q} and {k.shape[2]}"
             )
-        skip = conv(v[:, :, :n_q], mask if query_mask is None else query_mask)
-        # In place when autograd does not need the attention output: one n·d tensor of
-        # fresh memory fewer.
-        out = out + skip if out.requires_grad else out.add_(skip)
+        skip_mask = mask if query_mask is None else query_mask
+        # Not sliced when nothing is cut off: slicing's backward writes the gradient into a
+        # fresh zero tensor of the values' size.
+        value = v if v.shape[2] == n_q else v[:, :, :n_q]
+        grad = torch.is_grad_enabled() and (out.requires_grad or conv.weight.requires_grad)
+        if _called_as_module(conv) or torch.compiler.is_compiling():
+            # (A compiler traces the plain call; the in-place and recomputing forms are for
+            # eager runs.)
+            # Hooks (or a subclass's forward) must see the call and may replace its result.
+            skip = conv(value, skip_mask)
+            out = out + skip if grad else out.add_(skip)
+        elif grad:
+            out = conv.added_to(out, value, skip_mask)
+        else:
+            # In place when autograd does not need the attention output, a head at a time.
+            conv.add_to_(out, value, skip_mask)
     return out.transpose(1, 2).contiguous()
+
+
+def _called_as_module(conv: nn.Module) -> bool:
+    """Whether the convolution skip must run as ``conv(value, mask)``: it has forward hooks
+    (its own or global ones), or it is not a plain :class:`ValueConv`."""
+    from torch.nn.modules import module as torch_module
+
+    return (
+        type(conv) is not ValueConv
+        or bool(conv._forward_hooks or conv._forward_pre_hooks)
+        or bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    )
 
 
 def _setting(name: str, settable: bool = True) -> property:
@@ -353,6 +377,77 @@ class ValueConv(nn.Conv2d):
             return banded_sequence_conv(value, self.weight, self.bias)
         keep = mask[:, None, :, None].to(value.dtype)
         return banded_sequence_conv(value * keep, self.weight, self.bias) * keep
+
+    def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``out += self(value, mask)`` in place, one head at a time, so that the
+        convolution's temporaries are 1/H of the output's size (not for autograd).
+
+        Args:
+            out: (B, H, n, d), updated in place and returned.
+            value, mask: as for :meth:`forward`.
+        """
+        keep = None if mask is None else mask[:, None, :, None].to(value.dtype)
+        for h in range(value.shape[1]):
+            one = value[:, h : h + 1] if keep is None else value[:, h : h + 1] * keep
+            bias = None if self.bias is None else self.bias[h : h + 1]
+            skip = banded_sequence_conv(one, self.weight[h : h + 1], bias)
+            out[:, h : h + 1].add_(skip if keep is None else skip * keep)
+        return out
+
+    def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``out + self(value, mask)`` for autograd, keeping nothing of its own for the
+        backward: the backward recomputes the convolution a head at a time. Plain autograd
+        would keep a copy of the values and allocate the convolution's output, their sum and
+        their gradients whole (measured in docs/benchmarks.md, TransMIL layer).
+
+        Args:
+            out: (B, H, n, d).
+            value, mask: as for :meth:`forward`.
+
+        Returns:
+            (B, H, n, d), a new tensor in out's memory layout.
+        """
+        return _AddedValueConv.apply(out, value, self.weight, self.bias, mask, self)
+
+
+class _AddedValueConv(torch.autograd.Function):
+    """See :meth:`ValueConv.added_to`. Saves only ``value`` (which the attention keeps
+    anyway) and the weight; not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, out, value, weight, bias, mask, conv):
+        ctx.save_for_backward(value, weight, bias)
+        ctx.mask, ctx.conv = mask, conv
+        result = torch.empty_like(out).copy_(out)
+        return conv.add_to_(result, value, mask)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        value, weight, bias = ctx.saved_tensors
+        need_value, need_weight, need_bias = ctx.needs_input_grad[1:4]
+        grad_value = torch.empty_like(value) if need_value else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        keep = None if ctx.mask is None else ctx.mask[:, None, :, None].to(value.dtype)
+        for h in range(value.shape[1]):
+            # One head's convolution again, with autograd, on tensors of 1/H of the size.
+            with torch.enable_grad():
+                one = value[:, h : h + 1].detach().requires_grad_(need_value)
+                w = weight[h : h + 1].detach().requires_grad_(need_weight)
+                b = None if bias is None else bias[h : h + 1].detach().requires_grad_(need_bias)
+                y = banded_sequence_conv(one if keep is None else one * keep, w, b)
+                if keep is not None:
+                    y = y * keep
+                inputs = [t for t in (one, w, b) if t is not None and t.requires_grad]
+                grads = iter(torch.autograd.grad(y, inputs, grad[:, h : h + 1]))
+            if need_value:
+                grad_value[:, h : h + 1] = next(grads)
+            if need_weight:
+                grad_weight[h : h + 1] = next(grads)
+            if grad_bias is not None:
+                grad_bias[h : h + 1] = next(grads)
+        return grad, grad_value, grad_weight, grad_bias, None, None
 
 
 def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

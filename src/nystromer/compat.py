@@ -129,7 +129,8 @@ class NystromAttention(nn.Module):
         if self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask)
         else:
-            out, attn, factors = self._forward_nystromer(x, mask)
+            keep = return_attn or return_attn_matrices
+            out, attn, factors = self._forward_nystromer(x, mask, keep)
         if return_attn_matrices:
             return out, factors()
         if return_attn:
@@ -140,30 +141,58 @@ class NystromAttention(nn.Module):
         """q, k, v as (B, n, H, d), in the package's layout of ``to_qkv``'s output."""
         return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
 
-    def _forward_nystromer(self, x, mask):
-        q, k, v = self._split(x)
+    def _forward_nystromer(self, x, mask, keep_attn: bool):
+        # q, k and v as three products with row blocks of to_qkv's weight, not one joint
+        # product split in three: autograd then frees their gradients one by one, where the
+        # joint product's backward would stack them into a fourth full-size tensor.
+        weights = self.to_qkv.weight.unflatten(0, (3, self.heads * self.dim_head))
+        heads = (self.heads, self.dim_head)
+        q, k, v = (F.linear(x, w).unflatten(-1, heads) for w in weights)
         options = NystromOptions(self.num_landmarks, self.pinv_iterations)
         conv = self.res_conv if self.residual else None
         out = multihead_nystrom_attention(q, k, v, options, mask=mask, scale=self.scale, conv=conv)
+        # Nothing needs q, k and v any more (autograd keeps what it needs): free them before
+        # the output projection allocates its result. An attention map recomputes q and k
+        # from x when rows are asked for, so that holding it costs no n·H·d tensors.
+        del q, k, v
         out = self.to_out(out.flatten(2))
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        b, h, n, _ = q.shape
+        if not keep_attn:
+            return out, None, None
+        b, n, _ = x.shape
+        h = self.heads
+        weight = self.to_qkv.weight
+        versions = (x._version, weight._version)
+
+        def qk(b_sel: slice, h_sel: slice) -> tuple[Tensor, Tensor]:
+            """q and k of the forward, (B', H', n, d), for the selected samples and heads."""
+            if (x._version, weight._version) != versions:
+                raise RuntimeError(
+                    "the attention map's input or to_qkv.weight was modified in place after "
+                    "the forward; index the map before changing them"
+                )
+            w = weight.unflatten(0, (3, h, self.dim_head))[:2, h_sel]
+            return tuple(
+                F.linear(x[b_sel], wi.flatten(0, 1)).unflatten(-1, wi.shape[:2]).transpose(1, 2)
+                for wi in w
+            )
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             return attention_rows(
-                q[b_sel, h_sel], k[b_sel, h_sel], index,
+                *qk(b_sel, h_sel), index,
                 num_landmarks=self.num_landmarks,
                 mask=None if mask is None else mask[b_sel],
                 pinv_iterations=self.pinv_iterations,
                 scale=self.scale,
             )  # fmt: skip
 
-        attn = AttentionMap(rows, (b, h, n, n), q.dtype, q.device)
+        attn = AttentionMap(rows, (b, h, n, n), out.dtype, out.device)
 
         def factors():
+            everything = slice(None)
             return _nystromer_factors(
-                q, k, mask, self.num_landmarks, self.pinv_iterations, self.scale
-            )
+                *qk(everything, everything), mask, self.num_landmarks, self.pinv_iterations,
+                self.scale,
+            )  # fmt: skip
 
         return out, attn, factors
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from . import _cpu
 from ._checks import check_probability, check_shape
@@ -168,12 +169,12 @@ def attention_rows(
     scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
 
     work = torch.promote_types(query.dtype, torch.float32)
-    q_rows, key_w = query[:, :, index].to(work), key.to(work)
-    exact = _softmax_rows(q_rows, key_w, mask, scale)
+    q_rows = query[:, :, index].to(work)
     if n_k <= m or n_q <= m:
-        out = exact
+        out = _softmax_rows(q_rows, key.to(work), mask, scale)
     else:
-        # The kernels of _nystrom, with F limited to the requested rows and B formed (m×n_k).
+        # The kernels of _nystrom, with F limited to the requested rows; B is never formed
+        # whole (_rows_of_product).
         q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
         k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
         _, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
@@ -183,11 +184,13 @@ def attention_rows(
         if q_counts is not None:
             kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
         f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
-        b_kernel = _softmax_rows(q_land, key_w, mask, scale)
-        out = (f @ iterative_pinv(kernel, pinv_iterations)) @ b_kernel
+        out = _rows_of_product(
+            f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
+        )
         if k_counts is not None:
             # Samples with at most m real keys get exact attention (see _nystrom).
             short = k_counts[:, :m].sum(-1) <= m
+            exact = _softmax_rows(q_rows, key.to(work), mask, scale)
             out = torch.where(short[:, None, None, None], exact, out)
     keep = _rows_to_keep(query_mask, empty, b, n_q)
     if keep is not None:
@@ -242,6 +245,40 @@ def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -
     return torch.softmax(logits, dim=-1)
 
 
+def _rows_of_product(
+    c: Tensor, q_land: Tensor, key: Tensor, key_mask: Tensor | None, scale: float
+) -> Tensor:
+    """``c @ softmax(s·Q̃Kᵀ)`` without the (B, H, m, n_k) kernel: two passes over blocks of
+    keys, the first for each landmark row's log-normaliser, the second for the product, so
+    that memory stays O(m·block) per head. c (B, H, r, m) and q_land (B, H, m, d) in the
+    working precision; returns (B, H, r, n_k) in it."""
+    b, h, m, _ = q_land.shape
+    n_k = key.shape[2]
+    block = max(1, _ROWS_BLOCK // (b * h * m))
+
+    def logits(s: int) -> Tensor:
+        out = (q_land @ key[:, :, s : s + block].to(c.dtype).transpose(-1, -2)) * scale
+        if key_mask is not None:
+            out = out.masked_fill(~key_mask[:, None, None, s : s + block], float("-inf"))
+        return out
+
+    lse = torch.logsumexp(logits(0), -1)
+    for s in range(block, n_k, block):
+        lse = torch.logaddexp(lse, torch.logsumexp(logits(s), -1))
+    out = c.new_empty(*c.shape[:3], n_k)
+    for s in range(0, n_k, block):
+        out[..., s : s + block] = c @ (logits(s) - lse[..., None]).exp_()
+    return out
+
+
+#: The pseudo-inverse's intermediate products are recomputed in the backward (not kept) from
+#: this many bytes on; below it the recomputation's overhead outweighs the memory.
+_RECOMPUTE_PINV_BYTES = 16 << 20
+
+#: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
+_ROWS_BLOCK = 1 << 20
+
+
 def _rows_to_keep(
     query_mask: Tensor | None, empty: Tensor | None, b: int, n_q: int
 ) -> Tensor | None:
@@ -287,7 +324,15 @@ def _nystrom(
     if q_counts is not None:
         # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
         kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
-    w = iterative_pinv(kernel, pinv_iterations) @ bv.to(work)
+    kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
+    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
+        # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
+        # products per head (their memory matters at large m; the recomputation costs one
+        # more pseudo-inverse).
+        a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
+    else:
+        a_pinv = iterative_pinv(kernel, pinv_iterations)
+    w = a_pinv @ bv.to(work)
     if k_nonempty is not None:
         # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
         # themselves; with their values as W, step 3 is exact softmax attention.

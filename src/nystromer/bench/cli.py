@@ -1,5 +1,5 @@
-"""``nystromer bench {speed,table,approx,report}``, and the argument types and input options
-that the top-level ``demo`` and ``viz attention`` commands share with them."""
+"""``nystromer bench {speed,table,approx,report,transmil}``, and the argument types and input
+options that the top-level ``demo`` and ``viz attention`` commands share with them."""
 
 from __future__ import annotations
 
@@ -239,6 +239,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .report import register_report
 
     register_report(bench_sub)
+
+    from .transmil import register as register_transmil
+
+    register_transmil(bench_sub)
 
 
 def add_input_source_args(p: argparse.ArgumentParser, *, layer: bool = True) -> None:

@@ -1,0 +1,577 @@
+"""``nystromer bench transmil``: :class:`nystromer.compat.NystromAttention` against the
+``nystrom-attention`` package's layer at the shape TransMIL uses.
+
+One attention layer (``dim`` 512, 8 heads × 64, m = 256, 6 pinv iterations, the kernel-33
+convolution of the values), batch 1, no mask, at bag sizes n = 2,000 … 100,000. Both layers
+hold the same weights: the package's freshly initialised layer's state dict, loaded into ours
+with ``strict=True``. Ours runs its default numerics. Three measurements per layer and n, each
+in fresh worker processes (:mod:`nystromer.bench.measure`, the layer standing in for an
+attention implementation; the worker is this module, ``--worker``):
+
+- forward: ``layer(x)`` under ``torch.no_grad`` (inference);
+- forward+backward: ``layer(x).backward(g)`` for a random g, to x and every parameter;
+- heatmap: the class token's attention row for every head, as user code asks for it:
+  ``out, attn = layer(x, return_attn=True)`` then ``attn[:, :, 0]`` (for the package, whose
+  matrix is front-padded to a multiple of m, the class token's row ``attn[:, :, pad, pad:]``),
+  under ``torch.no_grad``. The package's dense n_pad × n_pad matrix is skipped where it would
+  exceed ``--package-heatmap-limit-gb``.
+
+Writes ``transmil.json``, ``transmil.md`` and ``transmil.png`` (log-log time and memory against
+n) under ``--out``; with ``--write-docs FILE`` also the section between the ``transmil`` markers
+of FILE and the plot as ``bench/transmil.png`` beside FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from math import ceil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .._io import atomic_path, atomic_write
+from .._machine import machine_info, machine_label
+from .._markdown import replace_section
+from .cli import _dtype, int_at_least, int_list
+from .implementations import (
+    IMPLEMENTATIONS,
+    AttentionConfig,
+    AttentionRunner,
+    Implementation,
+    register_implementation,
+)
+from .measure import CaseResult, CaseSpec, fmt, measure_case
+
+__all__ = [
+    "BEGIN",
+    "END",
+    "LAYERS",
+    "TRANSMIL_LENGTHS",
+    "LayerOptions",
+    "format_section",
+    "registered_layers",
+    "run_transmil",
+    "write_outputs",
+    "register_transmil",
+]
+
+BEGIN = "<!-- transmil:begin (written by nystromer bench transmil) -->"
+END = "<!-- transmil:end -->"
+TRANSMIL_LENGTHS = (2000, 5000, 8000, 20000, 50000, 100000)
+#: Table label → the Python module its layer comes from.
+LAYERS = {"nystrom-attention": "nystrom_attention", "nystromer": "nystromer.compat"}
+#: What is measured per layer: the registry name's suffix, whether it has a backward.
+MODES = {"layer": True, "heatmap": False}
+_TITLE = "TransMIL layer: nystromer.compat against nystrom-attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """What a :class:`~nystromer.bench.measure.CaseSpec` cannot carry about the layer.
+
+    Attributes:
+        dim: the layer's input and output width (the heads' width is heads × head_dim).
+        conv_kernel: ``residual_conv_kernel`` (odd; 0: no convolution skip).
+        package_heatmap_limit_gb: the package's dense heatmap is skipped where its
+            (B, H, n_pad, n_pad) float32 matrix alone would exceed this many GB.
+    """
+
+    dim: int = 512
+    conv_kernel: int = 33
+    package_heatmap_limit_gb: float = 4.0
+
+
+def _registry_name(label: str, mode: str) -> str:
+    return f"transmil-{label}-{mode}"
+
+
+def _dense_heatmap_gb(config: AttentionConfig) -> float:
+    """GB of the package's (1, H, n_pad, n_pad) float32 matrix (batch 1)."""
+    m = config.num_landmarks
+    n_pad = ceil(config.seq_len / m) * m
+    return config.heads * n_pad * n_pad * 4 / 1e9
+
+
+class _LayerRunner(AttentionRunner):
+    """One attention layer as a benchmark runner: ``run(x)`` is the layer's forward (or its
+    class-token heatmap); x is (B, n, dim), the layer's own input."""
+
+    grad_args = (0,)
+
+    def __init__(self, layer: nn.Module, dim: int, heatmap: bool, package: bool, seed: int):
+        self.layer, self.dim, self.heatmap, self.package, self.seed = (
+            layer, dim, heatmap, package, seed,
+        )  # fmt: skip
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
+        # The layer's input is x, not the q, k, v the measurement generates (their shape only).
+        b, _, n, _ = q.shape
+        gen = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(b, n, self.dim, generator=gen).to(device=q.device, dtype=q.dtype)
+        return (x,)
+
+    def output_shape(self, batch: int, heads: int, seq_len: int, head_dim: int) -> tuple:
+        return (batch, seq_len, self.dim)
+
+    def run(self, x: Tensor) -> Tensor:
+        if not self.heatmap:
+            return self.layer(x)
+        _, attn = self.layer(x, return_attn=True)
+        if not self.package:
+            return attn[:, :, 0]
+        # The package's matrix has the front padding's rows and columns too.
+        n = x.shape[1]
+        pad = attn.shape[-1] - n
+        return attn[:, :, pad, pad:]
+
+
+def _build(config: AttentionConfig, options: LayerOptions, label: str, heatmap: bool, seed: int):
+    """The layer ``label`` with the package layer's initial weights for ``seed``."""
+    kwargs = dict(
+        dim=options.dim,
+        dim_head=config.head_dim,
+        heads=config.heads,
+        num_landmarks=config.num_landmarks,
+        pinv_iterations=config.pinv_iterations,
+        residual=options.conv_kernel > 0,
+        residual_conv_kernel=max(options.conv_kernel, 1),
+    )
+    from nystrom_attention import NystromAttention as PackageAttention
+
+    from ..compat import NystromAttention
+
+    torch.manual_seed(seed)
+    package = PackageAttention(**kwargs)
+    if label == "nystromer":
+        layer = NystromAttention(**kwargs)
+        layer.load_state_dict(package.state_dict(), strict=True)
+    else:
+        layer = package
+    layer = layer.to(device=config.device, dtype=config.dtype).eval()
+    return _LayerRunner(layer, options.dim, heatmap, label != "nystromer", seed)
+
+
+def _supports(options: LayerOptions, label: str, mode: str) -> Callable:
+    def supports(config: AttentionConfig, padded: bool) -> str | None:
+        if padded:
+            return "this benchmark has no mask"
+        if label == "nystrom-attention" and mode == "heatmap":
+            need = _dense_heatmap_gb(config)
+            if need > options.package_heatmap_limit_gb:
+                return f"skipped (n×n would need {need:.1f} GB)"
+        return None
+
+    return supports
+
+
+def register_transmil(options: LayerOptions, seed: int = 0) -> list[str]:
+    """Register the layers (each label, each mode) for ``options``; returns their names."""
+    names = []
+    for label, module in LAYERS.items():
+        for mode in MODES:
+            name = _registry_name(label, mode)
+            register_implementation(
+                Implementation(
+                    name=name,
+                    description=f"{module}.NystromAttention, {mode}",
+                    build=lambda config, label=label, mode=mode: _build(
+                        config, options, label, mode == "heatmap", seed
+                    ),
+                    # Ours loads the package's weights: both need it.
+                    requires=("nystrom_attention",),
+                    supports=_supports(options, label, mode),
+                    is_peer=label != "nystromer",
+                )
+            )
+            names.append(name)
+    return names
+
+
+class registered_layers:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Within the block, the layers of :func:`register_transmil` are in the registry; the
+    entries of the same names are restored after (a test keeps its own registry)."""
+
+    def __init__(self, options: LayerOptions, seed: int = 0) -> None:
+        self.options, self.seed = options, seed
+
+    def __enter__(self) -> list[str]:
+        names = [_registry_name(label, mode) for label in LAYERS for mode in MODES]
+        self._saved = {name: IMPLEMENTATIONS.get(name) for name in names}
+        return register_transmil(self.options, self.seed)
+
+    def __exit__(self, *exc) -> None:
+        for name, impl in self._saved.items():
+            if impl is None:
+                IMPLEMENTATIONS.pop(name, None)
+            else:
+                IMPLEMENTATIONS[name] = impl
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _worker_command(options: LayerOptions, seed: int) -> list[str]:
+    payload = json.dumps(dataclasses.asdict(options) | {"seed": seed})
+    return [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`nystromer.bench.worker` with the layers
+    registered first."""
+    from .worker import measure_and_report
+
+    if len(argv) != 3:
+        print(
+            "usage: python -m nystromer.bench.transmil --worker OPTIONS SPEC TASKS", file=sys.stderr
+        )
+        return 2
+    raw = json.loads(argv[0])
+    seed = raw.pop("seed")
+    with registered_layers(LayerOptions(**raw), seed):
+        return measure_and_report(argv[1], argv[2])
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _entry(result: CaseResult) -> dict:
+    found = result.to_dict()
+    found.pop("spec")
+    return found
+
+
+def run_transmil(
+    base: CaseSpec,
+    options: LayerOptions,
+    *,
+    lengths: list[int],
+    timeout: float | None = None,
+    command: str = "",
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Measure both layers at every n; returns the report that ``transmil.json`` holds.
+
+    ``base`` holds the shape and measurement settings (heads, head_dim, m, pinv iterations,
+    batch, dtype, device, threads, repeats, warm-up, seed); its implementation and n are
+    replaced per case. Each row has ``seq_len`` and, per label of :data:`LAYERS`, ``layer``
+    (forward and forward+backward) and ``heatmap`` (its time is ``forward_ms``, its peak
+    ``forward_peak_mib``) results as :class:`~nystromer.bench.measure.CaseResult` dicts
+    without the spec, and ``ratios``: package ÷ ours for each metric (None where either is
+    missing).
+    """
+    worker = _worker_command(options, base.seed)
+    rows = []
+    threads = base.threads
+    with registered_layers(options, base.seed):
+        for n in lengths:
+            row: dict = {"seq_len": n}
+            for label in LAYERS:
+                row[label] = {}
+                for mode, backward in MODES.items():
+                    spec = dataclasses.replace(base, impl=_registry_name(label, mode), seq_len=n)
+                    progress(f"n = {n:,}: {label} {mode} ...")
+                    result = measure_case(spec, backward=backward, timeout=timeout, worker=worker)
+                    threads = threads or result.threads
+                    progress(f"n = {n:,}: {label} {mode}: {result.summary()}")
+                    row[label][mode] = _entry(result)
+            row["ratios"] = {
+                f"{mode}_{metric}": _ratio(
+                    row["nystrom-attention"][mode][metric], row["nystromer"][mode][metric]
+                )
+                for mode, metric in _METRIC_COLUMNS
+            }
+            rows.append(row)
+    machine = machine_info(base.device, threads)
+    settings = {
+        name: getattr(base, name)
+        for name in (
+            "batch", "heads", "head_dim", "num_landmarks", "pinv_iterations", "dtype", "device",
+            "threads", "warmup", "repeats", "seed",
+        )
+    }  # fmt: skip
+    return {
+        "benchmark": "transmil",
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "machine_label": machine_label(machine),
+        "settings": settings | dataclasses.asdict(options),
+        "lengths": list(lengths),
+        "rows": rows,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+#: (mode, CaseResult attribute) per column group; the heatmap has a forward only.
+_METRIC_COLUMNS = (
+    ("layer", "forward_ms"),
+    ("layer", "backward_ms"),
+    ("heatmap", "forward_ms"),
+    ("layer", "forward_peak_mib"),
+    ("layer", "backward_peak_mib"),
+    ("heatmap", "forward_peak_mib"),
+)
+_GROUP_NAMES = ("forward", "forward+backward", "heatmap")
+_SHORT_NAMES = ("fwd", "fwd+bwd", "heatmap")
+
+
+def _ratio_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}×"
+
+
+def _table(report: dict, columns: tuple, unit: str) -> list[str]:
+    header = ["n"]
+    for name in _SHORT_NAMES:
+        header += [f"{name} package {unit}", f"{name} ours {unit}", f"{name} ÷"]
+    lines = ["| " + " | ".join(header) + " |", "|--:" * len(header) + "|"]
+    for row in report["rows"]:
+        cells = [f"{row['seq_len']:,}"]
+        for mode, metric in columns:
+            package, ours = row["nystrom-attention"][mode], row["nystromer"][mode]
+            cells += [_cell(package, metric), _cell(ours, metric)]
+            cells.append(_ratio_text(row["ratios"][f"{mode}_{metric}"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(result: dict, metric: str) -> str:
+    if result["status"] == "skipped":
+        return "skipped"
+    if result["status"] != "ok":
+        return result["status"]
+    return fmt(result[metric], ",.0f" if (result[metric] or 0) >= 100 else ",.1f")
+
+
+def format_section(report: dict) -> str:
+    """The Markdown section: title, command, date, machine, the time and memory tables, what
+    was measured and anything not measured."""
+    s = report["settings"]
+    kernel = s["conv_kernel"]
+    lines = [
+        f"## {_TITLE}",
+        "",
+        f"Measured {report['date']} with `{report['command']}`.",
+        f"Machine: {report['machine_label']}.",
+        "",
+        f"One attention layer as TransMIL builds it: `NystromAttention(dim={s['dim']}, "
+        f"dim_head={s['head_dim']}, heads={s['heads']}, num_landmarks={s['num_landmarks']}, "
+        f"pinv_iterations={s['pinv_iterations']}, residual={kernel > 0}"
+        + (f", residual_conv_kernel={kernel}" if kernel else "")
+        + f")`, batch {s['batch']}, no mask, {s['dtype']}, {s['device']}; the package's "
+        "layer (`nystrom_attention`) and ours (`nystromer.compat`, default numerics) with the "
+        "same weights (the package's state dict, loaded with `strict=True`). Forward: "
+        "`layer(x)` without autograd; forward+backward: back to x and every parameter; "
+        "heatmap: `out, attn = layer(x, return_attn=True)` then the class token's row for every "
+        "head, `attn[:, :, 0]` (the package: `attn[:, :, pad, pad:]` of its front-padded "
+        f"matrix), without autograd. Times: median of {s['repeats']} calls after "
+        f"{s['warmup']} warm-up; peak memory: resident memory above the layer and its input, "
+        "each in a fresh process. ÷ is the package's value over ours.",
+        "",
+        "Time (ms):",
+        "",
+        *_table(report, _METRIC_COLUMNS[:3], "ms"),
+        "",
+        "Peak memory (MiB):",
+        "",
+        *_table(report, _METRIC_COLUMNS[3:], "MiB"),
+    ]
+    notes = []
+    for row in report["rows"]:
+        for label in LAYERS:
+            for mode in MODES:
+                found = row[label][mode]
+                if found["status"] != "ok":
+                    notes.append(f"n = {row['seq_len']:,}, {label} {mode}: {found['note']}")
+    if notes:
+        lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, (mode, metric), title in zip(
+        axes.flat, _METRIC_COLUMNS, [*_GROUP_NAMES, *_GROUP_NAMES], strict=True
+    ):
+        for label in LAYERS:
+            pts = [
+                (row["seq_len"], row[label][mode][metric])
+                for row in report["rows"]
+                if row[label][mode][metric] is not None
+            ]
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set_xlabel("bag size n")
+        ax.set_ylabel("time (ms)" if metric.endswith("_ms") else "peak memory (MiB)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{_TITLE}\n{report['machine_label']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``transmil.json``, ``transmil.md`` and ``transmil.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "transmil.json", out / "transmil.md", out / "transmil.png"]
+    with atomic_write(written[0]) as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(written[1]) as f:
+        f.write(format_section(report) + "\n")
+    _plot(report, written[2])
+    return written
+
+
+def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -> Path:
+    """Write the section between the markers of ``path`` and copy the plot beside it to
+    ``bench/transmil.png``; returns where the plot went."""
+    target = Path(path)
+    image = target.parent / "bench" / "transmil.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(plot, image)
+    link = os.path.relpath(image, target.parent).replace(os.sep, "/")
+    section = format_section(report) + f"\n\n![TransMIL layer]({link})\n"
+    replace_section(target, BEGIN, END, section, new_file="# Benchmarks\n")
+    return image
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command with every setting spelled out (not where copies go)."""
+    argv = ["nystromer", "bench", "transmil", "--lengths", ",".join(map(str, args.lengths))]
+    for flag in (
+        "dim", "heads", "dim_head", "num_landmarks", "pinv_iterations", "conv_kernel", "batch",
+        "dtype", "device", "threads", "repeats", "warmup", "package_heatmap_limit_gb",
+    ):  # fmt: skip
+        value = getattr(args, flag)
+        argv += [
+            "--" + flag.replace("_", "-"),
+            f"{value:g}" if isinstance(value, float) else str(value),
+        ]
+    return shlex.join(argv)
+
+
+def _kernel(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (value > 0 and value % 2 == 0):
+        raise argparse.ArgumentTypeError(
+            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
+        )
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        base = CaseSpec(
+            impl="exact",
+            batch=args.batch,
+            heads=args.heads,
+            head_dim=args.dim_head,
+            num_landmarks=args.num_landmarks,
+            pinv_iterations=args.pinv_iterations,
+            dtype=args.dtype,
+            device=args.device,
+            threads=args.threads,
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+        options = LayerOptions(args.dim, args.conv_kernel, args.package_heatmap_limit_gb)
+        report = run_transmil(
+            base, options, lengths=args.lengths, timeout=args.timeout, command=_command(args)
+        )
+    print(f"\n{format_section(report)}\n")
+    written = write_outputs(report, args.out)
+    if args.write_docs:
+        written.append(write_docs_section(args.write_docs, report, written[2]))
+        written.append(Path(args.write_docs))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def register(bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``nystromer bench transmil``."""
+    p = bench_sub.add_parser(
+        "transmil",
+        help="TransMIL's attention layer: nystromer.compat against nystrom-attention",
+        description="Forward, forward+backward and class-token heatmap time and peak memory "
+        "(fresh process per measurement) of nystromer.compat.NystromAttention and the "
+        "nystrom-attention package's layer with the same weights, at TransMIL's layer shape; "
+        "writes transmil.json, transmil.md and transmil.png.",
+    )
+    p.add_argument("--lengths", type=int_list, default=list(TRANSMIL_LENGTHS), help="%(default)s")
+    p.add_argument("--dim", type=int_at_least(1), default=512)
+    p.add_argument("--heads", type=int_at_least(1), default=8)
+    p.add_argument("--dim-head", type=int_at_least(1), default=64)
+    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=256)
+    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
+    p.add_argument(
+        "--conv-kernel", type=_kernel, default=33, help="residual_conv_kernel (0: no skip)"
+    )
+    p.add_argument("--batch", type=int_at_least(1), default=1)
+    p.add_argument(
+        "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls (median)")
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
+    p.add_argument(
+        "--package-heatmap-limit-gb",
+        type=_positive_float,
+        default=4.0,
+        help="skip the package's dense heatmap where its n×n matrix would exceed this",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--out", type=Path, default=Path("bench-out") / "transmil")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json", metavar="FILE", help="measure nothing: render (and --write-docs) FILE"
+    )
+    p.set_defaults(func=_run)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(_worker_main(sys.argv[2:]))
+    print("run `nystromer bench transmil` (this module is also its worker)", file=sys.stderr)
+    sys.exit(2)
