@@ -488,6 +488,10 @@ def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = No
     tap = pos.view(1, t, 1) + shift - pos.view(1, 1, t) + half
     inside = ((tap >= 0) & (tap < k)).to(weight.dtype)
     band = weight.view(h, k)[:, tap.clamp(0, k - 1)] * inside  # (H, 3, T, T)
+    if band.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        # Values kept by an autocast forward (bf16) meet the float32 weight in the backward,
+        # which runs without autocast.
+        band = band.to(x.dtype)
     y = torch.bmm(x, band[:, 1])
     if y.dtype != x.dtype or y.dtype != band.dtype:
         # Autocast chose the product's dtype; the in-place products below are not autocast.
