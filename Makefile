@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench bench-model clean
+.PHONY: venv demo test lint format bench-core bench bench-model eval-long clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: venv
 bench-model: venv
 	$(BIN)/python benchmarks/converted_model.py $(if $(MODEL),--model $(MODEL)) \
 		--kmeans-iterations 3 --conv-kernel-size 35 --write-docs docs/results.md
+
+# Retrieval of long documents (CPython's standard-library docstrings) by all-MiniLM-L6-v2
+# truncated, chunked, lengthened with exact attention and converted: its section of
+# docs/results.md. CHECKPOINT=DIR adds a distilled model (e.g. a distill run's model/).
+eval-long: venv
+	$(BIN)/python benchmarks/long_inputs.py $(if $(MODEL),--model $(MODEL)) \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --write-docs docs/results.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
