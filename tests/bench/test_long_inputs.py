@@ -24,14 +24,23 @@ SYSTEMS = [
     "converted-128",
     "exact-256",
     "converted-256",
+    "tiny-converted",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny BERT and a folder of 5 random-word documents of ~300–400 tokens."""
+    """A tiny BERT, its conversion to 192 positions saved as a checkpoint, and a folder of 5
+    random-word documents of ~300–400 tokens."""
+    from transformers import AutoModel
+
+    import nystromer
+
     root = tmp_path_factory.mktemp("long")
     model = make_bert(root / "bert")
+    converted = AutoModel.from_pretrained(model)
+    nystromer.convert(converted, num_landmarks=8, max_position_embeddings=192)
+    converted.save_pretrained(root / "tiny-converted")
     docs = root / "docs"
     docs.mkdir()
     for i in range(5):
@@ -41,11 +50,13 @@ def tiny(tmp_path_factory):
 
 def test_report_and_docs_section(tiny, tmp_path, monkeypatch):
     model, docs = tiny
+    checkpoint = model.parent / "tiny-converted"
     out, md = tmp_path / "out", docs_file(tmp_path)
     argv = [
         "--model", str(model), "--documents", str(docs), "--lengths", "128", "256",
         "--min-tokens", "150", "--query-length", "8", "--num-landmarks", "8",
-        "--bootstrap", "20", "--threads", "1", "--out", str(out), "--write-docs", str(md),
+        "--bootstrap", "20", "--threads", "1", "--checkpoint", str(checkpoint),
+        "--out", str(out), "--write-docs", str(md),
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["long_inputs.py"])
     assert SCRIPT["main"](argv) == 0
@@ -54,7 +65,7 @@ def test_report_and_docs_section(tiny, tmp_path, monkeypatch):
     assert report["model"]["trained_length"] == 64
     assert report["documents"]["count"] == 5
     assert [s["name"] for s in report["systems"]] == SYSTEMS
-    assert [s["length"] for s in report["systems"]] == [64, 256, 256, 128, 128, 256, 256]
+    assert [s["length"] for s in report["systems"]] == [64, 256, 256, 128, 128, 256, 256, 192]
     # Spans of document tokens: what 64 positions see (62 after [CLS]/[SEP]), then 128, 256.
     assert [q["tokens"] for q in report["query_sets"]] == [[0, 62], [62, 126], [126, 254]]
     for qs in report["query_sets"]:
@@ -91,6 +102,15 @@ def test_queries_lie_in_their_span_and_document():
     # A passage shared with another document has no single answer and is dropped.
     shared = [Document("a", list(range(50))), Document("b", list(range(50)))]
     assert SCRIPT["make_queries"](shared, [(0, 50)], query_length=10, per_doc=2) == [[]]
+
+
+def test_pieces_of_a_document():
+    # Chunks of 64 positions (62 tokens between [CLS] and [SEP]) cover the first 256 positions;
+    # the truncated document is the first chunk (the embedder computes it once for both).
+    assert SCRIPT["_chunked"](64, 256)(300) == [(0, 62), (62, 124), (124, 186), (186, 248),
+                                                (248, 254)]  # fmt: skip
+    assert SCRIPT["_chunked"](64, 256)(70) == [(0, 62), (62, 70)]
+    assert SCRIPT["_prefix"](64)(300) == [(0, 62)] and SCRIPT["_prefix"](128)(70) == [(0, 70)]
 
 
 def test_score_ranks_ties_against_the_answer():
