@@ -392,6 +392,42 @@ def _checkpoint_label(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
+def _reusable(
+    reuse: dict | None,
+    docs: Sequence[Document],
+    query_sets: Sequence[Sequence[tuple[int, list[int]]]],
+    spans: Sequence[tuple[int, int]],
+    query_length: int,
+    seed: int,
+) -> dict[str, dict]:
+    """From an earlier report on the same documents and queries: per system, its ``seconds``
+    and its ``ranks`` per query set (None where the set is empty)."""
+    if reuse is None:
+        return {}
+    same = (
+        reuse["documents"]["names"] == [d.name for d in docs]
+        and reuse["settings"]["query_length"] == query_length
+        and reuse["settings"]["seed"] == seed
+        and [q["tokens"] for q in reuse["query_sets"]] == [list(span) for span in spans]
+        and [q.get("answers") for q in reuse["query_sets"]]
+        == [[i for i, _ in qs] for qs in query_sets]
+    )
+    if not same:
+        raise ValueError(
+            "reuse: the earlier report has other documents or queries (its --sources, "
+            "--documents, --max-docs, --min-tokens, --lengths, --query-length, "
+            "--queries-per-doc and --seed must be this run's)"
+        )
+    found = {}
+    for system in reuse["systems"]:
+        name = system["name"]
+        found[name] = {
+            "seconds": system["seconds"],
+            "ranks": [q["ranks"].get(name) if q["queries"] else None for q in reuse["query_sets"]],
+        }
+    return found
+
+
 def run_benchmark(
     model_dir: str,
     texts: Sequence[tuple[str, str]],
@@ -410,6 +446,7 @@ def run_benchmark(
     batch: int = 8,
     bootstrap: int = 2000,
     seed: int = 0,
+    reuse: dict | None = None,
     command: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -431,6 +468,8 @@ def run_benchmark(
         batch: queries per forward call (documents and chunks go one at a time: no padding).
         bootstrap: bootstrap draws for the intervals.
         seed: document draw, passages and bootstrap.
+        reuse: an earlier report on the same documents and queries: its systems' ranks are
+            taken from it instead of embedding again (e.g. to add a checkpoint to a table).
 
     Raises:
         ValueError: a length at most the trained one or above ``max_length``, or a checkpoint
@@ -512,7 +551,15 @@ def run_benchmark(
     embedder = _Embedder(models, special)
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     timing = {}
+    reused = _reusable(reuse, docs, query_sets, spans, query_length, seed)
     for system in systems:
+        if system.name in reused:
+            timing[system.name] = reused[system.name]["seconds"]
+            for k, found in enumerate(reused[system.name]["ranks"]):
+                if found is not None:
+                    ranks[k][system.name] = torch.as_tensor(found, dtype=torch.long)
+            progress(f"{system.name}: ranks reused")
+            continue
         progress(f"{system.name}: embedding {len(docs)} documents ...")
         vectors, timing[system.name] = embedder(system, docs)
         first = 0
@@ -538,7 +585,9 @@ def run_benchmark(
                 "tokens": [start, stop],
                 "queries": len(qs),
                 "documents": len({i for i, _ in qs}),
+                "answers": answers.tolist(),
                 "results": found,
+                "ranks": {name: r.tolist() for name, r in ranks[k].items()},
             }
         )
     lengths_doc = [len(d.ids) for d in docs]
@@ -707,6 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int_at_least(10), default=2000, metavar="B")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument(
+        "--reuse",
+        metavar="JSON",
+        help="an earlier results.json on the same documents and queries: its systems are not "
+        "embedded again (e.g. to add --checkpoint to a table)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     p.add_argument(
@@ -734,7 +789,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
             sources = args.sources
-        command = recorded_command("benchmarks/long_inputs.py", argv, drop=("--out",))
+        reuse = None
+        if args.reuse is not None:
+            with open(args.reuse, encoding="utf-8") as f:
+                reuse = json.load(f)
+        command = recorded_command("benchmarks/long_inputs.py", argv, drop=("--out", "--reuse"))
         print(f"long-inputs benchmark: {command}", flush=True)
         try:
             report = run_benchmark(
@@ -754,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch=args.batch,
                 bootstrap=args.bootstrap,
                 seed=args.seed,
+                reuse=reuse,
                 command=command,
                 progress=lambda line: print(line, flush=True),
             )

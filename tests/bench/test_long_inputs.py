@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
     return model, docs
 
 
-def test_report_and_docs_section(tiny, tmp_path, monkeypatch):
+def test_report_and_docs_section(tiny, tmp_path, monkeypatch, capsys):
     model, docs = tiny
     checkpoint = model.parent / "tiny-converted"
     out, md = tmp_path / "out", docs_file(tmp_path)
@@ -80,9 +80,17 @@ def test_report_and_docs_section(tiny, tmp_path, monkeypatch):
     section = written_section(md, SCRIPT)
     assert "Passages from tokens 128–256" in section
     assert "exact attention, 256 positions (ceiling)" in section
+    # --reuse takes every system's ranks from the report: the same numbers, nothing embedded.
+    again = tmp_path / "again"
+    assert (
+        SCRIPT["main"]([*argv[:-4], "--reuse", str(out / "results.json"), "--out", str(again)]) == 0
+    )
+    assert json.loads((again / "results.json").read_text())["query_sets"] == report["query_sets"]
+    with pytest.raises(SystemExit):  # other queries: refused
+        SCRIPT["main"]([*argv[:-4], "--seed", "1", "--reuse", str(out / "results.json")])
+    assert "reuse: the earlier report has other documents or queries" in capsys.readouterr().err
     # --from-json reprints the same section without measuring.
-    (tmp_path / "again").mkdir()
-    md2 = docs_file(tmp_path / "again")
+    md2 = docs_file(again)
     assert SCRIPT["main"](["--from-json", str(out / "results.json"), "--write-docs", str(md2)]) == 0
     assert written_section(md2, SCRIPT) == section
 
