@@ -2,8 +2,9 @@
 """Long inputs: does a converted encoder use what lies beyond its trained length?
 
     python benchmarks/long_inputs.py                       # all-MiniLM-L6-v2, 2,048 and 4,096
-    python benchmarks/long_inputs.py --max-docs 40 --write-docs docs/results.md
-    python benchmarks/long_inputs.py --checkpoint runs/distill-minilm-2048/model
+    python benchmarks/long_inputs.py --max-docs 64 --write-docs docs/results.md
+    python benchmarks/long_inputs.py --max-docs 64 --checkpoint runs/distill-2048/model \
+        --reuse runs/bench/long_inputs/results.json      # add a distilled model to a table
     python benchmarks/long_inputs.py --documents DIR --model DIR     # your own texts and model
 
 A retrieval task that needs no download. Documents are long texts that ship with CPython
@@ -27,6 +28,9 @@ attention with the position table lengthened to n (:func:`nystromer.extend_posit
 ceiling of the architecture) and the conversion by :func:`nystromer.convert` (no training);
 and each ``--checkpoint`` (e.g. ``nystromer distill --max-length 2048``'s ``model/``) at its
 own length. Documents are cut at ``--max-length`` tokens for every system.
+
+``results.json`` keeps every query's rank per system, so ``--reuse`` adds systems to an earlier
+run on the same documents and queries without embedding them again.
 
 Writes ``results.json`` under ``--out`` and, with ``--write-docs FILE``, the section between the
 ``long-inputs`` markers of FILE (everything else in FILE is kept byte for byte).
