@@ -7,7 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,hf,lra,bench
 
-.PHONY: venv demo test lint format bench-core bench bench-model bench-mil-switch bench-transmil clean
+.PHONY: venv demo test lint format bench-core bench bench-model bench-mil-switch bench-transmil \
+	eval-long clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,13 @@ bench-mil-switch: venv
 # docs/bench/transmil.png. About half an hour on 2 cores.
 bench-transmil: venv
 	$(BIN)/nystromer bench transmil --write-docs docs/benchmarks.md --out bench-out/transmil
+
+# Retrieval of long documents (CPython's standard-library docstrings) by all-MiniLM-L6-v2
+# truncated, chunked, lengthened with exact attention and converted: its section of
+# docs/results.md. CHECKPOINT=DIR adds a distilled model (e.g. a distill run's model/).
+eval-long: venv
+	$(BIN)/python benchmarks/long_inputs.py $(if $(MODEL),--model $(MODEL)) \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --write-docs docs/results.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
