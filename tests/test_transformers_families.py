@@ -344,3 +344,16 @@ def test_masks_other_than_padding_or_a_window_are_refused():
     additive[..., 3] = -1.0  # a bias, not a mask
     with pytest.raises(ValueError, match="additive attention biases"):
         hf._key_mask_from_4d(additive, 30, 30)
+
+
+def test_output_attentions_has_every_layer_of_a_model_with_local_windows():
+    model = build("modernbert")
+    exact = build("modernbert", "eager")
+    exact.load_state_dict(model.state_dict())
+    batch = inputs("modernbert", 12)  # n ≤ m: the global layers are exact too
+    with torch.no_grad():
+        got = model(**batch, output_attentions=True).attentions
+        want = exact(**batch, output_attentions=True).attentions
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

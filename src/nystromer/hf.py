@@ -421,7 +421,7 @@ def _attention(
         # A local window costs O(n·w) exactly: these layers keep exact attention.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(
+        out, weights = sdpa_attention_forward(
             module,
             query,
             key,
@@ -432,6 +432,10 @@ def _attention(
             sliding_window=sliding_window,
             **kwargs,
         )
+        if weights is None and _attentions_requested():
+            # Every layer's weights, or the tuple would skip these layers.
+            weights = _window_weights(query, key, attention_mask, scaling)
+        return out, weights
     if getattr(module, "is_causal", False):
         raise ValueError(
             f"{type(module).__name__} is causal: Nyström landmarks would leak future tokens"
@@ -480,6 +484,20 @@ def _attentions_requested() -> bool:
         return False
     collected = _active_collector.get()
     return collected is not None and "attentions" in collected
+
+
+def _window_weights(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None
+) -> Tensor:
+    """Exact softmax weights (B, H, n_q, n_k) of a local-window layer, under its dense mask."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = (query @ key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        else:
+            logits = logits + attention_mask.float()
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).to(query.dtype)
 
 
 def _all_rows(
