@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from nystromer._io import atomic_write
-from nystromer._machine import machine_info, machine_label
+from nystromer._machine import report_header
 from nystromer._markdown import replace_section
 from nystromer.bench.cli import add_script_args, call_with, int_at_least
 from nystromer.bench.implementations import (
@@ -45,7 +44,7 @@ from nystromer.bench.implementations import (
     register_implementation,
 )
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
-from nystromer.bench.pretrained import INSTALL_HINT, minilm_path
+from nystromer.bench.pretrained import INSTALL_HINT, default_model
 from nystromer.bench.worker import measure_and_report
 from nystromer.functional import check_nystrom_options
 
@@ -304,13 +303,7 @@ def run_benchmark(
                 )
             rows.append(row)
     threads = base.threads if base.threads is not None else worker_threads
-    machine = machine_info(base.device, threads)
-    return {
-        "benchmark": "converted_model",
-        "command": command,
-        "date": datetime.date.today().isoformat(),
-        "machine": machine,
-        "machine_label": machine_label(machine),
+    return report_header("converted_model", command, base.device, threads) | {
         "model": info,
         "settings": {name: getattr(base, name) for name in _SETTINGS}
         | convert_options
@@ -395,13 +388,6 @@ def write_docs_section(path: str | os.PathLike[str], report: dict) -> None:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _default_model(parser: argparse.ArgumentParser) -> str:
-    try:
-        return minilm_path()
-    except ImportError as e:
-        parser.error(str(e))
-
-
 def _check_model_dir(parser: argparse.ArgumentParser, model_dir: str) -> None:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
@@ -472,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             report = json.load(f)
     else:
         if args.model is None:
-            model_dir, label = _default_model(p), "all-MiniLM-L6-v2"
+            model_dir, label = default_model(p), "all-MiniLM-L6-v2"
         else:
             model_dir, label = args.model, Path(args.model).resolve().name
         _check_model_dir(p, model_dir)

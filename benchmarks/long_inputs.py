@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import datetime
 import json
 import os
 import random
@@ -57,11 +56,11 @@ import torch
 from torch import Tensor, nn
 
 from nystromer._io import atomic_write
-from nystromer._machine import machine_info, machine_label
+from nystromer._machine import report_header
 from nystromer._markdown import replace_section
 from nystromer.bench.cli import int_at_least
 from nystromer.bench.measure import recorded_command
-from nystromer.bench.pretrained import minilm_path
+from nystromer.bench.pretrained import default_model
 
 __all__ = [
     "BEGIN",
@@ -595,13 +594,7 @@ def run_benchmark(
             }
         )
     lengths_doc = [len(d.ids) for d in docs]
-    machine = machine_info("cpu", torch.get_num_threads())
-    return {
-        "benchmark": "long_inputs",
-        "command": command,
-        "date": datetime.date.today().isoformat(),
-        "machine": machine,
-        "machine_label": machine_label(machine),
+    return report_header("long_inputs", command, "cpu", torch.get_num_threads()) | {
         "model": {"label": model_label, "path": str(model_dir), "trained_length": trained},
         "settings": {
             "sources": list(sources),
@@ -704,13 +697,6 @@ def write_docs_section(path: str | os.PathLike[str], report: dict) -> None:
 # --- command line -------------------------------------------------------------------------------
 
 
-def _default_model(parser: argparse.ArgumentParser) -> str:
-    try:
-        return minilm_path()
-    except ImportError as e:
-        parser.error(str(e))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -775,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         if args.model is None:
-            model_dir, label = _default_model(p), "all-MiniLM-L6-v2"
+            model_dir, label = default_model(p), "all-MiniLM-L6-v2"
         else:
             model_dir, label = args.model, Path(args.model).resolve().name
         if not (Path(model_dir) / "config.json").is_file():

@@ -5,12 +5,19 @@ Used by every command that writes measurements (bench, lra, distill).
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 
 import torch
 
-__all__ = ["ALLOCATOR_VARIABLES", "allocator_settings", "machine_info", "machine_label"]
+__all__ = [
+    "ALLOCATOR_VARIABLES",
+    "allocator_settings",
+    "machine_info",
+    "machine_label",
+    "report_header",
+]
 
 
 def _cpu_model() -> str:
@@ -70,3 +77,18 @@ def machine_label(info: dict) -> str:
     if info.get("allocator"):
         label += ", allocator " + " ".join(f"{k}={v}" for k, v in info["allocator"].items())
     return label
+
+
+def report_header(
+    benchmark: str, command: str, device: str = "cpu", threads: int | None = None
+) -> dict:
+    """The fields a benchmark report starts with: which benchmark, the command that ran it,
+    today's date, and the machine (:func:`machine_info` and its :func:`machine_label`)."""
+    machine = machine_info(device, threads)
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "machine_label": machine_label(machine),
+    }

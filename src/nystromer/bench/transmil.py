@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import shlex
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_path, atomic_write
-from .._machine import machine_info, machine_label
+from .._machine import report_header
 from .._markdown import replace_section
 from .cli import _dtype, int_at_least, int_list
 from .implementations import (
@@ -293,7 +292,6 @@ def run_transmil(
                 for mode, metric in _METRIC_COLUMNS
             }
             rows.append(row)
-    machine = machine_info(base.device, threads)
     settings = {
         name: getattr(base, name)
         for name in (
@@ -301,12 +299,7 @@ def run_transmil(
             "threads", "warmup", "repeats", "seed",
         )
     }  # fmt: skip
-    return {
-        "benchmark": "transmil",
-        "command": command,
-        "date": datetime.date.today().isoformat(),
-        "machine": machine,
-        "machine_label": machine_label(machine),
+    return report_header("transmil", command, base.device, threads) | {
         "settings": settings | dataclasses.asdict(options),
         "lengths": list(lengths),
         "rows": rows,
