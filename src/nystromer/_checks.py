@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -35,3 +36,10 @@ def check_shape(name: str, tensor: Tensor, shape: Sequence[int], axes: str | Non
     if tuple(tensor.shape) != shape:
         named = f" ({axes})" if axes else ""
         raise ValueError(f"{name} must have shape {shape}{named}, got {tuple(tensor.shape)}")
+
+
+def check_token_mask(name: str, mask: object) -> None:
+    """Raise TypeError unless ``mask`` is a bool tensor (True = real token)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {got}")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_probability, check_shape
+from ._checks import check_probability, check_shape, check_token_mask
 from .attention_map import AttentionMap
 from .functional import attention_rows, nystrom_attention
 from .options import NystromOptions, resolve_options
@@ -298,9 +298,7 @@ class NystromAttention(_NystromSettings, nn.Module):
         b, n_q, _ = query.shape
         n_k = key.shape[1]
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-                raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
+            check_token_mask("mask", mask)
             check_shape("mask", mask, (b, n_k), "batch, key length")
         q = self._heads(self.q_proj(query)).transpose(1, 2)  # (B, H, n_q, d)
         k = self._heads(self.k_proj(key)).transpose(1, 2)  # (B, H, n_k, d)
@@ -373,10 +371,7 @@ class ValueConv(nn.Conv2d):
         Returns:
             (B, H, n, d), zero at padded positions.
         """
-        if mask is None:
-            return banded_sequence_conv(value, self.weight, self.bias)
-        keep = mask[:, None, :, None].to(value.dtype)
-        return banded_sequence_conv(value * keep, self.weight, self.bias) * keep
+        return _masked_conv(value, self.weight, self.bias, _keep(mask, value))
 
     def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out += self(value, mask)`` in place, one head at a time, so that the
@@ -386,12 +381,12 @@ class ValueConv(nn.Conv2d):
             out: (B, H, n, d), updated in place and returned.
             value, mask: as for :meth:`forward`.
         """
-        keep = None if mask is None else mask[:, None, :, None].to(value.dtype)
+        keep = _keep(mask, value)
         for h in range(value.shape[1]):
-            one = value[:, h : h + 1] if keep is None else value[:, h : h + 1] * keep
             bias = None if self.bias is None else self.bias[h : h + 1]
-            skip = banded_sequence_conv(one, self.weight[h : h + 1], bias)
-            out[:, h : h + 1].add_(skip if keep is None else skip * keep)
+            out[:, h : h + 1].add_(
+                _masked_conv(value[:, h : h + 1], self.weight[h : h + 1], bias, keep)
+            )
         return out
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -429,16 +424,14 @@ class _AddedValueConv(torch.autograd.Function):
         grad_value = torch.empty_like(value) if need_value else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
-        keep = None if ctx.mask is None else ctx.mask[:, None, :, None].to(value.dtype)
+        keep = _keep(ctx.mask, value)
         for h in range(value.shape[1]):
             # One head's convolution again, with autograd, on tensors of 1/H of the size.
             with torch.enable_grad():
                 one = value[:, h : h + 1].detach().requires_grad_(need_value)
                 w = weight[h : h + 1].detach().requires_grad_(need_weight)
                 b = None if bias is None else bias[h : h + 1].detach().requires_grad_(need_bias)
-                y = banded_sequence_conv(one if keep is None else one * keep, w, b)
-                if keep is not None:
-                    y = y * keep
+                y = _masked_conv(one, w, b, keep)
                 inputs = [t for t in (one, w, b) if t is not None and t.requires_grad]
                 grads = iter(torch.autograd.grad(y, inputs, grad[:, h : h + 1]))
             if need_value:
@@ -448,6 +441,19 @@ class _AddedValueConv(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[h : h + 1] = next(grads)
         return grad, grad_value, grad_weight, grad_bias, None, None
+
+
+def _keep(mask: Tensor | None, value: Tensor) -> Tensor | None:
+    """A (B, n) token mask as a (B, 1, n, 1) multiplier in the values' dtype, or None."""
+    return None if mask is None else mask[:, None, :, None].to(value.dtype)
+
+
+def _masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor | None) -> Tensor:
+    """:func:`banded_sequence_conv` with padding zeroed before and after (``keep`` from
+    :func:`_keep`), so a real position sees what it would see in the unpadded sequence."""
+    if keep is None:
+        return banded_sequence_conv(value, weight, bias)
+    return banded_sequence_conv(value * keep, weight, bias) * keep
 
 
 def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

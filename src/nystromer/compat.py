@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_token_mask
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
 from .functional import attention_rows, iterative_pinv, landmark_assignment, segment_means
@@ -452,9 +453,7 @@ def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> Tensor | None:
         raise ValueError(f"x must have shape (batch, seq_len, {dim}), got {got}")
     if mask is None:
         return None
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
+    check_token_mask("mask", mask)
     b, n = x.shape[:2]
     if mask.dim() != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != n:
         raise ValueError(

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import _cpu
-from ._checks import check_probability, check_shape
+from ._checks import check_probability, check_shape, check_token_mask
 from .options import check_nystrom_options
 
 __all__ = [
@@ -596,9 +596,7 @@ def _check_inputs(
     for name, mk, n in (("mask", mask, key.shape[2]), ("query_mask", query_mask, query.shape[2])):
         if mk is None:
             continue
-        if not isinstance(mk, Tensor) or mk.dtype != torch.bool:
-            got = mk.dtype if isinstance(mk, Tensor) else type(mk).__name__
-            raise TypeError(f"{name} must be a bool tensor (True = real token), got {got}")
+        check_token_mask(name, mk)
         check_shape(name, mk, (b, n))
     check_nystrom_options(num_landmarks, pinv_iterations, kmeans_iterations=kmeans_iterations)
     check_probability("dropout_p", dropout_p)
