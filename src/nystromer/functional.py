@@ -237,12 +237,17 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
     return index % n
 
 
-def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
-    """softmax(s·QKᵀ) with the keys that are False in the (B, n_k) ``key_mask`` masked out."""
+def _masked_logits(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+    """s·QKᵀ with the keys that are False in the (B, n_k) ``key_mask`` at -inf."""
     logits = (q @ k.transpose(-1, -2)) * scale
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return logits
+
+
+def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(s·QKᵀ) with the keys that are False in the (B, n_k) ``key_mask`` masked out."""
+    return torch.softmax(_masked_logits(q, k, key_mask, scale), dim=-1)
 
 
 def _rows_of_product(
@@ -257,10 +262,8 @@ def _rows_of_product(
     block = max(1, _ROWS_BLOCK // (b * h * m))
 
     def logits(s: int) -> Tensor:
-        out = (q_land @ key[:, :, s : s + block].to(c.dtype).transpose(-1, -2)) * scale
-        if key_mask is not None:
-            out = out.masked_fill(~key_mask[:, None, None, s : s + block], float("-inf"))
-        return out
+        mask = None if key_mask is None else key_mask[:, s : s + block]
+        return _masked_logits(q_land, key[:, :, s : s + block].to(c.dtype), mask, scale)
 
     lse = torch.logsumexp(logits(0), -1)
     for s in range(block, n_k, block):
