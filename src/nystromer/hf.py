@@ -158,23 +158,30 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _check_model_type(config: Any) -> None:
     """Refuse a config whose model ignores the interface (set through from_pretrained, which
     does not ask the model class): it would apply our key-padding mask in its own attention."""
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        return
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    class_name = MODEL_MAPPING_NAMES.get(model_type)
-    if not isinstance(class_name, str):
-        return
-    import transformers
-
-    cls = getattr(transformers, class_name, None)
-    if cls is not None and not cls._can_set_attn_implementation():
+    class_name = _class_outside_interface(getattr(config, "model_type", None))
+    if class_name is not None:
         raise ValueError(
             f"{class_name}'s attention does not go through transformers' attention interface, "
             f'so attn_implementation="{IMPLEMENTATION}" cannot serve it (its own attention would '
             "misread the mask); docs/models.md lists the families that work"
         )
+
+
+@functools.cache
+def _class_outside_interface(model_type: str | None) -> str | None:
+    """The name of ``model_type``'s model class if its attention bypasses the interface (the
+    mask builder asks at every forward: the answer is looked up once per type)."""
+    if model_type is None:
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    class_name = MODEL_MAPPING_NAMES.get(model_type)
+    if not isinstance(class_name, str):
+        return None
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    return class_name if cls is not None and not cls._can_set_attn_implementation() else None
 
 
 # --------------------------------------------------------------------------- convolution skips
@@ -332,6 +339,9 @@ def _mask(
 _PROBE_PAIRS = 1 << 22
 
 
+# Cached per (mask function, lengths, offsets): the mask builder runs at every forward, and
+# plain encoders pass the same module-level mask function each time.
+@functools.lru_cache(maxsize=32)
 def _mask_kind(
     mask_function: Callable | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int
 ) -> str:
