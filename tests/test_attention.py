@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from nystromer import AttentionMap, NystromAttention, NystromMultiheadAttention, NystromOptions
-from nystromer.attention import ValueConv, banded_sequence_conv, value_conv, value_conv_skip
+from nystromer.attention import (
+    ValueConv,
+    _ConvRows,
+    banded_sequence_conv,
+    sequence_conv,
+    value_conv,
+    value_conv_skip,
+)
 
 from .reference import nystrom_matrix, nystrom_reference
 
@@ -68,7 +75,7 @@ def test_conv_skip_is_the_depthwise_convolution_of_values():
     "n, heads, d, k",
     [(100, 3, 5, 7), (10, 2, 3, 35), (200, 2, 4, 101), (1, 2, 3, 3), (64, 2, 4, 35), (33, 1, 1, 1)],
 )
-def test_banded_sequence_conv_is_the_depthwise_convolution(n, heads, d, k):
+def test_sequence_conv_is_the_depthwise_convolution(n, heads, d, k):
     # Kernels longer than the sequence, n a multiple of the block and not, k = 1, one head,
     # and blocks longer than 32 (k = 101): the banded products equal torch's convolution,
     # on a head split of (B, n, H, d) memory as a model hands it, with and without bias.
@@ -78,10 +85,10 @@ def test_banded_sequence_conv_is_the_depthwise_convolution(n, heads, d, k):
     bias = torch.randn(heads, generator=g, dtype=torch.float64)
     for b in (None, bias):
         want = F.conv2d(v, w, b, padding=(k // 2, 0), groups=heads)
-        assert torch.allclose(banded_sequence_conv(v, w, b), want, rtol=0, atol=1e-12)
+        assert torch.allclose(sequence_conv(v, w, b), want, rtol=0, atol=1e-12)
     sv = v[:, :, :9].detach().clone().requires_grad_(True)
     sw = w.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(banded_sequence_conv, (sv, sw))
+    assert torch.autograd.gradcheck(sequence_conv, (sv, sw))
 
 
 def test_banded_conv_weight_gradient_is_accurate_in_float32():
@@ -103,7 +110,7 @@ def test_banded_conv_weight_gradient_is_accurate_in_float32():
         return F.conv2d(x, weight, padding=(17, 0), groups=12)
 
     exact = weight_grad(torch_conv, torch.float64)
-    err = (weight_grad(banded_sequence_conv, torch.float32) - exact).abs().max() / exact.abs().max()
+    err = (weight_grad(sequence_conv, torch.float32) - exact).abs().max() / exact.abs().max()
     assert err.item() < 1e-5
 
 
@@ -352,9 +359,15 @@ def test_forward_errors():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(masked):
-    # add_to_ (inference, a head at a time) and added_to (autograd, recomputing per head in
-    # the backward) against out + conv(value, mask) with plain autograd, in float64.
+@pytest.mark.parametrize("positions_per_block", [None, 1, 3])
+def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(
+    masked, positions_per_block, monkeypatch
+):
+    # add_to_ (inference) and added_to (autograd, recomputing in the backward), both a block
+    # of positions at a time, against out + conv(value, mask) with plain autograd, in
+    # float64; blocks of 1 and 3 positions (shorter than the kernel's reach) as well as one.
+    if positions_per_block is not None:
+        monkeypatch.setattr(_ConvRows, "block_elements", positions_per_block * 2 * 3 * 4)
     conv = ValueConv(3, 5, dtype=torch.float64)
     torch.nn.init.normal_(conv.weight)
     g = torch.Generator().manual_seed(0)
@@ -374,3 +387,9 @@ def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(masked
         torch.testing.assert_close(
             conv.add_to_(out.clone(), value, mask), expected, rtol=0, atol=1e-12
         )
+
+
+def test_banded_sequence_conv_is_a_deprecated_alias():
+    v, w = torch.randn(1, 2, 9, 3), torch.randn(2, 1, 3, 1)
+    with pytest.warns(DeprecationWarning, match="sequence_conv"):
+        assert torch.equal(banded_sequence_conv(v, w), sequence_conv(v, w))

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_probability, check_shape, check_token_mask
@@ -23,6 +24,7 @@ __all__ = [
     "NystromMultiheadAttention",
     "ValueConv",
     "banded_sequence_conv",
+    "sequence_conv",
     "multihead_nystrom_attention",
     "value_conv",
     "value_conv_skip",
@@ -326,8 +328,9 @@ class ValueConv(nn.Conv2d):
     An ``nn.Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``, one (k × 1)
     kernel per head shared by the head's features: weight (H, 1, k, 1), as in the authors' code
     and transformers' checkpoints, so state dicts load unchanged. Its forward takes the key
-    padding mask and computes the convolution as banded matrix products
-    (:func:`banded_sequence_conv`), which run faster than torch's depthwise kernels.
+    padding mask and computes the convolution as one over H·d channels, channels-last
+    (:func:`sequence_conv`), which runs several times faster on the CPU than this H-channel
+    form.
 
     Args:
         num_heads: H.
@@ -374,26 +377,25 @@ class ValueConv(nn.Conv2d):
         return _masked_conv(value, self.weight, self.bias, _keep(mask, value))
 
     def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``out += self(value, mask)`` in place, one head at a time, so that the
-        convolution's temporaries are 1/H of the output's size (not for autograd).
+        """``out += self(value, mask)`` in place, a block of positions at a time, so that the
+        convolution's temporaries stay small (not for autograd).
 
         Args:
             out: (B, H, n, d), updated in place and returned.
             value, mask: as for :meth:`forward`.
         """
-        keep = _keep(mask, value)
-        for h in range(value.shape[1]):
-            bias = None if self.bias is None else self.bias[h : h + 1]
-            out[:, h : h + 1].add_(
-                _masked_conv(value[:, h : h + 1], self.weight[h : h + 1], bias, keep)
-            )
+        rows = _ConvRows(value, mask, self.weight.shape[2])
+        weight, bias = rows.channel_weights(self.weight, self.bias, value.dtype)
+        out_rows = out.transpose(1, 2)  # (B, n, H, d)
+        for start, stop in rows.blocks():
+            out_rows[:, start:stop].add_(rows.conv(weight, bias, start, stop))
         return out
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out + self(value, mask)`` for autograd, keeping nothing of its own for the
-        backward: the backward recomputes the convolution a head at a time. Plain autograd
-        would keep a copy of the values and allocate the convolution's output, their sum and
-        their gradients whole (measured in docs/benchmarks.md, TransMIL layer).
+        backward, which recomputes what it needs a block of positions at a time. Plain
+        autograd would allocate the convolution's output and the sum whole (measured in
+        docs/benchmarks.md, TransMIL layer).
 
         Args:
             out: (B, H, n, d).
@@ -412,7 +414,7 @@ class _AddedValueConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, value, weight, bias, mask, conv):
         ctx.save_for_backward(value, weight, bias)
-        ctx.mask, ctx.conv = mask, conv
+        ctx.mask = mask
         result = torch.empty_like(out).copy_(out)
         return conv.add_to_(result, value, mask)
 
@@ -421,26 +423,84 @@ class _AddedValueConv(torch.autograd.Function):
     def backward(ctx, grad):
         value, weight, bias = ctx.saved_tensors
         need_value, need_weight, need_bias = ctx.needs_input_grad[1:4]
+        k = weight.shape[2]
+        back, values = _ConvRows(grad, ctx.mask, k), _ConvRows(value, ctx.mask, k)
         grad_value = torch.empty_like(value) if need_value else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
-        keep = _keep(ctx.mask, value)
-        for h in range(value.shape[1]):
-            # One head's convolution again, with autograd, on tensors of 1/H of the size.
-            with torch.enable_grad():
-                one = value[:, h : h + 1].detach().requires_grad_(need_value)
-                w = weight[h : h + 1].detach().requires_grad_(need_weight)
-                b = None if bias is None else bias[h : h + 1].detach().requires_grad_(need_bias)
-                y = _masked_conv(one, w, b, keep)
-                inputs = [t for t in (one, w, b) if t is not None and t.requires_grad]
-                grads = iter(torch.autograd.grad(y, inputs, grad[:, h : h + 1]))
+        # The adjoint of a correlation is the correlation with the taps reversed.
+        flipped, _ = back.channel_weights(weight.flip(2), None, grad.dtype)
+        # The kernel's gradient is summed in the weight's dtype (float32 under autocast).
+        channel_weight, _ = back.channel_weights(weight, None, weight.dtype)
+        grad_weight = torch.zeros_like(channel_weight) if need_weight else None
+        for start, stop in back.blocks():
             if need_value:
-                grad_value[:, h : h + 1] = next(grads)
+                grad_value.transpose(1, 2)[:, start:stop] = back.conv(flipped, None, start, stop)
             if need_weight:
-                grad_weight[h : h + 1] = next(grads)
-            if grad_bias is not None:
-                grad_bias[h : h + 1] = next(grads)
+                grad_weight += torch.ops.aten.convolution_backward(
+                    back.rows(start, stop).to(weight.dtype),
+                    values.rows(start, stop, k // 2).to(weight.dtype),
+                    channel_weight, None,
+                    [1, 1], [0, 0], [1, 1], False, [0, 0], channel_weight.shape[0],
+                    [False, True, False],
+                )[1]  # fmt: skip
+        if need_weight:
+            grad_weight = grad_weight.view(weight.shape[0], -1, *weight.shape[1:]).sum(1)
+        grad_bias = None
+        if need_bias and bias is not None:
+            keep = 1 if ctx.mask is None else ctx.mask[:, None, :, None].to(grad.dtype)
+            grad_bias = (grad * keep).sum((0, 2, 3)).to(bias.dtype)
         return grad, grad_value, grad_weight, grad_bias, None, None
+
+
+class _ConvRows:
+    """:class:`ValueConv`'s convolution of (B, H, n, d) values a block of positions at a time.
+
+    The skip convolves each head's values with k taps shared by its d features: a depthwise
+    convolution over C = H·d channels with each head's kernel repeated d times. The values
+    arrive as (B, n, H, d) memory (the projections' layout), which is that convolution's
+    channels-last input (B, C, n, 1), the layout in which torch's depthwise kernels run at
+    full speed on the CPU; each block reads its positions plus k // 2 on either side.
+    Padding (``mask`` False) is zeroed before and after, so a real position sees what it
+    would see in the unpadded sequence.
+    """
+
+    # Positions per block: about 2 MiB of float32 per block.
+    block_elements = 1 << 19
+
+    def __init__(self, value: Tensor, mask: Tensor | None, kernel_size: int) -> None:
+        self.value = value.transpose(1, 2)  # (B, n, H, d)
+        self.mask, self.half = mask, kernel_size // 2
+        self.batch, self.n, self.heads, self.d = self.value.shape
+
+    def channel_weights(
+        self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None]:
+        """(H, 1, k, 1) and (H,) as the (C, 1, k, 1) and (C,) of the C-channel convolution."""
+        weight = weight.repeat_interleave(self.d, 0).to(dtype)
+        return weight, None if bias is None else bias.repeat_interleave(self.d).to(dtype)
+
+    def blocks(self):
+        """(start, stop) of each block of positions."""
+        step = max(1, self.block_elements // (self.batch * self.heads * self.d))
+        return ((s, min(s + step, self.n)) for s in range(0, self.n, step))
+
+    def rows(self, start: int, stop: int, halo: int = 0) -> Tensor:
+        """Positions [start - halo, stop + halo) as (B, C, L, 1) channels-last, padding
+        zeroed, and zeros beyond the sequence's ends."""
+        lo, hi = max(start - halo, 0), min(stop + halo, self.n)
+        piece = self.value[:, lo:hi].flatten(2)  # (B, L, C)
+        if self.mask is not None:
+            piece = piece * self.mask[:, lo:hi, None].to(piece.dtype)
+        piece = piece.unsqueeze(2).permute(0, 3, 1, 2)
+        before, after = halo - (start - lo), halo - (hi - stop)
+        return F.pad(piece, (0, 0, before, after)) if before or after else piece
+
+    def conv(self, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
+        """The convolution at positions [start, stop), (B, L, H, d), zero at padding."""
+        y = F.conv2d(self.rows(start, stop, self.half), weight, bias, groups=weight.shape[0])
+        y = y.squeeze(3).transpose(1, 2)
+        if self.mask is not None:
+            y = y * self.mask[:, start:stop, None].to(y.dtype)
+        return y.unflatten(-1, (self.heads, self.d))
 
 
 def _keep(mask: Tensor | None, value: Tensor) -> Tensor | None:
@@ -449,22 +509,20 @@ def _keep(mask: Tensor | None, value: Tensor) -> Tensor | None:
 
 
 def _masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor | None) -> Tensor:
-    """:func:`banded_sequence_conv` with padding zeroed before and after (``keep`` from
+    """:func:`sequence_conv` with padding zeroed before and after (``keep`` from
     :func:`_keep`), so a real position sees what it would see in the unpadded sequence."""
     if keep is None:
-        return banded_sequence_conv(value, weight, bias)
-    return banded_sequence_conv(value * keep, weight, bias) * keep
+        return sequence_conv(value, weight, bias)
+    return sequence_conv(value * keep, weight, bias) * keep
 
 
-def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:class:`ValueConv`'s convolution, computed as products with banded (Toeplitz) blocks.
+def sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:class:`ValueConv`'s convolution: each head's k taps slide along the sequence, shared
+    by the head's d features.
 
-    Equals ``F.conv2d(value, weight, bias, padding=(k // 2, 0), groups=H)``: each head's k taps
-    slide along the sequence, shared by the d features. The sequence is cut into blocks of T ≥
-    k // 2 positions, so each output block is the sum of three T×T banded matrices times the
-    input blocks before, at and after it: three batched matrix products, run at the matrix
-    rate, where torch's depthwise convolution kernels run its few channels slowly on the CPU
-    (docs/design.md says why; docs/benchmarks.md has the measurement).
+    Equals ``F.conv2d(value, weight, bias, padding=(k // 2, 0), groups=H)``, computed as the
+    depthwise convolution over H·d channels in channels-last layout (see ``_ConvRows``),
+    which the CPU runs several times faster than torch's H-channel form (docs/design.md).
 
     Args:
         value: (B, H, n, d).
@@ -475,37 +533,22 @@ def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = No
         (B, H, n, d).
     """
     b, h, n, d = value.shape
-    k = weight.shape[2]
-    half = k // 2
-    # T = 32 suits k = 35 (the paper's); longer kernels need blocks at least half as long.
-    t = max(32, half)
-    blocks = -(-n // t) + 1
-    # Rows of n values (head, sample, feature) with at least one zero block after each: the
-    # products run over the rows laid end to end, and the zero block keeps a row's last
-    # block from reaching into the next row's first one (and the other way round).
-    x = value.new_empty(h, b, d, blocks * t)
-    x[..., n:].zero_()
-    x[..., :n].copy_(value.permute(1, 0, 3, 2))
-    x = x.view(h, b * d * blocks, t)
-    # band[j][s, u]: weight of input position s of block i + j - 1 in output position u of
-    # block i; tap s + (j - 1)·t - u + half where that lies in [0, k).
-    pos = torch.arange(t, device=value.device)
-    shift = torch.arange(-1, 2, device=value.device).view(3, 1, 1) * t
-    tap = pos.view(1, t, 1) + shift - pos.view(1, 1, t) + half
-    inside = ((tap >= 0) & (tap < k)).to(weight.dtype)
-    band = weight.view(h, k)[:, tap.clamp(0, k - 1)] * inside  # (H, 3, T, T)
-    if band.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        # Values kept by an autocast forward (bf16) meet the float32 weight in the backward,
-        # which runs without autocast.
-        band = band.to(x.dtype)
-    y = torch.bmm(x, band[:, 1])
-    if y.dtype != x.dtype or y.dtype != band.dtype:
-        # Autocast chose the product's dtype; the in-place products below are not autocast.
-        x, band = x.to(y.dtype), band.to(y.dtype)
-    y[:, :-1].baddbmm_(x[:, 1:], band[:, 2])
-    y[:, 1:].baddbmm_(x[:, :-1], band[:, 0])
-    out = y.view(h, b, d, blocks * t)[..., :n].permute(1, 0, 3, 2)
-    return out if bias is None else out + bias.view(1, h, 1, 1)
+    rows = _ConvRows(value, None, weight.shape[2])
+    weight, bias = rows.channel_weights(weight, bias, value.dtype)
+    x = value.transpose(1, 2).reshape(b, n, 1, h * d).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, padding=(rows.half, 0), groups=h * d)
+    return y.permute(0, 2, 3, 1).reshape(b, n, h, d).transpose(1, 2)
+
+
+def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Deprecated: use :func:`sequence_conv` (the same convolution)."""
+    warnings.warn(
+        "nystromer.attention.banded_sequence_conv is deprecated; use "
+        "nystromer.attention.sequence_conv",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return sequence_conv(value, weight, bias)
 
 
 def value_conv(
