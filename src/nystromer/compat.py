@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_token_mask
+from ._checks import check_odd_kernel_size, check_token_mask
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
 from .functional import attention_rows, iterative_pinv, landmark_assignment, segment_means
@@ -112,11 +112,9 @@ class NystromAttention(_Numerics, nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
         self.residual = residual
         if residual:
-            k = residual_conv_kernel
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-                # An even kernel changes the sequence length: the package fails in forward.
-                raise ValueError(f"residual_conv_kernel must be an odd integer ≥ 1, got {k!r}")
-            self.res_conv = ValueConv(heads, k)
+            # An even kernel changes the sequence length: the package fails in forward.
+            check_odd_kernel_size("residual_conv_kernel", residual_conv_kernel)
+            self.res_conv = ValueConv(heads, residual_conv_kernel)
 
     def forward(
         self,
