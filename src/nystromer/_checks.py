@@ -23,6 +23,22 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_int_at_least(name: str, value: object, low: int) -> None:
+    """Raise ValueError unless ``value`` is an int ≥ ``low``."""
+    if not is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
+def check_odd_kernel_size(name: str, value: object, *, or_none: bool = False) -> None:
+    """Raise ValueError unless ``value`` is an odd int ≥ 1 (a convolution kernel that keeps the
+    sequence length), or None where ``or_none``."""
+    if or_none and value is None:
+        return
+    if not is_int(value) or value < 1 or value % 2 == 0:
+        alternative = " (or None)" if or_none else ""
+        raise ValueError(f"{name} must be an odd integer ≥ 1{alternative}, got {value!r}")
+
+
 def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 ≤ ``value`` < 1 (a dropout rate)."""
     if not 0.0 <= value < 1.0:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_probability, check_shape, check_token_mask
+from ._checks import check_odd_kernel_size, check_probability, check_shape, check_token_mask
 from .attention_map import AttentionMap
 from .functional import attention_rows, nystrom_attention
 from .options import NystromOptions, resolve_options
@@ -346,10 +346,7 @@ class ValueConv(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-            raise ValueError(f"kernel_size must be an odd integer ≥ 1, got {kernel_size!r}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer ≥ 1, got {kernel_size!r}")
+        check_odd_kernel_size("kernel_size", kernel_size)
         super().__init__(
             num_heads,
             num_heads,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_token_mask
+from ._checks import check_odd_kernel_size, check_token_mask
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
 from .functional import attention_rows, iterative_pinv, landmark_assignment, segment_means
@@ -38,7 +38,30 @@ __all__ = ["AttentionMap", "NUMERICS", "NystromAttention", "Nystromformer"]
 NUMERICS = ("nystromer", "lucidrains")
 
 
-class NystromAttention(nn.Module):
+class _Numerics:
+    """The ``numerics`` attribute of both classes: checked on every assignment, and
+    ``_numerics_set`` tells the owner (Nystromformer passes it on to its layers)."""
+
+    _numerics: str
+
+    @property
+    def numerics(self) -> str:
+        """``"nystromer"`` or ``"lucidrains"``; may be changed between calls (on a
+        Nystromformer, setting it sets every layer's)."""
+        return self._numerics
+
+    @numerics.setter
+    def numerics(self, value: str) -> None:
+        if value not in NUMERICS:
+            raise ValueError(f'numerics must be "nystromer" or "lucidrains", got {value!r}')
+        self._numerics = value
+        self._numerics_set(value)
+
+    def _numerics_set(self, value: str) -> None:
+        pass
+
+
+class NystromAttention(_Numerics, nn.Module):
     """The ``nystrom-attention`` package's ``NystromAttention``, with a choice of numerics.
 
     Same arguments, defaults, parameters (``to_qkv``, ``to_out``, ``res_conv``) and forward as
@@ -89,20 +112,9 @@ class NystromAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
         self.residual = residual
         if residual:
-            k = residual_conv_kernel
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-                # An even kernel changes the sequence length: the package fails in forward.
-                raise ValueError(f"residual_conv_kernel must be an odd integer ≥ 1, got {k!r}")
-            self.res_conv = ValueConv(heads, k)
-
-    @property
-    def numerics(self) -> str:
-        """``"nystromer"`` or ``"lucidrains"``; may be changed between calls."""
-        return self._numerics
-
-    @numerics.setter
-    def numerics(self, value: str) -> None:
-        self._numerics = _check_numerics(value)
+            # An even kernel changes the sequence length: the package fails in forward.
+            check_odd_kernel_size("residual_conv_kernel", residual_conv_kernel)
+            self.res_conv = ValueConv(heads, residual_conv_kernel)
 
     def forward(
         self,
@@ -370,7 +382,7 @@ class _FeedForward(nn.Module):
         return self.net(x)
 
 
-class Nystromformer(nn.Module):
+class Nystromformer(_Numerics, nn.Module):
     """The package's ``Nystromformer`` stack: per layer ``x = attn(LayerNorm(x), mask) + x``,
     then ``x = ff(LayerNorm(x)) + x``. Same arguments, defaults and state-dict keys
     (``layers.{i}.0.norm.*``, ``layers.{i}.0.fn.to_qkv.weight``, …, ``layers.{i}.1.fn.net.*``).
@@ -420,14 +432,8 @@ class Nystromformer(nn.Module):
             ff = _FeedForward(dim=dim, dropout=ff_dropout)
             self.layers.append(nn.ModuleList([_PreNorm(dim, attn), _PreNorm(dim, ff)]))
 
-    @property
-    def numerics(self) -> str:
-        """``"nystromer"`` or ``"lucidrains"``; setting it sets every layer's."""
-        return self._numerics
-
-    @numerics.setter
-    def numerics(self, value: str) -> None:
-        self._numerics = _check_numerics(value)
+    def _numerics_set(self, value: str) -> None:
+        # The constructor sets numerics before the layers exist; they receive it as an argument.
         for attn, _ in getattr(self, "layers", ()):
             attn.fn.numerics = value
 
@@ -437,12 +443,6 @@ class Nystromformer(nn.Module):
             x = attn(x, mask=mask) + x
             x = ff(x) + x
         return x
-
-
-def _check_numerics(numerics: str) -> str:
-    if numerics not in NUMERICS:
-        raise ValueError(f'numerics must be "nystromer" or "lucidrains", got {numerics!r}')
-    return numerics
 
 
 def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> Tensor | None:

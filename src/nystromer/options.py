@@ -26,6 +26,8 @@ def check_nystrom_options(
     Raises:
         ValueError: naming the argument, the value received and what is expected.
     """
+    # The rules of _checks.check_int_at_least and check_odd_kernel_size, written inline: this
+    # runs on every nystrom_attention call, and four calls would double its cost.
     if not is_int(num_landmarks) or num_landmarks < 1:
         raise ValueError(f"num_landmarks must be an integer ≥ 1, got {num_landmarks!r}")
     if not is_int(pinv_iterations) or pinv_iterations < 0:

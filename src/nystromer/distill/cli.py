@@ -30,45 +30,42 @@ def _dropout(text: str) -> float | str:
         ) from None
 
 
-# DistillConfig fields and their flags; None = keep the default (or, with --resume, the
-# saved value).
-_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "teacher": ("--teacher", str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
-    "num_landmarks": ("--num-landmarks", int, "m, landmarks per head (64)"),
-    "pinv_iterations": ("--pinv-iterations", int, "pseudo-inverse iterations (6)"),
+# DistillConfig fields given on the command line, as (type, help); a field's flag is its name
+# with dashes for underscores (num_landmarks: --num-landmarks). None = keep the default (or,
+# with --resume, the saved value).
+_FLAGS: dict[str, tuple[Any, str]] = {
+    "teacher": (str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
+    "num_landmarks": (int, "m, landmarks per head (64)"),
+    "pinv_iterations": (int, "pseudo-inverse iterations (6)"),
     "kmeans_iterations": (
-        "--kmeans-iterations",
         int,
         "k-means iterations refining the landmarks; 0: the paper's segment means (3)",
     ),
-    "conv_kernel_size": ("--conv-kernel-size", int, "value convolution skip; 0: none (35)"),
+    "conv_kernel_size": (int, "value convolution skip; 0: none (35)"),
     "calibrate": (
-        "--calibrate",
         int,
         "fit the convolution skip to exact attention on N training windows first; 0: no (16)",
     ),
     "calibrate_output": (
-        "--calibrate-output",
         float,
         "with --calibrate, also fit each attention output projection, shrunk towards the "
         "identity by MU; 0: no (0.3)",
     ),
-    "max_length": ("--max-length", int, "tokens per window (512)"),
-    "steps": ("--steps", int, "optimiser steps (800)"),
-    "batch_size": ("--batch-size", int, "windows per step (4)"),
-    "lr": ("--lr", float, "peak learning rate (3e-5)"),
-    "warmup_steps": ("--warmup-steps", int, "warm-up steps (a tenth of --steps)"),
-    "weight_decay": ("--weight-decay", float, "AdamW weight decay (0)"),
+    "max_length": (int, "tokens per window (512)"),
+    "steps": (int, "optimiser steps (800)"),
+    "batch_size": (int, "windows per step (4)"),
+    "lr": (float, "peak learning rate (3e-5)"),
+    "warmup_steps": (int, "warm-up steps (a tenth of --steps)"),
+    "weight_decay": (float, "AdamW weight decay (0)"),
     "dropout": (
-        "--dropout",
         _dropout,
         "dropout probability of the student while it trains, or 'teacher' for the "
         "teacher's own rates (0)",
     ),
-    "eval_fraction": ("--eval-fraction", float, "share of the text held out, a tail (0.1)"),
-    "stride": ("--stride", int, "tokens between training windows (half a window)"),
-    "eval_every": ("--eval-every", int, "validate every N steps (50)"),
-    "seed": ("--seed", int, "seed (0)"),
+    "eval_fraction": (float, "share of the text held out, a tail (0.1)"),
+    "stride": (int, "tokens between training windows (half a window)"),
+    "eval_every": (int, "validate every N steps (50)"),
+    "seed": (int, "seed (0)"),
 }
 
 
@@ -93,8 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="UTF-8 text files, or builtin:pydoc / builtin:stdlib-docs (texts shipped with "
         "CPython: the reference manual's topics, the standard library's docstrings)",
     )
-    for name, (flag, typ, help_) in _FLAGS.items():
-        p.add_argument(flag, dest=name, type=typ, help=help_)
+    for name, (typ, help_) in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_)
     p.add_argument("--layers", choices=LAYERS, help="match all layers or the last one (all)")
     p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
     p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "fp16"])

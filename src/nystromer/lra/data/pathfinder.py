@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..._checks import check_int_at_least
 from ..._io import atomic_write
 
 __all__ = [
@@ -75,10 +76,8 @@ class PathfinderSettings:
     padding: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.resolution, int) or self.resolution < 16:
-            raise ValueError(f"resolution must be an int >= 16, got {self.resolution!r}")
-        if not isinstance(self.contour_length, int) or self.contour_length < 3:
-            raise ValueError(f"contour_length must be an int >= 3, got {self.contour_length!r}")
+        check_int_at_least("resolution", self.resolution, 16)
+        check_int_at_least("contour_length", self.contour_length, 3)
         if self.continuity <= 0:
             raise ValueError(f"continuity must be > 0, got {self.continuity}")
 
@@ -523,13 +522,9 @@ def write_dataset(
         images_per_batch: images per ``imgs/<b>`` folder and metadata file.
         progress: show a tqdm progress bar with the rate.
     """
-    for name, value, low in (
-        ("images", images, 1),
-        ("images_per_batch", images_per_batch, 1),
-        ("seed", seed, 0),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_int_at_least("images", images, 1)
+    check_int_at_least("images_per_batch", images_per_batch, 1)
+    check_int_at_least("seed", seed, 0)
     settings = PathfinderSettings(resolution=resolution, contour_length=contour_length)
     folder = dataset_folder(out, contour_length)
     record = {
