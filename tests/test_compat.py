@@ -186,12 +186,31 @@ def test_nystromer_map_refuses_rows_after_its_input_or_weights_changed():
         attn = ours(x, return_attn=True)[1]
         torch.testing.assert_close(attn[:, :, 0], first, rtol=0, atol=0)
         x.mul_(2)
-        with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        with pytest.raises(RuntimeError, match="modified in place after it was made"):
             attn[:, :, 0]
         attn = ours(x, return_attn=True)[1]
         ours.to_qkv.weight.add_(1)
-        with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        with pytest.raises(RuntimeError, match="modified in place after it was made"):
             attn[:, :, 0]
+
+
+@pytest.mark.parametrize("numerics", ["nystromer", "lucidrains"])
+def test_attention_map_method_is_return_attns_map_without_the_output(numerics):
+    # layer.attention_map(x) gives the rows return_attn=True gives; in "nystromer" numerics
+    # without running the layer (to_out is never called).
+    ours = _randomised(NystromAttention(**SIZES, numerics=numerics), seed=15).double().eval()
+    x = torch.randn(2, 50, DIM, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    mask = _lengths_mask(50, [50, 33])
+    with torch.no_grad():
+        expected = ours(x, mask=mask, return_attn=True)[1]
+        if numerics == "nystromer":
+            ours.to_out.register_forward_hook(lambda *_: pytest.fail("the layer ran"))
+        attn = ours.attention_map(x, mask)
+        assert attn.shape == expected.shape
+        rows = [0, 7, -1]
+        torch.testing.assert_close(attn[:, :, rows], expected[:, :, rows], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="mask"):
+        ours.attention_map(x, mask[:, :10])
 
 
 @pytest.mark.parametrize("n, lengths", [(50, [50, 33]), (50, [50, 9]), (12, [12, 7])])

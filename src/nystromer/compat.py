@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._checks import check_odd_kernel_size, check_token_mask
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
-from .functional import attention_rows, iterative_pinv, landmark_assignment, segment_means
+from .functional import _attention_rows, iterative_pinv, landmark_assignment, segment_means
 from .options import NystromOptions
 
 __all__ = ["AttentionMap", "NUMERICS", "NystromAttention", "Nystromformer"]
@@ -171,43 +171,70 @@ class NystromAttention(_Numerics, nn.Module):
         out = self.to_out(out.flatten(2))
         if not keep_attn:
             return out, None, None
+
+        def factors():
+            q, k = (t.transpose(1, 2) for t in self._split(x)[:2])
+            m, iterations = self.num_landmarks, self.pinv_iterations
+            return _nystromer_factors(q, k, mask, m, iterations, self.scale)
+
+        return out, self._nystromer_map(x, mask), factors
+
+    def attention_map(self, x: Tensor, mask: Tensor | None = None) -> AttentionMap:
+        """The attention matrix of ``self(x, mask)`` without the output: the map that
+        ``return_attn=True`` returns, e.g. ``layer.attention_map(x)[:, :, 0]`` for a class
+        token's heatmap.
+
+        In ``"nystromer"`` numerics nothing is computed until rows are asked for, and then
+        only the keys and, for the queries, the asked rows and the landmarks (the landmark
+        segments' means of x, projected); in ``"lucidrains"`` numerics this runs the
+        package's forward, which forms the map's factors.
+
+        Args:
+            x: (B, n, dim), the layer's input.
+            mask: (B, n) bool, True for real tokens, or None.
+
+        Returns:
+            an :class:`AttentionMap`, (B, H, n, n) (``"lucidrains"``: (B, H, n_pad, n_pad)).
+        """
+        mask = _check_input(x, mask, self.to_qkv.in_features)
+        if self.numerics == "lucidrains":
+            return self._forward_lucidrains(x, mask)[1]
+        return self._nystromer_map(x, mask)
+
+    def _nystromer_map(self, x: Tensor, mask: Tensor | None) -> AttentionMap:
+        """The (B, H, n, n) map of the ``"nystromer"`` forward over x, computed from x when
+        indexed, so that holding it keeps no n·H·d tensor."""
         b, n, _ = x.shape
-        h = self.heads
+        h, d, m = self.heads, self.dim_head, self.num_landmarks
         weight = self.to_qkv.weight
         versions = (x._version, weight._version)
 
-        def qk(b_sel: slice, h_sel: slice) -> tuple[Tensor, Tensor]:
-            """q and k of the forward, (B', H', n, d), for the selected samples and heads."""
+        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             if (x._version, weight._version) != versions:
                 raise RuntimeError(
                     "the attention map's input or to_qkv.weight was modified in place after "
-                    "the forward; index the map before changing them"
+                    "it was made; index the map before changing them"
                 )
-            w = weight.unflatten(0, (3, h, self.dim_head))[:2, h_sel]
-            return tuple(
-                F.linear(x[b_sel], wi.flatten(0, 1)).unflatten(-1, wi.shape[:2]).transpose(1, 2)
-                for wi in w
-            )
+            w_q, w_k = (w.flatten(0, 1) for w in weight.unflatten(0, (3, h, d))[:2, h_sel])
+            xs = x[b_sel]
 
-        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
-            return attention_rows(
-                *qk(b_sel, h_sel), index,
-                num_landmarks=self.num_landmarks,
-                mask=None if mask is None else mask[b_sel],
-                pinv_iterations=self.pinv_iterations,
-                scale=self.scale,
+            def heads(t: Tensor) -> Tensor:  # (B', L, H'·d) → (B', H', L, d)
+                return t.unflatten(-1, (-1, d)).transpose(1, 2)
+
+            def query_landmarks(index, counts, valid, work) -> Tensor:
+                # The means of the projected queries are the projection of x's means.
+                x_means = segment_means(xs[:, None], index, counts, m, work)[:, 0]
+                return heads(F.linear(x_means, w_q.to(work)))
+
+            return _attention_rows(
+                heads(F.linear(xs[:, index], w_q)), query_landmarks, n,
+                heads(F.linear(xs, w_k)), index,
+                num_landmarks=m, mask=None if mask is None else mask[b_sel],
+                pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
+                kmeans_iterations=0,
             )  # fmt: skip
 
-        attn = AttentionMap(rows, (b, h, n, n), out.dtype, out.device)
-
-        def factors():
-            everything = slice(None)
-            return _nystromer_factors(
-                *qk(everything, everything), mask, self.num_landmarks, self.pinv_iterations,
-                self.scale,
-            )  # fmt: skip
-
-        return out, attn, factors
+        return AttentionMap(rows, (b, h, n, n), x.dtype, x.device)
 
     def _forward_lucidrains(self, x, mask):
         b, n, _ = x.shape

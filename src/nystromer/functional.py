@@ -23,7 +23,7 @@ plain float64 formula the tests hold this code to.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,9 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
-    scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
+    scale, mask, query_mask, empty = _defaults(
+        query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
+    )
 
     if n_k <= m or n_q <= m:
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
@@ -163,21 +165,53 @@ def attention_rows(
     _check_inputs(
         query, key, key, mask, query_mask, num_landmarks, pinv_iterations, 0.0, kmeans_iterations
     )
-    b, h, n_q, d = query.shape
-    n_k, m = key.shape[2], num_landmarks
-    index = _row_index(rows, n_q, query.device)
-    scale, mask, query_mask, empty = _defaults(query, key, mask, query_mask, scale)
+    index = _row_index(rows, query.shape[2], query.device)
 
-    work = torch.promote_types(query.dtype, torch.float32)
-    q_rows = query[:, :, index].to(work)
+    def query_landmarks(q_index: Tensor, q_counts: Tensor | None, valid, work) -> Tensor:
+        m = num_landmarks
+        return _landmarks(query, q_index, q_counts, valid, m, work, kmeans_iterations)[1]
+
+    return _attention_rows(
+        query[:, :, index], query_landmarks, query.shape[2], key, index,
+        num_landmarks=num_landmarks, mask=mask, pinv_iterations=pinv_iterations, scale=scale,
+        query_mask=query_mask, kmeans_iterations=kmeans_iterations,
+    )  # fmt: skip
+
+
+def _attention_rows(
+    q_rows: Tensor,
+    query_landmarks: Callable[[Tensor, Tensor | None, Tensor | None, torch.dtype], Tensor],
+    n_q: int,
+    key: Tensor,
+    index: Tensor,
+    *,
+    num_landmarks: int,
+    mask: Tensor | None,
+    pinv_iterations: int,
+    scale: float | None,
+    query_mask: Tensor | None,
+    kmeans_iterations: int,
+) -> Tensor:
+    """:func:`attention_rows` from the requested query rows q_rows (B, H, r, d) (positions
+    ``index`` of n_q) and ``query_landmarks(index, counts, valid, work)``, which returns the
+    (B, H, m, d) landmarks of the whole query for :func:`landmark_assignment`'s segments: a
+    module can form both from its input without projecting every query (the segment means of
+    a linear projection are the projection of the input's means). Inputs already checked."""
+    b, h, _, d = q_rows.shape
+    n_k, m = key.shape[2], num_landmarks
+    scale, mask, query_mask, empty = _defaults(n_q, d, n_k, mask, query_mask, scale)
+
+    work = torch.promote_types(q_rows.dtype, torch.float32)
+    out_dtype = q_rows.dtype
+    q_rows = q_rows.to(work)
     if n_k <= m or n_q <= m:
         out = _softmax_rows(q_rows, key.to(work), mask, scale)
     else:
         # The kernels of _nystrom, with F limited to the requested rows; B is never formed
         # whole (_rows_of_product).
-        q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
+        q_index, q_counts = landmark_assignment(query_mask, n_q, m, key.device)
         k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-        _, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
+        q_land = query_landmarks(q_index, q_counts, query_mask, work)
         _, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
         k_nonempty = None if k_counts is None else k_counts[:, :m] > 0
         kernel = _softmax_rows(q_land, k_land, k_nonempty, scale)
@@ -195,16 +229,16 @@ def attention_rows(
     keep = _rows_to_keep(query_mask, empty, b, n_q)
     if keep is not None:
         out = out * keep[:, index][:, None, :, None].to(work)
-    return out.to(query.dtype)
+    return out.to(out_dtype)
 
 
-def _defaults(query, key, mask, query_mask, scale):
+def _defaults(n_q: int, d: int, n_k: int, mask, query_mask, scale):
     """``(scale, mask, query_mask, empty)`` as both public functions use them: the 1/√d scale,
     the key mask as query mask in self-attention, and the (B,) samples without a real key,
     whose keys are all unmasked (to stay finite) so that their rows can be zeroed after."""
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    if query_mask is None and mask is not None and query.shape[2] == key.shape[2]:
+        scale = 1.0 / math.sqrt(d)
+    if query_mask is None and mask is not None and n_q == n_k:
         query_mask = mask
     empty = None
     if mask is not None:

@@ -44,6 +44,10 @@ def test_command_writes_json_table_plot_and_docs(tmp_path, capsys):
         assert layer["forward_ms"] > 0 and layer["backward_ms"] > 0
         assert layer["forward_peak_mib"] >= 0 and layer["backward_peak_mib"] >= 0
     assert row["nystromer"]["heatmap"]["status"] == "ok"
+    # The heatmap alone is ours only; its ratio is against the package's heatmap.
+    assert row["nystromer"]["map"]["status"] == "ok" and row["nystromer"]["map"]["forward_ms"] > 0
+    assert row["nystrom-attention"]["map"]["status"] == "skipped"
+    assert row["ratios"]["map_forward_ms"] is None  # the package's heatmap was skipped here
     skipped = row["nystrom-attention"]["heatmap"]
     assert skipped["status"] == "skipped"
     assert skipped["note"].startswith("skipped (n×n would need 0.0 GB)")
@@ -52,6 +56,7 @@ def test_command_writes_json_table_plot_and_docs(tmp_path, capsys):
 
     table = (tmp_path / "out" / "transmil.md").read_text(encoding="utf-8")
     assert "| 300 |" in table and "skipped" in table and "--dim 64" in table
+    assert "alone ours ms" in table and "without its forward" not in table
     assert (tmp_path / "out" / "transmil.png").stat().st_size > 0
     text = docs.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks\n\nkept\n\n") and text.endswith(f"{END}\n\ntail\n")

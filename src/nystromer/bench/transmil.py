@@ -14,7 +14,10 @@ attention implementation; the worker is this module, ``--worker``):
   ``out, attn = layer(x, return_attn=True)`` then ``attn[:, :, 0]`` (for the package, whose
   matrix is front-padded to a multiple of m, the class token's row ``attn[:, :, pad, pad:]``),
   under ``torch.no_grad``. The package's dense n_pad × n_pad matrix is skipped where it would
-  exceed ``--package-heatmap-limit-gb``.
+  exceed ``--package-heatmap-limit-gb``;
+- heatmap alone (ours only: the package has no heatmap without its forward):
+  ``layer.attention_map(x)[:, :, 0]``, the same row without computing the layer's output,
+  compared with the package's heatmap.
 
 Writes ``transmil.json``, ``transmil.md`` and ``transmil.png`` (log-log time and memory against
 n) under ``--out``; with ``--write-docs FILE`` also the section between the ``transmil`` markers
@@ -69,7 +72,9 @@ TRANSMIL_LENGTHS = (2000, 5000, 8000, 20000, 50000, 100000)
 #: Table label → the Python module its layer comes from.
 LAYERS = {"nystrom-attention": "nystrom_attention", "nystromer": "nystromer.compat"}
 #: What is measured per layer: the registry name's suffix, whether it has a backward.
-MODES = {"layer": True, "heatmap": False}
+MODES = {"layer": True, "heatmap": False, "map": False}
+#: The package's mode that each mode is compared with (it has no ``map``).
+_PACKAGE_MODE = {"layer": "layer", "heatmap": "heatmap", "map": "heatmap"}
 _TITLE = "TransMIL layer: nystromer.compat against nystrom-attention"
 
 
@@ -106,9 +111,9 @@ class _LayerRunner(AttentionRunner):
 
     grad_args = (0,)
 
-    def __init__(self, layer: nn.Module, dim: int, heatmap: bool, package: bool, seed: int):
-        self.layer, self.dim, self.heatmap, self.package, self.seed = (
-            layer, dim, heatmap, package, seed,
+    def __init__(self, layer: nn.Module, dim: int, mode: str, package: bool, seed: int):
+        self.layer, self.dim, self.mode, self.package, self.seed = (
+            layer, dim, mode, package, seed,
         )  # fmt: skip
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
@@ -122,8 +127,10 @@ class _LayerRunner(AttentionRunner):
         return (batch, seq_len, self.dim)
 
     def run(self, x: Tensor) -> Tensor:
-        if not self.heatmap:
+        if self.mode == "layer":
             return self.layer(x)
+        if self.mode == "map":
+            return self.layer.attention_map(x)[:, :, 0]
         _, attn = self.layer(x, return_attn=True)
         if not self.package:
             return attn[:, :, 0]
@@ -133,7 +140,7 @@ class _LayerRunner(AttentionRunner):
         return attn[:, :, pad, pad:]
 
 
-def _build(config: AttentionConfig, options: LayerOptions, label: str, heatmap: bool, seed: int):
+def _build(config: AttentionConfig, options: LayerOptions, label: str, mode: str, seed: int):
     """The layer ``label`` with the package layer's initial weights for ``seed``."""
     kwargs = dict(
         dim=options.dim,
@@ -156,13 +163,15 @@ def _build(config: AttentionConfig, options: LayerOptions, label: str, heatmap: 
     else:
         layer = package
     layer = layer.to(device=config.device, dtype=config.dtype).eval()
-    return _LayerRunner(layer, options.dim, heatmap, label != "nystromer", seed)
+    return _LayerRunner(layer, options.dim, mode, label != "nystromer", seed)
 
 
 def _supports(options: LayerOptions, label: str, mode: str) -> Callable:
     def supports(config: AttentionConfig, padded: bool) -> str | None:
         if padded:
             return "this benchmark has no mask"
+        if label == "nystrom-attention" and mode == "map":
+            return "the package has no heatmap without its forward"
         if label == "nystrom-attention" and mode == "heatmap":
             need = _dense_heatmap_gb(config)
             if need > options.package_heatmap_limit_gb:
@@ -183,7 +192,7 @@ def register_transmil(options: LayerOptions, seed: int = 0) -> list[str]:
                     name=name,
                     description=f"{module}.NystromAttention, {mode}",
                     build=lambda config, label=label, mode=mode: _build(
-                        config, options, label, mode == "heatmap", seed
+                        config, options, label, mode, seed
                     ),
                     # Ours loads the package's weights: both need it.
                     requires=("nystrom_attention",),
@@ -265,10 +274,11 @@ def run_transmil(
     ``base`` holds the shape and measurement settings (heads, head_dim, m, pinv iterations,
     batch, dtype, device, threads, repeats, warm-up, seed); its implementation and n are
     replaced per case. Each row has ``seq_len`` and, per label of :data:`LAYERS`, ``layer``
-    (forward and forward+backward) and ``heatmap`` (its time is ``forward_ms``, its peak
-    ``forward_peak_mib``) results as :class:`~nystromer.bench.measure.CaseResult` dicts
-    without the spec, and ``ratios``: package ÷ ours for each metric (None where either is
-    missing).
+    (forward and forward+backward), ``heatmap`` and ``map`` (their time is ``forward_ms``,
+    their peak ``forward_peak_mib``; the package's ``map`` is skipped) results as
+    :class:`~nystromer.bench.measure.CaseResult` dicts without the spec, and ``ratios``:
+    package ÷ ours for each metric, ``map`` against the package's heatmap (None where either
+    is missing).
     """
     worker = _worker_command(options, base.seed)
     rows = []
@@ -287,7 +297,8 @@ def run_transmil(
                     row[label][mode] = _entry(result)
             row["ratios"] = {
                 f"{mode}_{metric}": _ratio(
-                    row["nystrom-attention"][mode][metric], row["nystromer"][mode][metric]
+                    row["nystrom-attention"][_PACKAGE_MODE[mode]][metric],
+                    row["nystromer"][mode][metric],
                 )
                 for mode, metric in _METRIC_COLUMNS
             }
@@ -308,17 +319,20 @@ def run_transmil(
 
 # --- report -------------------------------------------------------------------------------------
 
-#: (mode, CaseResult attribute) per column group; the heatmap has a forward only.
+#: (mode, CaseResult attribute) per column group; the heatmaps have a forward only.
 _METRIC_COLUMNS = (
     ("layer", "forward_ms"),
     ("layer", "backward_ms"),
     ("heatmap", "forward_ms"),
+    ("map", "forward_ms"),
     ("layer", "forward_peak_mib"),
     ("layer", "backward_peak_mib"),
     ("heatmap", "forward_peak_mib"),
+    ("map", "forward_peak_mib"),
 )
-_GROUP_NAMES = ("forward", "forward+backward", "heatmap")
-_SHORT_NAMES = ("fwd", "fwd+bwd", "heatmap")
+_GROUPS = len(_METRIC_COLUMNS) // 2
+_GROUP_NAMES = ("forward", "forward+backward", "heatmap", "heatmap alone")
+_SHORT_NAMES = ("fwd", "fwd+bwd", "heatmap", "alone")
 
 
 def _ratio_text(value: float | None) -> str:
@@ -334,7 +348,7 @@ def _table(report: dict, columns: tuple, unit: str) -> list[str]:
         cells = [f"{row['seq_len']:,}"]
         for mode, metric in columns:
             package, ours = row["nystrom-attention"][mode], row["nystromer"][mode]
-            cells += [_cell(package, metric), _cell(ours, metric)]
+            cells += ["—" if mode == "map" else _cell(package, metric), _cell(ours, metric)]
             cells.append(_ratio_text(row["ratios"][f"{mode}_{metric}"]))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -369,24 +383,26 @@ def format_section(report: dict) -> str:
         "`layer(x)` without autograd; forward+backward: back to x and every parameter; "
         "heatmap: `out, attn = layer(x, return_attn=True)` then the class token's row for every "
         "head, `attn[:, :, 0]` (the package: `attn[:, :, pad, pad:]` of its front-padded "
-        f"matrix), without autograd. Times: median of {s['repeats']} calls after "
+        "matrix), without autograd; heatmap alone: ours only, `layer.attention_map(x)[:, :, 0]`, "
+        "the same row without the layer's output (the package has none; ÷ against its "
+        f"heatmap). Times: median of {s['repeats']} calls after "
         f"{s['warmup']} warm-up; peak memory: resident memory above the layer and its input, "
         "each in a fresh process. ÷ is the package's value over ours.",
         "",
         "Time (ms):",
         "",
-        *_table(report, _METRIC_COLUMNS[:3], "ms"),
+        *_table(report, _METRIC_COLUMNS[:_GROUPS], "ms"),
         "",
         "Peak memory (MiB):",
         "",
-        *_table(report, _METRIC_COLUMNS[3:], "MiB"),
+        *_table(report, _METRIC_COLUMNS[_GROUPS:], "MiB"),
     ]
     notes = []
     for row in report["rows"]:
         for label in LAYERS:
             for mode in MODES:
                 found = row[label][mode]
-                if found["status"] != "ok":
+                if found["status"] != "ok" and (label, mode) != ("nystrom-attention", "map"):
                     notes.append(f"n = {row['seq_len']:,}, {label} {mode}: {found['note']}")
     if notes:
         lines += ["", "Not measured: " + "; ".join(notes) + "."]
@@ -399,7 +415,7 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(2, _GROUPS, figsize=(5 * _GROUPS, 8.5))
     for ax, (mode, metric), title in zip(
         axes.flat, _METRIC_COLUMNS, [*_GROUP_NAMES, *_GROUP_NAMES], strict=True
     ):
