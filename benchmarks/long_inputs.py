@@ -22,13 +22,11 @@ query's rank per system, so ``--reuse`` adds systems to an earlier run without e
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import random
 import statistics
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -50,17 +48,6 @@ END = "<!-- long-inputs:end -->"
 DISTILL_TEXT = {"stdlib": "builtin:stdlib-docs", "pydoc": "builtin:pydoc"}
 #: The system every other one is compared with (what users do today).
 REFERENCE = "chunks-mean"
-# The modules the built-in ``stdlib-docs`` text leaves out: the two document sets then differ
-# only where the distillation text differs.
-_STDLIB_SKIP = {
-    "site-packages",
-    "dist-packages",
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "turtledemo",
-}
 Spans = Callable[[int], list[tuple[int, int]]]  # document length → (start, stop) pieces
 
 
@@ -68,22 +55,11 @@ Spans = Callable[[int], list[tuple[int, int]]]  # document length → (start, st
 
 
 def _stdlib_documents() -> list[tuple[str, str]]:
-    """(module path, its docstrings joined): one document per standard-library module."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _STDLIB_SKIP & set(rel.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few files are deliberately invalid or not UTF-8
-        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
-        if docs := list(dict.fromkeys(d for d in docs if d)):  # each once, in order
-            found.append((f"stdlib:{rel.as_posix()}", "\n\n".join(docs)))
-    return found
+    """One document per standard-library module, its docstrings joined (the modules of the
+    ``builtin:stdlib-docs`` distillation text)."""
+    from nystromer.distill.data import stdlib_docstrings
+
+    return [(f"stdlib:{path}", "\n\n".join(docs)) for path, docs in stdlib_docstrings() if docs]
 
 
 def _pydoc_documents() -> list[tuple[str, str]]:
