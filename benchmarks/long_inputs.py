@@ -3,8 +3,7 @@
 
     python benchmarks/long_inputs.py                       # all-MiniLM-L6-v2, 2,048 and 4,096
     python benchmarks/long_inputs.py --max-docs 64 --write-docs docs/results.md
-    python benchmarks/long_inputs.py --max-docs 64 --checkpoint runs/distill-2048/model \
-        --reuse runs/bench/long_inputs/results.json      # add a distilled model to a table
+    python benchmarks/long_inputs.py --max-docs 64 --checkpoint DIR --reuse OLD/results.json
     python benchmarks/long_inputs.py --documents DIR --model DIR     # your own texts and model
 
 Retrieval without a download: passages of long documents that ship with CPython (``--sources``)
@@ -13,10 +12,11 @@ mean-pooled, normalised last hidden states; top-1 and MRR per span of token posi
 the trained length, then between consecutive ``--lengths``) with bootstrap intervals over
 documents. Systems: the original truncated or on chunks (averaged, or the best chunk), exact
 attention with a lengthened position table (the ceiling) and the untrained conversion at each
-length, and each ``--checkpoint`` at its own length. docs/results.md ("Long inputs") describes
-the task, the systems and the statistics. ``results.json`` (under ``--out``) keeps every
-query's rank per system, so ``--reuse`` adds systems to an earlier run without embedding again;
-``--write-docs FILE`` writes the section between the ``long-inputs`` markers of FILE.
+length, and each ``--checkpoint`` (a converted model folder) at its own length; every one sees
+a document's first ``--max-length`` tokens (default: the largest n). docs/results.md ("Long
+inputs") describes the task, the systems and the statistics. ``results.json`` (under ``--out``)
+keeps every query's rank per system, so ``--reuse`` adds systems to an earlier run without
+embedding again; ``--write-docs FILE`` writes the section between the ``long-inputs`` markers.
 """
 
 from __future__ import annotations
@@ -532,40 +532,14 @@ def format_section(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     n, add = int_at_least(1), p.add_argument
     add("--model", metavar="DIR", help="BERT/RoBERTa folder (default: all-MiniLM-L6-v2)")
-    add(
-        "--sources",
-        nargs="+",
-        choices=sorted(SOURCES),
-        default=["stdlib"],
-        help="built-in documents (default: stdlib; held out from `nystromer distill --text "
-        "builtin:pydoc`)",
-    )
+    add("--sources", nargs="+", choices=sorted(SOURCES), default=["stdlib"], help="built-in texts")
     add("--documents", metavar="DIR", help="UTF-8 files of DIR as the documents")
-    add(
-        "--lengths",
-        type=n,
-        nargs="+",
-        default=[2048, 4096],
-        metavar="N",
-        help="positions of the lengthened exact and converted models (default 2048 4096)",
-    )
-    add(
-        "--max-length",
-        type=int_at_least(3),
-        metavar="N",
-        help="tokens of a document any system sees (default: the largest --lengths)",
-    )
-    add(
-        "--checkpoint",
-        dest="checkpoints",
-        nargs="+",
-        default=[],
-        metavar="DIR",
-        help="converted/distilled model folders (e.g. a distill run's model/), each at its length",
-    )
+    add("--lengths", type=n, nargs="+", default=[2048, 4096], metavar="N", help="positions")
+    add("--max-length", type=int_at_least(3), metavar="N", help="tokens seen (default: max n)")
+    add("--checkpoint", dest="checkpoints", nargs="+", default=[], metavar="DIR", help="models")
     add("--min-tokens", type=n, default=1200, metavar="N")
     add("--max-docs", type=int_at_least(2), metavar="N", help="documents drawn")
     add("--query-length", type=n, default=96, metavar="N")
@@ -576,16 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     add("--bootstrap", type=int_at_least(10), default=2000, metavar="B")
     add("--seed", type=int, default=0)
     add("--threads", type=n, help="torch threads (default: torch's)")
-    add(
-        "--reuse",
-        metavar="JSON",
-        help="an earlier results.json on the same documents and "
-        "queries: its systems are not embedded again (e.g. to add --checkpoint to a table)",
-    )
+    add("--reuse", metavar="JSON", help="an earlier results.json: its systems are not run again")
     add("--out", default="runs/bench/long_inputs", help="folder for results.json")
     add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     add("--from-json", metavar="FILE", help="measure nothing: print (and --write-docs) a report")
-    args = p.parse_args(argv)  # fmt: skip
+    args = p.parse_args(argv)
 
     def run() -> dict:
         if args.threads is not None:
