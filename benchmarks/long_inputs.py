@@ -169,15 +169,16 @@ def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]
     return (scores >= own).sum(dim=1)  # own document included: rank ≥ 1
 
 
-def _bootstrap(ranks: dict[str, Tensor], answers: Tensor, draws: int, seed: int) -> dict:
+def _bootstrap(ranks: dict[str, Tensor], answers: list[int], draws: int, seed: int) -> dict:
     """Top-1 and MRR of every system with 95% intervals that resample documents, and the
     top-1 difference to :data:`REFERENCE` on the same draws (a paired interval)."""
     gen = torch.Generator().manual_seed(seed)
-    docs = torch.unique(answers)
+    answers_t = torch.as_tensor(answers)
+    docs = torch.unique(answers_t)
     # counts[b, j]: how often draw b picked document docs[j]; a query weighs as its document.
     picks = torch.randint(len(docs), (draws, len(docs)), generator=gen)
     counts = torch.zeros(draws, len(docs)).scatter_add_(1, picks, torch.ones(draws, len(docs)))
-    weights = counts[:, torch.searchsorted(docs, answers)].double()  # (draws, Q)
+    weights = counts[:, torch.searchsorted(docs, answers_t)].double()  # (draws, Q)
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
 
     def value_and_interval(key: str, x: Tensor) -> dict:
@@ -215,34 +216,32 @@ class System:
     combine: str = "all"
 
 
-class _Embedder:
-    """Embeds pieces of documents, each (model, document, piece) once: a 4,096-position model
-    embeds a 1,500-token document as the 2,048-position one does (the lengthened tables share
-    their first rows), and a truncated document is the first of its chunks. A system's seconds
-    count the pieces it reused."""
+def _embedder(models: dict[str, nn.Module], special: tuple[int, int, int]) -> Callable:
+    """``embed(system, docs)`` → (per document, its vectors; seconds). Each (model, document,
+    piece) is embedded once: a 4,096-position model embeds a 1,500-token document as the
+    2,048-position one does (the lengthened tables share their first rows), and a truncated
+    document is the first of its chunks. A system's seconds count the pieces it reused."""
+    memo: dict[tuple, tuple[Tensor, float]] = {}
 
-    def __init__(self, models: dict[str, nn.Module], special: tuple[int, int, int]) -> None:
-        self.models, self.special = models, special
-        self.memo: dict[tuple, tuple[Tensor, float]] = {}
-
-    def __call__(self, system: System, docs: Sequence[Document]) -> tuple[list[Tensor], float]:
+    def embed(system: System, docs: Sequence[Document]) -> tuple[list[Tensor], float]:
         found, seconds = [], 0.0
         for i, doc in enumerate(docs):
             vectors = []
             for start, stop in system.pieces(len(doc.ids)):
                 key = (system.model_key, i, start, stop)
-                if key not in self.memo:
+                if key not in memo:
                     began = time.perf_counter()
-                    model = self.models[system.model_key]
-                    vector = _embed(model, [doc.ids[start:stop]], *self.special, 1)
-                    self.memo[key] = (vector, time.perf_counter() - began)
-                vectors.append(self.memo[key][0])
-                seconds += self.memo[key][1]
+                    vector = _embed(models[system.model_key], [doc.ids[start:stop]], *special, 1)
+                    memo[key] = (vector, time.perf_counter() - began)
+                vectors.append(memo[key][0])
+                seconds += memo[key][1]
             stacked = torch.cat(vectors)
             if system.combine == "mean":
                 stacked = torch.nn.functional.normalize(stacked.mean(0, keepdim=True), dim=-1)
             found.append(stacked)
         return found, seconds
+
+    return embed
 
 
 def _prefix(length: int) -> Spans:
@@ -274,9 +273,9 @@ def _checkpoint_label(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
-def _reusable(reuse: dict | None, docs, query_sets, spans, settings: Settings) -> dict[str, dict]:
-    """From an earlier report on the same documents and queries: per system, its ``seconds``
-    and its ``ranks`` per query set (None where the set is empty)."""
+def _reusable(reuse: dict | None, docs, answers, spans, settings: Settings) -> dict[str, tuple]:
+    """From an earlier report on the same documents and queries: per system, its seconds and
+    its ranks per query set (None where the set is empty)."""
     if reuse is None:
         return {}
     sets = reuse["query_sets"]
@@ -285,7 +284,7 @@ def _reusable(reuse: dict | None, docs, query_sets, spans, settings: Settings) -
         or reuse["settings"]["query_length"] != settings.query_length
         or reuse["settings"]["seed"] != settings.seed
         or [q["tokens"] for q in sets] != [list(span) for span in spans]
-        or [q.get("answers") for q in sets] != [[i for i, _ in qs] for qs in query_sets]
+        or [q.get("answers") for q in sets] != answers
     ):
         raise ValueError(
             "reuse: the earlier report has other documents or queries (its --sources, "
@@ -293,10 +292,10 @@ def _reusable(reuse: dict | None, docs, query_sets, spans, settings: Settings) -
             "--queries-per-doc and --seed must be this run's)"
         )
     return {
-        s["name"]: {
-            "seconds": s["seconds"],
-            "ranks": [q["ranks"].get(s["name"]) if q["queries"] else None for q in sets],
-        }
+        s["name"]: (
+            s["seconds"],
+            [q["ranks"].get(s["name"]) if q["queries"] else None for q in sets],
+        )
         for s in reuse["systems"]
     }
 
@@ -383,8 +382,11 @@ def run_benchmark(
         docs, spans, settings.query_length, settings.queries_per_doc, settings.seed
     )
     progress(f"{len(docs)} documents, queries per span: {[len(q) for q in query_sets]}")
-    all_queries = [ids for qs in query_sets for _, ids in qs]
-    query_vectors = _embed(original, all_queries, *special, batch=settings.batch)
+    # The queries are short: the original model embeds them, in batches.
+    answers = [[i for i, _ in qs] for qs in query_sets]
+    queries = [ids for qs in query_sets for _, ids in qs]
+    query_vectors = _embed(original, queries, *special, batch=settings.batch)
+    blocks = query_vectors.split([len(a) for a in answers])
 
     chunks, o, t = _chunked(trained, max_length), "original", f"{trained:,}"
     systems = [
@@ -417,41 +419,39 @@ def run_benchmark(
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
-    embedder = _Embedder(models, special)
+    embed = _embedder(models, special)
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     seconds = {}
-    reused = _reusable(reuse, docs, query_sets, spans, settings)
+    reused = _reusable(reuse, docs, answers, spans, settings)
     for system in systems:
-        if system.name in reused:
-            seconds[system.name] = reused[system.name]["seconds"]
-            for k, found in enumerate(reused[system.name]["ranks"]):
-                if found is not None:
-                    ranks[k][system.name] = torch.as_tensor(found, dtype=torch.long)
-            progress(f"{system.name}: ranks reused")
-            continue
-        progress(f"{system.name}: embedding {len(docs)} documents ...")
-        vectors, seconds[system.name] = embedder(system, docs)
-        first = 0
-        for k, qs in enumerate(query_sets):
-            if qs:
-                block = query_vectors[first : first + len(qs)]
-                ranks[k][system.name] = score(block, vectors, [i for i, _ in qs])
-            first += len(qs)
-        top1 = [f"{(r[system.name] == 1).double().mean():.3f}" for r in ranks if system.name in r]
-        progress(f"{system.name}: {seconds[system.name]:.0f} s, top-1 per span {' / '.join(top1)}")
+        name = system.name
+        if name in reused:
+            seconds[name], found = reused[name]
+            progress(f"{name}: ranks reused")
+        else:
+            progress(f"{name}: embedding {len(docs)} documents ...")
+            doc_vectors, seconds[name] = embed(system, docs)
+            found = [
+                score(q, doc_vectors, a) if a else None
+                for q, a in zip(blocks, answers, strict=True)
+            ]
+            top1 = " / ".join(f"{(r == 1).double().mean():.3f}" for r in found if r is not None)
+            progress(f"{name}: {seconds[name]:.0f} s, top-1 per span {top1}")
+        for k, r in enumerate(found):
+            if r is not None:
+                ranks[k][name] = torch.as_tensor(r, dtype=torch.long)
 
     sets_report = []
-    for k, (qs, (start, stop)) in enumerate(zip(query_sets, spans, strict=True)):
-        answers = torch.as_tensor([i for i, _ in qs], dtype=torch.long)
-        found = _bootstrap(ranks[k], answers, settings.bootstrap, settings.seed) if qs else {}
+    for k, (a, (start, stop)) in enumerate(zip(answers, spans, strict=True)):
+        found = _bootstrap(ranks[k], a, settings.bootstrap, settings.seed) if a else {}
         sets_report.append(
             {
                 "name": "within" if k == 0 else f"beyond-{stop + 2}",
                 "label": f"within the first {t}" if k == 0 else f"{start + 2:,}–{stop + 2:,}",
                 "tokens": [start, stop],
-                "queries": len(qs),
-                "documents": len({i for i, _ in qs}),
-                "answers": answers.tolist(),
+                "queries": len(a),
+                "documents": len(set(a)),
+                "answers": a,
                 "results": found,
                 "ranks": {name: r.tolist() for name, r in ranks[k].items()},
             }
