@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from nystromer._machine import report_header
 from nystromer.bench.cli import call_with, int_at_least
@@ -142,12 +143,9 @@ def _embed(model: nn.Module, pieces, cls: int, sep: int, pad: int, batch: int) -
     out: list[Tensor] = [None] * len(pieces)  # type: ignore[list-item]
     for b in range(0, len(order), batch):
         idx = order[b : b + batch]
-        n = max(len(pieces[i]) for i in idx) + 2
-        ids = torch.full((len(idx), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), n), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(pieces[i]) + 2] = torch.tensor([cls, *pieces[i], sep])
-            mask[row, : len(pieces[i]) + 2] = 1
+        seqs = [torch.tensor([cls, *pieces[i], sep]) for i in idx]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=pad)
+        mask = pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = torch.nn.functional.normalize(mean_pool(hidden, mask).float(), dim=-1)
         for row, i in enumerate(idx):
@@ -157,13 +155,9 @@ def _embed(model: nn.Module, pieces, cls: int, sep: int, pad: int, batch: int) -
 
 def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]) -> Tensor:
     """(Q,) rank of each query's own document (1 = found first): 1 + the number of other
-    documents that score at least as high (ties count against the answer).
-
-    Args:
-        queries: (Q, d), normalised.
-        doc_vectors: per document, (k_i, d) normalised vectors; a document scores its best.
-        answers: (Q,) document index of each query.
-    """
+    documents that score at least as high (ties count against the answer). ``queries`` (Q, d)
+    and ``doc_vectors`` (per document (k_i, d): it scores its best) are normalised; ``answers``
+    (Q,) are the queries' document indices."""
     scores = torch.stack([(queries @ v.T).amax(dim=1) for v in doc_vectors], dim=1)  # (Q, D)
     own = scores.gather(1, torch.as_tensor(list(answers), dtype=torch.long)[:, None])
     return (scores >= own).sum(dim=1)  # own document included: rank ≥ 1

@@ -117,7 +117,8 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
     add("--sizes", type=int, nargs="+", default=[100, 300, 1500, 3000, 10000], help="bag sizes")
@@ -134,17 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dim < 8 or args.dim % 8:
         p.error(f"--dim must be a positive multiple of 8, got {args.dim}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
     report = run(args, recorded_command("benchmarks/mil_switch.py", argv, drop=()))
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=2)
-    print(table(report))
-    print(f"written: {args.out}")
+    print(f"{table(report)}\nwritten: {args.out}")
     return report
 
 
