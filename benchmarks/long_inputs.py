@@ -97,17 +97,12 @@ def load_documents(texts, tokenizer, min_tokens: int, max_docs=None, seed=0) -> 
     return docs
 
 
-def make_queries(
-    docs: Sequence[Document],
-    spans: Sequence[tuple[int, int]],
-    query_length: int,
-    per_doc: int,
-    seed: int = 0,
-) -> list[list[tuple[int, list[int]]]]:
-    """Per span ``(start, stop)`` of token indices, a list of ``(document index, passage ids)``:
-    up to ``per_doc`` non-overlapping passages of ``query_length`` tokens from each document,
-    wholly within the span and the document, at random places (``seed``). A passage that also
-    occurs in another document has no single right answer and is dropped."""
+def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) -> list[list]:
+    """Per span ``(start, stop)`` of token indices of the documents ``docs``, a list of
+    ``(document index, passage ids)``: up to ``per_doc`` non-overlapping passages of
+    ``query_length`` tokens from each document, wholly within the span and the document, at
+    random places (``seed``). A passage that also occurs in another document has no single right
+    answer and is dropped."""
     rng = random.Random(seed)
     # Token ids as characters: "is this passage in that document" becomes a substring test.
     as_text = ["".join(map(chr, d.ids)) for d in docs]
