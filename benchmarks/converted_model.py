@@ -47,10 +47,8 @@ PASSES = ("forward", "forward_backward")
 _RATIOS = (("speedup", "ms"), ("memory_ratio", "peak_mib"))
 #: The measurement settings a report records, from its base case.
 _SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
-_MODE = {
-    "mode": "eval (no dropout), random token ids, no padding, no attention mask",
-    "exact_attention": "sdpa",
-}
+#: How every case runs the model, as the report's settings say.
+_MODE = {"mode": "eval (no dropout), random token ids, no padding, no attention mask"}
 #: The report's model fields and their names in the model's config.json.
 _MODEL_FIELDS = {
     "model_type": "model_type",
@@ -111,13 +109,8 @@ def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner
             tensor.data = tensor.data.clone()
     rows = max(model.config.max_position_embeddings, config.seq_len + reserved_positions(model))
     if nystrom:
-        nystromer.convert(
-            model,
-            num_landmarks=config.num_landmarks,
-            pinv_iterations=config.pinv_iterations,
-            max_position_embeddings=rows,
-            **convert,
-        )
+        case = {"num_landmarks": config.num_landmarks, "pinv_iterations": config.pinv_iterations}
+        nystromer.convert(model, max_position_embeddings=rows, **case, **convert)
     else:
         nystromer.extend_positions(model, rows)
     return ModelRunner(model, config.seq_len)
@@ -158,21 +151,6 @@ def _worker_main(argv: list[str]) -> int:
         return measure_and_report(argv[2], argv[3])
 
 
-def measure_variant(model_dir: str, spec: CaseSpec, timeout=None, **convert) -> dict:
-    """Time and peak memory of one variant at one length, measured as :func:`measure_case`
-    measures an attention implementation, in workers that are this script (``--worker``).
-
-    Returns:
-        ``status`` (``ok``, ``oom`` or ``failed``), ``note``, ``forward_ms``,
-        ``forward_backward_ms`` (medians) and their ``*_times_ms`` lists, ``forward_peak_mib``,
-        ``forward_backward_peak_mib``, ``memory_method``, ``threads``.
-    """
-    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", model_dir]
-    found = measure_case(spec, timeout=timeout, worker=[*worker, json.dumps(convert)]).to_dict()
-    # measure's "backward" is the forward+backward call.
-    return {k.replace("backward", "forward_backward"): v for k, v in found.items() if k != "spec"}
-
-
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -193,8 +171,11 @@ def run_benchmark(
     ``base`` holds the measurement settings (batch, m and pinv iterations of
     :func:`nystromer.convert`, threads, repeats, warm-up, device); its implementation, length
     and head shape are set per case. ``kmeans_iterations`` and ``conv_kernel_size`` (None: no
-    convolution) are the other options of :func:`nystromer.convert`. Rows have ``seq_len``,
-    ``exact`` and ``nystromer`` (see :func:`measure_variant`) and the ratios exact ÷ Nyström
+    convolution) are the other options of :func:`nystromer.convert`. Each case is measured as
+    :func:`measure_case` measures an attention implementation, in workers that are this script
+    (``--worker``). Rows have ``seq_len``; ``exact`` and ``nystromer``, each the fields of a
+    :class:`~nystromer.bench.measure.CaseResult` (status, note, times, peaks) with "backward"
+    named "forward_backward"; and the ratios exact ÷ Nyström
     ``{forward,forward_backward}_{speedup,memory_ratio}`` (None where not measurable).
 
     Raises:
@@ -209,6 +190,8 @@ def run_benchmark(
     info |= {key: config.get(name) for key, name in _MODEL_FIELDS.items()}
     heads = info["heads"] or 1
     shape = {"heads": heads, "head_dim": max(1, (info["hidden_size"] or 1) // heads)}
+    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", model_dir]
+    worker.append(json.dumps(convert))
     rows, worker_threads = [], None
     with registered_model(model_dir, **convert):
         for n in lengths:
@@ -216,13 +199,15 @@ def run_benchmark(
             for label, name in VARIANTS:
                 spec = dataclasses.replace(base, impl=name, seq_len=n, **shape)
                 progress(f"n = {n}: {label} ...")
-                row[label] = found = measure_variant(model_dir, spec, timeout, **convert)
-                worker_threads = worker_threads or found["threads"]
-                measured = ", ".join(
-                    f"{what} {fmt(found[f'{what}_ms'])} ms / {fmt(found[f'{what}_peak_mib'])} MiB"
-                    for what in PASSES
-                )
-                progress(f"n = {n}: {label}: {found['status']} {found['note']} {measured}")
+                found = measure_case(spec, timeout=timeout, worker=worker)
+                progress(f"n = {n}: {label}: {found.summary()}")
+                worker_threads = worker_threads or found.threads
+                # measure's "backward" is the forward+backward call.
+                row[label] = {
+                    k.replace("backward", "forward_backward"): v
+                    for k, v in found.to_dict().items()
+                    if k != "spec"
+                }
             exact, ours = row["exact"], row["nystromer"]
             for what, (ratio, unit) in itertools.product(PASSES, _RATIOS):
                 a, b = exact[f"{what}_{unit}"], ours[f"{what}_{unit}"]
@@ -233,7 +218,10 @@ def run_benchmark(
     threads = base.threads if base.threads is not None else worker_threads
     return report_header("converted_model", command, base.device, threads) | {
         "model": info,
-        "settings": {name: getattr(base, name) for name in _SETTINGS} | convert | _MODE,
+        "settings": {name: getattr(base, name) for name in _SETTINGS}
+        | convert
+        | _MODE
+        | {"exact_attention": "sdpa"},
         "rows": rows,
     }
 

@@ -40,9 +40,7 @@ def default_model(parser: argparse.ArgumentParser) -> str:
         parser.error(str(e))
 
 
-def model_arg(
-    parser: argparse.ArgumentParser, model: str | None, bert_only: bool = False
-) -> tuple[str, str]:
+def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, str]:
     """``(folder, label)`` of ``--model`` (all-MiniLM-L6-v2 without it); a folder without a
     config.json, or with ``bert_only`` not a BERT or RoBERTa, ends it with ``parser.error``."""
     if model is None:
@@ -60,12 +58,7 @@ def model_arg(
     return model, Path(model).resolve().name
 
 
-def report_io(
-    args: argparse.Namespace,
-    run: Callable[[], dict],
-    markdown: Callable[[dict], str],
-    markers: tuple[str, str],
-) -> dict:
+def report_io(args, run: Callable[[], dict], markdown: Callable[[dict], str], markers) -> dict:
     """The report of ``args.from_json``, or ``run()``'s saved as ``args.out``/results.json;
     printed as ``markdown(report)``, which ``args.write_docs`` (a file) also gets between the
     two marker lines of ``markers`` (the rest of the file is kept byte for byte)."""
