@@ -135,17 +135,14 @@ def _embed(model: nn.Module, pieces, cls: int, sep: int, pad: int, batch: int) -
     from nystromer.distill.run import mean_pool
 
     order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
-    out: list[Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+    out = []
     for b in range(0, len(order), batch):
-        idx = order[b : b + batch]
-        seqs = [torch.tensor([cls, *pieces[i], sep]) for i in idx]
+        seqs = [torch.tensor([cls, *pieces[i], sep]) for i in order[b : b + batch]]
         ids = pad_sequence(seqs, batch_first=True, padding_value=pad)
         mask = pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = torch.nn.functional.normalize(mean_pool(hidden, mask).float(), dim=-1)
-        for row, i in enumerate(idx):
-            out[i] = pooled[row]
-    return torch.stack(out)
+        out.append(torch.nn.functional.normalize(mean_pool(hidden, mask).float(), dim=-1))
+    return torch.cat(out)[torch.argsort(torch.tensor(order))]  # back in the pieces' order
 
 
 def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]) -> Tensor:
