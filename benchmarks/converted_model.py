@@ -302,13 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return _worker_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", metavar="DIR", help="default: all-MiniLM-L6-v2")
-    p.add_argument(
-        "--lengths", "-n", type=int_at_least(1), nargs="+", default=[512, 2048, 8192], metavar="N"
-    )
-    p.add_argument("--kmeans-iterations", type=int_at_least(0), default=0, metavar="K")
-    p.add_argument("--conv-kernel-size", type=_kernel_size, metavar="K", help="odd, or 0: none")
-    p.add_argument("--out", default="runs/bench/converted_model", help="folder for results.json")
+    add = p.add_argument
+    add("--model", metavar="DIR", help="default: all-MiniLM-L6-v2")
+    add("--lengths", "-n", type=int_at_least(1), nargs="+", default=[512, 2048, 8192], metavar="N")
+    add("--kmeans-iterations", type=int_at_least(0), default=0, metavar="K", help="distill: 3")
+    add("--conv-kernel-size", type=_kernel_size, metavar="K", help="odd, 0: none (distill: 35)")
+    add("--out", default="runs/bench/converted_model", help="folder for results.json")
     add_script_args(p, repeats=3, timeout=3600, saved="a results.json saved earlier")
     args = p.parse_args(argv)
 
