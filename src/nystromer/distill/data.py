@@ -10,7 +10,7 @@ checkpoint) and test (the reported before/after numbers). Training windows overl
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +39,29 @@ def _pydoc_topics() -> str:
 
 
 def _stdlib_docstrings() -> str:
+    docs = (doc for _, module in stdlib_docstrings() for doc in module if len(doc) > 80)
+    return "\n\n".join(dict.fromkeys(docs))  # each once
+
+
+def stdlib_docstrings() -> Iterator[tuple[str, list[str]]]:
+    """Per standard-library module (tests and tools excluded): its path below the library folder
+    and its docstrings (module, classes, functions), each once, in order."""
     import ast
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
-    seen: set[str] = set()
-    docs = []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     for path in sorted(root.rglob("*.py")):
-        if skip & set(path.relative_to(root).parts):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a few files are deliberately invalid or not UTF-8
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80 and doc not in seen:
-                    seen.add(doc)
-                    docs.append(doc)
-    return "\n\n".join(docs)
+        docs = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds))
+        yield rel.as_posix(), list(dict.fromkeys(doc for doc in docs if doc))
 
 
 def read_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
