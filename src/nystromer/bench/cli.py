@@ -91,7 +91,7 @@ def _dtype(text: str) -> str:
     return name
 
 
-def _name_list(text: str) -> list[str]:
+def name_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
@@ -99,7 +99,7 @@ def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     p.add_argument("--lengths", type=int_list, default=list(lengths), help="%(default)s")
     p.add_argument(
         "--impl",
-        type=_name_list,
+        type=name_list,
         default=list(impls),
         help="comma-separated registry names (default: %(default)s)",
     )
@@ -227,7 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--iterations", type=int_list, default=list(ITERATIONS))
     a.add_argument(
         "--sources",
-        type=_name_list,
+        type=name_list,
         default=list(SOURCES),
         help="input kinds, comma-separated (default: %(default)s)",
     )
