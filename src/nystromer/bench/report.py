@@ -242,25 +242,16 @@ def run_report(
     run_gpu: bool | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, str | None]:
-    """Run the benchmark commands and write their sections into the Markdown file.
+    """Run the benchmark commands (outputs under ``out``) and write their sections (``only``
+    these; default: all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny
+    sizes, ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
+    ``images_dir`` (default ``bench/`` beside docs), CUDA results looked for in ``gpu_dir``
+    (default ``images_dir/gpu``). Without a trained model at ``lra_run`` (default: the commands'
+    own choice) the LRA inputs are left out. ``run_gpu`` runs the GPU commands first (default:
+    when CUDA is available and not quick); ``progress`` gets progress lines (None: silent).
 
-    Args:
-        out: folder for the commands' own outputs (JSON, Markdown, CSV, PNG).
-        docs: the Markdown file (default: ``docs/benchmarks.md``; with ``quick``:
-            ``out/benchmarks.md``, so tiny numbers never land in the real docs by accident).
-        images_dir: where the linked PNGs are copied (default: ``bench/`` beside ``docs``).
-        gpu_dir: where CUDA results are looked for (default: ``images_dir/gpu``).
-        quick: tiny sizes, seconds in all.
-        only: run and write only these sections (default: all of :data:`REPORT_SECTIONS`).
-        lra_run: LRA run directory for the ``lra`` inputs (default: the commands' own choice;
-            without a trained model there, the LRA inputs are left out).
-        threads: torch threads of the timed sections.
-        run_gpu: run the GPU commands first (default: when CUDA is available and not quick).
-        progress: called with progress lines (None: silent).
-
-    Returns:
-        Section name → None when it was written, else why it failed (its markers are then
-        left as they were: one failed section does not lose the others).
+    Returns section name → None when written, else why it failed (its markers are then left as
+    they were: one failed section does not lose the others).
     """
     say = progress or (lambda _line: None)
     sections = list(REPORT_SECTIONS if only is None else only)
@@ -333,22 +324,22 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
         "plots into the Markdown file between marker comments.",
     )
     r.add_argument("--quick", action="store_true", help="tiny sizes: the pipeline in seconds")
-    r.add_argument("--out", type=Path, help="command outputs (default: bench-out/report[-quick])")
-    r.add_argument(
-        "--docs",
-        type=Path,
-        help=f"Markdown file to update (default: {DEFAULT_DOCS}; with --quick: OUT/benchmarks.md)",
+    docs_help = (
+        f"Markdown file to update (default: {DEFAULT_DOCS}; with --quick: OUT/benchmarks.md)"
     )
-    r.add_argument("--images", type=Path, help="where plots are copied (default: DOCS_DIR/bench)")
-    r.add_argument(
-        "--gpu-results", type=Path, help="CUDA speed results to render (default: IMAGES/gpu)"
-    )
+    for flag, help in (
+        ("--out", "command outputs (default: bench-out/report[-quick])"),
+        ("--docs", docs_help),
+        ("--images", "where plots are copied (default: DOCS_DIR/bench)"),
+        ("--gpu-results", "CUDA speed results to render (default: IMAGES/gpu)"),
+        ("--lra-run", "LRA run for the lra inputs (default: see approx)"),
+    ):
+        r.add_argument(flag, type=Path, help=help)
     r.add_argument(
         "--only",
         type=name_list,
         help=f"comma-separated sections to run, from {','.join(REPORT_SECTIONS)} (default: all)",
     )
-    r.add_argument("--lra-run", type=Path, help="LRA run for the lra inputs (default: see approx)")
     r.add_argument("--threads", type=int, help="torch threads of the timed sections")
     r.add_argument(
         "--run-gpu",
