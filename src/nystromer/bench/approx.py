@@ -317,39 +317,31 @@ def run_approx(
         from .lra_inputs import lra_qkv, resolve_lra_run
 
         lra_run = resolve_lra_run(lra_run)
-    inputs = {}  # kind → q, k, v (sample 0 unpadded), description, and for lra mask and info
+    inputs = []  # (kind, q, k, v, mask of the padded batch, what the entry records)
     for kind in sources:
         if kind == "random":
-            qkv = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
+            q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
             about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
-            inputs[kind] = {"description": f"{about}, n = {seq_len}", "qkv": qkv}
+            inputs.append((kind, q, k, v, None, {"description": f"{about}, n = {seq_len}"}))
         elif kind == "lra":
-            found = lra_qkv(
+            lra = lra_qkv(
                 lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
             )
-            inputs[kind] = {
-                "description": found.description,
-                "qkv": (found.query, found.key, found.value),
-                "mask": found.mask,
-                "lra": found.info,
-            }
+            entry = {"description": lra.description, "lra": lra.info}
+            inputs.append((kind, lra.query, lra.key, lra.value, lra.mask, entry))
         else:
             q, k, v, about = model_qkv(model_seq_len, source=model_source)
-            inputs[kind] = {
-                "description": f"{about}, every layer, n = {q.shape[2]}",
-                "qkv": (q, k, v),
-            }
+            entry = {"description": f"{about}, every layer, n = {q.shape[2]}"}
+            inputs.append((kind, q, k, v, None, entry))
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
         "num_landmarks": num_landmarks,
         "sources": {},
     }
-    for name, src in inputs.items():
-        q, k, v = src["qkv"]
-        say(f"{name}: {src['description']}")
+    for kind, q, k, v, mask, entry in inputs:
+        say(f"{kind}: {entry['description']}")
         first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
-        entry = {key: src[key] for key in ("description", "lra") if key in src}
         entry["seq_len"] = int(q.shape[2])
         entry["landmarks"] = sweep = landmark_sweep(*first, landmarks)
         say(
@@ -360,9 +352,9 @@ def run_approx(
         )
         say(f"  error against pinv iterations {sweep['iterations']}: {_list(sweep['error'])}")
         entry["implementations"] = implementation_errors(
-            q, k, v, num_landmarks=num_landmarks, mask=src.get("mask")
+            q, k, v, num_landmarks=num_landmarks, mask=mask
         )
-        report["sources"][name] = entry
+        report["sources"][kind] = entry
     available = available_implementations()
     report["implementations_available"] = [n for n in _NYSTROM_IMPLS if n in available]
     say("")
@@ -396,49 +388,41 @@ def format_implementation_table(report: dict) -> str:
     return "\n".join([intro, "", *table(header, rows, left=2)])
 
 
-def _kinds_table(report: dict, axis: str, values, cell: Callable[[dict, int], str | None]):
-    """Rows ``| value | cell per input kind |`` (— where a kind has no such value)."""
-    entries = report["sources"].values()
-    rows = [[str(value), *(cell(e, value) or "—" for e in entries)] for value in values]
+def _kinds_table(report: dict, axis: str, cells: dict[str, dict]) -> list[str]:
+    """Rows ``| value | cell per input kind |`` from ``cells``: input kind → {value: cell}
+    (— where a kind has no such value; the values in order, numbers before names)."""
+    values = sorted({v for c in cells.values() for v in c}, key=lambda v: (isinstance(v, str), v))
+    rows = [[str(v), *(c.get(v, "—") for c in cells.values())] for v in values]
     return table([axis, *report["sources"]], rows, left=0)
-
-
-def _landmarks_cell(entry: dict, m: int) -> str | None:
-    sweep = entry["landmarks"]
-    if m not in sweep["landmarks"]:
-        return None
-    i = sweep["landmarks"].index(m)
-    return " / ".join(f"{sweep[key][i]:.3g}" for key, _, _ in _CHOICES)
-
-
-def _iterations_cell(entry: dict, it: int | str) -> str | None:
-    sweep = entry["iterations"]
-    if it == "exact pinv":
-        return f"{sweep['exact_pinv_error']:.3g}"
-    if it in sweep["iterations"]:
-        return f"{sweep['error'][sweep['iterations'].index(it)]:.3g}"
-    return None
 
 
 def format_sweep_tables(report: dict) -> str:
     """Markdown: error against m (segment means / k-means / random positions) and iterations."""
-    entries = report["sources"].values()
-    ms = sorted({m for e in entries for m in e["landmarks"]["landmarks"]})
-    counts = sorted({e["landmarks"]["kmeans_iterations"] for e in entries})
+    by_m, by_iterations = {}, {}
+    for kind, entry in report["sources"].items():
+        s, it = entry["landmarks"], entry["iterations"]
+        by_m[kind] = {
+            m: " / ".join(f"{s[key][i]:.3g}" for key, _, _ in _CHOICES)
+            for i, m in enumerate(s["landmarks"])
+        }
+        errors = [*it["error"], it["exact_pinv_error"]]
+        by_iterations[kind] = {
+            i: f"{e:.3g}" for i, e in zip([*it["iterations"], "exact pinv"], errors, strict=True)
+        }
+    counts = sorted({e["landmarks"]["kmeans_iterations"] for e in report["sources"].values()})
     plural = "" if counts == [1] else "s"
     kmeans_note = f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
-    its = sorted({i for e in entries for i in e["iterations"]["iterations"]})
     lines = [
         "Relative output error against the number of landmarks m (cells: segment means / "
         f"k-means / random positions; k-means: {kmeans_note}; random: mean of 3 draws; 6 pinv "
         "iterations; m ≥ n is exact attention and is not measured):",
         "",
-        *_kinds_table(report, "m", ms, _landmarks_cell),
+        *_kinds_table(report, "m", by_m),
         "",
         f"Relative output error against the pseudo-inverse iterations (m = "
         f"{report['num_landmarks']}; last row: the exact `torch.linalg.pinv`):",
         "",
-        *_kinds_table(report, "iterations", [*its, "exact pinv"], _iterations_cell),
+        *_kinds_table(report, "iterations", by_iterations),
     ]
     return "\n".join(lines)
 
