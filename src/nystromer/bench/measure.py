@@ -100,8 +100,7 @@ class CaseSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value := getattr(self, name), int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.warmup < 0 or self.pinv_iterations < 0:
             raise ValueError(
@@ -230,17 +229,16 @@ def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
 def _times(spec: CaseSpec, backward: bool) -> list[float]:
     runner = get_implementation(spec.impl).build(spec.config())
     args, grad = _prepared(spec, runner, backward)
-    cuda = torch.device(spec.device) if spec.device.startswith("cuda") else None
+    cuda = spec.device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(torch.device(spec.device))) if cuda else lambda: None
     for _ in range(spec.warmup):
         _call(runner, args, grad)
     times = []
     for _ in range(spec.repeats):
-        if cuda is not None:
-            torch.cuda.synchronize(cuda)
+        sync()
         t0 = time.perf_counter()
         _call(runner, args, grad)
-        if cuda is not None:
-            torch.cuda.synchronize(cuda)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -277,13 +275,10 @@ def run_worker(
     *,
     command: list[str] | None = None,
 ) -> dict:
-    """Run ``tasks`` for ``spec`` in a fresh process and return its result dict.
-
-    ``command`` starts the worker (default ``python -m nystromer.bench.worker``); the spec as
-    JSON and the comma-joined tasks are appended. The worker prints one line starting with
-    the result mark, as :mod:`nystromer.bench.worker` does. A crash or timeout becomes
-    ``{"status": "oom" | "failed", "note": ...}``.
-    """
+    """Run ``tasks`` for ``spec`` in a fresh process started by ``command`` (default ``python
+    -m nystromer.bench.worker``) with the spec as JSON and the comma-joined tasks appended; it
+    prints its result dict on one line after the result mark. A crash or timeout becomes
+    ``{"status": "oom" | "failed", "note": ...}``."""
     env = dict(os.environ)
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)

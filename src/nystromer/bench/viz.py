@@ -50,21 +50,13 @@ def plot_attention(
     title: str | None = None,
     window: int | None = None,
 ) -> dict:
-    """Write a PNG with the exact and the Nyström attention matrix side by side.
+    """Write a PNG (``path``) with the exact and the Nyström attention matrix (m landmarks,
+    ``pinv_iterations``) side by side, of one head's (n, d) ``q`` and ``k``, or of structured
+    random ones of ``seq_len``, ``head_dim`` and ``seed``; ``title`` defaults to describing them.
+    ``window`` draws only the first that many positions (long sequences stay readable).
 
-    Args:
-        path: the PNG to write.
-        seq_len, head_dim, seed: size and seed of the structured random inputs used when ``q``
-            and ``k`` are not given (:func:`~nystromer.bench.inputs.random_qkv`).
-        num_landmarks, pinv_iterations: m and the pseudo-inverse iterations.
-        q, k: (n, d) queries and keys of one head, instead of random ones.
-        title: figure title (default: describes the inputs).
-        window: draw only the first ``window`` query and key positions (the matrices and the
-            error are still those of the whole sequence): long sequences stay readable.
-
-    Returns:
-        ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
-        error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
+    Returns ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
+    error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
     """
     import matplotlib
 
