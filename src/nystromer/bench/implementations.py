@@ -214,10 +214,7 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
 def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, n, d) ×3 → x = [q | k | v] of shape (B, n, 3·H·d), heads-major in each third."""
     b, h, n, d = q.shape
-    x = torch.empty(b, n, 3, h, d, dtype=q.dtype, device=q.device)
-    for i, t in enumerate((q, k, v)):
-        x[:, :, i].copy_(t.transpose(1, 2))
-    return x.view(b, n, 3 * h * d)
+    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).view(b, n, 3 * h * d)
 
 
 class _Columns(nn.Module):
@@ -307,7 +304,7 @@ class _TransformersRunner(_LucidrainsRunner):
     def prepare(self, q, k, v, mask):
         additive = None
         if mask is not None:
-            additive = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=q.dtype).to(q.device)
+            additive = torch.zeros_like(mask[:, None, None, :], dtype=q.dtype)
             additive.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
         return (_hidden_from_qkv(q, k, v), additive)
 

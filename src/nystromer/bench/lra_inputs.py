@@ -220,10 +220,10 @@ def lra_qkv(
     if offsets is None:
         offsets = np.cumsum([0] + [len(dataset[i][0]) for i in range(len(dataset))])
     pick = pick_examples(np.diff(np.asarray(offsets)), num_landmarks)
-    n, length1 = int(pick["n"]), int(pick["length1"])
+    n, length1, examples = int(pick["n"]), int(pick["length1"]), [pick["index0"], pick["index1"]]
     ids = torch.zeros(2, n, dtype=torch.long)  # 0 is the padding token of the LRA models
-    ids[0] = dataset[pick["index0"]][0][:n]
-    ids[1, :length1] = dataset[pick["index1"]][0][:length1]
+    ids[0] = dataset[examples[0]][0][:n]
+    ids[1, :length1] = dataset[examples[1]][0][:length1]
 
     attn = layers[layer_index].attn
     heads = config["model"]["num_heads"]
@@ -236,18 +236,10 @@ def lra_qkv(
     description = (
         f"{task} model of {run_dir} ({info['checkpoint']} checkpoint, step {info['step']}"
         f"{accuracy}), layer {layer_index}, {heads} heads × {q.shape[-1]}; {split} example "
-        f"{pick['index0']} ({n} tokens{cut0}) and example {pick['index1']} ({length1} "
+        f"{examples[0]} ({n} tokens{cut0}) and example {examples[1]} ({length1} "
         f"tokens{cut1} + {n - length1} padding)"
     )
-    info.update(
-        layer=layer_index,
-        split=split,
-        data_dir=str(data_dir),
-        heads=heads,
-        head_dim=int(q.shape[-1]),
-        seq_len=n,
-        examples=[pick["index0"], pick["index1"]],
-        lengths=[n, length1],
-        truncated=[bool(pick["truncated0"]), bool(pick["truncated1"])],
-    )
+    info |= {"layer": layer_index, "split": split, "data_dir": str(data_dir), "heads": heads}
+    info |= {"head_dim": int(q.shape[-1]), "seq_len": n, "examples": examples}
+    info |= {"lengths": [n, length1], "truncated": [pick["truncated0"], pick["truncated1"]]}
     return LRAInputs(q, k, v, mask, (n, length1), description, info)
