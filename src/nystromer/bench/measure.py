@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_positive_int
 from .implementations import AttentionConfig, get_implementation, unavailable_reason
 from .inputs import padding_mask, random_qkv
 
@@ -100,8 +101,7 @@ class CaseSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
-            if not isinstance(value := getattr(self, name), int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.warmup < 0 or self.pinv_iterations < 0:
             raise ValueError(
                 f"warmup and pinv_iterations must be ≥ 0, got {self.warmup}, {self.pinv_iterations}"
