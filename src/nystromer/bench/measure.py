@@ -269,11 +269,7 @@ def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
 
 
 def run_worker(
-    spec: CaseSpec,
-    tasks: list[str],
-    timeout: float | None,
-    *,
-    command: list[str] | None = None,
+    spec: CaseSpec, tasks: list[str], timeout: float | None, *, command: list[str] | None = None
 ) -> dict:
     """Run ``tasks`` for ``spec`` in a fresh process started by ``command`` (default ``python
     -m nystromer.bench.worker``) with the spec as JSON and the comma-joined tasks appended; it
