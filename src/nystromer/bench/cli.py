@@ -1,5 +1,5 @@
-"""``nystromer bench {speed,table,approx,report,transmil}``, and the argument types and input
-options that the top-level ``demo`` and ``viz attention`` commands share with them."""
+"""``nystromer bench {speed,table,approx,report,transmil}``, and the argument types and options
+that ``demo``, ``viz attention`` and the scripts in benchmarks/ share with them."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ __all__ = [
     "register",
     "int_list",
     "int_at_least",
+    "name_list",
     "add_input_source_args",
     "add_script_args",
     "call_with",
 ]
 
 _DEFAULT_OUT = Path("bench-out")
+#: Short dtype names accepted besides the full ones.
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
 def int_list(text: str) -> list[int]:
@@ -50,34 +53,9 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
-    """``func(*positional, **given)`` plus every parsed option named like one of its keyword
-    parameters, so that an option is spelled once, where it is declared."""
-    names = inspect.signature(func).parameters
-    found = {k: v for k, v in vars(args).items() if k in names and k not in given}
-    return func(*positional, **found, **given)
-
-
-def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
-    """The options both scripts in benchmarks/ take: measurement settings named as
-    :class:`~nystromer.bench.measure.CaseSpec`'s fields, the worker timeout, and where the
-    Markdown section goes (``saved``: what ``--from-json`` reads)."""
-    p.add_argument("--batch", type=int_at_least(1), default=1)
-    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
-    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
-    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
-    p.add_argument("--repeats", type=int_at_least(1), default=repeats, help="timed calls (median)")
-    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json", metavar="FILE", help=f"measure nothing: print (and --write-docs) {saved}"
-    )
-
-
-#: Short dtype names accepted besides the full ones.
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+def name_list(text: str) -> list[str]:
+    """argparse type: comma-separated names (``nystromer,exact``)."""
+    return [x for x in text.split(",") if x]
 
 
 def _dtype(text: str) -> str:
@@ -91,35 +69,50 @@ def _dtype(text: str) -> str:
     return name
 
 
-def _name_list(text: str) -> list[str]:
-    return [x for x in text.split(",") if x]
+def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
+    """``func(*positional, **given)`` plus every parsed option named like one of its keyword
+    parameters, so that an option is spelled once, where it is declared."""
+    names = inspect.signature(func).parameters
+    found = {k: v for k, v in vars(args).items() if k in names and k not in given}
+    return func(*positional, **found, **given)
+
+
+def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) -> None:
+    """Measurement settings named as :class:`~nystromer.bench.measure.CaseSpec`'s fields."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch", type=int_at_least(1), default=1)
+    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=int_at_least(1), default=repeats, help="timed calls (median)")
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
+
+
+def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
+    """The options both scripts in benchmarks/ take: the measurement settings, the worker
+    timeout, and where the Markdown section goes (``saved``: what ``--from-json`` reads)."""
+    _add_case_args(p, repeats=repeats, timeout=timeout)
+    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
+    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--from-json", metavar="FILE", help=f"measure nothing: print (and --write-docs) {saved}"
+    )
 
 
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     p.add_argument("--lengths", type=int_list, default=list(lengths), help="%(default)s")
     p.add_argument(
         "--impl",
-        type=_name_list,
+        type=name_list,
         default=list(impls),
         help="comma-separated registry names (default: %(default)s)",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-landmarks", type=int, default=64)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
-    p.add_argument(
-        "--max-seconds",
-        type=float,
-        default=10.0,
-        help="stop growing n for an implementation after a forward slower than this",
-    )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--heads", type=int_at_least(1), default=8)
+    p.add_argument("--head-dim", type=int_at_least(1), default=64)
+    _add_case_args(p, repeats=3, timeout=1800)
 
 
 def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
@@ -138,17 +131,13 @@ def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
 def _problem_command(args: argparse.Namespace, backward: bool) -> str:
     """The ``bench speed``/``bench table`` command with every setting spelled out."""
     argv = ["nystromer", "bench", args.bench_command]
-    argv += ["--device", args.device, "--dtype", args.dtype]
-    argv += ["--lengths", ",".join(map(str, args.lengths)), "--impl", ",".join(args.impl)]
-    argv += ["--batch", str(args.batch), "--heads", str(args.heads)]
-    argv += ["--head-dim", str(args.head_dim), "--num-landmarks", str(args.num_landmarks)]
-    argv += ["--repeats", str(args.repeats)]
-    if args.threads is not None:
-        argv += ["--threads", str(args.threads)]
+    spelled = "device dtype lengths impl batch heads head_dim num_landmarks repeats threads"
+    for name in spelled.split():
+        if (value := getattr(args, name)) is not None:
+            value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            argv += [f"--{name.replace('_', '-')}", value]
     if args.bench_command == "speed":
-        argv += ["--max-seconds", f"{args.max_seconds:g}"]
-        if not backward:
-            argv.append("--no-backward")
+        argv += ["--max-seconds", f"{args.max_seconds:g}"] + ([] if backward else ["--no-backward"])
     return shlex.join([*argv, "--out", str(args.out)])
 
 
@@ -169,12 +158,11 @@ def _table(args: argparse.Namespace) -> int:
     report = _speed_report(args, backward=False)
     text = f"Machine: {report['machine_label']}.\n\n{format_table1(report)}\n"
     print("\n" + text)
-    out = Path(args.out)
-    with atomic_write(out / "table1.json") as f:
+    with atomic_write(args.out / "table1.json") as f:
         json.dump(report, f, indent=2)
-    with atomic_write(out / "table1.md") as f:
+    with atomic_write(args.out / "table1.md") as f:
         f.write(text)
-    print(f"wrote {out / 'table1.md'} and {out / 'table1.json'}")
+    print(f"wrote {args.out / 'table1.md'} and {args.out / 'table1.json'}")
     return 0
 
 
@@ -189,7 +177,9 @@ def _approx(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` sub-command and its own sub-commands."""
     from .approx import ITERATIONS, LANDMARKS, SOURCES
+    from .report import register_report
     from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
+    from .transmil import register as register_transmil
 
     bench = subparsers.add_parser("bench", help="speed, memory and approximation benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -200,6 +190,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "implementation; writes speed.json, speed.csv and log-log plots.",
     )
     _add_problem_args(s, SPEED_LENGTHS, SPEED_IMPLEMENTATIONS)
+    s.add_argument(
+        "--max-seconds",
+        type=float,
+        default=10.0,
+        help="stop growing n for an implementation after a forward slower than this",
+    )
     s.add_argument("--no-backward", action="store_true", help="forward only")
     s.add_argument("--out", type=Path, default=_DEFAULT_OUT / "speed")
     s.set_defaults(func=_speed)
@@ -227,7 +223,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--iterations", type=int_list, default=list(ITERATIONS))
     a.add_argument(
         "--sources",
-        type=_name_list,
+        type=name_list,
         default=list(SOURCES),
         help="input kinds, comma-separated (default: %(default)s)",
     )
@@ -235,13 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_input_source_args(a)
     a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
     a.set_defaults(func=_approx)
-
-    from .report import register_report
-
     register_report(bench_sub)
-
-    from .transmil import register as register_transmil
-
     register_transmil(bench_sub)
 
 

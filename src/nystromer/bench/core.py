@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 from .._machine import machine_info, machine_label
-from .._markdown import replace_section
+from .._markdown import replace_section, table
 from .implementations import PEERS
 from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
 
@@ -25,7 +25,6 @@ __all__ = [
     "format_report",
     "write_docs_section",
     "OURS",
-    "OURS_PADDED",
     "CORE_IMPLEMENTATIONS",
     "median_result",
 ]
@@ -33,9 +32,6 @@ __all__ = [
 #: What the core benchmark compares by default (the O(n²)-memory exact-matmul is left out).
 CORE_IMPLEMENTATIONS = ("nystromer", "naive", "exact", *PEERS)
 OURS = "nystromer"
-OURS_PADDED = "nystromer (padded)"
-#: Ours without the CPU speed-ups (not in the default set): ``--impl nystromer-plain``.
-OURS_PLAIN = "nystromer-plain"
 _BEGIN = "<!-- attention-core:begin (written by benchmarks/attention_core.py) -->"
 _END = "<!-- attention-core:end -->"
 
@@ -55,9 +51,7 @@ class CoreReport:
     def from_dict(cls, data: dict) -> CoreReport:
         """Rebuild a report from :meth:`to_dict`'s output (e.g. a saved ``--json`` file)."""
         rows = {
-            label: CaseResult(
-                CaseSpec(**row["spec"]), **{k: v for k, v in row.items() if k != "spec"}
-            )
+            label: CaseResult(**row | {"spec": CaseSpec(**row["spec"])})
             for label, row in data["rows"].items()
         }
         recorded = {key: data[key] for key in ("machine", "command", "date")}
@@ -78,39 +72,31 @@ def run_core(
     timeout: float | None = None,
     progress=print,
 ) -> CoreReport:
-    """Measure every implementation (fresh process each) on ``base``'s size.
+    """Measure every implementation (fresh process each) on ``base``'s size (its ``impl`` is
+    ignored): the registry names ``implementations`` (default :data:`CORE_IMPLEMENTATIONS`),
+    and nystromer (and nystromer-plain, when asked for) again with a ``padding`` fraction.
 
-    Args:
-        base: the problem; its ``impl`` is ignored.
-        implementations: registry names (default: :data:`CORE_IMPLEMENTATIONS`).
-        padding: padding fraction of the extra nystromer row.
-        rounds: how many times to measure every implementation, in turn (round-robin), so
-            that each one is measured across the same stretch of a shared machine's noise;
-            each row is the median over rounds. Exact attention is measured in the first
-            round only.
-        exact_repeats: timed repeats of exact attention (it is only the O(n²) reference and
-            takes seconds per call at n = 16k).
-        command: the command line, recorded in the report.
-        timeout: seconds allowed to each worker process.
-        progress: called with one line per finished measurement (None: silent).
+    ``rounds`` measures every implementation that many times in turn, so that each one sees the
+    same stretch of a shared machine's noise; each row is the median over rounds. Exact
+    attention, only the O(n²) reference, runs in the first round with ``exact_repeats`` calls.
+    ``command`` is recorded; ``timeout`` is per worker process; ``progress`` gets one line per
+    measurement (None: silent).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds!r}")
     names = list(CORE_IMPLEMENTATIONS) if implementations is None else implementations
-    cases: list[tuple[str, CaseSpec]] = []
-    for name in names:
-        spec = dataclasses.replace(base, impl=name, padding=0.0)
-        if name == "exact":
-            spec = dataclasses.replace(spec, repeats=min(base.repeats, exact_repeats))
-        cases.append((name, spec))
-    for name in (OURS, OURS_PLAIN):
+    cases = {name: dataclasses.replace(base, impl=name, padding=0.0) for name in names}
+    if "exact" in cases:
+        cases["exact"] = dataclasses.replace(
+            cases["exact"], repeats=min(base.repeats, exact_repeats)
+        )
+    for name in ("nystromer", "nystromer-plain"):
         if name in names and padding > 0:
-            padded = dataclasses.replace(base, impl=name, padding=padding)
-            cases.append((f"{name} (padded)", padded))
+            cases[f"{name} (padded)"] = dataclasses.replace(base, impl=name, padding=padding)
 
-    measured: dict[str, list[CaseResult]] = {label: [] for label, _ in cases}
+    measured: dict[str, list[CaseResult]] = {label: [] for label in cases}
     for r in range(rounds):
-        for label, spec in cases:
+        for label, spec in cases.items():
             if r > 0 and (spec.impl == "exact" or measured[label][0].status != "ok"):
                 continue
             measured[label].append(result := measure_case(spec, timeout=timeout))
@@ -132,14 +118,13 @@ def median_result(results: list[CaseResult]) -> CaseResult:
     kept); a case that was not ``ok`` in its first round keeps that result."""
     if len(results) == 1 or results[0].status != "ok":
         return results[0]
-
-    def median(attr: str) -> float | None:
+    medians = {}
+    for attr in METRICS:
         values = [getattr(r, attr) for r in results if getattr(r, attr) is not None]
-        return statistics.median(values) if values else None
-
+        medians[attr] = statistics.median(values) if values else None
     return dataclasses.replace(
         results[0],
-        **{attr: median(attr) for attr in METRICS},
+        **medians,
         forward_times_ms=[t for r in results for t in r.forward_times_ms],
         backward_times_ms=[t for r in results for t in r.backward_times_ms],
     )
@@ -147,37 +132,29 @@ def median_result(results: list[CaseResult]) -> CaseResult:
 
 def format_report(report: CoreReport) -> str:
     """Markdown: size line, machine, one row per implementation with its ratios to ours."""
-    b = report.base
-    ours = report.rows.get(OURS)
-    if ours is not None and ours.status != "ok":
-        ours = None
-    lines = [
-        f"n = {b.seq_len:,}, batch {b.batch}, {b.heads} heads × {b.head_dim}, "
-        f"m = {b.num_landmarks}, {b.pinv_iterations} pinv iterations, {b.dtype}, {b.device}.",
-        f"Machine: {machine_label(report.machine)}.",
-        "",
-        "| implementation | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB "
-        "| fwd time ×ours | fwd+bwd time ×ours | fwd mem ×ours | fwd+bwd mem ×ours |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    b, ours = report.base, report.rows.get(OURS)
+    rows = []
     for label, r in report.rows.items():
         if r.status != "ok":
-            lines.append(f"| {label} | {r.status}: {r.note} |" + " |" * 8)
+            rows.append([label, f"{r.status}: {r.note}"])
             continue
         values = [getattr(r, attr) for attr in METRICS]
+        bases = [getattr(ours, a) if ours and ours.status == "ok" else None for a in METRICS]
         ratios = [
-            None if ours is None or not getattr(ours, attr) else value / getattr(ours, attr)
-            for attr, value in zip(METRICS, values, strict=True)
+            x / base if base and x is not None else None
+            for x, base in zip(values, bases, strict=True)
         ]
-        cells = [fmt(x) for x in values] + [fmt(x, ".2f") for x in ratios]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label, *(fmt(x) for x in values), *(fmt(x, ".2f") for x in ratios)])
+    kinds = ("fwd", "fwd+bwd")
+    header = [
+        f"{k} {what}" for what in ("ms", "peak MiB", "time ×ours", "mem ×ours") for k in kinds
+    ]
     method = next((r.memory_method for r in report.rows.values() if r.memory_method), "")
     exact = report.rows.get("exact")
-    exact_note = ""
+    exact_note = rounds_note = ""
     if exact is not None and exact.spec.repeats != b.repeats:
         exact_note = f" (exact: {exact.spec.repeats} calls"
         exact_note += ", first round only)" if report.rounds > 1 else ")"
-    rounds_note = ""
     if report.rounds > 1:
         rounds_note = (
             f", in each of {report.rounds} rounds that run every implementation in turn; "
@@ -185,7 +162,12 @@ def format_report(report: CoreReport) -> str:
         )
     itemsize = {"float64": 8, "float32": 4}.get(b.dtype, 2)
     io_mib = b.batch * b.heads * b.seq_len * b.head_dim * itemsize / 2**20
-    lines += [
+    lines = [
+        f"n = {b.seq_len:,}, batch {b.batch}, {b.heads} heads × {b.head_dim}, "
+        f"m = {b.num_landmarks}, {b.pinv_iterations} pinv iterations, {b.dtype}, {b.device}.",
+        f"Machine: {machine_label(report.machine)}.",
+        "",
+        *table(["implementation", *header], rows),
         "",
         f"Times: median of {b.repeats} calls after {b.warmup} warm-up{exact_note}"
         f"{rounds_note}; forward "

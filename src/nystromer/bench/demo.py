@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .._machine import machine_info, machine_label
+from .._markdown import table
 from .implementations import get_implementation
 from .inputs import random_qkv, relative_error
 from .measure import CaseSpec, fmt, measure_case
@@ -40,32 +41,16 @@ class DemoRow:
     matrix_mib: float = 0.0
 
 
-def _error(spec: CaseSpec) -> float:
-    q, k, v = random_qkv(
-        spec.batch, spec.heads, spec.seq_len, spec.head_dim, style="structured", seed=spec.seed
-    )
-    with torch.no_grad():
-        approx = get_implementation("nystromer").build(spec.config())(q, k, v)
-        exact = get_implementation("exact").build(spec.config())(q, k, v)
-    return relative_error(approx, exact)
-
-
 def format_demo_table(rows: Sequence[DemoRow]) -> str:
     """Markdown table of :func:`run_attention_demo`'s rows with speed-up and memory ratio."""
-
-    lines = [
-        "| n | exact ms | Nyström ms | speed-up | exact MiB | Nyström MiB | n×n matrix MiB "
-        "| relative error |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    header = ["n", "exact ms", "Nyström ms", "speed-up", "exact MiB", "Nyström MiB"]
+    cells = []
     for r in rows:
         speed = r.exact_ms / r.nystrom_ms if r.exact_ms and r.nystrom_ms else None
-        lines.append(
-            f"| {r.seq_len:,} | {fmt(r.exact_ms)} | {fmt(r.nystrom_ms)} | {fmt(speed, '.1f')}× "
-            f"| {fmt(r.exact_mib)} | {fmt(r.nystrom_mib)} | {fmt(r.matrix_mib, ',.0f')} "
-            f"| {r.relative_error:.3f} |"
-        )
-    return "\n".join(lines)
+        times = [fmt(r.exact_ms), fmt(r.nystrom_ms), f"{fmt(speed, '.1f')}×"]
+        sizes = [fmt(r.exact_mib), fmt(r.nystrom_mib), fmt(r.matrix_mib, ",.0f")]
+        cells.append([f"{r.seq_len:,}", *times, *sizes, f"{r.relative_error:.3f}"])
+    return "\n".join(table([*header, "n×n matrix MiB", "relative error"], cells, left=0))
 
 
 def run_attention_demo(
@@ -78,23 +63,14 @@ def run_attention_demo(
     repeats: int = 2,
     out: Callable[[str], None] | None = print,
 ) -> list[DemoRow]:
-    """Compare exact and Nyström attention for each length; print and return the rows.
-
-    Args:
-        lengths: sequence lengths n (batch 1).
-        heads, head_dim, num_landmarks: H, d and m.
-        threads: torch threads (default: torch's default).
-        repeats: timed forward calls per measurement (median; one warm-up call before).
-        out: where progress and the table go (None: silent).
-
-    Returns:
-        One :class:`DemoRow` per length.
-    """
+    """Compare exact and Nyström attention (batch 1, H heads of d, m landmarks) for each length
+    n; print (to ``out``, None: silent) and return one :class:`DemoRow` per length. ``threads``:
+    torch threads (None: torch's default); ``repeats``: timed forward calls per measurement
+    (median; one warm-up call before)."""
     say = out or (lambda _line: None)
-    info = machine_info("cpu", threads)
     say(
         f"Exact vs Nyström attention (m = {num_landmarks}), batch 1, {heads} heads × {head_dim}, "
-        f"float32 forward; {machine_label(info)}."
+        f"float32 forward; {machine_label(machine_info('cpu', threads))}."
     )
     say(
         "Time: median forward. Memory: peak above the inputs, fresh process each. Error: "
@@ -104,16 +80,10 @@ def run_attention_demo(
         "what storing it (as the paper's Transformer did) would take."
     )
     rows = []
-    problem = CaseSpec(
-        "exact",
-        heads=heads,
-        head_dim=head_dim,
-        num_landmarks=num_landmarks,
-        threads=threads,
-        repeats=repeats,
-    )
     for n in lengths:
-        base = dataclasses.replace(problem, seq_len=n)
+        base = CaseSpec(
+            "exact", 1, heads, n, head_dim, num_landmarks, threads=threads, repeats=repeats
+        )
         found = {}
         for impl in ("exact", "nystromer"):
             found[impl] = measure_case(dataclasses.replace(base, impl=impl), backward=False)
@@ -121,13 +91,17 @@ def run_attention_demo(
                 say(f"  n = {n}: {impl} {found[impl].status}: {found[impl].note}")
         if threads is not None:
             torch.set_num_threads(threads)
+        qkv = random_qkv(1, heads, n, head_dim, style="structured", seed=base.seed)
+        with torch.no_grad():
+            exact, ours = (get_implementation(i).build(base.config())(*qkv) for i in found)
+        exact_r, ours_r = found.values()
         row = DemoRow(
             n,
-            found["exact"].forward_ms,
-            found["nystromer"].forward_ms,
-            found["exact"].forward_peak_mib,
-            found["nystromer"].forward_peak_mib,
-            _error(base),
+            exact_r.forward_ms,
+            ours_r.forward_ms,
+            exact_r.forward_peak_mib,
+            ours_r.forward_peak_mib,
+            relative_error(ours, exact),
             matrix_mib=heads * n * n * 4 / 2**20,
         )
         rows.append(row)

@@ -2,13 +2,11 @@
 
 Every entry turns query/key/value (B, H, n, d) and an optional key padding mask (B, n) (True =
 real token) into the attention output. Only the attention math is measured: the peers' input
-and output projections are replaced by exact selections, and each runner splits its work so
-that layout conversions stay outside the measured call: ``prepare(q, k, v, mask)`` (to the
-implementation's own layout; a peer that takes hidden states gets ``x = [q | k | v]``,
-(B, n, 3·H·d)), ``run(*prepared)`` (measured; the native output), ``to_bhnd(out)`` (back to
-(B, H, n, d)); ``runner(q, k, v, mask)`` chains the three. Peers are optional:
-:func:`available_implementations` lists the installed ones, :func:`unavailable_reason` says why
-one is missing.
+and output projections are replaced by exact selections, and each runner keeps layout
+conversions outside the measured call: ``prepare(q, k, v, mask)`` (to the implementation's own
+layout; a peer that takes hidden states gets ``x = [q | k | v]``, (B, n, 3·H·d)),
+``run(*prepared)`` (measured; the native output), ``to_bhnd(out)`` (back to (B, H, n, d)).
+Peers are optional: :func:`available_implementations` lists the installed ones.
 """
 
 from __future__ import annotations
@@ -19,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _cpu, reference
-from ..functional import nystrom_attention
+from ..functional import nystrom_attention, softmax_attention
 
 __all__ = [
     "AttentionConfig",
@@ -41,16 +38,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """The shape of one benchmark problem, fixed when a runner is built.
-
-    Attributes:
-        heads: H.
-        head_dim: d (query, key and value width per head).
-        seq_len: n; peers that fix the length at construction need it.
-        num_landmarks: m.
-        pinv_iterations: iterations of the pseudo-inverse.
-        device, dtype: where and in what precision the runner's modules live.
-    """
+    """The shape of one benchmark problem, fixed when a runner is built: H, d, n (peers that
+    fix the length at construction need it), m, the pseudo-inverse iterations, and where and
+    in what precision the runner's modules live."""
 
     heads: int
     head_dim: int
@@ -62,38 +52,31 @@ class AttentionConfig:
 
 
 class AttentionRunner:
-    """A prepared implementation: ``prepare`` (unmeasured), ``run`` (measured), ``to_bhnd``.
+    """A prepared implementation; the default layout is (B, H, n, d) in and out.
 
-    Subclasses override :meth:`run`; the default layout is (B, H, n, d) in and out.
-    ``grad_args`` are the positions of the prepared arguments that are the inputs (the
-    tensors a backward pass differentiates to).
+    ``prepare`` (unmeasured) turns (B, H, n, d) inputs and a (B, n) bool mask into the
+    arguments of ``run``; fresh copies among them are leaves, and ``grad_args`` are the
+    positions of those a backward pass differentiates to (the inputs). ``run`` (measured) is the
+    attention math, returning the native output, of ``output_shape``; ``to_bhnd`` turns that
+    into (B, H, n, d). ``prepare_grad`` (unmeasured) puts a contiguous output gradient in the
+    layout the implementation's output has in a model.
     """
 
     grad_args: tuple[int, ...] = (0, 1, 2)
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
-        """Convert (B, H, n, d) inputs and a (B, n) bool mask to the arguments of :meth:`run`.
-
-        Tensors in the result that are fresh copies are leaves, so a benchmark can mark them
-        ``requires_grad`` and time the backward pass to them.
-        """
         return (q, k, v, mask)
 
     def prepare_grad(self, grad: Tensor) -> Tensor:
-        """The output gradient (contiguous, of :meth:`output_shape`) in the layout the
-        implementation's output has in a model; unmeasured, like :meth:`prepare`."""
         return grad
 
     def run(self, *prepared) -> Tensor:
-        """The attention math on prepared inputs; returns the native output."""
         raise NotImplementedError
 
     def to_bhnd(self, out: Tensor) -> Tensor:
-        """Native output → (B, H, n, d)."""
         return out
 
     def output_shape(self, batch: int, heads: int, seq_len: int, head_dim: int) -> tuple:
-        """Shape of the native output of :meth:`run`."""
         return (batch, heads, seq_len, head_dim)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -103,17 +86,10 @@ class AttentionRunner:
 
 @dataclass(frozen=True)
 class Implementation:
-    """One registry entry.
-
-    Attributes:
-        name: registry key (also the name in tables and on the command line).
-        description: one line for tables and reports.
-        requires: import names that must be installed (peers only).
-        build: ``build(config) -> AttentionRunner``.
-        supports: ``supports(config, padded) -> None`` or the reason the configuration is
-            outside what the implementation accepts (e.g. n not a multiple of m).
-        is_peer: another project's implementation.
-    """
+    """One registry entry: its ``name`` (in tables and on the command line), a one-line
+    ``description``, ``build(config) -> AttentionRunner``, the import names it ``requires``
+    (peers only), ``supports(config, padded)``: None or why the configuration is outside what it
+    accepts (e.g. n not a multiple of m), and whether it ``is_peer`` (another project's)."""
 
     name: str
     description: str
@@ -144,19 +120,13 @@ def get_implementation(name: str) -> Implementation:
 
 def unavailable_reason(name: str) -> str | None:
     """None when ``name`` can run here, else why not (e.g. its package is not installed)."""
-    impl = get_implementation(name)
-    missing = [mod for mod in impl.requires if importlib.util.find_spec(mod) is None]
-    if missing:
-        return f"not installed (python package(s) {', '.join(missing)} missing)"
-    return None
+    missing = [m for m in get_implementation(name).requires if importlib.util.find_spec(m) is None]
+    return f"not installed (python package(s) {', '.join(missing)} missing)" if missing else None
 
 
 def available_implementations() -> list[str]:
     """Names of the registered implementations whose requirements are installed."""
     return [name for name in IMPLEMENTATIONS if unavailable_reason(name) is None]
-
-
-# --- the naive three-matrix formula (the peers' evaluation order, our landmarks) -------------
 
 
 def naive_nystrom_attention(
@@ -178,24 +148,19 @@ def naive_nystrom_attention(
     every sample needs more than m real tokens when n > m (the fused function switches to exact
     attention below that, which this baseline does not reproduce). Padded query rows are zero.
     """
-    n = query.shape[2]
+    n, m = query.shape[2], num_landmarks
     if key.shape[2] != n:
         raise ValueError(
             f"naive_nystrom_attention is self-attention only: query has n={n}, key n={key.shape[2]}"
         )
-    m = num_landmarks
-    if mask is not None:
-        real = mask.sum(-1)
-        if n > m and bool((real <= m).any()):
-            raise ValueError(
-                f"mask: every sample needs more than num_landmarks={m} real tokens, got "
-                f"real lengths {real.tolist()}"
-            )
+    if mask is not None and n > m and bool((mask.sum(-1) <= m).any()):
+        raise ValueError(
+            f"mask: every sample needs more than num_landmarks={m} real tokens, got "
+            f"real lengths {mask.sum(-1).tolist()}"
+        )
     work = torch.promote_types(query.dtype, torch.float32)
-    out = reference.nystrom_reference(
-        query.to(work), key.to(work), value.to(work), m, mask=mask,
-        iterations=pinv_iterations, scale=scale,
-    )  # fmt: skip
+    q, k, v = (t.to(work) for t in (query, key, value))
+    out = reference.nystrom_reference(q, k, v, m, mask, iterations=pinv_iterations, scale=scale)
     return out.to(query.dtype)
 
 
@@ -203,18 +168,18 @@ def naive_nystrom_attention(
 
 
 def _head_split(t: Tensor) -> Tensor:
-    """(B, H, n, d) → the same values as a (B, H, n, d) view of (B, n, H, d) memory.
-
-    The layout a model hands to an attention function that takes heads: a projection's
-    (B, n, H·d) output viewed as (B, n, H, d) and transposed (what :class:`NystromAttention`,
-    ``transformers`` and ``nn.MultiheadAttention``-style code do). Gradients then come back in
-    that layout too, as they would in the model, with no transpose copy on either side.
-    """
+    """(B, H, n, d) → the same values as a (B, H, n, d) view of (B, n, H, d) memory: what a
+    projection's (B, n, H·d) output split into heads gives an attention function (as in
+    :class:`NystromAttention` and ``transformers``), so that gradients come back in that layout
+    too, as in a model, with no transpose copy on either side."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class _HeadSplitRunner(AttentionRunner):
-    """(B, H, n, d) in and out, in the layout a head split of a projection gives."""
+    """``attention(q, k, v, mask)`` on (B, H, n, d) in the layout a head split gives."""
+
+    def __init__(self, attention: Callable[..., Tensor]) -> None:
+        self.run = attention
 
     def prepare(self, q, k, v, mask):
         return (_head_split(q), _head_split(k), _head_split(v), mask)
@@ -223,59 +188,33 @@ class _HeadSplitRunner(AttentionRunner):
         return _head_split(grad)
 
 
-class _NystromerRunner(_HeadSplitRunner):
-    def __init__(self, config: AttentionConfig) -> None:
-        self.m = config.num_landmarks
-        self.iterations = config.pinv_iterations
-
-    def run(self, q, k, v, mask):
-        return nystrom_attention(
-            q, k, v, num_landmarks=self.m, mask=mask, pinv_iterations=self.iterations
-        )
+def _plain_nystrom_attention(*args, **kwargs) -> Tensor:
+    with _cpu.plain():
+        return nystrom_attention(*args, **kwargs)
 
 
-class _PlainNystromerRunner(_NystromerRunner):
-    def run(self, q, k, v, mask):
-        with _cpu.plain():
-            return super().run(q, k, v, mask)
+def _nystrom_runner(
+    attention: Callable[..., Tensor],
+) -> Callable[[AttentionConfig], AttentionRunner]:
+    def build(config: AttentionConfig) -> AttentionRunner:
+        options = {"num_landmarks": config.num_landmarks, "pinv_iterations": config.pinv_iterations}
+        return _HeadSplitRunner(lambda q, k, v, mask: attention(q, k, v, mask=mask, **options))
+
+    return build
 
 
-class _NaiveRunner(_NystromerRunner):
-    def run(self, q, k, v, mask):
-        return naive_nystrom_attention(
-            q, k, v, num_landmarks=self.m, mask=mask, pinv_iterations=self.iterations
-        )
-
-
-class _ExactRunner(_HeadSplitRunner):
-    def __init__(self, config: AttentionConfig) -> None:
-        pass
-
-    def prepare(self, q, k, v, mask):
-        return (
-            *super().prepare(q, k, v, None)[:3],
-            None if mask is None else mask[:, None, None, :],
-        )
-
-    def run(self, q, k, v, attn_mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-
-class _MatmulRunner(_ExactRunner):
-    def run(self, q, k, v, attn_mask):
-        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        if attn_mask is not None:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        return torch.softmax(logits, -1) @ v
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(s·QKᵀ)·V with the n×n matrix materialised, padding keys masked out."""
+    logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, -1) @ v
 
 
 def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, n, d) ×3 → x = [q | k | v] of shape (B, n, 3·H·d), heads-major in each third."""
     b, h, n, d = q.shape
-    x = torch.empty(b, n, 3, h, d, dtype=q.dtype, device=q.device)
-    for i, t in enumerate((q, k, v)):
-        x[:, :, i].copy_(t.transpose(1, 2))
-    return x.view(b, n, 3 * h * d)
+    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).view(b, n, 3 * h * d)
 
 
 class _Columns(nn.Module):
@@ -292,11 +231,13 @@ class _Columns(nn.Module):
 class _LucidrainsRunner(AttentionRunner):
     """``nystrom_attention.NystromAttention`` (PyPI ``nystrom-attention``).
 
-    Its forward only accepts the hidden states x and computes ``to_qkv(x).chunk(3)``; with
-    ``to_qkv`` an identity and x = [q | k | v] (B, n, 3·H·d), the chunks are exactly q, k and v
-    in its 'b n (h d)' layout. ``to_out`` (Linear + Dropout) is an identity, ``residual=False``
-    drops the convolution skip. Its output is (B, n, H·d).
+    Its forward takes the hidden states x and computes ``to_qkv(x).chunk(3)``: with ``to_qkv``
+    an identity and x = [q | k | v], the chunks are exactly q, k and v in its 'b n (h d)'
+    layout. ``to_out`` is an identity, ``residual=False`` drops the convolution skip. Its
+    output is (B, n, H·d).
     """
+
+    grad_args = (0,)
 
     def __init__(self, config: AttentionConfig) -> None:
         from nystrom_attention import NystromAttention as LucidrainsAttention
@@ -310,12 +251,9 @@ class _LucidrainsRunner(AttentionRunner):
             pinv_iterations=config.pinv_iterations,
             residual=False,
         )
-        module.to_qkv = nn.Identity()
-        module.to_out = nn.Identity()
+        module.to_qkv = module.to_out = nn.Identity()
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = h
-
-    grad_args = (0,)
 
     def prepare(self, q, k, v, mask):
         return (_hidden_from_qkv(q, k, v), mask)
@@ -334,11 +272,11 @@ class _LucidrainsRunner(AttentionRunner):
 class _TransformersRunner(_LucidrainsRunner):
     """``transformers``' ``NystromformerSelfAttention`` with its math only.
 
-    A tiny config (hidden = H·d, ``num_landmarks`` = m, ``segment_means_seq_len`` = n; the conv
-    skip is switched off on the module, as its config only accepts an int kernel size);
-    its ``query``/``key``/``value`` Linear layers become column selections of x = [q | k | v],
-    so they return q, k and v exactly. The key padding mask is passed the way its model does,
-    as an additive (B, 1, 1, n) tensor holding the dtype's minimum at padding.
+    A tiny config (hidden = H·d, ``num_landmarks`` = m, ``segment_means_seq_len`` = n), the
+    conv skip switched off on the module (its config only accepts an int kernel size), its
+    ``query``/``key``/``value`` Linear layers replaced by the column selections of x = [q | k | v]
+    that return q, k and v exactly. The key padding mask is passed the way its model does, as an
+    additive (B, 1, 1, n) tensor holding the dtype's minimum at padding.
     """
 
     def __init__(self, config: AttentionConfig) -> None:
@@ -347,29 +285,26 @@ class _TransformersRunner(_LucidrainsRunner):
             NystromformerSelfAttention,
         )
 
-        h, d = config.heads, config.head_dim
+        hd = config.heads * config.head_dim
         hf_config = NystromformerConfig(
-            hidden_size=h * d,
-            num_attention_heads=h,
+            hidden_size=hd,
+            num_attention_heads=config.heads,
             num_landmarks=config.num_landmarks,
             segment_means_seq_len=config.seq_len,
             attention_probs_dropout_prob=0.0,
         )
         module = NystromformerSelfAttention(hf_config)
-        # Its config validation wants an int kernel size; None on the module skips the conv.
         module.conv_kernel_size = None
         del module.conv
-        hd = h * d
         for i, name in enumerate(("query", "key", "value")):
             setattr(module, name, _Columns(i * hd, (i + 1) * hd))
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
-        self.heads = h
+        self.heads = config.heads
 
     def prepare(self, q, k, v, mask):
         additive = None
         if mask is not None:
-            additive = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=q.dtype)
-            additive = additive.to(q.device)
+            additive = torch.zeros_like(mask[:, None, None, :], dtype=q.dtype)
             additive.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
         return (_hidden_from_qkv(q, k, v), additive)
 
@@ -379,33 +314,35 @@ class _TransformersRunner(_LucidrainsRunner):
 
 def _transformers_supports(config: AttentionConfig, padded: bool) -> str | None:
     n, m = config.seq_len, config.num_landmarks
-    if m != n and n % m:
-        return f"needs n to be a multiple of m (got n={n}, m={m})"
-    return None
+    return f"needs n to be a multiple of m (got n={n}, m={m})" if m != n and n % m else None
 
 
 for _impl in (
     Implementation(
         "nystromer",
         "nystromer.nystrom_attention (fused: two SDPA calls around the m×m pseudo-inverse)",
-        _NystromerRunner,
+        _nystrom_runner(nystrom_attention),
     ),
     Implementation(
         "nystromer-plain",
         "nystromer.nystrom_attention without the CPU speed-ups of nystromer._cpu (the plain "
         "definition; the same numbers)",
-        _PlainNystromerRunner,
+        _nystrom_runner(_plain_nystrom_attention),
     ),
     Implementation(
         "naive",
         "F·A⁺·(B·V) with the n×m and m×n kernels materialised, same landmarks as nystromer",
-        _NaiveRunner,
+        _nystrom_runner(naive_nystrom_attention),
     ),
-    Implementation("exact", "torch scaled_dot_product_attention (exact softmax)", _ExactRunner),
+    Implementation(
+        "exact",
+        "torch scaled_dot_product_attention (exact softmax)",
+        lambda config: _HeadSplitRunner(softmax_attention),
+    ),
     Implementation(
         "exact-matmul",
         "softmax(s·QKᵀ)·V with the n×n matrix materialised (the paper's Transformer baseline)",
-        _MatmulRunner,
+        lambda config: _HeadSplitRunner(_matmul_attention),
     ),
     Implementation(
         "nystrom-attention",

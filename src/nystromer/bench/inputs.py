@@ -46,9 +46,8 @@ def random_qkv(
     seed: int = 0,
     logit_std: float = 2.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Random (B, H, n, d) query, key and value tensors.
-
-    ``gaussian``: i.i.d. N(0, 1).
+    """Random (B, H, n, d) query, key and value tensors, generated in float32 on the CPU from
+    ``seed`` (reproducible across devices), then cast. ``gaussian``: i.i.d. N(0, 1).
 
     ``structured`` imitates what trained attention layers see: neighbouring tokens are
     similar (each of q, k, v is half a smooth signal along the sequence, a random walk
@@ -56,8 +55,6 @@ def random_qkv(
     shared offset direction (as LayerNorm'd hidden states give), and q, k are scaled so that
     the attention logits q·k/√d have standard deviation ``logit_std`` (the default 2 is about a
     trained model's per-head median, e.g. all-MiniLM-L6-v2's on English text).
-
-    Generated in float32 on the CPU from ``seed`` (reproducible across devices), then cast.
     """
     if style not in INPUT_STYLES:
         raise ValueError(f"style must be one of {INPUT_STYLES}, got {style!r}")
@@ -90,8 +87,7 @@ def random_qkv(
 
 def relative_error(approx: Tensor, exact: Tensor, mask: Tensor | None = None) -> float:
     """‖approx − exact‖_F / ‖exact‖_F over (B, H, n, d) outputs, real query rows only."""
-    diff = (approx.double() - exact.double()).square()
-    ref = exact.double().square()
+    diff, ref = (approx.double() - exact.double()).square(), exact.double().square()
     if mask is not None:
         keep = mask[:, None, :, None].to(diff.dtype)
         diff, ref = diff * keep, ref * keep

@@ -46,16 +46,10 @@ CHECKPOINTS = ("auto", "best", "last")
 
 @dataclass
 class LRAInputs:
-    """Captured q, k, v of one attention layer for two validation examples.
-
-    Attributes:
-        query, key, value: (2, H, n, d) float32; sample 0 fills all n positions, sample 1 has
-            ``lengths[1]`` real tokens followed by padding.
-        mask: (2, n) bool, True for real tokens (row 0 all True).
-        lengths: real tokens of samples 0 and 1.
-        description: one line naming the run, checkpoint, layer and examples.
-        info: the same as JSON-ready values (run_dir, checkpoint, step, metrics, layer, …).
-    """
+    """Captured (2, H, n, d) float32 q, k, v of one attention layer for two validation
+    examples: sample 0 fills all n positions, sample 1 has ``lengths[1]`` real tokens followed
+    by padding; ``mask`` (2, n) is True at real tokens. ``description`` names the run,
+    checkpoint, layer and examples in one line, ``info`` as JSON-ready values."""
 
     query: Tensor
     key: Tensor
@@ -79,24 +73,21 @@ def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
     :data:`DEFAULT_LRA_RUN`, else the demo's ``FALLBACK_LRA_DIR/run``, whichever holds
     ``config.json`` and a checkpoint. ValueError naming ``--lra-run`` and the commands that
     make a run when there is none."""
-    how = (
-        "make one with `nystromer train listops --data DATA --out DIR` (the paper's recipe) or "
-        f"`nystromer demo` (a small ListOps model in {FALLBACK_LRA_DIR / 'run'}, about two "
-        "minutes), then pass its run directory as --lra-run DIR"
+    candidates = (DEFAULT_LRA_RUN, FALLBACK_LRA_DIR / "run") if run_dir is None else (run_dir,)
+    found = next((Path(c) for c in candidates if has_checkpoint(c)), None)
+    if found is not None:
+        return found
+    where = (
+        f"{run_dir} holds no trained LRA model (expected config.json and a best/ or last/ "
+        "checkpoint)"
+        if run_dir is not None
+        else f"no trained LRA model in {' or '.join(map(str, candidates))}"
     )
-    if run_dir is not None:
-        if not has_checkpoint(run_dir):
-            raise ValueError(
-                f"--lra-run: {run_dir} holds no trained LRA model (expected config.json and a "
-                f"best/ or last/ checkpoint); {how}"
-            )
-        return Path(run_dir)
-    candidates = (DEFAULT_LRA_RUN, FALLBACK_LRA_DIR / "run")
-    for candidate in candidates:
-        if has_checkpoint(candidate):
-            return candidate
     raise ValueError(
-        f"--lra-run: no trained LRA model in {' or '.join(map(str, candidates))}; {how}"
+        f"--lra-run: {where}; make one with `nystromer train listops --data DATA --out DIR` "
+        f"(the paper's recipe) or `nystromer demo` (a small ListOps model in "
+        f"{FALLBACK_LRA_DIR / 'run'}, about two minutes), then pass its run directory as "
+        "--lra-run DIR"
     )
 
 
@@ -159,15 +150,11 @@ def load_lra_model(
 
 
 def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, int | bool]:
-    """Choose the two examples (see the module doc) from the examples' lengths.
-
-    Returns:
-        ``{"index0", "n", "truncated0", "index1", "length1", "truncated1"}``: sample 0 is
-        example ``index0`` cut to ``n`` tokens (``truncated0`` when it is longer; only when no
-        example longer than ``multiple`` has a length that is a multiple of it), sample 1 is
-        example ``index1`` cut to ``length1`` < n tokens (``truncated1`` when no other example
-        is shorter than n).
-    """
+    """Choose the two examples (see the module doc) from the examples' lengths:
+    ``{"index0", "n", "truncated0", "index1", "length1", "truncated1"}``. Sample 0 is example
+    ``index0`` cut to ``n`` tokens (``truncated0`` when it is longer: only when no example
+    longer than ``multiple`` has a length that is a multiple of it), sample 1 is example
+    ``index1`` cut to ``length1`` < n tokens (``truncated1`` when no other is shorter than n)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 1 or len(lengths) < 2:
         raise ValueError(f"lengths: need at least two examples, got shape {lengths.shape}")
@@ -209,19 +196,11 @@ def lra_qkv(
     data_dir: str | os.PathLike[str] | None = None,
     split: str = "val",
 ) -> LRAInputs:
-    """Capture q, k, v of one attention layer of an LRA run's model on two real examples.
-
-    Args:
-        run_dir: a run directory of a one-input task (ListOps, Text, Image, Pathfinder).
-        layer: which encoder layer (Python indexing: -1 is the last).
-        checkpoint: ``best``, ``last`` or ``auto``.
-        num_landmarks: m of the benchmark; sample 0's length is a multiple of it.
-        data_dir: the task's data (default: the directory the run was trained on).
-        split: which split the examples come from.
-
-    Returns:
-        :class:`LRAInputs` with (2, H, n, d) tensors and the (2, n) mask.
-    """
+    """Capture q, k, v of one attention ``layer`` (Python indexing: -1 is the last) of the
+    model of ``run_dir`` (a one-input task: ListOps, Text, Image, Pathfinder; its ``best``,
+    ``last`` or ``auto`` checkpoint) on two examples of ``split`` of its data (``data_dir``,
+    default: what the run was trained on); sample 0's length is a multiple of ``num_landmarks``.
+    Returns :class:`LRAInputs` with (2, H, n, d) tensors and the (2, n) mask."""
     from ..lra.data import load_split
 
     model, info = load_lra_model(run_dir, checkpoint)
@@ -237,16 +216,14 @@ def lra_qkv(
         raise ValueError(f"data_dir: the run {run_dir} records no data directory; pass one")
     task = config["task"]
     dataset = load_split(task, data_dir, split, max_length=config["recipe"]["max_length"])
-    offsets = getattr(dataset, "offsets", None)
-    if offsets is not None:  # token datasets know every length without reading the items
-        lengths = np.diff(np.asarray(offsets))
-    else:
-        lengths = np.array([len(dataset[i][0]) for i in range(len(dataset))])
-    pick = pick_examples(lengths, num_landmarks)
-    n, length1 = int(pick["n"]), int(pick["length1"])
+    offsets = getattr(dataset, "offsets", None)  # token datasets know every length
+    if offsets is None:
+        offsets = np.cumsum([0] + [len(dataset[i][0]) for i in range(len(dataset))])
+    pick = pick_examples(np.diff(np.asarray(offsets)), num_landmarks)
+    n, length1, examples = int(pick["n"]), int(pick["length1"]), [pick["index0"], pick["index1"]]
     ids = torch.zeros(2, n, dtype=torch.long)  # 0 is the padding token of the LRA models
-    ids[0] = dataset[pick["index0"]][0][:n]
-    ids[1, :length1] = dataset[pick["index1"]][0][:length1]
+    ids[0] = dataset[examples[0]][0][:n]
+    ids[1, :length1] = dataset[examples[1]][0][:length1]
 
     attn = layers[layer_index].attn
     heads = config["model"]["num_heads"]
@@ -255,23 +232,14 @@ def lra_qkv(
     mask = ids != 0  # real tokens are ids ≥ 1, so row 0 is all True
     val = info.get("val") or {}
     accuracy = f", val accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""
-    cut0 = " (truncated)" if pick["truncated0"] else ""
-    cut1 = " (truncated)" if pick["truncated1"] else ""
+    cut0, cut1 = (" (truncated)" if pick[f"truncated{i}"] else "" for i in (0, 1))
     description = (
         f"{task} model of {run_dir} ({info['checkpoint']} checkpoint, step {info['step']}"
         f"{accuracy}), layer {layer_index}, {heads} heads × {q.shape[-1]}; {split} example "
-        f"{pick['index0']} ({n} tokens{cut0}) and example {pick['index1']} ({length1} "
+        f"{examples[0]} ({n} tokens{cut0}) and example {examples[1]} ({length1} "
         f"tokens{cut1} + {n - length1} padding)"
     )
-    info.update(
-        layer=layer_index,
-        split=split,
-        data_dir=str(data_dir),
-        heads=heads,
-        head_dim=int(q.shape[-1]),
-        seq_len=n,
-        examples=[pick["index0"], pick["index1"]],
-        lengths=[n, length1],
-        truncated=[bool(pick["truncated0"]), bool(pick["truncated1"])],
-    )
+    info |= {"layer": layer_index, "split": split, "data_dir": str(data_dir), "heads": heads}
+    info |= {"head_dim": int(q.shape[-1]), "seq_len": n, "examples": examples}
+    info |= {"lengths": [n, length1], "truncated": [pick["truncated0"], pick["truncated1"]]}
     return LRAInputs(q, k, v, mask, (n, length1), description, info)

@@ -13,6 +13,7 @@ the resident-set high-water mark (``VmHWM``) reset just before the call through
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_positive_int
 from .implementations import AttentionConfig, get_implementation, unavailable_reason
 from .inputs import padding_mask, random_qkv
 
@@ -99,9 +101,7 @@ class CaseSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.warmup < 0 or self.pinv_iterations < 0:
             raise ValueError(
                 f"warmup and pinv_iterations must be ≥ 0, got {self.warmup}, {self.pinv_iterations}"
@@ -154,11 +154,6 @@ def fmt(value: float | None, spec: str = ",.1f") -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
-
-
 # --- in-process measurement (valid for memory only in a fresh process) ------------------------
 
 
@@ -170,53 +165,23 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not found in /proc/self/status")
 
 
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim_allocator() -> None:
-    # Freed heap memory kept by glibc could be reused by the measured call without showing in
-    # RSS; handing it back first makes the baseline exact.
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _inputs(spec: CaseSpec):
-    q, k, v = random_qkv(
-        spec.batch,
-        spec.heads,
-        spec.seq_len,
-        spec.head_dim,
-        dtype=DTYPES[spec.dtype],
-        device=spec.device,
-        seed=spec.seed,
-    )
-    mask = padding_mask(spec.batch, spec.seq_len, spec.padding, device=spec.device)
-    return q, k, v, mask
-
-
 def _prepared(spec: CaseSpec, runner, backward: bool):
-    q, k, v, mask = _inputs(spec)
-    args = runner.prepare(q, k, v, mask)
-    del q, k, v  # a peer's prepare copies them into one tensor: keep one copy resident
-    grad = None
-    if backward:
-        args = tuple(
-            a.detach().requires_grad_() if i in runner.grad_args else a for i, a in enumerate(args)
-        )
-        shape = runner.output_shape(spec.batch, spec.heads, spec.seq_len, spec.head_dim)
-        gen = torch.Generator().manual_seed(spec.seed + 1)
-        grad = torch.randn(shape, generator=gen).to(device=spec.device, dtype=DTYPES[spec.dtype])
-        grad = runner.prepare_grad(grad)
-    return args, grad
+    """The runner's prepared inputs for ``spec``, and with ``backward`` a random output
+    gradient; the inputs the backward pass differentiates to are fresh leaves."""
+    dtype = DTYPES[spec.dtype]
+    shape = (spec.batch, spec.heads, spec.seq_len, spec.head_dim)
+    qkv = random_qkv(*shape, dtype=dtype, device=spec.device, seed=spec.seed)
+    mask = padding_mask(spec.batch, spec.seq_len, spec.padding, device=spec.device)
+    # A peer's prepare copies q, k, v into one tensor: keep one copy resident.
+    args, qkv = runner.prepare(*qkv, mask), None
+    if not backward:
+        return args, None
+    args = tuple(
+        a.detach().requires_grad_() if i in runner.grad_args else a for i, a in enumerate(args)
+    )
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    grad = torch.randn(runner.output_shape(*shape), generator=gen)
+    return args, runner.prepare_grad(grad.to(device=spec.device, dtype=dtype))
 
 
 def _call(runner, args, grad) -> None:
@@ -230,16 +195,11 @@ def _call(runner, args, grad) -> None:
         runner.run(*args).backward(grad)
 
 
-def _warm_up_small(spec: CaseSpec, backward: bool) -> None:
-    """One call at a small size: loads kernels and libraries outside the measured region."""
+def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
+    # One call at a small size first loads kernels and libraries outside the measured region.
     small = dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1)
     runner = get_implementation(spec.impl).build(small.config())
-    args, grad = _prepared(small, runner, backward)
-    _call(runner, args, grad)
-
-
-def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
-    _warm_up_small(spec, backward)
+    _call(runner, *_prepared(small, runner, backward))
     runner = get_implementation(spec.impl).build(spec.config())
     args, grad = _prepared(spec, runner, backward)
     if spec.device.startswith("cuda"):
@@ -250,9 +210,18 @@ def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
         _call(runner, args, grad)
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "cuda-allocated"
-    _trim_allocator()
+    # Freed heap memory kept by glibc could be reused by the measured call without showing in
+    # RSS; handing it back first makes the baseline exact.
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _status_kib("VmRSS")
-    method = "rss-reset" if _reset_rss_peak() else "rss-hwm"
+    try:  # "5" resets the resident-set high-water mark
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        method = "rss-reset"
+    except OSError:
+        method = "rss-hwm"
     _call(runner, args, grad)
     return max(0, _status_kib("VmHWM") - base) / 1024, method
 
@@ -260,21 +229,22 @@ def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
 def _times(spec: CaseSpec, backward: bool) -> list[float]:
     runner = get_implementation(spec.impl).build(spec.config())
     args, grad = _prepared(spec, runner, backward)
+    cuda = spec.device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(torch.device(spec.device))) if cuda else lambda: None
     for _ in range(spec.warmup):
         _call(runner, args, grad)
     times = []
     for _ in range(spec.repeats):
-        _sync(spec.device)
+        sync()
         t0 = time.perf_counter()
         _call(runner, args, grad)
-        _sync(spec.device)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
-    """Run ``tasks`` (from ``memory_forward``, ``memory_backward``, ``time_forward``,
-    ``time_backward``) here and return their results as a dict.
+    """Run ``tasks`` (from :data:`TASKS`) here and return their results as a dict.
 
     Memory tasks must come first and only in a process that has done nothing else (the
     worker); timings can follow in the same process.
@@ -286,15 +256,12 @@ def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
         torch.set_num_threads(spec.threads)
     out: dict = {"threads": torch.get_num_threads()}
     for task in tasks:
-        backward = task.endswith("backward")
-        if task.startswith("memory"):
-            peak, out["memory_method"] = _memory(spec, backward)
-            out[("backward" if backward else "forward") + "_peak_mib"] = peak
+        kind, _, which = task.partition("_")
+        if kind == "memory":
+            out[f"{which}_peak_mib"], out["memory_method"] = _memory(spec, which == "backward")
         else:
-            times = _times(spec, backward)
-            key = "backward" if backward else "forward"
-            out[f"{key}_times_ms"] = times
-            out[f"{key}_ms"] = statistics.median(times)
+            out[f"{which}_times_ms"] = times = _times(spec, which == "backward")
+            out[f"{which}_ms"] = statistics.median(times)
     return out
 
 
@@ -302,19 +269,12 @@ def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
 
 
 def run_worker(
-    spec: CaseSpec,
-    tasks: list[str],
-    timeout: float | None,
-    *,
-    command: list[str] | None = None,
+    spec: CaseSpec, tasks: list[str], timeout: float | None, *, command: list[str] | None = None
 ) -> dict:
-    """Run ``tasks`` for ``spec`` in a fresh process and return its result dict.
-
-    ``command`` starts the worker (default ``python -m nystromer.bench.worker``); the spec as
-    JSON and the comma-joined tasks are appended. The worker prints one line starting with
-    the result mark, as :mod:`nystromer.bench.worker` does. A crash or timeout becomes
-    ``{"status": "oom" | "failed", "note": ...}``.
-    """
+    """Run ``tasks`` for ``spec`` in a fresh process started by ``command`` (default ``python
+    -m nystromer.bench.worker``) with the spec as JSON and the comma-joined tasks appended; it
+    prints its result dict on one line after the result mark. A crash or timeout becomes
+    ``{"status": "oom" | "failed", "note": ...}``."""
     env = dict(os.environ)
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)
@@ -341,25 +301,16 @@ def measure_case(
     timeout: float | None = None,
     worker: list[str] | None = None,
 ) -> CaseResult:
-    """Measure one case: forward memory and the timings in one fresh process, forward+backward
-    memory in another.
+    """Measure one case: forward memory and the timings (of the forward, and with ``backward``
+    of forward+backward; none without ``timing``) in one fresh process, forward+backward memory
+    in another. ``timeout`` is per worker process; ``worker`` the command that starts one (see
+    :func:`run_worker`), for a benchmark whose implementations the default worker does not know.
 
-    Args:
-        spec: what to measure.
-        backward: measure forward+backward too, not only the inference forward.
-        timing: measure time too, not only peak memory.
-        timeout: seconds allowed to each worker process.
-        worker: the command that starts a worker (see :func:`run_worker`), for a benchmark
-            whose implementations the default worker does not know.
-
-    Returns:
-        A :class:`CaseResult`; an implementation that is not installed or does not accept the
-        size is ``skipped`` with the reason, a crashed worker ``failed``/``oom``.
+    An implementation that is not installed or does not accept the size is ``skipped`` with the
+    reason, a crashed worker ``failed``/``oom``.
     """
-    result = CaseResult(spec)
-    reason = unavailable_reason(spec.impl)
-    if reason is None:
-        reason = get_implementation(spec.impl).supports(spec.config(), spec.padding > 0)
+    impl, result = get_implementation(spec.impl), CaseResult(spec)
+    reason = unavailable_reason(spec.impl) or impl.supports(spec.config(), spec.padding > 0)
     if reason is not None:
         result.status, result.note = "skipped", reason
         return result

@@ -56,18 +56,14 @@ _OUTPUTS = {
     "speed": ("speed.json", ("speed_time.png", "speed_memory.png")),
     "approx": ("approx.json", ("approx_landmarks.png", "approx_iterations.png")),
 }
-# Tiny sizes for --quick, put before each command's --out: the whole pipeline in seconds.
+# Tiny sizes for --quick, put before the section's first command's --out: seconds in all.
 _QUICK_PROBLEM = ["--heads", "2", "--head-dim", "16", "--num-landmarks", "16"]
 _QUICK = {
-    "table": [["--lengths", "64", "--impl", "exact-matmul,nystromer", *_QUICK_PROBLEM]],
-    "speed": [
-        ["--lengths", "64,128", "--impl", "nystromer,exact", *_QUICK_PROBLEM, "--no-backward"]
-    ],
-    "approx": [
-        ["--seq-len", "128", *_QUICK_PROBLEM, "--landmarks", "8,16,32", "--iterations", "1,6"]
-        + ["--model-seq-len", "64", "--model-source", "random-bert"]
-    ],
-    "viz": [["--seq-len", "64", "--num-landmarks", "8"]],
+    "table": ["--lengths", "64", "--impl", "exact-matmul,nystromer", *_QUICK_PROBLEM],
+    "speed": ["--lengths", "64,128", "--impl", "nystromer,exact", *_QUICK_PROBLEM, "--no-backward"],
+    "approx": ["--seq-len", "128", *_QUICK_PROBLEM, "--landmarks", "8,16,32", "--iterations", "1,6"]
+    + ["--model-seq-len", "64", "--model-source", "random-bert"],
+    "viz": ["--seq-len", "64", "--num-landmarks", "8"],
 }
 
 
@@ -94,15 +90,10 @@ def report_commands(
     threads: int | None = None,
     with_lra: bool = True,
 ) -> dict[str, list[list[str]]]:
-    """The ``nystromer`` commands of each CPU section (the GPU section's: :func:`gpu_commands`).
-
-    Args:
-        out: folder that receives each command's outputs.
-        quick: tiny sizes (a few seconds in all) instead of the full benchmark.
-        lra_run: LRA run directory for the ``lra`` inputs (None: the commands' default).
-        threads: torch threads of the timed sections (None: torch's default; 1 with ``quick``).
-        with_lra: False leaves out the inputs of a trained LRA model (when there is none).
-    """
+    """The ``nystromer`` commands of each CPU section (the GPU section's: :func:`gpu_commands`),
+    writing into ``out``: with ``quick`` at tiny sizes, ``lra_run`` for the ``lra`` inputs (None:
+    the commands' default; ``with_lra=False`` leaves those inputs out), ``threads`` torch
+    threads in the timed sections (None: torch's default; 1 with ``quick``)."""
     out = Path(out)
     lra = [] if lra_run is None else ["--lra-run", str(lra_run)]
     threads = 1 if quick and threads is None else threads
@@ -122,9 +113,8 @@ def report_commands(
             + [*([] if quick else ["--window", "384"]), "--out", str(out / "attention_lra.png")],
         ],
     }
-    for name, extras in (_QUICK if quick else {}).items():
-        for argv, extra in zip(commands[name], extras, strict=False):
-            argv[-2:-2] = extra  # before --out
+    for name, extra in (_QUICK if quick else {}).items():
+        commands[name][0][-2:-2] = extra  # before --out
     if not with_lra:
         commands["approx"][0][2:2] = ["--sources", "random,lm"]
         commands["viz"] = commands["viz"][:1]
@@ -140,28 +130,10 @@ def _link(image: Path, docs: Path, alt: str) -> str:
 
 
 def _measured(heading: str, report: dict, command: str, body: str, links: list[str]) -> list[str]:
-    """A section (or sub-section) of one command's result: heading, command, date, machine,
-    the Markdown its module rendered, the plots."""
-    return [
-        heading,
-        "",
-        f"Measured {report.get('date') or 'on an unrecorded date'} with `{command}`.",
-        f"Machine: {report['machine_label']}.",
-        "",
-        body,
-        "",
-        *links,
-        "",
-    ]
-
-
-def _gpu_results(results_dir: Path) -> list[tuple[Path, dict]]:
-    found = []
-    for path in sorted(results_dir.glob("*/speed.json")):
-        report = _load(path)
-        if str(report.get("machine", {}).get("device", "")).startswith("cuda"):
-            found.append((path, report))
-    return found
+    """One command's result: heading, command, date, machine, its Markdown, the plots."""
+    date = report.get("date") or "on an unrecorded date"
+    machine = f"Machine: {report['machine_label']}."
+    return [heading, "", f"Measured {date} with `{command}`.", machine, "", body, "", *links, ""]
 
 
 def render_gpu(results_dir: Path, docs: Path) -> str:
@@ -173,7 +145,10 @@ def render_gpu(results_dir: Path, docs: Path) -> str:
 
     commands = ["```", *(_shown(c) for c in gpu_commands(results_dir)), "```"]
     lines = [f"## {_TITLES['gpu']}", ""]
-    found = _gpu_results(results_dir)
+    found = [(path, _load(path)) for path in sorted(results_dir.glob("*/speed.json"))]
+    found = [
+        (p, r) for p, r in found if str(r.get("machine", {}).get("device", "")).startswith("cuda")
+    ]
     if not found:
         lines += [
             f"Not measured yet: no CUDA results under `{results_dir}/`. On a machine with a "
@@ -198,20 +173,6 @@ def render_gpu(results_dir: Path, docs: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _render_viz(found: Sequence[dict], commands: Sequence[str], links: Sequence[str]) -> str:
-    lines = [f"## {_TITLES['viz']}", ""]
-    for info, command, link in zip(found, commands, links, strict=True):
-        lines += [
-            f"Drawn {info['date']} with `{command}` ({info['machine_label']}): {info['title']}; "
-            f"m = {info['num_landmarks']}, {info['pinv_iterations']} pinv iterations, relative "
-            f"error of the matrix {info['relative_error']:.3f}.",
-            "",
-            link,
-            "",
-        ]
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -> None:
     """Write or replace section ``name`` between its markers; append it when they are absent.
 
@@ -222,17 +183,6 @@ def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -
     begin = f"<!-- bench-report:{name}:begin (written by nystromer bench report) -->"
     end = f"<!-- bench-report:{name}:end -->"
     replace_section(path, begin, end, markdown, new_file="# Benchmarks\n")
-
-
-# --- running ----------------------------------------------------------------------------------
-
-
-def _run_command(argv: list[str], say: Callable[[str], None]) -> None:
-    say(f"$ {_shown(argv)}")
-    sys.stdout.flush()
-    code = subprocess.run([sys.executable, "-m", "nystromer", *argv]).returncode
-    if code != 0:
-        raise RuntimeError(f"`{_shown(argv)}` exited with {code}")
 
 
 def _load(path: Path) -> dict:
@@ -253,17 +203,30 @@ def _build_section(
     pngs = outs if name == "viz" else [outs[0] / image for image in _OUTPUTS[name][1]]
     links = []
     for png in pngs:
-        (images_dir / png.name).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(images_dir / png.name) as tmp:
             shutil.copyfile(png, tmp)
         links.append(_link(images_dir / png.name, docs, png.stem.replace("_", " ")))
     shown = [_shown(c) for c in commands]
+    lines = [f"## {_TITLES[name]}", ""]
     if name == "viz":
-        return _render_viz([_load(out.with_suffix(".json")) for out in outs], shown, links)
-    report = _load(outs[0] / _OUTPUTS[name][0])
-    body = {"table": format_table1, "speed": format_speed, "approx": format_approx}[name](report)
-    lines = _measured(f"## {_TITLES[name]}", report, shown[0], body, links)
+        for out, command, link in zip(outs, shown, links, strict=True):
+            info = _load(out.with_suffix(".json"))
+            lines += [
+                f"Drawn {info['date']} with `{command}` ({info['machine_label']}): "
+                f"{info['title']}; m = {info['num_landmarks']}, {info['pinv_iterations']} pinv "
+                f"iterations, relative error of the matrix {info['relative_error']:.3f}.",
+                "",
+                link,
+                "",
+            ]
+    else:
+        report = _load(outs[0] / _OUTPUTS[name][0])
+        body = {"table": format_table1, "speed": format_speed, "approx": format_approx}[name]
+        lines = _measured(lines[0], report, shown[0], body(report), links)
     return "\n".join(lines).rstrip() + "\n"
+
+
+# --- running ----------------------------------------------------------------------------------
 
 
 def run_report(
@@ -279,25 +242,16 @@ def run_report(
     run_gpu: bool | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, str | None]:
-    """Run the benchmark commands and write their sections into the Markdown file.
+    """Run the benchmark commands (outputs under ``out``) and write their sections (``only``
+    these; default: all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny
+    sizes, ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
+    ``images_dir`` (default ``bench/`` beside docs), CUDA results looked for in ``gpu_dir``
+    (default ``images_dir/gpu``). Without a trained model at ``lra_run`` (default: the commands'
+    own choice) the LRA inputs are left out. ``run_gpu`` runs the GPU commands first (default:
+    when CUDA is available and not quick); ``progress`` gets progress lines (None: silent).
 
-    Args:
-        out: folder for the commands' own outputs (JSON, Markdown, CSV, PNG).
-        docs: the Markdown file (default: ``docs/benchmarks.md``; with ``quick``:
-            ``out/benchmarks.md``, so tiny numbers never land in the real docs by accident).
-        images_dir: where the linked PNGs are copied (default: ``bench/`` beside ``docs``).
-        gpu_dir: where CUDA results are looked for (default: ``images_dir/gpu``).
-        quick: tiny sizes, seconds in all.
-        only: run and write only these sections (default: all of :data:`REPORT_SECTIONS`).
-        lra_run: LRA run directory for the ``lra`` inputs (default: the commands' own choice;
-            without a trained model there, the LRA inputs are left out).
-        threads: torch threads of the timed sections.
-        run_gpu: run the GPU commands first (default: when CUDA is available and not quick).
-        progress: called with progress lines (None: silent).
-
-    Returns:
-        Section name → None when it was written, else why it failed (its markers are then
-        left as they were: one failed section does not lose the others).
+    Returns section name → None when written, else why it failed (its markers are then left as
+    they were: one failed section does not lose the others).
     """
     say = progress or (lambda _line: None)
     sections = list(REPORT_SECTIONS if only is None else only)
@@ -329,10 +283,13 @@ def run_report(
         say(f"== {name} ==")
         try:
             for argv in commands[name]:
-                _run_command(argv, say)
-            write_docs_section(
-                docs, name, _build_section(name, commands[name], docs, images_dir, gpu_dir)
-            )
+                say(f"$ {_shown(argv)}")
+                sys.stdout.flush()
+                code = subprocess.run([sys.executable, "-m", "nystromer", *argv]).returncode
+                if code != 0:
+                    raise RuntimeError(f"`{_shown(argv)}` exited with {code}")
+            section = _build_section(name, commands[name], docs, images_dir, gpu_dir)
+            write_docs_section(docs, name, section)
         except Exception as exc:
             traceback.print_exc()
             done[name] = f"{type(exc).__name__}: {exc}"
@@ -357,6 +314,8 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def register_report(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``nystromer bench report`` to the ``bench`` sub-parsers."""
+    from .cli import name_list
+
     r = bench_sub.add_parser(
         "report",
         help="run every benchmark and regenerate docs/benchmarks.md (make bench)",
@@ -365,22 +324,22 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
         "plots into the Markdown file between marker comments.",
     )
     r.add_argument("--quick", action="store_true", help="tiny sizes: the pipeline in seconds")
-    r.add_argument("--out", type=Path, help="command outputs (default: bench-out/report[-quick])")
-    r.add_argument(
-        "--docs",
-        type=Path,
-        help=f"Markdown file to update (default: {DEFAULT_DOCS}; with --quick: OUT/benchmarks.md)",
+    docs_help = (
+        f"Markdown file to update (default: {DEFAULT_DOCS}; with --quick: OUT/benchmarks.md)"
     )
-    r.add_argument("--images", type=Path, help="where plots are copied (default: DOCS_DIR/bench)")
-    r.add_argument(
-        "--gpu-results", type=Path, help="CUDA speed results to render (default: IMAGES/gpu)"
-    )
+    for flag, help in (
+        ("--out", "command outputs (default: bench-out/report[-quick])"),
+        ("--docs", docs_help),
+        ("--images", "where plots are copied (default: DOCS_DIR/bench)"),
+        ("--gpu-results", "CUDA speed results to render (default: IMAGES/gpu)"),
+        ("--lra-run", "LRA run for the lra inputs (default: see approx)"),
+    ):
+        r.add_argument(flag, type=Path, help=help)
     r.add_argument(
         "--only",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=name_list,
         help=f"comma-separated sections to run, from {','.join(REPORT_SECTIONS)} (default: all)",
     )
-    r.add_argument("--lra-run", type=Path, help="LRA run for the lra inputs (default: see approx)")
     r.add_argument("--threads", type=int, help="torch threads of the timed sections")
     r.add_argument(
         "--run-gpu",

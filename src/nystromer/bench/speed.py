@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
+from .._markdown import table
 from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
@@ -48,14 +49,16 @@ PAPER_TABLE1 = {
     4096: ((2620, 32.9), (229, 5.9)),
     8192: ((10233, 155.4), (450, 12.3)),
 }
+#: Column names of the metrics, and their (forward, forward+backward) pairs per quantity.
+_METRIC_NAMES = dict(
+    zip(METRICS, ("fwd time", "fwd+bwd time", "fwd memory", "fwd+bwd memory"), strict=True)
+)
+_QUANTITIES = {"time (ms)": METRICS[:2], "peak memory (MiB)": METRICS[2:]}
 
 
 def scaling_exponent(lengths: Sequence[int], values: Sequence[float | None]) -> float | None:
-    """Least-squares slope of log(value) against log(n) over the upper half of the points.
-
-    Small n are dominated by fixed per-call costs, so the fit uses the larger half of the
-    measured lengths (at least two points); None with fewer than two measured points.
-    """
+    """Least-squares slope of log(value) against log(n) over the larger half of the measured
+    points (small n are dominated by fixed per-call costs); None with fewer than two points."""
     pts = sorted((n, v) for n, v in zip(lengths, values, strict=True) if v is not None and v > 0)
     if len(pts) < 2:
         return None
@@ -70,11 +73,10 @@ def crossover(
     """The smallest n from which ``ours`` < ``exact`` at every larger n measured for both."""
     found = None
     for n, a, b in reversed(list(zip(lengths, ours, exact, strict=True))):
-        if a is None or b is None:
-            continue
-        if a >= b:
-            break
-        found = n
+        if a is not None and b is not None:
+            if a >= b:
+                break
+            found = n
     return found
 
 
@@ -88,23 +90,16 @@ def run_speed(
     timeout: float | None = 1800,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """Measure every implementation over ``lengths``; returns the report dict (see module).
-
-    Args:
-        base: problem settings; ``impl`` and ``seq_len`` are replaced per case.
-        lengths: sequence lengths, ascending.
-        implementations: registry names.
-        backward: also measure forward+backward.
-        max_seconds: stop an implementation's sweep after a forward call slower than this.
-        timeout: seconds allowed to one worker process.
-        progress: called with one line per measurement (None: silent).
-    """
+    """Measure every implementation (registry names) over ``lengths`` on ``base``'s problem
+    (its ``impl`` and ``seq_len`` are replaced), forward and with ``backward`` forward+backward
+    too; an implementation's sweep stops after a forward slower than ``max_seconds`` or out of
+    memory. ``timeout`` is per worker process; ``progress`` gets one line per measurement
+    (None: silent). Returns the report dict (see the module doc)."""
     say = progress or (lambda _line: None)
     lengths = sorted(lengths)
     results: dict[str, list[CaseResult]] = {}
     for impl in implementations:
-        results[impl] = []
-        stop = None
+        results[impl], stop = [], None
         for n in lengths:
             spec = dataclasses.replace(base, impl=impl, seq_len=n)
             if stop is not None:
@@ -121,13 +116,9 @@ def run_speed(
         impl: {m: [getattr(r, m) if r.status == "ok" else None for r in rs] for m in METRICS}
         for impl, rs in results.items()
     }
-    fits = {
-        impl: {metric: scaling_exponent(lengths, vals) for metric, vals in c.items()}
-        for impl, c in curves.items()
-    }
     cross = {}
     if "nystromer" in curves and "exact" in curves:
-        for metric in ("forward_ms", "backward_ms"):
+        for metric in METRICS[:2]:
             cross[metric] = crossover(lengths, curves["nystromer"][metric], curves["exact"][metric])
     info = machine_info(base.device, base.threads)
     return {
@@ -138,7 +129,10 @@ def run_speed(
         "machine_label": machine_label(info),
         "results": {impl: [r.to_dict() for r in rs] for impl, rs in results.items()},
         "curves": curves,
-        "scaling_exponents": fits,
+        "scaling_exponents": {
+            impl: {metric: scaling_exponent(lengths, vals) for metric, vals in c.items()}
+            for impl, c in curves.items()
+        },
         "nystromer_beats_exact_from": cross,
     }
 
@@ -147,13 +141,12 @@ def write_speed_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[P
     """Write ``speed.json``, ``speed.md``, ``speed.csv``, ``speed_time.png`` and
     ``speed_memory.png``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "speed.json", out / "speed.md", out / "speed.csv"]
+    written = [out / name for name in ("speed.json", "speed.md", "speed.csv")]
     with atomic_write(written[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(written[1]) as f:
         f.write(format_speed(report) + "\n")
-    with atomic_write(written[2], encoding="utf-8") as f:
+    with atomic_write(written[2]) as f:
         w = csv.writer(f)
         w.writerow(["implementation", "n", "status", *METRICS, "memory_method", "threads"])
         for impl, rs in report["results"].items():
@@ -163,11 +156,8 @@ def write_speed_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[P
                     + ["" if r[m] is None else f"{r[m]:.4f}" for m in METRICS]
                     + [r["memory_method"] or "", r["threads"] or ""]
                 )
-    for name, metrics, ylabel in (
-        ("speed_time.png", ("forward_ms", "backward_ms"), "time (ms)"),
-        ("speed_memory.png", ("forward_peak_mib", "backward_peak_mib"), "peak memory (MiB)"),
-    ):
-        written.append(out / name)
+    for (ylabel, metrics), name in zip(_QUANTITIES.items(), ("time", "memory"), strict=True):
+        written.append(out / f"speed_{name}.png")
         _plot(report, metrics, ylabel, written[-1])
     return written
 
@@ -178,19 +168,20 @@ def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = report["lengths"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for impl, curve in report["curves"].items():
-            pts = [(n, v) for n, v in zip(lengths, curve[metric], strict=True) if v is not None]
-            if not pts:
-                continue
+            pts = [
+                (n, v)
+                for n, v in zip(report["lengths"], curve[metric], strict=True)
+                if v is not None
+            ]
             slope = report["scaling_exponents"][impl][metric]
             label = impl if slope is None else f"{impl} (∝ n^{slope:.2f})"
-            ax.loglog(*zip(*pts, strict=True), marker="o", label=label)
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel="sequence length n", ylabel=ylabel)
         ax.set_title(metric.replace("_", " ").replace("backward", "forward+backward"))
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -205,44 +196,32 @@ def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None
 def format_table1(report: dict) -> str:
     """Markdown in the form of the paper's Table 1 from a :func:`run_speed` report: per n, the
     forward peak memory (MiB) / time (ms) of each implementation, then the paper's numbers."""
-    impls, base = list(report["curves"]), report["base"]
-    lines = [
+    impls, base, curves = list(report["curves"]), report["base"], report["curves"]
+    rows = []
+    for i, n in enumerate(report["lengths"]):
+        cells = [f"{n:,}"]
+        for impl in impls:
+            mem, ms = curves[impl]["forward_peak_mib"][i], curves[impl]["forward_ms"][i]
+            cells.append("—" if mem is None or ms is None else f"{mem:,.1f} / {ms:,.1f}")
+        paper = PAPER_TABLE1.get(n)
+        rows.append(cells + ([f"{p[0]:,} / {p[1]}" for p in paper] if paper else ["—", "—"]))
+    header = ["n", *(f"{impl} MiB / ms" for impl in impls)]
+    header += ["paper Transformer MB / ms", "paper Nyströmformer MB / ms"]
+    intro = (
         f"Forward (inference) peak memory above the inputs (MiB) and time (ms) per instance: "
         f"batch {base['batch']}, {base['heads']} heads × {base['head_dim']}, m = "
         f"{base['num_landmarks']}, {base['dtype']}. `exact-matmul` is the paper's Transformer "
         "(softmax(QKᵀ)·V materialised), `exact` torch SDPA, `nystromer` ours; the last two "
         "columns are the paper's numbers (1080Ti GPU, their whole attention layer), for the "
-        "shape of the curves rather than the values.",
-        "",
-        "| n | "
-        + " | ".join(f"{impl} MiB / ms" for impl in impls)
-        + " | paper Transformer MB / ms | paper Nyströmformer MB / ms |",
-        "|--:|" + "--:|" * (len(impls) + 2),
-    ]
-    for i, n in enumerate(report["lengths"]):
-        cells = []
-        for impl in impls:
-            mem = report["curves"][impl]["forward_peak_mib"][i]
-            ms = report["curves"][impl]["forward_ms"][i]
-            cells.append("—" if mem is None or ms is None else f"{mem:,.1f} / {ms:,.1f}")
-        paper = PAPER_TABLE1.get(n)
-        cells += [f"{p[0]:,} / {p[1]}" for p in paper] if paper else ["—", "—"]
-        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-_METRIC_NAMES = {
-    "forward_ms": "fwd time",
-    "backward_ms": "fwd+bwd time",
-    "forward_peak_mib": "fwd memory",
-    "backward_peak_mib": "fwd+bwd memory",
-}
+        "shape of the curves rather than the values."
+    )
+    return "\n".join([intro, "", *table(header, rows, left=0)])
 
 
 def format_speed(report: dict) -> str:
     """Markdown of a :func:`run_speed` report: settings, time and memory tables against n,
     fitted exponents, the crossover with exact attention and why a sweep stopped."""
-    base, impls, curves = report["base"], list(report["curves"]), report["curves"]
+    base, curves = report["base"], report["curves"]
     backward = any(v is not None for c in curves.values() for v in c["backward_ms"])
     lines = [
         f"Batch {base['batch']}, {base['heads']} heads × {base['head_dim']}, m = "
@@ -252,36 +231,26 @@ def format_speed(report: dict) -> str:
         + ("Cells: forward / forward+backward." if backward else "Forward only."),
         "",
     ]
-    for title, first, second in (
-        ("time (ms)", "forward_ms", "backward_ms"),
-        ("peak memory (MiB)", "forward_peak_mib", "backward_peak_mib"),
-    ):
-        lines += [
-            "| n | " + " | ".join(f"{impl} {title}" for impl in impls) + " |",
-            "|--:|" + "--:|" * len(impls),
-        ]
+    for title, (first, second) in _QUANTITIES.items():
+        rows = []
         for i, n in enumerate(report["lengths"]):
-            cells = [
-                fmt(curves[impl][first][i])
-                + (f" / {fmt(curves[impl][second][i])}" if backward else "")
-                for impl in impls
-            ]
-            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
-        lines.append("")
-    shown = [m for m in _METRIC_NAMES if backward or not m.startswith("backward")]
+            pairs = [(fmt(c[first][i]), fmt(c[second][i])) for c in curves.values()]
+            rows.append([f"{n:,}", *(" / ".join(p if backward else p[:1]) for p in pairs)])
+        lines += [*table(["n", *(f"{impl} {title}" for impl in curves)], rows, left=0), ""]
+    shown = [m for m in METRICS if backward or not m.startswith("backward")]
+    fits = report["scaling_exponents"]
     lines += [
         "Fitted scaling exponent (slope of log value against log n over the larger half of "
         "the measured n; ours should be ≈ 1, exact attention's time ≈ 2):",
         "",
-        "| implementation | " + " | ".join(_METRIC_NAMES[m] for m in shown) + " |",
-        "|---|" + "--:|" * len(shown),
+        *table(
+            ["implementation", *(_METRIC_NAMES[m] for m in shown)],
+            [[impl, *(fmt(fits[impl][m], ".2f") for m in shown)] for impl in curves],
+        ),
+        "",
     ]
-    for impl in impls:
-        fits = report["scaling_exponents"][impl]
-        lines.append(f"| {impl} | " + " | ".join(fmt(fits[m], ".2f") for m in shown) + " |")
-    lines.append("")
     cross = report.get("nystromer_beats_exact_from") or {}
-    for metric, label in (("forward_ms", "forward"), ("backward_ms", "forward+backward")):
+    for metric, label in zip(METRICS[:2], ("forward", "forward+backward"), strict=True):
         if metric in cross and (backward or metric == "forward_ms"):
             n = cross[metric]
             lines.append(

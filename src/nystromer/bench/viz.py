@@ -7,6 +7,7 @@ side by side with the same colour scale, the landmark segments marked on both.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._io import atomic_path
+from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
 from .inputs import random_qkv
 
@@ -25,26 +26,15 @@ __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
 def attention_matrices(
     q: Tensor, k: Tensor, num_landmarks: int, pinv_iterations: int = 6
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact and Nyström attention matrices of one head.
-
-    Args:
-        q, k: (n, d) queries and keys of one head, n > num_landmarks.
-        num_landmarks: m.
-        pinv_iterations: iterations of the pseudo-inverse.
-
-    Returns:
-        ``(exact, approx, boundaries)``: two (n, n) matrices (rows of ``exact`` sum to 1, rows
-        of ``approx`` sum to about 1) and the (m + 1,) segment boundaries in positions.
-    """
-    n, d = q.shape
-    m = num_landmarks
+    """Exact and Nyström attention matrices of one head from its (n, d) queries and keys,
+    n > num_landmarks: ``(exact, approx, boundaries)``, two (n, n) matrices (rows of ``exact``
+    sum to 1, rows of ``approx`` to about 1) and the (m + 1,) segment boundaries in positions."""
+    n, m = q.shape[0], num_landmarks
     if n <= m:
         raise ValueError(f"q: need more positions than num_landmarks={m}, got n={n}")
-    exact = reference.softmax_kernel(q, k)
-    approx = reference.nystrom_matrix(q, k, m, pinv_iterations)
     starts = [lo for lo, _ in reference.segment_bounds(n, m)]
-    boundaries = torch.tensor([*starts, n])
-    return exact, approx, boundaries
+    approx = reference.nystrom_matrix(q, k, m, pinv_iterations)
+    return reference.softmax_kernel(q, k), approx, torch.tensor([*starts, n])
 
 
 def plot_attention(
@@ -60,21 +50,13 @@ def plot_attention(
     title: str | None = None,
     window: int | None = None,
 ) -> dict:
-    """Write a PNG with the exact and the Nyström attention matrix side by side.
+    """Write a PNG (``path``) with the exact and the Nyström attention matrix (m landmarks,
+    ``pinv_iterations``) side by side, of one head's (n, d) ``q`` and ``k``, or of structured
+    random ones of ``seq_len``, ``head_dim`` and ``seed``; ``title`` defaults to describing them.
+    ``window`` draws only the first that many positions (long sequences stay readable).
 
-    Args:
-        path: the PNG to write.
-        seq_len, head_dim, seed: size and seed of the structured random inputs used when ``q``
-            and ``k`` are not given (:func:`~nystromer.bench.inputs.random_qkv`).
-        num_landmarks, pinv_iterations: m and the pseudo-inverse iterations.
-        q, k: (n, d) queries and keys of one head, instead of random ones.
-        title: figure title (default: describes the inputs).
-        window: draw only the first ``window`` query and key positions (the matrices and the
-            error are still those of the whole sequence): long sequences stay readable.
-
-    Returns:
-        ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
-        error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
+    Returns ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
+    error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
     """
     import matplotlib
 
@@ -87,7 +69,7 @@ def plot_attention(
         raise ValueError(f"window must be a positive number of positions, got {window!r}")
     if q is None:
         q4, k4, _ = random_qkv(1, 1, seq_len, head_dim, style="structured", seed=seed)
-        q, k = q4[0, 0].double(), k4[0, 0].double()
+        q, k = q4[0, 0], k4[0, 0]
         title = title or f"structured random q, k (n = {seq_len}, d = {head_dim})"
     title = title or f"q, k of one head (n = {q.shape[0]}, d = {q.shape[1]})"
     exact, approx, bounds = attention_matrices(
@@ -95,34 +77,30 @@ def plot_attention(
     )
     error = float((approx - exact).norm() / exact.norm())
     n_all = exact.shape[0]
-    shown = n_all if window is None else min(window, n_all)
-    exact, approx = exact[:shown, :shown], approx[:shown, :shown]
-    vmax = float(torch.quantile(exact.flatten(), 0.995))
+    n = n_all if window is None else min(window, n_all)
+    if n < n_all:
+        title = f"{title}; positions 0–{n - 1} of {n_all} shown"
+    vmax = float(torch.quantile(exact[:n, :n].flatten(), 0.995))
+    # Landmarks sit at the centres of their segments; inside a window, those that fall in it.
+    centres = ((bounds[:-1] + bounds[1:]).double() - 1) / 2
+    centres = centres[centres <= n - 1]
+    inner = bounds[(bounds > 0) & (bounds < n)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     panels = (
         ("exact softmax(QKᵀ/√d)", exact),
         (f"Nyström F·A⁺·B, m = {num_landmarks}, {pinv_iterations} pinv iterations", approx),
     )
-    if shown < n_all:
-        title = f"{title}; positions 0–{shown - 1} of {n_all} shown"
-    centres = ((bounds[:-1] + bounds[1:]).double() - 1) / 2
-    # Inside a window: the segment boundaries and landmarks that fall in it.
-    centres = centres[centres <= shown - 1]
-    inner = bounds[(bounds > 0) & (bounds < shown)]
     for ax, (name, mat) in zip(axes, panels, strict=True):
-        im = ax.imshow(mat.numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        mat = mat[:n, :n].numpy()
+        im = ax.imshow(mat, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         for b in inner.tolist():
             ax.axhline(b - 0.5, color="white", linewidth=0.4, alpha=0.5)
             ax.axvline(b - 0.5, color="white", linewidth=0.4, alpha=0.5)
-        # Landmarks sit at the centres of their segments: marked along both edges.
-        n = mat.shape[0]
         ax.plot(centres, [-1.5] * len(centres), "rv", markersize=3, clip_on=False)
         ax.plot([n + 0.5] * len(centres), centres, "r<", markersize=3, clip_on=False)
-        ax.set_xlim(-0.5, n - 0.5)
-        ax.set_ylim(n - 0.5, -0.5)
+        ax.set(xlim=(-0.5, n - 0.5), ylim=(n - 0.5, -0.5))
+        ax.set(xlabel="key position", ylabel="query position")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("key position")
-        ax.set_ylabel("query position")
     fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight (clipped at 99.5th pct)")
     fig.suptitle(
         f"{title}\nrelative error ‖approx − exact‖/‖exact‖ = {error:.3f}; "
@@ -138,7 +116,7 @@ def plot_attention(
         "seq_len": q.shape[0],
         "num_landmarks": num_landmarks,
         "title": title,
-        "window": shown,
+        "window": n,
     }
 
 
@@ -169,10 +147,6 @@ def attention_figure(
         :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
         ``json`` (the side file).
     """
-    import json
-
-    from .._io import atomic_write
-
     if source not in ("random", "lm", "lra"):
         raise ValueError(f"source must be random, lm or lra, got {source!r}")
     q = k = title = None
@@ -212,8 +186,8 @@ def attention_figure(
         title=title,
         window=window,
     )
-    found["pinv_iterations"] = pinv_iterations
-    found |= {"date": date.today().isoformat(), "machine_label": machine_label(machine_info())}
+    found |= {"pinv_iterations": pinv_iterations, "date": date.today().isoformat()}
+    found["machine_label"] = machine_label(machine_info())
     sidecar = Path(path).with_suffix(".json")
     with atomic_write(sidecar) as f:
         json.dump(found, f, indent=2)
