@@ -59,7 +59,7 @@ bench-mil-switch: venv
 # weights), n = 2,000 … 100,000, one thread; its section of docs/benchmarks.md and
 # docs/bench/transmil.png. About half an hour on 2 cores.
 bench-transmil: venv
-	$(BIN)/nystromer bench transmil --write-docs docs/benchmarks.md --out bench-out/transmil
+	$(BIN)/nystromer bench transmil --threads 1 --write-docs docs/benchmarks.md --out bench-out/transmil
 
 # Retrieval of long documents (CPython's standard-library docstrings) by all-MiniLM-L6-v2
 # truncated, chunked, lengthened with exact attention and converted: its section of

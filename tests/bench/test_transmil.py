@@ -78,8 +78,9 @@ def test_runners_share_weights_and_return_the_class_token_rows():
     spec = CaseSpec("exact", heads=2, head_dim=8, seq_len=104, num_landmarks=8)
     options = LayerOptions(dim=16, conv_kernel=3)
     with registered_layers(options):
-        ours = _build(spec.config(), options, "nystromer", True, seed=0)
-        package = _build(spec.config(), options, "nystrom-attention", True, seed=0)
+        ours = _build(spec.config(), options, "nystromer", "heatmap", seed=0)
+        alone = _build(spec.config(), options, "nystromer", "map", seed=0)
+        package = _build(spec.config(), options, "nystrom-attention", "heatmap", seed=0)
     for name, tensor in package.layer.state_dict().items():
         assert torch.equal(ours.layer.state_dict()[name], tensor), name
     (x,) = ours.prepare(*torch.zeros(3, 1, 2, 104, 8), None)
@@ -87,7 +88,10 @@ def test_runners_share_weights_and_return_the_class_token_rows():
     with torch.no_grad():
         # In the package's numerics ours reproduces the package, so the two heatmap rows
         # (ours at row 0, the package's at its padded position) must agree.
+        # The heatmap alone (attention_map, default numerics) is the default forward's row.
+        default, without_forward = ours.run(x), alone.run(x)
         ours.layer.numerics = "lucidrains"
         mine, theirs = ours.run(x), package.run(x)
-    assert mine.shape == theirs.shape == (1, 2, 104)
+    assert mine.shape == theirs.shape == default.shape == without_forward.shape == (1, 2, 104)
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(without_forward, default, rtol=1e-5, atol=1e-7)

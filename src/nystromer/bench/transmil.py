@@ -27,6 +27,7 @@ of FILE and the plot as ``bench/transmil.png`` beside FILE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
-from .._markdown import replace_section
-from .cli import _dtype, int_at_least, int_list
+from .._markdown import replace_section, table
+from .cli import _dtype, add_script_args, int_at_least, int_list
 from .implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -51,7 +52,7 @@ from .implementations import (
     Implementation,
     register_implementation,
 )
-from .measure import CaseResult, CaseSpec, fmt, measure_case
+from .measure import CaseSpec, fmt, measure_case
 
 __all__ = [
     "BEGIN",
@@ -63,7 +64,6 @@ __all__ = [
     "registered_layers",
     "run_transmil",
     "write_outputs",
-    "register_transmil",
 ]
 
 BEGIN = "<!-- transmil:begin (written by nystromer bench transmil) -->"
@@ -181,47 +181,34 @@ def _supports(options: LayerOptions, label: str, mode: str) -> Callable:
     return supports
 
 
-def register_transmil(options: LayerOptions, seed: int = 0) -> list[str]:
-    """Register the layers (each label, each mode) for ``options``; returns their names."""
+@contextlib.contextmanager
+def registered_layers(options: LayerOptions, seed: int = 0):
+    """Within the block, each layer in each mode is in the registry (names yielded); the
+    registry is restored after (a test keeps its own)."""
+    saved = dict(IMPLEMENTATIONS)
     names = []
-    for label, module in LAYERS.items():
-        for mode in MODES:
-            name = _registry_name(label, mode)
-            register_implementation(
-                Implementation(
-                    name=name,
-                    description=f"{module}.NystromAttention, {mode}",
-                    build=lambda config, label=label, mode=mode: _build(
-                        config, options, label, mode, seed
-                    ),
-                    # Ours loads the package's weights: both need it.
-                    requires=("nystrom_attention",),
-                    supports=_supports(options, label, mode),
-                    is_peer=label != "nystromer",
+    try:
+        for label, module in LAYERS.items():
+            for mode in MODES:
+                name = _registry_name(label, mode)
+                register_implementation(
+                    Implementation(
+                        name=name,
+                        description=f"{module}.NystromAttention, {mode}",
+                        build=lambda config, label=label, mode=mode: _build(
+                            config, options, label, mode, seed
+                        ),
+                        # Ours loads the package's weights: both need it.
+                        requires=("nystrom_attention",),
+                        supports=_supports(options, label, mode),
+                        is_peer=label != "nystromer",
+                    )
                 )
-            )
-            names.append(name)
-    return names
-
-
-class registered_layers:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Within the block, the layers of :func:`register_transmil` are in the registry; the
-    entries of the same names are restored after (a test keeps its own registry)."""
-
-    def __init__(self, options: LayerOptions, seed: int = 0) -> None:
-        self.options, self.seed = options, seed
-
-    def __enter__(self) -> list[str]:
-        names = [_registry_name(label, mode) for label in LAYERS for mode in MODES]
-        self._saved = {name: IMPLEMENTATIONS.get(name) for name in names}
-        return register_transmil(self.options, self.seed)
-
-    def __exit__(self, *exc) -> None:
-        for name, impl in self._saved.items():
-            if impl is None:
-                IMPLEMENTATIONS.pop(name, None)
-            else:
-                IMPLEMENTATIONS[name] = impl
+                names.append(name)
+        yield names
+    finally:
+        IMPLEMENTATIONS.clear()
+        IMPLEMENTATIONS.update(saved)
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -237,11 +224,6 @@ def _worker_main(argv: list[str]) -> int:
     registered first."""
     from .worker import measure_and_report
 
-    if len(argv) != 3:
-        print(
-            "usage: python -m nystromer.bench.transmil --worker OPTIONS SPEC TASKS", file=sys.stderr
-        )
-        return 2
     raw = json.loads(argv[0])
     seed = raw.pop("seed")
     with registered_layers(LayerOptions(**raw), seed):
@@ -249,15 +231,7 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
-def _entry(result: CaseResult) -> dict:
-    found = result.to_dict()
-    found.pop("spec")
-    return found
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def run_transmil(
@@ -294,7 +268,7 @@ def run_transmil(
                     result = measure_case(spec, backward=backward, timeout=timeout, worker=worker)
                     threads = threads or result.threads
                     progress(f"n = {n:,}: {label} {mode}: {result.summary()}")
-                    row[label][mode] = _entry(result)
+                    row[label][mode] = {k: v for k, v in result.to_dict().items() if k != "spec"}
             row["ratios"] = {
                 f"{mode}_{metric}": _ratio(
                     row["nystrom-attention"][_PACKAGE_MODE[mode]][metric],
@@ -343,15 +317,15 @@ def _table(report: dict, columns: tuple, unit: str) -> list[str]:
     header = ["n"]
     for name in _SHORT_NAMES:
         header += [f"{name} package {unit}", f"{name} ours {unit}", f"{name} ÷"]
-    lines = ["| " + " | ".join(header) + " |", "|--:" * len(header) + "|"]
+    rows = []
     for row in report["rows"]:
         cells = [f"{row['seq_len']:,}"]
         for mode, metric in columns:
             package, ours = row["nystrom-attention"][mode], row["nystromer"][mode]
             cells += ["—" if mode == "map" else _cell(package, metric), _cell(ours, metric)]
             cells.append(_ratio_text(row["ratios"][f"{mode}_{metric}"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return table(header, rows, left=0)
 
 
 def _cell(result: dict, metric: str) -> str:
@@ -547,36 +521,19 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
         "nystrom-attention package's layer with the same weights, at TransMIL's layer shape; "
         "writes transmil.json, transmil.md and transmil.png.",
     )
+    add_script_args(p, repeats=3, timeout=1800, saved="FILE (a transmil.json)")
+    p.set_defaults(func=_run, num_landmarks=256)
     p.add_argument("--lengths", type=int_list, default=list(TRANSMIL_LENGTHS), help="%(default)s")
     p.add_argument("--dim", type=int_at_least(1), default=512)
     p.add_argument("--heads", type=int_at_least(1), default=8)
     p.add_argument("--dim-head", type=int_at_least(1), default=64)
-    p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=256)
-    p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
+    p.add_argument("--conv-kernel", type=_kernel, default=33, help="0: no convolution skip")
+    p.add_argument("--dtype", type=_dtype, default="float32", help="float32, bfloat16, ...")
     p.add_argument(
-        "--conv-kernel", type=_kernel, default=33, help="residual_conv_kernel (0: no skip)"
-    )
-    p.add_argument("--batch", type=int_at_least(1), default=1)
-    p.add_argument(
-        "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads")
-    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls (median)")
-    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
-    p.add_argument(
-        "--package-heatmap-limit-gb",
-        type=_positive_float,
-        default=4.0,
+        "--package-heatmap-limit-gb", type=_positive_float, default=4.0,
         help="skip the package's dense heatmap where its n×n matrix would exceed this",
-    )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench-out") / "transmil")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    p.add_argument(
-        "--from-json", metavar="FILE", help="measure nothing: render (and --write-docs) FILE"
-    )
-    p.set_defaults(func=_run)
 
 
 if __name__ == "__main__":
