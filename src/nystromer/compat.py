@@ -226,13 +226,14 @@ class NystromAttention(_Numerics, nn.Module):
                 x_means = segment_means(xs[:, None], index, counts, m, work)[:, 0]
                 return heads(F.linear(x_means, w_q.to(work)))
 
+            # In x's dtype: under autocast the projections may be in another.
             return _attention_rows(
                 heads(F.linear(xs[:, index], w_q)), query_landmarks, n,
                 heads(F.linear(xs, w_k)), index,
                 num_landmarks=m, mask=None if mask is None else mask[b_sel],
                 pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
                 kmeans_iterations=0,
-            )  # fmt: skip
+            ).to(x.dtype)  # fmt: skip
 
         return AttentionMap(rows, (b, h, n, n), x.dtype, x.device)
 
