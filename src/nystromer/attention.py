@@ -460,7 +460,7 @@ class _ConvRows:
     would see in the unpadded sequence.
     """
 
-    # Positions per block: about 2 MiB of float32 per block.
+    # Values per block: about 2 MiB of float32.
     block_elements = 1 << 19
 
     def __init__(self, value: Tensor, mask: Tensor | None, kernel_size: int) -> None:
@@ -476,25 +476,38 @@ class _ConvRows:
         return weight, None if bias is None else bias.repeat_interleave(self.d).to(dtype)
 
     def blocks(self):
-        """(start, stop) of each block of positions."""
-        step = max(1, self.block_elements // (self.batch * self.heads * self.d))
+        """(start, stop) of each block of positions: about ``block_elements`` values, and at
+        least four kernel lengths, so that the halo read on either side (k // 2 positions)
+        adds at most a quarter however wide the batch and channels are."""
+        step = self.block_elements // (self.batch * self.heads * self.d)
+        step = max(step, 4 * (2 * self.half + 1))
         return ((s, min(s + step, self.n)) for s in range(0, self.n, step))
+
+    def _piece(self, lo: int, hi: int) -> Tensor:
+        """Positions [lo, hi) as (B, C, L, 1) channels-last, padding zeroed."""
+        piece = self.value[:, lo:hi].flatten(2)  # (B, L, C)
+        if self.mask is not None:
+            piece = piece * self.mask[:, lo:hi, None].to(piece.dtype)
+        return piece.unsqueeze(2).permute(0, 3, 1, 2)
 
     def rows(self, start: int, stop: int, halo: int = 0) -> Tensor:
         """Positions [start - halo, stop + halo) as (B, C, L, 1) channels-last, padding
         zeroed, and zeros beyond the sequence's ends."""
         lo, hi = max(start - halo, 0), min(stop + halo, self.n)
-        piece = self.value[:, lo:hi].flatten(2)  # (B, L, C)
-        if self.mask is not None:
-            piece = piece * self.mask[:, lo:hi, None].to(piece.dtype)
-        piece = piece.unsqueeze(2).permute(0, 3, 1, 2)
         before, after = halo - (start - lo), halo - (hi - stop)
+        piece = self._piece(lo, hi)
         return F.pad(piece, (0, 0, before, after)) if before or after else piece
 
     def conv(self, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
         """The convolution at positions [start, stop), (B, L, H, d), zero at padding."""
-        y = F.conv2d(self.rows(start, stop, self.half), weight, bias, groups=weight.shape[0])
-        y = y.squeeze(3).transpose(1, 2)
+        # The convolution's own zero padding stands for the sequence's ends; at a block's
+        # inner edge the k // 2 positions read beyond it are real, so the outputs kept there
+        # are exact (those within k // 2 of an inner edge are not kept).
+        lo, hi = max(start - self.half, 0), min(stop + self.half, self.n)
+        y = F.conv2d(
+            self._piece(lo, hi), weight, bias, padding=(self.half, 0), groups=weight.shape[0]
+        )
+        y = y[:, :, start - lo : stop - lo].squeeze(3).transpose(1, 2)
         if self.mask is not None:
             y = y * self.mask[:, start:stop, None].to(y.dtype)
         return y.unflatten(-1, (self.heads, self.d))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +99,10 @@ def shutdown(*, synchronize: bool = True) -> None:
             an error, when the other processes may never arrive.
     """
     if dist.is_available() and dist.is_initialized():
+        # A DistributedDataParallel wrapper that has gone out of scope but sits in a reference
+        # cycle still holds the group; collected later (at interpreter exit, at worst) it tears
+        # gloo's threads down after the group is gone and aborts the process.
+        gc.collect()
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
