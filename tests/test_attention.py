@@ -365,14 +365,15 @@ def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(
 ):
     # add_to_ (inference) and added_to (autograd, recomputing in the backward), both a block
     # of positions at a time, against out + conv(value, mask) with plain autograd, in
-    # float64; one block, and the shortest blocks (four kernels: 20 and 3 of 23 positions).
+    # float64; one block, and the smallest blocks: one sample and four kernel lengths (20, 20
+    # and 10 of 50 positions: edge blocks and an inner one).
     if block_elements is not None:
         monkeypatch.setattr(_ConvRows, "block_elements", block_elements)
     conv = ValueConv(3, 5, dtype=torch.float64)
     torch.nn.init.normal_(conv.weight)
     g = torch.Generator().manual_seed(0)
-    out, value, grad = (torch.randn(2, 3, 23, 4, generator=g, dtype=torch.float64) for _ in "ovg")
-    mask = (torch.arange(23)[None] < torch.tensor([[23], [15]])) if masked else None
+    out, value, grad = (torch.randn(2, 3, 50, 4, generator=g, dtype=torch.float64) for _ in "ovg")
+    mask = (torch.arange(50)[None] < torch.tensor([[50], [31]])) if masked else None
     o1, v1 = out.clone().requires_grad_(), value.clone().requires_grad_()
     expected = o1 + conv(v1, mask)
     expected.backward(grad)

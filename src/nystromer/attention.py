@@ -384,8 +384,8 @@ class ValueConv(nn.Conv2d):
         rows = _ConvRows(value, mask, self.weight.shape[2])
         weight, bias = rows.channel_weights(self.weight, self.bias, value.dtype)
         out_rows = out.transpose(1, 2)  # (B, n, H, d)
-        for start, stop in rows.blocks():
-            out_rows[:, start:stop].add_(rows.conv(weight, bias, start, stop))
+        for samples, start, stop in rows.blocks():
+            out_rows[samples, start:stop].add_(rows.conv(weight, bias, samples, start, stop))
         return out
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -428,13 +428,14 @@ class _AddedValueConv(torch.autograd.Function):
         # The kernel's gradient is summed in the weight's dtype (float32 under autocast).
         channel_weight, _ = back.channel_weights(weight, None, weight.dtype)
         grad_weight = torch.zeros_like(channel_weight) if need_weight else None
-        for start, stop in back.blocks():
+        grad_rows = None if grad_value is None else grad_value.transpose(1, 2)
+        for samples, start, stop in back.blocks():
             if need_value:
-                grad_value.transpose(1, 2)[:, start:stop] = back.conv(flipped, None, start, stop)
+                grad_rows[samples, start:stop] = back.conv(flipped, None, samples, start, stop)
             if need_weight:
                 grad_weight += torch.ops.aten.convolution_backward(
-                    back.rows(start, stop).to(weight.dtype),
-                    values.rows(start, stop, k // 2).to(weight.dtype),
+                    back.rows(samples, start, stop).to(weight.dtype),
+                    values.rows(samples, start, stop, k // 2).to(weight.dtype),
                     channel_weight, None,
                     [1, 1], [0, 0], [1, 1], False, [0, 0], channel_weight.shape[0],
                     [False, True, False],
@@ -476,40 +477,52 @@ class _ConvRows:
         return weight, None if bias is None else bias.repeat_interleave(self.d).to(dtype)
 
     def blocks(self):
-        """(start, stop) of each block of positions: about ``block_elements`` values, and at
-        least four kernel lengths, so that the halo read on either side (k // 2 positions)
-        adds at most a quarter however wide the batch and channels are."""
-        step = self.block_elements // (self.batch * self.heads * self.d)
-        step = max(step, 4 * (2 * self.half + 1))
-        return ((s, min(s + step, self.n)) for s in range(0, self.n, step))
+        """(samples, start, stop) of each block: a slice of the batch and positions
+        [start, stop), about ``block_elements`` values. A block spans at least four kernel
+        lengths of positions, so that the halo read on either side (k // 2 positions) adds at
+        most about a quarter, and as many samples as then fit."""
+        width, span = self.heads * self.d, 2 * self.half + 1
+        step = max(self.block_elements // (self.batch * width), 4 * span)
+        samples = max(1, self.block_elements // (width * (min(step, self.n) + span)))
+        for first in range(0, self.batch, samples):
+            for start in range(0, self.n, step):
+                yield slice(first, first + samples), start, min(start + step, self.n)
 
-    def _piece(self, lo: int, hi: int) -> Tensor:
-        """Positions [lo, hi) as (B, C, L, 1) channels-last, padding zeroed."""
-        piece = self.value[:, lo:hi].flatten(2)  # (B, L, C)
+    def _piece(self, samples: slice, lo: int, hi: int) -> Tensor:
+        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed."""
+        piece = self.value[samples, lo:hi].flatten(2)  # (B', L, C)
         if self.mask is not None:
-            piece = piece * self.mask[:, lo:hi, None].to(piece.dtype)
+            piece = piece * self.mask[samples, lo:hi, None].to(piece.dtype)
         return piece.unsqueeze(2).permute(0, 3, 1, 2)
 
-    def rows(self, start: int, stop: int, halo: int = 0) -> Tensor:
-        """Positions [start - halo, stop + halo) as (B, C, L, 1) channels-last, padding
-        zeroed, and zeros beyond the sequence's ends."""
+    def rows(self, samples: slice, start: int, stop: int, halo: int = 0) -> Tensor:
+        """Positions [start - halo, stop + halo) of the samples as (B', C, L, 1)
+        channels-last, padding zeroed, and zeros beyond the sequence's ends."""
         lo, hi = max(start - halo, 0), min(stop + halo, self.n)
         before, after = halo - (start - lo), halo - (hi - stop)
-        piece = self._piece(lo, hi)
+        piece = self._piece(samples, lo, hi)
         return F.pad(piece, (0, 0, before, after)) if before or after else piece
 
-    def conv(self, weight: Tensor, bias: Tensor | None, start: int, stop: int) -> Tensor:
-        """The convolution at positions [start, stop), (B, L, H, d), zero at padding."""
-        # The convolution's own zero padding stands for the sequence's ends; at a block's
-        # inner edge the k // 2 positions read beyond it are real, so the outputs kept there
-        # are exact (those within k // 2 of an inner edge are not kept).
-        lo, hi = max(start - self.half, 0), min(stop + self.half, self.n)
+    def conv(
+        self, weight: Tensor, bias: Tensor | None, samples: slice, start: int, stop: int
+    ) -> Tensor:
+        """The convolution at positions [start, stop) of the samples, (B', L, H, d), zero at
+        padding."""
+        # Inside the sequence a block reads k // 2 real positions on either side; at its ends
+        # the convolution's own zero padding stands for what lies beyond (the outputs it adds
+        # next to an inner edge are cut off).
+        lo, hi = start - self.half, stop + self.half
+        padding = 0 if lo >= 0 and hi <= self.n else self.half
+        if padding:
+            lo, hi = max(lo, 0), min(hi, self.n)
         y = F.conv2d(
-            self._piece(lo, hi), weight, bias, padding=(self.half, 0), groups=weight.shape[0]
-        )
-        y = y[:, :, start - lo : stop - lo].squeeze(3).transpose(1, 2)
+            self._piece(samples, lo, hi), weight, bias, padding=(padding, 0),
+            groups=weight.shape[0],
+        )  # fmt: skip
+        first = start - lo - self.half + padding
+        y = y[:, :, first : first + stop - start].squeeze(3).transpose(1, 2)
         if self.mask is not None:
-            y = y * self.mask[:, start:stop, None].to(y.dtype)
+            y = y * self.mask[samples, start:stop, None].to(y.dtype)
         return y.unflatten(-1, (self.heads, self.d))
 
 
