@@ -374,8 +374,8 @@ class ValueConv(nn.Conv2d):
         return _masked_conv(value, self.weight, self.bias, _keep(mask, value))
 
     def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``out += self(value, mask)`` in place, a block of positions at a time, so that the
-        convolution's temporaries stay small (not for autograd).
+        """``out += self(value, mask)`` in place, a block of samples and positions at a time,
+        so that the convolution's temporaries stay small (not for autograd).
 
         Args:
             out: (B, H, n, d), updated in place and returned.
@@ -390,7 +390,7 @@ class ValueConv(nn.Conv2d):
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out + self(value, mask)`` for autograd, keeping nothing of its own for the
-        backward, which recomputes what it needs a block of positions at a time. Plain
+        backward, which recomputes what it needs a block at a time. Plain
         autograd would allocate the convolution's output and the sum whole (measured in
         docs/benchmarks.md, TransMIL layer).
 
@@ -450,7 +450,8 @@ class _AddedValueConv(torch.autograd.Function):
 
 
 class _ConvRows:
-    """:class:`ValueConv`'s convolution of (B, H, n, d) values a block of positions at a time.
+    """:class:`ValueConv`'s convolution of (B, H, n, d) values, a block of samples and
+    positions at a time (:meth:`blocks`).
 
     The skip convolves each head's values with k taps shared by its d features: a depthwise
     convolution over C = H·d channels with each head's kernel repeated d times. The values
