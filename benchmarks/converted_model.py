@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from nystromer._machine import report_header
-from nystromer.bench.cli import add_script_args, call_with, int_at_least
+from nystromer.bench.cli import add_script_args, call_with, int_at_least, odd_kernel_or_zero
 from nystromer.bench.implementations import IMPLEMENTATIONS, AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
 from nystromer.bench.pretrained import model_arg, report_io
@@ -290,11 +290,7 @@ def format_section(report: dict) -> str:
 
 def _kernel_size(text: str) -> int | None:
     """argparse type: an odd kernel size, or 0 for none (None)."""
-    if not (text.isdecimal() and (int(text) == 0 or int(text) % 2)):
-        raise argparse.ArgumentTypeError(
-            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
-        )
-    return int(text) or None
+    return odd_kernel_or_zero(text) or None
 
 
 def main(argv: list[str] | None = None) -> int:

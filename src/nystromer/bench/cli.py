@@ -14,6 +14,7 @@ __all__ = [
     "register",
     "int_list",
     "int_at_least",
+    "odd_kernel_or_zero",
     "name_list",
     "add_input_source_args",
     "add_script_args",
@@ -51,6 +52,15 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def odd_kernel_or_zero(text: str) -> int:
+    """argparse type: an odd convolution kernel size ≥ 1, or 0 for no convolution."""
+    if not (text.isdecimal() and (int(text) == 0 or int(text) % 2)):
+        raise argparse.ArgumentTypeError(
+            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
+        )
+    return int(text)
 
 
 def name_list(text: str) -> list[str]:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
-from .cli import _dtype, add_script_args, int_at_least, int_list
+from .cli import _dtype, add_script_args, int_at_least, int_list, odd_kernel_or_zero
 from .implementations import (
     IMPLEMENTATIONS,
     AttentionConfig,
@@ -231,7 +231,9 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or not denominator else numerator / denominator
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
 
 
 def run_transmil(
@@ -458,18 +460,6 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(argv)
 
 
-def _kernel(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0 or (value > 0 and value % 2 == 0):
-        raise argparse.ArgumentTypeError(
-            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
-        )
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -527,7 +517,9 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int_at_least(1), default=512)
     p.add_argument("--heads", type=int_at_least(1), default=8)
     p.add_argument("--dim-head", type=int_at_least(1), default=64)
-    p.add_argument("--conv-kernel", type=_kernel, default=33, help="0: no convolution skip")
+    p.add_argument(
+        "--conv-kernel", type=odd_kernel_or_zero, default=33, help="0: no convolution skip"
+    )
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, bfloat16, ...")
     p.add_argument(
         "--package-heatmap-limit-gb", type=_positive_float, default=4.0,
