@@ -381,12 +381,19 @@ class ValueConv(nn.Conv2d):
             out: (B, H, n, d), updated in place and returned.
             value, mask: as for :meth:`forward`.
         """
+        return self._added(out, value, mask, into=out)
+
+    def _added(self, out: Tensor, value: Tensor, mask: Tensor | None, into: Tensor) -> Tensor:
+        """``out + self(value, mask)`` written into ``into`` (out itself, or a tensor of its
+        shape), a block at a time: one pass over out, no copy of it first."""
         rows = _ConvRows(value, mask, self.weight.shape[2])
         weight, bias = rows.channel_weights(self.weight, self.bias, value.dtype)
-        out_rows = out.transpose(1, 2)  # (B, n, H, d)
+        out_rows, into_rows = out.transpose(1, 2), into.transpose(1, 2)  # (B, n, H, d)
         for samples, start, stop in rows.blocks():
-            out_rows[samples, start:stop].add_(rows.conv(weight, bias, samples, start, stop))
-        return out
+            block = (samples, slice(start, stop))
+            y = rows.conv(weight, bias, samples, start, stop)
+            torch.add(out_rows[block], y, out=into_rows[block])
+        return into
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out + self(value, mask)`` for autograd, keeping nothing of its own for the
@@ -412,8 +419,7 @@ class _AddedValueConv(torch.autograd.Function):
     def forward(ctx, out, value, weight, bias, mask, conv):
         ctx.save_for_backward(value, weight, bias)
         ctx.mask = mask
-        result = torch.empty_like(out).copy_(out)
-        return conv.add_to_(result, value, mask)
+        return conv._added(out, value, mask, into=torch.empty_like(out))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
