@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nystromer import AttentionMap, NystromAttention, NystromMultiheadAttention, NystromOptions
+from nystromer import (
+    AttentionMap,
+    NystromAttention,
+    NystromMultiheadAttention,
+    NystromOptions,
+    _conv,
+)
 from nystromer.attention import (
     ValueConv,
-    _ConvRows,
     banded_sequence_conv,
     sequence_conv,
     value_conv,
@@ -368,7 +373,7 @@ def test_conv_skip_added_in_place_and_for_autograd_equals_the_module_call(
     # float64; one block, and the smallest blocks: one sample and four kernel lengths (20, 20
     # and 10 of 50 positions: edge blocks and an inner one).
     if block_elements is not None:
-        monkeypatch.setattr(_ConvRows, "block_elements", block_elements)
+        monkeypatch.setattr(_conv._Rows, "block_elements", block_elements)
     conv = ValueConv(3, 5, dtype=torch.float64)
     torch.nn.init.normal_(conv.weight)
     g = torch.Generator().manual_seed(0)

@@ -11,10 +11,11 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _conv
 from ._checks import check_odd_kernel_size, check_probability, check_shape, check_token_mask
+from ._conv import sequence_conv
 from .attention_map import AttentionMap
 from .functional import attention_rows, nystrom_attention
 from .options import NystromOptions, resolve_options
@@ -371,7 +372,7 @@ class ValueConv(nn.Conv2d):
         Returns:
             (B, H, n, d), zero at padded positions.
         """
-        return _masked_conv(value, self.weight, self.bias, _keep(mask, value))
+        return _conv.masked_conv(value, self.weight, self.bias, mask)
 
     def add_to_(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out += self(value, mask)`` in place, a block of samples and positions at a time,
@@ -381,19 +382,7 @@ class ValueConv(nn.Conv2d):
             out: (B, H, n, d), updated in place and returned.
             value, mask: as for :meth:`forward`.
         """
-        return self._added(out, value, mask, into=out)
-
-    def _added(self, out: Tensor, value: Tensor, mask: Tensor | None, into: Tensor) -> Tensor:
-        """``out + self(value, mask)`` written into ``into`` (out itself, or a tensor of its
-        shape), a block at a time: one pass over out, no copy of it first."""
-        rows = _ConvRows(value, mask, self.weight.shape[2])
-        weight, bias = rows.channel_weights(self.weight, self.bias, value.dtype)
-        out_rows, into_rows = out.transpose(1, 2), into.transpose(1, 2)  # (B, n, H, d)
-        for samples, start, stop in rows.blocks():
-            block = (samples, slice(start, stop))
-            y = rows.conv(weight, bias, samples, start, stop)
-            torch.add(out_rows[block], y, out=into_rows[block])
-        return into
+        return _conv.add_(out, value, self.weight, self.bias, mask)
 
     def added_to(self, out: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
         """``out + self(value, mask)`` for autograd, keeping nothing of its own for the
@@ -408,166 +397,7 @@ class ValueConv(nn.Conv2d):
         Returns:
             (B, H, n, d), a new tensor in out's memory layout.
         """
-        return _AddedValueConv.apply(out, value, self.weight, self.bias, mask, self)
-
-
-class _AddedValueConv(torch.autograd.Function):
-    """See :meth:`ValueConv.added_to`. Saves only ``value`` (which the attention keeps
-    anyway) and the weight; not differentiable twice."""
-
-    @staticmethod
-    def forward(ctx, out, value, weight, bias, mask, conv):
-        ctx.save_for_backward(value, weight, bias)
-        ctx.mask = mask
-        return conv._added(out, value, mask, into=torch.empty_like(out))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        value, weight, bias = ctx.saved_tensors
-        need_value, need_weight, need_bias = ctx.needs_input_grad[1:4]
-        k = weight.shape[2]
-        back, values = _ConvRows(grad, ctx.mask, k), _ConvRows(value, ctx.mask, k)
-        grad_value = torch.empty_like(value) if need_value else None
-        # The adjoint of a correlation is the correlation with the taps reversed.
-        flipped, _ = back.channel_weights(weight.flip(2), None, grad.dtype)
-        # The kernel's gradient is summed in the weight's dtype (float32 under autocast).
-        channel_weight, _ = back.channel_weights(weight, None, weight.dtype)
-        grad_weight = torch.zeros_like(channel_weight) if need_weight else None
-        grad_rows = None if grad_value is None else grad_value.transpose(1, 2)
-        for samples, start, stop in back.blocks():
-            if need_value:
-                grad_rows[samples, start:stop] = back.conv(flipped, None, samples, start, stop)
-            if need_weight:
-                grad_weight += torch.ops.aten.convolution_backward(
-                    back.rows(samples, start, stop).to(weight.dtype),
-                    values.rows(samples, start, stop, k // 2).to(weight.dtype),
-                    channel_weight, None,
-                    [1, 1], [0, 0], [1, 1], False, [0, 0], channel_weight.shape[0],
-                    [False, True, False],
-                )[1]  # fmt: skip
-        if need_weight:
-            grad_weight = grad_weight.view(weight.shape[0], -1, *weight.shape[1:]).sum(1)
-        grad_bias = None
-        if need_bias and bias is not None:
-            keep = 1 if ctx.mask is None else ctx.mask[:, None, :, None].to(grad.dtype)
-            grad_bias = (grad * keep).sum((0, 2, 3)).to(bias.dtype)
-        return grad, grad_value, grad_weight, grad_bias, None, None
-
-
-class _ConvRows:
-    """:class:`ValueConv`'s convolution of (B, H, n, d) values, a block of samples and
-    positions at a time (:meth:`blocks`).
-
-    The skip convolves each head's values with k taps shared by its d features: a depthwise
-    convolution over C = H·d channels with each head's kernel repeated d times. The values
-    arrive as (B, n, H, d) memory (the projections' layout), which is that convolution's
-    channels-last input (B, C, n, 1), the layout in which torch's depthwise kernels run at
-    full speed on the CPU; each block reads its positions plus k // 2 on either side.
-    Padding (``mask`` False) is zeroed before and after, so a real position sees what it
-    would see in the unpadded sequence.
-    """
-
-    # Values per block: about 2 MiB of float32.
-    block_elements = 1 << 19
-
-    def __init__(self, value: Tensor, mask: Tensor | None, kernel_size: int) -> None:
-        self.value = value.transpose(1, 2)  # (B, n, H, d)
-        self.mask, self.half = mask, kernel_size // 2
-        self.batch, self.n, self.heads, self.d = self.value.shape
-
-    def channel_weights(
-        self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor | None]:
-        """(H, 1, k, 1) and (H,) as the (C, 1, k, 1) and (C,) of the C-channel convolution."""
-        weight = weight.repeat_interleave(self.d, 0).to(dtype)
-        return weight, None if bias is None else bias.repeat_interleave(self.d).to(dtype)
-
-    def blocks(self):
-        """(samples, start, stop) of each block: a slice of the batch and positions
-        [start, stop), about ``block_elements`` values. A block spans at least four kernel
-        lengths of positions, so that the halo read on either side (k // 2 positions) adds at
-        most about a quarter, and as many samples as then fit."""
-        width, span = self.heads * self.d, 2 * self.half + 1
-        step = max(self.block_elements // (self.batch * width), 4 * span)
-        samples = max(1, self.block_elements // (width * (min(step, self.n) + span)))
-        for first in range(0, self.batch, samples):
-            for start in range(0, self.n, step):
-                yield slice(first, first + samples), start, min(start + step, self.n)
-
-    def _piece(self, samples: slice, lo: int, hi: int) -> Tensor:
-        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed."""
-        piece = self.value[samples, lo:hi].flatten(2)  # (B', L, C)
-        if self.mask is not None:
-            piece = piece * self.mask[samples, lo:hi, None].to(piece.dtype)
-        return piece.unsqueeze(2).permute(0, 3, 1, 2)
-
-    def rows(self, samples: slice, start: int, stop: int, halo: int = 0) -> Tensor:
-        """Positions [start - halo, stop + halo) of the samples as (B', C, L, 1)
-        channels-last, padding zeroed, and zeros beyond the sequence's ends."""
-        lo, hi = max(start - halo, 0), min(stop + halo, self.n)
-        before, after = halo - (start - lo), halo - (hi - stop)
-        piece = self._piece(samples, lo, hi)
-        return F.pad(piece, (0, 0, before, after)) if before or after else piece
-
-    def conv(
-        self, weight: Tensor, bias: Tensor | None, samples: slice, start: int, stop: int
-    ) -> Tensor:
-        """The convolution at positions [start, stop) of the samples, (B', L, H, d), zero at
-        padding."""
-        # Inside the sequence a block reads k // 2 real positions on either side; at its ends
-        # the convolution's own zero padding stands for what lies beyond (the outputs it adds
-        # next to an inner edge are cut off).
-        lo, hi = start - self.half, stop + self.half
-        padding = 0 if lo >= 0 and hi <= self.n else self.half
-        if padding:
-            lo, hi = max(lo, 0), min(hi, self.n)
-        y = F.conv2d(
-            self._piece(samples, lo, hi), weight, bias, padding=(padding, 0),
-            groups=weight.shape[0],
-        )  # fmt: skip
-        first = start - lo - self.half + padding
-        y = y[:, :, first : first + stop - start].squeeze(3).transpose(1, 2)
-        if self.mask is not None:
-            y = y * self.mask[samples, start:stop, None].to(y.dtype)
-        return y.unflatten(-1, (self.heads, self.d))
-
-
-def _keep(mask: Tensor | None, value: Tensor) -> Tensor | None:
-    """A (B, n) token mask as a (B, 1, n, 1) multiplier in the values' dtype, or None."""
-    return None if mask is None else mask[:, None, :, None].to(value.dtype)
-
-
-def _masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor | None) -> Tensor:
-    """:func:`sequence_conv` with padding zeroed before and after (``keep`` from
-    :func:`_keep`), so a real position sees what it would see in the unpadded sequence."""
-    if keep is None:
-        return sequence_conv(value, weight, bias)
-    return sequence_conv(value * keep, weight, bias) * keep
-
-
-def sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:class:`ValueConv`'s convolution: each head's k taps slide along the sequence, shared
-    by the head's d features.
-
-    Equals ``F.conv2d(value, weight, bias, padding=(k // 2, 0), groups=H)``, computed as the
-    depthwise convolution over H·d channels in channels-last layout (see ``_ConvRows``),
-    which the CPU runs several times faster than torch's H-channel form (docs/design.md).
-
-    Args:
-        value: (B, H, n, d).
-        weight: (H, 1, k, 1), k odd.
-        bias: (H,) or None.
-
-    Returns:
-        (B, H, n, d).
-    """
-    b, h, n, d = value.shape
-    rows = _ConvRows(value, None, weight.shape[2])
-    weight, bias = rows.channel_weights(weight, bias, value.dtype)
-    x = value.transpose(1, 2).reshape(b, n, 1, h * d).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, padding=(rows.half, 0), groups=h * d)
-    return y.permute(0, 2, 3, 1).reshape(b, n, h, d).transpose(1, 2)
+        return _conv.added(out, value, self.weight, self.bias, mask)
 
 
 def banded_sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
