@@ -128,6 +128,116 @@ def nystrom_attention(
     return out
 
 
+def _defaults(n_q: int, d: int, n_k: int, mask, query_mask, scale):
+    """``(scale, mask, query_mask, empty)`` as both public functions use them: the 1/√d scale,
+    the key mask as query mask in self-attention, and the (B,) samples without a real key,
+    whose keys are all unmasked (to stay finite) so that their rows can be zeroed after."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if query_mask is None and mask is not None and n_q == n_k:
+        query_mask = mask
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1)
+        mask = mask | empty[:, None]
+    return scale, mask, query_mask, empty
+
+
+def _rows_to_keep(
+    query_mask: Tensor | None, empty: Tensor | None, b: int, n_q: int
+) -> Tensor | None:
+    """(B, n_q) bool: the output rows that are not zeroed (real queries of samples with a real
+    key), or None when every row is kept."""
+    if query_mask is not None:
+        return query_mask if empty is None else query_mask & ~empty[:, None]
+    if empty is not None:
+        return (~empty)[:, None].expand(b, n_q)
+    return None
+
+
+#: The pseudo-inverse's intermediate products are recomputed in the backward (not kept) from
+#: this many bytes on; below it the recomputation's overhead outweighs the memory.
+_RECOMPUTE_PINV_BYTES = 16 << 20
+
+
+def _nystrom(
+    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations
+):
+    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring)."""
+    n_q, n_k = query.shape[2], key.shape[2]
+    # The m×m part (and the landmark means) run in at least float32.
+    work = torch.promote_types(query.dtype, torch.float32)
+
+    # Landmarks Q̃, K̃: means of m contiguous segments of the real tokens (optionally refined).
+    q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
+    k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
+    query, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
+    key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
+
+    # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
+    bv = softmax_attention(q_land.to(query.dtype), key, value, mask, scale, 0.0)
+
+    # 2. W = A⁺·BV, with A = softmax(s·Q̃K̃ᵀ) and its pseudo-inverse in `work` precision.
+    logits = (q_land @ k_land.transpose(-1, -2)) * scale
+    # A sample with at most m real keys ("short") has empty key segments: those landmark keys
+    # are masked, and the sample gets exact attention below.
+    short = k_nonempty = None
+    if k_counts is not None:
+        short = k_counts[:, :m].sum(-1) <= m
+        # Where looking at a value is free (the CPU, eagerly), skip the mask when no sample
+        # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
+        if not _host_reads_are_cheap(key) or bool(short.any()):
+            k_nonempty = k_counts[:, :m] > 0
+            logits = logits.masked_fill(~k_nonempty[:, None, None, :], float("-inf"))
+    kernel = torch.softmax(logits, dim=-1)
+    if q_counts is not None:
+        # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
+        kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
+    kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
+    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
+        # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
+        # products per head (their memory matters at large m; the recomputation costs one
+        # more pseudo-inverse).
+        a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
+    else:
+        a_pinv = iterative_pinv(kernel, pinv_iterations)
+    w = a_pinv @ bv.to(work)
+    if k_nonempty is not None:
+        # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
+        # themselves; with their values as W, step 3 is exact softmax attention.
+        v_land = _segment_means(value, k_index, k_counts, m, work)
+        w = torch.where(short[:, None, None, None], v_land, w)
+
+    # 3. out = softmax(s·QK̃ᵀ)·W: every query over the m landmark keys.
+    k_land, w = k_land.to(query.dtype), w.to(query.dtype)
+    if _cpu.applies(query):
+        # CPU: threads own whole rows of the fresh output instead of sharing its pages.
+        return _cpu.attention_by_row_blocks(
+            softmax_attention, query, k_land, w, k_nonempty, scale, dropout_p
+        )
+    return softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Exact softmax(s·QKᵀ)·V, (B, H, n_q, d) × (B, H, n_k, d) → (B, H, n_q, d_v), with the
+    padding keys (False in the (B, n_k) ``key_mask``) masked out: what Nyström attention
+    approximates, e.g. to compare a layer's output with it."""
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+    )
+
+
+# --- rows of the approximated attention matrix ----------------------------------------------
+
+
 def attention_rows(
     query: Tensor,
     key: Tensor,
@@ -232,21 +342,6 @@ def _attention_rows(
     return out.to(out_dtype)
 
 
-def _defaults(n_q: int, d: int, n_k: int, mask, query_mask, scale):
-    """``(scale, mask, query_mask, empty)`` as both public functions use them: the 1/√d scale,
-    the key mask as query mask in self-attention, and the (B,) samples without a real key,
-    whose keys are all unmasked (to stay finite) so that their rows can be zeroed after."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if query_mask is None and mask is not None and n_q == n_k:
-        query_mask = mask
-    empty = None
-    if mask is not None:
-        empty = ~mask.any(-1)
-        mask = mask | empty[:, None]
-    return scale, mask, query_mask, empty
-
-
 def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:
     """``rows`` as a 1-D int64 tensor of positions in [0, n); errors name ``rows``."""
     if isinstance(rows, Tensor):
@@ -284,6 +379,10 @@ def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -
     return torch.softmax(_masked_logits(q, k, key_mask, scale), dim=-1)
 
 
+#: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
+_ROWS_BLOCK = 1 << 20
+
+
 def _rows_of_product(
     c: Tensor, q_land: Tensor, key: Tensor, key_mask: Tensor | None, scale: float
 ) -> Tensor:
@@ -308,99 +407,7 @@ def _rows_of_product(
     return out
 
 
-#: The pseudo-inverse's intermediate products are recomputed in the backward (not kept) from
-#: this many bytes on; below it the recomputation's overhead outweighs the memory.
-_RECOMPUTE_PINV_BYTES = 16 << 20
-
-#: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
-_ROWS_BLOCK = 1 << 20
-
-
-def _rows_to_keep(
-    query_mask: Tensor | None, empty: Tensor | None, b: int, n_q: int
-) -> Tensor | None:
-    """(B, n_q) bool: the output rows that are not zeroed (real queries of samples with a real
-    key), or None when every row is kept."""
-    if query_mask is not None:
-        return query_mask if empty is None else query_mask & ~empty[:, None]
-    if empty is not None:
-        return (~empty)[:, None].expand(b, n_q)
-    return None
-
-
-def _nystrom(
-    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations
-):
-    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring)."""
-    n_q, n_k = query.shape[2], key.shape[2]
-    # The m×m part (and the landmark means) run in at least float32.
-    work = torch.promote_types(query.dtype, torch.float32)
-
-    # Landmarks Q̃, K̃: means of m contiguous segments of the real tokens (optionally refined).
-    q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
-    k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-    query, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
-    key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
-
-    # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
-    bv = softmax_attention(q_land.to(query.dtype), key, value, mask, scale, 0.0)
-
-    # 2. W = A⁺·BV, with A = softmax(s·Q̃K̃ᵀ) and its pseudo-inverse in `work` precision.
-    logits = (q_land @ k_land.transpose(-1, -2)) * scale
-    # A sample with at most m real keys ("short") has empty key segments: those landmark keys
-    # are masked, and the sample gets exact attention below.
-    short = k_nonempty = None
-    if k_counts is not None:
-        short = k_counts[:, :m].sum(-1) <= m
-        # Where looking at a value is free (the CPU, eagerly), skip the mask when no sample
-        # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
-        if not _host_reads_are_cheap(key) or bool(short.any()):
-            k_nonempty = k_counts[:, :m] > 0
-            logits = logits.masked_fill(~k_nonempty[:, None, None, :], float("-inf"))
-    kernel = torch.softmax(logits, dim=-1)
-    if q_counts is not None:
-        # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
-        kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
-    kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
-    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
-        # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
-        # products per head (their memory matters at large m; the recomputation costs one
-        # more pseudo-inverse).
-        a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
-    else:
-        a_pinv = iterative_pinv(kernel, pinv_iterations)
-    w = a_pinv @ bv.to(work)
-    if k_nonempty is not None:
-        # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
-        # themselves; with their values as W, step 3 is exact softmax attention.
-        v_land = _segment_means(value, k_index, k_counts, m, work)
-        w = torch.where(short[:, None, None, None], v_land, w)
-
-    # 3. out = softmax(s·QK̃ᵀ)·W: every query over the m landmark keys.
-    k_land, w = k_land.to(query.dtype), w.to(query.dtype)
-    if _cpu.applies(query):
-        # CPU: threads own whole rows of the fresh output instead of sharing its pages.
-        return _cpu.attention_by_row_blocks(
-            softmax_attention, query, k_land, w, k_nonempty, scale, dropout_p
-        )
-    return softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
-
-
-def softmax_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_mask: Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> Tensor:
-    """Exact softmax(s·QKᵀ)·V, (B, H, n_q, d) × (B, H, n_k, d) → (B, H, n_q, d_v), with the
-    padding keys (False in the (B, n_k) ``key_mask``) masked out: what Nyström attention
-    approximates, e.g. to compare a layer's output with it."""
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
-    )
+# --- landmarks and the pseudo-inverse --------------------------------------------------------
 
 
 def _host_reads_are_cheap(x: Tensor) -> bool:
