@@ -20,6 +20,7 @@ Public API:
 """
 
 from . import hf as _hf
+from ._version import __version__
 from .attention import NystromAttention, NystromMultiheadAttention
 from .attention_map import AttentionMap
 from .calibrate import CalibrationResult, calibrate
@@ -32,7 +33,6 @@ from .patching import patch
 # it is (importing transformers here would cost seconds to users who never use it).
 _hf.install()
 
-__version__ = "0.1.0"
 
 __all__ = [
     "NystromAttention",

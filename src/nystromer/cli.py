@@ -108,7 +108,7 @@ _COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="nystromer",

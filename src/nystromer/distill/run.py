@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__, hf
+from .. import hf
 from .._checks import check_positive_int
+from .._version import __version__
 from ..calibrate import calibrate
 from ..convert import convert, extend_positions, reserved_positions
 from ..functional import check_nystrom_options

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .. import __version__
+from .._version import __version__
 from ..train import TrainConfig, TrainResult, evaluate, train
 from ..train import checkpoint as ckpt
 from ..train.distributed import DistInfo, resolve_device
