@@ -18,7 +18,6 @@ processes that are this script (``--worker``). Writes ``results.json`` under ``-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -30,9 +29,9 @@ import torch
 
 from nystromer._machine import report_header
 from nystromer.bench.cli import add_script_args, call_with, int_at_least, odd_kernel_or_zero
-from nystromer.bench.implementations import IMPLEMENTATIONS, AttentionRunner, Implementation
+from nystromer.bench.implementations import AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
-from nystromer.bench.pretrained import model_arg, report_io
+from nystromer.bench.pretrained import model_arg, ratio, registered, report_io
 from nystromer.bench.worker import measure_and_report
 from nystromer.convert import reserved_positions
 from nystromer.functional import check_nystrom_options
@@ -116,25 +115,28 @@ def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner
     return ModelRunner(model, config.seq_len)
 
 
-@contextlib.contextmanager
 def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size=None):
-    """Within the block, ``model-exact`` and ``model-nystromer`` are the model in ``model_dir``
-    as loaded and converted (m and pinv iterations from each case; the k-means iterations and the
-    convolution, which a case cannot carry, as given here). The registry is restored after, so a
-    caller that imports this script (a test) keeps its own."""
-    # m and the pinv iterations come with each case (valid ones stand in); the rest is checked
-    # now, not when a worker builds the model.
+    """A context manager: within its block, ``model-exact`` and ``model-nystromer`` are the
+    model in ``model_dir`` as loaded and converted (m and pinv iterations from each case; the
+    k-means iterations and the convolution, which a case cannot carry, as given here). The
+    registry is restored after, so a caller that imports this script (a test) keeps its own.
+
+    Raises:
+        ValueError: a bad convert option (now, not when a worker builds the model).
+    """
+    # m and the pinv iterations come with each case (valid ones stand in).
     check_nystrom_options(1, 0, conv_kernel_size, kmeans_iterations)
     convert = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
-    saved = dict(IMPLEMENTATIONS)
-    for label, name in VARIANTS:
-        build = functools.partial(_load_model, model_dir, nystrom=label == "nystromer", **convert)
-        IMPLEMENTATIONS[name] = Implementation(name, f"{model_dir}, {label} attention", build)
-    try:
-        yield
-    finally:
-        IMPLEMENTATIONS.clear()
-        IMPLEMENTATIONS.update(saved)
+    return registered(
+        *(
+            Implementation(
+                name,
+                f"{model_dir}, {label} attention",
+                functools.partial(_load_model, model_dir, nystrom=label == "nystromer", **convert),
+            )
+            for label, name in VARIANTS
+        )
+    )
 
 
 # --- fresh-process measurement ------------------------------------------------------------------
@@ -143,9 +145,6 @@ def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_
 def _worker_main(argv: list[str]) -> int:
     """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: ``nystromer.bench.worker`` with the
     model registered first; CONVERT_JSON holds the convert options that a case cannot carry."""
-    if len(argv) != 4:
-        print("usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS")
-        return 2
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
     with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
@@ -179,11 +178,8 @@ def run_benchmark(
     ``{forward,forward_backward}_{speedup,memory_ratio}`` (None where not measurable).
 
     Raises:
-        ValueError: a bad convert option, before any worker starts.
+        ValueError: a bad convert option, before any worker starts (:func:`registered_model`).
     """
-    check_nystrom_options(
-        base.num_landmarks, base.pinv_iterations, conv_kernel_size, kmeans_iterations
-    )
     convert = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     info = {"label": model_label, "path": str(model_dir)}
@@ -208,12 +204,9 @@ def run_benchmark(
                     for k, v in found.to_dict().items()
                     if k != "spec"
                 }
-            exact, ours = row["exact"], row["nystromer"]
-            for what, (ratio, unit) in itertools.product(PASSES, _RATIOS):
-                a, b = exact[f"{what}_{unit}"], ours[f"{what}_{unit}"]
-                row[f"{what}_{ratio}"] = (
-                    a / b if a is not None and b is not None and b > 0 else None
-                )
+            for what, (name, unit) in itertools.product(PASSES, _RATIOS):
+                key = f"{what}_{unit}"
+                row[f"{what}_{name}"] = ratio(row["exact"][key], row["nystromer"][key])
             rows.append(row)
     threads = base.threads if base.threads is not None else worker_threads
     return report_header("converted_model", command, base.device, threads) | {
