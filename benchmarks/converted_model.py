@@ -46,8 +46,11 @@ PASSES = ("forward", "forward_backward")
 _RATIOS = (("speedup", "ms"), ("memory_ratio", "peak_mib"))
 #: The measurement settings a report records, from its base case.
 _SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
-#: How every case runs the model, as the report's settings say.
-_MODE = {"mode": "eval (no dropout), random token ids, no padding, no attention mask"}
+#: How every case runs the models, as the report's settings say.
+_MODE = {
+    "mode": "eval (no dropout), random token ids, no padding, no attention mask",
+    "exact_attention": "sdpa",
+}
 #: The report's model fields and their names in the model's config.json.
 _MODEL_FIELDS = {
     "model_type": "model_type",
@@ -211,10 +214,7 @@ def run_benchmark(
     threads = base.threads if base.threads is not None else worker_threads
     return report_header("converted_model", command, base.device, threads) | {
         "model": info,
-        "settings": {name: getattr(base, name) for name in _SETTINGS}
-        | convert
-        | _MODE
-        | {"exact_attention": "sdpa"},
+        "settings": {name: getattr(base, name) for name in _SETTINGS} | convert | _MODE,
         "rows": rows,
     }
 
@@ -253,10 +253,9 @@ def format_section(report: dict) -> str:
     for row in report["rows"]:
         exact, ours = row["exact"], row["nystromer"]
         cells = [f"{row['seq_len']:,}"]
-        for what in PASSES:
-            cells += [fmt(exact[f"{what}_ms"]), fmt(ours[f"{what}_ms"])]
-            cells += [_ratio_fmt(row[f"{what}_speedup"]), fmt(exact[f"{what}_peak_mib"])]
-            cells += [fmt(ours[f"{what}_peak_mib"]), _ratio_fmt(row[f"{what}_memory_ratio"])]
+        for what, (name, unit) in itertools.product(PASSES, _RATIOS):
+            key = f"{what}_{unit}"
+            cells += [fmt(exact[key]), fmt(ours[key]), _ratio_fmt(row[f"{what}_{name}"])]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [
             f"n = {row['seq_len']:,}, {label}: {row[label]['note']}"

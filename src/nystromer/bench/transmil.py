@@ -423,10 +423,8 @@ def _command(args: argparse.Namespace) -> str:
     argv = ["nystromer", "bench", "transmil", "--lengths", ",".join(map(str, args.lengths))]
     for name in _SPELLED:
         if (value := getattr(args, name)) is not None:
-            argv += [
-                "--" + name.replace("_", "-"),
-                f"{value:g}" if isinstance(value, float) else str(value),
-            ]
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            argv += ["--" + name.replace("_", "-"), text]
     return shlex.join(argv)
 
 
