@@ -73,13 +73,14 @@ class ModelRunner(AttentionRunner):
 
     grad_args: tuple[int, ...] = ()
 
-    def __init__(self, model: torch.nn.Module, seq_len: int) -> None:
-        self.model, self.seq_len = model, seq_len
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.vocab_size, self.pad_id = model.config.vocab_size, model.config.pad_token_id
 
     def prepare(self, q, k, v, mask) -> tuple:
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.vocab_size, (q.shape[0], self.seq_len), generator=gen)
+        b, _, n, _ = q.shape
+        ids = torch.randint(0, self.vocab_size, (b, n), generator=gen)
         if isinstance(self.pad_id, int):
             # RoBERTa gives padding ids no position; which ids they are changes no cost.
             ids[ids == self.pad_id] = (self.pad_id + 1) % self.vocab_size
@@ -115,7 +116,7 @@ def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner
         nystromer.convert(model, max_position_embeddings=rows, **case, **convert)
     else:
         nystromer.extend_positions(model, rows)
-    return ModelRunner(model, config.seq_len)
+    return ModelRunner(model)
 
 
 def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size=None):
@@ -151,9 +152,6 @@ def _worker_main(argv: list[str]) -> int:
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
     with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
-
-
-# --- report ------------------------------------------------------------------------------------
 
 
 def run_benchmark(
@@ -217,6 +215,9 @@ def run_benchmark(
         "settings": {name: getattr(base, name) for name in _SETTINGS} | convert | _MODE,
         "rows": rows,
     }
+
+
+# --- report ------------------------------------------------------------------------------------
 
 
 def _convert_options_text(settings: dict) -> str:
