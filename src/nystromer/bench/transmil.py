@@ -191,11 +191,6 @@ def registered_layers(options: LayerOptions, seed: int = 0):
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def _worker_command(options: LayerOptions, seed: int) -> list[str]:
-    payload = json.dumps(dataclasses.asdict(options) | {"seed": seed})
-    return [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
-
-
 def _worker_main(argv: list[str]) -> int:
     """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`nystromer.bench.worker` with the layers
     registered first."""
@@ -227,7 +222,8 @@ def run_transmil(
     package ÷ ours for each metric, ``map`` against the package's heatmap (None where either
     is missing).
     """
-    worker = _worker_command(options, base.seed)
+    payload = json.dumps(dataclasses.asdict(options) | {"seed": base.seed})
+    worker = [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
     rows = []
     threads = base.threads
     with registered_layers(options, base.seed):
