@@ -97,8 +97,7 @@ class ModelRunner(AttentionRunner):
 
 
 def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner:
-    """The model as loaded (``nystrom`` False) or converted with the case's m and pinv
-    iterations and the ``convert`` options; its position table holds ``config.seq_len``."""
+    """The model as loaded or (``nystrom``) converted; its position table holds config.seq_len."""
     from transformers import AutoModel
 
     import nystromer
@@ -147,8 +146,7 @@ def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: ``nystromer.bench.worker`` with the
-    model registered first; CONVERT_JSON holds the convert options that a case cannot carry."""
+    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: bench.worker, the model registered."""
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
     with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
@@ -221,8 +219,7 @@ def run_benchmark(
 
 
 def _convert_options_text(settings: dict) -> str:
-    """The convert options in words; k-means and the convolution only when set (a report
-    written before they existed has neither)."""
+    """Convert options in words; k-means, convolution only when set (older reports lack them)."""
     parts = [f"m = {settings['num_landmarks']}", f"{settings['pinv_iterations']} pinv iterations"]
     if kmeans := settings.get("kmeans_iterations"):
         parts.append(f"{kmeans} k-means iteration{'s' if kmeans != 1 else ''}")

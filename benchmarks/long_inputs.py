@@ -128,8 +128,7 @@ def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) ->
 
 @torch.no_grad()
 def _embed(model: nn.Module, pieces, cls: int, sep: int, batch: int) -> Tensor:
-    """(len(pieces), d): mean-pooled, normalised last hidden states of ``[cls] + piece + [sep]``,
-    ``batch`` pieces of one length (the queries) at a time: no padding."""
+    """(len(pieces), d): normalised mean last states of [cls, *piece, sep]; pieces of one length."""
     from nystromer.distill.run import mean_pool
 
     out = []

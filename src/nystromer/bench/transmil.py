@@ -94,8 +94,7 @@ def _registry_name(label: str, mode: str) -> str:
 
 
 class _LayerRunner(AttentionRunner):
-    """One attention layer as a benchmark runner: ``run(x)`` is the layer's forward (or its
-    class-token heatmap); x is (B, n, dim), the layer's own input."""
+    """A layer as a runner: ``run(x)``, x (B, n, dim), is its forward or class-token heatmap."""
 
     grad_args = (0,)
 
@@ -192,8 +191,7 @@ def registered_layers(options: LayerOptions, seed: int = 0):
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`nystromer.bench.worker` with the layers
-    registered first."""
+    """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`.worker` with the layers registered."""
     from .worker import measure_and_report
 
     raw = json.loads(argv[0])
