@@ -151,7 +151,7 @@ def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]
 
 
 def _bootstrap(ranks: dict[str, Tensor], answers: list[int], draws: int, seed: int) -> dict:
-    """Top-1, MRR and top-1 − :data:`REFERENCE`'s, with 95% intervals resampling documents."""
+    """Top-1, MRR and top-1 − :data:`REFERENCE`'s (paired); 95% intervals resampling documents."""
     gen = torch.Generator().manual_seed(seed)
     answers_t = torch.as_tensor(answers)
     docs = torch.unique(answers_t)
@@ -203,7 +203,7 @@ def _embed_documents(system: System, docs, model: nn.Module, special, memo: dict
         vectors = []
         for start, stop in system.pieces(len(doc.ids)):
             # Each (model, document, piece) is embedded once: a truncated document is the first
-            # of its chunks, and a longer table embeds a short document as a shorter one does.
+            # of its chunks, and lengthened tables share their first rows (a short document).
             key = (system.model_key, i, start, stop)
             if key not in memo:
                 began = time.perf_counter()
