@@ -18,7 +18,6 @@ processes that are this script (``--worker``). Writes ``results.json`` under ``-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -30,9 +29,9 @@ import torch
 
 from nystromer._machine import report_header
 from nystromer.bench.cli import add_script_args, call_with, int_at_least, odd_kernel_or_zero
-from nystromer.bench.implementations import IMPLEMENTATIONS, AttentionRunner, Implementation
+from nystromer.bench.implementations import AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
-from nystromer.bench.pretrained import model_arg, report_io
+from nystromer.bench.pretrained import model_arg, ratio, ratio_text, registered, report_io
 from nystromer.bench.worker import measure_and_report
 from nystromer.convert import reserved_positions
 from nystromer.functional import check_nystrom_options
@@ -47,8 +46,11 @@ PASSES = ("forward", "forward_backward")
 _RATIOS = (("speedup", "ms"), ("memory_ratio", "peak_mib"))
 #: The measurement settings a report records, from its base case.
 _SETTINGS = "batch num_landmarks pinv_iterations threads repeats warmup device dtype".split()
-#: How every case runs the model, as the report's settings say.
-_MODE = {"mode": "eval (no dropout), random token ids, no padding, no attention mask"}
+#: How every case runs the models, as the report's settings say.
+_MODE = {
+    "mode": "eval (no dropout), random token ids, no padding, no attention mask",
+    "exact_attention": "sdpa",
+}
 #: The report's model fields and their names in the model's config.json.
 _MODEL_FIELDS = {
     "model_type": "model_type",
@@ -71,13 +73,14 @@ class ModelRunner(AttentionRunner):
 
     grad_args: tuple[int, ...] = ()
 
-    def __init__(self, model: torch.nn.Module, seq_len: int) -> None:
-        self.model, self.seq_len = model, seq_len
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.vocab_size, self.pad_id = model.config.vocab_size, model.config.pad_token_id
 
     def prepare(self, q, k, v, mask) -> tuple:
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.vocab_size, (q.shape[0], self.seq_len), generator=gen)
+        b, _, n, _ = q.shape
+        ids = torch.randint(0, self.vocab_size, (b, n), generator=gen)
         if isinstance(self.pad_id, int):
             # RoBERTa gives padding ids no position; which ids they are changes no cost.
             ids[ids == self.pad_id] = (self.pad_id + 1) % self.vocab_size
@@ -94,8 +97,7 @@ class ModelRunner(AttentionRunner):
 
 
 def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner:
-    """The model as loaded (``nystrom`` False) or converted with the case's m and pinv
-    iterations and the ``convert`` options; its position table holds ``config.seq_len``."""
+    """The model as loaded or (``nystrom``) converted; its position table holds config.seq_len."""
     from transformers import AutoModel
 
     import nystromer
@@ -113,45 +115,41 @@ def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner
         nystromer.convert(model, max_position_embeddings=rows, **case, **convert)
     else:
         nystromer.extend_positions(model, rows)
-    return ModelRunner(model, config.seq_len)
+    return ModelRunner(model)
 
 
-@contextlib.contextmanager
 def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size=None):
-    """Within the block, ``model-exact`` and ``model-nystromer`` are the model in ``model_dir``
-    as loaded and converted (m and pinv iterations from each case; the k-means iterations and the
-    convolution, which a case cannot carry, as given here). The registry is restored after, so a
-    caller that imports this script (a test) keeps its own."""
-    # m and the pinv iterations come with each case (valid ones stand in); the rest is checked
-    # now, not when a worker builds the model.
+    """A context manager: within its block, ``model-exact`` and ``model-nystromer`` are the
+    model in ``model_dir`` as loaded and converted (m and pinv iterations from each case; the
+    k-means iterations and the convolution, which a case cannot carry, as given here). The
+    registry is restored after, so a caller that imports this script (a test) keeps its own.
+
+    Raises:
+        ValueError: a bad convert option (now, not when a worker builds the model).
+    """
+    # m and the pinv iterations come with each case (valid ones stand in).
     check_nystrom_options(1, 0, conv_kernel_size, kmeans_iterations)
     convert = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
-    saved = dict(IMPLEMENTATIONS)
-    for label, name in VARIANTS:
-        build = functools.partial(_load_model, model_dir, nystrom=label == "nystromer", **convert)
-        IMPLEMENTATIONS[name] = Implementation(name, f"{model_dir}, {label} attention", build)
-    try:
-        yield
-    finally:
-        IMPLEMENTATIONS.clear()
-        IMPLEMENTATIONS.update(saved)
+    return registered(
+        *(
+            Implementation(
+                name,
+                f"{model_dir}, {label} attention",
+                functools.partial(_load_model, model_dir, nystrom=label == "nystromer", **convert),
+            )
+            for label, name in VARIANTS
+        )
+    )
 
 
 # --- fresh-process measurement ------------------------------------------------------------------
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: ``nystromer.bench.worker`` with the
-    model registered first; CONVERT_JSON holds the convert options that a case cannot carry."""
-    if len(argv) != 4:
-        print("usage: converted_model.py --worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS")
-        return 2
+    """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: bench.worker, the model registered."""
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
     with registered_model(argv[0], **json.loads(argv[1])):
         return measure_and_report(argv[2], argv[3])
-
-
-# --- report ------------------------------------------------------------------------------------
 
 
 def run_benchmark(
@@ -179,11 +177,8 @@ def run_benchmark(
     ``{forward,forward_backward}_{speedup,memory_ratio}`` (None where not measurable).
 
     Raises:
-        ValueError: a bad convert option, before any worker starts.
+        ValueError: a bad convert option, before any worker starts (:func:`registered_model`).
     """
-    check_nystrom_options(
-        base.num_landmarks, base.pinv_iterations, conv_kernel_size, kmeans_iterations
-    )
     convert = {"kmeans_iterations": kmeans_iterations, "conv_kernel_size": conv_kernel_size}
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     info = {"label": model_label, "path": str(model_dir)}
@@ -208,37 +203,29 @@ def run_benchmark(
                     for k, v in found.to_dict().items()
                     if k != "spec"
                 }
-            exact, ours = row["exact"], row["nystromer"]
-            for what, (ratio, unit) in itertools.product(PASSES, _RATIOS):
-                a, b = exact[f"{what}_{unit}"], ours[f"{what}_{unit}"]
-                row[f"{what}_{ratio}"] = (
-                    a / b if a is not None and b is not None and b > 0 else None
-                )
+            for what, (name, unit) in itertools.product(PASSES, _RATIOS):
+                key = f"{what}_{unit}"
+                row[f"{what}_{name}"] = ratio(row["exact"][key], row["nystromer"][key])
             rows.append(row)
     threads = base.threads if base.threads is not None else worker_threads
     return report_header("converted_model", command, base.device, threads) | {
         "model": info,
-        "settings": {name: getattr(base, name) for name in _SETTINGS}
-        | convert
-        | _MODE
-        | {"exact_attention": "sdpa"},
+        "settings": {name: getattr(base, name) for name in _SETTINGS} | convert | _MODE,
         "rows": rows,
     }
 
 
+# --- report ------------------------------------------------------------------------------------
+
+
 def _convert_options_text(settings: dict) -> str:
-    """The convert options in words; k-means and the convolution only when set (a report
-    written before they existed has neither)."""
+    """Convert options in words; k-means, convolution only when set (older reports lack them)."""
     parts = [f"m = {settings['num_landmarks']}", f"{settings['pinv_iterations']} pinv iterations"]
     if kmeans := settings.get("kmeans_iterations"):
         parts.append(f"{kmeans} k-means iteration{'s' if kmeans != 1 else ''}")
     if (kernel := settings.get("conv_kernel_size")) is not None:
         parts.append(f"a zero-initialised kernel-{kernel} depthwise convolution on the values")
     return ", ".join(parts)
-
-
-def _ratio_fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
 
 
 def format_section(report: dict) -> str:
@@ -260,10 +247,9 @@ def format_section(report: dict) -> str:
     for row in report["rows"]:
         exact, ours = row["exact"], row["nystromer"]
         cells = [f"{row['seq_len']:,}"]
-        for what in PASSES:
-            cells += [fmt(exact[f"{what}_ms"]), fmt(ours[f"{what}_ms"])]
-            cells += [_ratio_fmt(row[f"{what}_speedup"]), fmt(exact[f"{what}_peak_mib"])]
-            cells += [fmt(ours[f"{what}_peak_mib"]), _ratio_fmt(row[f"{what}_memory_ratio"])]
+        for what, (name, unit) in itertools.product(PASSES, _RATIOS):
+            key = f"{what}_{unit}"
+            cells += [fmt(exact[key]), fmt(ours[key]), ratio_text(row[f"{what}_{name}"])]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [
             f"n = {row['seq_len']:,}, {label}: {row[label]['note']}"

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
 from nystromer._machine import report_header
 from nystromer.bench.cli import call_with, int_at_least
@@ -56,8 +55,7 @@ Spans = Callable[[int], list[tuple[int, int]]]  # document length → (start, st
 
 
 def _stdlib_documents() -> list[tuple[str, str]]:
-    """One document per standard-library module, its docstrings joined (the modules of the
-    ``builtin:stdlib-docs`` distillation text)."""
+    """One document per module of the ``builtin:stdlib-docs`` text: its docstrings joined."""
     from nystromer.distill.data import stdlib_docstrings
 
     return [(f"stdlib:{path}", "\n\n".join(docs)) for path, docs in stdlib_docstrings() if docs]
@@ -129,20 +127,17 @@ def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) ->
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, pieces, cls: int, sep: int, pad: int, batch: int) -> Tensor:
-    """Mean-pooled, normalised last hidden states of ``[cls] + piece + [sep]`` for each piece:
-    (len(pieces), d). Pieces are batched by length so that long ones are not padded much."""
+def _embed(model: nn.Module, pieces, cls: int, sep: int, batch: int) -> Tensor:
+    """(len(pieces), d): normalised mean last states of [cls, *piece, sep]; pieces of one length."""
     from nystromer.distill.run import mean_pool
 
-    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
     out = []
-    for b in range(0, len(order), batch):
-        seqs = [torch.tensor([cls, *pieces[i], sep]) for i in order[b : b + batch]]
-        ids = pad_sequence(seqs, batch_first=True, padding_value=pad)
-        mask = pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
+    for b in range(0, len(pieces), batch):
+        ids = torch.tensor([[cls, *piece, sep] for piece in pieces[b : b + batch]])
+        mask = torch.ones_like(ids)
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         out.append(torch.nn.functional.normalize(mean_pool(hidden, mask).float(), dim=-1))
-    return torch.cat(out)[torch.argsort(torch.tensor(order))]  # back in the pieces' order
+    return torch.cat(out)
 
 
 def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]) -> Tensor:
@@ -156,8 +151,7 @@ def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]
 
 
 def _bootstrap(ranks: dict[str, Tensor], answers: list[int], draws: int, seed: int) -> dict:
-    """Top-1 and MRR of every system with 95% intervals that resample documents, and the
-    top-1 difference to :data:`REFERENCE` on the same draws (a paired interval)."""
+    """Top-1, MRR and top-1 − :data:`REFERENCE`'s (paired); 95% intervals resampling documents."""
     gen = torch.Generator().manual_seed(seed)
     answers_t = torch.as_tensor(answers)
     docs = torch.unique(answers_t)
@@ -202,32 +196,26 @@ class System:
     combine: str = "all"
 
 
-def _embedder(models: dict[str, nn.Module], special: tuple[int, int, int]) -> Callable:
-    """``embed(system, docs)`` → (per document, its vectors; seconds). Each (model, document,
-    piece) is embedded once: a 4,096-position model embeds a 1,500-token document as the
-    2,048-position one does (the lengthened tables share their first rows), and a truncated
-    document is the first of its chunks. A system's seconds count the pieces it reused."""
-    memo: dict[tuple, tuple[Tensor, float]] = {}
-
-    def embed(system: System, docs: Sequence[Document]) -> tuple[list[Tensor], float]:
-        found, seconds = [], 0.0
-        for i, doc in enumerate(docs):
-            vectors = []
-            for start, stop in system.pieces(len(doc.ids)):
-                key = (system.model_key, i, start, stop)
-                if key not in memo:
-                    began = time.perf_counter()
-                    vector = _embed(models[system.model_key], [doc.ids[start:stop]], *special, 1)
-                    memo[key] = (vector, time.perf_counter() - began)
-                vectors.append(memo[key][0])
-                seconds += memo[key][1]
-            stacked = torch.cat(vectors)
-            if system.combine == "mean":
-                stacked = torch.nn.functional.normalize(stacked.mean(0, keepdim=True), dim=-1)
-            found.append(stacked)
-        return found, seconds
-
-    return embed
+def _embed_documents(system: System, docs, model: nn.Module, special, memo: dict) -> tuple:
+    """(per document, the vectors ``system`` scores it by; seconds, reused pieces included)."""
+    found, seconds = [], 0.0
+    for i, doc in enumerate(docs):
+        vectors = []
+        for start, stop in system.pieces(len(doc.ids)):
+            # Each (model, document, piece) is embedded once: a truncated document is the first
+            # of its chunks, and lengthened tables share their first rows (a short document).
+            key = (system.model_key, i, start, stop)
+            if key not in memo:
+                began = time.perf_counter()
+                vector = _embed(model, [doc.ids[start:stop]], *special, 1)
+                memo[key] = (vector, time.perf_counter() - began)
+            vectors.append(memo[key][0])
+            seconds += memo[key][1]
+        stacked = torch.cat(vectors)
+        if system.combine == "mean":
+            stacked = torch.nn.functional.normalize(stacked.mean(0, keepdim=True), dim=-1)
+        found.append(stacked)
+    return found, seconds
 
 
 def _prefix(length: int) -> Spans:
@@ -259,11 +247,8 @@ def _checkpoint_label(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
-def _reusable(reuse: dict | None, docs, answers, spans, settings: Settings) -> dict[str, tuple]:
-    """From an earlier report on the same documents and queries: per system, its seconds and
-    its ranks per query set (None where the set is empty)."""
-    if reuse is None:
-        return {}
+def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings) -> None:
+    """Refuse an earlier report (``--reuse``) on other documents or queries."""
     sets = reuse["query_sets"]
     if (
         reuse["documents"]["names"] != [d.name for d in docs]
@@ -277,13 +262,6 @@ def _reusable(reuse: dict | None, docs, answers, spans, settings: Settings) -> d
             "--documents, --max-docs, --min-tokens, --lengths, --query-length, "
             "--queries-per-doc and --seed must be this run's)"
         )
-    return {
-        s["name"]: (
-            s["seconds"],
-            [q["ranks"].get(s["name"]) if q["queries"] else None for q in sets],
-        )
-        for s in reuse["systems"]
-    }
 
 
 @dataclass
@@ -353,7 +331,7 @@ def run_benchmark(
         )
     for c in checkpoints:
         _check_held_out(Path(c), settings.sources)
-    special = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0)
+    special = (tokenizer.cls_token_id, tokenizer.sep_token_id)
     docs = load_documents(texts, tokenizer, settings.min_tokens, settings.max_docs, settings.seed)
     if len(docs) < 2:
         raise ValueError(
@@ -405,18 +383,22 @@ def run_benchmark(
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
-    embed = _embedder(models, special)
+    reused = {}
+    if reuse is not None:
+        _check_reusable(reuse, docs, answers, spans, settings)
+        reused = {s["name"]: s["seconds"] for s in reuse["systems"]}
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
-    seconds = {}
-    reused = _reusable(reuse, docs, answers, spans, settings)
+    seconds, memo = {}, {}
     for system in systems:
         name = system.name
         if name in reused:
-            seconds[name], found = reused[name]
+            # An empty query set has no ranks: None, as a new system's.
+            seconds[name], found = reused[name], [q["ranks"].get(name) for q in reuse["query_sets"]]
             progress(f"{name}: ranks reused")
         else:
             progress(f"{name}: embedding {len(docs)} documents ...")
-            doc_vectors, seconds[name] = embed(system, docs)
+            model = models[system.model_key]
+            doc_vectors, seconds[name] = _embed_documents(system, docs, model, special, memo)
             found = [
                 score(q, doc_vectors, a) if a else None
                 for q, a in zip(blocks, answers, strict=True)
@@ -523,23 +505,24 @@ def main(argv: list[str] | None = None) -> int:
     add("--model", metavar="DIR", help="BERT/RoBERTa folder (default: all-MiniLM-L6-v2)")
     add("--sources", nargs="+", choices=sorted(SOURCES), default=["stdlib"], help="built-in texts")
     add("--documents", metavar="DIR", help="UTF-8 files of DIR as the documents")
-    add("--lengths", type=n, nargs="+", default=[2048, 4096], metavar="N", help="positions")
+    add("--lengths", type=n, nargs="+", metavar="N", help="positions")
     add("--max-length", type=int_at_least(3), metavar="N", help="tokens seen (default: max n)")
     add("--checkpoint", dest="checkpoints", nargs="+", default=[], metavar="DIR", help="models")
-    add("--min-tokens", type=n, default=1200, metavar="N")
+    add("--min-tokens", type=n, metavar="N")
     add("--max-docs", type=int_at_least(2), metavar="N", help="documents drawn")
-    add("--query-length", type=n, default=96, metavar="N")
-    add("--queries-per-doc", type=n, default=2, metavar="N")
-    add("--num-landmarks", type=n, default=64, metavar="M")
-    add("--kmeans-iterations", type=int_at_least(0), default=3, metavar="K")
-    add("--batch", type=n, default=8, help="queries per forward call")
-    add("--bootstrap", type=int_at_least(10), default=2000, metavar="B")
-    add("--seed", type=int, default=0)
+    add("--query-length", type=n, metavar="N")
+    add("--queries-per-doc", type=n, metavar="N")
+    add("--num-landmarks", type=n, metavar="M")
+    add("--kmeans-iterations", type=int_at_least(0), metavar="K")
+    add("--batch", type=n, help="queries per forward call")
+    add("--bootstrap", type=int_at_least(10), metavar="B")
+    add("--seed", type=int)
     add("--threads", type=n, help="torch threads (default: torch's)")
     add("--reuse", metavar="JSON", help="an earlier results.json: its systems are not run again")
     add("--out", default="runs/bench/long_inputs", help="folder for results.json")
     add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     add("--from-json", metavar="FILE", help="measure nothing: print (and --write-docs) a report")
+    p.set_defaults(**asdict(Settings()) | {"sources": ["stdlib"]})  # Settings' defaults, once
     args = p.parse_args(argv)
 
     def run() -> dict:

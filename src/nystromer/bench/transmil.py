@@ -27,8 +27,8 @@ of FILE and the plot as ``bench/transmil.png`` beside FILE.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -44,15 +44,10 @@ from torch import Tensor, nn
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
-from .cli import _dtype, add_script_args, int_at_least, int_list, odd_kernel_or_zero
-from .implementations import (
-    IMPLEMENTATIONS,
-    AttentionConfig,
-    AttentionRunner,
-    Implementation,
-    register_implementation,
-)
+from .cli import _dtype, add_script_args, call_with, int_at_least, int_list, odd_kernel_or_zero
+from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
+from .pretrained import ratio, ratio_text, registered
 
 __all__ = [
     "BEGIN",
@@ -98,16 +93,8 @@ def _registry_name(label: str, mode: str) -> str:
     return f"transmil-{label}-{mode}"
 
 
-def _dense_heatmap_gb(config: AttentionConfig) -> float:
-    """GB of the package's (1, H, n_pad, n_pad) float32 matrix (batch 1)."""
-    m = config.num_landmarks
-    n_pad = ceil(config.seq_len / m) * m
-    return config.heads * n_pad * n_pad * 4 / 1e9
-
-
 class _LayerRunner(AttentionRunner):
-    """One attention layer as a benchmark runner: ``run(x)`` is the layer's forward (or its
-    class-token heatmap); x is (B, n, dim), the layer's own input."""
+    """A layer as a runner: ``run(x)``, x (B, n, dim), is its forward or class-token heatmap."""
 
     grad_args = (0,)
 
@@ -135,8 +122,7 @@ class _LayerRunner(AttentionRunner):
         if not self.package:
             return attn[:, :, 0]
         # The package's matrix has the front padding's rows and columns too.
-        n = x.shape[1]
-        pad = attn.shape[-1] - n
+        pad = attn.shape[-1] - x.shape[1]
         return attn[:, :, pad, pad:]
 
 
@@ -166,74 +152,52 @@ def _build(config: AttentionConfig, options: LayerOptions, label: str, mode: str
     return _LayerRunner(layer, options.dim, mode, label != "nystromer", seed)
 
 
-def _supports(options: LayerOptions, label: str, mode: str) -> Callable:
-    def supports(config: AttentionConfig, padded: bool) -> str | None:
-        if padded:
-            return "this benchmark has no mask"
-        if label == "nystrom-attention" and mode == "map":
-            return "the package has no heatmap without its forward"
-        if label == "nystrom-attention" and mode == "heatmap":
-            need = _dense_heatmap_gb(config)
-            if need > options.package_heatmap_limit_gb:
-                return f"skipped (n×n would need {need:.1f} GB)"
-        return None
+def _supports(options: LayerOptions, label: str, mode: str, config: AttentionConfig, padded):
+    """Why ``label`` in ``mode`` is not measured at ``config``; None where it is."""
+    if padded:
+        return "this benchmark has no mask"
+    if label == "nystrom-attention" and mode == "map":
+        return "the package has no heatmap without its forward"
+    if label == "nystrom-attention" and mode == "heatmap":
+        # The package's (1, H, n_pad, n_pad) float32 matrix (batch 1), n front-padded to m's.
+        n_pad = ceil(config.seq_len / config.num_landmarks) * config.num_landmarks
+        need = config.heads * n_pad * n_pad * 4 / 1e9
+        if need > options.package_heatmap_limit_gb:
+            return f"skipped (n×n would need {need:.1f} GB)"
+    return None
 
-    return supports
 
-
-@contextlib.contextmanager
 def registered_layers(options: LayerOptions, seed: int = 0):
-    """Within the block, each layer in each mode is in the registry (names yielded); the
+    """A context manager: within its block each layer in each mode is in the registry; the
     registry is restored after (a test keeps its own)."""
-    saved = dict(IMPLEMENTATIONS)
-    names = []
-    try:
-        for label, module in LAYERS.items():
-            for mode in MODES:
-                name = _registry_name(label, mode)
-                register_implementation(
-                    Implementation(
-                        name=name,
-                        description=f"{module}.NystromAttention, {mode}",
-                        build=lambda config, label=label, mode=mode: _build(
-                            config, options, label, mode, seed
-                        ),
-                        # Ours loads the package's weights: both need it.
-                        requires=("nystrom_attention",),
-                        supports=_supports(options, label, mode),
-                        is_peer=label != "nystromer",
-                    )
-                )
-                names.append(name)
-        yield names
-    finally:
-        IMPLEMENTATIONS.clear()
-        IMPLEMENTATIONS.update(saved)
+    return registered(
+        *(
+            Implementation(
+                name=_registry_name(label, mode),
+                description=f"{module}.NystromAttention, {mode}",
+                build=functools.partial(_build, options=options, label=label, mode=mode, seed=seed),
+                # Ours loads the package's weights: both need it.
+                requires=("nystrom_attention",),
+                supports=functools.partial(_supports, options, label, mode),
+                is_peer=label != "nystromer",
+            )
+            for label, module in LAYERS.items()
+            for mode in MODES
+        )
+    )
 
 
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def _worker_command(options: LayerOptions, seed: int) -> list[str]:
-    payload = json.dumps(dataclasses.asdict(options) | {"seed": seed})
-    return [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
-
-
 def _worker_main(argv: list[str]) -> int:
-    """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`nystromer.bench.worker` with the layers
-    registered first."""
+    """``--worker OPTIONS_JSON SPEC_JSON TASKS``: :mod:`.worker` with the layers registered."""
     from .worker import measure_and_report
 
     raw = json.loads(argv[0])
     seed = raw.pop("seed")
     with registered_layers(LayerOptions(**raw), seed):
         return measure_and_report(argv[1], argv[2])
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
 
 
 def run_transmil(
@@ -256,7 +220,8 @@ def run_transmil(
     package ÷ ours for each metric, ``map`` against the package's heatmap (None where either
     is missing).
     """
-    worker = _worker_command(options, base.seed)
+    payload = json.dumps(dataclasses.asdict(options) | {"seed": base.seed})
+    worker = [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
     rows = []
     threads = base.threads
     with registered_layers(options, base.seed):
@@ -272,20 +237,17 @@ def run_transmil(
                     progress(f"n = {n:,}: {label} {mode}: {result.summary()}")
                     row[label][mode] = {k: v for k, v in result.to_dict().items() if k != "spec"}
             row["ratios"] = {
-                f"{mode}_{metric}": _ratio(
+                f"{mode}_{metric}": ratio(
                     row["nystrom-attention"][_PACKAGE_MODE[mode]][metric],
                     row["nystromer"][mode][metric],
                 )
                 for mode, metric in _METRIC_COLUMNS
             }
             rows.append(row)
-    settings = {
-        name: getattr(base, name)
-        for name in (
-            "batch", "heads", "head_dim", "num_landmarks", "pinv_iterations", "dtype", "device",
-            "threads", "warmup", "repeats", "seed",
-        )
-    }  # fmt: skip
+    # The shape and measurement settings: what a case holds but its implementation, n and mask.
+    settings = dataclasses.asdict(base)
+    for per_case in ("impl", "seq_len", "padding"):
+        del settings[per_case]
     return report_header("transmil", command, base.device, threads) | {
         "settings": settings | dataclasses.asdict(options),
         "lengths": list(lengths),
@@ -295,29 +257,23 @@ def run_transmil(
 
 # --- report -------------------------------------------------------------------------------------
 
-#: (mode, CaseResult attribute) per column group; the heatmaps have a forward only.
-_METRIC_COLUMNS = (
-    ("layer", "forward_ms"),
-    ("layer", "backward_ms"),
-    ("heatmap", "forward_ms"),
-    ("map", "forward_ms"),
-    ("layer", "forward_peak_mib"),
-    ("layer", "backward_peak_mib"),
-    ("heatmap", "forward_peak_mib"),
-    ("map", "forward_peak_mib"),
+#: Per column group: its name in the tables and in the plot, the mode and the pass measured
+#: (the heatmaps have a forward only).
+_GROUPS = (
+    ("fwd", "forward", "layer", "forward"),
+    ("fwd+bwd", "forward+backward", "layer", "backward"),
+    ("heatmap", "heatmap", "heatmap", "forward"),
+    ("alone", "heatmap alone", "map", "forward"),
 )
-_GROUPS = len(_METRIC_COLUMNS) // 2
-_GROUP_NAMES = ("forward", "forward+backward", "heatmap", "heatmap alone")
-_SHORT_NAMES = ("fwd", "fwd+bwd", "heatmap", "alone")
-
-
-def _ratio_text(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}×"
+#: (mode, CaseResult attribute) per column: the groups' times, then their peaks.
+_METRIC_COLUMNS = tuple(
+    (mode, f"{what}_{unit}") for unit in ("ms", "peak_mib") for *_, mode, what in _GROUPS
+)
 
 
 def _table(report: dict, columns: tuple, unit: str) -> list[str]:
     header = ["n"]
-    for name in _SHORT_NAMES:
+    for name, *_ in _GROUPS:
         header += [f"{name} package {unit}", f"{name} ours {unit}", f"{name} ÷"]
     rows = []
     for row in report["rows"]:
@@ -325,16 +281,14 @@ def _table(report: dict, columns: tuple, unit: str) -> list[str]:
         for mode, metric in columns:
             package, ours = row["nystrom-attention"][mode], row["nystromer"][mode]
             cells += ["—" if mode == "map" else _cell(package, metric), _cell(ours, metric)]
-            cells.append(_ratio_text(row["ratios"][f"{mode}_{metric}"]))
+            cells.append(ratio_text(row["ratios"][f"{mode}_{metric}"], ".1f"))
         rows.append(cells)
     return table(header, rows, left=0)
 
 
 def _cell(result: dict, metric: str) -> str:
-    if result["status"] == "skipped":
-        return "skipped"
     if result["status"] != "ok":
-        return result["status"]
+        return result["status"]  # skipped, oom or failed
     return fmt(result[metric], ",.0f" if (result[metric] or 0) >= 100 else ",.1f")
 
 
@@ -367,11 +321,11 @@ def format_section(report: dict) -> str:
         "",
         "Time (ms):",
         "",
-        *_table(report, _METRIC_COLUMNS[:_GROUPS], "ms"),
+        *_table(report, _METRIC_COLUMNS[: len(_GROUPS)], "ms"),
         "",
         "Peak memory (MiB):",
         "",
-        *_table(report, _METRIC_COLUMNS[_GROUPS:], "MiB"),
+        *_table(report, _METRIC_COLUMNS[len(_GROUPS) :], "MiB"),
     ]
     notes = []
     for row in report["rows"]:
@@ -391,10 +345,9 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, _GROUPS, figsize=(5 * _GROUPS, 8.5))
-    for ax, (mode, metric), title in zip(
-        axes.flat, _METRIC_COLUMNS, [*_GROUP_NAMES, *_GROUP_NAMES], strict=True
-    ):
+    fig, axes = plt.subplots(2, len(_GROUPS), figsize=(5 * len(_GROUPS), 8.5))
+    titles = [title for _, title, *_ in _GROUPS] * 2
+    for ax, (mode, metric), title in zip(axes.flat, _METRIC_COLUMNS, titles, strict=True):
         for label in LAYERS:
             pts = [
                 (row["seq_len"], row[label][mode][metric])
@@ -445,18 +398,20 @@ def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -
 # --- command line -------------------------------------------------------------------------------
 
 
+#: The options the recorded command spells out (after --lengths), in its order.
+_SPELLED = (
+    "dim heads dim_head num_landmarks pinv_iterations conv_kernel batch dtype device threads "
+    "repeats warmup package_heatmap_limit_gb"
+).split()
+
+
 def _command(args: argparse.Namespace) -> str:
-    """The command with every setting spelled out (not where copies go)."""
+    """The command with every setting given spelled out (not where copies go)."""
     argv = ["nystromer", "bench", "transmil", "--lengths", ",".join(map(str, args.lengths))]
-    for flag in (
-        "dim", "heads", "dim_head", "num_landmarks", "pinv_iterations", "conv_kernel", "batch",
-        "dtype", "device", "threads", "repeats", "warmup", "package_heatmap_limit_gb",
-    ):  # fmt: skip
-        value = getattr(args, flag)
-        argv += [
-            "--" + flag.replace("_", "-"),
-            f"{value:g}" if isinstance(value, float) else str(value),
-        ]
+    for name in _SPELLED:
+        if (value := getattr(args, name)) is not None:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            argv += ["--" + name.replace("_", "-"), text]
     return shlex.join(argv)
 
 
@@ -474,23 +429,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
     else:
-        base = CaseSpec(
-            impl="exact",
-            batch=args.batch,
-            heads=args.heads,
-            head_dim=args.dim_head,
-            num_landmarks=args.num_landmarks,
-            pinv_iterations=args.pinv_iterations,
-            dtype=args.dtype,
-            device=args.device,
-            threads=args.threads,
-            warmup=args.warmup,
-            repeats=args.repeats,
-        )
-        options = LayerOptions(args.dim, args.conv_kernel, args.package_heatmap_limit_gb)
-        report = run_transmil(
-            base, options, lengths=args.lengths, timeout=args.timeout, command=_command(args)
-        )
+        # Each case names its layer; the shape and settings are the options of the same names.
+        base = call_with(CaseSpec, args, impl="exact", head_dim=args.dim_head)
+        options = call_with(LayerOptions, args)
+        report = call_with(run_transmil, args, base, options, command=_command(args))
     print(f"\n{format_section(report)}\n")
     written = write_outputs(report, args.out)
     if args.write_docs:
