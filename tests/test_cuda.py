@@ -161,3 +161,19 @@ def test_lra_training_runs_on_the_device(tmp_path, precision):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in lines)
+
+
+@pytest.mark.parametrize("numerics", ["nystromer", "lucidrains"])
+def test_compat_layer_on_the_device_equals_the_cpu(numerics):
+    from nystromer.compat import NystromAttention as CompatAttention
+
+    torch.manual_seed(0)
+    layer = CompatAttention(dim=32, dim_head=8, heads=4, num_landmarks=8, numerics=numerics)
+    x = torch.randn(2, 70, 32, dtype=torch.float64)
+    mask = padded([70, 29], 70)
+    want, want_attn = layer.double()(x, mask=mask, return_attn=True)
+    moved = layer.to(DEVICE)
+    got, attn = moved(*on(x), mask=mask.to(DEVICE), return_attn=True)
+    # float64 on both sides: only summation order differs.
+    assert rel_err(cpu64(got), want) < 1e-10
+    assert rel_err(cpu64(attn[:, :, 0]), want_attn[:, :, 0]) < 1e-10
