@@ -168,10 +168,7 @@ def naive_nystrom_attention(
 
 
 def _head_split(t: Tensor) -> Tensor:
-    """(B, H, n, d) → the same values as a (B, H, n, d) view of (B, n, H, d) memory: what a
-    projection's (B, n, H·d) output split into heads gives an attention function (as in
-    :class:`NystromAttention` and ``transformers``), so that gradients come back in that layout
-    too, as in a model, with no transpose copy on either side."""
+    """The same values in the (B, n, H, d) memory a model's head split gives (gradients too)."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -229,13 +226,7 @@ class _Columns(nn.Module):
 
 
 class _LucidrainsRunner(AttentionRunner):
-    """``nystrom_attention.NystromAttention`` (PyPI ``nystrom-attention``).
-
-    Its forward takes the hidden states x and computes ``to_qkv(x).chunk(3)``: with ``to_qkv``
-    an identity and x = [q | k | v], the chunks are exactly q, k and v in its 'b n (h d)'
-    layout. ``to_out`` is an identity, ``residual=False`` drops the convolution skip. Its
-    output is (B, n, H·d).
-    """
+    """PyPI ``nystrom-attention``: identity ``to_qkv`` on x = [q | k | v] chunks it into q, k, v."""
 
     grad_args = (0,)
 
@@ -249,7 +240,7 @@ class _LucidrainsRunner(AttentionRunner):
             heads=h,
             num_landmarks=config.num_landmarks,
             pinv_iterations=config.pinv_iterations,
-            residual=False,
+            residual=False,  # no convolution skip
         )
         module.to_qkv = module.to_out = nn.Identity()
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
@@ -270,14 +261,7 @@ class _LucidrainsRunner(AttentionRunner):
 
 
 class _TransformersRunner(_LucidrainsRunner):
-    """``transformers``' ``NystromformerSelfAttention`` with its math only.
-
-    A tiny config (hidden = H·d, ``num_landmarks`` = m, ``segment_means_seq_len`` = n), the
-    conv skip switched off on the module (its config only accepts an int kernel size), its
-    ``query``/``key``/``value`` Linear layers replaced by the column selections of x = [q | k | v]
-    that return q, k and v exactly. The key padding mask is passed the way its model does, as an
-    additive (B, 1, 1, n) tensor holding the dtype's minimum at padding.
-    """
+    """``transformers``' ``NystromformerSelfAttention``, projections as column selections."""
 
     def __init__(self, config: AttentionConfig) -> None:
         from transformers import NystromformerConfig
@@ -294,7 +278,7 @@ class _TransformersRunner(_LucidrainsRunner):
             attention_probs_dropout_prob=0.0,
         )
         module = NystromformerSelfAttention(hf_config)
-        module.conv_kernel_size = None
+        module.conv_kernel_size = None  # its config only accepts an int kernel size
         del module.conv
         for i, name in enumerate(("query", "key", "value")):
             setattr(module, name, _Columns(i * hd, (i + 1) * hd))
@@ -302,6 +286,7 @@ class _TransformersRunner(_LucidrainsRunner):
         self.heads = config.heads
 
     def prepare(self, q, k, v, mask):
+        # The key padding mask as its model passes it: additive, the dtype's minimum at padding.
         additive = None
         if mask is not None:
             additive = torch.zeros_like(mask[:, None, None, :], dtype=q.dtype)

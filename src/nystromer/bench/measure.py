@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_positive_int
+from .._checks import check_int_at_least, check_positive_int
 from .implementations import AttentionConfig, get_implementation, unavailable_reason
 from .inputs import padding_mask, random_qkv
 
@@ -57,12 +57,9 @@ def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str
     (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
     shown, skip = [], False
     for arg in argv:
-        if skip:
-            skip = False
-        elif arg in drop:
-            skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in drop)):
+        if not skip and arg.partition("=")[0] not in drop:
             shown.append(arg)
+        skip = not skip and arg in drop  # the next argument is the dropped flag's value
     return shlex.join(["python", script, *shown])
 
 
@@ -102,10 +99,8 @@ class CaseSpec:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
             check_positive_int(name, getattr(self, name))
-        if self.warmup < 0 or self.pinv_iterations < 0:
-            raise ValueError(
-                f"warmup and pinv_iterations must be ≥ 0, got {self.warmup}, {self.pinv_iterations}"
-            )
+        for name in ("warmup", "pinv_iterations"):
+            check_int_at_least(name, getattr(self, name), 0)
         get_implementation(self.impl)  # ValueError for an unknown name
 
     def config(self) -> AttentionConfig:
@@ -158,11 +153,9 @@ def fmt(value: float | None, spec: str = ",.1f") -> str:
 
 
 def _status_kib(field_name: str) -> int:
+    """A ``kB`` field of /proc/self/status (Linux always has VmRSS and VmHWM)."""
     with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name + ":"))
 
 
 def _prepared(spec: CaseSpec, runner, backward: bool):
