@@ -11,6 +11,7 @@ Peers are optional: :func:`available_implementations` lists the installed ones.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Callable
@@ -214,17 +215,6 @@ def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).view(b, n, 3 * h * d)
 
 
-class _Columns(nn.Module):
-    """Selects the columns [start, stop) of the last axis: an exact, parameter-free 'Linear'."""
-
-    def __init__(self, start: int, stop: int) -> None:
-        super().__init__()
-        self.start, self.stop = start, stop
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x[..., self.start : self.stop]
-
-
 class _LucidrainsRunner(AttentionRunner):
     """PyPI ``nystrom-attention``: identity ``to_qkv`` on x = [q | k | v] chunks it into q, k, v."""
 
@@ -280,8 +270,9 @@ class _TransformersRunner(_LucidrainsRunner):
         module = NystromformerSelfAttention(hf_config)
         module.conv_kernel_size = None  # its config only accepts an int kernel size
         del module.conv
-        for i, name in enumerate(("query", "key", "value")):
-            setattr(module, name, _Columns(i * hd, (i + 1) * hd))
+        for i, name in enumerate(("query", "key", "value")):  # exact, parameter-free 'Linear's
+            delattr(module, name)
+            setattr(module, name, functools.partial(torch.narrow, dim=-1, start=i * hd, length=hd))
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = config.heads
 

@@ -163,13 +163,9 @@ def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, i
     # Uncut examples first, then the longest; the first of equals.
     index0 = max(fits, key=lambda i: (usable[i] == lengths[i], usable[i], lengths[i], -i))
     n = int(usable[index0])
-    target = 0.75 * n
     shorter = [i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n]
-    if shorter:
-        index1 = min(shorter, key=lambda i: (abs(lengths[i] - target), i))
-        length1 = int(lengths[index1])
-    else:
-        index1, length1 = int(index0 == 0), max(1, round(target))
+    index1 = min(shorter, key=lambda i: (abs(lengths[i] - 0.75 * n), i), default=int(index0 == 0))
+    length1 = int(lengths[index1]) if shorter else max(1, round(0.75 * n))
     return {
         "index0": index0,
         "n": n,
@@ -204,7 +200,7 @@ def lra_qkv(
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer: the model has {len(layers)} layers, got {layer}")
     layer_index = layer % len(layers)
-    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    data_dir = data_dir or config.get("data_dir")
     if data_dir is None:
         raise ValueError(f"data_dir: the run {run_dir} records no data directory; pass one")
     task = config["task"]
@@ -212,7 +208,7 @@ def lra_qkv(
     offsets = getattr(dataset, "offsets", None)  # token datasets know every length
     if offsets is None:
         offsets = np.cumsum([0] + [len(dataset[i][0]) for i in range(len(dataset))])
-    pick = pick_examples(np.diff(np.asarray(offsets)), num_landmarks)
+    pick = pick_examples(np.diff(offsets), num_landmarks)
     n, length1, examples = int(pick["n"]), int(pick["length1"]), [pick["index0"], pick["index1"]]
     ids = torch.zeros(2, n, dtype=torch.long)  # 0 is the padding token of the LRA models
     ids[0] = dataset[examples[0]][0][:n]

@@ -171,13 +171,10 @@ def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    lengths = report["lengths"]
     for ax, metric in zip(axes[0], metrics, strict=True):
         for impl, curve in report["curves"].items():
-            pts = [
-                (n, v)
-                for n, v in zip(report["lengths"], curve[metric], strict=True)
-                if v is not None
-            ]
+            pts = [(n, v) for n, v in zip(lengths, curve[metric], strict=True) if v is not None]
             slope = report["scaling_exponents"][impl][metric]
             label = impl if slope is None else f"{impl} (∝ n^{slope:.2f})"
             if pts:
