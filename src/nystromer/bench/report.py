@@ -288,13 +288,12 @@ def run_report(
                     raise RuntimeError(f"`{_shown(argv)}` exited with {code}")
             section = _build_section(name, commands[name], docs, images_dir, gpu_dir)
             write_docs_section(docs, name, section)
+            done[name] = None
+            say(f"wrote the {name} section of {docs}")
         except Exception as exc:
             traceback.print_exc()
             done[name] = f"{type(exc).__name__}: {exc}"
             say(f"section {name} FAILED: {done[name]}")
-            continue
-        done[name] = None
-        say(f"wrote the {name} section of {docs}")
     return done
 
 
