@@ -158,9 +158,10 @@ def _status_kib(field_name: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field_name + ":"))
 
 
-def _prepared(spec: CaseSpec, runner, backward: bool):
-    """The runner's prepared inputs for ``spec``, and with ``backward`` a random output
-    gradient; the inputs the backward pass differentiates to are fresh leaves."""
+def _prepared(spec: CaseSpec, backward: bool):
+    """``spec``'s runner, its prepared inputs (fresh leaves where backward differentiates) and,
+    with ``backward``, a random output gradient."""
+    runner = get_implementation(spec.impl).build(spec.config())
     dtype = DTYPES[spec.dtype]
     shape = (spec.batch, spec.heads, spec.seq_len, spec.head_dim)
     qkv = random_qkv(*shape, dtype=dtype, device=spec.device, seed=spec.seed)
@@ -168,13 +169,13 @@ def _prepared(spec: CaseSpec, runner, backward: bool):
     # A peer's prepare copies q, k, v into one tensor: keep one copy resident.
     args, qkv = runner.prepare(*qkv, mask), None
     if not backward:
-        return args, None
+        return runner, args, None
     args = tuple(
         a.detach().requires_grad_() if i in runner.grad_args else a for i, a in enumerate(args)
     )
     gen = torch.Generator().manual_seed(spec.seed + 1)
     grad = torch.randn(runner.output_shape(*shape), generator=gen)
-    return args, runner.prepare_grad(grad.to(device=spec.device, dtype=dtype))
+    return runner, args, runner.prepare_grad(grad.to(device=spec.device, dtype=dtype))
 
 
 def _call(runner, args, grad) -> None:
@@ -190,11 +191,8 @@ def _call(runner, args, grad) -> None:
 
 def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
     # One call at a small size first loads kernels and libraries outside the measured region.
-    small = dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1)
-    runner = get_implementation(spec.impl).build(small.config())
-    _call(runner, *_prepared(small, runner, backward))
-    runner = get_implementation(spec.impl).build(spec.config())
-    args, grad = _prepared(spec, runner, backward)
+    _call(*_prepared(dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1), backward))
+    runner, args, grad = _prepared(spec, backward)
     if spec.device.startswith("cuda"):
         dev = torch.device(spec.device)
         torch.cuda.synchronize(dev)
@@ -220,8 +218,7 @@ def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
 
 
 def _times(spec: CaseSpec, backward: bool) -> list[float]:
-    runner = get_implementation(spec.impl).build(spec.config())
-    args, grad = _prepared(spec, runner, backward)
+    runner, args, grad = _prepared(spec, backward)
     cuda = spec.device.startswith("cuda")
     sync = (lambda: torch.cuda.synchronize(torch.device(spec.device))) if cuda else lambda: None
     for _ in range(spec.warmup):
