@@ -346,14 +346,12 @@ def format_implementation_table(report: dict) -> str:
     rows = []
     for source, entry in report["sources"].items():
         for impl, row in entry["implementations"].items():
-            if "skipped" in row:
-                rows.append([source, impl, f"skipped: {row['skipped']}"])
-            else:
-                cells = (
-                    f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported"
-                    for c in SCENARIOS
-                )
-                rows.append([source, impl, *cells])
+            cells = (
+                [f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in SCENARIOS]
+                if "skipped" not in row
+                else [f"skipped: {row['skipped']}"]
+            )
+            rows.append([source, impl, *cells])
     header = ["inputs", "implementation", "unpadded", "n not multiple of m", "padded sample"]
     header += ["full sample, padded batch", "batch coupling"]
     intro = f"Relative error vs exact attention, m = {report['num_landmarks']}:"
@@ -431,8 +429,7 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    paths = [out / n for n in ("approx.json", "approx.md", "approx_landmarks.png")]
-    paths.append(out / "approx_iterations.png")
+    paths = [out / f"approx{end}" for end in (".json", ".md", "_landmarks.png", "_iterations.png")]
     with atomic_write(paths[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:

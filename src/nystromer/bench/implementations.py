@@ -111,12 +111,11 @@ def register_implementation(impl: Implementation) -> Implementation:
 
 def get_implementation(name: str) -> Implementation:
     """The registry entry called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return IMPLEMENTATIONS[name]
-    except KeyError:
+    if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}"
-        ) from None
+        )
+    return IMPLEMENTATIONS[name]
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -77,7 +77,7 @@ def plot_attention(
     )
     error = float((approx - exact).norm() / exact.norm())
     n_all = exact.shape[0]
-    n = n_all if window is None else min(window, n_all)
+    n = min(window or n_all, n_all)
     if n < n_all:
         title = f"{title}; positions 0–{n - 1} of {n_all} shown"
     vmax = float(torch.quantile(exact[:n, :n].flatten(), 0.995))
