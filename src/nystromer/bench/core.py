@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .._machine import machine_info, machine_label
 from .._markdown import replace_section, table
 from .implementations import PEERS
-from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
+from .measure import DTYPES, METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "CoreReport",
@@ -154,8 +154,7 @@ def format_report(report: CoreReport) -> str:
             f", in each of {report.rounds} rounds that run every implementation in turn; "
             "each cell is the median over the rounds"
         )
-    itemsize = {"float64": 8, "float32": 4}.get(b.dtype, 2)
-    io_mib = b.batch * b.heads * b.seq_len * b.head_dim * itemsize / 2**20
+    io_mib = b.batch * b.heads * b.seq_len * b.head_dim * DTYPES[b.dtype].itemsize / 2**20
     lines = [
         f"n = {b.seq_len:,}, batch {b.batch}, {b.heads} heads × {b.head_dim}, "
         f"m = {b.num_landmarks}, {b.pinv_iterations} pinv iterations, {b.dtype}, {b.device}.",

@@ -12,10 +12,11 @@ which command makes a run when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ class LRAInputs:
     mask: Tensor
     lengths: tuple[int, int]
     description: str
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any]
 
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
@@ -100,15 +101,10 @@ def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Te
         where = ckpt.find(run_dir, name)
         if where is None:
             raise ValueError(f"{run_dir} has no `{name}` checkpoint")
-        try:
-            meta = ckpt.read_meta(where)
-            data = (where / ckpt.WEIGHTS).read_bytes()
-            again = ckpt.read_meta(where)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.1)
-            continue
-        if meta == again:
-            return where, meta, load_safetensors(data)
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # mid-swap: retry
+            meta, data = ckpt.read_meta(where), (where / ckpt.WEIGHTS).read_bytes()
+            if ckpt.read_meta(where) == meta:
+                return where, meta, load_safetensors(data)
         time.sleep(0.1)
     raise RuntimeError(f"{run_dir}/{name} kept changing while it was read; try again")
 
@@ -126,7 +122,7 @@ def load_lra_model(
     config = read_run_config(run_dir)
     name = checkpoint
     if name == "auto":
-        name = "best" if ckpt.find(run_dir, "best") is not None else "last"
+        name = "best" if ckpt.find(run_dir, "best") else "last"
     _, meta, tensors = _read_checkpoint(run_dir, name)  # ValueError for an unknown name
     model = build_model(LRAModelConfig.from_dict(config["model"]))
     model.load_state_dict(tensors, strict=True)

@@ -183,9 +183,8 @@ def _call(runner, args, grad) -> None:
         with torch.no_grad():
             runner.run(*args)
     else:
-        for a in args:
-            if torch.is_tensor(a):
-                a.grad = None
+        for i in runner.grad_args:
+            args[i].grad = None
         runner.run(*args).backward(grad)
 
 
