@@ -229,7 +229,7 @@ def _build_section(
 
 def run_report(
     *,
-    out: str | os.PathLike[str] = Path("bench-out/report"),
+    out: str | os.PathLike[str] | None = None,
     docs: str | os.PathLike[str] | None = None,
     images_dir: str | os.PathLike[str] | None = None,
     gpu_dir: str | os.PathLike[str] | None = None,
@@ -240,9 +240,10 @@ def run_report(
     run_gpu: bool | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, str | None]:
-    """Run the benchmark commands (outputs under ``out``) and write their sections (``only``
-    these; default: all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny
-    sizes, ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
+    """Run the benchmark commands (outputs under ``out``, default ``bench-out/report``, with
+    ``quick`` ``bench-out/report-quick``) and write their sections (``only`` these; default:
+    all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny sizes,
+    ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
     ``images_dir`` (default ``bench/`` beside docs), CUDA results looked for in ``gpu_dir``
     (default ``images_dir/gpu``). Without a trained model at ``lra_run`` (default: the commands'
     own choice) the LRA inputs are left out. ``run_gpu`` runs the GPU commands first (default:
@@ -255,7 +256,7 @@ def run_report(
     sections = list(REPORT_SECTIONS if only is None else only)
     if not sections or not set(sections) <= set(REPORT_SECTIONS):
         raise ValueError(f"only must name some of {REPORT_SECTIONS}, got {list(sections)!r}")
-    out = Path(out)
+    out = Path(out or f"bench-out/report{'-quick' if quick else ''}")
     docs = Path(docs) if docs is not None else (out / "benchmarks.md" if quick else DEFAULT_DOCS)
     images_dir = Path(images_dir) if images_dir is not None else docs.parent / "bench"
     gpu_dir = Path(gpu_dir) if gpu_dir is not None else images_dir / "gpu"
@@ -300,8 +301,6 @@ def run_report(
 def _report_command(args: argparse.Namespace) -> int:
     from .cli import call_with
 
-    if args.out is None:
-        args.out = Path("bench-out/report-quick" if args.quick else "bench-out/report")
     done = call_with(run_report, args, images_dir=args.images, gpu_dir=args.gpu_results)
     failed = {name: why for name, why in done.items() if why is not None}
     for name, why in failed.items():
