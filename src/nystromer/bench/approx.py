@@ -12,6 +12,7 @@ layer of a language model on English text, :func:`model_qkv`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -102,24 +103,25 @@ def landmark_sweep(
         aligned with ``landmarks``) and ``"kmeans_iterations"``.
     """
     exact, n = softmax_attention(q, k, v), q.shape[2]
-    out: dict = {"landmarks": [], "segment_means": [], "kmeans": [], "random_subsample": []}
-    for m in (m for m in landmarks if m < n):
-        for key, kmeans in (("segment_means", 0), ("kmeans", kmeans_iterations)):
-            approx = nystrom_attention(
-                q, k, v, num_landmarks=m, pinv_iterations=iterations, kmeans_iterations=kmeans
-            )
-            out[key].append(relative_error(approx, exact))
-        errors = []
-        for seed in range(seeds):
-            gen = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(n, generator=gen)[:m].sort().values.to(q.device)
-            sub = nystrom_with_landmarks(
-                q, k, v, q[:, :, idx], k[:, :, idx], lambda a: reference.newton_pinv(a, iterations)
-            )
-            errors.append(relative_error(sub, exact))
-        out["landmarks"].append(m)
-        out["random_subsample"].append(sum(errors) / len(errors))
-    return out | {"kmeans_iterations": kmeans_iterations}
+    ms = [m for m in landmarks if m < n]
+
+    def error(m: int, kmeans: int) -> float:
+        options = {"pinv_iterations": iterations, "kmeans_iterations": kmeans}
+        return relative_error(nystrom_attention(q, k, v, num_landmarks=m, **options), exact)
+
+    def subsample_error(m: int, seed: int) -> float:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+        pinv = functools.partial(reference.newton_pinv, iterations=iterations)
+        sub = nystrom_with_landmarks(q, k, v, q[:, :, idx], k[:, :, idx], pinv)
+        return relative_error(sub, exact)
+
+    return {
+        "landmarks": ms,
+        "segment_means": [error(m, 0) for m in ms],
+        "kmeans": [error(m, kmeans_iterations) for m in ms],
+        "random_subsample": [sum(subsample_error(m, s) for s in range(seeds)) / seeds for m in ms],
+        "kmeans_iterations": kmeans_iterations,
+    }
 
 
 def iteration_sweep(
