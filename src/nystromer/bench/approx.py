@@ -181,8 +181,7 @@ def implementation_errors(
         def run(xs, mask_, impl=impl):
             """The implementation's output, or why it does not accept these inputs."""
             config = AttentionConfig(h, d, xs[0].shape[2], m, 6, str(q.device), q.dtype)
-            why = impl.supports(config, mask_ is not None)
-            if why is not None:
+            if (why := impl.supports(config, mask_ is not None)) is not None:
                 return why
             with torch.no_grad():
                 return impl.build(config)(*xs, mask_)
@@ -361,8 +360,7 @@ def format_implementation_table(report: dict) -> str:
 
 
 def _kinds_table(report: dict, axis: str, cells: dict[str, dict]) -> list[str]:
-    """Rows ``| value | cell per input kind |`` from ``cells``: input kind → {value: cell}
-    (— where a kind has no such value; the values in order, numbers before names)."""
+    """A table of ``cells`` (input kind → {value: cell}): values in order, numbers first."""
     values = sorted({v for c in cells.values() for v in c}, key=lambda v: (isinstance(v, str), v))
     rows = [[str(v), *(c.get(v, "—") for c in cells.values())] for v in values]
     return table([axis, *report["sources"]], rows, left=0)

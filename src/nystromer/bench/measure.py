@@ -159,8 +159,7 @@ def _status_kib(field_name: str) -> int:
 
 
 def _prepared(spec: CaseSpec, backward: bool):
-    """``spec``'s runner, its prepared inputs (fresh leaves where backward differentiates) and,
-    with ``backward``, a random output gradient."""
+    """``spec``'s runner, its prepared inputs and (with ``backward``) a random output gradient."""
     runner = get_implementation(spec.impl).build(spec.config())
     dtype = DTYPES[spec.dtype]
     shape = (spec.batch, spec.heads, spec.seq_len, spec.head_dim)
