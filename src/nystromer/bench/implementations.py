@@ -254,9 +254,7 @@ class _TransformersRunner(_LucidrainsRunner):
 
     def __init__(self, config: AttentionConfig) -> None:
         from transformers import NystromformerConfig
-        from transformers.models.nystromformer.modeling_nystromformer import (
-            NystromformerSelfAttention,
-        )
+        from transformers.models.nystromformer import modeling_nystromformer as hf
 
         hd = config.heads * config.head_dim
         hf_config = NystromformerConfig(
@@ -266,7 +264,7 @@ class _TransformersRunner(_LucidrainsRunner):
             segment_means_seq_len=config.seq_len,
             attention_probs_dropout_prob=0.0,
         )
-        module = NystromformerSelfAttention(hf_config)
+        module = hf.NystromformerSelfAttention(hf_config)
         module.conv_kernel_size = None  # its config only accepts an int kernel size
         del module.conv
         for i, name in enumerate(("query", "key", "value")):  # exact, parameter-free 'Linear's
@@ -276,12 +274,9 @@ class _TransformersRunner(_LucidrainsRunner):
         self.heads = config.heads
 
     def prepare(self, q, k, v, mask):
-        # The key padding mask as its model passes it: additive, the dtype's minimum at padding.
-        additive = None
-        if mask is not None:
-            additive = torch.zeros_like(mask[:, None, None, :], dtype=q.dtype)
-            additive.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
-        return (_hidden_from_qkv(q, k, v), additive)
+        if mask is not None:  # additive, as its model passes it: the dtype's minimum at padding
+            mask = (~mask[:, None, None, :]).to(q.dtype) * torch.finfo(q.dtype).min
+        return (_hidden_from_qkv(q, k, v), mask)
 
     def run(self, x, additive_mask):
         return self.module(x, attention_mask=additive_mask)[0]
