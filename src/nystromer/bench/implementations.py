@@ -210,8 +210,7 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
 
 def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, n, d) ×3 → x = [q | k | v] of shape (B, n, 3·H·d), heads-major in each third."""
-    b, h, n, d = q.shape
-    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).view(b, n, 3 * h * d)
+    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).flatten(2)
 
 
 class _LucidrainsRunner(AttentionRunner):
@@ -245,8 +244,7 @@ class _LucidrainsRunner(AttentionRunner):
         return (batch, seq_len, heads * head_dim)
 
     def to_bhnd(self, out):
-        b, n, hd = out.shape
-        return out.view(b, n, self.heads, hd // self.heads).transpose(1, 2)
+        return out.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
 
 class _TransformersRunner(_LucidrainsRunner):
