@@ -263,9 +263,7 @@ def run_worker(
     -m nystromer.bench.worker``) with the spec as JSON and the comma-joined tasks appended; it
     prints its result dict on one line after the result mark. A crash or timeout becomes
     ``{"status": "oom" | "failed", "note": ...}``."""
-    env = dict(os.environ)
-    if spec.threads is not None:
-        env["OMP_NUM_THREADS"] = str(spec.threads)
+    env = os.environ | ({} if spec.threads is None else {"OMP_NUM_THREADS": str(spec.threads)})
     start = command if command is not None else [sys.executable, "-m", "nystromer.bench.worker"]
     cmd = [*start, json.dumps(dataclasses.asdict(spec)), ",".join(tasks)]
     try:
