@@ -28,7 +28,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp6
 
 def int_list(text: str) -> list[int]:
     """argparse type: comma-separated positive integers (``1024,2048``)."""
-    values = [x for x in text.split(",") if x]
+    values = [x.strip() for x in text.split(",") if x.strip()]
     if not values or not all(x.isdecimal() and int(x) > 0 for x in values):
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers ≥ 1 such as 1024,2048, got {text!r}"
@@ -40,7 +40,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer ≥ ``minimum``."""
 
     def parse(text: str) -> int:
-        if not (text.removeprefix("-").isdecimal() and int(text) >= minimum):
+        if not (text.strip().removeprefix("-").isdecimal() and int(text) >= minimum):
             raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
         return int(text)
 
