@@ -149,8 +149,7 @@ def test_head_taking_implementations_get_a_projections_layout(name):
     from nystromer.bench.measure import CaseSpec, _call, _prepared
 
     spec = CaseSpec(impl=name, seq_len=N, heads=H, head_dim=D, num_landmarks=M, dtype="float64")
-    runner = get_implementation(name).build(spec.config())
-    args, grad = _prepared(spec, runner, backward=True)
+    runner, args, grad = _prepared(spec, backward=True)
     for t in (*args[:3], grad):
         assert t.transpose(1, 2).is_contiguous()
     _call(runner, args, grad)

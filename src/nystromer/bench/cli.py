@@ -28,28 +28,21 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp6
 
 def int_list(text: str) -> list[int]:
     """argparse type: comma-separated positive integers (``1024,2048``)."""
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values or not all(x.isdecimal() and int(x) > 0 for x in values):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 1024,2048, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+            f"expected comma-separated integers ≥ 1 such as 1024,2048, got {text!r}"
+        )
+    return [int(x) for x in values]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer ≥ ``minimum``."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
+        if not (text.strip().removeprefix("-").isdecimal() and int(text) >= minimum):
             raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
-        return value
+        return int(text)
 
     return parse
 
@@ -125,19 +118,6 @@ def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     _add_case_args(p, repeats=3, timeout=1800)
 
 
-def _speed_report(args: argparse.Namespace, backward: bool) -> dict:
-    from .implementations import get_implementation
-    from .measure import CaseSpec
-    from .speed import run_speed
-
-    for name in args.impl:
-        get_implementation(name)  # ValueError naming the known ones
-    base = call_with(CaseSpec, args, impl=args.impl[0])
-    report = call_with(run_speed, args, base, implementations=args.impl, backward=backward)
-    report["command"] = _problem_command(args, backward)
-    return report
-
-
 def _problem_command(args: argparse.Namespace, backward: bool) -> str:
     """The ``bench speed``/``bench table`` command with every setting spelled out."""
     argv = ["nystromer", "bench", args.bench_command]
@@ -152,22 +132,23 @@ def _problem_command(args: argparse.Namespace, backward: bool) -> str:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from .speed import format_speed, write_speed_outputs
-
-    report = _speed_report(args, backward=not args.no_backward)
-    print(f"\nMachine: {report['machine_label']}.\n\n{format_speed(report)}\n")
-    for path in write_speed_outputs(report, args.out):
-        print(f"wrote {path}")
-    return 0
-
-
-def _table(args: argparse.Namespace) -> int:
+    """``bench speed`` and ``bench table``: measure, print the Markdown and write its files."""
     from .._io import atomic_write
-    from .speed import format_table1
+    from .measure import CaseSpec
+    from .speed import format_speed, format_table1, run_speed, write_speed_outputs
 
-    report = _speed_report(args, backward=False)
-    text = f"Machine: {report['machine_label']}.\n\n{format_table1(report)}\n"
+    table = args.bench_command == "table"
+    backward = not (table or args.no_backward)
+    base = call_with(CaseSpec, args, impl=args.impl[0])
+    report = call_with(run_speed, args, base, implementations=args.impl, backward=backward)
+    report["command"] = _problem_command(args, backward)
+    markdown = format_table1(report) if table else format_speed(report)
+    text = f"Machine: {report['machine_label']}.\n\n{markdown}\n"
     print("\n" + text)
+    if not table:
+        for path in write_speed_outputs(report, args.out):
+            print(f"wrote {path}")
+        return 0
     with atomic_write(args.out / "table1.json") as f:
         json.dump(report, f, indent=2)
     with atomic_write(args.out / "table1.md") as f:
@@ -217,7 +198,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
     t.add_argument("--out", type=Path, default=_DEFAULT_OUT / "table1")
-    t.set_defaults(func=_table, max_seconds=float("inf"))
+    t.set_defaults(func=_speed, max_seconds=float("inf"))
 
     a = bench_sub.add_parser(
         "approx",

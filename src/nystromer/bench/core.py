@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .._machine import machine_info, machine_label
 from .._markdown import replace_section, table
 from .implementations import PEERS
-from .measure import METRICS, CaseResult, CaseSpec, fmt, measure_case
+from .measure import DTYPES, METRICS, CaseResult, CaseSpec, fmt, measure_case
 
 __all__ = [
     "CoreReport",
@@ -118,33 +118,27 @@ def median_result(results: list[CaseResult]) -> CaseResult:
     kept); a case that was not ``ok`` in its first round keeps that result."""
     if len(results) == 1 or results[0].status != "ok":
         return results[0]
-    medians = {}
+    found = {}
     for attr in METRICS:
-        values = [getattr(r, attr) for r in results if getattr(r, attr) is not None]
-        medians[attr] = statistics.median(values) if values else None
-    return dataclasses.replace(
-        results[0],
-        **medians,
-        forward_times_ms=[t for r in results for t in r.forward_times_ms],
-        backward_times_ms=[t for r in results for t in r.backward_times_ms],
-    )
+        values = [x for r in results if (x := getattr(r, attr)) is not None]
+        found[attr] = statistics.median(values) if values else None
+    for attr in ("forward_times_ms", "backward_times_ms"):
+        found[attr] = [t for r in results for t in getattr(r, attr)]
+    return dataclasses.replace(results[0], **found)
 
 
 def format_report(report: CoreReport) -> str:
     """Markdown: size line, machine, one row per implementation with its ratios to ours."""
     b, ours = report.base, report.rows.get(OURS)
+    bases = [getattr(ours, attr) if ours and ours.status == "ok" else None for attr in METRICS]
     rows = []
     for label, r in report.rows.items():
-        if r.status != "ok":
-            rows.append([label, f"{r.status}: {r.note}"])
-            continue
         values = [getattr(r, attr) for attr in METRICS]
-        bases = [getattr(ours, a) if ours and ours.status == "ok" else None for a in METRICS]
         ratios = [
-            x / base if base and x is not None else None
-            for x, base in zip(values, bases, strict=True)
+            x / y if x is not None and y else None for x, y in zip(values, bases, strict=True)
         ]
-        rows.append([label, *(fmt(x) for x in values), *(fmt(x, ".2f") for x in ratios)])
+        cells = [*(fmt(x) for x in values), *(fmt(x, ".2f") for x in ratios)]
+        rows.append([label, *(cells if r.status == "ok" else [f"{r.status}: {r.note}"])])
     kinds = ("fwd", "fwd+bwd")
     header = [
         f"{k} {what}" for what in ("ms", "peak MiB", "time ×ours", "mem ×ours") for k in kinds
@@ -160,8 +154,7 @@ def format_report(report: CoreReport) -> str:
             f", in each of {report.rounds} rounds that run every implementation in turn; "
             "each cell is the median over the rounds"
         )
-    itemsize = {"float64": 8, "float32": 4}.get(b.dtype, 2)
-    io_mib = b.batch * b.heads * b.seq_len * b.head_dim * itemsize / 2**20
+    io_mib = b.batch * b.heads * b.seq_len * b.head_dim * DTYPES[b.dtype].itemsize / 2**20
     lines = [
         f"n = {b.seq_len:,}, batch {b.batch}, {b.heads} heads × {b.head_dim}, "
         f"m = {b.num_landmarks}, {b.pinv_iterations} pinv iterations, {b.dtype}, {b.device}.",

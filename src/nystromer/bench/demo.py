@@ -15,7 +15,7 @@ import torch
 
 from .._machine import machine_info, machine_label
 from .._markdown import table
-from .implementations import get_implementation
+from ..functional import nystrom_attention, softmax_attention
 from .inputs import random_qkv, relative_error
 from .measure import CaseSpec, fmt, measure_case
 
@@ -84,26 +84,21 @@ def run_attention_demo(
         base = CaseSpec(
             "exact", 1, heads, n, head_dim, num_landmarks, threads=threads, repeats=repeats
         )
-        found = {}
-        for impl in ("exact", "nystromer"):
-            found[impl] = measure_case(dataclasses.replace(base, impl=impl), backward=False)
-            if found[impl].status != "ok":
-                say(f"  n = {n}: {impl} {found[impl].status}: {found[impl].note}")
+        exact, ours = (
+            measure_case(dataclasses.replace(base, impl=impl), backward=False)
+            for impl in ("exact", "nystromer")
+        )
+        for r in (exact, ours):
+            if r.status != "ok":
+                say(f"  n = {n}: {r.spec.impl} {r.status}: {r.note}")
         if threads is not None:
             torch.set_num_threads(threads)
-        qkv = random_qkv(1, heads, n, head_dim, style="structured", seed=base.seed)
+        q, k, v = random_qkv(1, heads, n, head_dim, style="structured", seed=base.seed)
         with torch.no_grad():
-            exact, ours = (get_implementation(i).build(base.config())(*qkv) for i in found)
-        exact_r, ours_r = found.values()
-        row = DemoRow(
-            n,
-            exact_r.forward_ms,
-            ours_r.forward_ms,
-            exact_r.forward_peak_mib,
-            ours_r.forward_peak_mib,
-            relative_error(ours, exact),
-            matrix_mib=heads * n * n * 4 / 2**20,
-        )
+            ours_out = nystrom_attention(q, k, v, num_landmarks=num_landmarks)
+            error = relative_error(ours_out, softmax_attention(q, k, v))
+        ms, mib = zip(*((r.forward_ms, r.forward_peak_mib) for r in (exact, ours)), strict=True)
+        row = DemoRow(n, *ms, *mib, error, matrix_mib=heads * n * n * 4 / 2**20)
         rows.append(row)
         say(
             f"  n = {n:>6,}: exact {row.exact_ms or float('nan'):8.1f} ms, Nyström "

@@ -11,6 +11,7 @@ Peers are optional: :func:`available_implementations` lists the installed ones.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Callable
@@ -110,12 +111,11 @@ def register_implementation(impl: Implementation) -> Implementation:
 
 def get_implementation(name: str) -> Implementation:
     """The registry entry called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return IMPLEMENTATIONS[name]
-    except KeyError:
+    if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}"
-        ) from None
+        )
+    return IMPLEMENTATIONS[name]
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -168,10 +168,7 @@ def naive_nystrom_attention(
 
 
 def _head_split(t: Tensor) -> Tensor:
-    """(B, H, n, d) → the same values as a (B, H, n, d) view of (B, n, H, d) memory: what a
-    projection's (B, n, H·d) output split into heads gives an attention function (as in
-    :class:`NystromAttention` and ``transformers``), so that gradients come back in that layout
-    too, as in a model, with no transpose copy on either side."""
+    """The same values in the (B, n, H, d) memory a model's head split gives (gradients too)."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -213,29 +210,11 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
 
 def _hidden_from_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, n, d) ×3 → x = [q | k | v] of shape (B, n, 3·H·d), heads-major in each third."""
-    b, h, n, d = q.shape
-    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).view(b, n, 3 * h * d)
-
-
-class _Columns(nn.Module):
-    """Selects the columns [start, stop) of the last axis: an exact, parameter-free 'Linear'."""
-
-    def __init__(self, start: int, stop: int) -> None:
-        super().__init__()
-        self.start, self.stop = start, stop
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x[..., self.start : self.stop]
+    return torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).flatten(2)
 
 
 class _LucidrainsRunner(AttentionRunner):
-    """``nystrom_attention.NystromAttention`` (PyPI ``nystrom-attention``).
-
-    Its forward takes the hidden states x and computes ``to_qkv(x).chunk(3)``: with ``to_qkv``
-    an identity and x = [q | k | v], the chunks are exactly q, k and v in its 'b n (h d)'
-    layout. ``to_out`` is an identity, ``residual=False`` drops the convolution skip. Its
-    output is (B, n, H·d).
-    """
+    """PyPI ``nystrom-attention``: identity ``to_qkv`` on x = [q | k | v] chunks it into q, k, v."""
 
     grad_args = (0,)
 
@@ -249,7 +228,7 @@ class _LucidrainsRunner(AttentionRunner):
             heads=h,
             num_landmarks=config.num_landmarks,
             pinv_iterations=config.pinv_iterations,
-            residual=False,
+            residual=False,  # no convolution skip
         )
         module.to_qkv = module.to_out = nn.Identity()
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
@@ -265,25 +244,15 @@ class _LucidrainsRunner(AttentionRunner):
         return (batch, seq_len, heads * head_dim)
 
     def to_bhnd(self, out):
-        b, n, hd = out.shape
-        return out.view(b, n, self.heads, hd // self.heads).transpose(1, 2)
+        return out.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
 
 class _TransformersRunner(_LucidrainsRunner):
-    """``transformers``' ``NystromformerSelfAttention`` with its math only.
-
-    A tiny config (hidden = H·d, ``num_landmarks`` = m, ``segment_means_seq_len`` = n), the
-    conv skip switched off on the module (its config only accepts an int kernel size), its
-    ``query``/``key``/``value`` Linear layers replaced by the column selections of x = [q | k | v]
-    that return q, k and v exactly. The key padding mask is passed the way its model does, as an
-    additive (B, 1, 1, n) tensor holding the dtype's minimum at padding.
-    """
+    """``transformers``' ``NystromformerSelfAttention``, projections as column selections."""
 
     def __init__(self, config: AttentionConfig) -> None:
         from transformers import NystromformerConfig
-        from transformers.models.nystromformer.modeling_nystromformer import (
-            NystromformerSelfAttention,
-        )
+        from transformers.models.nystromformer import modeling_nystromformer as hf
 
         hd = config.heads * config.head_dim
         hf_config = NystromformerConfig(
@@ -293,20 +262,19 @@ class _TransformersRunner(_LucidrainsRunner):
             segment_means_seq_len=config.seq_len,
             attention_probs_dropout_prob=0.0,
         )
-        module = NystromformerSelfAttention(hf_config)
-        module.conv_kernel_size = None
+        module = hf.NystromformerSelfAttention(hf_config)
+        module.conv_kernel_size = None  # its config only accepts an int kernel size
         del module.conv
-        for i, name in enumerate(("query", "key", "value")):
-            setattr(module, name, _Columns(i * hd, (i + 1) * hd))
+        for i, name in enumerate(("query", "key", "value")):  # exact, parameter-free 'Linear's
+            delattr(module, name)
+            setattr(module, name, functools.partial(torch.narrow, dim=-1, start=i * hd, length=hd))
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = config.heads
 
     def prepare(self, q, k, v, mask):
-        additive = None
-        if mask is not None:
-            additive = torch.zeros_like(mask[:, None, None, :], dtype=q.dtype)
-            additive.masked_fill_(~mask[:, None, None, :], torch.finfo(q.dtype).min)
-        return (_hidden_from_qkv(q, k, v), additive)
+        if mask is not None:  # additive, as its model passes it: the dtype's minimum at padding
+            mask = (~mask[:, None, None, :]).to(q.dtype) * torch.finfo(q.dtype).min
+        return (_hidden_from_qkv(q, k, v), mask)
 
     def run(self, x, additive_mask):
         return self.module(x, attention_mask=additive_mask)[0]

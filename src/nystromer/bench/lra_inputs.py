@@ -12,10 +12,11 @@ which command makes a run when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ __all__ = [
 DEFAULT_LRA_RUN = Path("runs/listops")
 #: Where ``nystromer demo`` keeps its small ListOps run (``data/`` and ``run/`` inside).
 FALLBACK_LRA_DIR = Path("runs/demo")
-CHECKPOINTS = ("auto", "best", "last")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LRAInputs:
     mask: Tensor
     lengths: tuple[int, int]
     description: str
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any]
 
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
@@ -77,12 +77,11 @@ def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
     found = next((Path(c) for c in candidates if has_checkpoint(c)), None)
     if found is not None:
         return found
-    where = (
-        f"{run_dir} holds no trained LRA model (expected config.json and a best/ or last/ "
-        "checkpoint)"
-        if run_dir is not None
-        else f"no trained LRA model in {' or '.join(map(str, candidates))}"
-    )
+    where = f"no trained LRA model in {' or '.join(map(str, candidates))}"
+    if run_dir is not None:
+        where = (
+            f"{run_dir} holds no trained LRA model (config.json and a best/ or last/ checkpoint)"
+        )
     raise ValueError(
         f"--lra-run: {where}; make one with `nystromer train listops --data DATA --out DIR` "
         f"(the paper's recipe) or `nystromer demo` (a small ListOps model in "
@@ -92,28 +91,20 @@ def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _read_checkpoint(run_dir: Path, name: str) -> tuple[Path, dict, dict[str, Tensor]]:
-    """Weights and meta of one checkpoint, consistent even while a trainer replaces it.
-
-    The trainer swaps a checkpoint directory by two renames: between them the name is briefly
-    missing, and a reader could pair one version's meta with the next one's weights. The
-    weights are read into memory whole and the meta read before and after must agree;
-    otherwise the read is retried.
-    """
+    """Weights and meta of one checkpoint, consistent even while a trainer replaces it."""
+    # The trainer swaps a checkpoint directory by two renames: between them the name is missing
+    # and a reader could pair one version's meta with the next one's weights. So the weights
+    # are read whole, and the meta read before and after must agree.
     from safetensors.torch import load as load_safetensors
 
     for _ in range(20):
         where = ckpt.find(run_dir, name)
         if where is None:
             raise ValueError(f"{run_dir} has no `{name}` checkpoint")
-        try:
-            meta = ckpt.read_meta(where)
-            data = (where / ckpt.WEIGHTS).read_bytes()
-            again = ckpt.read_meta(where)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.1)
-            continue
-        if meta == again:
-            return where, meta, load_safetensors(data)
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # mid-swap: retry
+            meta, data = ckpt.read_meta(where), (where / ckpt.WEIGHTS).read_bytes()
+            if ckpt.read_meta(where) == meta:
+                return where, meta, load_safetensors(data)
         time.sleep(0.1)
     raise RuntimeError(f"{run_dir}/{name} kept changing while it was read; try again")
 
@@ -127,14 +118,12 @@ def load_lra_model(
     from ..lra.model import LRAModelConfig, build_model
     from ..lra.run import read_run_config
 
-    if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     name = checkpoint
     if name == "auto":
-        name = "best" if ckpt.find(run_dir, "best") is not None else "last"
-    _, meta, tensors = _read_checkpoint(run_dir, name)
+        name = "best" if ckpt.find(run_dir, "best") else "last"
+    _, meta, tensors = _read_checkpoint(run_dir, name)  # ValueError for an unknown name
     model = build_model(LRAModelConfig.from_dict(config["model"]))
     model.load_state_dict(tensors, strict=True)
     model.eval()
@@ -170,13 +159,9 @@ def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, i
     # Uncut examples first, then the longest; the first of equals.
     index0 = max(fits, key=lambda i: (usable[i] == lengths[i], usable[i], lengths[i], -i))
     n = int(usable[index0])
-    target = 0.75 * n
     shorter = [i for i in range(len(lengths)) if i != index0 and 0 < lengths[i] < n]
-    if shorter:
-        index1 = min(shorter, key=lambda i: (abs(lengths[i] - target), i))
-        length1 = int(lengths[index1])
-    else:
-        index1, length1 = int(index0 == 0), max(1, round(target))
+    index1 = min(shorter, key=lambda i: (abs(lengths[i] - 0.75 * n), i), default=int(index0 == 0))
+    length1 = int(lengths[index1]) if shorter else max(1, round(0.75 * n))
     return {
         "index0": index0,
         "n": n,
@@ -211,7 +196,7 @@ def lra_qkv(
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer: the model has {len(layers)} layers, got {layer}")
     layer_index = layer % len(layers)
-    data_dir = data_dir if data_dir is not None else config.get("data_dir")
+    data_dir = data_dir or config.get("data_dir")
     if data_dir is None:
         raise ValueError(f"data_dir: the run {run_dir} records no data directory; pass one")
     task = config["task"]
@@ -219,7 +204,7 @@ def lra_qkv(
     offsets = getattr(dataset, "offsets", None)  # token datasets know every length
     if offsets is None:
         offsets = np.cumsum([0] + [len(dataset[i][0]) for i in range(len(dataset))])
-    pick = pick_examples(np.diff(np.asarray(offsets)), num_landmarks)
+    pick = pick_examples(np.diff(offsets), num_landmarks)
     n, length1, examples = int(pick["n"]), int(pick["length1"]), [pick["index0"], pick["index1"]]
     ids = torch.zeros(2, n, dtype=torch.long)  # 0 is the padding token of the LRA models
     ids[0] = dataset[examples[0]][0][:n]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_positive_int
+from .._checks import check_int_at_least, check_positive_int
 from .implementations import AttentionConfig, get_implementation, unavailable_reason
 from .inputs import padding_mask, random_qkv
 
@@ -57,12 +57,9 @@ def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str
     (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
     shown, skip = [], False
     for arg in argv:
-        if skip:
-            skip = False
-        elif arg in drop:
-            skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in drop)):
+        if not skip and arg.partition("=")[0] not in drop:
             shown.append(arg)
+        skip = not skip and arg in drop  # the next argument is the dropped flag's value
     return shlex.join(["python", script, *shown])
 
 
@@ -102,10 +99,8 @@ class CaseSpec:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("batch", "heads", "seq_len", "head_dim", "num_landmarks", "repeats"):
             check_positive_int(name, getattr(self, name))
-        if self.warmup < 0 or self.pinv_iterations < 0:
-            raise ValueError(
-                f"warmup and pinv_iterations must be ≥ 0, got {self.warmup}, {self.pinv_iterations}"
-            )
+        for name in ("warmup", "pinv_iterations"):
+            check_int_at_least(name, getattr(self, name), 0)
         get_implementation(self.impl)  # ValueError for an unknown name
 
     def config(self) -> AttentionConfig:
@@ -158,16 +153,14 @@ def fmt(value: float | None, spec: str = ",.1f") -> str:
 
 
 def _status_kib(field_name: str) -> int:
+    """A ``kB`` field of /proc/self/status (Linux always has VmRSS and VmHWM)."""
     with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name + ":"))
 
 
-def _prepared(spec: CaseSpec, runner, backward: bool):
-    """The runner's prepared inputs for ``spec``, and with ``backward`` a random output
-    gradient; the inputs the backward pass differentiates to are fresh leaves."""
+def _prepared(spec: CaseSpec, backward: bool):
+    """``spec``'s runner, its prepared inputs and (with ``backward``) a random output gradient."""
+    runner = get_implementation(spec.impl).build(spec.config())
     dtype = DTYPES[spec.dtype]
     shape = (spec.batch, spec.heads, spec.seq_len, spec.head_dim)
     qkv = random_qkv(*shape, dtype=dtype, device=spec.device, seed=spec.seed)
@@ -175,13 +168,13 @@ def _prepared(spec: CaseSpec, runner, backward: bool):
     # A peer's prepare copies q, k, v into one tensor: keep one copy resident.
     args, qkv = runner.prepare(*qkv, mask), None
     if not backward:
-        return args, None
+        return runner, args, None
     args = tuple(
         a.detach().requires_grad_() if i in runner.grad_args else a for i, a in enumerate(args)
     )
     gen = torch.Generator().manual_seed(spec.seed + 1)
     grad = torch.randn(runner.output_shape(*shape), generator=gen)
-    return args, runner.prepare_grad(grad.to(device=spec.device, dtype=dtype))
+    return runner, args, runner.prepare_grad(grad.to(device=spec.device, dtype=dtype))
 
 
 def _call(runner, args, grad) -> None:
@@ -189,19 +182,15 @@ def _call(runner, args, grad) -> None:
         with torch.no_grad():
             runner.run(*args)
     else:
-        for a in args:
-            if torch.is_tensor(a):
-                a.grad = None
+        for i in runner.grad_args:
+            args[i].grad = None
         runner.run(*args).backward(grad)
 
 
 def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
     # One call at a small size first loads kernels and libraries outside the measured region.
-    small = dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1)
-    runner = get_implementation(spec.impl).build(small.config())
-    _call(runner, *_prepared(small, runner, backward))
-    runner = get_implementation(spec.impl).build(spec.config())
-    args, grad = _prepared(spec, runner, backward)
+    _call(*_prepared(dataclasses.replace(spec, seq_len=4 * spec.num_landmarks, batch=1), backward))
+    runner, args, grad = _prepared(spec, backward)
     if spec.device.startswith("cuda"):
         dev = torch.device(spec.device)
         torch.cuda.synchronize(dev)
@@ -227,8 +216,7 @@ def _memory(spec: CaseSpec, backward: bool) -> tuple[float, str]:
 
 
 def _times(spec: CaseSpec, backward: bool) -> list[float]:
-    runner = get_implementation(spec.impl).build(spec.config())
-    args, grad = _prepared(spec, runner, backward)
+    runner, args, grad = _prepared(spec, backward)
     cuda = spec.device.startswith("cuda")
     sync = (lambda: torch.cuda.synchronize(torch.device(spec.device))) if cuda else lambda: None
     for _ in range(spec.warmup):
@@ -275,9 +263,7 @@ def run_worker(
     -m nystromer.bench.worker``) with the spec as JSON and the comma-joined tasks appended; it
     prints its result dict on one line after the result mark. A crash or timeout becomes
     ``{"status": "oom" | "failed", "note": ...}``."""
-    env = dict(os.environ)
-    if spec.threads is not None:
-        env["OMP_NUM_THREADS"] = str(spec.threads)
+    env = os.environ | ({} if spec.threads is None else {"OMP_NUM_THREADS": str(spec.threads)})
     start = command if command is not None else [sys.executable, "-m", "nystromer.bench.worker"]
     cmd = [*start, json.dumps(dataclasses.asdict(spec)), ",".join(tasks)]
     try:

@@ -38,24 +38,24 @@ __all__ = [
     "register_report",
 ]
 
-#: In the order they appear in the Markdown file.
-REPORT_SECTIONS = ("table", "speed", "gpu", "approx", "viz")
+_SPEED_PLOTS = ("speed_time.png", "speed_memory.png")
+#: Per section, in the order they appear in the Markdown file: its title, and the JSON its
+#: command writes and the plots it shows (viz: its commands' own files; gpu: see render_gpu).
+_SECTIONS = {
+    "table": ("Table 1 form: memory and time per instance", "table1.json", ()),
+    "speed": ("Speed and memory against n (CPU, float32)", "speed.json", _SPEED_PLOTS),
+    "gpu": ("GPU", None, ()),
+    "approx": (
+        "Approximation error",
+        "approx.json",
+        ("approx_landmarks.png", "approx_iterations.png"),
+    ),
+    "viz": ("Attention matrices", None, ()),
+}
+REPORT_SECTIONS = tuple(_SECTIONS)
 GPU_DTYPES = ("bfloat16", "float32")
 GPU_LENGTHS = tuple(512 * 2**i for i in range(9))  # 512 … 131,072
 DEFAULT_DOCS = Path("docs/benchmarks.md")
-_TITLES = {
-    "table": "Table 1 form: memory and time per instance",
-    "speed": "Speed and memory against n (CPU, float32)",
-    "gpu": "GPU",
-    "approx": "Approximation error",
-    "viz": "Attention matrices",
-}
-#: The JSON each section's command writes and the plots the section shows.
-_OUTPUTS = {
-    "table": ("table1.json", ()),
-    "speed": ("speed.json", ("speed_time.png", "speed_memory.png")),
-    "approx": ("approx.json", ("approx_landmarks.png", "approx_iterations.png")),
-}
 # Tiny sizes for --quick, put before the section's first command's --out: seconds in all.
 _QUICK_PROBLEM = ["--heads", "2", "--head-dim", "16", "--num-landmarks", "16"]
 _QUICK = {
@@ -144,11 +144,9 @@ def render_gpu(results_dir: Path, docs: Path) -> str:
     from .speed import format_speed, write_speed_outputs
 
     commands = ["```", *(_shown(c) for c in gpu_commands(results_dir)), "```"]
-    lines = [f"## {_TITLES['gpu']}", ""]
+    lines = [f"## {_SECTIONS['gpu'][0]}", ""]
     found = [(path, _load(path)) for path in sorted(results_dir.glob("*/speed.json"))]
-    found = [
-        (p, r) for p, r in found if str(r.get("machine", {}).get("device", "")).startswith("cuda")
-    ]
+    found = [(p, r) for p, r in found if r.get("machine", {}).get("device", "").startswith("cuda")]
     if not found:
         lines += [
             f"Not measured yet: no CUDA results under `{results_dir}/`. On a machine with a "
@@ -161,7 +159,7 @@ def render_gpu(results_dir: Path, docs: Path) -> str:
         ]
         return "\n".join(lines) + "\n"
     for path, report in found:
-        images = [path.parent / "speed_time.png", path.parent / "speed_memory.png"]
+        images = [path.parent / name for name in _SPEED_PLOTS]
         if not all(p.is_file() for p in images):
             write_speed_outputs(report, path.parent)
         device = report["machine"].get("gpu") or report["machine"]["device"]
@@ -186,8 +184,7 @@ def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -
 
 
 def _load(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _build_section(
@@ -199,15 +196,16 @@ def _build_section(
 
     if name == "gpu":
         return render_gpu(gpu_dir, docs)
+    title, saved, plots = _SECTIONS[name]
     outs = [Path(argv[argv.index("--out") + 1]) for argv in commands]
-    pngs = outs if name == "viz" else [outs[0] / image for image in _OUTPUTS[name][1]]
+    pngs = outs if name == "viz" else [outs[0] / image for image in plots]
     links = []
     for png in pngs:
         with atomic_path(images_dir / png.name) as tmp:
             shutil.copyfile(png, tmp)
         links.append(_link(images_dir / png.name, docs, png.stem.replace("_", " ")))
     shown = [_shown(c) for c in commands]
-    lines = [f"## {_TITLES[name]}", ""]
+    lines = [f"## {title}", ""]
     if name == "viz":
         for out, command, link in zip(outs, shown, links, strict=True):
             info = _load(out.with_suffix(".json"))
@@ -220,7 +218,7 @@ def _build_section(
                 "",
             ]
     else:
-        report = _load(outs[0] / _OUTPUTS[name][0])
+        report = _load(outs[0] / saved)
         body = {"table": format_table1, "speed": format_speed, "approx": format_approx}[name]
         lines = _measured(lines[0], report, shown[0], body(report), links)
     return "\n".join(lines).rstrip() + "\n"
@@ -231,7 +229,7 @@ def _build_section(
 
 def run_report(
     *,
-    out: str | os.PathLike[str] = Path("bench-out/report"),
+    out: str | os.PathLike[str] | None = None,
     docs: str | os.PathLike[str] | None = None,
     images_dir: str | os.PathLike[str] | None = None,
     gpu_dir: str | os.PathLike[str] | None = None,
@@ -242,9 +240,10 @@ def run_report(
     run_gpu: bool | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, str | None]:
-    """Run the benchmark commands (outputs under ``out``) and write their sections (``only``
-    these; default: all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny
-    sizes, ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
+    """Run the benchmark commands (outputs under ``out``, default ``bench-out/report``, with
+    ``quick`` ``bench-out/report-quick``) and write their sections (``only`` these; default:
+    all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny sizes,
+    ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
     ``images_dir`` (default ``bench/`` beside docs), CUDA results looked for in ``gpu_dir``
     (default ``images_dir/gpu``). Without a trained model at ``lra_run`` (default: the commands'
     own choice) the LRA inputs are left out. ``run_gpu`` runs the GPU commands first (default:
@@ -257,7 +256,7 @@ def run_report(
     sections = list(REPORT_SECTIONS if only is None else only)
     if not sections or not set(sections) <= set(REPORT_SECTIONS):
         raise ValueError(f"only must name some of {REPORT_SECTIONS}, got {list(sections)!r}")
-    out = Path(out)
+    out = Path(out or f"bench-out/report{'-quick' if quick else ''}")
     docs = Path(docs) if docs is not None else (out / "benchmarks.md" if quick else DEFAULT_DOCS)
     images_dir = Path(images_dir) if images_dir is not None else docs.parent / "bench"
     gpu_dir = Path(gpu_dir) if gpu_dir is not None else images_dir / "gpu"
@@ -290,21 +289,18 @@ def run_report(
                     raise RuntimeError(f"`{_shown(argv)}` exited with {code}")
             section = _build_section(name, commands[name], docs, images_dir, gpu_dir)
             write_docs_section(docs, name, section)
+            done[name] = None
+            say(f"wrote the {name} section of {docs}")
         except Exception as exc:
             traceback.print_exc()
             done[name] = f"{type(exc).__name__}: {exc}"
             say(f"section {name} FAILED: {done[name]}")
-            continue
-        done[name] = None
-        say(f"wrote the {name} section of {docs}")
     return done
 
 
 def _report_command(args: argparse.Namespace) -> int:
     from .cli import call_with
 
-    if args.out is None:
-        args.out = Path("bench-out/report-quick" if args.quick else "bench-out/report")
     done = call_with(run_report, args, images_dir=args.images, gpu_dir=args.gpu_results)
     failed = {name: why for name, why in done.items() if why is not None}
     for name, why in failed.items():

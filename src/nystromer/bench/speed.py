@@ -97,11 +97,15 @@ def run_speed(
     (None: silent). Returns the report dict (see the module doc)."""
     say = progress or (lambda _line: None)
     lengths = sorted(lengths)
+    # Every case up front: an unknown implementation fails before anything is measured.
+    cases = {
+        impl: [dataclasses.replace(base, impl=impl, seq_len=n) for n in lengths]
+        for impl in implementations
+    }
     results: dict[str, list[CaseResult]] = {}
-    for impl in implementations:
+    for impl, specs in cases.items():
         results[impl], stop = [], None
-        for n in lengths:
-            spec = dataclasses.replace(base, impl=impl, seq_len=n)
+        for n, spec in zip(lengths, specs, strict=True):
             if stop is not None:
                 r = CaseResult(spec, status="skipped", note=stop)
             else:
@@ -116,10 +120,8 @@ def run_speed(
         impl: {m: [getattr(r, m) if r.status == "ok" else None for r in rs] for m in METRICS}
         for impl, rs in results.items()
     }
-    cross = {}
-    if "nystromer" in curves and "exact" in curves:
-        for metric in METRICS[:2]:
-            cross[metric] = crossover(lengths, curves["nystromer"][metric], curves["exact"][metric])
+    ours, exact = curves.get("nystromer"), curves.get("exact")
+    cross = {m: crossover(lengths, ours[m], exact[m]) for m in METRICS[:2] if ours and exact}
     info = machine_info(base.device, base.threads)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -169,13 +171,10 @@ def _plot(report: dict, metrics: Sequence[str], ylabel: str, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    lengths = report["lengths"]
     for ax, metric in zip(axes[0], metrics, strict=True):
         for impl, curve in report["curves"].items():
-            pts = [
-                (n, v)
-                for n, v in zip(report["lengths"], curve[metric], strict=True)
-                if v is not None
-            ]
+            pts = [(n, v) for n, v in zip(lengths, curve[metric], strict=True) if v is not None]
             slope = report["scaling_exponents"][impl][metric]
             label = impl if slope is None else f"{impl} (∝ n^{slope:.2f})"
             if pts:

@@ -77,7 +77,7 @@ def plot_attention(
     )
     error = float((approx - exact).norm() / exact.norm())
     n_all = exact.shape[0]
-    n = n_all if window is None else min(window, n_all)
+    n = min(window or n_all, n_all)
     if n < n_all:
         title = f"{title}; positions 0–{n - 1} of {n_all} shown"
     vmax = float(torch.quantile(exact[:n, :n].flatten(), 0.995))
@@ -155,13 +155,9 @@ def attention_figure(
 
         layer = 2 if layer is None else layer
         mq, mk, _, description = model_qkv(seq_len, source=model_source)
-        if not (0 <= layer < mq.shape[0] and 0 <= head < mq.shape[1]):
-            raise ValueError(
-                f"--layer/--head: the model has {mq.shape[0]} layers of {mq.shape[1]} heads, "
-                f"got layer {layer}, head {head}"
-            )
-        q, k = mq[layer, head], mk[layer, head]
-        title = f"{description}, layer {layer}, head {head}, n = {q.shape[0]}"
+        if not 0 <= layer < mq.shape[0]:
+            raise ValueError(f"--layer: the model has {mq.shape[0]} layers, got {layer}")
+        q, k, about = mq[layer], mk[layer], f"{description}, layer {layer}"
     elif source == "lra":
         from .lra_inputs import lra_qkv, resolve_lra_run
 
@@ -171,11 +167,13 @@ def attention_figure(
             checkpoint=lra_checkpoint,
             num_landmarks=num_landmarks,
         )
-        if not 0 <= head < lra.query.shape[1]:
-            raise ValueError(f"--head: the model has {lra.query.shape[1]} heads, got {head}")
         # Sample 0: a whole validation example without padding.
-        q, k = lra.query[0, head], lra.key[0, head]
-        title = f"{lra.description.split(';')[0]}, head {head}, n = {q.shape[0]}"
+        q, k, about = lra.query[0], lra.key[0], lra.description.split(";")[0]
+    if q is not None:  # (H, n, d) of a model: one head
+        if not 0 <= head < q.shape[0]:
+            raise ValueError(f"--head: the model has {q.shape[0]} heads, got {head}")
+        q, k = q[head], k[head]
+        title = f"{about}, head {head}, n = {q.shape[0]}"
     found = plot_attention(
         path,
         seq_len=seq_len,

@@ -14,14 +14,6 @@ import traceback
 from .measure import _RESULT_MARK, CaseSpec, run_in_process
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m nystromer.bench.worker SPEC_JSON TASKS", file=sys.stderr)
-        return 2
-    return measure_and_report(argv[0], argv[1])
-
-
 def measure_and_report(spec_json: str, tasks: str) -> int:
     """Run the measurement and print its result line; a failure (out of memory included) is
     reported to the parent as data, not as a crash. Returns the exit code (0)."""
@@ -37,4 +29,4 @@ def measure_and_report(spec_json: str, tasks: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(measure_and_report(*sys.argv[1:]))
