@@ -40,6 +40,7 @@ def metric_lines(run_dir):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in lines:
         r.pop("elapsed_s")
+        r.pop("train_s_per_step")  # timings differ between runs
     return lines
 
 

@@ -58,6 +58,7 @@ def metric_lines(run_dir):
         lines = [json.loads(line) for line in f]
     for r in lines:
         r.pop("elapsed_s", None)
+        r.pop("train_s_per_step", None)  # timings differ between runs
     return lines
 
 
@@ -94,6 +95,9 @@ def test_uninterrupted_run_writes_files_and_learns(straight):
     assert [r["step"] for r in lines] == [4, 8, 12]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(lines[0])
     assert max(r["val_accuracy"] for r in lines) == summary["best_val_accuracy"]
+    # Each line says how long its training steps took (validation not included).
+    raw = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["train_s_per_step"] < r["elapsed_s"] for r in raw)
     assert ckpt.read_meta(d / "last")["step"] == 12
     assert ckpt.read_meta(d / "best")["step"] == summary["best_step"]
     assert not list(d.glob(".new-*")) and not list(d.glob(".old-*"))

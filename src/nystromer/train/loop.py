@@ -474,6 +474,9 @@ class Trainer:
         self.best_val: dict[str, float] = {}
         self.elapsed_before = 0.0
         self.interval_stats = Stats()  # training sums since the last validation
+        # Seconds spent in training steps since the last validation, and how many (this
+        # session only: a timing is not part of a run's reproducible state).
+        self.step_seconds, self.timed_steps = 0.0, 0
         if last is not None:
             self._restore(last)
         else:
@@ -612,6 +615,8 @@ class Trainer:
         """Evaluate on the validation set, log a metrics line, update ``best``."""
         cfg = self.config
         train_means = self.interval_stats.means()
+        step_s = self.step_seconds / self.timed_steps if self.timed_steps else None
+        self.step_seconds, self.timed_steps = 0.0, 0
         val = evaluate(
             self.net, self.objective, self.val_data, cfg,  # type: ignore[arg-type]
             collate_fn=self.collate_fn, device=self.device,
@@ -636,11 +641,14 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
                 "elapsed_s": round(self.elapsed(), 3),
             }
+            if step_s is not None:
+                record["train_s_per_step"] = round(step_s, 4)
             self.metrics_log.append(record)
         tr = " ".join(f"{k} {v:.4f}" for k, v in train_means.items())
         va = " ".join(f"{k} {v:.4f}" for k, v in val.items())
         mark = "  *best*" if improved else ""
-        self.say(f"step {self.step}/{cfg.steps}  train {tr} | val {va}{mark}")
+        pace = "" if step_s is None else f" ({step_s:.3g} s/step)"
+        self.say(f"step {self.step}/{cfg.steps}{pace}  train {tr} | val {va}{mark}")
         return val
 
     # -- the loop ---------------------------------------------------------------------------
@@ -728,6 +736,7 @@ class Trainer:
         try:
             with stop:
                 while self.step < cfg.steps and (cfg.stop_at is None or self.step < cfg.stop_at):
+                    started = time.perf_counter()
                     rng_at_step_start = ckpt.capture_rng(self.device)
                     batch = to_device(next(batches), self.device)
                     self.net.train()
@@ -752,6 +761,8 @@ class Trainer:
                         loss = sum(x.item() for x in losses) / len(losses)
                         _non_finite(self.run_dir, self.step + 1, loss, self.metrics_log)
                     self._update()
+                    self.step_seconds += time.perf_counter() - started
+                    self.timed_steps += 1
                     self.interval_stats.add(reduced)
                     recent.append(reduced)
                     self._show(recent)
