@@ -21,10 +21,10 @@ __all__ = ["add_", "added", "masked_conv", "sequence_conv"]
 def masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
     """:func:`sequence_conv` with padding (``mask`` False) zeroed before and after, so a real
     position sees what it would see in the unpadded sequence. value (B, H, n, d), mask (B, n)."""
-    if mask is None:
-        return sequence_conv(value, weight, bias)
-    keep = mask[:, None, :, None].to(value.dtype)
-    return sequence_conv(value * keep, weight, bias) * keep
+    rows = _Rows(value, mask, weight.shape[2])
+    weight, bias = rows.channel_weights(weight, bias, value.dtype)
+    # One block: every sample, every position.
+    return rows.conv(weight, bias, slice(None), 0, rows.n).transpose(1, 2)
 
 
 def add_(out: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None, mask) -> Tensor:
@@ -183,9 +183,4 @@ def sequence_conv(value: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     Returns:
         (B, H, n, d).
     """
-    b, h, n, d = value.shape
-    rows = _Rows(value, None, weight.shape[2])
-    weight, bias = rows.channel_weights(weight, bias, value.dtype)
-    x = value.transpose(1, 2).reshape(b, n, 1, h * d).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, padding=(rows.half, 0), groups=h * d)
-    return y.permute(0, 2, 3, 1).reshape(b, n, h, d).transpose(1, 2)
+    return masked_conv(value, weight, bias, None)
