@@ -178,7 +178,6 @@ def _nystrom(
     bv = softmax_attention(q_land.to(query.dtype), key, value, mask, scale, 0.0)
 
     # 2. W = A⁺·BV, with A = softmax(s·Q̃K̃ᵀ) and its pseudo-inverse in `work` precision.
-    logits = (q_land @ k_land.transpose(-1, -2)) * scale
     # A sample with at most m real keys ("short") has empty key segments: those landmark keys
     # are masked, and the sample gets exact attention below.
     short = k_nonempty = None
@@ -188,11 +187,7 @@ def _nystrom(
         # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
         if not _host_reads_are_cheap(key) or bool(short.any()):
             k_nonempty = k_counts[:, :m] > 0
-            logits = logits.masked_fill(~k_nonempty[:, None, None, :], float("-inf"))
-    kernel = torch.softmax(logits, dim=-1)
-    if q_counts is not None:
-        # An empty query segment is no landmark: its row must not enter the pseudo-inverse.
-        kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
+    kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
     kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
     if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
         # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
@@ -324,9 +319,7 @@ def _attention_rows(
         q_land = query_landmarks(q_index, q_counts, query_mask, work)
         _, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
         k_nonempty = None if k_counts is None else k_counts[:, :m] > 0
-        kernel = _softmax_rows(q_land, k_land, k_nonempty, scale)
-        if q_counts is not None:
-            kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(work)
+        kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
         f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
         out = _rows_of_product(
             f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
@@ -377,6 +370,20 @@ def _masked_logits(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) 
 def _softmax_rows(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
     """softmax(s·QKᵀ) with the keys that are False in the (B, n_k) ``key_mask`` masked out."""
     return torch.softmax(_masked_logits(q, k, key_mask, scale), dim=-1)
+
+
+def _landmark_kernel(
+    q_land: Tensor, k_land: Tensor, k_nonempty: Tensor | None, q_counts: Tensor | None, scale
+) -> Tensor:
+    """A = softmax(s·Q̃K̃ᵀ), (B, H, m, m), with the landmark keys of empty segments (False in
+    the (B, m) ``k_nonempty``) masked out and the rows of empty query segments (zero in the
+    (B, ≥m) ``q_counts``) zeroed: an empty segment is no landmark, and its row must not enter
+    the pseudo-inverse."""
+    kernel = _softmax_rows(q_land, k_land, k_nonempty, scale)
+    if q_counts is not None:
+        m = q_land.shape[2]
+        kernel = kernel * (q_counts[:, :m] > 0)[:, None, :, None].to(kernel.dtype)
+    return kernel
 
 
 #: Elements of one block of the (B, H, m, block) kernel in :func:`_rows_of_product`.
