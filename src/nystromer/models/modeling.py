@@ -648,6 +648,8 @@ class NystromformerForQuestionAnswering(_HeadModel):
     ``end_positions`` (B,), loss is the mean of the two cross-entropies; positions outside the
     input are clamped to n and ignored (transformers' convention). ``config.num_labels`` is 2."""
 
+    output_class = _LogitsOutput  # start and end logits stacked (B, n, 2); forward splits them
+
     def __init__(self, config: NystromformerConfig) -> None:
         if config.num_labels != 2:
             config = config.replace(num_labels=2)
@@ -667,23 +669,30 @@ class NystromformerForQuestionAnswering(_HeadModel):
         output_hidden_states: bool = False,
     ) -> QuestionAnsweringModelOutput:
         """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
-        # NystromformerModel.forward's own argument order.
-        out = self.nystromformer(
+        # The heads' one forward, with the span as labels (B, 2) and logits (B, n, 2).
+        labels = None
+        if start_positions is not None and end_positions is not None:
+            labels = torch.stack((start_positions.reshape(-1), end_positions.reshape(-1)), -1)
+        out = super().forward(
             input_ids,
             attention_mask,
             token_type_ids,
             position_ids,
             inputs_embeds,
+            labels,
             output_hidden_states,
         )
-        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            n = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, n)
-            end = end_positions.reshape(-1).clamp(0, n)
-            loss = 0.5 * (
-                F.cross_entropy(start_logits, start, ignore_index=n)
-                + F.cross_entropy(end_logits, end, ignore_index=n)
-            )
-        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states)
+        start_logits, end_logits = out.logits.unbind(-1)
+        return QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states)
+
+    def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
+        return self.qa_outputs(hidden)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        n = logits.shape[1]
+        start_logits, end_logits = logits.unbind(-1)
+        start, end = labels.clamp(0, n).unbind(-1)
+        return 0.5 * (
+            F.cross_entropy(start_logits, start, ignore_index=n)
+            + F.cross_entropy(end_logits, end, ignore_index=n)
+        )
