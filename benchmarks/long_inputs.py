@@ -351,10 +351,9 @@ def run_benchmark(
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
-    reused = {}
     if reuse is not None:
         _check_reusable(reuse, docs, answers, spans, settings)
-        reused = {s["name"]: s["seconds"] for s in reuse["systems"]}
+    reused = {s["name"]: s["seconds"] for s in reuse["systems"]} if reuse else {}
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     seconds, memo = {}, {}
     for system in systems:
