@@ -57,6 +57,9 @@ _MODEL_FIELDS = {
 }
 
 
+# --- the whole model as a registry implementation ---------------------------------------------
+
+
 class ModelRunner(AttentionRunner):
     """A whole encoder as a runner: random token ids (B, n) in place of q, k, v; the backward
     pass is the gradient of the summed last hidden state to the parameters (not the inputs)."""
@@ -130,6 +133,9 @@ def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_
     )
 
 
+# --- fresh-process measurement ------------------------------------------------------------------
+
+
 def _worker_main(argv: list[str]) -> int:
     """``--worker MODEL_DIR CONVERT_JSON SPEC_JSON TASKS``: bench.worker, the model registered."""
     # The worker is a fresh process, but a test may call it in its own: leave the registry.
@@ -195,6 +201,9 @@ def run_benchmark(
     }
 
 
+# --- report ------------------------------------------------------------------------------------
+
+
 def _convert_options_text(settings: dict) -> str:
     """Convert options in words; k-means, convolution only when set (older reports lack them)."""
     parts = [f"m = {settings['num_landmarks']}", f"{settings['pinv_iterations']} pinv iterations"]
@@ -246,6 +255,9 @@ def format_section(report: dict) -> str:
     if notes:
         lines += ["", "Not measured: " + "; ".join(notes) + "."]
     return "\n".join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------
 
 
 def _kernel_size(text: str) -> int | None:

@@ -43,6 +43,9 @@ REFERENCE = "chunks-mean"
 Spans = Callable[[int], list[tuple[int, int]]]  # document length → (start, stop) pieces
 
 
+# --- documents and queries ----------------------------------------------------------------------
+
+
 def _stdlib_documents() -> list[tuple[str, str]]:
     """One document per module of the ``builtin:stdlib-docs`` text: its docstrings joined."""
     from nystromer.distill.data import stdlib_docstrings
@@ -109,6 +112,9 @@ def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) ->
     return sets
 
 
+# --- embedding and scoring ----------------------------------------------------------------------
+
+
 @torch.no_grad()
 def _embed(model: nn.Module, pieces, cls: int, sep: int, batch: int) -> Tensor:
     """(len(pieces), d): normalised mean last states of [cls, *piece, sep]; pieces of one length."""
@@ -150,6 +156,9 @@ def _bootstrap(ranks: dict[str, Tensor], answers: list[int], draws: int, seed: i
         if REFERENCE in ranks and name != REFERENCE:
             found[name] |= value_and_interval("top1_vs_reference", hits[name] - hits[REFERENCE])
     return found
+
+
+# --- systems ------------------------------------------------------------------------------------
 
 
 def _trained_length(model: nn.Module) -> int:
@@ -402,6 +411,9 @@ def run_benchmark(
     }
 
 
+# --- report -------------------------------------------------------------------------------------
+
+
 def _cell(result: dict | None, key: str, sign: str = "", to: str = "–") -> str:
     """``value (low–high)`` of ``key`` and its interval; — where there is none."""
     if result is None or key not in result:
@@ -448,6 +460,9 @@ def format_section(report: dict) -> str:
         f"chunk and the truncated document, counts for both): {'; '.join(took)}.",
     ]
     return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
