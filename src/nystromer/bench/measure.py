@@ -1,14 +1,6 @@
-"""Time and peak memory of one attention implementation on one problem size.
-
-Times are medians over repeats after warm-up; forward runs under ``torch.no_grad`` (inference),
-forward+backward back-propagates a random output gradient to the inputs (so its peak includes
-their gradients, the same for every implementation). Peak memory is that of the call alone,
-above what was resident once the inputs existed, each in a fresh ``python -m
-nystromer.bench.worker`` process, the only place where the CPU reading is reliable: on the CPU
-the resident-set high-water mark (``VmHWM``) reset just before the call through
-``/proc/self/clear_refs`` (method ``rss-reset``; where the kernel refuses, the mark since start,
-``rss-hwm``, an upper bound) after trimming the allocator; on CUDA
-``torch.cuda.max_memory_allocated`` (``cuda-allocated``).
+"""Time and peak memory of one attention implementation on one problem size, each measurement
+in a fresh ``python -m nystromer.bench.worker`` process (the only place where the CPU's memory
+reading is reliable). docs/benchmarks.md, "How it is measured", says what the numbers mean.
 """
 
 from __future__ import annotations
@@ -295,17 +287,14 @@ def measure_case(
     An implementation that is not installed or does not accept the size is ``skipped`` with the
     reason, a crashed worker ``failed``/``oom``.
     """
-    impl, result = get_implementation(spec.impl), CaseResult(spec)
+    impl = get_implementation(spec.impl)
     reason = unavailable_reason(spec.impl) or impl.supports(spec.config(), spec.padding > 0)
     if reason is not None:
-        result.status, result.note = "skipped", reason
-        return result
+        return CaseResult(spec, "skipped", reason)
     times = (["time_forward", "time_backward"] if backward else ["time_forward"]) if timing else []
+    found: dict = {}
     for tasks in [["memory_forward", *times]] + ([["memory_backward"]] if backward else []):
-        found = run_worker(spec, tasks, timeout, command=worker)
+        found |= run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
-            result.status, result.note = found["status"], found["note"]
-            return result
-        for key, value in found.items():
-            setattr(result, key, value)
-    return result
+            return CaseResult(spec, found["status"], found["note"])
+    return CaseResult(spec, **found)
