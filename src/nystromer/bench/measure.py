@@ -224,11 +224,8 @@ def _times(spec: CaseSpec, backward: bool) -> list[float]:
 
 
 def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
-    """Run ``tasks`` (from :data:`TASKS`) here and return their results as a dict.
-
-    Memory tasks must come first and only in a process that has done nothing else (the
-    worker); timings can follow in the same process.
-    """
+    """Run ``tasks`` (from :data:`TASKS`) here and return their results as a dict. Memory tasks
+    must come first, in a process that has done nothing else (the worker); timings can follow."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}, expected some of {TASKS}")
@@ -282,11 +279,8 @@ def measure_case(
     """Measure one case: forward memory and the timings (of the forward, and with ``backward``
     of forward+backward; none without ``timing``) in one fresh process, forward+backward memory
     in another. ``timeout`` is per worker process; ``worker`` the command that starts one (see
-    :func:`run_worker`), for a benchmark whose implementations the default worker does not know.
-
-    An implementation that is not installed or does not accept the size is ``skipped`` with the
-    reason, a crashed worker ``failed``/``oom``.
-    """
+    :func:`run_worker`). An implementation that is not installed or does not accept the size is
+    ``skipped`` with the reason, a crashed worker ``failed``/``oom``."""
     impl = get_implementation(spec.impl)
     reason = unavailable_reason(spec.impl) or impl.supports(spec.config(), spec.padding > 0)
     if reason is not None:
