@@ -1,9 +1,6 @@
-"""The attention-core benchmark: nystromer against the naive formula, exact SDPA and the peers.
-
-One problem size (by default n = 16,384, batch 1, 8 heads of 64, m = 64, float32), every
-registered implementation plus nystromer on a padded batch, time and peak memory of forward
-and forward+backward, side by side with each one's ratio to ours.
-``benchmarks/attention_core.py`` is the command-line front end.
+"""The attention-core benchmark (``benchmarks/attention_core.py``; docs/benchmarks.md, "Attention
+core"): every registered implementation, and nystromer on a padded batch, at one size, side by
+side with each one's ratio to ours.
 """
 
 from __future__ import annotations
@@ -19,19 +16,11 @@ from .._markdown import replace_section, table
 from .implementations import PEERS
 from .measure import DTYPES, METRICS, CaseResult, CaseSpec, fmt, measure_case
 
-__all__ = [
-    "CoreReport",
-    "run_core",
-    "format_report",
-    "write_docs_section",
-    "OURS",
-    "CORE_IMPLEMENTATIONS",
-    "median_result",
-]
+__all__ = ["CoreReport", "CORE_IMPLEMENTATIONS", "run_core", "format_report", "write_docs_section"]
 
 #: What the core benchmark compares by default (the O(n²)-memory exact-matmul is left out).
 CORE_IMPLEMENTATIONS = ("nystromer", "naive", "exact", *PEERS)
-OURS = "nystromer"
+_OURS = "nystromer"
 _BEGIN = "<!-- attention-core:begin (written by benchmarks/attention_core.py) -->"
 _END = "<!-- attention-core:end -->"
 
@@ -72,15 +61,13 @@ def run_core(
     timeout: float | None = None,
     progress=print,
 ) -> CoreReport:
-    """Measure every implementation (fresh process each) on ``base``'s size (its ``impl`` is
-    ignored): the registry names ``implementations`` (default :data:`CORE_IMPLEMENTATIONS`),
-    and nystromer (and nystromer-plain, when asked for) again with a ``padding`` fraction.
-
-    ``rounds`` measures every implementation that many times in turn, so that each one sees the
-    same stretch of a shared machine's noise; each row is the median over rounds. Exact
-    attention, only the O(n²) reference, runs in the first round with ``exact_repeats`` calls.
-    ``command`` is recorded; ``timeout`` is per worker process; ``progress`` gets one line per
-    measurement (None: silent).
+    """Measure ``implementations`` (registry names, default :data:`CORE_IMPLEMENTATIONS`) on
+    ``base``'s size (its ``impl`` is ignored), each in fresh processes, and nystromer (and
+    nystromer-plain) again with a ``padding`` fraction. ``rounds`` measures them all that many
+    times in turn, so that each sees the same stretch of a shared machine's noise; each row is
+    the median over rounds. Exact attention, the O(n²) reference, runs in the first round only,
+    with ``exact_repeats`` calls. ``command`` is recorded; ``timeout`` is per worker process;
+    ``progress`` gets one line per measurement (None: silent).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds!r}")
@@ -105,7 +92,7 @@ def run_core(
                 progress(f"  {label:<20} {result.summary()}{where}")
     return CoreReport(
         base=base,
-        rows={label: median_result(results) for label, results in measured.items()},
+        rows={label: _median_result(results) for label, results in measured.items()},
         machine=machine_info(base.device, base.threads),
         command=command,
         date=datetime.date.today().isoformat(),
@@ -113,9 +100,8 @@ def run_core(
     )
 
 
-def median_result(results: list[CaseResult]) -> CaseResult:
-    """One row from the rounds of one case: the median of each quantity (every call's time
-    kept); a case that was not ``ok`` in its first round keeps that result."""
+def _median_result(results: list[CaseResult]) -> CaseResult:
+    """One row from a case's rounds: medians, every call's time, or the first round's failure."""
     if len(results) == 1 or results[0].status != "ok":
         return results[0]
     found = {}
@@ -129,7 +115,7 @@ def median_result(results: list[CaseResult]) -> CaseResult:
 
 def format_report(report: CoreReport) -> str:
     """Markdown: size line, machine, one row per implementation with its ratios to ours."""
-    b, ours = report.base, report.rows.get(OURS)
+    b, ours = report.base, report.rows.get(_OURS)
     bases = [getattr(ours, attr) if ours and ours.status == "ok" else None for attr in METRICS]
     rows = []
     for label, r in report.rows.items():

@@ -1,8 +1,5 @@
-"""``nystromer demo``, part 1: exact vs Nyström attention as the sequence grows.
-
-Forward time and peak memory (fresh process each) of torch SDPA and of
-:func:`nystromer.nystrom_attention`, and the relative output error on random inputs shaped like
-a trained model's, for n = 1,024 … 16,384. About a minute on a 2-core CPU.
+"""``nystromer demo``, part 1: forward time, peak memory (fresh process each) and output error of
+exact and Nyström attention as n grows (docs/results.md, "make demo").
 """
 
 from __future__ import annotations

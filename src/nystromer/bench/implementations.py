@@ -1,12 +1,6 @@
-"""A registry of attention implementations that the benchmarks loop over.
-
-Every entry turns query/key/value (B, H, n, d) and an optional key padding mask (B, n) (True =
-real token) into the attention output. Only the attention math is measured: the peers' input
-and output projections are replaced by exact selections, and each runner keeps layout
-conversions outside the measured call: ``prepare(q, k, v, mask)`` (to the implementation's own
-layout; a peer that takes hidden states gets ``x = [q | k | v]``, (B, n, 3·H·d)),
-``run(*prepared)`` (measured; the native output), ``to_bhnd(out)`` (back to (B, H, n, d)).
-Peers are optional: :func:`available_implementations` lists the installed ones.
+"""The registry of attention implementations that the benchmarks loop over: ours, the naive
+formula, exact attention and the peers (optional: :func:`available_implementations` lists the
+installed ones). docs/benchmarks.md says what each is and in which layout it gets its inputs.
 """
 
 from __future__ import annotations
@@ -167,22 +161,18 @@ def naive_nystrom_attention(
 # --- runners ----------------------------------------------------------------------------------
 
 
-def _head_split(t: Tensor) -> Tensor:
-    """The same values in the (B, n, H, d) memory a model's head split gives (gradients too)."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 class _HeadSplitRunner(AttentionRunner):
-    """``attention(q, k, v, mask)`` on (B, H, n, d) in the layout a head split gives."""
+    """``attention(q, k, v, mask)`` on (B, H, n, d) views of (B, n, H, d) memory, the layout a
+    model's head split gives its inputs and output gradient."""
 
     def __init__(self, attention: Callable[..., Tensor]) -> None:
         self.run = attention
 
     def prepare(self, q, k, v, mask):
-        return (_head_split(q), _head_split(k), _head_split(v), mask)
+        return (*map(self.prepare_grad, (q, k, v)), mask)
 
     def prepare_grad(self, grad):
-        return _head_split(grad)
+        return grad.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _plain_nystrom_attention(*args, **kwargs) -> Tensor:
@@ -190,11 +180,9 @@ def _plain_nystrom_attention(*args, **kwargs) -> Tensor:
         return nystrom_attention(*args, **kwargs)
 
 
-def _nystrom_runner(
-    attention: Callable[..., Tensor],
-) -> Callable[[AttentionConfig], AttentionRunner]:
-    def build(config: AttentionConfig) -> AttentionRunner:
-        options = {"num_landmarks": config.num_landmarks, "pinv_iterations": config.pinv_iterations}
+def _nystrom_runner(attention: Callable[..., Tensor]) -> Callable[..., AttentionRunner]:
+    def build(c: AttentionConfig) -> AttentionRunner:
+        options = {"num_landmarks": c.num_landmarks, "pinv_iterations": c.pinv_iterations}
         return _HeadSplitRunner(lambda q, k, v, mask: attention(q, k, v, mask=mask, **options))
 
     return build

@@ -1,14 +1,6 @@
-"""Time and peak memory of one attention implementation on one problem size.
-
-Times are medians over repeats after warm-up; forward runs under ``torch.no_grad`` (inference),
-forward+backward back-propagates a random output gradient to the inputs (so its peak includes
-their gradients, the same for every implementation). Peak memory is that of the call alone,
-above what was resident once the inputs existed, each in a fresh ``python -m
-nystromer.bench.worker`` process, the only place where the CPU reading is reliable: on the CPU
-the resident-set high-water mark (``VmHWM``) reset just before the call through
-``/proc/self/clear_refs`` (method ``rss-reset``; where the kernel refuses, the mark since start,
-``rss-hwm``, an upper bound) after trimming the allocator; on CUDA
-``torch.cuda.max_memory_allocated`` (``cuda-allocated``).
+"""Time and peak memory of one attention implementation on one problem size, each measurement
+in a fresh ``python -m nystromer.bench.worker`` process (the only place where the CPU's memory
+reading is reliable). docs/benchmarks.md, "How it is measured", says what the numbers mean.
 """
 
 from __future__ import annotations
@@ -232,11 +224,8 @@ def _times(spec: CaseSpec, backward: bool) -> list[float]:
 
 
 def run_in_process(spec: CaseSpec, tasks: tuple[str, ...] | list[str]) -> dict:
-    """Run ``tasks`` (from :data:`TASKS`) here and return their results as a dict.
-
-    Memory tasks must come first and only in a process that has done nothing else (the
-    worker); timings can follow in the same process.
-    """
+    """Run ``tasks`` (from :data:`TASKS`) here and return their results as a dict. Memory tasks
+    must come first, in a process that has done nothing else (the worker); timings can follow."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}, expected some of {TASKS}")
@@ -290,22 +279,16 @@ def measure_case(
     """Measure one case: forward memory and the timings (of the forward, and with ``backward``
     of forward+backward; none without ``timing``) in one fresh process, forward+backward memory
     in another. ``timeout`` is per worker process; ``worker`` the command that starts one (see
-    :func:`run_worker`), for a benchmark whose implementations the default worker does not know.
-
-    An implementation that is not installed or does not accept the size is ``skipped`` with the
-    reason, a crashed worker ``failed``/``oom``.
-    """
-    impl, result = get_implementation(spec.impl), CaseResult(spec)
+    :func:`run_worker`). An implementation that is not installed or does not accept the size is
+    ``skipped`` with the reason, a crashed worker ``failed``/``oom``."""
+    impl = get_implementation(spec.impl)
     reason = unavailable_reason(spec.impl) or impl.supports(spec.config(), spec.padding > 0)
     if reason is not None:
-        result.status, result.note = "skipped", reason
-        return result
+        return CaseResult(spec, "skipped", reason)
     times = (["time_forward", "time_backward"] if backward else ["time_forward"]) if timing else []
+    found: dict = {}
     for tasks in [["memory_forward", *times]] + ([["memory_backward"]] if backward else []):
-        found = run_worker(spec, tasks, timeout, command=worker)
+        found |= run_worker(spec, tasks, timeout, command=worker)
         if found.get("status", "ok") != "ok":
-            result.status, result.note = found["status"], found["note"]
-            return result
-        for key, value in found.items():
-            setattr(result, key, value)
-    return result
+            return CaseResult(spec, found["status"], found["note"])
+    return CaseResult(spec, **found)

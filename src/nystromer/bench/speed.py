@@ -1,10 +1,6 @@
-"""``nystromer bench speed``: time and peak memory against sequence length.
-
-Each implementation over n = 512, 1,024, … (doubling), forward and forward+backward, fresh
-process per measurement, until a forward took longer than ``max_seconds`` or ran out of memory.
-Writes ``speed.json``, ``speed.md`` (the tables ``nystromer bench report`` shows), ``speed.csv``
-and log-log plots, with a fitted scaling exponent per curve and the n from which nystromer beats
-exact attention.
+"""``nystromer bench speed`` and ``bench table``: time and peak memory against n, fitted scaling
+exponents, the crossover with exact attention, the paper's Table 1 form. docs/benchmarks.md
+says what they measure and write.
 """
 
 from __future__ import annotations
@@ -94,7 +90,8 @@ def run_speed(
     (its ``impl`` and ``seq_len`` are replaced), forward and with ``backward`` forward+backward
     too; an implementation's sweep stops after a forward slower than ``max_seconds`` or out of
     memory. ``timeout`` is per worker process; ``progress`` gets one line per measurement
-    (None: silent). Returns the report dict (see the module doc)."""
+    (None: silent). Returns the report: settings, machine, each case's result, the curves per
+    metric, their fitted exponents and the crossover with exact attention."""
     say = progress or (lambda _line: None)
     lengths = sorted(lengths)
     # Every case up front: an unknown implementation fails before anything is measured.
@@ -151,13 +148,13 @@ def write_speed_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[P
     with atomic_write(written[2]) as f:
         w = csv.writer(f)
         w.writerow(["implementation", "n", "status", *METRICS, "memory_method", "threads"])
-        for impl, rs in report["results"].items():
-            for r in rs:
-                w.writerow(
-                    [impl, r["spec"]["seq_len"], r["status"]]
-                    + ["" if r[m] is None else f"{r[m]:.4f}" for m in METRICS]
-                    + [r["memory_method"] or "", r["threads"] or ""]
-                )
+        w.writerows(
+            [impl, r["spec"]["seq_len"], r["status"]]
+            + ["" if r[m] is None else f"{r[m]:.4f}" for m in METRICS]
+            + [r["memory_method"] or "", r["threads"] or ""]
+            for impl, rs in report["results"].items()
+            for r in rs
+        )
     for (ylabel, metrics), name in zip(_QUANTITIES.items(), ("time", "memory"), strict=True):
         written.append(out / f"speed_{name}.png")
         _plot(report, metrics, ylabel, written[-1])

@@ -1,8 +1,7 @@
-"""``python -m nystromer.bench.worker SPEC_JSON TASKS``: one measurement in a fresh process.
-
-SPEC_JSON is a :class:`~nystromer.bench.measure.CaseSpec` as JSON, TASKS a comma-separated
-list of ``memory_forward``, ``memory_backward``, ``time_forward``, ``time_backward``. The
-result is printed as one JSON line after a marker, so library warnings cannot corrupt it.
+"""``python -m nystromer.bench.worker SPEC_JSON TASKS``: one measurement in a fresh process, of a
+:class:`~nystromer.bench.measure.CaseSpec` as JSON and comma-separated tasks (see
+:func:`~nystromer.bench.measure.run_in_process`). The result is one JSON line after a marker, so
+library warnings cannot corrupt it.
 """
 
 from __future__ import annotations
