@@ -1,27 +1,8 @@
 """``nystromer bench transmil``: :class:`nystromer.compat.NystromAttention` against the
-``nystrom-attention`` package's layer at the shape TransMIL uses.
-
-One attention layer (``dim`` 512, 8 heads × 64, m = 256, 6 pinv iterations, the kernel-33
-convolution of the values), batch 1, no mask, at bag sizes n = 2,000 … 100,000. Both layers
-hold the same weights: the package's freshly initialised layer's state dict, loaded into ours
-with ``strict=True``. Ours runs its default numerics. Three measurements per layer and n, each
-in fresh worker processes (:mod:`nystromer.bench.measure`, the layer standing in for an
-attention implementation; the worker is this module, ``--worker``):
-
-- forward: ``layer(x)`` under ``torch.no_grad`` (inference);
-- forward+backward: ``layer(x).backward(g)`` for a random g, to x and every parameter;
-- heatmap: the class token's attention row for every head, as user code asks for it:
-  ``out, attn = layer(x, return_attn=True)`` then ``attn[:, :, 0]`` (for the package, whose
-  matrix is front-padded to a multiple of m, the class token's row ``attn[:, :, pad, pad:]``),
-  under ``torch.no_grad``. The package's dense n_pad × n_pad matrix is skipped where it would
-  exceed ``--package-heatmap-limit-gb``;
-- heatmap alone (ours only: the package has no heatmap without its forward):
-  ``layer.attention_map(x)[:, :, 0]``, the same row without computing the layer's output,
-  compared with the package's heatmap.
-
-Writes ``transmil.json``, ``transmil.md`` and ``transmil.png`` (log-log time and memory against
-n) under ``--out``; with ``--write-docs FILE`` also the section between the ``transmil`` markers
-of FILE and the plot as ``bench/transmil.png`` beside FILE.
+``nystrom-attention`` package's layer, same weights, at the shape TransMIL uses, n = 2,000 …
+100,000: forward, forward+backward and class-token heatmap time and peak memory, each in fresh
+worker processes (this module is the worker, ``--worker``). What each measurement calls is
+written out in the section it renders (docs/benchmarks.md, "TransMIL layer").
 """
 
 from __future__ import annotations
@@ -209,16 +190,13 @@ def run_transmil(
     command: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Measure both layers at every n; returns the report that ``transmil.json`` holds.
+    """Measure both layers at every n of ``lengths``; returns what ``transmil.json`` holds.
 
-    ``base`` holds the shape and measurement settings (heads, head_dim, m, pinv iterations,
-    batch, dtype, device, threads, repeats, warm-up, seed); its implementation and n are
-    replaced per case. Each row has ``seq_len`` and, per label of :data:`LAYERS`, ``layer``
-    (forward and forward+backward), ``heatmap`` and ``map`` (their time is ``forward_ms``,
-    their peak ``forward_peak_mib``; the package's ``map`` is skipped) results as
-    :class:`~nystromer.bench.measure.CaseResult` dicts without the spec, and ``ratios``:
-    package ÷ ours for each metric, ``map`` against the package's heatmap (None where either
-    is missing).
+    ``base`` holds the shape and measurement settings; its implementation and n are replaced
+    per case. Each row has ``seq_len``, per label of :data:`LAYERS` the
+    :class:`~nystromer.bench.measure.CaseResult` dicts (without the spec) of each mode of
+    :data:`MODES`, and ``ratios``: package ÷ ours per metric, ``map`` against the package's
+    heatmap (None where either is missing).
     """
     payload = json.dumps(dataclasses.asdict(options) | {"seed": base.seed})
     worker = [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]

@@ -159,14 +159,10 @@ def attention_figure(
             raise ValueError(f"--layer: the model has {mq.shape[0]} layers, got {layer}")
         q, k, about = mq[layer], mk[layer], f"{description}, layer {layer}"
     elif source == "lra":
-        from .lra_inputs import lra_qkv, resolve_lra_run
+        from .lra_inputs import lra_qkv
 
-        lra = lra_qkv(
-            resolve_lra_run(lra_run),
-            layer=-1 if layer is None else layer,
-            checkpoint=lra_checkpoint,
-            num_landmarks=num_landmarks,
-        )
+        layer = -1 if layer is None else layer
+        lra = lra_qkv(lra_run, layer=layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks)
         # Sample 0: a whole validation example without padding.
         q, k, about = lra.query[0], lra.key[0], lra.description.split(";")[0]
     if q is not None:  # (H, n, d) of a model: one head
