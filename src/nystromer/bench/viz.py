@@ -1,8 +1,6 @@
-"""``nystromer viz attention``: the exact attention matrix beside its Nyström approximation.
-
-For one head, the exact n×n matrix softmax(s·QKᵀ) and the approximation F·A⁺·B that
-Nyström attention applies to V (it never forms it; here it is formed explicitly for a small n),
-side by side with the same colour scale, the landmark segments marked on both.
+"""``nystromer viz attention``: one head's exact n×n attention matrix softmax(s·QKᵀ) beside
+the F·A⁺·B that Nyström attention applies to V (never formed there; here, for a small n),
+with the same colour scale and the landmark segments marked on both.
 """
 
 from __future__ import annotations
@@ -134,19 +132,13 @@ def attention_figure(
     head: int = 0,
     window: int | None = None,
 ) -> dict:
-    """``nystromer viz attention``: :func:`plot_attention` on one head of the chosen inputs,
-    and its result beside the PNG as JSON (same name, ``.json``).
-
+    """``nystromer viz attention``: :func:`plot_attention` on one head of the inputs of
     ``source``: ``random`` (structured random q, k), ``lm`` (a language model's,
-    :func:`~nystromer.bench.approx.model_qkv`, ``model_source``) or ``lra`` (a trained LRA
-    model's, :mod:`~nystromer.bench.lra_inputs`, ``lra_run`` and ``lra_checkpoint``); ``layer``
-    defaults to 2 for lm and the last for lra; ``seq_len`` is n of the random and lm inputs; the
-    other arguments are :func:`plot_attention`'s.
-
-    Returns:
-        :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
-        ``json`` (the side file).
-    """
+    :func:`~nystromer.bench.approx.model_qkv`) or ``lra`` (a trained LRA model's,
+    :func:`~nystromer.bench.lra_inputs.lra_qkv`); ``layer`` defaults to 2 for lm and the last
+    for lra; ``seq_len`` is n of the random and lm inputs. Writes the result beside the PNG as
+    JSON (``.json``) and returns it with ``pinv_iterations``, ``date``, ``machine_label`` and
+    ``json`` (that file's path) added."""
     if source not in ("random", "lm", "lra"):
         raise ValueError(f"source must be random, lm or lra, got {source!r}")
     q = k = title = None
