@@ -8,6 +8,7 @@ written out in the section it renders (docs/benchmarks.md, "TransMIL layer").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -56,14 +57,10 @@ _TITLE = "TransMIL layer: nystromer.compat against nystrom-attention"
 
 @dataclasses.dataclass(frozen=True)
 class LayerOptions:
-    """What a :class:`~nystromer.bench.measure.CaseSpec` cannot carry about the layer.
-
-    Attributes:
-        dim: the layer's input and output width (the heads' width is heads × head_dim).
-        conv_kernel: ``residual_conv_kernel`` (odd; 0: no convolution skip).
-        package_heatmap_limit_gb: the package's dense heatmap is skipped where its
-            (B, H, n_pad, n_pad) float32 matrix alone would exceed this many GB.
-    """
+    """What a :class:`~nystromer.bench.measure.CaseSpec` cannot carry about the layer: its input
+    and output width ``dim``, ``conv_kernel`` (odd; 0: no convolution skip), and
+    ``package_heatmap_limit_gb``: the package's dense (B, H, n_pad, n_pad) float32 heatmap is
+    skipped where it alone would exceed this many GB."""
 
     dim: int = 512
     conv_kernel: int = 33
@@ -74,15 +71,16 @@ def _registry_name(label: str, mode: str) -> str:
     return f"transmil-{label}-{mode}"
 
 
+@dataclasses.dataclass
 class _LayerRunner(AttentionRunner):
     """A layer as a runner: ``run(x)``, x (B, n, dim), is its forward or class-token heatmap."""
 
+    layer: nn.Module
+    dim: int
+    mode: str
+    package: bool
+    seed: int
     grad_args = (0,)
-
-    def __init__(self, layer: nn.Module, dim: int, mode: str, package: bool, seed: int):
-        self.layer, self.dim, self.mode, self.package, self.seed = (
-            layer, dim, mode, package, seed,
-        )  # fmt: skip
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
         # The layer's input is x, not the q, k, v the measurement generates (their shape only).
@@ -394,13 +392,10 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        if float(text) > 0:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
 
 
 def _run(args: argparse.Namespace) -> int:
