@@ -401,10 +401,7 @@ def format_approx(report: dict) -> str:
 
 def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``approx.json``, ``approx.md``, ``approx_landmarks.png``, ``approx_iterations.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     out = Path(out_dir)
     paths = [out / f"approx{end}" for end in (".json", ".md", "_landmarks.png", "_iterations.png")]
@@ -412,8 +409,8 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:
         f.write(format_approx(report) + "\n")
-    figures = [plt.subplots(figsize=(6.5, 4.5)) for _ in range(2)]
-    (_, by_m), (_, by_iterations) = figures
+    figures = [Figure(figsize=(6.5, 4.5)) for _ in range(2)]
+    by_m, by_iterations = (fig.subplots() for fig in figures)
     for name, entry in report["sources"].items():
         sweep, color = entry["landmarks"], None
         for key, choice, style in _CHOICES if sweep["landmarks"] else ():
@@ -429,12 +426,11 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     by_m.set_xscale("log", base=2)
     by_m.set_xlabel("landmarks m")
     by_iterations.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
-    for (fig, ax), path in zip(figures, paths[2:], strict=True):
+    for fig, ax, path in zip(figures, (by_m, by_iterations), paths[2:], strict=True):
         ax.set_ylabel("relative error vs exact")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
     return paths

@@ -316,12 +316,10 @@ def format_section(report: dict) -> str:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(_GROUPS), figsize=(5 * len(_GROUPS), 8.5))
+    fig = Figure(figsize=(5 * len(_GROUPS), 8.5))
+    axes = fig.subplots(2, len(_GROUPS))
     titles = [title for _, title, *_ in _GROUPS] * 2
     for ax, (mode, metric), title in zip(axes.flat, _METRIC_COLUMNS, titles, strict=True):
         for label in LAYERS:
@@ -342,7 +340,6 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def write_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:

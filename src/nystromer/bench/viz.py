@@ -56,10 +56,7 @@ def plot_attention(
     Returns ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
     error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if (q is None) != (k is None):
         raise ValueError("q and k must be given together")
@@ -83,7 +80,8 @@ def plot_attention(
     centres = ((bounds[:-1] + bounds[1:]).double() - 1) / 2
     centres = centres[centres <= n - 1]
     inner = bounds[(bounds > 0) & (bounds < n)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    fig = Figure(figsize=(11, 5.2))
+    axes = fig.subplots(1, 2)
     panels = (
         ("exact softmax(QKᵀ/√d)", exact),
         (f"Nyström F·A⁺·B, m = {num_landmarks}, {pinv_iterations} pinv iterations", approx),
@@ -107,7 +105,6 @@ def plot_attention(
     )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
     return {
         "path": str(Path(path)),
         "relative_error": error,
