@@ -135,12 +135,10 @@ def iteration_sweep(
 def implementation_errors(
     q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int = 64, mask: Tensor | None = None
 ) -> dict:
-    """Errors of every installed Nyström implementation on the same inputs (see module doc).
-
-    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m. The
-    :data:`SCENARIOS` are those :func:`format_approx` describes; sample 1's padding is its last
-    n/8 positions, or what ``mask`` says: (2, n) bool, True = real token, row 0 all True and
-    row 1 right padding, for inputs that come with their own (a model's on a padded batch).
+    """Errors of every installed Nyström implementation in each of :data:`SCENARIOS` (what
+    :func:`format_approx` says they are). ``q``, ``k``, ``v``: (B, H, n, d), B ≥ 2, n a multiple
+    of m; sample 1's padding is its last n/8 positions, or what ``mask`` says: (2, n) bool, True
+    at real tokens, row 0 all True and row 1 right padding (a model's inputs on a padded batch).
     """
     (_, h, n, d), m, qkv = q.shape, num_landmarks, (q, k, v)
     if q.shape[0] < 2:

@@ -56,10 +56,8 @@ class LRAInputs:
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
     """True when ``run_dir`` has a ``config.json`` and a ``best`` or ``last`` checkpoint."""
-    run_dir = Path(run_dir)
-    return (run_dir / "config.json").is_file() and any(
-        ckpt.find(run_dir, name) is not None for name in ("best", "last")
-    )
+    has_config = (Path(run_dir) / "config.json").is_file()
+    return has_config and any(ckpt.find(run_dir, name) for name in ("best", "last"))
 
 
 def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:

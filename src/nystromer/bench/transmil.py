@@ -221,9 +221,8 @@ def run_transmil(
             }
             rows.append(row)
     # The shape and measurement settings: what a case holds but its implementation, n and mask.
-    settings = dataclasses.asdict(base)
-    for per_case in ("impl", "seq_len", "padding"):
-        del settings[per_case]
+    per_case = ("impl", "seq_len", "padding")
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in per_case}
     return report_header("transmil", command, base.device, threads) | {
         "settings": settings | dataclasses.asdict(options),
         "lengths": list(lengths),
@@ -362,8 +361,7 @@ def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -
     image = target.parent / "bench" / "transmil.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(plot, image)
-    link = os.path.relpath(image, target.parent).replace(os.sep, "/")
-    section = format_section(report) + f"\n\n![TransMIL layer]({link})\n"
+    section = format_section(report) + "\n\n![TransMIL layer](bench/transmil.png)\n"
     replace_section(target, BEGIN, END, section, new_file="# Benchmarks\n")
     return image
 

@@ -51,11 +51,9 @@ def plot_attention(
     """Write a PNG (``path``) with the exact and the Nyström attention matrix (m landmarks,
     ``pinv_iterations``) side by side, of one head's (n, d) ``q`` and ``k``, or of structured
     random ones of ``seq_len``, ``head_dim`` and ``seed``; ``title`` defaults to describing them.
-    ``window`` draws only the first that many positions (long sequences stay readable).
-
-    Returns ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
-    error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
-    """
+    ``window`` draws only the first that many positions (long sequences stay readable). Returns
+    ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``, the error
+    ‖approx − exact‖_F / ‖exact‖_F of the whole matrices."""
     from matplotlib.figure import Figure
 
     if (q is None) != (k is None):
