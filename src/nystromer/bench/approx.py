@@ -268,7 +268,8 @@ def run_approx(
     ``{"date", "machine_label", "num_landmarks", "sources": {kind: {"description", "seq_len",
     "landmarks", "iterations", "implementations", ...}}, "implementations_available"}``.
     """
-    say, m = progress or (lambda _line: None), num_landmarks
+    say = progress or (lambda _line: None)
+    m = num_landmarks
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
     # Every input before anything is measured: a missing model fails at once.
