@@ -121,12 +121,10 @@ def _build(config: AttentionConfig, options: LayerOptions, label: str, mode: str
     from ..compat import NystromAttention
 
     torch.manual_seed(seed)
-    package = PackageAttention(**kwargs)
+    layer = package = PackageAttention(**kwargs)
     if label == "nystromer":
         layer = NystromAttention(**kwargs)
         layer.load_state_dict(package.state_dict(), strict=True)
-    else:
-        layer = package
     layer = layer.to(device=config.device, dtype=config.dtype).eval()
     return _LayerRunner(layer, options.dim, mode, label != "nystromer", seed)
 
@@ -357,12 +355,11 @@ def write_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
 def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -> Path:
     """Write the section between the markers of ``path`` and copy the plot beside it to
     ``bench/transmil.png``; returns where the plot went."""
-    target = Path(path)
-    image = target.parent / "bench" / "transmil.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(plot, image)
+    image = Path(path).parent / "bench" / "transmil.png"
+    with atomic_path(image) as tmp:
+        shutil.copyfile(plot, tmp)
     section = format_section(report) + "\n\n![TransMIL layer](bench/transmil.png)\n"
-    replace_section(target, BEGIN, END, section, new_file="# Benchmarks\n")
+    replace_section(path, BEGIN, END, section, new_file="# Benchmarks\n")
     return image
 
 
