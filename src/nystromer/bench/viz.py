@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
-from .inputs import random_qkv
+from .inputs import random_qkv, relative_error
 
 __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
 
@@ -68,7 +68,7 @@ def plot_attention(
     exact, approx, bounds = attention_matrices(
         q.double(), k.double(), num_landmarks, pinv_iterations
     )
-    error = float((approx - exact).norm() / exact.norm())
+    error = relative_error(approx, exact)
     n_all = exact.shape[0]
     n = min(window or n_all, n_all)
     if n < n_all:
