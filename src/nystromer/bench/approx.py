@@ -1,13 +1,9 @@
 """``nystromer bench approx``: how well Nyström attention approximates exact attention.
 
-Relative output error ‖Nyström − exact‖_F / ‖exact‖_F (real query rows only) against the
-number of landmarks m for three landmark choices (segment means as in the paper, the same
-refined by k-means, a random subsample of the positions), against the pseudo-inverse iterations
-(and the exact ``torch.linalg.pinv``), and of every registered Nyström implementation on the
-same unpadded, uneven and padded inputs, where masking bugs show up as numbers. Input kinds
-(:data:`SOURCES`): ``random`` (shaped like a trained model's), ``lra`` (a trained Long Range
-Arena model's on real validation examples, :mod:`nystromer.bench.lra_inputs`) and ``lm`` (every
-layer of a language model on English text, :func:`model_qkv`).
+Relative output error against the number of landmarks m and their choice, against the
+pseudo-inverse iterations, and of every Nyström implementation on unpadded, uneven and padded
+inputs (where masking bugs show up as numbers), for each input kind of :data:`SOURCES`;
+docs/benchmarks.md ("Approximation error") shows the numbers and what each one measures.
 """
 
 from __future__ import annotations
@@ -88,14 +84,10 @@ def landmark_sweep(
     seeds: int = 3,
     kmeans_iterations: int = 3,
 ) -> dict:
-    """Error against m (only m < n: at m ≥ n the method is exact attention) for segment means
-    (the paper's), k-means landmarks (segment means refined by ``kmeans_iterations`` Lloyd
-    iterations, as ``nystrom_attention(..., kmeans_iterations=)`` does) and a random subsample
-    of the positions (mean over ``seeds`` draws).
-
-    Returns:
-        ``{"landmarks": [m, ...], "segment_means", "kmeans", "random_subsample"}`` (errors
-        aligned with ``landmarks``) and ``"kmeans_iterations"``.
+    """Error against m < n (m ≥ n is exact attention) for segment means (the paper's), k-means
+    landmarks (``kmeans_iterations`` Lloyd iterations from the segment means) and a random
+    subsample of the positions (mean over ``seeds`` draws): ``{"landmarks": [m, ...],
+    "segment_means", "kmeans", "random_subsample", "kmeans_iterations"}``, errors aligned with m.
     """
     exact, n = softmax_attention(q, k, v), q.shape[2]
     ms = [m for m in landmarks if m < n]
@@ -143,12 +135,10 @@ def iteration_sweep(
 def implementation_errors(
     q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int = 64, mask: Tensor | None = None
 ) -> dict:
-    """Errors of every installed Nyström implementation on the same inputs (see module doc).
-
-    ``q``, ``k``, ``v`` are (B, H, n, d) with B ≥ 2; n should be a multiple of m. The
-    :data:`SCENARIOS` are those :func:`format_approx` describes; sample 1's padding is its last
-    n/8 positions, or what ``mask`` says: (2, n) bool, True = real token, row 0 all True and
-    row 1 right padding, for inputs that come with their own (a model's on a padded batch).
+    """Errors of every installed Nyström implementation in each of :data:`SCENARIOS` (what
+    :func:`format_approx` says they are). ``q``, ``k``, ``v``: (B, H, n, d), B ≥ 2, n a multiple
+    of m; sample 1's padding is its last n/8 positions, or what ``mask`` says: (2, n) bool, True
+    at real tokens, row 0 all True and row 1 right padding (a model's inputs on a padded batch).
     """
     (_, h, n, d), m, qkv = q.shape, num_landmarks, (q, k, v)
     if q.shape[0] < 2:
@@ -270,18 +260,16 @@ def run_approx(
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """All sweeps (m over ``landmarks``, the pinv ``iterations`` at ``num_landmarks``, which
-    is also the implementation table's m) on each input kind of ``sources`` (see module doc):
-    random (B = 2, ``heads``, ``seq_len``, ``head_dim``, ``seed``), the language model's
-    (:func:`model_qkv`) and the LRA run's (None: the default places,
-    :func:`~nystromer.bench.lra_inputs.resolve_lra_run`; its layer, -1 the last, and checkpoint).
-    ``progress`` gets progress lines (None: silent).
-
-    Returns the JSON-ready ``{"date", "machine_label", "num_landmarks", "sources": {kind:
-    {"description", "seq_len", "landmarks", "iterations", "implementations", ...}},
-    "implementations_available"}``.
+    """All sweeps on each input kind of ``sources``: m over ``landmarks``, the pinv
+    ``iterations`` at ``num_landmarks`` (also the implementation table's m). Random inputs are
+    (2, ``heads``, ``seq_len``, ``head_dim``) from ``seed``; the language model's come from
+    :func:`model_qkv`, the LRA run's from :func:`~nystromer.bench.lra_inputs.lra_qkv` (the
+    ``lra_`` arguments). ``progress`` gets progress lines (None: silent). Returns the JSON-ready
+    ``{"date", "machine_label", "num_landmarks", "sources": {kind: {"description", "seq_len",
+    "landmarks", "iterations", "implementations", ...}}, "implementations_available"}``.
     """
     say = progress or (lambda _line: None)
+    m = num_landmarks
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
     # Every input before anything is measured: a missing model fails at once.
@@ -291,14 +279,9 @@ def run_approx(
         about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
         inputs["random"] = (q, k, v, None, {"description": f"{about}, n = {seq_len}"})
     if "lra" in sources:
-        from .lra_inputs import lra_qkv, resolve_lra_run
+        from .lra_inputs import lra_qkv
 
-        lra = lra_qkv(
-            resolve_lra_run(lra_run),
-            layer=lra_layer,
-            checkpoint=lra_checkpoint,
-            num_landmarks=num_landmarks,
-        )
+        lra = lra_qkv(lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=m)
         entry = {"description": lra.description, "lra": lra.info}
         inputs["lra"] = (lra.query, lra.key, lra.value, lra.mask, entry)
     if "lm" in sources:
@@ -307,7 +290,7 @@ def run_approx(
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
-        "num_landmarks": num_landmarks,
+        "num_landmarks": m,
         "sources": {},
     }
     for kind in sources:
@@ -317,11 +300,9 @@ def run_approx(
         entry["seq_len"] = int(q.shape[2])
         entry["landmarks"] = s = landmark_sweep(*first, landmarks)
         say(f"  error against m {s['landmarks']}: segment means {_list(s['segment_means'])}")
-        entry["iterations"] = s = iteration_sweep(*first, iterations, num_landmarks=num_landmarks)
+        entry["iterations"] = s = iteration_sweep(*first, iterations, num_landmarks=m)
         say(f"  error against pinv iterations {s['iterations']}: {_list(s['error'])}")
-        entry["implementations"] = implementation_errors(
-            q, k, v, num_landmarks=num_landmarks, mask=mask
-        )
+        entry["implementations"] = implementation_errors(q, k, v, num_landmarks=m, mask=mask)
         report["sources"][kind] = entry
     report["implementations_available"] = [
         name for name in _NYSTROM_IMPLS if unavailable_reason(name) is None
@@ -419,10 +400,7 @@ def format_approx(report: dict) -> str:
 
 def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``approx.json``, ``approx.md``, ``approx_landmarks.png``, ``approx_iterations.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     out = Path(out_dir)
     paths = [out / f"approx{end}" for end in (".json", ".md", "_landmarks.png", "_iterations.png")]
@@ -430,8 +408,8 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
         json.dump(report, f, indent=2)
     with atomic_write(paths[1]) as f:
         f.write(format_approx(report) + "\n")
-    figures = [plt.subplots(figsize=(6.5, 4.5)) for _ in range(2)]
-    (_, by_m), (_, by_iterations) = figures
+    figures = [Figure(figsize=(6.5, 4.5)) for _ in range(2)]
+    by_m, by_iterations = (fig.subplots() for fig in figures)
     for name, entry in report["sources"].items():
         sweep, color = entry["landmarks"], None
         for key, choice, style in _CHOICES if sweep["landmarks"] else ():
@@ -447,12 +425,11 @@ def write_approx_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[
     by_m.set_xscale("log", base=2)
     by_m.set_xlabel("landmarks m")
     by_iterations.set_xlabel(f"pseudo-inverse iterations (m = {report['num_landmarks']})")
-    for (fig, ax), path in zip(figures, paths[2:], strict=True):
+    for fig, ax, path in zip(figures, (by_m, by_iterations), paths[2:], strict=True):
         ax.set_ylabel("relative error vs exact")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
     return paths

@@ -1,13 +1,7 @@
-"""Query, key and value of a trained Long Range Arena model on real validation inputs.
-
-The ``lra`` inputs of ``nystromer bench approx`` and ``nystromer viz attention``. A run
-directory as ``nystromer train`` writes it is only read (a job still training there is not
-disturbed); two validation examples go through the model as one right-padded batch, as training
-batches them, and one attention layer's q, k, v projections are captured. Sample 0 is the
-longest example whose length is a multiple of the landmark count m (no padding, so every
-implementation accepts it); sample 1 the one closest to ¾ of that, padded with whatever q, k, v
-the model computes at padding tokens. Nothing is trained here: :func:`resolve_lra_run` says
-which command makes a run when there is none.
+"""Query, key and value of a trained Long Range Arena model on real validation inputs: the
+``lra`` inputs of ``nystromer bench approx`` and ``nystromer viz attention``. A run directory as
+``nystromer train`` writes it is only read (a job still training there is not disturbed);
+nothing is trained here: :func:`resolve_lra_run` says which command makes a run.
 """
 
 from __future__ import annotations
@@ -62,10 +56,8 @@ class LRAInputs:
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
     """True when ``run_dir`` has a ``config.json`` and a ``best`` or ``last`` checkpoint."""
-    run_dir = Path(run_dir)
-    return (run_dir / "config.json").is_file() and any(
-        ckpt.find(run_dir, name) is not None for name in ("best", "last")
-    )
+    has_config = (Path(run_dir) / "config.json").is_file()
+    return has_config and any(ckpt.find(run_dir, name) for name in ("best", "last"))
 
 
 def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -120,17 +112,16 @@ def load_lra_model(
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    name = checkpoint
-    if name == "auto":
-        name = "best" if ckpt.find(run_dir, "best") else "last"
-    _, meta, tensors = _read_checkpoint(run_dir, name)  # ValueError for an unknown name
+    if checkpoint == "auto":
+        checkpoint = "best" if ckpt.find(run_dir, "best") else "last"
+    _, meta, tensors = _read_checkpoint(run_dir, checkpoint)  # ValueError for an unknown name
     model = build_model(LRAModelConfig.from_dict(config["model"]))
     model.load_state_dict(tensors, strict=True)
     model.eval()
     info = {
         "run_dir": str(run_dir),
         "task": config.get("task"),
-        "checkpoint": name,
+        "checkpoint": checkpoint,
         "step": meta.get("step"),
         "val": meta.get("val"),
         "config": config,
@@ -139,11 +130,12 @@ def load_lra_model(
 
 
 def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, int | bool]:
-    """Choose the two examples (see the module doc) from the examples' lengths:
-    ``{"index0", "n", "truncated0", "index1", "length1", "truncated1"}``. Sample 0 is example
-    ``index0`` cut to ``n`` tokens (``truncated0`` when it is longer: only when no example
-    longer than ``multiple`` has a length that is a multiple of it), sample 1 is example
-    ``index1`` cut to ``length1`` < n tokens (``truncated1`` when no other is shorter than n)."""
+    """Choose the two examples from the examples' lengths: ``{"index0", "n", "truncated0",
+    "index1", "length1", "truncated1"}``. Sample 0 is the longest example whose length is a
+    multiple of ``multiple`` (no padding, so every implementation accepts it): example ``index0``
+    of ``n`` tokens (``truncated0``: cut to a multiple, when no example longer than ``multiple``
+    has such a length). Sample 1, to be right-padded to n, is the one closest to ¾ n: example
+    ``index1`` of ``length1`` < n tokens (``truncated1``: cut, when no other is shorter than n)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 1 or len(lengths) < 2:
         raise ValueError(f"lengths: need at least two examples, got shape {lengths.shape}")
@@ -173,7 +165,7 @@ def pick_examples(lengths: np.ndarray | list[int], multiple: int) -> dict[str, i
 
 
 def lra_qkv(
-    run_dir: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str] | None = None,
     *,
     layer: int = -1,
     checkpoint: str = "auto",
@@ -182,12 +174,14 @@ def lra_qkv(
     split: str = "val",
 ) -> LRAInputs:
     """Capture q, k, v of one attention ``layer`` (Python indexing: -1 is the last) of the
-    model of ``run_dir`` (a one-input task: ListOps, Text, Image, Pathfinder; its ``best``,
-    ``last`` or ``auto`` checkpoint) on two examples of ``split`` of its data (``data_dir``,
-    default: what the run was trained on); sample 0's length is a multiple of ``num_landmarks``.
-    Returns :class:`LRAInputs` with (2, H, n, d) tensors and the (2, n) mask."""
+    model of ``run_dir`` (None: :func:`resolve_lra_run`'s default; a one-input task: ListOps,
+    Text, Image, Pathfinder; its ``best``, ``last`` or ``auto`` checkpoint) on two examples of
+    ``split`` of its data (``data_dir``, default: what the run was trained on), chosen by
+    :func:`pick_examples` for ``num_landmarks``, as one right-padded batch, as training batches
+    them. Returns :class:`LRAInputs` with (2, H, n, d) tensors and the (2, n) mask."""
     from ..lra.data import load_split
 
+    run_dir = resolve_lra_run(run_dir)
     model, info = load_lra_model(run_dir, checkpoint)
     config = info.pop("config")
     if config["model"].get("two_tower"):

@@ -1,12 +1,7 @@
-"""``nystromer bench report`` (``make bench``): regenerate docs/benchmarks.md from the commands.
-
-Runs ``bench table``, ``bench speed`` (CPU; CUDA too when available), ``bench approx`` and
-``viz attention`` as a user types them, each into a folder under ``--out``, and writes each
-section between its own marker comments of the Markdown file (everything outside them is kept
-byte for byte): the command, date and machine, the Markdown the command's own module renders
-from its JSON (what the command writes beside it), and the plots, copied to ``docs/bench/``.
-CUDA results copied from another machine to ``docs/bench/gpu/<dtype>/`` are rendered naming the
-device. Nothing is trained here: without a trained LRA model, the LRA inputs are left out.
+"""``nystromer bench report`` (``make bench``): run the benchmark commands as a user types
+them and write each one's section of docs/benchmarks.md between its marker comments: command,
+date, machine, the Markdown its own module renders from its JSON, and the plots, copied to
+``docs/bench/``. docs/benchmarks.md lists the commands and how GPU results get in.
 """
 
 from __future__ import annotations
@@ -39,17 +34,14 @@ __all__ = [
 ]
 
 _SPEED_PLOTS = ("speed_time.png", "speed_memory.png")
+_APPROX_PLOTS = ("approx_landmarks.png", "approx_iterations.png")
 #: Per section, in the order they appear in the Markdown file: its title, and the JSON its
 #: command writes and the plots it shows (viz: its commands' own files; gpu: see render_gpu).
 _SECTIONS = {
     "table": ("Table 1 form: memory and time per instance", "table1.json", ()),
     "speed": ("Speed and memory against n (CPU, float32)", "speed.json", _SPEED_PLOTS),
     "gpu": ("GPU", None, ()),
-    "approx": (
-        "Approximation error",
-        "approx.json",
-        ("approx_landmarks.png", "approx_iterations.png"),
-    ),
+    "approx": ("Approximation error", "approx.json", _APPROX_PLOTS),
     "viz": ("Attention matrices", None, ()),
 }
 REPORT_SECTIONS = tuple(_SECTIONS)
@@ -137,10 +129,8 @@ def _measured(heading: str, report: dict, command: str, body: str, links: list[s
 
 
 def render_gpu(results_dir: Path, docs: Path) -> str:
-    """The GPU section: CUDA ``speed.json`` results under ``results_dir/*/``, or the commands.
-
-    Plots missing beside a result are drawn from its JSON.
-    """
+    """The GPU section: CUDA ``speed.json`` results under ``results_dir/*/`` (plots missing
+    beside one are drawn from it), or the commands that make them."""
     from .speed import format_speed, write_speed_outputs
 
     commands = ["```", *(_shown(c) for c in gpu_commands(results_dir)), "```"]
@@ -172,10 +162,8 @@ def render_gpu(results_dir: Path, docs: Path) -> str:
 
 
 def write_docs_section(path: str | os.PathLike[str], name: str, markdown: str) -> None:
-    """Write or replace section ``name`` between its markers; append it when they are absent.
-
-    Everything outside the markers is kept byte for byte. The file is replaced atomically.
-    """
+    """Write or replace section ``name`` between its markers, appended when they are absent;
+    the rest of the file is kept byte for byte."""
     if name not in REPORT_SECTIONS:
         raise ValueError(f"name must be one of {REPORT_SECTIONS}, got {name!r}")
     begin = f"<!-- bench-report:{name}:begin (written by nystromer bench report) -->"
@@ -209,14 +197,12 @@ def _build_section(
     if name == "viz":
         for out, command, link in zip(outs, shown, links, strict=True):
             info = _load(out.with_suffix(".json"))
-            lines += [
+            drawn = (
                 f"Drawn {info['date']} with `{command}` ({info['machine_label']}): "
                 f"{info['title']}; m = {info['num_landmarks']}, {info['pinv_iterations']} pinv "
-                f"iterations, relative error of the matrix {info['relative_error']:.3f}.",
-                "",
-                link,
-                "",
-            ]
+                f"iterations, relative error of the matrix {info['relative_error']:.3f}."
+            )
+            lines += [drawn, "", link, ""]
     else:
         report = _load(outs[0] / saved)
         body = {"table": format_table1, "speed": format_speed, "approx": format_approx}[name]
@@ -240,18 +226,14 @@ def run_report(
     run_gpu: bool | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, str | None]:
-    """Run the benchmark commands (outputs under ``out``, default ``bench-out/report``, with
-    ``quick`` ``bench-out/report-quick``) and write their sections (``only`` these; default:
-    all) into ``docs`` (default ``docs/benchmarks.md``; with ``quick``, tiny sizes,
-    ``out/benchmarks.md``, so tiny numbers never land in the real docs), plots copied to
-    ``images_dir`` (default ``bench/`` beside docs), CUDA results looked for in ``gpu_dir``
-    (default ``images_dir/gpu``). Without a trained model at ``lra_run`` (default: the commands'
-    own choice) the LRA inputs are left out. ``run_gpu`` runs the GPU commands first (default:
-    when CUDA is available and not quick); ``progress`` gets progress lines (None: silent).
-
-    Returns section name → None when written, else why it failed (its markers are then left as
-    they were: one failed section does not lose the others).
-    """
+    """Run the commands of the sections ``only`` names (default: all) into ``out`` (default
+    ``bench-out/report``, ``-quick`` with ``quick``: tiny sizes) and write the sections into
+    ``docs`` (default ``docs/benchmarks.md``; with ``quick``, ``out/benchmarks.md``), the plots
+    into ``images_dir`` (default ``bench/`` beside docs); CUDA results are read from ``gpu_dir``
+    (default ``images_dir/gpu``), and with ``run_gpu`` (default: CUDA available and not quick)
+    measured first. Without a trained model at ``lra_run`` (default: the commands' own choice)
+    the LRA inputs are left out. ``progress`` gets progress lines (None: silent). Returns
+    section name → None when written, else why it failed (its markers left as they were)."""
     say = progress or (lambda _line: None)
     sections = list(REPORT_SECTIONS if only is None else only)
     if not sections or not set(sections) <= set(REPORT_SECTIONS):

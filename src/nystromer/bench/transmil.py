@@ -1,32 +1,14 @@
 """``nystromer bench transmil``: :class:`nystromer.compat.NystromAttention` against the
-``nystrom-attention`` package's layer at the shape TransMIL uses.
-
-One attention layer (``dim`` 512, 8 heads × 64, m = 256, 6 pinv iterations, the kernel-33
-convolution of the values), batch 1, no mask, at bag sizes n = 2,000 … 100,000. Both layers
-hold the same weights: the package's freshly initialised layer's state dict, loaded into ours
-with ``strict=True``. Ours runs its default numerics. Three measurements per layer and n, each
-in fresh worker processes (:mod:`nystromer.bench.measure`, the layer standing in for an
-attention implementation; the worker is this module, ``--worker``):
-
-- forward: ``layer(x)`` under ``torch.no_grad`` (inference);
-- forward+backward: ``layer(x).backward(g)`` for a random g, to x and every parameter;
-- heatmap: the class token's attention row for every head, as user code asks for it:
-  ``out, attn = layer(x, return_attn=True)`` then ``attn[:, :, 0]`` (for the package, whose
-  matrix is front-padded to a multiple of m, the class token's row ``attn[:, :, pad, pad:]``),
-  under ``torch.no_grad``. The package's dense n_pad × n_pad matrix is skipped where it would
-  exceed ``--package-heatmap-limit-gb``;
-- heatmap alone (ours only: the package has no heatmap without its forward):
-  ``layer.attention_map(x)[:, :, 0]``, the same row without computing the layer's output,
-  compared with the package's heatmap.
-
-Writes ``transmil.json``, ``transmil.md`` and ``transmil.png`` (log-log time and memory against
-n) under ``--out``; with ``--write-docs FILE`` also the section between the ``transmil`` markers
-of FILE and the plot as ``bench/transmil.png`` beside FILE.
+``nystrom-attention`` package's layer, same weights, at the shape TransMIL uses, n = 2,000 …
+100,000: forward, forward+backward and class-token heatmap time and peak memory, each in fresh
+worker processes (this module is the worker, ``--worker``). What each measurement calls is
+written out in the section it renders (docs/benchmarks.md, "TransMIL layer").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -75,14 +57,10 @@ _TITLE = "TransMIL layer: nystromer.compat against nystrom-attention"
 
 @dataclasses.dataclass(frozen=True)
 class LayerOptions:
-    """What a :class:`~nystromer.bench.measure.CaseSpec` cannot carry about the layer.
-
-    Attributes:
-        dim: the layer's input and output width (the heads' width is heads × head_dim).
-        conv_kernel: ``residual_conv_kernel`` (odd; 0: no convolution skip).
-        package_heatmap_limit_gb: the package's dense heatmap is skipped where its
-            (B, H, n_pad, n_pad) float32 matrix alone would exceed this many GB.
-    """
+    """What a :class:`~nystromer.bench.measure.CaseSpec` cannot carry about the layer: its input
+    and output width ``dim``, ``conv_kernel`` (odd; 0: no convolution skip), and
+    ``package_heatmap_limit_gb``: the package's dense (B, H, n_pad, n_pad) float32 heatmap is
+    skipped where it alone would exceed this many GB."""
 
     dim: int = 512
     conv_kernel: int = 33
@@ -93,15 +71,16 @@ def _registry_name(label: str, mode: str) -> str:
     return f"transmil-{label}-{mode}"
 
 
+@dataclasses.dataclass
 class _LayerRunner(AttentionRunner):
     """A layer as a runner: ``run(x)``, x (B, n, dim), is its forward or class-token heatmap."""
 
+    layer: nn.Module
+    dim: int
+    mode: str
+    package: bool
+    seed: int
     grad_args = (0,)
-
-    def __init__(self, layer: nn.Module, dim: int, mode: str, package: bool, seed: int):
-        self.layer, self.dim, self.mode, self.package, self.seed = (
-            layer, dim, mode, package, seed,
-        )  # fmt: skip
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple:
         # The layer's input is x, not the q, k, v the measurement generates (their shape only).
@@ -142,12 +121,10 @@ def _build(config: AttentionConfig, options: LayerOptions, label: str, mode: str
     from ..compat import NystromAttention
 
     torch.manual_seed(seed)
-    package = PackageAttention(**kwargs)
+    layer = package = PackageAttention(**kwargs)
     if label == "nystromer":
         layer = NystromAttention(**kwargs)
         layer.load_state_dict(package.state_dict(), strict=True)
-    else:
-        layer = package
     layer = layer.to(device=config.device, dtype=config.dtype).eval()
     return _LayerRunner(layer, options.dim, mode, label != "nystromer", seed)
 
@@ -209,16 +186,13 @@ def run_transmil(
     command: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Measure both layers at every n; returns the report that ``transmil.json`` holds.
+    """Measure both layers at every n of ``lengths``; returns what ``transmil.json`` holds.
 
-    ``base`` holds the shape and measurement settings (heads, head_dim, m, pinv iterations,
-    batch, dtype, device, threads, repeats, warm-up, seed); its implementation and n are
-    replaced per case. Each row has ``seq_len`` and, per label of :data:`LAYERS`, ``layer``
-    (forward and forward+backward), ``heatmap`` and ``map`` (their time is ``forward_ms``,
-    their peak ``forward_peak_mib``; the package's ``map`` is skipped) results as
-    :class:`~nystromer.bench.measure.CaseResult` dicts without the spec, and ``ratios``:
-    package ÷ ours for each metric, ``map`` against the package's heatmap (None where either
-    is missing).
+    ``base`` holds the shape and measurement settings; its implementation and n are replaced
+    per case. Each row has ``seq_len``, per label of :data:`LAYERS` the
+    :class:`~nystromer.bench.measure.CaseResult` dicts (without the spec) of each mode of
+    :data:`MODES`, and ``ratios``: package ÷ ours per metric, ``map`` against the package's
+    heatmap (None where either is missing).
     """
     payload = json.dumps(dataclasses.asdict(options) | {"seed": base.seed})
     worker = [sys.executable, "-m", "nystromer.bench.transmil", "--worker", payload]
@@ -245,9 +219,8 @@ def run_transmil(
             }
             rows.append(row)
     # The shape and measurement settings: what a case holds but its implementation, n and mask.
-    settings = dataclasses.asdict(base)
-    for per_case in ("impl", "seq_len", "padding"):
-        del settings[per_case]
+    per_case = ("impl", "seq_len", "padding")
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in per_case}
     return report_header("transmil", command, base.device, threads) | {
         "settings": settings | dataclasses.asdict(options),
         "lengths": list(lengths),
@@ -340,12 +313,10 @@ def format_section(report: dict) -> str:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(_GROUPS), figsize=(5 * len(_GROUPS), 8.5))
+    fig = Figure(figsize=(5 * len(_GROUPS), 8.5))
+    axes = fig.subplots(2, len(_GROUPS))
     titles = [title for _, title, *_ in _GROUPS] * 2
     for ax, (mode, metric), title in zip(axes.flat, _METRIC_COLUMNS, titles, strict=True):
         for label in LAYERS:
@@ -366,7 +337,6 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def write_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -385,13 +355,11 @@ def write_outputs(report: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
 def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -> Path:
     """Write the section between the markers of ``path`` and copy the plot beside it to
     ``bench/transmil.png``; returns where the plot went."""
-    target = Path(path)
-    image = target.parent / "bench" / "transmil.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(plot, image)
-    link = os.path.relpath(image, target.parent).replace(os.sep, "/")
-    section = format_section(report) + f"\n\n![TransMIL layer]({link})\n"
-    replace_section(target, BEGIN, END, section, new_file="# Benchmarks\n")
+    image = Path(path).parent / "bench" / "transmil.png"
+    with atomic_path(image) as tmp:
+        shutil.copyfile(plot, tmp)
+    section = format_section(report) + "\n\n![TransMIL layer](bench/transmil.png)\n"
+    replace_section(path, BEGIN, END, section, new_file="# Benchmarks\n")
     return image
 
 
@@ -416,13 +384,10 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        if float(text) > 0:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,8 +1,6 @@
-"""``nystromer viz attention``: the exact attention matrix beside its Nyström approximation.
-
-For one head, the exact n×n matrix softmax(s·QKᵀ) and the approximation F·A⁺·B that
-Nyström attention applies to V (it never forms it; here it is formed explicitly for a small n),
-side by side with the same colour scale, the landmark segments marked on both.
+"""``nystromer viz attention``: one head's exact n×n attention matrix softmax(s·QKᵀ) beside
+the F·A⁺·B that Nyström attention applies to V (never formed there; here, for a small n),
+with the same colour scale and the landmark segments marked on both.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._io import atomic_path, atomic_write
 from .._machine import machine_info, machine_label
-from .inputs import random_qkv
+from .inputs import random_qkv, relative_error
 
 __all__ = ["attention_matrices", "attention_figure", "plot_attention"]
 
@@ -53,15 +51,10 @@ def plot_attention(
     """Write a PNG (``path``) with the exact and the Nyström attention matrix (m landmarks,
     ``pinv_iterations``) side by side, of one head's (n, d) ``q`` and ``k``, or of structured
     random ones of ``seq_len``, ``head_dim`` and ``seed``; ``title`` defaults to describing them.
-    ``window`` draws only the first that many positions (long sequences stay readable).
-
-    Returns ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``; the
-    error is ‖approx − exact‖_F / ‖exact‖_F of the whole matrices.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``window`` draws only the first that many positions (long sequences stay readable). Returns
+    ``{"path", "relative_error", "seq_len", "num_landmarks", "title", "window"}``, the error
+    ‖approx − exact‖_F / ‖exact‖_F of the whole matrices."""
+    from matplotlib.figure import Figure
 
     if (q is None) != (k is None):
         raise ValueError("q and k must be given together")
@@ -75,7 +68,7 @@ def plot_attention(
     exact, approx, bounds = attention_matrices(
         q.double(), k.double(), num_landmarks, pinv_iterations
     )
-    error = float((approx - exact).norm() / exact.norm())
+    error = relative_error(approx, exact)
     n_all = exact.shape[0]
     n = min(window or n_all, n_all)
     if n < n_all:
@@ -85,7 +78,8 @@ def plot_attention(
     centres = ((bounds[:-1] + bounds[1:]).double() - 1) / 2
     centres = centres[centres <= n - 1]
     inner = bounds[(bounds > 0) & (bounds < n)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    fig = Figure(figsize=(11, 5.2))
+    axes = fig.subplots(1, 2)
     panels = (
         ("exact softmax(QKᵀ/√d)", exact),
         (f"Nyström F·A⁺·B, m = {num_landmarks}, {pinv_iterations} pinv iterations", approx),
@@ -109,7 +103,6 @@ def plot_attention(
     )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
     return {
         "path": str(Path(path)),
         "relative_error": error,
@@ -134,19 +127,13 @@ def attention_figure(
     head: int = 0,
     window: int | None = None,
 ) -> dict:
-    """``nystromer viz attention``: :func:`plot_attention` on one head of the chosen inputs,
-    and its result beside the PNG as JSON (same name, ``.json``).
-
+    """``nystromer viz attention``: :func:`plot_attention` on one head of the inputs of
     ``source``: ``random`` (structured random q, k), ``lm`` (a language model's,
-    :func:`~nystromer.bench.approx.model_qkv`, ``model_source``) or ``lra`` (a trained LRA
-    model's, :mod:`~nystromer.bench.lra_inputs`, ``lra_run`` and ``lra_checkpoint``); ``layer``
-    defaults to 2 for lm and the last for lra; ``seq_len`` is n of the random and lm inputs; the
-    other arguments are :func:`plot_attention`'s.
-
-    Returns:
-        :func:`plot_attention`'s dict with ``pinv_iterations``, ``date``, ``machine_label`` and
-        ``json`` (the side file).
-    """
+    :func:`~nystromer.bench.approx.model_qkv`) or ``lra`` (a trained LRA model's,
+    :func:`~nystromer.bench.lra_inputs.lra_qkv`); ``layer`` defaults to 2 for lm and the last
+    for lra; ``seq_len`` is n of the random and lm inputs. Writes the result beside the PNG as
+    JSON (``.json``) and returns it with ``pinv_iterations``, ``date``, ``machine_label`` and
+    ``json`` (that file's path) added."""
     if source not in ("random", "lm", "lra"):
         raise ValueError(f"source must be random, lm or lra, got {source!r}")
     q = k = title = None
@@ -159,14 +146,10 @@ def attention_figure(
             raise ValueError(f"--layer: the model has {mq.shape[0]} layers, got {layer}")
         q, k, about = mq[layer], mk[layer], f"{description}, layer {layer}"
     elif source == "lra":
-        from .lra_inputs import lra_qkv, resolve_lra_run
+        from .lra_inputs import lra_qkv
 
-        lra = lra_qkv(
-            resolve_lra_run(lra_run),
-            layer=-1 if layer is None else layer,
-            checkpoint=lra_checkpoint,
-            num_landmarks=num_landmarks,
-        )
+        layer = -1 if layer is None else layer
+        lra = lra_qkv(lra_run, layer=layer, checkpoint=lra_checkpoint, num_landmarks=num_landmarks)
         # Sample 0: a whole validation example without padding.
         q, k, about = lra.query[0], lra.key[0], lra.description.split(";")[0]
     if q is not None:  # (H, n, d) of a model: one head
