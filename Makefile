@@ -65,7 +65,7 @@ bench-transmil: venv
 # truncated, chunked, lengthened with exact attention and converted: its section of
 # docs/results.md. CHECKPOINT=DIR adds a distilled model (e.g. a distill run's model/).
 eval-long: venv
-	$(BIN)/python benchmarks/long_inputs.py $(if $(MODEL),--model $(MODEL)) \
+	$(BIN)/nystromer eval-long $(if $(MODEL),--model $(MODEL)) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --write-docs docs/results.md
 
 clean:

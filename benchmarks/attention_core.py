@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         report = CoreReport.from_dict(json.loads(Path(args.from_json).read_text(encoding="utf-8")))
     else:
-        command = recorded_command("benchmarks/attention_core.py", argv, drop=("--json",))
+        command = recorded_command(
+            ["python", "benchmarks/attention_core.py"], argv, drop=("--json",)
+        )
         print(f"attention core benchmark: {command}", flush=True)
         base = call_with(CaseSpec, args, impl="nystromer", padding=0.0)  # rows set their own
         report = call_with(

@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> dict:
         model_dir, label = model_arg(p, args.model, bert_only=True)
-        command = recorded_command("benchmarks/converted_model.py", argv, drop=("--out",))
+        command = recorded_command(
+            ["python", "benchmarks/converted_model.py"], argv, drop=("--out",)
+        )
         print(f"converted-model benchmark: {command}", flush=True)
         base = call_with(CaseSpec, args, impl="exact")  # each case names its variant
         return call_with(

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.dim < 8 or args.dim % 8:
         p.error(f"--dim must be a positive multiple of 8, got {args.dim}")
-    report = run(args, recorded_command("benchmarks/mil_switch.py", argv, drop=()))
+    report = run(args, recorded_command(["python", "benchmarks/mil_switch.py"], argv, drop=()))
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=2)
     print(f"{table(report)}\nwritten: {args.out}")

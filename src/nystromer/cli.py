@@ -104,6 +104,7 @@ _COMMANDS = (
     _register_viz,
     "nystromer.lra.data.cli",
     "nystromer.distill.cli",
+    "nystromer.distill.long_inputs",
 )
 
 
@@ -123,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed after `nystromer`, for the commands that record it
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -123,6 +123,6 @@ def test_recorded_command_leaves_out_where_copies_go():
 
     argv = ["--json", "a b.json", "-n", "1024", "--out=dir", "--impl", "exact"]
     assert (
-        recorded_command("benchmarks/x.py", argv, drop=("--json", "--out"))
+        recorded_command(["python", "benchmarks/x.py"], argv, drop=("--json", "--out"))
         == "python benchmarks/x.py -n 1024 --impl exact"
     )

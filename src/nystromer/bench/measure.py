@@ -44,15 +44,16 @@ TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
 
 
-def recorded_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
-    """The command line a report records: ``python script argv…`` without the ``drop`` options
-    (``--flag value`` or ``--flag=value``), which say where copies go and change no number."""
+def recorded_command(program: list[str], argv: list[str], drop: tuple[str, ...]) -> str:
+    """The command line a report records: ``program argv…`` (e.g. ``["python", script]``)
+    without the ``drop`` options (``--flag value`` or ``--flag=value``), which say where copies
+    go and change no number."""
     shown, skip = [], False
     for arg in argv:
         if not skip and arg.partition("=")[0] not in drop:
             shown.append(arg)
         skip = not skip and arg in drop  # the next argument is the dropped flag's value
-    return shlex.join(["python", script, *shown])
+    return shlex.join([*program, *shown])
 
 
 @dataclass(frozen=True)

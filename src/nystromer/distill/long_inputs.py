@@ -1,14 +1,14 @@
-#!/usr/bin/env python
-"""Long inputs: does a converted encoder use what lies beyond its trained length?
+"""``nystromer eval-long``: does a converted encoder use what lies beyond its trained length?
 
-    python benchmarks/long_inputs.py                       # all-MiniLM-L6-v2, 2,048 and 4,096
-    python benchmarks/long_inputs.py --max-docs 64 --write-docs docs/results.md
-    python benchmarks/long_inputs.py --max-docs 64 --checkpoint DIR --reuse OLD/results.json
-    python benchmarks/long_inputs.py --documents DIR --model DIR     # your own texts and model
+    nystromer eval-long                              # all-MiniLM-L6-v2, 2,048 and 4,096 tokens
+    nystromer eval-long --max-docs 64 --write-docs docs/results.md
+    nystromer eval-long --max-docs 64 --checkpoint DIR --reuse OLD/results.json
+    nystromer eval-long --documents DIR --model DIR     # your own texts and model
 
 Passages of long documents are looked up among all documents by embedding cosine, per span of
-token positions, for the original model truncated or chunked and for the lengthened systems;
-docs/results.md ("Long inputs") describes the task, the systems and the statistics.
+token positions, for the original model truncated or chunked and for the lengthened systems
+(untrained conversions, exact attention, ``nystromer distill`` checkpoints); docs/results.md
+("Long inputs") describes the task, the systems and the statistics.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import copy
 import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nystromer._machine import report_header
-from nystromer.bench.cli import call_with, int_at_least
-from nystromer.bench.measure import recorded_command
-from nystromer.bench.pretrained import model_arg, report_io
-from nystromer.convert import reserved_positions
+from .._machine import report_header
+from ..bench.cli import call_with, int_at_least
+from ..bench.measure import recorded_command
+from ..bench.pretrained import model_arg, report_io
+from ..convert import convert, extend_positions, from_pretrained, reserved_positions
 
-BEGIN = "<!-- long-inputs:begin (written by benchmarks/long_inputs.py) -->"
+BEGIN = "<!-- long-inputs:begin (written by nystromer eval-long) -->"
 END = "<!-- long-inputs:end -->"
 #: The built-in document sources and the `nystromer distill` text that contains each (a
 #: checkpoint distilled on it has seen the documents; see ``_check_held_out``).
@@ -48,7 +47,7 @@ Spans = Callable[[int], list[tuple[int, int]]]  # document length → (start, st
 
 def _stdlib_documents() -> list[tuple[str, str]]:
     """One document per module of the ``builtin:stdlib-docs`` text: its docstrings joined."""
-    from nystromer.distill.data import stdlib_docstrings
+    from .data import stdlib_docstrings
 
     return [(f"stdlib:{path}", "\n\n".join(docs)) for path, docs in stdlib_docstrings() if docs]
 
@@ -284,8 +283,7 @@ def run_benchmark(
         ValueError: a length at most the trained one or above ``max_length``, a checkpoint
             distilled on the documents' source, or fewer than 2 documents.
     """
-    import nystromer
-    from nystromer.distill.run import load_teacher
+    from .run import load_teacher
 
     original, tokenizer = load_teacher(model_dir, 1)  # as trained: no table to lengthen
     trained = _trained_length(original)
@@ -331,8 +329,8 @@ def run_benchmark(
     rows = reserved_positions(original) + lengths[-1]
     models = {
         "original": original,
-        "exact": nystromer.extend_positions(copy.deepcopy(original), rows),
-        "converted": nystromer.convert(
+        "exact": extend_positions(copy.deepcopy(original), rows),
+        "converted": convert(
             copy.deepcopy(original),
             num_landmarks=settings.num_landmarks,
             kmeans_iterations=settings.kmeans_iterations,
@@ -347,7 +345,7 @@ def run_benchmark(
         systems += [System(f"{k}-{n}", s.format(n), n, k, _prefix(n)) for k, s in kinds.items()]
     for c in checkpoints:
         name = _checkpoint_label(Path(c))
-        models[name] = model = nystromer.from_pretrained(c).eval()
+        models[name] = model = from_pretrained(c).eval()
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
@@ -465,9 +463,14 @@ def format_section(report: dict) -> str:
 # --- command line -------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval-long`` sub-command."""
+    p = subparsers.add_parser(
+        "eval-long",
+        help="does a converted encoder use tokens beyond its trained length? (retrieval)",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     n, add = int_at_least(1), p.add_argument
     add("--model", metavar="DIR", help="BERT/RoBERTa folder (default: all-MiniLM-L6-v2)")
     add("--sources", nargs="+", choices=sorted(SOURCES), default=["stdlib"], help="built-in texts")
@@ -486,11 +489,16 @@ def main(argv: list[str] | None = None) -> int:
     add("--seed", type=int, help="of the document draw, the passages and the bootstrap")
     add("--threads", type=n, help="torch threads (default: torch's)")
     add("--reuse", metavar="JSON", help="an earlier results.json: its systems' ranks are reused")
-    add("--out", default="runs/bench/long_inputs", help="folder for results.json")
+    add("--out", default="runs/eval-long", help="folder for results.json")
     add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     add("--from-json", metavar="FILE", help="measure nothing: print (and --write-docs) a report")
     p.set_defaults(**asdict(Settings()) | {"sources": ["stdlib"]})  # Settings' defaults, once
-    args = p.parse_args(argv)
+    p.set_defaults(func=lambda args: _eval_long(p, args))
+
+
+def _eval_long(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run (or read with ``--from-json``) the evaluation and report it; errors in the
+    arguments exit through ``p.error``."""
 
     def run() -> dict:
         if args.threads is not None:
@@ -506,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
         reuse = json.loads(Path(args.reuse).read_text(encoding="utf-8")) if args.reuse else None
-        command = recorded_command("benchmarks/long_inputs.py", argv, drop=("--out", "--reuse"))
-        print(f"long-inputs benchmark: {command}", flush=True)
+        program = ["nystromer", "eval-long"]
+        command = recorded_command(program, args.argv[1:], drop=("--out", "--reuse"))
+        print(f"long-inputs evaluation: {command}", flush=True)
         try:
             return call_with(
                 run_benchmark, args, model_dir, texts, call_with(Settings, args),
@@ -519,7 +528,3 @@ def main(argv: list[str] | None = None) -> int:
 
     report_io(args, run, format_section, (BEGIN, END))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,21 +1,24 @@
-"""benchmarks/long_inputs.py on a tiny random BERT (64 positions) and random-word documents:
+"""``nystromer eval-long`` on a tiny random BERT (64 positions) and random-word documents:
 report structure, the docs section, the query spans, the ranking and the held-out check."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from ..pretrained.tiny import make_bert, make_text
-from .scripts import docs_file, load_script, written_section
+from nystromer import cli
+from nystromer.distill import long_inputs
+
+from ..bench.scripts import docs_file, written_section
+from .tiny import make_bert, make_text
 
 pytest.importorskip("transformers")
 
-SCRIPT = load_script("long_inputs.py")
+# The module's names, and ``main`` as the command line runs it.
+SCRIPT = vars(long_inputs) | {"main": lambda argv: cli.main(["eval-long", *argv])}
 SYSTEMS = [
     "truncate-64",
     "chunks-mean",
@@ -48,7 +51,7 @@ def tiny(tmp_path_factory):
     return model, docs
 
 
-def test_report_and_docs_section(tiny, tmp_path, monkeypatch, capsys):
+def test_report_and_docs_section(tiny, tmp_path, capsys):
     model, docs = tiny
     checkpoint = model.parent / "tiny-converted"
     out, md = tmp_path / "out", docs_file(tmp_path)
@@ -58,7 +61,6 @@ def test_report_and_docs_section(tiny, tmp_path, monkeypatch, capsys):
         "--bootstrap", "20", "--threads", "1", "--checkpoint", str(checkpoint),
         "--out", str(out), "--write-docs", str(md),
     ]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", ["long_inputs.py"])
     assert SCRIPT["main"](argv) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["benchmark"] == "long_inputs" and "--out" not in report["command"]
