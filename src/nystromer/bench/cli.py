@@ -10,6 +10,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from ..train.cli import int_at_least
+
 __all__ = [
     "register",
     "int_list",
@@ -34,17 +36,6 @@ def int_list(text: str) -> list[int]:
             f"expected comma-separated integers ≥ 1 such as 1024,2048, got {text!r}"
         )
     return [int(x) for x in values]
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer ≥ ``minimum``."""
-
-    def parse(text: str) -> int:
-        if not (text.strip().removeprefix("-").isdecimal() and int(text) >= minimum):
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
-        return int(text)
-
-    return parse
 
 
 def odd_kernel_or_zero(text: str) -> int:

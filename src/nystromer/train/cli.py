@@ -19,6 +19,7 @@ __all__ = [
     "USAGE_ERRORS",
     "add_runtime_arguments",
     "error",
+    "int_at_least",
     "run_command",
     "runtime_options",
 ]
@@ -26,6 +27,18 @@ __all__ = [
 EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
 EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the run can be resumed
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer ≥ ``minimum``."""
+
+    def parse(text: str) -> int:
+        if not (text.strip().removeprefix("-").isdecimal() and int(text) >= minimum):
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
+        return int(text)
+
+    return parse
+
 
 # Errors that mean "the input is wrong": reported in one line, without a traceback.
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError)

@@ -9,23 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...train.cli import run_command
+from ...train.cli import int_at_least, run_command
 
 __all__ = ["register"]
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+_count, _positive = int_at_least(0), int_at_least(1)
 
 
 # Each generator's options as (flag, type, default, help); the help shows the default. A flag's
