@@ -21,6 +21,7 @@ __all__ = [
     "add_input_source_args",
     "add_script_args",
     "call_with",
+    "spelled_command",
 ]
 
 _DEFAULT_OUT = Path("bench-out")
@@ -109,14 +110,26 @@ def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     _add_case_args(p, repeats=3, timeout=1800)
 
 
+def spelled_command(words: list[str], args: argparse.Namespace, names: str) -> list[str]:
+    """``words`` and then ``--name value`` for each option of ``names`` (space-separated
+    destinations, in that order) that is set: the command a report records, every setting
+    spelled out. Lists are comma-joined, floats written with ``g``."""
+    argv = list(words)
+    for name in names.split():
+        if (value := getattr(args, name)) is not None:
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            argv += [
+                "--" + name.replace("_", "-"),
+                f"{value:g}" if isinstance(value, float) else str(value),
+            ]
+    return argv
+
+
 def _problem_command(args: argparse.Namespace, backward: bool) -> str:
     """The ``bench speed``/``bench table`` command with every setting spelled out."""
-    argv = ["nystromer", "bench", args.bench_command]
     spelled = "device dtype lengths impl batch heads head_dim num_landmarks repeats threads"
-    for name in spelled.split():
-        if (value := getattr(args, name)) is not None:
-            value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            argv += [f"--{name.replace('_', '-')}", value]
+    argv = spelled_command(["nystromer", "bench", args.bench_command], args, spelled)
     if args.bench_command == "speed":
         argv += ["--max-seconds", f"{args.max_seconds:g}"] + ([] if backward else ["--no-backward"])
     return shlex.join([*argv, "--out", str(args.out)])

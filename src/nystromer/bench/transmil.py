@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
-from .cli import _dtype, add_script_args, call_with, int_at_least, int_list, odd_kernel_or_zero
+from .cli import (
+    _dtype,
+    add_script_args,
+    call_with,
+    int_at_least,
+    int_list,
+    odd_kernel_or_zero,
+    spelled_command,
+)
 from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
 from .pretrained import ratio, ratio_text, registered
@@ -366,21 +374,15 @@ def write_docs_section(path: str | os.PathLike[str], report: dict, plot: Path) -
 # --- command line -------------------------------------------------------------------------------
 
 
-#: The options the recorded command spells out (after --lengths), in its order.
+#: The options the recorded command spells out (not where copies go), in its order.
 _SPELLED = (
-    "dim heads dim_head num_landmarks pinv_iterations conv_kernel batch dtype device threads "
-    "repeats warmup package_heatmap_limit_gb"
-).split()
+    "lengths dim heads dim_head num_landmarks pinv_iterations conv_kernel batch dtype device "
+    "threads repeats warmup package_heatmap_limit_gb"
+)
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command with every setting given spelled out (not where copies go)."""
-    argv = ["nystromer", "bench", "transmil", "--lengths", ",".join(map(str, args.lengths))]
-    for name in _SPELLED:
-        if (value := getattr(args, name)) is not None:
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            argv += ["--" + name.replace("_", "-"), text]
-    return shlex.join(argv)
+    return shlex.join(spelled_command(["nystromer", "bench", "transmil"], args, _SPELLED))
 
 
 def _positive_float(text: str) -> float:
