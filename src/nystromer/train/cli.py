@@ -1,6 +1,7 @@
 """What the training and data commands share (``nystromer train``, ``eval``, ``distill``,
-``data``): the runtime options (where to run, when to pause and checkpoint, progress display)
-and :func:`run_command`, which turns their failures into messages and exit codes."""
+``data``): the runtime options (where to run, when to pause and checkpoint, progress display),
+:func:`run_command`, which turns their failures into messages and exit codes, and the integer
+argument type :func:`int_at_least` (also used by ``bench`` and ``eval-long``)."""
 
 from __future__ import annotations
 
