@@ -16,11 +16,19 @@ from .._markdown import replace_section, table
 from .implementations import PEERS
 from .measure import DTYPES, METRICS, CaseResult, CaseSpec, fmt, measure_case
 
-__all__ = ["CoreReport", "CORE_IMPLEMENTATIONS", "run_core", "format_report", "write_docs_section"]
+__all__ = [
+    "CoreReport",
+    "CORE_IMPLEMENTATIONS",
+    "OURS",
+    "run_core",
+    "format_report",
+    "median_result",
+    "write_docs_section",
+]
 
 #: What the core benchmark compares by default (the O(n²)-memory exact-matmul is left out).
 CORE_IMPLEMENTATIONS = ("nystromer", "naive", "exact", *PEERS)
-_OURS = "nystromer"
+OURS = "nystromer"
 _BEGIN = "<!-- attention-core:begin (written by benchmarks/attention_core.py) -->"
 _END = "<!-- attention-core:end -->"
 
@@ -92,7 +100,7 @@ def run_core(
                 progress(f"  {label:<20} {result.summary()}{where}")
     return CoreReport(
         base=base,
-        rows={label: _median_result(results) for label, results in measured.items()},
+        rows={label: median_result(results) for label, results in measured.items()},
         machine=machine_info(base.device, base.threads),
         command=command,
         date=datetime.date.today().isoformat(),
@@ -100,7 +108,7 @@ def run_core(
     )
 
 
-def _median_result(results: list[CaseResult]) -> CaseResult:
+def median_result(results: list[CaseResult]) -> CaseResult:
     """One row from a case's rounds: medians, every call's time, or the first round's failure."""
     if len(results) == 1 or results[0].status != "ok":
         return results[0]
@@ -115,7 +123,7 @@ def _median_result(results: list[CaseResult]) -> CaseResult:
 
 def format_report(report: CoreReport) -> str:
     """Markdown: size line, machine, one row per implementation with its ratios to ours."""
-    b, ours = report.base, report.rows.get(_OURS)
+    b, ours = report.base, report.rows.get(OURS)
     bases = [getattr(ours, attr) if ours and ours.status == "ok" else None for attr in METRICS]
     rows = []
     for label, r in report.rows.items():
