@@ -126,3 +126,10 @@ def test_recorded_command_leaves_out_where_copies_go():
         recorded_command(["python", "benchmarks/x.py"], argv, drop=("--json", "--out"))
         == "python benchmarks/x.py -n 1024 --impl exact"
     )
+    # A string is a script, as before commands recorded themselves.
+    assert (
+        recorded_command("benchmarks/x.py", ["-n", "8"], drop=()) == "python benchmarks/x.py -n 8"
+    )
+    assert recorded_command(["nystromer", "eval-long"], ["--out", "d"], ("--out",)) == (
+        "nystromer eval-long"
+    )

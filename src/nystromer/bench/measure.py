@@ -44,10 +44,13 @@ TASKS = ("memory_forward", "memory_backward", "time_forward", "time_backward")
 _RESULT_MARK = "NYSTROMER_BENCH_RESULT "
 
 
-def recorded_command(program: list[str], argv: list[str], drop: tuple[str, ...]) -> str:
-    """The command line a report records: ``program argv…`` (e.g. ``["python", script]``)
-    without the ``drop`` options (``--flag value`` or ``--flag=value``), which say where copies
-    go and change no number."""
+def recorded_command(program: str | list[str], argv: list[str], drop: tuple[str, ...]) -> str:
+    """The command line a report records: ``program argv…`` (the words of a command, e.g.
+    ``["nystromer", "eval-long"]``; a string is a script, run as ``python script``) without the
+    ``drop`` options (``--flag value`` or ``--flag=value``), which say where copies go and
+    change no number."""
+    if isinstance(program, str):
+        program = ["python", program]
     shown, skip = [], False
     for arg in argv:
         if not skip and arg.partition("=")[0] not in drop:
