@@ -160,15 +160,6 @@ def _rows_to_keep(
 _RECOMPUTE_PINV_BYTES = 16 << 20
 
 
-def _recomputes_pinv(kept: int, inputs: int) -> bool:
-    """Whether the pseudo-inverse's ``kept`` bytes of products are recomputed in the backward,
-    for attention inputs of ``inputs`` bytes. Its cost does not grow with n, the rest of the
-    backward does: with inputs at least as large (long sequences, where memory binds) the
-    recomputation is a small share of the time; with shorter inputs it would be a large share
-    for memory that such inputs can spare, so the products are kept (docs/design.md)."""
-    return kept >= _RECOMPUTE_PINV_BYTES and inputs >= kept
-
-
 def _nystrom(
     query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations
 ):
@@ -198,12 +189,7 @@ def _nystrom(
             k_nonempty = k_counts[:, :m] > 0
     kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
     kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
-    inputs = sum(t.numel() * t.element_size() for t in (query, key, value))
-    if (
-        kernel.requires_grad
-        and _recomputes_pinv(kept, inputs)
-        and not torch.compiler.is_compiling()
-    ):
+    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
         # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
         # products per head (their memory matters at large m; the recomputation costs one
         # more pseudo-inverse).
