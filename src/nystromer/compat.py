@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_odd_kernel_size, check_token_mask
-from .attention import ValueConv, multihead_nystrom_attention
+from .attention import ValueConv, _called_as_module, multihead_nystrom_attention
 from .attention_map import AttentionMap
 from .functional import _attention_rows, iterative_pinv, landmark_assignment, segment_means
 from .options import NystromOptions
@@ -138,7 +138,7 @@ class NystromAttention(_Numerics, nn.Module):
         Returns:
             (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
         """
-        mask = _check_input(x, mask, self.to_qkv.in_features)
+        mask = _check_input(x, mask, _in_features(self.to_qkv))
         if self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask)
         else:
@@ -155,29 +155,37 @@ class NystromAttention(_Numerics, nn.Module):
         return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
 
     def _forward_nystromer(self, x, mask, keep_attn: bool):
-        # q, k and v as three products with row blocks of to_qkv's weight, not one joint
-        # product split in three: autograd then frees their gradients one by one, where the
-        # joint product's backward would stack them into a fourth full-size tensor.
-        weights = self.to_qkv.weight.unflatten(0, (3, self.heads * self.dim_head))
         heads = (self.heads, self.dim_head)
-        q, k, v = (F.linear(x, w).unflatten(-1, heads) for w in weights)
+        if _plain_linear(self.to_qkv):
+            # q, k and v as three products with row blocks of to_qkv's weight, not one joint
+            # product split in three: autograd then frees their gradients one by one, where
+            # the joint product's backward would stack them into a fourth full-size tensor.
+            weights = self.to_qkv.weight.unflatten(0, (3, self.heads * self.dim_head))
+            q, k, v = (F.linear(x, w).unflatten(-1, heads) for w in weights)
+            held = None
+        else:
+            # Replaced (quantised, an adapter) or hooked: called as the package calls it, and
+            # the map keeps its q and k (its weight, if any, is not what it computes).
+            q, k, v = self._split(x)
+            held = (q, k) if keep_attn else None
         options = NystromOptions(self.num_landmarks, self.pinv_iterations)
         conv = self.res_conv if self.residual else None
         out = multihead_nystrom_attention(q, k, v, options, mask=mask, scale=self.scale, conv=conv)
         # Nothing needs q, k and v any more (autograd keeps what it needs): free them before
         # the output projection allocates its result. An attention map recomputes q and k
-        # from x when rows are asked for, so that holding it costs no n·H·d tensors.
+        # from x when rows are asked for (unless held), so that holding it costs no n·H·d
+        # tensors.
         del q, k, v
         out = self.to_out(out.flatten(2))
         if not keep_attn:
             return out, None, None
 
         def factors():
-            q, k = (t.transpose(1, 2) for t in self._split(x)[:2])
+            q, k = (t.transpose(1, 2) for t in (held or self._split(x)[:2]))
             m, iterations = self.num_landmarks, self.pinv_iterations
             return _nystromer_factors(q, k, mask, m, iterations, self.scale)
 
-        return out, self._nystromer_map(x, mask), factors
+        return out, self._nystromer_map(x, mask, held), factors
 
     def attention_map(self, x: Tensor, mask: Tensor | None = None) -> AttentionMap:
         """The attention matrix of ``self(x, mask)`` without the output: the map that
@@ -187,7 +195,9 @@ class NystromAttention(_Numerics, nn.Module):
         In ``"nystromer"`` numerics nothing is computed until rows are asked for, and then
         only the keys and, for the queries, the asked rows and the landmarks (the landmark
         segments' means of x, projected); in ``"lucidrains"`` numerics this runs the
-        package's forward, which forms the map's factors.
+        package's forward, which forms the map's factors. A ``to_qkv`` that is not a plain
+        ``nn.Linear`` (quantised, wrapped by an adapter, or hooked) is called once, here, and
+        the map holds its q and k.
 
         Args:
             x: (B, n, dim), the layer's input.
@@ -196,16 +206,23 @@ class NystromAttention(_Numerics, nn.Module):
         Returns:
             an :class:`AttentionMap`, (B, H, n, n) (``"lucidrains"``: (B, H, n_pad, n_pad)).
         """
-        mask = _check_input(x, mask, self.to_qkv.in_features)
+        mask = _check_input(x, mask, _in_features(self.to_qkv))
         if self.numerics == "lucidrains":
             return self._forward_lucidrains(x, mask)[1]
         return self._nystromer_map(x, mask)
 
-    def _nystromer_map(self, x: Tensor, mask: Tensor | None) -> AttentionMap:
+    def _nystromer_map(
+        self, x: Tensor, mask: Tensor | None, held: tuple[Tensor, Tensor] | None = None
+    ) -> AttentionMap:
         """The (B, H, n, n) map of the ``"nystromer"`` forward over x, computed from x when
-        indexed, so that holding it keeps no n·H·d tensor."""
+        indexed, so that holding it keeps no n·H·d tensor; or, when to_qkv is not a plain
+        Linear, from its q and k (B, n, H, d), ``held`` or projected now."""
         b, n, _ = x.shape
         h, d, m = self.heads, self.dim_head, self.num_landmarks
+        if held is None and not _plain_linear(self.to_qkv):
+            held = self._split(x)[:2]
+        if held is not None:
+            return self._held_map(x, mask, *held)
         weight = self.to_qkv.weight
         versions = (x._version, weight._version)
 
@@ -236,6 +253,26 @@ class NystromAttention(_Numerics, nn.Module):
             ).to(x.dtype)  # fmt: skip
 
         return AttentionMap(rows, (b, h, n, n), x.dtype, x.device)
+
+    def _held_map(self, x: Tensor, mask: Tensor | None, q: Tensor, k: Tensor) -> AttentionMap:
+        """The map of the ``"nystromer"`` forward from its q and k, (B, n, H, d)."""
+        b, n, _ = x.shape
+        m = self.num_landmarks
+
+        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+            qh, kh = (t[b_sel][:, :, h_sel].transpose(1, 2) for t in (q, k))
+
+            def query_landmarks(q_index, counts, valid, work) -> Tensor:
+                return segment_means(qh, q_index, counts, m, work)
+
+            return _attention_rows(
+                qh[:, :, index], query_landmarks, n, kh, index,
+                num_landmarks=m, mask=None if mask is None else mask[b_sel],
+                pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
+                kmeans_iterations=0,
+            ).to(x.dtype)  # fmt: skip
+
+        return AttentionMap(rows, (b, self.heads, n, n), x.dtype, x.device)
 
     def _forward_lucidrains(self, x, mask):
         b, n, _ = x.shape
@@ -293,7 +330,13 @@ class NystromAttention(_Numerics, nn.Module):
             # The package's convolution over the padded, masked v (front zeros add nothing),
             # not zeroed at masked positions afterwards.
             conv = self.res_conv
-            out = out + F.conv2d(v, conv.weight, None, padding=conv.padding, groups=h)[:, :, pad:]
+            if _called_as_module(conv):
+                # Hooks or a replaced module see the call, as in the package (no mask: v is
+                # zeroed already, and the package's convolution is not zeroed after).
+                skip = conv(v)
+            else:
+                skip = F.conv2d(v, conv.weight, None, padding=conv.padding, groups=h)
+            out = out + skip[:, :, pad:]
         out = self.to_out(out.transpose(1, 2).flatten(2))
 
         def f_rows(b_sel, h_sel, index):
@@ -323,6 +366,25 @@ class NystromAttention(_Numerics, nn.Module):
             return (f.to(q.dtype), a_pinv.to(q.dtype), b_kernel(everything, everything).to(q.dtype))
 
         return out, attn, factors
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` is ``F.linear(x, module.weight)``: an ``nn.Linear`` itself
+    (not a quantised or parametrised subclass, nor an adapter around one) with no forward
+    hooks of its own and no global ones."""
+    from torch.nn.modules import module as torch_module
+
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    )
+
+
+def _in_features(module: nn.Module) -> int | None:
+    """The input width of ``to_qkv``, None when a replacement does not say."""
+    return getattr(module, "in_features", None)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor | None) -> Tensor:
@@ -473,12 +535,12 @@ class Nystromformer(_Numerics, nn.Module):
         return x
 
 
-def _check_input(x: Tensor, mask: Tensor | None, dim: int) -> Tensor | None:
-    """Validate x and mask; returns the mask as (B, n) (the package also broadcasts a (1, n)
-    mask over the batch)."""
-    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+def _check_input(x: Tensor, mask: Tensor | None, dim: int | None) -> Tensor | None:
+    """Validate x and mask (x's width against ``dim`` unless None); returns the mask as (B, n)
+    (the package also broadcasts a (1, n) mask over the batch)."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or (dim is not None and x.shape[-1] != dim):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (batch, seq_len, {dim}), got {got}")
+        raise ValueError(f"x must have shape (batch, seq_len, {dim or 'dim'}), got {got}")
     if mask is None:
         return None
     check_token_mask("mask", mask)

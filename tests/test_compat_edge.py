@@ -1,0 +1,126 @@
+"""nystromer.compat at its edges: replaced or hooked projections, empty selections of the
+attention map, and indices that a tensor takes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nystromer.compat import NystromAttention
+
+DIM, HEADS, DIM_HEAD, M, KERNEL = 32, 4, 8, 8, 5
+SIZES = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, num_landmarks=M, residual_conv_kernel=KERNEL)
+NUMERICS = ["nystromer", "lucidrains"]
+
+
+def _randomised(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return module
+
+
+def _lengths_mask(n, lengths):
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+class _LowRankAdapted(nn.Module):
+    """A Linear with a low-rank update, as an adapter library (LoRA) wraps ``to_qkv``: its
+    output is that of one Linear of weight W + U·V, and ``weight`` is W alone."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        # As adapter libraries expose it: the base weight, without the update.
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def _layer_pair(numerics):
+    """A layer whose to_qkv is wrapped with a low-rank update, and the same layer with the update
+    merged into a plain Linear: the two compute the same function."""
+    adapted = _randomised(NystromAttention(**SIZES, numerics=numerics), 1).double().eval()
+    adapted.to_qkv = _randomised(_LowRankAdapted(adapted.to_qkv), 2).double()
+    merged = NystromAttention(**SIZES, numerics=numerics).double().eval()
+    merged.load_state_dict(
+        {k: v for k, v in adapted.state_dict().items() if not k.startswith("to_qkv")},
+        strict=False,
+    )
+    with torch.no_grad():
+        qkv = adapted.to_qkv
+        merged.to_qkv.weight.copy_(qkv.base.weight + qkv.up.weight @ qkv.down.weight)
+    return adapted, merged
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_a_replaced_to_qkv_is_called_as_the_package_calls_it(numerics):
+    # The package calls self.to_qkv(x): an adapter, a quantised Linear or a hook on it must take
+    # effect in both numerics, in the output, the attention map and the factors.
+    adapted, merged = _layer_pair(numerics)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 30, DIM, generator=g, dtype=torch.float64)
+    mask = _lengths_mask(30, [30, 19])
+    with torch.no_grad():
+        got, attn = adapted(x, mask=mask, return_attn=True)
+        want, want_attn = merged(x, mask=mask, return_attn=True)
+        # float64, the same products up to the adapter's summation order.
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        rows = [0, 11, -1]
+        torch.testing.assert_close(attn[:, :, rows], want_attn[:, :, rows], rtol=0, atol=1e-12)
+        amap = adapted.attention_map(x, mask)
+        torch.testing.assert_close(amap[:, 1:3, rows], want_attn[:, 1:3, rows], rtol=0, atol=1e-12)
+        factors = adapted(x, mask=mask, return_attn_matrices=True)[1]
+        want_factors = merged(x, mask=mask, return_attn_matrices=True)[1]
+        for f, w in zip(factors, want_factors, strict=True):
+            torch.testing.assert_close(f, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_hooks_on_to_qkv_and_res_conv_run_as_in_the_package(numerics):
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 4).double().eval()
+    x = torch.randn(2, 30, DIM, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        plain = layer(x)
+        called = []
+        # A hook that doubles the projection: the same as doubling to_qkv's weight.
+        handle = layer.to_qkv.register_forward_hook(lambda m, i, out: called.append(1) or 2 * out)
+        hooked = layer(x)
+        handle.remove()
+        assert called, "the hook on to_qkv did not run"
+        layer.to_qkv.weight.mul_(2)
+        torch.testing.assert_close(hooked, layer(x), rtol=0, atol=1e-12)
+        assert (hooked - plain).abs().max() > 1e-3
+        convolved = []
+        layer.res_conv.register_forward_hook(lambda m, i, out: convolved.append(1))
+        layer(x)
+        assert convolved, "the hook on res_conv did not run"
+
+
+def test_a_dynamically_quantised_layer_runs_in_both_numerics():
+    # torch.ao's dynamic quantisation replaces to_qkv by a module whose weight is a method.
+    quantize_dynamic = pytest.importorskip("torch.ao.quantization").quantize_dynamic
+    x = torch.randn(2, 30, DIM, generator=torch.Generator().manual_seed(6))
+    for numerics in NUMERICS:
+        layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 7).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+            quantised = quantize_dynamic(layer, {nn.Linear}, dtype=torch.qint8)
+        with torch.no_grad():
+            want = layer(x)
+            got, attn = quantised(x, return_attn=True)
+            row = quantised.attention_map(x)[:, :, 0]
+        # int8 weights and activations: about 1% of the output's scale (measured 2e-2 at most).
+        assert (got - want).abs().max() <= 0.1 * want.abs().max()
+        assert torch.isfinite(attn[:, :, 0]).all() and row.shape == (2, HEADS, attn.shape[-1])
