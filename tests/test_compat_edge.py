@@ -124,3 +124,52 @@ def test_a_dynamically_quantised_layer_runs_in_both_numerics():
         # int8 weights and activations: about 1% of the output's scale (measured 2e-2 at most).
         assert (got - want).abs().max() <= 0.1 * want.abs().max()
         assert torch.isfinite(attn[:, :, 0]).all() and row.shape == (2, HEADS, attn.shape[-1])
+
+
+# --- the attention map: empty selections and the indices a tensor takes --------------------------
+
+
+@pytest.fixture(params=NUMERICS)
+def attn_and_dense(request):
+    layer = _randomised(NystromAttention(**SIZES, numerics=request.param), 8).double().eval()
+    x = torch.randn(3, 20, DIM, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(10)) > 0.3  # holes
+    with torch.no_grad():
+        attn = layer(x, mask=mask, return_attn=True)[1]
+        return attn, attn.full()
+
+
+def test_attention_map_takes_the_indices_a_tensor_takes(attn_and_dense):
+    attn, dense = attn_and_dense
+    everything = slice(None)
+    indices = [
+        slice(5, None),  # no sample
+        (everything, slice(9, None), 0),  # no head
+        (slice(1, 1), everything, [0, 2]),
+        [],  # an empty list: no sample (torch makes it an int64 index)
+        (everything, everything, []),
+        (everything, everything, [[]]),
+        (everything, everything, (1, 2)),  # a tuple inside the index is a sequence
+        (everything, everything, range(3)),
+        ((0, 2), 1),
+        (everything, everything, True),  # a scalar bool adds an axis, as None does
+        (0, True, 1, False),
+        (everything, torch.tensor(True), 0),
+        (Ellipsis, True, 0),
+    ]
+    for index in indices:
+        want = dense[index]
+        got = attn[index]
+        assert got.shape == want.shape, index
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_attention_map_takes_numpy_indices(attn_and_dense):
+    np = pytest.importorskip("numpy")
+    attn, dense = attn_and_dense
+    for index in [
+        (slice(None), slice(None), np.array([1, 7])),
+        (np.int64(2), slice(None), np.int64(-1)),
+        (slice(None), slice(None), np.arange(attn.shape[2]) % 2 == 0),
+    ]:
+        torch.testing.assert_close(attn[index], dense[index], rtol=0, atol=1e-12)

@@ -97,8 +97,12 @@ class AttentionMap:
                 f"({size / 2**30:.2f} GiB); index only the rows you need, e.g. attn[:, :, 0]",
                 stacklevel=2,
             )
-        if rows.numel() == 0:
-            computed = torch.zeros(n_b, n_h, 0, n_k, dtype=self.dtype, device=self.device)
+        if n_b * n_h * rows.numel() == 0:
+            # Nothing to compute (no sample, head or row selected): the row functions need
+            # at least one of each.
+            computed = torch.zeros(
+                n_b, n_h, rows.numel(), n_k, dtype=self.dtype, device=self.device
+            )
         else:
             computed = self._rows(b_sel, h_sel, rows)
         return computed[tuple(items)]
@@ -107,13 +111,13 @@ class AttentionMap:
 def _expand_index(index) -> list:
     """The index as a list with the ellipsis expanded and missing trailing axes filled."""
     items = list(index) if isinstance(index, tuple) else [index]
-    items = [torch.as_tensor(it) if isinstance(it, list) else it for it in items]
+    items = [_as_index_tensor(it) for it in items]
     for it in items:
         if isinstance(it, Tensor) and it.dtype == torch.bool and it.dim() > 1:
             raise IndexError(
                 "attention maps take 1-D boolean indices only; index each axis separately"
             )
-    used = sum(it is not None and it is not Ellipsis for it in items)
+    used = sum(not _adds_axis(it) and it is not Ellipsis for it in items)
     if used > 4:
         raise IndexError(f"too many indices for the 4-D attention map: {used}")
     ellipses = [i for i, it in enumerate(items) if it is Ellipsis]
@@ -127,9 +131,32 @@ def _expand_index(index) -> list:
     return items
 
 
+def _as_index_tensor(it):
+    """A sequence (list, tuple, range) or numpy array or scalar in ``it`` as the tensor torch
+    would index with: an empty one as int64, a uint8 one as the boolean mask torch reads."""
+    if isinstance(it, (list, tuple, range)) or (
+        hasattr(it, "__array__") and not isinstance(it, Tensor)
+    ):
+        it = torch.as_tensor(it)
+        if it.numel() == 0 and it.dim() > 0:
+            it = it.long()
+    if isinstance(it, Tensor) and it.dtype == torch.uint8:
+        it = it.bool()
+    return it
+
+
+def _adds_axis(it) -> bool:
+    """Whether the index item ``it`` adds an axis without consuming one: None, or a scalar
+    bool (a 0-d mask: an axis of size 1, or of size 0 for False)."""
+    if it is None or isinstance(it, bool):
+        return True
+    return isinstance(it, Tensor) and it.dtype == torch.bool and it.dim() == 0
+
+
 def _dim_positions(items: list) -> list[int]:
-    """Position in ``items`` of the index of each of the four axes (None adds no axis)."""
-    return [i for i, it in enumerate(items) if it is not None]
+    """Position in ``items`` of the index of each of the four axes (None and scalar bools add
+    an axis of their own)."""
+    return [i for i, it in enumerate(items) if not _adds_axis(it) and it is not Ellipsis]
 
 
 def _as_int(it) -> int | None:
