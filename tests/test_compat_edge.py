@@ -173,3 +173,38 @@ def test_attention_map_takes_numpy_indices(attn_and_dense):
         (slice(None), slice(None), np.arange(attn.shape[2]) % 2 == 0),
     ]:
         torch.testing.assert_close(attn[index], dense[index], rtol=0, atol=1e-12)
+
+
+# --- the map's inputs: inference tensors, a mask changed after the forward -----------------------
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_attention_map_of_inference_tensors(numerics):
+    # Heatmap pipelines run under torch.inference_mode(); its tensors have no version counter.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 11).double().eval()
+    x = torch.randn(2, 30, DIM, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    mask = _lengths_mask(30, [30, 21])
+    with torch.no_grad():
+        want = layer(x, mask=mask, return_attn=True)[1][:, :, [0, -1]]
+    with torch.inference_mode():
+        x_inference = x.clone()
+        got = layer(x_inference, mask=mask, return_attn=True)[1][:, :, [0, -1]]
+        alone = layer.attention_map(x_inference, mask)[:, :, [0, -1]]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(alone, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_attention_map_keeps_the_mask_of_its_forward(numerics):
+    # A mask buffer reused for the next bag must not change the rows of a map already made.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 13).double().eval()
+    x = torch.randn(2, 32, DIM, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    mask = _lengths_mask(32, [32, 21])
+    with torch.no_grad():
+        want = layer(x, mask=mask, return_attn=True)[1].full()
+        attn = layer(x, mask=mask, return_attn=True)[1]
+        alone = layer.attention_map(x, mask)
+        mask[1, 5:] = True
+        mask[0, 3:] = False
+        torch.testing.assert_close(attn.full(), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(alone.full(), want, rtol=0, atol=1e-12)

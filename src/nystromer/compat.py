@@ -219,15 +219,18 @@ class NystromAttention(_Numerics, nn.Module):
         Linear, from its q and k (B, n, H, d), ``held`` or projected now."""
         b, n, _ = x.shape
         h, d, m = self.heads, self.dim_head, self.num_landmarks
+        # The mask is small (B·n bools): a copy keeps the map the forward's when the caller
+        # reuses the mask's memory for the next batch.
+        mask = None if mask is None else mask.clone()
         if held is None and not _plain_linear(self.to_qkv):
             held = self._split(x)[:2]
         if held is not None:
             return self._held_map(x, mask, *held)
         weight = self.to_qkv.weight
-        versions = (x._version, weight._version)
+        versions = (_version(x), _version(weight))
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
-            if (x._version, weight._version) != versions:
+            if (_version(x), _version(weight)) != versions:
                 raise RuntimeError(
                     "the attention map's input or to_qkv.weight was modified in place after "
                     "it was made; index the map before changing them"
@@ -339,6 +342,11 @@ class NystromAttention(_Numerics, nn.Module):
             out = out + skip[:, :, pad:]
         out = self.to_out(out.transpose(1, 2).flatten(2))
 
+        if mask is not None and not pad:
+            # The caller's mask (F.pad copies it otherwise): the map keeps its own (B·n bools)
+            # in case the caller reuses its memory for the next batch.
+            mask = mask.clone()
+
         def f_rows(b_sel, h_sel, index):
             f = q[b_sel, h_sel][:, :, index].to(work) @ k_land[b_sel, h_sel].to(work).mT
             q_ok = None if mask is None else mask[b_sel][:, index]
@@ -380,6 +388,12 @@ def _plain_linear(module: nn.Module) -> bool:
         and not (module._forward_hooks or module._forward_pre_hooks)
         and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
     )
+
+
+def _version(t: Tensor) -> int | None:
+    """t's version counter (bumped by each in-place change); None for an inference tensor
+    (made under ``torch.inference_mode()``), which has none."""
+    return None if t.is_inference() else t._version
 
 
 def _in_features(module: nn.Module) -> int | None:
