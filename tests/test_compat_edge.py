@@ -208,3 +208,17 @@ def test_attention_map_keeps_the_mask_of_its_forward(numerics):
         mask[0, 3:] = False
         torch.testing.assert_close(attn.full(), want, rtol=0, atol=1e-12)
         torch.testing.assert_close(alone.full(), want, rtol=0, atol=1e-12)
+
+
+def test_nystromer_attention_map_keeps_the_mask_of_its_call():
+    # The same for the module of models built on nystromer.
+    from nystromer import NystromAttention as Attention
+
+    layer = _randomised(Attention(DIM, HEADS, num_landmarks=M), 15).double().eval()
+    x = torch.randn(2, 32, DIM, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    mask = _lengths_mask(32, [32, 21])
+    with torch.no_grad():
+        want = layer.attention_map(x, mask=mask).full()
+        attn = layer.attention_map(x, mask=mask)
+        mask[1, 5:] = True
+        torch.testing.assert_close(attn.full(), want, rtol=0, atol=1e-12)

@@ -303,6 +303,9 @@ class NystromAttention(_NystromSettings, nn.Module):
         if mask is not None:
             check_token_mask("mask", mask)
             check_shape("mask", mask, (b, n_k), "batch, key length")
+            # Read when rows are asked for: a copy (B·n_k bools) keeps them this call's when
+            # the caller reuses the mask's memory.
+            mask = mask.clone()
         q = self._heads(self.q_proj(query)).transpose(1, 2)  # (B, H, n_q, d)
         k = self._heads(self.k_proj(key)).transpose(1, 2)  # (B, H, n_k, d)
         settings = self.options.attention_kwargs()
