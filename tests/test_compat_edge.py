@@ -100,11 +100,13 @@ def test_hooks_on_to_qkv_and_res_conv_run_as_in_the_package(numerics):
         handle.remove()
         assert called, "the hook on to_qkv did not run"
         layer.to_qkv.weight.mul_(2)
-        torch.testing.assert_close(hooked, layer(x), rtol=0, atol=1e-12)
+        doubled = layer(x)
+        torch.testing.assert_close(hooked, doubled, rtol=0, atol=1e-12)
         assert (hooked - plain).abs().max() > 1e-3
         convolved = []
         layer.res_conv.register_forward_hook(lambda m, i, out: convolved.append(1))
-        layer(x)
+        # The convolution called as a module computes what the direct one did.
+        torch.testing.assert_close(layer(x), doubled, rtol=0, atol=1e-12)
         assert convolved, "the hook on res_conv did not run"
 
 
