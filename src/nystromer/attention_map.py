@@ -26,11 +26,11 @@ class AttentionMap:
     """The (B, H, n_q, n_k) attention matrix of one forward, computed only where indexed.
 
     Index it as the dense tensor: ``attn[:, :, 0]`` is the first query's row for every sample
-    and head, (B, H, n_k); ``attn[0, 3, 5:9]``, negative positions, lists and integer tensors
-    work as for a tensor. Each index computes only the rows it names, in O((m + r)·n_k) memory
-    per head. ``full()`` (alias ``to_dense()``) materialises the whole matrix, and like any
-    index whose result exceeds ``warn_bytes`` (1 GiB by default; settable per object) it warns
-    with the size first.
+    and head, (B, H, n_k); ``attn[0, 3, 5:9]``, negative positions, lists, numpy arrays and
+    integer or boolean tensors work as for a tensor. Each index computes only the rows it
+    names, in O((m + r)·n_k) memory per head. ``full()`` (alias ``to_dense()``) materialises
+    the whole matrix, and like any index whose result exceeds ``warn_bytes`` (1 GiB by default;
+    settable per object) it warns with the size first.
 
     Attributes:
         shape: torch.Size (B, H, n_q, n_k).
