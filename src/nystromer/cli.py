@@ -46,8 +46,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         "--listops-steps",
         type=int,
         default=700,
-        help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
-        "about two minutes on 2 CPU cores)",
+        help="steps of the ListOps training run that follows (default: %(default)s; 0 skips it)",
     )
     d.add_argument(
         "--listops-dir",
