@@ -83,8 +83,9 @@ def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) 
 
 
 def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
-    """The options both scripts in benchmarks/ take: the measurement settings, the worker
-    timeout, and where the Markdown section goes (``saved``: what ``--from-json`` reads)."""
+    """The options of the measuring scripts in benchmarks/ and of ``bench transmil``: the
+    measurement settings, the worker timeout, and where the Markdown section goes (``saved``:
+    what ``--from-json`` reads)."""
     _add_case_args(p, repeats=repeats, timeout=timeout)
     p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
@@ -94,13 +95,20 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
     )
 
 
+def _comma_default(what: str, default) -> str:
+    """Help text of a comma-separated list option, with its default written as it is typed."""
+    return f"comma-separated {what} (default: {','.join(map(str, default))})"
+
+
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
-    p.add_argument("--lengths", type=int_list, default=list(lengths), help="%(default)s")
+    p.add_argument(
+        "--lengths", type=int_list, default=list(lengths), help=_comma_default("n", lengths)
+    )
     p.add_argument(
         "--impl",
         type=name_list,
         default=list(impls),
-        help="comma-separated registry names (default: %(default)s)",
+        help=_comma_default("implementations, by registry name", impls),
     )
     p.add_argument(
         "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
@@ -176,7 +184,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
     from .transmil import register as register_transmil
 
-    bench = subparsers.add_parser("bench", help="speed, memory and approximation benchmarks")
+    bench = subparsers.add_parser(
+        "bench",
+        help="measure speed, memory and approximation error",
+        description="Benchmarks against exact attention and the peers; docs/benchmarks.md "
+        "shows their results with the commands that made them.",
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     s = bench_sub.add_parser(
         "speed",
@@ -214,13 +227,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--heads", type=int, default=4)
     a.add_argument("--head-dim", type=int, default=64)
     a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
-    a.add_argument("--landmarks", type=int_list, default=list(LANDMARKS), help="%(default)s")
-    a.add_argument("--iterations", type=int_list, default=list(ITERATIONS))
+    a.add_argument(
+        "--landmarks",
+        type=int_list,
+        default=list(LANDMARKS),
+        help=_comma_default("m of the landmarks sweep", LANDMARKS),
+    )
+    a.add_argument(
+        "--iterations",
+        type=int_list,
+        default=list(ITERATIONS),
+        help="comma-separated pinv iteration counts of that sweep (default: "
+        f"{ITERATIONS[0]} to {ITERATIONS[-1]})",
+    )
     a.add_argument(
         "--sources",
         type=name_list,
         default=list(SOURCES),
-        help="input kinds, comma-separated (default: %(default)s)",
+        help=_comma_default("input kinds", SOURCES),
     )
     a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
     add_input_source_args(a)
