@@ -37,7 +37,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "teacher": (
         str,
         "the pretrained exact-attention encoder's folder, with its tokenizer (BERT, RoBERTa, "
-        "…: docs/models.md)",
+        "…: docs/models.md); required unless --resume",
     ),
     "num_landmarks": (int, "m, landmarks per head (64)"),
     "pinv_iterations": (int, "pseudo-inverse iterations (6)"),
@@ -92,7 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="texts",
         metavar="FILE",
         help="UTF-8 text files, or builtin:pydoc / builtin:stdlib-docs (texts shipped with "
-        "CPython: the reference manual's topics, the standard library's docstrings)",
+        "CPython: the reference manual's topics, the standard library's docstrings); required "
+        "unless --resume",
     )
     for name, (typ, help_) in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_)
