@@ -195,7 +195,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "speed",
         help="time and peak memory against n, fitted exponents, plots",
         description="Time and peak memory (fresh process per measurement) against n for each "
-        "implementation; writes speed.json, speed.csv and log-log plots.",
+        "implementation; writes speed.json, speed.md, speed.csv and log-log plots.",
     )
     _add_problem_args(s, SPEED_LENGTHS, SPEED_IMPLEMENTATIONS)
     s.add_argument(
@@ -211,7 +211,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = bench_sub.add_parser(
         "table",
         help="the paper's Table 1: memory and time per instance, n = 512 … 8192",
-        description="Forward peak memory and time per instance against the paper's Table 1.",
+        description="Forward peak memory and time per instance against the paper's Table 1; "
+        "writes table1.json and table1.md.",
     )
     _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
     t.add_argument("--out", type=Path, default=_DEFAULT_OUT / "table1")
