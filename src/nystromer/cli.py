@@ -83,7 +83,8 @@ def _register_viz(subparsers: argparse._SubParsersAction) -> None:
     v = viz_sub.add_parser(
         "attention",
         help="exact vs Nyström attention matrix, side by side (PNG)",
-        description="Plot one head's exact attention matrix beside its Nyström approximation.",
+        description="Plot one head's exact attention matrix beside its Nyström approximation; "
+        "writes the PNG (--out) and its numbers in a .json beside it.",
     )
     v.add_argument("--out", type=Path, default=Path("bench-out/attention.png"))
     v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
