@@ -86,7 +86,9 @@ def _register_viz(subparsers: argparse._SubParsersAction) -> None:
         description="Plot one head's exact attention matrix beside its Nyström approximation; "
         "writes the PNG (--out) and its numbers in a .json beside it.",
     )
-    v.add_argument("--out", type=Path, default=Path("bench-out/attention.png"))
+    v.add_argument(
+        "--out", type=Path, default=Path("bench-out/attention.png"), help="the PNG (%(default)s)"
+    )
     v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
     v.add_argument("--num-landmarks", type=int, default=16)
     v.add_argument("--pinv-iterations", type=int, default=6)

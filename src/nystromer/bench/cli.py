@@ -205,7 +205,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stop growing n for an implementation after a forward slower than this",
     )
     s.add_argument("--no-backward", action="store_true", help="forward only")
-    s.add_argument("--out", type=Path, default=_DEFAULT_OUT / "speed")
+    s.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "speed", help="output folder (%(default)s)"
+    )
     s.set_defaults(func=_speed)
 
     t = bench_sub.add_parser(
@@ -215,7 +217,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "writes table1.json and table1.md.",
     )
     _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
-    t.add_argument("--out", type=Path, default=_DEFAULT_OUT / "table1")
+    t.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "table1", help="output folder (%(default)s)"
+    )
     t.set_defaults(func=_speed, max_seconds=float("inf"))
 
     a = bench_sub.add_parser(
@@ -249,7 +253,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
     add_input_source_args(a)
-    a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
+    a.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "approx", help="output folder (%(default)s)"
+    )
     a.set_defaults(func=_approx)
     register_report(bench_sub)
     register_transmil(bench_sub)

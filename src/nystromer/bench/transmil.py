@@ -443,7 +443,12 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
         "--package-heatmap-limit-gb", type=_positive_float, default=4.0,
         help="skip the package's dense heatmap where its n×n matrix would exceed this",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("bench-out") / "transmil")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out") / "transmil",
+        help="output folder (%(default)s)",
+    )
 
 
 if __name__ == "__main__":
