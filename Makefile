@@ -38,8 +38,9 @@ test: venv lint
 bench-core: venv
 	$(BIN)/python benchmarks/attention_core.py --write-docs docs/benchmarks.md
 
-# All of docs/benchmarks.md but the attention core (make bench-core): table, speed (CUDA too when
-# available), approx, viz; commands, dates and machine in each section. Tens of minutes on 2 cores.
+# docs/benchmarks.md's table, speed (CUDA too when available), approx and viz sections (the
+# attention core is make bench-core's, the TransMIL layer make bench-transmil's); commands, dates
+# and machine in each section. Tens of minutes on 2 cores.
 bench: venv
 	$(BIN)/nystromer bench report
 

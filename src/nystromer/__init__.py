@@ -15,7 +15,9 @@ Public API:
     convert                     patch a pretrained encoder (BERT, RoBERTa, …) and lengthen its
                                 position table; extend_positions does the latter alone
     from_pretrained             load a converted checkpoint with its Nyström attention
-    calibrate                   fit a converted model's convolution skips to exact attention
+    calibrate                   fit a converted model's convolution skips to exact attention;
+                                returns a CalibrationResult
+    iterative_pinv              the iterative pseudo-inverse the attention uses
     nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 

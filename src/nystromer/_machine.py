@@ -68,7 +68,8 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
 
 def machine_label(info: dict) -> str:
     """One line: ``AMD EPYC (2 cores), 2 torch threads, torch 2.x, device cpu``, followed by
-    ``, allocator K=V …`` when allocator variables were set (they change CPU times 2×)."""
+    ``, allocator K=V …`` when allocator variables were set (they change CPU times:
+    docs/benchmarks.md, "Allocator")."""
     where = info["device"] if "gpu" not in info else f"{info['device']} ({info['gpu']})"
     label = (
         f"{info['cpu']} ({info['cpu_count']} cores), {info['threads']} torch threads, "

@@ -35,19 +35,24 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
     d = subparsers.add_parser(
         "demo",
-        help="exact vs Nyström attention: time, memory and error as n grows",
+        help="compare exact and Nyström attention as n grows, then train a short ListOps run",
         description="Exact vs Nyström attention (m = 64) for n = 1k … 16k: forward time, peak "
-        "memory (fresh process each) and relative output error.",
+        "memory (fresh process each) and relative output error; then a short ListOps training "
+        "run on generated data (--listops-steps).",
     )
-    d.add_argument("--lengths", type=int_list, default=list(DEMO_LENGTHS), help="%(default)s")
-    d.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    d.add_argument(
+        "--lengths",
+        type=int_list,
+        default=list(DEMO_LENGTHS),
+        help="comma-separated n (default: " + ",".join(map(str, DEMO_LENGTHS)) + ")",
+    )
+    d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
     d.add_argument(
         "--listops-steps",
         type=int,
         default=700,
-        help="steps of the ListOps training run that follows (0 skips it; %(default)s take "
-        "about two minutes on 2 CPU cores)",
+        help="steps of the ListOps training run that follows (default: %(default)s; 0 skips it)",
     )
     d.add_argument(
         "--listops-dir",
@@ -71,14 +76,19 @@ def _viz_attention(args: argparse.Namespace) -> int:
 def _register_viz(subparsers: argparse._SubParsersAction) -> None:
     from .bench.cli import add_input_source_args
 
-    viz = subparsers.add_parser("viz", help="visualisations")
+    viz = subparsers.add_parser(
+        "viz", help="plot attention matrices", description="Plot attention matrices."
+    )
     viz_sub = viz.add_subparsers(dest="viz_command", metavar="WHAT", required=True)
     v = viz_sub.add_parser(
         "attention",
         help="exact vs Nyström attention matrix, side by side (PNG)",
-        description="Plot one head's exact attention matrix beside its Nyström approximation.",
+        description="Plot one head's exact attention matrix beside its Nyström approximation; "
+        "writes the PNG (--out) and its numbers in a .json beside it.",
     )
-    v.add_argument("--out", type=Path, default=Path("bench-out/attention.png"))
+    v.add_argument(
+        "--out", type=Path, default=Path("bench-out/attention.png"), help="the PNG (%(default)s)"
+    )
     v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
     v.add_argument("--num-landmarks", type=int, default=16)
     v.add_argument("--pinv-iterations", type=int, default=6)
@@ -113,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="nystromer",
-        description="Nyström attention: demo, benchmarks, LRA training, distillation.",
+        description="Nyström attention for PyTorch: the demo, benchmarks, Long Range Arena data "
+        "and training, and the distillation and long-input evaluation of converted encoders.",
     )
     parser.add_argument("--version", action="version", version=f"nystromer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -83,8 +83,9 @@ def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) 
 
 
 def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
-    """The options both scripts in benchmarks/ take: the measurement settings, the worker
-    timeout, and where the Markdown section goes (``saved``: what ``--from-json`` reads)."""
+    """The options of the measuring scripts in benchmarks/ and of ``bench transmil``: the
+    measurement settings, the worker timeout, and where the Markdown section goes (``saved``:
+    what ``--from-json`` reads)."""
     _add_case_args(p, repeats=repeats, timeout=timeout)
     p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
@@ -94,13 +95,20 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
     )
 
 
+def _comma_default(what: str, default) -> str:
+    """Help text of a comma-separated list option, with its default written as it is typed."""
+    return f"comma-separated {what} (default: {','.join(map(str, default))})"
+
+
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
-    p.add_argument("--lengths", type=int_list, default=list(lengths), help="%(default)s")
+    p.add_argument(
+        "--lengths", type=int_list, default=list(lengths), help=_comma_default("n", lengths)
+    )
     p.add_argument(
         "--impl",
         type=name_list,
         default=list(impls),
-        help="comma-separated registry names (default: %(default)s)",
+        help=_comma_default("implementations, by registry name", impls),
     )
     p.add_argument(
         "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
@@ -176,13 +184,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .speed import SPEED_IMPLEMENTATIONS, SPEED_LENGTHS, TABLE1_LENGTHS
     from .transmil import register as register_transmil
 
-    bench = subparsers.add_parser("bench", help="speed, memory and approximation benchmarks")
+    bench = subparsers.add_parser(
+        "bench",
+        help="measure speed, memory and approximation error",
+        description="Benchmarks against exact attention and the peers; docs/benchmarks.md "
+        "shows their results with the commands that made them.",
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     s = bench_sub.add_parser(
         "speed",
         help="time and peak memory against n, fitted exponents, plots",
         description="Time and peak memory (fresh process per measurement) against n for each "
-        "implementation; writes speed.json, speed.csv and log-log plots.",
+        "implementation; writes speed.json, speed.md, speed.csv and log-log plots.",
     )
     _add_problem_args(s, SPEED_LENGTHS, SPEED_IMPLEMENTATIONS)
     s.add_argument(
@@ -192,16 +205,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stop growing n for an implementation after a forward slower than this",
     )
     s.add_argument("--no-backward", action="store_true", help="forward only")
-    s.add_argument("--out", type=Path, default=_DEFAULT_OUT / "speed")
+    s.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "speed", help="output folder (%(default)s)"
+    )
     s.set_defaults(func=_speed)
 
     t = bench_sub.add_parser(
         "table",
         help="the paper's Table 1: memory and time per instance, n = 512 … 8192",
-        description="Forward peak memory and time per instance against the paper's Table 1.",
+        description="Forward peak memory and time per instance against the paper's Table 1; "
+        "writes table1.json and table1.md.",
     )
     _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
-    t.add_argument("--out", type=Path, default=_DEFAULT_OUT / "table1")
+    t.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "table1", help="output folder (%(default)s)"
+    )
     t.set_defaults(func=_speed, max_seconds=float("inf"))
 
     a = bench_sub.add_parser(
@@ -214,17 +232,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--heads", type=int, default=4)
     a.add_argument("--head-dim", type=int, default=64)
     a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
-    a.add_argument("--landmarks", type=int_list, default=list(LANDMARKS), help="%(default)s")
-    a.add_argument("--iterations", type=int_list, default=list(ITERATIONS))
+    a.add_argument(
+        "--landmarks",
+        type=int_list,
+        default=list(LANDMARKS),
+        help=_comma_default("m of the landmarks sweep", LANDMARKS),
+    )
+    a.add_argument(
+        "--iterations",
+        type=int_list,
+        default=list(ITERATIONS),
+        help="comma-separated pinv iteration counts of that sweep (default: "
+        f"{ITERATIONS[0]} to {ITERATIONS[-1]})",
+    )
     a.add_argument(
         "--sources",
         type=name_list,
         default=list(SOURCES),
-        help="input kinds, comma-separated (default: %(default)s)",
+        help=_comma_default("input kinds", SOURCES),
     )
     a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
     add_input_source_args(a)
-    a.add_argument("--out", type=Path, default=_DEFAULT_OUT / "approx")
+    a.add_argument(
+        "--out", type=Path, default=_DEFAULT_OUT / "approx", help="output folder (%(default)s)"
+    )
     a.set_defaults(func=_approx)
     register_report(bench_sub)
     register_transmil(bench_sub)

@@ -77,7 +77,7 @@ def resolve_lra_run(run_dir: str | os.PathLike[str] | None = None) -> Path:
     raise ValueError(
         f"--lra-run: {where}; make one with `nystromer train listops --data DATA --out DIR` "
         f"(the paper's recipe) or `nystromer demo` (a small ListOps model in "
-        f"{FALLBACK_LRA_DIR / 'run'}, about two minutes), then pass its run directory as "
+        f"{FALLBACK_LRA_DIR / 'run'}, in minutes on a CPU), then pass its run directory as "
         "--lra-run DIR"
     )
 

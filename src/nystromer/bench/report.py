@@ -296,7 +296,8 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
 
     r = bench_sub.add_parser(
         "report",
-        help="run every benchmark and regenerate docs/benchmarks.md (make bench)",
+        help="run table, speed, approx and viz and rewrite their sections of docs/benchmarks.md "
+        "(make bench)",
         description="Run bench table, bench speed (CPU; CUDA too when available), bench approx "
         "and viz attention, each into a folder under --out, and write their sections with "
         "plots into the Markdown file between marker comments.",

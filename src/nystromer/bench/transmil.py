@@ -27,6 +27,7 @@ from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
 from .cli import (
+    _comma_default,
     _dtype,
     add_script_args,
     call_with,
@@ -422,19 +423,32 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     )
     add_script_args(p, repeats=3, timeout=1800, saved="FILE (a transmil.json)")
     p.set_defaults(func=_run, num_landmarks=256)
-    p.add_argument("--lengths", type=int_list, default=list(TRANSMIL_LENGTHS), help="%(default)s")
+    p.add_argument(
+        "--lengths",
+        type=int_list,
+        default=list(TRANSMIL_LENGTHS),
+        help=_comma_default("n", TRANSMIL_LENGTHS),
+    )
     p.add_argument("--dim", type=int_at_least(1), default=512)
     p.add_argument("--heads", type=int_at_least(1), default=8)
     p.add_argument("--dim-head", type=int_at_least(1), default=64)
     p.add_argument(
-        "--conv-kernel", type=odd_kernel_or_zero, default=33, help="0: no convolution skip"
+        "--conv-kernel",
+        type=odd_kernel_or_zero,
+        default=33,
+        help="odd kernel size of the convolution skip; 0: none (default: 33)",
     )
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, bfloat16, ...")
     p.add_argument(
         "--package-heatmap-limit-gb", type=_positive_float, default=4.0,
         help="skip the package's dense heatmap where its n×n matrix would exceed this",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("bench-out") / "transmil")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out") / "transmil",
+        help="output folder (%(default)s)",
+    )
 
 
 if __name__ == "__main__":

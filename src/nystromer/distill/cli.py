@@ -34,7 +34,11 @@ def _dropout(text: str) -> float | str:
 # with dashes for underscores (num_landmarks: --num-landmarks). None = keep the default (or,
 # with --resume, the saved value).
 _FLAGS: dict[str, tuple[Any, str]] = {
-    "teacher": (str, "the pretrained model's folder (BERT/RoBERTa + tokenizer)"),
+    "teacher": (
+        str,
+        "the pretrained exact-attention encoder's folder, with its tokenizer (BERT, RoBERTa, "
+        "…: docs/models.md); required unless --resume",
+    ),
     "num_landmarks": (int, "m, landmarks per head (64)"),
     "pinv_iterations": (int, "pseudo-inverse iterations (6)"),
     "kmeans_iterations": (
@@ -75,10 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distill",
         help="train a pretrained encoder's Nyström conversion to match the exact model",
         description=(
-            "Convert a pretrained BERT/RoBERTa (nystromer.convert) and train it to reproduce "
-            "the exact model's hidden states on unlabeled text. Prints and saves the held-out "
-            "cosine of mean-pooled embeddings before and after; the trained model is written "
-            "to OUT/model."
+            "Convert a pretrained encoder (BERT, RoBERTa, …; nystromer.convert) and train it to "
+            "reproduce the exact model's hidden states on unlabeled text. Prints and saves the "
+            "held-out cosine of mean-pooled embeddings before and after; the trained model is "
+            "written to OUT/model."
         ),
     )
     p.add_argument("--out", type=Path, required=True, help="run directory")
@@ -88,13 +92,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="texts",
         metavar="FILE",
         help="UTF-8 text files, or builtin:pydoc / builtin:stdlib-docs (texts shipped with "
-        "CPython: the reference manual's topics, the standard library's docstrings)",
+        "CPython: the reference manual's topics, the standard library's docstrings); required "
+        "unless --resume",
     )
     for name, (typ, help_) in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_)
     p.add_argument("--layers", choices=LAYERS, help="match all layers or the last one (all)")
     p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
-    p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "fp16"])
+    p.add_argument(
+        "--precision", choices=[x for x in PRECISIONS if x != "fp16"], help="precision (fp32)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_runtime_arguments(p)
     p.add_argument(

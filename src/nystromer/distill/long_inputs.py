@@ -467,8 +467,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval-long`` sub-command."""
     p = subparsers.add_parser(
         "eval-long",
-        help="does a converted encoder use tokens beyond its trained length? (retrieval)",
-        description=__doc__,
+        help="long-document retrieval: does a converted encoder use tokens beyond its trained "
+        "length?",
+        description=__doc__.replace("``", ""),  # the docstring, without its RST literals
         formatter_class=argparse.RawTextHelpFormatter,
     )
     n, add = int_at_least(1), p.add_argument

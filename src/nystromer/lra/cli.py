@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` and ``eval`` sub-commands."""
     p = subparsers.add_parser(
         "train",
-        help="train an LRA classifier (the Nyströmformer paper's recipes)",
+        help="train an LRA classifier with the Nyströmformer paper's recipes",
         description="Train the authors' LRA model on one task. Flags override the recipe.",
     )
     p.add_argument("task", choices=TASKS)
@@ -72,18 +72,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser(
         "eval",
-        help="re-evaluate a trained LRA run",
+        help="evaluate a trained LRA run's checkpoint on a split",
         description="Evaluate a run's checkpoint (best by default) on a split.",
     )
-    e.add_argument("run_dir", type=Path)
-    e.add_argument("--split", default="test", choices=("train", "val", "test"))
-    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    e.add_argument("run_dir", type=Path, help="the run directory (`nystromer train --out`)")
+    e.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
+    )
+    e.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=("best", "last"),
+        help="the one with the best validation accuracy, or the last saved (default: best)",
+    )
     e.add_argument("--data", type=Path, help="data directory (default: the one trained on)")
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     e.add_argument("--max-batches", type=int, help="only the first N batches")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--precision", choices=PRECISIONS)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--precision", choices=PRECISIONS, help="(default: the recipe's)")
+    e.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     e.add_argument(
         "--write-docs",
         type=Path,
