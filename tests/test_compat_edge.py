@@ -224,3 +224,19 @@ def test_nystromer_attention_map_keeps_the_mask_of_its_call():
         attn = layer.attention_map(x, mask=mask)
         mask[1, 5:] = True
         torch.testing.assert_close(attn.full(), want, rtol=0, atol=1e-12)
+
+
+def test_an_empty_batch_gives_an_empty_output_and_gradient():
+    # The convolution skip's blocks are sized per sample; no sample must not divide by zero.
+    import nystromer
+
+    layers = [
+        NystromAttention(dim=32, dim_head=8, heads=4, num_landmarks=16),
+        nystromer.NystromAttention(32, 4, num_landmarks=16, conv_kernel_size=33),
+    ]
+    for layer in layers:
+        x = torch.randn(0, 70, 32, requires_grad=True)
+        out = layer(x)
+        assert out.shape == (0, 70, 32)
+        out.sum().backward()
+        assert x.grad.shape == (0, 70, 32)

@@ -123,7 +123,7 @@ class _Rows:
         lengths of positions, so that the halo read on either side (k // 2 positions) adds at
         most about a quarter, and as many samples as then fit."""
         width, span = self.heads * self.d, 2 * self.half + 1
-        step = max(self.block_elements // (self.batch * width), 4 * span)
+        step = max(self.block_elements // max(1, self.batch * width), 4 * span)  # B = 0: no block
         samples = max(1, self.block_elements // (width * (min(step, self.n) + span)))
         for first in range(0, self.batch, samples):
             for start in range(0, self.n, step):
