@@ -115,6 +115,25 @@ def test_padding_invariance():
     assert (padded[:, :, :61] - alone).abs().max().item() <= FUSED_TOL
 
 
+@pytest.mark.parametrize("kmeans", [0, 2])
+def test_padded_queries_of_cross_attention_change_nothing(kmeans):
+    # Sample 0 has 5 ≤ m real queries (exact attention alone), sample 1 has 20 (Nyström), the
+    # padding is at the start and in a hole; the 30 keys are real. Each sample's real rows must
+    # be what its real queries give alone.
+    q, k, v = qkv(b=2, n=24, n_k=30, d_v=5)
+    query_mask = torch.ones(2, 24, dtype=torch.bool)
+    query_mask[0, :19] = False
+    query_mask[1, [0, 1, 7, 23]] = False
+    settings = dict(num_landmarks=8, kmeans_iterations=kmeans)
+    out = nystrom_attention(q, k, v, query_mask=query_mask, **settings)
+    ref = nystrom_reference(q, k, v, 8, query_mask=query_mask, kmeans_iterations=kmeans)
+    assert (out - ref).abs().max().item() <= FUSED_TOL
+    for i in range(2):
+        real = query_mask[i]
+        alone = nystrom_attention(q[i : i + 1, :, real], k[i : i + 1], v[i : i + 1], **settings)
+        assert (out[i : i + 1, :, real] - alone).abs().max().item() <= FUSED_TOL
+
+
 def test_batch_invariance():
     q, k, v = qkv(b=4, n=80)
     q[2:] *= 30  # very different neighbours must not change sample 0

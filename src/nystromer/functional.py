@@ -106,6 +106,9 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
+    # Whether the queries are the keys' tokens (self-attention under one mask): then a sample
+    # with at most m real queries also has at most m real keys and is exact already.
+    queries_are_keys = query_mask is None or query_mask is mask
     scale, mask, query_mask, empty = _defaults(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
@@ -116,7 +119,7 @@ def nystrom_attention(
     else:
         out = _nystrom(
             query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p,
-            kmeans_iterations,
+            kmeans_iterations, queries_are_keys,
         )  # fmt: skip
 
     # One multiply zeroes padded queries and samples without a real key.
@@ -161,9 +164,13 @@ _RECOMPUTE_PINV_BYTES = 16 << 20
 
 
 def _nystrom(
-    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations
-):
-    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring)."""
+    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations,
+    queries_are_keys=True,
+):  # fmt: skip
+    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring).
+    ``queries_are_keys``: query_mask is the key mask, so no sample has fewer real queries
+    than real keys (then the exact rows of samples with at most m real queries are not
+    looked for)."""
     n_q, n_k = query.shape[2], key.shape[2]
     # The m×m part (and the landmark means) run in at least float32.
     work = torch.promote_types(query.dtype, torch.float32)
@@ -207,10 +214,26 @@ def _nystrom(
     k_land, w = k_land.to(query.dtype), w.to(query.dtype)
     if _cpu.applies(query):
         # CPU: threads own whole rows of the fresh output instead of sharing its pages.
-        return _cpu.attention_by_row_blocks(
+        out = _cpu.attention_by_row_blocks(
             softmax_attention, query, k_land, w, k_nonempty, scale, dropout_p
         )
-    return softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
+    else:
+        out = softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
+    if q_counts is not None and not queries_are_keys:
+        # A sample with at most m real queries gets exact attention, as its real queries alone
+        # would (padding invariance): each real query is its own segment, so Q̃ holds the
+        # queries themselves and step 1 computed their exact rows; copy them to the queries.
+        q_short = q_counts[:, :m].sum(-1) <= m
+        if not _host_reads_are_cheap(query) or bool(q_short.any()):
+            exact = bv
+            if dropout_p:
+                q_rows = q_land.to(query.dtype)
+                exact = softmax_attention(q_rows, key, value, mask, scale, dropout_p)
+            b, h, _, d_v = exact.shape
+            # Padded queries (segment m) take any row: keep zeroes them.
+            segment = q_index.clamp_max(m - 1)[:, None, :, None].expand(b, h, n_q, d_v)
+            out = torch.where(q_short[:, None, None, None], exact.gather(2, segment), out)
+    return out
 
 
 def softmax_attention(
@@ -324,9 +347,12 @@ def _attention_rows(
         out = _rows_of_product(
             f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
         )
-        if k_counts is not None:
-            # Samples with at most m real keys get exact attention (see _nystrom).
-            short = k_counts[:, :m].sum(-1) <= m
+        if k_counts is not None or q_counts is not None:
+            # Samples with at most m real keys or queries get exact attention (see _nystrom).
+            short = torch.zeros(b, dtype=torch.bool, device=key.device)
+            for counts in (k_counts, q_counts):
+                if counts is not None:
+                    short |= counts[:, :m].sum(-1) <= m
             exact = _softmax_rows(q_rows, key.to(work), mask, scale)
             out = torch.where(short[:, None, None, None], exact, out)
     keep = _rows_to_keep(query_mask, empty, b, n_q)
