@@ -69,6 +69,17 @@ def test_equals_multihead_attention_when_n_le_m(batch_first, kw):
         assert rel_err(out[real], ref[real]) <= TOL
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_query_as_key_with_other_values_projects_the_values(batch_first):
+    # mha(x, x, y): the keys are the queries, the values another tensor.
+    mha, ny = _pair(batch_first=batch_first)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 12, 32, generator=g), torch.randn(3, 12, 32, generator=g)
+    ref, _ = mha(x, x, y)
+    out, _ = ny(x, x, y)
+    assert rel_err(out, ref) <= TOL
+
+
 def test_unbatched_float_mask_and_state_dict_layout():
     mha, ny = _pair()
     assert list(ny.state_dict()) == list(mha.state_dict())

@@ -620,6 +620,8 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         if query.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, attn_mask)
         self_attention = query is key
+        # One projection for all three only when they are one tensor (mha(x, x, y) projects y).
+        joint = self_attention and key is value
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -652,7 +654,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
                 "conv_kernel_size is for self-attention: call with query, key and value "
                 "being the same tensor"
             )
-        q, k, v = self._project(query, key, value, self_attention)
+        q, k, v = self._project(query, key, value, joint)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1)
@@ -687,13 +689,14 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         return out, None
 
     def _project(
-        self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
+        self, query: Tensor, key: Tensor, value: Tensor, joint: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v projected; ``joint``: query, key and value are one tensor."""
         linear = nn.functional.linear
         bias = self.in_proj_bias
         b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
         if self._qkv_same_embed_dim:
-            if self_attention:
+            if joint:
                 # One matmul for all three projections, as nn.MultiheadAttention does.
                 return linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
