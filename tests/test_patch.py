@@ -207,6 +207,19 @@ def test_fine_tuning_step_after_patching():
     assert losses[-1] < losses[0]
 
 
+def test_a_shared_attention_module_is_replaced_everywhere_by_one_module():
+    # One nn.MultiheadAttention reused (weight sharing), twice in one container and elsewhere.
+    shared = nn.MultiheadAttention(32, 4, batch_first=True)
+    model = nn.Module()
+    model.layers = nn.ModuleList([shared, shared])
+    model.other = shared
+    patch(model, num_landmarks=8, conv_kernel_size=3)
+    new = model.layers[0]
+    assert isinstance(new, NystromMultiheadAttention)
+    assert model.layers[1] is new and model.other is new  # still shared, conv skip included
+    assert new.in_proj_weight is shared.in_proj_weight
+
+
 def test_decoder_self_attention_and_empty_models_are_refused():
     decoder_layer = nn.TransformerDecoderLayer(32, 4, 64, batch_first=True)
     with pytest.raises(ValueError, match="causal"):
