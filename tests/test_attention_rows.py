@@ -104,8 +104,21 @@ def test_bad_rows_are_refused_by_name():
         attention_rows(q, k, [0, "1"], num_landmarks=M)
     with pytest.raises(ValueError, match="at least one"):
         attention_rows(q, k, [], num_landmarks=M)
+    with pytest.raises(TypeError, match="rows must be an int or a sequence of ints, got 0.5"):
+        attention_rows(q, k, 0.5, num_landmarks=M)
     with pytest.raises(ValueError, match="mask must have shape"):
         attention_rows(q, k, 0, num_landmarks=M, mask=torch.ones(2, 19, dtype=torch.bool))
+
+
+def test_integer_like_rows_and_an_empty_batch():
+    np = pytest.importorskip("numpy")
+    q, k, _ = _qkv(20, 20)
+    want = attention_rows(q, k, [3, 5], num_landmarks=M)
+    for rows in (np.array([3, 5]), [np.int64(3), 5], range(3, 6, 2)):
+        torch.testing.assert_close(attention_rows(q, k, rows, num_landmarks=M), want)
+    torch.testing.assert_close(attention_rows(q, k, np.int64(3), num_landmarks=M), want[:, :, :1])
+    empty = attention_rows(q[:0], k[:0], [0, 1], num_landmarks=M)
+    assert empty.shape == (0, H, 2, 20)
 
 
 @pytest.mark.parametrize("real", [None, [50, 37]])

@@ -260,6 +260,8 @@ def test_is_causal_is_refused_with_explanation():
         (lambda q, k, v, m: dict(num_landmarks=0), ValueError, r"num_landmarks.*≥ 1.*0"),
         (lambda q, k, v, m: dict(pinv_iterations=-1), ValueError, r"pinv_iterations.*-1"),
         (lambda q, k, v, m: dict(dropout_p=1.5), ValueError, r"dropout_p"),
+        (lambda q, k, v, m: dict(dropout_p=None), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (lambda q, k, v, m: dict(query=q[..., :0], key=k[..., :0]), ValueError, r"query.*feature"),
         (lambda q, k, v, m: dict(value=v.float()), TypeError, r"share one dtype"),
         (lambda q, k, v, m: dict(query=q.long()), TypeError, r"query must be a floating"),
     ],

@@ -23,6 +23,7 @@ plain float64 formula the tests hold this code to.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -370,9 +371,16 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
             raise ValueError(f"rows must be an int or 1-D, got shape {tuple(rows.shape)}")
         index = rows.reshape(-1).to(device=device, dtype=torch.long)
     else:
-        values = [rows] if isinstance(rows, int) else list(rows)
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in values):
-            raise TypeError(f"rows must be an int or a sequence of ints, got {rows!r}")
+        # operator.index: any integer, numpy's included; bools are no positions.
+        try:
+            values = [_position(rows)]
+        except TypeError:
+            try:
+                values = [_position(r) for r in rows]
+            except TypeError:
+                raise TypeError(
+                    f"rows must be an int or a sequence of ints, got {rows!r}"
+                ) from None
         index = torch.tensor(values, dtype=torch.long, device=device)
     if index.numel() == 0:
         raise ValueError("rows must name at least one query position, got none")
@@ -383,6 +391,13 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
             f"{index[bad].tolist()[:5]}"
         )
     return index % n
+
+
+def _position(r: object) -> int:
+    """``r`` as an int (operator.index), refusing bools; TypeError otherwise."""
+    if isinstance(r, bool):  # (numpy's bool has no __index__)
+        raise TypeError("a bool is no position")
+    return operator.index(r)
 
 
 def _masked_logits(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
@@ -425,7 +440,7 @@ def _rows_of_product(
     working precision; returns (B, H, r, n_k) in it."""
     b, h, m, _ = q_land.shape
     n_k = key.shape[2]
-    block = max(1, _ROWS_BLOCK // (b * h * m))
+    block = max(1, _ROWS_BLOCK // max(1, b * h * m))
 
     def logits(s: int) -> Tensor:
         mask = None if key_mask is None else key_mask[:, s : s + block]
@@ -660,6 +675,11 @@ def _check_inputs(
             f"{value.dtype}"
         )
     b, h, _, d = query.shape
+    if d == 0:
+        raise ValueError(
+            f"query and key must have at least one feature (d ≥ 1), got query shape "
+            f"{tuple(query.shape)}"
+        )
     if key.shape[:2] != (b, h) or key.shape[-1] != d:
         raise ValueError(
             f"key must have shape ({b}, {h}, n_k, {d}) to match query {tuple(query.shape)}, "
