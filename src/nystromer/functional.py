@@ -70,8 +70,8 @@ def nystrom_attention(
         key: (B, H, n_k, d).
         value: (B, H, n_k, d_v).
         num_landmarks: m, the number of landmarks (segment means) summarising queries and keys.
-            A sequence with at most m real keys, or a query with at most m positions, gets exact
-            softmax attention (which then costs no more than the approximation).
+            A sample with at most m real keys, or at most m real queries, gets exact softmax
+            attention (which then costs no more than the approximation).
         mask: (B, n_k) bool, True for real key tokens, False for padding; None means no padding.
             Padding never enters a landmark or an attention weight. When n_q == n_k (self-
             attention) it is also the query mask unless ``query_mask`` is given.
@@ -274,8 +274,8 @@ def attention_rows(
     Nyström attention never forms its n_q×n_k matrix F·A⁺·B; this returns r of its rows, e.g.
     ``rows=0`` for a class token's heatmap, in O((m + r)·n_k) memory per head. With the same
     settings (and no dropout), ``attention_rows(q, k, rows, ...) @ v`` equals
-    ``nystrom_attention(q, k, v, ...)[:, :, rows]``: sequences of at most m real keys get
-    exact softmax rows, as there. An approximation's rows may have negative entries and need
+    ``nystrom_attention(q, k, v, ...)[:, :, rows]``: samples of at most m real keys or queries
+    get exact softmax rows, as there. An approximation's rows may have negative entries and need
     not sum to exactly 1.
 
     Args:
