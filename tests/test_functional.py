@@ -134,6 +134,19 @@ def test_padded_queries_of_cross_attention_change_nothing(kmeans):
         assert (out[i : i + 1, :, real] - alone).abs().max().item() <= FUSED_TOL
 
 
+def test_padded_queries_on_the_gpu_branch(monkeypatch):
+    # The exact rows of samples with few real queries are chosen without a host read.
+    q, k, v = qkv(b=2, n=24, n_k=30)
+    query_mask = right_padded_mask([5, 20], 24)
+    monkeypatch.setattr(fn, "_host_reads_are_cheap", lambda x: False)
+    monkeypatch.setattr(_cpu, "applies", lambda x: False)
+    ref = nystrom_reference(q, k, v, 8, query_mask=query_mask)
+    _forbid_host_reads(monkeypatch)
+    out = nystrom_attention(q, k, v, num_landmarks=8, query_mask=query_mask)
+    monkeypatch.undo()
+    assert (out - ref).abs().max().item() <= FUSED_TOL
+
+
 def test_batch_invariance():
     q, k, v = qkv(b=4, n=80)
     q[2:] *= 30  # very different neighbours must not change sample 0
