@@ -694,7 +694,9 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
                 real = torch.cat([real, real.new_ones(b, extra)], dim=1)
         query_mask = None
         if real is not None and self_attention:
-            query_mask = real[:, :n_q]
+            # The key mask itself when no key was appended: the attention function then knows
+            # the queries are the keys (no separate check for samples of few real queries).
+            query_mask = real if extra == 0 else real[:, :n_q]
         elif real is not None and real.shape[1] == n_q:
             # Cross-attention of equal lengths: the key mask says nothing about the queries.
             query_mask = real.new_ones(b, n_q)
