@@ -228,6 +228,26 @@ def test_cross_attention_with_kdim_vdim():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("n", [6, 40])  # exact (n ≤ m) and Nyström
+def test_cross_attention_of_equal_lengths_keeps_every_query(n):
+    # The key mask says which keys are padding, not which queries: a query at the position of
+    # a padding key is real and must get its attention, as with the keys' padding cut off.
+    attn = make().eval()
+    g = torch.Generator().manual_seed(3)
+    query, key = (
+        torch.randn(2, n, 32, generator=g, dtype=torch.float64),
+        torch.randn(2, n, 32, generator=g, dtype=torch.float64),
+    )
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, n - n // 3 :] = False
+    out = attn(query, key, mask=mask)
+    real = int(mask[1].sum())
+    alone = attn(query[1:], key[1:, :real])
+    assert (out[1:] - alone).abs().max().item() <= 1e-10
+    rows = attn.attention_map(query, key, mask=mask)[1:, :, :, :real]
+    assert (rows - attn.attention_map(query[1:], key[1:, :real]).full()).abs().max() <= 1e-10
+
+
 def _heads(t: torch.Tensor, h: int = 4) -> torch.Tensor:
     """(B, n, E) → (B, H, n, E / H)."""
     return t.unflatten(-1, (h, -1)).transpose(1, 2)

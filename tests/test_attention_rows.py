@@ -48,6 +48,18 @@ def test_rows_times_values_equal_the_attention_output(n_q, n_k, real, kmeans):
         assert (weights.masked_select(~mask[:, None, None, :]) == 0).all()
 
 
+def test_rows_of_padded_queries_equal_those_of_the_real_queries_alone():
+    # Sample 0 has 4 ≤ m real queries (exact rows alone), sample 1 has 30 (Nyström).
+    q, k, v = _qkv(40, 44, seed=3)
+    query_mask = _right_padded(40, [4, 30])
+    rows = attention_rows(q, k, [0, 3], num_landmarks=M, query_mask=query_mask)
+    out = nystrom_attention(q, k, v, num_landmarks=M, query_mask=query_mask)
+    torch.testing.assert_close(rows @ v, out[:, :, [0, 3]], rtol=0, atol=1e-10)
+    for i, n in enumerate([4, 30]):
+        alone = attention_rows(q[i : i + 1, :, :n], k[i : i + 1], [0, 3], num_landmarks=M)
+        torch.testing.assert_close(rows[i : i + 1], alone, rtol=0, atol=1e-10)
+
+
 def test_rows_equal_the_dense_reference_matrix():
     q, k, _ = _qkv(50, 50, seed=1)
     dense = reference.nystrom_matrix(q, k, M)  # (B, H, n, n), the paper's F·A⁺·B
@@ -92,8 +104,21 @@ def test_bad_rows_are_refused_by_name():
         attention_rows(q, k, [0, "1"], num_landmarks=M)
     with pytest.raises(ValueError, match="at least one"):
         attention_rows(q, k, [], num_landmarks=M)
+    with pytest.raises(TypeError, match="rows must be an int or a sequence of ints, got 0.5"):
+        attention_rows(q, k, 0.5, num_landmarks=M)
     with pytest.raises(ValueError, match="mask must have shape"):
         attention_rows(q, k, 0, num_landmarks=M, mask=torch.ones(2, 19, dtype=torch.bool))
+
+
+def test_integer_like_rows_and_an_empty_batch():
+    np = pytest.importorskip("numpy")
+    q, k, _ = _qkv(20, 20)
+    want = attention_rows(q, k, [3, 5], num_landmarks=M)
+    for rows in (np.array([3, 5]), [np.int64(3), 5], range(3, 6, 2)):
+        torch.testing.assert_close(attention_rows(q, k, rows, num_landmarks=M), want)
+    torch.testing.assert_close(attention_rows(q, k, np.int64(3), num_landmarks=M), want[:, :, :1])
+    empty = attention_rows(q[:0], k[:0], [0, 1], num_landmarks=M)
+    assert empty.shape == (0, H, 2, 20)
 
 
 @pytest.mark.parametrize("real", [None, [50, 37]])

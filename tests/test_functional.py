@@ -115,6 +115,38 @@ def test_padding_invariance():
     assert (padded[:, :, :61] - alone).abs().max().item() <= FUSED_TOL
 
 
+@pytest.mark.parametrize("kmeans", [0, 2])
+def test_padded_queries_of_cross_attention_change_nothing(kmeans):
+    # Sample 0 has 5 ≤ m real queries (exact attention alone), sample 1 has 20 (Nyström), the
+    # padding is at the start and in a hole; the 30 keys are real. Each sample's real rows must
+    # be what its real queries give alone.
+    q, k, v = qkv(b=2, n=24, n_k=30, d_v=5)
+    query_mask = torch.ones(2, 24, dtype=torch.bool)
+    query_mask[0, :19] = False
+    query_mask[1, [0, 1, 7, 23]] = False
+    settings = dict(num_landmarks=8, kmeans_iterations=kmeans)
+    out = nystrom_attention(q, k, v, query_mask=query_mask, **settings)
+    ref = nystrom_reference(q, k, v, 8, query_mask=query_mask, kmeans_iterations=kmeans)
+    assert (out - ref).abs().max().item() <= FUSED_TOL
+    for i in range(2):
+        real = query_mask[i]
+        alone = nystrom_attention(q[i : i + 1, :, real], k[i : i + 1], v[i : i + 1], **settings)
+        assert (out[i : i + 1, :, real] - alone).abs().max().item() <= FUSED_TOL
+
+
+def test_padded_queries_on_the_gpu_branch(monkeypatch):
+    # The exact rows of samples with few real queries are chosen without a host read.
+    q, k, v = qkv(b=2, n=24, n_k=30)
+    query_mask = right_padded_mask([5, 20], 24)
+    monkeypatch.setattr(fn, "_host_reads_are_cheap", lambda x: False)
+    monkeypatch.setattr(_cpu, "applies", lambda x: False)
+    ref = nystrom_reference(q, k, v, 8, query_mask=query_mask)
+    _forbid_host_reads(monkeypatch)
+    out = nystrom_attention(q, k, v, num_landmarks=8, query_mask=query_mask)
+    monkeypatch.undo()
+    assert (out - ref).abs().max().item() <= FUSED_TOL
+
+
 def test_batch_invariance():
     q, k, v = qkv(b=4, n=80)
     q[2:] *= 30  # very different neighbours must not change sample 0
@@ -241,6 +273,8 @@ def test_is_causal_is_refused_with_explanation():
         (lambda q, k, v, m: dict(num_landmarks=0), ValueError, r"num_landmarks.*≥ 1.*0"),
         (lambda q, k, v, m: dict(pinv_iterations=-1), ValueError, r"pinv_iterations.*-1"),
         (lambda q, k, v, m: dict(dropout_p=1.5), ValueError, r"dropout_p"),
+        (lambda q, k, v, m: dict(dropout_p=None), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (lambda q, k, v, m: dict(query=q[..., :0], key=k[..., :0]), ValueError, r"query.*feature"),
         (lambda q, k, v, m: dict(value=v.float()), TypeError, r"share one dtype"),
         (lambda q, k, v, m: dict(query=q.long()), TypeError, r"query must be a floating"),
     ],

@@ -69,6 +69,17 @@ def test_equals_multihead_attention_when_n_le_m(batch_first, kw):
         assert rel_err(out[real], ref[real]) <= TOL
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_query_as_key_with_other_values_projects_the_values(batch_first):
+    # mha(x, x, y): the keys are the queries, the values another tensor.
+    mha, ny = _pair(batch_first=batch_first)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 12, 32, generator=g), torch.randn(3, 12, 32, generator=g)
+    ref, _ = mha(x, x, y)
+    out, _ = ny(x, x, y)
+    assert rel_err(out, ref) <= TOL
+
+
 def test_unbatched_float_mask_and_state_dict_layout():
     mha, ny = _pair()
     assert list(ny.state_dict()) == list(mha.state_dict())
@@ -194,6 +205,19 @@ def test_fine_tuning_step_after_patching():
     attn = model[0].layers[0].self_attn
     assert attn.in_proj_weight.grad.abs().sum() > 0 and attn.conv.weight.grad.abs().sum() > 0
     assert losses[-1] < losses[0]
+
+
+def test_a_shared_attention_module_is_replaced_everywhere_by_one_module():
+    # One nn.MultiheadAttention reused (weight sharing), twice in one container and elsewhere.
+    shared = nn.MultiheadAttention(32, 4, batch_first=True)
+    model = nn.Module()
+    model.layers = nn.ModuleList([shared, shared])
+    model.other = shared
+    patch(model, num_landmarks=8, conv_kernel_size=3)
+    new = model.layers[0]
+    assert isinstance(new, NystromMultiheadAttention)
+    assert model.layers[1] is new and model.other is new  # still shared, conv skip included
+    assert new.in_proj_weight is shared.in_proj_weight
 
 
 def test_decoder_self_attention_and_empty_models_are_refused():

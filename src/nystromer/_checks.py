@@ -41,7 +41,11 @@ def check_odd_kernel_size(name: str, value: object, *, or_none: bool = False) ->
 
 def check_probability(name: str, value: float) -> None:
     """Raise ValueError unless 0 ≤ ``value`` < 1 (a dropout rate)."""
-    if not 0.0 <= value < 1.0:
+    try:
+        valid = 0.0 <= value < 1.0
+    except TypeError:  # not a number, e.g. None
+        valid = False
+    if not valid:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 

@@ -59,8 +59,9 @@ def multihead_nystrom_attention(
             ``conv``).
         mask: (B, n_k) bool, True for real keys, or None.
         query_mask: (B, n_q) bool, True for real queries (see
-            :func:`~nystromer.nystrom_attention`); it also masks the convolution skip, which
-            uses ``mask`` when this is None.
+            :func:`~nystromer.nystrom_attention`). The convolution skip convolves the values
+            of real keys (``mask``) and is added at real queries (this mask): it is masked by
+            both, or by the one given.
         dropout_p: dropout on the attention weights (pass 0 outside training).
         scale: score scale; None is 1/sqrt(d).
         conv: the paper's convolution skip, for self-attention: added on the first n_q values
@@ -92,7 +93,7 @@ def multihead_nystrom_attention(
                 "the convolution skip is for self-attention: query and key lengths must match, "
                 f"got {n_q} and {k.shape[2]}"
             )
-        skip_mask = mask if query_mask is None else query_mask
+        skip_mask = _skip_mask(mask, query_mask, n_q)
         # Not sliced when nothing is cut off: slicing's backward writes the gradient into a
         # fresh zero tensor of the values' size.
         value = v if v.shape[2] == n_q else v[:, :, :n_q]
@@ -109,6 +110,17 @@ def multihead_nystrom_attention(
             # In place when autograd does not need the attention output, a head at a time.
             conv.add_to_(out, value, skip_mask)
     return out.transpose(1, 2).contiguous()
+
+
+def _skip_mask(mask: Tensor | None, query_mask: Tensor | None, n_q: int) -> Tensor | None:
+    """(B, n_q) bool for the convolution skip: positions that are both real keys (their values
+    enter the convolution) and real queries (the skip is added there)."""
+    if mask is None or query_mask is mask:
+        return query_mask
+    if query_mask is None:
+        return mask
+    # The key mask may be longer (keys appended after the sequence, e.g. bias_k).
+    return query_mask & mask[:, :n_q]
 
 
 def _called_as_module(conv: nn.Module) -> bool:
@@ -246,6 +258,7 @@ class NystromAttention(_NystromSettings, nn.Module):
             self._heads(self.v_proj(value)),
             self.options,
             mask=mask,
+            query_mask=_cross_query_mask(query, key, mask),
             dropout_p=self.dropout if self.training else 0.0,
             conv=self.conv,
         )
@@ -309,12 +322,15 @@ class NystromAttention(_NystromSettings, nn.Module):
         q = self._heads(self.q_proj(query)).transpose(1, 2)  # (B, H, n_q, d)
         k = self._heads(self.k_proj(key)).transpose(1, 2)  # (B, H, n_k, d)
         settings = self.options.attention_kwargs()
+        query_mask = _cross_query_mask(query, key, mask)
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             sample_mask = None if mask is None else mask[b_sel]
+            sample_query_mask = None if query_mask is None else query_mask[b_sel]
             return attention_rows(
-                q[b_sel, h_sel], k[b_sel, h_sel], index, mask=sample_mask, **settings
-            )
+                q[b_sel, h_sel], k[b_sel, h_sel], index, mask=sample_mask,
+                query_mask=sample_query_mask, **settings,
+            )  # fmt: skip
 
         return AttentionMap(rows, (b, self.num_heads, n_q, n_k), q.dtype, q.device)
 
@@ -323,6 +339,15 @@ class NystromAttention(_NystromSettings, nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
             + self._settings_repr()
         )
+
+
+def _cross_query_mask(query: Tensor, key: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The query mask of :class:`NystromAttention`: all queries real in cross-attention (key
+    not query) of equal lengths, where the attention function would otherwise take the key
+    mask for the query mask; None (the function's default) otherwise."""
+    if not isinstance(mask, Tensor) or key is query or query.shape[1] != key.shape[1]:
+        return None  # (a mask that is no tensor is refused by the attention function)
+    return torch.ones(query.shape[0], query.shape[1], dtype=torch.bool, device=mask.device)
 
 
 class ValueConv(nn.Conv2d):
@@ -623,6 +648,8 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         if query.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, attn_mask)
         self_attention = query is key
+        # One projection for all three only when they are one tensor (mha(x, x, y) projects y).
+        joint = self_attention and key is value
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -655,7 +682,7 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
                 "conv_kernel_size is for self-attention: call with query, key and value "
                 "being the same tensor"
             )
-        q, k, v = self._project(query, key, value, self_attention)
+        q, k, v = self._project(query, key, value, joint)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, -1)], dim=1)
@@ -670,7 +697,9 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
                 real = torch.cat([real, real.new_ones(b, extra)], dim=1)
         query_mask = None
         if real is not None and self_attention:
-            query_mask = real[:, :n_q]
+            # The key mask itself when no key was appended: the attention function then knows
+            # the queries are the keys (no separate check for samples of few real queries).
+            query_mask = real if extra == 0 else real[:, :n_q]
         elif real is not None and real.shape[1] == n_q:
             # Cross-attention of equal lengths: the key mask says nothing about the queries.
             query_mask = real.new_ones(b, n_q)
@@ -690,13 +719,14 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         return out, None
 
     def _project(
-        self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
+        self, query: Tensor, key: Tensor, value: Tensor, joint: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v projected; ``joint``: query, key and value are one tensor."""
         linear = nn.functional.linear
         bias = self.in_proj_bias
         b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
         if self._qkv_same_embed_dim:
-            if self_attention:
+            if joint:
                 # One matmul for all three projections, as nn.MultiheadAttention does.
                 return linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)

@@ -23,6 +23,7 @@ plain float64 formula the tests hold this code to.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -69,8 +70,8 @@ def nystrom_attention(
         key: (B, H, n_k, d).
         value: (B, H, n_k, d_v).
         num_landmarks: m, the number of landmarks (segment means) summarising queries and keys.
-            A sequence with at most m real keys, or a query with at most m positions, gets exact
-            softmax attention (which then costs no more than the approximation).
+            A sample with at most m real keys, or at most m real queries, gets exact softmax
+            attention (which then costs no more than the approximation).
         mask: (B, n_k) bool, True for real key tokens, False for padding; None means no padding.
             Padding never enters a landmark or an attention weight. When n_q == n_k (self-
             attention) it is also the query mask unless ``query_mask`` is given.
@@ -106,6 +107,9 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
+    # Whether the queries are the keys' tokens (self-attention under one mask): then a sample
+    # with at most m real queries also has at most m real keys and is exact already.
+    queries_are_keys = query_mask is None or query_mask is mask
     scale, mask, query_mask, empty = _defaults(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
@@ -116,7 +120,7 @@ def nystrom_attention(
     else:
         out = _nystrom(
             query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p,
-            kmeans_iterations,
+            kmeans_iterations, queries_are_keys,
         )  # fmt: skip
 
     # One multiply zeroes padded queries and samples without a real key.
@@ -161,9 +165,13 @@ _RECOMPUTE_PINV_BYTES = 16 << 20
 
 
 def _nystrom(
-    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations
-):
-    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring)."""
+    query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations,
+    queries_are_keys=True,
+):  # fmt: skip
+    """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring).
+    ``queries_are_keys``: query_mask is the key mask, so no sample has fewer real queries
+    than real keys (then the exact rows of samples with at most m real queries are not
+    looked for)."""
     n_q, n_k = query.shape[2], key.shape[2]
     # The m×m part (and the landmark means) run in at least float32.
     work = torch.promote_types(query.dtype, torch.float32)
@@ -207,10 +215,26 @@ def _nystrom(
     k_land, w = k_land.to(query.dtype), w.to(query.dtype)
     if _cpu.applies(query):
         # CPU: threads own whole rows of the fresh output instead of sharing its pages.
-        return _cpu.attention_by_row_blocks(
+        out = _cpu.attention_by_row_blocks(
             softmax_attention, query, k_land, w, k_nonempty, scale, dropout_p
         )
-    return softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
+    else:
+        out = softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
+    if q_counts is not None and not queries_are_keys:
+        # A sample with at most m real queries gets exact attention, as its real queries alone
+        # would (padding invariance): each real query is its own segment, so Q̃ holds the
+        # queries themselves and step 1 computed their exact rows; copy them to the queries.
+        q_short = q_counts[:, :m].sum(-1) <= m
+        if not _host_reads_are_cheap(query) or bool(q_short.any()):
+            exact = bv
+            if dropout_p:
+                q_rows = q_land.to(query.dtype)
+                exact = softmax_attention(q_rows, key, value, mask, scale, dropout_p)
+            b, h, _, d_v = exact.shape
+            # Padded queries (segment m) take any row: keep zeroes them.
+            segment = q_index.clamp_max(m - 1)[:, None, :, None].expand(b, h, n_q, d_v)
+            out = torch.where(q_short[:, None, None, None], exact.gather(2, segment), out)
+    return out
 
 
 def softmax_attention(
@@ -250,8 +274,8 @@ def attention_rows(
     Nyström attention never forms its n_q×n_k matrix F·A⁺·B; this returns r of its rows, e.g.
     ``rows=0`` for a class token's heatmap, in O((m + r)·n_k) memory per head. With the same
     settings (and no dropout), ``attention_rows(q, k, rows, ...) @ v`` equals
-    ``nystrom_attention(q, k, v, ...)[:, :, rows]``: sequences of at most m real keys get
-    exact softmax rows, as there. An approximation's rows may have negative entries and need
+    ``nystrom_attention(q, k, v, ...)[:, :, rows]``: samples of at most m real keys or queries
+    get exact softmax rows, as there. An approximation's rows may have negative entries and need
     not sum to exactly 1.
 
     Args:
@@ -324,9 +348,12 @@ def _attention_rows(
         out = _rows_of_product(
             f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
         )
-        if k_counts is not None:
-            # Samples with at most m real keys get exact attention (see _nystrom).
-            short = k_counts[:, :m].sum(-1) <= m
+        if k_counts is not None or q_counts is not None:
+            # Samples with at most m real keys or queries get exact attention (see _nystrom).
+            short = torch.zeros(b, dtype=torch.bool, device=key.device)
+            for counts in (k_counts, q_counts):
+                if counts is not None:
+                    short |= counts[:, :m].sum(-1) <= m
             exact = _softmax_rows(q_rows, key.to(work), mask, scale)
             out = torch.where(short[:, None, None, None], exact, out)
     keep = _rows_to_keep(query_mask, empty, b, n_q)
@@ -344,9 +371,16 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
             raise ValueError(f"rows must be an int or 1-D, got shape {tuple(rows.shape)}")
         index = rows.reshape(-1).to(device=device, dtype=torch.long)
     else:
-        values = [rows] if isinstance(rows, int) else list(rows)
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in values):
-            raise TypeError(f"rows must be an int or a sequence of ints, got {rows!r}")
+        # operator.index: any integer, numpy's included; bools are no positions.
+        try:
+            values = [_position(rows)]
+        except TypeError:
+            try:
+                values = [_position(r) for r in rows]
+            except TypeError:
+                raise TypeError(
+                    f"rows must be an int or a sequence of ints, got {rows!r}"
+                ) from None
         index = torch.tensor(values, dtype=torch.long, device=device)
     if index.numel() == 0:
         raise ValueError("rows must name at least one query position, got none")
@@ -357,6 +391,13 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
             f"{index[bad].tolist()[:5]}"
         )
     return index % n
+
+
+def _position(r: object) -> int:
+    """``r`` as an int (operator.index), refusing bools; TypeError otherwise."""
+    if isinstance(r, bool):  # (numpy's bool has no __index__)
+        raise TypeError("a bool is no position")
+    return operator.index(r)
 
 
 def _masked_logits(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
@@ -399,7 +440,7 @@ def _rows_of_product(
     working precision; returns (B, H, r, n_k) in it."""
     b, h, m, _ = q_land.shape
     n_k = key.shape[2]
-    block = max(1, _ROWS_BLOCK // (b * h * m))
+    block = max(1, _ROWS_BLOCK // max(1, b * h * m))
 
     def logits(s: int) -> Tensor:
         mask = None if key_mask is None else key_mask[:, s : s + block]
@@ -634,6 +675,11 @@ def _check_inputs(
             f"{value.dtype}"
         )
     b, h, _, d = query.shape
+    if d == 0:
+        raise ValueError(
+            f"query and key must have at least one feature (d ≥ 1), got query shape "
+            f"{tuple(query.shape)}"
+        )
     if key.shape[:2] != (b, h) or key.shape[-1] != d:
         raise ValueError(
             f"key must have shape ({b}, {h}, n_k, {d}) to match query {tuple(query.shape)}, "

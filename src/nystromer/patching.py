@@ -122,7 +122,8 @@ def patch(
 def _patch_multihead_attention(model: nn.Module, options: NystromOptions) -> list[str]:
     targets = []
     for parent_name, parent in model.named_modules():
-        for child_name, child in parent.named_children():
+        # _modules, not named_children(): that lists a module held twice by one parent once.
+        for child_name, child in parent._modules.items():
             if type(child) is not nn.MultiheadAttention:
                 continue
             full = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -133,11 +134,15 @@ def _patch_multihead_attention(model: nn.Module, options: NystromOptions) -> lis
                     "e.g. nystromer.patch(model.encoder)."
                 )
             targets.append((full, parent, child_name, child))
+    # A module shared by several places (tied weights) gets one replacement, shared the same way.
+    replacements: dict[int, NystromMultiheadAttention] = {}
     for _, parent, child_name, child in targets:
+        if id(child) not in replacements:
+            replacements[id(child)] = NystromMultiheadAttention.from_multihead_attention(
+                child, options=options
+            )
         # _modules, not setattr: works for ModuleList / Sequential children named "0", "1", ….
-        parent._modules[child_name] = NystromMultiheadAttention.from_multihead_attention(
-            child, options=options
-        )
+        parent._modules[child_name] = replacements[id(child)]
     if targets:
         for m in model.modules():
             if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
