@@ -299,3 +299,21 @@ def test_rng_capture_restore_round_trip():
     ckpt.restore_rng(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
+    run(tmp_path, [], steps=4, warmup_steps=1, eval_every=2)
+    before = (tmp_path / "summary.json").read_bytes()
+    losses = []
+    again, _ = run(tmp_path, losses, resume=True, steps=4, warmup_steps=1, eval_every=2)
+    # Nothing to train: the summary (its timings included) is the run's, not rewritten with
+    # this session's zero steps.
+    assert losses == []
+    assert (tmp_path / "summary.json").read_bytes() == before
+    saved = json.loads(before)
+    assert again.status == "completed" and again.step == 4
+    assert again.summary == saved and saved["steps_per_s"] > 0
+    assert again.test["accuracy"] == saved["test_accuracy"]
+    assert again.best_step == saved["best_step"]
+    assert again.best_val["accuracy"] == saved["best_val_accuracy"]
+    assert again.wall_time_s == saved["wall_time_s"]

@@ -722,6 +722,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Run the loop to ``config.steps`` (or ``stop_at``), then test and summarise."""
         cfg, info = self.config, self.info
+        if self.step >= cfg.steps and (done := self._completed()) is not None:
+            # Resuming a finished run: report it as it is rather than rewrite its summary
+            # with the timings of a session that trained nothing.
+            return done
         self._session_start = time.perf_counter()
         session_start_step = self.step
         self._updating = False
@@ -800,6 +804,32 @@ class Trainer:
                 "stopped", self.step, self.best_step, self.best_val, {}, self.elapsed()
             )
         return self._finish(steps_per_s)
+
+    def _completed(self) -> TrainResult | None:
+        """The result recorded in ``summary.json`` by a run that finished, or None."""
+        path = self.run_dir / "summary.json"
+        if not path.is_file():
+            return None
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        if summary.get("status") != "completed" or summary.get("steps") != self.step:
+            return None
+        not_metrics = ("test_checkpoint", "test_examples")
+        test = {
+            k.removeprefix("test_"): v
+            for k, v in summary.items()
+            if k.startswith("test_") and k not in not_metrics
+        }
+        self.say(f"{self.run_dir} is complete (step {self.step}); its summary is unchanged")
+        return TrainResult(
+            "completed",
+            self.step,
+            summary.get("best_step"),
+            dict(self.best_val),
+            test,
+            float(summary.get("wall_time_s", self.elapsed())),
+            summary,
+        )
 
     def _finish(self, steps_per_s: float) -> TrainResult:
         cfg, info = self.config, self.info
