@@ -161,6 +161,33 @@ def test_command_line_errors(memory_data, tmp_path, capsys):
         main(["train", "listops", "--out", str(out), "--attention", "linear"])
 
 
+def test_a_new_run_keeps_the_config_of_another_run_in_out(memory_data, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
+    assert main([*base, "--stop-at", "2"]) == 0
+    # What a run killed before its first checkpoint and validation leaves: config.json alone.
+    shutil.rmtree(out / "last")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    config = (out / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main([*base, "--lr", "1e-3", "--stop-at", "2"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == config
+    # The same run started again: nothing of another run is lost, so it may.
+    assert main([*base, "--stop-at", "2"]) == 0
+
+
+def test_stop_at_zero_leaves_a_run_that_resumes(memory_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
+    assert main([*base, "--stop-at", "0"]) == 0
+    assert "continue with --resume" in capsys.readouterr().err
+    assert main(["train", "listops", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
 # -- the real loader on files in the official ListOps format ----------------------------------
 
 OPS = {

@@ -317,3 +317,20 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
     assert again.best_step == saved["best_step"]
     assert again.best_val["accuracy"] == saved["best_val_accuracy"]
     assert again.wall_time_s == saved["wall_time_s"]
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_results(straight, tmp_path):
+    import shutil
+
+    # A run killed before its first `last` (e.g. checkpoint_every=0) leaves best/ and
+    # metrics.jsonl: a new run in that folder must not erase them.
+    shutil.copytree(straight[0], tmp_path / "old")
+    shutil.rmtree(tmp_path / "old" / "last")
+    (tmp_path / "old" / "summary.json").unlink()
+    metrics = (tmp_path / "old" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"metrics\.jsonl.*another output directory"):
+        run(tmp_path / "old", [], steps=4, warmup_steps=1)
+    assert (tmp_path / "old" / "metrics.jsonl").read_bytes() == metrics
+    (tmp_path / "old" / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"best"):
+        run(tmp_path / "old", [], steps=4, warmup_steps=1)

@@ -128,6 +128,27 @@ def test_resume_after_stop_at_equals_the_uninterrupted_run(setup, straight):
         distill(config, root / "paused", progress=False)
 
 
+def test_resuming_a_finished_run_changes_nothing(setup, straight):
+    root, config = setup
+    run, report = straight
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    again = distill(config, run, resume=True, progress=False)
+    assert again["status"] == "completed" and again["cosine_after"] == report["cosine_after"]
+    now = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert now == files  # model/, distill.json and summary.json are not written again
+
+
+def test_a_new_run_keeps_another_runs_files(setup, tmp_path):
+    root, config = setup
+    other = DistillConfig(**{**config.to_dict(), "steps": 2, "eval_every": 1})
+    distill(other, tmp_path / "run", progress=False, stop_at=0)
+    (tmp_path / "run" / "last" / "model.safetensors").unlink()  # as if killed before it
+    saved = (tmp_path / "run" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"config\.json.*differs"):
+        distill(config, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved
+
+
 def test_command_line_run_and_errors(setup, tmp_path, capsys):
     root, config = setup
     out = tmp_path / "cli"

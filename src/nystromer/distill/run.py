@@ -386,8 +386,18 @@ def distill(
                 f"cannot resume {out} with different settings: saved {saved['distill']}, "
                 f"given {config.to_dict()}"
             )
+        if (out / "distill.json").is_file():
+            # Finished: its report, model and summary stand as they are.
+            return ckpt.read_json(out / "distill.json", f"{out} has no distill.json")
     elif ckpt.find(out, "last") is not None:
         raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or another out")
+    elif (out / CONFIG_FILE).is_file():
+        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} has no {CONFIG_FILE}")
+        if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
+            raise ValueError(
+                f"{out} holds another distillation run ({CONFIG_FILE} differs); resume it "
+                "(--resume) or choose another --out"
+            )
 
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
     splits, data_info = _datasets(config, tokenizer)

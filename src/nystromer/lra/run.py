@@ -99,8 +99,14 @@ def train_task(
                 f"cannot resume {run_dir}: the model differs from the checkpoint's "
                 f"({saved['model']} vs {run_config['model']})"
             )
-    elif info.is_main:
-        ckpt.write_json(run_dir / CONFIG_FILE, run_config)
+    else:
+        if (run_dir / CONFIG_FILE).is_file() and read_run_config(run_dir) != run_config:
+            raise ValueError(
+                f"{run_dir} holds another run ({CONFIG_FILE} differs); resume it (--resume) "
+                "or choose another --out"
+            )
+        if info.is_main:
+            ckpt.write_json(run_dir / CONFIG_FILE, run_config)
     # The same initial weights on every process and for every attention type.
     torch.manual_seed(recipe.training.seed)
     model = build_model(model_cfg)

@@ -401,6 +401,19 @@ def _non_finite(run_dir: Path, step: int, loss: float, metrics_log: MetricsLog |
     )
 
 
+def _earlier_results(run_dir: Path) -> list[str]:
+    """The files of :func:`train` that ``run_dir`` already holds (without ``last``)."""
+    found = []
+    if ckpt.find(run_dir, "best") is not None:
+        found.append("best/")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics.name)
+    if (run_dir / "summary.json").is_file():
+        found.append("summary.json")
+    return found
+
+
 def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
@@ -455,6 +468,16 @@ class Trainer:
             )
         if resume and last is None:
             raise ValueError(f"nothing to resume: {self.run_dir} has no `last` checkpoint")
+        if not resume:
+            # A run stopped before its first `last` (killed, or checkpoint_every=0) leaves
+            # results that a new run would erase (metrics.jsonl) or mix with its own (best/).
+            earlier = _earlier_results(self.run_dir)
+            if earlier:
+                raise ValueError(
+                    f"{self.run_dir} holds the results of an earlier run ({', '.join(earlier)}) "
+                    "and no `last` checkpoint to resume from; move them away or choose "
+                    "another output directory"
+                )
 
         self.module = model.to(self.device)
         if config.precision == "fp64":
@@ -737,6 +760,10 @@ class Trainer:
         self.bar = _progress_bar(
             cfg.steps, self.step, self.description, cfg.progress and info.is_main
         )
+        if cfg.stop_at is not None and self.step >= cfg.stop_at:
+            if ckpt.find(self.run_dir, "last") is None:
+                # Paused before the first step (stop_at=0): `last` is what --resume needs.
+                self.save_last(ckpt.capture_rng(self.device))
         try:
             with stop:
                 while self.step < cfg.steps and (cfg.stop_at is None or self.step < cfg.stop_at):
