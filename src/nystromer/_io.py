@@ -40,11 +40,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8"
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
 ) -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; rename it to ``path`` on success."""
+    """Open a temporary file beside ``path`` for writing; rename it to ``path`` on success.
+
+    ``encoding`` and ``newline`` are those of :func:`open` (ignored in binary mode)."""
     if "b" in mode:
-        encoding = None
-    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        encoding = newline = None
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as f:
         yield f
         f.flush()

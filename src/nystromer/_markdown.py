@@ -21,23 +21,49 @@ def replace_section(
 ) -> None:
     """Write ``markdown`` between the marker lines ``begin`` and ``end`` of a text file.
 
-    The first marked block is replaced; without markers the block is appended. Everything
-    outside it is kept byte for byte. A missing file starts as ``new_file`` (e.g. a heading).
-    The file is replaced atomically. Used by every command that writes results into docs/.
+    A marker is a line holding nothing else (surrounding spaces aside). The marked block is
+    replaced; without markers the block is appended. Everything outside it is kept byte for
+    byte, line endings included (a file with CRLF endings gets a CRLF block). A missing file
+    starts as ``new_file`` (e.g. a heading). The file is replaced atomically. Used by every
+    command that writes results into docs/.
+
+    Raises:
+        ValueError: the file is not UTF-8, or its markers are broken (one without the other,
+            in the wrong order, or more than one of either); the file is left as it was,
+            since a guess could replace text that is not the section.
     """
     target = Path(path)
     try:
-        text = target.read_text(encoding="utf-8")
+        with open(target, encoding="utf-8", newline="") as f:
+            text = f.read()
     except FileNotFoundError:
         text = new_file
-    block = f"{begin}\n{markdown.strip(chr(10))}\n{end}"
-    start = text.find(begin)
-    stop = text.find(end, start + len(begin)) if start >= 0 else -1
-    if start >= 0 and stop >= 0:
-        text = text[:start] + block + text[stop + len(end) :]
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{target} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "its section was not written"
+        ) from exc
+    nl = "\r\n" if "\r\n" in text else "\n"
+    body = markdown.replace("\r\n", "\n").strip("\n").replace("\n", nl)
+    block = f"{begin}{nl}{body}{nl}{end}"
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == begin]
+    stops = [i for i, line in enumerate(lines) if line.strip() == end]
+    if not starts and not stops:
+        text = (text.rstrip("\r\n") + nl + nl if text.strip() else "") + block + nl
+    elif len(starts) == 1 and len(stops) == 1 and starts[0] < stops[0]:
+        i, j = starts[0], stops[0]
+        ending = lines[j][len(lines[j].rstrip("\r\n")) :]  # the end line's own line break
+        text = "".join(lines[:i]) + block + ending + "".join(lines[j + 1 :])
     else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    with atomic_write(target) as f:
+        order = " (end first)" if starts and stops and stops[0] < starts[0] else ""
+        raise ValueError(
+            f"{target}: cannot write the section between the marker lines {begin!r} and "
+            f"{end!r}: the file has {len(starts)} begin and {len(stops)} end line(s){order}; "
+            "expected one of each, begin first, or neither. Fix the markers (the file was "
+            "not changed)."
+        )
+    with atomic_write(target, newline="") as f:
         f.write(text)
 
 
