@@ -179,6 +179,35 @@ def test_a_new_run_keeps_the_config_of_another_run_in_out(memory_data, tmp_path,
     assert main([*base, "--stop-at", "2"]) == 0
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["eval", "RUN", "--batch-size", "0"],
+        ["eval", "RUN", "--max-batches", "0"],
+        ["eval", "RUN", "--num-workers", "-1"],
+        ["train", "listops", "--out", "RUN", "--resume", "--stop-at", "-1"],
+        ["train", "listops", "--out", "RUN", "--resume", "--micro-batches", "0"],
+        ["train", "listops", "--out", "RUN", "--resume", "--checkpoint-every", "-2"],
+        ["train", "listops", "--out", "RUN", "--resume", "--eval-batch-size", "0"],
+    ],
+)
+def test_bad_runtime_numbers_are_refused_naming_the_flag(tmp_path, capsys, flags):
+    # eval --batch-size 0 used to fall back to the recipe's batch size silently.
+    flag = next(f for f in flags if f.startswith("--") and f != "--out" and f != "--resume")
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path) if f == "RUN" else f for f in flags])
+    assert exc.value.code == 2
+    assert f"argument {flag}: expected an integer" in capsys.readouterr().err
+
+
+def test_evaluate_run_refuses_batch_size_zero(tmp_path):
+    from nystromer.lra.run import evaluate_run
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_run(tmp_path, batch_size=0)
+
+
 def test_stop_at_zero_leaves_a_run_that_resumes(memory_data, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]

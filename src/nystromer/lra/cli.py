@@ -15,7 +15,7 @@ from typing import Any
 
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
-from ..train.cli import add_runtime_arguments, run_command, runtime_options
+from ..train.cli import add_runtime_arguments, int_at_least, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
 from .recipes import FIELDS, TASKS, Recipe, load_recipe
@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
     add_runtime_arguments(p)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
+    )
     p.add_argument(
         "--write-docs",
         type=Path,
@@ -86,11 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the one with the best validation accuracy, or the last saved (default: best)",
     )
     e.add_argument("--data", type=Path, help="data directory (default: the one trained on)")
-    e.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
-    e.add_argument("--max-batches", type=int, help="only the first N batches")
+    e.add_argument("--batch-size", type=int_at_least(1), help="batch size (default: the recipe's)")
+    e.add_argument("--max-batches", type=int_at_least(1), help="only the first N batches")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--precision", choices=PRECISIONS, help="(default: the recipe's)")
-    e.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    e.add_argument(
+        "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
+    )
     e.add_argument(
         "--write-docs",
         type=Path,

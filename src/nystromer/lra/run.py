@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_positive_int
 from .._version import __version__
 from ..train import TrainConfig, TrainResult, evaluate, train
 from ..train import checkpoint as ckpt
@@ -155,6 +156,9 @@ def evaluate_run(
     """
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    for name, value in (("batch_size", batch_size), ("max_batches", max_batches)):
+        if value is not None:
+            check_positive_int(name, value)
     cfg = read_run_config(run_dir)
     recipe = Recipe.from_dict(cfg["recipe"])
     where = ckpt.find(run_dir, checkpoint)
@@ -169,7 +173,7 @@ def evaluate_run(
     ckpt.load_weights(model, where / ckpt.WEIGHTS)
     tc = TrainConfig(
         steps=1,
-        batch_size=batch_size or recipe.training.batch_size,
+        batch_size=recipe.training.batch_size if batch_size is None else batch_size,
         device=device,
         precision=precision or recipe.training.precision,
         num_workers=num_workers,

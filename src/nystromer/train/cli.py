@@ -52,12 +52,16 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     ``--micro-batches`` and ``--no-progress``: options that change how a run executes, not
     what it computes (``--micro-batches`` up to rounding and dropout's draws)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--stop-at", type=int, help="pause after this step (resume later)")
-    parser.add_argument("--checkpoint-every", type=int, help="write `last` every N steps")
-    parser.add_argument("--eval-batch-size", type=int, help="batch size for evaluation")
+    parser.add_argument(
+        "--stop-at", type=int_at_least(0), help="pause after this step (resume later)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int_at_least(0), help="write `last` every N steps"
+    )
+    parser.add_argument("--eval-batch-size", type=int_at_least(1), help="batch size for evaluation")
     parser.add_argument(
         "--micro-batches",
-        type=int,
+        type=int_at_least(1),
         default=1,
         help="split each batch into N parts and accumulate their gradients (less memory; "
         "faster on a CPU when activations are large)",
