@@ -69,9 +69,10 @@ def tiny_model_config(**overrides):
     return LRAModelConfig(**kw)
 
 
-def recording_objective(losses, *, fail_at=None, nan_at=None, signal_at=None):
+def recording_objective(losses, *, fail_at=None, nan_at=None, signal_at=None, nan_grad_at=None):
     """The classification objective, recording each training loss; it can inject a
-    KeyboardInterrupt, a NaN loss or a SIGINT at a given (1-based) training step."""
+    KeyboardInterrupt, a NaN loss, a SIGINT or a NaN gradient under a finite loss at a given
+    (1-based) training step."""
     import signal
 
     from nystromer.lra.model import classification_objective
@@ -89,6 +90,9 @@ def recording_objective(losses, *, fail_at=None, nan_at=None, signal_at=None):
             signal.raise_signal(signal.SIGINT)
         if calls["n"] == nan_at:
             loss = loss * float("nan")
+        if calls["n"] == nan_grad_at:
+            # sqrt at 0: the value adds 0, its derivative is inf · 0 = NaN for every weight.
+            loss = loss + torch.sqrt(sum(p.sum() for p in model.parameters()) * 0.0)
         losses.append(loss.item())
         return loss, sums
 

@@ -156,6 +156,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nan_gradient_under_a_finite_loss_never_reaches_a_checkpoint(tmp_path):
+    # Step 8 validates and checkpoints: with NaN weights its validation accuracy could even
+    # look best, and `last` would hold weights that no resume recovers from.
+    losses = []
+    with pytest.raises(NonFiniteLossError, match=r"gradient.*step 8.*last good checkpoint.*4"):
+        run(tmp_path, losses, objective=recording_objective(losses, nan_grad_at=8))
+    assert math.isfinite(losses[-1])
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 4
+    assert ckpt.read_meta(tmp_path / "best")["step"] <= 4
+    model = build_model(tiny_model_config())
+    ckpt.load_weights(model, tmp_path / "last" / ckpt.WEIGHTS)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_nan_before_any_checkpoint_says_so(tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint had been written"):
         run(tmp_path, [], objective=recording_objective([], nan_at=1))

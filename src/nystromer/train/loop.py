@@ -59,7 +59,8 @@ _RESUME_INVARIANT += ("grad_clip", "seed", "precision")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without overwriting ``last``."""
+    """The loss or its gradient became NaN or infinite; the run stopped without overwriting
+    ``last``."""
 
 
 @dataclass
@@ -392,10 +393,14 @@ def _non_finite(run_dir: Path, step: int, loss: float, metrics_log: MetricsLog |
         if where is not None
         else "no checkpoint had been written yet"
     )
+    if math.isfinite(loss):  # then the gradient is what became non-finite
+        what = f"the gradient became non-finite (loss {loss})"
+    else:
+        what = f"the loss became {loss}"
     if metrics_log is not None:
         metrics_log.append({"step": step, "event": "non-finite loss", "loss": loss})
     raise NonFiniteLossError(
-        f"the loss became {loss} at step {step}; training stopped and {kept}, untouched. "
+        f"{what} at step {step}; training stopped and {kept}, untouched. "
         "Lower the learning rate, lengthen the warm-up, set grad_clip or train in fp32, "
         "then resume from it or start again."
     )
@@ -715,6 +720,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
         return losses, sums
 
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
     def _update(self) -> None:
         cfg = self.config
         if self.scaler is not None:
@@ -781,6 +790,10 @@ class Trainer:
                     # One all-reduce carries the metric sums and two flags all processes must
                     # agree on: a stop request and a non-finite loss.
                     finite = all(torch.isfinite(x).item() for x in losses)
+                    # A finite loss can still have a non-finite gradient (an overflow in the
+                    # backward pass); the update would leave NaN weights that this step's
+                    # validation and checkpoint would save. With fp16 the scaler skips it.
+                    finite = finite and (self.scaler is not None or self._gradients_finite())
                     flags = [float(stop.requested), float(not finite)]
                     vec = torch.cat(
                         [stats_tensor(sums, keys), torch.tensor(flags, dtype=torch.float64)]
@@ -940,7 +953,8 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf; ``last`` keeps the last good state.
+        NonFiniteLossError: the loss or its gradient became NaN/inf; ``last`` keeps the last
+            good state.
         KeyboardInterrupt: Ctrl-C or SIGTERM; ``last`` was saved at the last finished step.
         ValueError: inconsistent arguments (e.g. resuming with a different schedule).
     """
