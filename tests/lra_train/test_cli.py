@@ -208,6 +208,21 @@ def test_evaluate_run_refuses_batch_size_zero(tmp_path):
         evaluate_run(tmp_path, batch_size=0)
 
 
+def test_resume_refuses_a_recipe_file_other_than_the_runs(memory_data, tmp_path, capsys):
+    out, recipe = tmp_path / "run", tmp_path / "mine.json"
+    main(["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC,
+          "--stop-at", "2"])  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())["recipe"]
+    recipe.write_text(json.dumps({**saved, "lr": 0.5}))
+    capsys.readouterr()
+    resume = ["train", "listops", "--out", str(out), "--resume", "--no-progress", "--stop-at", "3"]
+    # It was ignored: the run went on with its own lr.
+    assert main([*resume, "--recipe", str(recipe)]) == 2
+    assert "lr: 0.003 → 0.5" in capsys.readouterr().err
+    recipe.write_text(json.dumps(saved))  # the same recipe: the original command repeated
+    assert main([*resume, "--recipe", str(recipe)]) == 0
+
+
 def test_stop_at_zero_leaves_a_run_that_resumes(memory_data, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]

@@ -122,6 +122,20 @@ def _train(args: argparse.Namespace) -> int:
             if saved["task"] != args.task:
                 raise ValueError(f"{args.out} is a {saved['task']} run, not {args.task}")
             recipe = Recipe.from_dict(saved["recipe"]).with_overrides(**_overrides(args))
+            if args.recipe is not None:
+                # The run's recipe is config.json's; a file that says otherwise is a mistake,
+                # not an override (a file that agrees is the original command repeated).
+                given = load_recipe(args.recipe, **_overrides(args)).to_dict()
+                differ = [
+                    f"{k}: {v!r} → {given[k]!r}"
+                    for k, v in recipe.to_dict().items()
+                    if given[k] != v
+                ]
+                if differ:
+                    raise ValueError(
+                        f"--recipe {args.recipe} differs from the recipe of the run in "
+                        f"{args.out} ({'; '.join(differ)}); resume without --recipe"
+                    )
             data = data if data is not None else saved.get("data_dir")
         else:
             if ckpt.find(args.out, "last") is not None:
