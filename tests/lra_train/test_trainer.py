@@ -348,3 +348,23 @@ def test_a_new_run_never_overwrites_an_earlier_runs_results(straight, tmp_path):
     (tmp_path / "old" / "metrics.jsonl").unlink()
     with pytest.raises(ValueError, match=r"best"):
         run(tmp_path / "old", [], steps=4, warmup_steps=1)
+
+
+def test_resume_adopts_a_best_checkpoint_written_after_last(tmp_path):
+    import shutil
+
+    # A run killed after writing `best` at step 8 but before `last` there (checkpoint_every
+    # larger than eval_every, or a crash between the two writes). Resumed from step 4, the
+    # replay may not beat the score restored from step 4 (here a learning rate too small to
+    # change a prediction; elsewhere another device or other micro-batches), so best/ keeps
+    # the step-8 weights: the summary must describe those weights, not the lost step-4 ones.
+    run(tmp_path, [], lr=1e-12, stop_at=4)
+    shutil.copytree(tmp_path / "last", tmp_path / "best", dirs_exist_ok=True)
+    (tmp_path / "best" / ckpt.STATE).unlink()
+    meta = {"checkpoint": "best", "step": 8, "val": {"accuracy": 1.0, "loss": 0.01}}
+    (tmp_path / "best" / ckpt.META).write_text(json.dumps(meta))
+    result, _ = run(tmp_path, [], lr=1e-12, resume=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert ckpt.read_meta(tmp_path / "best")["step"] == 8
+    assert summary["best_step"] == result.best_step == 8
+    assert summary["best_val_accuracy"] == 1.0

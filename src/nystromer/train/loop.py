@@ -558,6 +558,14 @@ class Trainer:
         self.step = int(state["step"])
         self.best_step = state["best_step"]
         self.best_val = dict(state["best_val"])
+        best = ckpt.find(self.run_dir, "best")
+        if best is not None:
+            meta = ckpt.read_meta(best)
+            if meta.get("step", 0) > self.step and meta.get("val"):
+                # Written after `last` by a session that then died: its weights are what
+                # best/ holds (no earlier best survives), so its score is the one to beat and
+                # the one the summary reports.
+                self.best_step, self.best_val = int(meta["step"]), dict(meta["val"])
         self.elapsed_before = float(state["elapsed_s"])
         self.interval_stats = Stats(state["interval_stats"])
         if len(state["rng"]) == info.world_size:
