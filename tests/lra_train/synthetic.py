@@ -69,10 +69,12 @@ def tiny_model_config(**overrides):
     return LRAModelConfig(**kw)
 
 
-def recording_objective(losses, *, fail_at=None, nan_at=None, signal_at=None, nan_grad_at=None):
+def recording_objective(
+    losses, *, fail_at=None, nan_at=None, signal_at=None, nan_grad_at=None, fail_eval_at=None
+):
     """The classification objective, recording each training loss; it can inject a
     KeyboardInterrupt, a NaN loss, a SIGINT or a NaN gradient under a finite loss at a given
-    (1-based) training step."""
+    (1-based) training step, or a KeyboardInterrupt in the validation after that step."""
     import signal
 
     from nystromer.lra.model import classification_objective
@@ -82,6 +84,8 @@ def recording_objective(losses, *, fail_at=None, nan_at=None, signal_at=None, na
     def objective(model, batch):
         loss, sums = classification_objective(model, batch)
         if not model.training:
+            if calls["n"] == fail_eval_at:
+                raise KeyboardInterrupt
             return loss, sums
         calls["n"] += 1
         if calls["n"] == fail_at:

@@ -133,6 +133,17 @@ def test_keyboard_interrupt_mid_step_saves_last_and_resumes_exactly(straight, tm
     assert_same_run(straight, tmp_path, losses, model)
 
 
+def test_keyboard_interrupt_in_validation_saves_the_finished_step_exactly(straight, tmp_path):
+    losses = []
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, losses, objective=recording_objective(losses, fail_eval_at=8))
+    # Step 8 finished (its validation did not): `last` holds it with the random state after
+    # it, not the one from before its dropout draws.
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 8 and len(losses) == 8
+    _, model = run(tmp_path, losses, resume=True, model_seed=99)
+    assert_same_run(straight, tmp_path, losses, model)
+
+
 def test_sigint_finishes_the_step_then_saves(straight, tmp_path):
     losses = []
     with pytest.raises(KeyboardInterrupt):

@@ -498,6 +498,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
 
         self.step = 0
+        # This step's validation was interrupted: run it before the next step (on resume).
+        self.pending_validation = False
         self.best_step: int | None = None
         self.best_val: dict[str, float] = {}
         self.elapsed_before = 0.0
@@ -516,7 +518,8 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.info.is_main else None
         if self.metrics_log is not None:
-            self.metrics_log.truncate(self.step)
+            # A pending validation is written again: drop any line it left.
+            self.metrics_log.truncate(self.step - 1 if self.pending_validation else self.step)
         self.sampler = ResumableBatchSampler(
             len(train_data),  # type: ignore[arg-type]
             config.batch_size,
@@ -568,6 +571,7 @@ class Trainer:
                 self.best_step, self.best_val = int(meta["step"]), dict(meta["val"])
         self.elapsed_before = float(state["elapsed_s"])
         self.interval_stats = Stats(state["interval_stats"])
+        self.pending_validation = bool(state.get("pending_validation", False))
         if len(state["rng"]) == info.world_size:
             ckpt.restore_rng(state["rng"][info.rank], self.device)
         else:
@@ -592,6 +596,7 @@ class Trainer:
             "best_val": self.best_val,
             "elapsed_s": self.elapsed(),
             "interval_stats": dict(self.interval_stats.sums),
+            "pending_validation": self.pending_validation,
             "world_size": self.info.world_size,
             "config": asdict(self.config),
             "run_config": self.run_config,
@@ -772,7 +777,9 @@ class Trainer:
         batches = self._batches()
         keys: list[str] | None = None
         recent: deque[dict[str, float]] = deque(maxlen=50)  # progress-bar window
-        rng_at_step_start: dict[str, Any] | None = None
+        # The random state after the last finished step: what `last` needs if an interrupt
+        # comes before the next step finishes (during it, or during this step's validation).
+        rng_after_step = ckpt.capture_rng(self.device)
         stop = _StopRequest(self.say)
         self.bar = _progress_bar(
             cfg.steps, self.step, self.description, cfg.progress and info.is_main
@@ -783,9 +790,11 @@ class Trainer:
                 self.save_last(ckpt.capture_rng(self.device))
         try:
             with stop:
+                if self.pending_validation and self.val_data is not None:
+                    self.validate()
+                self.pending_validation = False
                 while self.step < cfg.steps and (cfg.stop_at is None or self.step < cfg.stop_at):
                     started = time.perf_counter()
-                    rng_at_step_start = ckpt.capture_rng(self.device)
                     batch = to_device(next(batches), self.device)
                     self.net.train()
                     losses, sums = self._forward_backward(batch)
@@ -813,6 +822,7 @@ class Trainer:
                         loss = sum(x.item() for x in losses) / len(losses)
                         _non_finite(self.run_dir, self.step + 1, loss, self.metrics_log)
                     self._update()
+                    rng_after_step = ckpt.capture_rng(self.device)
                     self.step_seconds += time.perf_counter() - started
                     self.timed_steps += 1
                     self.interval_stats.add(reduced)
@@ -823,11 +833,13 @@ class Trainer:
                     if self.val_data is not None and (
                         at_end or (cfg.eval_every and self.step % cfg.eval_every == 0)
                     ):
+                        self.pending_validation = True
                         self.validate()
+                        self.pending_validation = False
                     every = cfg.checkpoint_interval
                     paused = cfg.stop_at is not None and self.step >= cfg.stop_at
                     if at_end or paused or stop_now or (every and self.step % every == 0):
-                        self.save_last(ckpt.capture_rng(self.device))
+                        self.save_last(rng_after_step)
                     if stop_now:
                         self.say(f"stopped at step {self.step}; `last` saved in {self.run_dir}")
                         raise KeyboardInterrupt
@@ -836,9 +848,8 @@ class Trainer:
             # user code) mid-step: save the last finished step, unless the optimiser was
             # half-way through an update, or other processes would wait in the collective.
             if not stop.requested and not self._updating and not info.enabled:
-                if rng_at_step_start is not None:
-                    self.save_last(rng_at_step_start)
-                    self.say(f"interrupted; `last` saved at step {self.step} in {self.run_dir}")
+                self.save_last(rng_after_step)
+                self.say(f"interrupted; `last` saved at step {self.step} in {self.run_dir}")
             raise
         finally:
             if self.bar is not None:
