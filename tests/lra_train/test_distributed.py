@@ -105,7 +105,9 @@ def test_torchrun_cli_matches_a_single_process(tmp_path):
         "--max-length", "128", "--num-classes", "3", "--dropout", "0",
         "--attention-dropout", "0", "--precision", "fp64", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    # src/ first: the processes must import this checkout's nystromer, not an installed one.
+    path = os.pathsep.join([str(root / "src"), str(root)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
     multi = subprocess.run(
