@@ -155,13 +155,36 @@ def test_crash_leaves_no_complete_looking_file(tmp_path: Path, monkeypatch):
             yield item
 
     monkeypatch.setattr(listops, "generate", failing)
-    (tmp_path / "basic_val.tsv").write_bytes(b"Source\tTarget\r\nold\t1\r\n")
+    sizes = {"train": 20, "val": 10, "test": 10}
     with pytest.raises(RuntimeError, match="disk full"):
-        listops.write_splits(tmp_path, {"train": 20, "val": 10, "test": 10}, **SMALL)
+        listops.write_splits(tmp_path, sizes, **SMALL)
     assert (tmp_path / "basic_train.tsv").exists()  # complete before the failure
-    assert (tmp_path / "basic_val.tsv").read_bytes() == b"Source\tTarget\r\nold\t1\r\n"
-    assert not (tmp_path / "basic_test.tsv").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["basic_train.tsv", "basic_val.tsv"]
+    assert not (tmp_path / "basic_val.tsv").exists()  # no partial file under its name
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["basic_train.tsv", "nystromer_listops.json"]
+    # The same command again completes the set, with the bytes of an uninterrupted run.
+    monkeypatch.setattr(listops, "generate", real)
+    listops.write_splits(tmp_path, sizes, **SMALL)
+    listops.write_splits(tmp_path / "clean", sizes, **SMALL)
+    for split in sizes:
+        name = f"basic_{split}.tsv"
+        assert (tmp_path / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_a_folder_holding_another_set_is_refused_untouched(tmp_path: Path):
+    # Overwriting it file by file would lose it, and an interruption would leave a new
+    # train file beside the old test file: examples could then be in both.
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "basic_val.tsv").write_bytes(b"Source\tTarget\r\nold\t1\r\n")
+    with pytest.raises(ValueError, match=r"not written by nystromer \(basic_val\.tsv\)"):
+        listops.write_splits(release, {"train": 5, "val": 2}, **SMALL)
+    assert sorted(p.name for p in release.iterdir()) == ["basic_val.tsv"]
+    listops.write_splits(tmp_path / "made", {"train": 5, "val": 2}, seed=1, **SMALL)
+    before = (tmp_path / "made" / "basic_train.tsv").read_bytes()
+    with pytest.raises(ValueError, match="other arguments"):
+        listops.write_splits(tmp_path / "made", {"train": 5, "val": 2}, seed=2, **SMALL)
+    assert (tmp_path / "made" / "basic_train.tsv").read_bytes() == before
 
 
 def test_loader_reads_generated_files(tmp_path: Path):

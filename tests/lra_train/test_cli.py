@@ -290,6 +290,9 @@ def test_listops_demo_runs_end_to_end(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert acc == summary["test_accuracy"] and summary["steps"] == 6
     assert "test accuracy" in capsys.readouterr().out
+    # Again with another seed: the demo replaces its own data (the generator refuses to).
+    run_listops_demo(tmp_path, steps=2, sizes=sizes, seed=1, progress=False)
+    assert json.loads((tmp_path / "data" / "nystromer_listops.json").read_text())["seed"] == 1
 
 
 def test_run_command_maps_each_failure_to_its_exit_code_and_message(capsys):

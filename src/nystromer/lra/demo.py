@@ -30,8 +30,14 @@ WriteData = Callable[[Path, Mapping[str, int], int], None]
 
 def _write_with_data_package(data_dir: Path, sizes: Mapping[str, int], seed: int) -> None:
     """Write the demo splits with the ListOps generator of :mod:`nystromer.lra.data`."""
+    import shutil
+
     from .data import listops
 
+    if (data_dir / listops.SETTINGS_FILE).is_file():
+        # The demo's own set from an earlier call (perhaps of other sizes or seed): replace
+        # it, as the run folder is. A folder of other data is refused by write_splits.
+        shutil.rmtree(data_dir)
     listops.write_splits(data_dir, sizes, seed=seed, progress=False, **DEMO_SETTINGS)
 
 

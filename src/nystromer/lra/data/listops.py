@@ -17,6 +17,7 @@ release byte for byte in form: the LRA script nests every argument in a pair of 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ SPLITS = ("train", "val", "test")
 HEADER = b"Source\tTarget"
 # Python's csv writer, which wrote the release, ends rows with CRLF.
 NEWLINE = b"\r\n"
+SETTINGS_FILE = "nystromer_listops.json"  # the arguments a generated set was made with
 
 _OPERATOR_P = 0.25  # the LRA generator's VALUE_P: a node is an operator with this probability
 # Codes of the text pieces, each with its trailing separator.
@@ -311,7 +313,10 @@ def write_splits(
         progress: show a tqdm progress bar.
 
     Each file is written to a temporary name and renamed when complete, so a file with its final
-    name is always whole.
+    name is always whole. The arguments are recorded in ``nystromer_listops.json``; a folder
+    that already holds ListOps files made otherwise (other arguments, or not by this function,
+    such as the LRA release) is refused, so that a set is never overwritten nor, after an
+    interruption, left mixing two generations. The same arguments again rewrite the same bytes.
     """
     sizes = dict(sizes) if sizes is not None else {"train": 96000, "val": 2000, "test": 2000}
     unknown = set(sizes) - set(SPLITS)
@@ -322,7 +327,32 @@ def write_splits(
             raise ValueError(f"sizes[{split!r}] must be an int >= 0, got {count!r}")
     _check_settings(min_length, max_length, max_depth, max_args)
     out = Path(data_dir)
+    record = {
+        "generator": "nystromer",
+        "sizes": {split: int(sizes[split]) for split in SPLITS if split in sizes},
+        "seed": seed,
+        "min_length": min_length,
+        "max_length": max_length,
+        "max_depth": max_depth,
+        "max_args": max_args,
+    }
+    settings_path = out / SETTINGS_FILE
+    existing = [f"basic_{split}.tsv" for split in SPLITS if (out / f"basic_{split}.tsv").exists()]
+    if settings_path.exists():
+        with open(settings_path, encoding="utf-8") as f:
+            if json.load(f) != record:
+                raise ValueError(
+                    f"{out} holds a ListOps set made with other arguments ({settings_path}); "
+                    "choose another --out or delete it"
+                )
+    elif existing:
+        raise ValueError(
+            f"{out} already holds ListOps data not written by nystromer ({', '.join(existing)}); "
+            "choose another --out or delete it"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(settings_path) as f:
+        json.dump(record, f, indent=1)
     total = sum(sizes.values())
     examples = generate(
         total,
