@@ -200,6 +200,26 @@ def test_bad_runtime_numbers_are_refused_naming_the_flag(tmp_path, capsys, flags
     assert f"argument {flag}: expected an integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "listops", "--data", "D"],
+        ["data", "listops"],
+        ["data", "pathfinder"],
+        ["distill", "--teacher", "T", "--text", "X"],
+    ],
+)
+def test_out_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys, command):
+    # It was a FileExistsError traceback once the first file was written.
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--out", str(afile)])
+    assert exc.value.code == 2
+    assert f"argument --out: {afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
 def test_evaluate_run_refuses_batch_size_zero(tmp_path):
     from nystromer.lra.run import evaluate_run
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..train.cli import add_runtime_arguments, run_command, runtime_options
+from ..train.cli import add_runtime_arguments, folder, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
 
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "written to OUT/model."
         ),
     )
-    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--out", type=folder, required=True, help="run directory")
     p.add_argument(
         "--text",
         nargs="+",

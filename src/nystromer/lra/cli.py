@@ -15,7 +15,13 @@ from typing import Any
 
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
-from ..train.cli import add_runtime_arguments, int_at_least, run_command, runtime_options
+from ..train.cli import (
+    add_runtime_arguments,
+    folder,
+    int_at_least,
+    run_command,
+    runtime_options,
+)
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
 from .recipes import FIELDS, TASKS, Recipe, load_recipe
@@ -45,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("task", choices=TASKS)
     p.add_argument("--data", type=Path, help="the task's data directory")
-    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs)")
+    p.add_argument("--out", type=folder, required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
     add_runtime_arguments(p)

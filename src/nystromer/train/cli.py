@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .distributed import DistInfo, init_from_env, shutdown
@@ -20,6 +21,7 @@ __all__ = [
     "USAGE_ERRORS",
     "add_runtime_arguments",
     "error",
+    "folder",
     "int_at_least",
     "run_command",
     "runtime_options",
@@ -39,6 +41,15 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def folder(text: str) -> Path:
+    """argparse type: a folder to write into, which may not exist yet but must not be a file
+    (``--out``); otherwise a traceback would report it when the first file is written."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
 
 
 # Errors that mean "the input is wrong": reported in one line, without a traceback.

@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from ...train.cli import int_at_least, run_command
+from ...train.cli import folder, int_at_least, run_command
 
 __all__ = ["register"]
 
@@ -84,7 +83,7 @@ def _add_generator(
 ) -> None:
     """One generator's command: ``--out``, its own options, ``--no-progress``."""
     parser = commands.add_parser(name, help=help, description=description)
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--out", type=folder, required=True, help=out_help)
     for flag, type_, default, help_ in options:
         parser.add_argument(flag, type=type_, default=default, help=f"{help_} (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
