@@ -220,6 +220,22 @@ def test_out_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys, command
     assert afile.read_text() == "mine"
 
 
+def test_malformed_run_files_are_named(memory_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
+    assert main([*base, "--stop-at", "4"]) == 0
+    good = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(good + '{"step": 8, "val_acc\n')
+    capsys.readouterr()
+    resume = ["train", "listops", "--out", str(out), "--resume", "--no-progress"]
+    assert main(resume) == 2
+    assert "metrics.jsonl, line 2: not a JSON record" in capsys.readouterr().err
+    (out / "metrics.jsonl").write_text(good)
+    (out / "config.json").write_text("{")
+    assert main(["eval", str(out)]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+
+
 def test_evaluate_run_refuses_batch_size_zero(tmp_path):
     from nystromer.lra.run import evaluate_run
 

@@ -6,7 +6,6 @@ A run directory holds ``config.json`` (task, data directory, recipe, model shape
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,8 +43,7 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir} is not an LRA run directory: {CONFIG_FILE} is missing")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return ckpt.load_json(path)
 
 
 def train_task(

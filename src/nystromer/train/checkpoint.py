@@ -41,6 +41,7 @@ __all__ = [
     "write_checkpoint",
     "find",
     "read_meta",
+    "load_json",
     "write_json",
     "read_json",
 ]
@@ -166,10 +167,20 @@ def find(run_dir: str | os.PathLike[str], name: str) -> Path | None:
     return survivors[-1] if survivors else None
 
 
+def load_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file; a malformed one is a ValueError naming the file and the place."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+            ) from exc
+
+
 def read_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint directory."""
-    with open(Path(checkpoint_dir) / META, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(Path(checkpoint_dir) / META)
 
 
 def read_json(path: str | os.PathLike[str], missing: str) -> Any:
@@ -177,8 +188,7 @@ def read_json(path: str | os.PathLike[str], missing: str) -> Any:
     (which says what the caller expected the folder to be)."""
     if not Path(path).is_file():
         raise ValueError(missing)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(path)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, atomic: bool = True) -> None:

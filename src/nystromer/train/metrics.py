@@ -66,7 +66,15 @@ class MetricsLog:
         self.records: list[dict[str, Any]] = []
         if self.path.is_file():
             with open(self.path, encoding="utf-8") as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(
+                            f"{self.path}, line {number}: not a JSON record ({exc.msg})"
+                        ) from exc
 
     def truncate(self, step: int) -> None:
         """Keep only records with ``record["step"] <= step``."""
