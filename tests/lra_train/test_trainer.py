@@ -181,6 +181,15 @@ def test_nan_gradient_under_a_finite_loss_never_reaches_a_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nan_advice_is_what_a_resume_allows(tmp_path):
+    # It said "lower the learning rate ... then resume from it": a resume with another rate
+    # is refused, so that remedy needs a new run directory.
+    with pytest.raises(NonFiniteLossError, match="or lower the learning rate.*another output"):
+        run(tmp_path, [], objective=recording_objective([], nan_at=6))
+    with pytest.raises(ValueError, match="different training schedule"):
+        run(tmp_path, [], resume=True, lr=1e-3)
+
+
 def test_nan_before_any_checkpoint_says_so(tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint had been written"):
         run(tmp_path, [], objective=recording_objective([], nan_at=1))

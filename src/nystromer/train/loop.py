@@ -388,22 +388,24 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 def _non_finite(run_dir: Path, step: int, loss: float, metrics_log: MetricsLog | None) -> None:
     where = ckpt.find(run_dir, "last")
-    kept = (
-        f"the last good checkpoint is {where} (step {ckpt.read_meta(where)['step']})"
-        if where is not None
-        else "no checkpoint had been written yet"
-    )
     if math.isfinite(loss):  # then the gradient is what became non-finite
         what = f"the gradient became non-finite (loss {loss})"
     else:
         what = f"the loss became {loss}"
     if metrics_log is not None:
         metrics_log.append({"step": step, "event": "non-finite loss", "loss": loss})
-    raise NonFiniteLossError(
-        f"{what} at step {step}; training stopped and {kept}, untouched. "
-        "Lower the learning rate, lengthen the warm-up, set grad_clip or train in fp32, "
-        "then resume from it or start again."
+    # A resumed run keeps its schedule and precision (they are checked), so these remedies
+    # mean a new run.
+    remedy = (
+        "lower the learning rate, lengthen the warm-up, set grad_clip or train in fp32, and "
+        "start again in another output directory (this one keeps the record)."
     )
+    if where is not None:
+        kept = f"the last good checkpoint is {where} (step {ckpt.read_meta(where)['step']})"
+        advice = f"{kept}, untouched. Resume from it if this was a one-off, or {remedy}"
+    else:
+        advice = f"no checkpoint had been written yet. To go on, {remedy}"
+    raise NonFiniteLossError(f"{what} at step {step}; training stopped and {advice}")
 
 
 def _earlier_results(run_dir: Path) -> list[str]:
