@@ -177,6 +177,14 @@ def test_a_new_run_keeps_the_config_of_another_run_in_out(memory_data, tmp_path,
     assert (out / "config.json").read_bytes() == config
     # The same run started again: nothing of another run is lost, so it may.
     assert main([*base, "--stop-at", "2"]) == 0
+    # A folder with another trainer's results and no config.json gets none added.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 5}\n')
+    capsys.readouterr()
+    assert main(["train", "listops", "--data", str(tmp_path), "--out", str(other), *SYNTHETIC]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.jsonl"]
 
 
 @pytest.mark.parametrize(
