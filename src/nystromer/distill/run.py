@@ -381,11 +381,12 @@ def distill(
     if resume:
         saved = ckpt.read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
         # Through from_dict, so settings added since the run was saved take their old values.
-        if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
-            raise ValueError(
-                f"cannot resume {out} with different settings: saved {saved['distill']}, "
-                f"given {config.to_dict()}"
+        kept, given = DistillConfig.from_dict(saved["distill"]).to_dict(), config.to_dict()
+        if kept != given:
+            changed = "; ".join(
+                f"{k}: {kept[k]!r} → {given[k]!r}" for k in given if kept[k] != given[k]
             )
+            raise ValueError(f"cannot resume {out} with different settings ({changed})")
         if (out / "distill.json").is_file():
             # Finished: its report, model and summary stand as they are.
             return ckpt.read_json(out / "distill.json", f"{out} has no distill.json")
