@@ -154,6 +154,8 @@ def test_command_line_errors(memory_data, tmp_path, capsys):
     assert "different training schedule" in capsys.readouterr().err
     assert main(["train", "text", "--out", str(out), "--resume"]) == 2
     assert "is a listops run" in capsys.readouterr().err
+    assert main(["train", "listops", "--out", str(out), "--resume", "--dropout", "0.2"]) == 2
+    assert "model differs from the checkpoint's (dropout: 0.1 → 0.2)" in capsys.readouterr().err
     assert main(["train", "listops", "--out", str(tmp_path / "x"), "--resume"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "x")]) == 2

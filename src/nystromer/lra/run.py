@@ -95,9 +95,14 @@ def train_task(
     if resume:
         saved = read_run_config(run_dir)
         if saved["model"] != run_config["model"]:
+            was, now = saved["model"], run_config["model"]
+            changed = "; ".join(
+                f"{k}: {was.get(k)!r} → {now.get(k)!r}"
+                for k in sorted(set(was) | set(now))
+                if was.get(k) != now.get(k)
+            )
             raise ValueError(
-                f"cannot resume {run_dir}: the model differs from the checkpoint's "
-                f"({saved['model']} vs {run_config['model']})"
+                f"cannot resume {run_dir}: the model differs from the checkpoint's ({changed})"
             )
     else:
         if (run_dir / CONFIG_FILE).is_file() and read_run_config(run_dir) != run_config:
