@@ -252,3 +252,21 @@ def test_published_layout_runs_linear_attention_with_default_numerics(tmp_path, 
     kwargs, _ = batch("NystromformerForMaskedLM", 12, pad=False)
     with torch.no_grad():
         assert rel_err(model(**kwargs).logits, hf(**kwargs).logits) <= TOL
+
+
+def test_untied_masked_lm_uses_the_decoder_bias_transformers_trained(tmp_path):
+    # Untied (tie_word_embeddings=False), transformers 5 keeps cls.predictions.decoder.bias as
+    # a parameter of its own and adds it in forward; cls.predictions.bias is then unused and
+    # stays zero. After fine-tuning the two differ: the decoder's bias is the one to load.
+    hf = _hf_model("NystromformerForMaskedLM", tiny_hf_config(tie_word_embeddings=False))
+    decoder_bias = hf.cls.predictions.decoder.bias
+    assert decoder_bias is not hf.cls.predictions.bias
+    with torch.no_grad():
+        decoder_bias.normal_()  # what training does to it
+    hf.save_pretrained(tmp_path)
+    model = ours.NystromformerForMaskedLM.from_pretrained(tmp_path, numerics="hf", strict=True)
+    kwargs, _ = batch("NystromformerForMaskedLM", 20, pad=False)
+    with torch.no_grad():
+        # The same float32 weights, run in float64 on both sides: only rounding remains
+        # (measured 1e-15); loading predictions.bias instead gives O(1).
+        assert rel_err(model.double()(**kwargs).logits, hf.double()(**kwargs).logits) <= 1e-12

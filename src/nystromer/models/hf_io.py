@@ -138,9 +138,14 @@ def load_into(
     elif not model.is_base_model and not checkpoint_has_heads:
         state = {base + k: v for k, v in state.items()}
     if "cls.predictions.decoder.bias" in state:
-        # transformers ties decoder.bias to predictions.bias; older checkpoints store both.
+        # Tied, transformers makes decoder.bias predictions.bias (older checkpoints store both,
+        # equal). Untied, transformers 5 keeps decoder.bias as a parameter of its own, the
+        # one its forward adds (predictions.bias is then unused), so it wins.
         decoder_bias = state.pop("cls.predictions.decoder.bias")
-        state.setdefault("cls.predictions.bias", decoder_bias)
+        if model.config.tie_word_embeddings:
+            state.setdefault("cls.predictions.bias", decoder_bias)
+        else:
+            state["cls.predictions.bias"] = decoder_bias
     for k in model._tied_keys:
         state.pop(k, None)
 
