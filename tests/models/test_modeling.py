@@ -227,3 +227,18 @@ def test_forward_hooks_on_the_conv_skip_fire(numerics):
         model(**kwargs)
     handle.remove()
     assert seen == [(2, 4, 40, 8)]
+
+
+def test_position_and_type_ids_of_one_row_apply_to_the_whole_batch():
+    # transformers broadcasts (1, n) ids (the shape of its own position_ids buffer, and of
+    # `torch.arange(n)[None]`) over the batch; they must give what the (B, n) ids give.
+    model = _model()
+    kwargs, _ = batch("NystromformerModel", 20, pad=True)
+    positions = torch.arange(5, 25)[None]
+    types = torch.randint(0, 2, (1, 20))
+    with torch.no_grad():
+        expected = model(**kwargs | {"position_ids": positions.expand(2, -1)})[0]
+        assert torch.equal(model(**kwargs | {"position_ids": positions})[0], expected)
+        kwargs["token_type_ids"] = types
+        expected = model(**kwargs | {"token_type_ids": types.expand(2, -1)})[0]
+        assert torch.equal(model(**kwargs)[0], expected)

@@ -377,8 +377,9 @@ class NystromformerModel(NystromformerPreTrainedModel):
             input_ids: (B, n) token ids in [0, vocab_size).
             attention_mask: (B, n), 1/True for real tokens, 0/False for padding; None = no
                 padding.
-            token_type_ids: (B, n) in [0, type_vocab_size); default zeros.
-            position_ids: (B, n) or (n,) rows of the position table; default 2, 3, …, n + 1.
+            token_type_ids: (B, n) or (1, n) in [0, type_vocab_size); default zeros.
+            position_ids: (B, n), (1, n) or (n,) rows of the position table; default 2, 3, …,
+                n + 1.
             inputs_embeds: (B, n, hidden_size) instead of input_ids.
             output_hidden_states: also return the embeddings and every layer's output.
 
@@ -415,7 +416,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
             position_ids = torch.arange(POSITION_OFFSET, n + POSITION_OFFSET, device=device)
             position_ids = position_ids.expand(b, n)
         else:
-            if position_ids.dim() == 1:
+            if position_ids.dim() == 1 or (position_ids.dim() == 2 and len(position_ids) == 1):
+                # (n,) or (1, n): one row for the whole batch, broadcast as transformers does.
                 position_ids = position_ids.expand(b, -1)
             _check_ids(
                 "position_ids",
@@ -426,6 +428,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros(b, n, dtype=torch.long, device=device)
         else:
+            if token_type_ids.dim() == 2 and len(token_type_ids) == 1:
+                token_type_ids = token_type_ids.expand(b, -1)  # (1, n), as position_ids
             _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, (b, n))
         mask = None
         if attention_mask is not None:
