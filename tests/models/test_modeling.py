@@ -242,3 +242,34 @@ def test_position_and_type_ids_of_one_row_apply_to_the_whole_batch():
         kwargs["token_type_ids"] = types
         expected = model(**kwargs | {"token_type_ids": types.expand(2, -1)})[0]
         assert torch.equal(model(**kwargs)[0], expected)
+
+
+def test_set_input_embeddings_replaces_the_table_and_keeps_the_decoder_tied(tmp_path):
+    # transformers' API: a new word embedding table (a vocabulary of another size); the tied
+    # masked-LM decoder must follow it, or it silently keeps predicting over the old table.
+    for cls in (NystromformerModel, NystromformerForMaskedLM):
+        model = _model(cls)
+        table = torch.nn.Embedding(60, 32)
+        model.set_input_embeddings(table)
+        assert model.get_input_embeddings() is table
+    assert model.cls.predictions.decoder.weight is table.weight
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        hidden = model.cls.predictions.transform.LayerNorm(
+            torch.nn.functional.gelu(
+                model.cls.predictions.transform.dense(model.nystromformer(input_ids=ids)[0]),
+                approximate="tanh",
+            )
+        )
+    assert torch.allclose(logits, hidden @ table.weight.T + model.cls.predictions.bias, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    back = NystromformerForMaskedLM.from_pretrained(tmp_path, strict=True)
+    assert back.config.vocab_size == 60
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match="embedding_dim 32"):
+        model.set_input_embeddings(torch.nn.Embedding(60, 16))
+    untied = _model(NystromformerForMaskedLM, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="untied decoder predicts 50 tokens"):
+        untied.set_input_embeddings(table)

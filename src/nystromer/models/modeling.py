@@ -362,6 +362,17 @@ class NystromformerModel(NystromformerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table, an ``nn.Embedding(rows, hidden_size)``;
+        ``config.vocab_size`` becomes its number of rows (the ids ``forward`` accepts)."""
+        if not isinstance(value, nn.Embedding) or value.embedding_dim != self.config.hidden_size:
+            raise ValueError(
+                f"value must be an nn.Embedding with embedding_dim {self.config.hidden_size} "
+                f"(hidden_size), got {value!r}"
+            )
+        self.embeddings.word_embeddings = value
+        self.config.vocab_size = value.num_embeddings
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -462,6 +473,10 @@ class _HeadModel(NystromformerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.nystromformer.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """As :meth:`NystromformerModel.set_input_embeddings`."""
+        self.nystromformer.set_input_embeddings(value)
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -537,6 +552,25 @@ class NystromformerForMaskedLM(_HeadModel):
                 self.nystromformer.embeddings.word_embeddings.weight
             )
             self._tied_keys = ("cls.predictions.decoder.weight",)
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table (as :meth:`NystromformerModel.set_input_embeddings`);
+        the tied decoder follows it, and the output bias keeps its rows (0 for new rows)."""
+        predictions = self.cls.predictions
+        rows = value.num_embeddings if isinstance(value, nn.Embedding) else len(predictions.bias)
+        if not self.config.tie_word_embeddings and rows != predictions.decoder.out_features:
+            raise ValueError(
+                f"the untied decoder predicts {predictions.decoder.out_features} tokens; a table "
+                f"of {rows} rows needs a decoder of that size too (tie_word_embeddings=False)"
+            )
+        super().set_input_embeddings(value)
+        if rows != len(predictions.bias):
+            with torch.no_grad():
+                bias = predictions.bias.new_zeros(rows)
+                keep = min(rows, len(predictions.bias))
+                bias[:keep] = predictions.bias[:keep]
+            predictions.bias = nn.Parameter(bias)
+        self.tie_weights()
 
     def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
         return self.cls.predictions(hidden)
