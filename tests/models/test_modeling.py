@@ -273,3 +273,16 @@ def test_set_input_embeddings_replaces_the_table_and_keeps_the_decoder_tied(tmp_
     untied = _model(NystromformerForMaskedLM, tie_word_embeddings=False)
     with pytest.raises(ValueError, match="untied decoder predicts 50 tokens"):
         untied.set_input_embeddings(table)
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu"])
+def test_models_pickle_whole(act):
+    # torch.save(model), multiprocessing with spawn and Ray pickle the module itself; the
+    # default activation (gelu_new) must not be a local lambda.
+    import pickle
+
+    model = _model(ours.NystromformerForSequenceClassification, hidden_act=act)
+    back = pickle.loads(pickle.dumps(model))
+    kwargs, _ = batch("NystromformerForSequenceClassification", 12, pad=True)
+    with torch.no_grad():
+        assert torch.equal(back(**kwargs).logits, model(**kwargs).logits)

@@ -13,6 +13,7 @@ transformers' outputs exactly, through the compatibility function in
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -118,7 +119,8 @@ class QuestionAnsweringModelOutput(_Output):
 def _activation(name: str):
     # transformers' ACT2FN names; "gelu_new" and "gelu_fast" are the tanh approximation.
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
+        # A partial, not a lambda: modules holding it must pickle (torch.save(model), spawn).
+        return functools.partial(F.gelu, approximate="tanh")
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}[
         name
     ]
