@@ -17,8 +17,10 @@ them. The convolution skip is a parameter of each attention module (``nystrom_co
 
 What is refused, with an error that says why (docs/models.md, "Families"): causal attention and
 decoders (Nyström landmarks average over future tokens), models whose attention bypasses the
-interface (transformers keeps eager attention for them), and masks other than key padding or a
-bidirectional local window (ModernBERT's local layers, which keep exact attention).
+interface (transformers keeps eager attention for them), masks other than key padding or a
+bidirectional local window (ModernBERT's local layers, which keep exact attention; packed
+sequences are refused), and attention calls given a position bias (T5's relative attention)
+or other terms softmax attention does not have.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def get_options(config: Any) -> NystromOptions:
         raise TypeError(
             f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
         )
-    return _options(tuple(sorted((settings or {}).items())))
+    try:
+        return _options(tuple(sorted((settings or {}).items())))
+    except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
+        return NystromOptions.from_dict(settings)
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,7 +312,7 @@ def _mask(
     (B, 1, n, n) masks); transformers' dense mask for a bidirectional local window, whose
     layers keep exact attention; an error for anything else."""
     _check_model_type(config)
-    kind = _mask_kind(mask_function, q_length, kv_length, q_offset, kv_offset)
+    kind = _mask_kind(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset)
     if kind == "window":
         from transformers.masking_utils import sdpa_mask
 
@@ -343,21 +348,35 @@ _PROBE_PAIRS = 1 << 22
 # plain encoders pass the same module-level mask function each time.
 @functools.lru_cache(maxsize=32)
 def _mask_kind(
-    mask_function: Callable | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int
+    mask_function: Callable | None,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
 ) -> str:
     """``"full"`` (every query sees every key), ``"window"`` (bidirectional, local) or an
-    error: causal and other one-sided masks would need future keys kept out of the landmarks."""
+    error: causal and other one-sided masks would need future keys kept out of the landmarks.
+
+    Every batch row is asked: a mask function may depend on it (transformers folds packed
+    sequences, marked by restarting position ids, into it per row)."""
     if mask_function is None:
         raise ValueError("Nyström attention's mask builder needs transformers' mask_function")
-    if q_length * kv_length <= _PROBE_PAIRS:
+    if batch_size * q_length * kv_length <= _PROBE_PAIRS:
         rows = torch.arange(q_length)
     else:
-        rows = torch.linspace(0, q_length - 1, steps=max(1, _PROBE_PAIRS // kv_length)).long()
+        steps = max(1, _PROBE_PAIRS // (kv_length * batch_size))
+        rows = torch.linspace(0, q_length - 1, steps=steps).long()
+    # transformers' layout for evaluating mask functions: (batch, head, query, key).
+    batch = torch.arange(batch_size)[:, None, None, None]
     q = (rows + q_offset)[:, None]
     kv = (torch.arange(kv_length) + kv_offset)[None, :]
     zero = torch.zeros((), dtype=torch.long)
     try:
-        allowed = torch.broadcast_to(mask_function(zero, zero, q, kv), (len(rows), kv_length))
+        allowed = torch.as_tensor(mask_function(batch, zero, q[None, None], kv[None, None]))
+        # A function of the positions alone gives one row for the whole batch: kept as one.
+        rows_asked = batch_size if allowed.dim() == 4 and allowed.shape[0] > 1 else 1
+        allowed = torch.broadcast_to(allowed, (rows_asked, 1, len(rows), kv_length))[:, 0]
     except Exception as e:  # a mask function that is not index-based
         raise ValueError(
             "Nyström attention supports key padding and bidirectional local windows only; "
@@ -382,7 +401,7 @@ def _mask_kind(
 
 def _symmetric(allowed: Tensor, q: Tensor, kv: Tensor) -> bool:
     """Whether the allowed pairs depend on |query − key| only, as in a local window."""
-    distance = (kv - q).abs()
+    distance = (kv - q).abs().expand_as(allowed)
     width = distance[allowed].max()
     return bool((allowed == (distance <= width)).all())
 
@@ -429,9 +448,11 @@ def _attention(
     or None)."""
     if sliding_window is not None:
         # A local window costs O(n·w) exactly: these layers keep exact attention.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations import sdpa_attention
 
-        out, weights = sdpa_attention_forward(
+        # The weights are computed below: SDPA's warning that it returns none would be wrong.
+        kwargs.pop("output_attentions", None)
+        out, weights = sdpa_attention.sdpa_attention_forward(
             module,
             query,
             key,
@@ -446,10 +467,12 @@ def _attention(
             # Every layer's weights, or the tuple would skip these layers.
             weights = _window_weights(query, key, attention_mask, scaling)
         return out, weights
-    if getattr(module, "is_causal", False):
+    if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
         raise ValueError(
-            f"{type(module).__name__} is causal: Nyström landmarks would leak future tokens"
+            f"{type(module).__name__} is causal (is_causal): Nyström landmarks would leak future "
+            "tokens"
         )
+    _check_no_bias(module, kwargs)
     options = get_options(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
@@ -462,6 +485,8 @@ def _attention(
             f"nystromer.patch(model, conv_kernel_size={k})"
         )
     mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
+    if mask is not None and mask.shape[0] == 1:
+        mask = mask.expand(query.shape[0], n_k)  # one mask for the batch, as eager broadcasts
     probe = _PROBE.get()
     observe = None
     if probe is not None:
@@ -484,6 +509,29 @@ def _attention(
     if _attentions_requested():
         weights = _all_rows(query, key, mask, scaling, options)
     return out, weights
+
+
+# Keywords some models pass to the attention function that change what it computes (and the
+# eager and SDPA functions apply); Nyström attention has no place for them.
+_CHANGING_KWARGS = {
+    "position_bias": "an additive position bias (relative attention, as in T5)",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "softcap": "soft-capped attention logits",
+    "indices": "sparse attention indices",
+    "block_indices": "sparse attention indices",
+}
+
+
+def _check_no_bias(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse what would otherwise be dropped without a word: a model passing these computes
+    something else than the softmax attention Nyström approximates."""
+    for name, what in _CHANGING_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{type(module).__name__} passes {name} ({what}) to its attention function; "
+                "Nyström attention cannot apply it, and leaving it out would change the model"
+            )
 
 
 def _attentions_requested() -> bool:

@@ -1,0 +1,127 @@
+"""Edge cases of attn_implementation="nystrom", convert and calibrate on tiny random models.
+
+Comparisons run in float64: at n ≤ m Nyström attention is exact softmax attention, so a
+tolerance of 1e-10 separates "the same computation up to summation order" from a wrong mask
+or a dropped bias (differences of 1e-3 and more on these models).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nystromer
+from nystromer import hf
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModel, BertConfig  # noqa: E402
+
+M = 16
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def bert(implementation: str = "nystrom", **extra) -> transformers.BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=90, **SMALL, **extra)
+    cfg.nystrom = {"num_landmarks": M}
+    return AutoModel.from_config(cfg, attn_implementation=implementation).double().eval()
+
+
+def ids(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 90, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def test_position_bias_of_t5_style_attention_is_refused_not_dropped():
+    # T5's encoder passes its relative position bias to the attention function as a keyword;
+    # Nyström attention cannot add it, and dropping it changed every output.
+    cfg = transformers.T5Config(
+        vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4
+    )
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(cfg).eval()
+    nystromer.convert(model, num_landmarks=M)
+    with pytest.raises(ValueError, match="position_bias"):
+        model(input_ids=ids(2, 10))
+
+
+def test_causal_flag_passed_as_keyword_is_refused():
+    model = bert()
+    module = hf.attention_modules(model)[0][1]
+    q = torch.randn(1, 4, 20, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="is_causal"):
+        hf._attention(module, q, q, q, None, is_causal=True)
+    out, _ = hf._attention(module, q, q, q, None, is_causal=False)
+    assert out.shape == (1, 20, 4, 8)
+
+
+def test_packed_sequences_in_any_batch_row_are_refused_not_merged():
+    # Position ids that restart mark several sequences packed into one row: transformers folds
+    # a block-diagonal mask into its mask function. It was only inspected for batch row 0, so
+    # a packed row 1 was attended to as one sequence (wrong even at n ≤ m).
+    model, exact = bert(), bert("eager")
+    n = 12
+    single = torch.arange(n)
+    packed = torch.cat([torch.arange(6), torch.arange(6)])
+    for rows in ((single, packed), (packed, single)):
+        with pytest.raises(ValueError, match="key padding and bidirectional local windows"):
+            model(input_ids=ids(2, n), position_ids=torch.stack(rows))
+    # Without packing, the same position ids in every row are exact attention.
+    positions = torch.stack([single, single])
+    with torch.no_grad():
+        got = model(input_ids=ids(2, n), position_ids=positions).last_hidden_state
+        want = exact(input_ids=ids(2, n), position_ids=positions).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_4d_mask_with_batch_one_broadcasts_like_eager():
+    model, exact = bert(), bert("eager")
+    x = ids(3, 12)
+    # transformers' additive form (eager adds a bool mask as numbers): 0 attend, min masked.
+    keys = torch.zeros(1, 1, 1, 12, dtype=torch.float64)
+    keys[..., 9:] = torch.finfo(torch.float64).min
+    with torch.no_grad():
+        got = model(input_ids=x, attention_mask=keys).last_hidden_state
+        want = exact(input_ids=x, attention_mask=keys).last_hidden_state
+    torch.testing.assert_close(got[:, :9], want[:, :9], rtol=0, atol=1e-10)
+
+
+def test_unhashable_setting_is_named():
+    model = bert()
+    model.config.nystrom = {"num_landmarks": [8]}
+    with pytest.raises(ValueError, match="num_landmarks"):
+        model(input_ids=ids(1, 20))
+
+
+def test_local_window_layers_do_not_warn_that_attentions_are_unsupported(monkeypatch):
+    # The window layers run transformers' SDPA function, which warns that it returns no
+    # attention weights; Nyström attention returns them (exact softmax rows) itself.
+    from transformers.integrations import sdpa_attention
+
+    seen = []
+    original = sdpa_attention.sdpa_attention_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("output_attentions"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    cfg = transformers.ModernBertConfig(
+        vocab_size=90,
+        **dict(SMALL, num_hidden_layers=3),
+        global_attn_every_n_layers=2,
+        local_attention=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    cfg.nystrom = {"num_landmarks": M}
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg, attn_implementation="nystrom").eval()
+    with torch.no_grad():
+        out = model(input_ids=ids(1, 20), output_attentions=True)
+    assert len(out.attentions) == 3 and seen and not any(seen)
