@@ -125,3 +125,43 @@ def test_local_window_layers_do_not_warn_that_attentions_are_unsupported(monkeyp
     with torch.no_grad():
         out = model(input_ids=ids(1, 20), output_attentions=True)
     assert len(out.attentions) == 3 and seen and not any(seen)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def converted(**extra) -> transformers.BertModel:
+    model = bert("sdpa", **extra)
+    return nystromer.convert(model, num_landmarks=8, conv_kernel_size=3)
+
+
+def batches() -> list[dict]:
+    x = ids(3, 37)
+    mask = torch.ones_like(x)
+    mask[1, 20:] = 0
+    return [{"input_ids": x, "attention_mask": mask}, {"input_ids": ids(1, 29, seed=1)}]
+
+
+def test_calibrate_restores_each_modules_mode_and_dtype():
+    model = converted()
+    model.train()
+    model.encoder.layer[0].eval()  # e.g. a frozen part of a model in training
+    modes = [m.training for m in model.modules()]
+    nystromer.calibrate(model, batches())
+    assert [m.training for m in model.modules()] == modes
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+def test_calibrate_reads_an_iterator_for_every_layer():
+    # A generator was refused by len() with "object of type 'generator' has no len()"; read
+    # once, it would leave the layers after the first without inputs.
+    want = nystromer.calibrate(converted(), batches())
+    got = nystromer.calibrate(converted(), iter(batches()))
+    assert len(got.explained) == 2 and got.tokens == want.tokens
+    for a, b in zip(got.explained, want.explained, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_calibrate_names_a_batch_that_is_not_a_dict():
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be a dict"):
+        nystromer.calibrate(converted(), [ids(2, 37)])
