@@ -165,3 +165,30 @@ def test_calibrate_reads_an_iterator_for_every_layer():
 def test_calibrate_names_a_batch_that_is_not_a_dict():
     with pytest.raises(ValueError, match=r"inputs\[0\] must be a dict"):
         nystromer.calibrate(converted(), [ids(2, 37)])
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize("case", ["vision", "rotary", "shorter"])
+def test_convert_refusing_the_positions_leaves_the_model_unchanged(case):
+    # convert switched the attention and added skips before extend_positions refused the
+    # table: the ValueError came with a model converted anyway.
+    if case == "vision":
+        cfg = transformers.ViTConfig(**SMALL, image_size=16, patch_size=4, num_channels=3)
+        model, positions = AutoModel.from_config(cfg, attn_implementation="sdpa"), 100
+    elif case == "rotary":
+        cfg = transformers.ModernBertConfig(
+            vocab_size=90, **SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            cls_token_id=1, sep_token_id=2,
+        )  # fmt: skip
+        model, positions = AutoModel.from_config(cfg, attn_implementation="sdpa"), 10_000
+    else:
+        model, positions = bert("sdpa", max_position_embeddings=40), 30
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = getattr(model.config, "nystrom", None)
+    with pytest.raises(ValueError, match="max_position_embeddings|position"):
+        nystromer.convert(model, conv_kernel_size=3, max_position_embeddings=positions)
+    assert model.config._attn_implementation == "sdpa"
+    assert getattr(model.config, "nystrom", None) == settings
+    assert model.state_dict().keys() == state.keys()
