@@ -88,6 +88,40 @@ def test_4d_mask_with_batch_one_broadcasts_like_eager():
     torch.testing.assert_close(got[:, :9], want[:, :9], rtol=0, atol=1e-10)
 
 
+def test_grouped_query_attention_eurobert():
+    # EuroBERT passes fewer key/value heads than query heads (num_key_value_groups); they were
+    # refused with a shape error that did not say why.
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "eurobert" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no EuroBERT")
+    cfg = dict(
+        vocab_size=90, **SMALL, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, mask_token_id=3,
+    )  # fmt: skip
+
+    def build(implementation):
+        config = transformers.AutoConfig.for_model("eurobert", **cfg)
+        config.nystrom = {"num_landmarks": M}
+        torch.manual_seed(0)
+        return AutoModel.from_config(config, attn_implementation=implementation).double().eval()
+
+    model, exact = build("nystrom"), build("sdpa")
+    x = ids(2, 40)
+    mask = torch.ones_like(x)
+    mask[1, 30:] = 0
+    with torch.no_grad():
+        # n ≤ m: exact attention.
+        got = model(input_ids=x[:, :12]).last_hidden_state
+        want = exact(input_ids=x[:, :12]).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        # n > m: a padded sequence is computed as alone.
+        together = model(input_ids=x, attention_mask=mask).last_hidden_state
+        alone = model(input_ids=x[1:, :30]).last_hidden_state
+    torch.testing.assert_close(together[1, :30], alone[0], rtol=0, atol=1e-10)
+    assert (together - exact(input_ids=x, attention_mask=mask).last_hidden_state).abs().max() > 1e-4
+
+
 def test_unhashable_setting_is_named():
     model = bert()
     model.config.nystrom = {"num_landmarks": [8]}

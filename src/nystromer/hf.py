@@ -473,6 +473,12 @@ def _attention(
             "tokens"
         )
     _check_no_bias(module, kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if isinstance(groups, int) and groups > 1 and key.shape[1] * groups == query.shape[1]:
+        # Grouped-query attention (EuroBERT): each key and value head serves `groups` query
+        # heads, repeated as transformers' eager and SDPA functions do.
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     options = get_options(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
