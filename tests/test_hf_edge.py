@@ -122,6 +122,28 @@ def test_grouped_query_attention_eurobert():
     assert (together - exact(input_ids=x, attention_mask=mask).last_hidden_state).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("masked", [-10_000.0, torch.finfo(torch.float32).min, float("-inf")])
+def test_additive_4d_masks_of_any_large_negative_value(masked):
+    # Older BERT code masks with -10000, and a mask built in float32 holds float32's minimum,
+    # not float64's: eager attention gives those keys no weight, and they were refused as
+    # "additive attention biases".
+    model, exact = bert(), bert("eager")
+    x = ids(2, 12)
+    keys = torch.zeros(2, 1, 1, 12, dtype=torch.float64)
+    keys[1, ..., 9:] = masked
+    with torch.no_grad():
+        got = model(input_ids=x, attention_mask=keys).last_hidden_state
+        want = exact(input_ids=x, attention_mask=keys).last_hidden_state
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got[1, :9], want[1, :9], rtol=0, atol=1e-10)
+    bias = keys.clone()
+    bias[0, ..., 3] = -5.0  # a bias, not a mask
+    with pytest.raises(ValueError, match="additive attention biases"):
+        model(input_ids=x, attention_mask=bias)
+    with pytest.raises(ValueError, match="must be bool"):
+        model(input_ids=x, attention_mask=(keys == 0).long())
+
+
 def test_unhashable_setting_is_named():
     model = bert()
     model.config.nystrom = {"num_landmarks": [8]}

@@ -406,13 +406,25 @@ def _symmetric(allowed: Tensor, q: Tensor, kv: Tensor) -> bool:
     return bool((allowed == (distance <= width)).all())
 
 
+# Additive mask values at or below this mask a key (see _key_mask_from_4d).
+_MASKED = -1e4
+
+
 def _key_mask_from_4d(mask: Tensor, n_q: int, n_k: int) -> Tensor:
     """A (B, 1, n_q or 1, n_k) mask → (B, n_k) bool, True = real; refuse anything else."""
     if mask.dtype == torch.bool:
         allowed = mask
+    elif not mask.is_floating_point():
+        raise ValueError(
+            f"attention_mask of 4 dimensions must be bool (True = attend) or an additive float "
+            f"mask (0 = attend), got {mask.dtype}"
+        )
     else:
-        # transformers' additive masks: 0 = attend, dtype minimum (or -inf) = masked.
-        masked = mask <= torch.finfo(mask.dtype).min
+        # transformers' additive masks: 0 = attend, a large negative number = masked (the
+        # dtype minimum or -inf; -10000 in older BERT code; another dtype's minimum when built
+        # in another precision). From -1e4 down exp() is 0 in every float dtype: eager
+        # attention gives such keys no weight.
+        masked = mask <= _MASKED
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
             raise ValueError("additive attention biases are not supported by Nyström attention")
         allowed = ~masked
