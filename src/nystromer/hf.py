@@ -252,7 +252,8 @@ class AttentionCall:
 
     Attributes:
         module: the transformers attention module (its ``nystrom_conv``, if any, is the skip).
-        query, key, value: (B, H, n, d), as transformers passed them.
+        query, key, value: (B, H, n, d), as transformers passed them (key and value heads
+            repeated to H under grouped-query attention).
         mask: (B, n_k) bool, True for real keys, or None.
         scale: the score scale transformers passed (None: 1/sqrt(d)).
         output: (B, H, n_q, d), the Nyström attention output *before* the convolution skip.
