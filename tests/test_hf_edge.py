@@ -221,6 +221,9 @@ def test_calibrate_reads_an_iterator_for_every_layer():
 def test_calibrate_names_a_batch_that_is_not_a_dict():
     with pytest.raises(ValueError, match=r"inputs\[0\] must be a dict"):
         nystromer.calibrate(converted(), [ids(2, 37)])
+    for inputs in (None, [], iter([]), {"input_ids": ids(2, 37)}):
+        with pytest.raises(ValueError, match="inputs must be a non-empty sequence"):
+            nystromer.calibrate(converted(), inputs)
 
 
 # --------------------------------------------------------------------------- convert

@@ -22,7 +22,7 @@ computed reaches the fit through :func:`nystromer.patching.attention_probe`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +110,10 @@ def calibrate(
             f"{type(model).__name__} has no Nyström convolution skip to calibrate; convert it "
             "first with a kernel, e.g. nystromer.convert(model, conv_kernel_size=35)"
         )
-    if not isinstance(inputs, Mapping) and iter(inputs) is inputs:
+    if not isinstance(inputs, Mapping) and isinstance(inputs, Iterator):
         # A generator or iterator would be used up by the first layer: every layer reads all.
         inputs = list(inputs)
-    if isinstance(inputs, Mapping) or len(inputs) == 0:
+    if isinstance(inputs, Mapping) or not isinstance(inputs, Sized) or len(inputs) == 0:
         raise ValueError(
             "inputs must be a non-empty sequence of batches (dicts of model keyword "
             f"arguments), got {type(inputs).__name__}"
