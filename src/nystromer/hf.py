@@ -128,7 +128,7 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises:
         TypeError: not a transformers model.
         ValueError: its attention bypasses transformers' attention interface, it is a decoder,
-            it has causal attention modules, or none at all.
+            it has causal attention modules or none at all, or a relative position bias.
     """
     from transformers import PreTrainedModel
 
@@ -157,6 +157,19 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
         )
     if not modules:
         raise ValueError(f"found no attention modules in {name}")
+    # T5, LayoutLMv3, Data2VecVision, …: the flag transformers' own modules set (the attention
+    # function's position_bias check catches the others at the first forward).
+    biased = [
+        n
+        for n, m in model.named_modules()
+        if getattr(m, "has_relative_attention_bias", False) is True
+        or getattr(m, "has_relative_position_bias", False) is True
+    ]
+    if biased:
+        raise ValueError(
+            f"{name} adds a relative position bias to its attention scores ({biased[0]}): "
+            "Nyström attention never forms the n×n scores, so it cannot add one"
+        )
     return modules
 
 
