@@ -252,3 +252,31 @@ def test_convert_refusing_the_positions_leaves_the_model_unchanged(case):
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.config, "nystrom", None) == settings
     assert model.state_dict().keys() == state.keys()
+
+
+def test_patch_reaches_the_sub_configs_of_a_composite_model(tmp_path):
+    # SigLIP's text and vision encoders read their own sub-configs: patch wrote the settings
+    # into the top-level config only, so they ran with the defaults (m = 64, exact on these
+    # 64 patches), and a convolution skip failed on the top config's missing head count.
+    text = dict(vocab_size=90, **dict(SMALL, num_hidden_layers=1))
+    vision = dict(SMALL, num_hidden_layers=1, image_size=32, patch_size=4)
+    cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(cfg).double().eval()
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        exact = model.vision_model(pixel_values=pixels).last_hidden_state
+    nystromer.patch(model, num_landmarks=8, conv_kernel_size=3)
+    modules = hf.attention_modules(model)
+    assert len(modules) == 2
+    for _, m in modules:
+        assert hf.get_options(m.config) == nystromer.NystromOptions(num_landmarks=8, conv_kernel_size=3)
+        torch.nn.init.normal_(m.nystrom_conv.weight, 0, 0.1)
+    with torch.no_grad():
+        got = model.vision_model(pixel_values=pixels).last_hidden_state
+    assert (got - exact).abs().max() > 1e-3  # 64 patches > m = 8: not exact attention
+    model.save_pretrained(tmp_path)
+    loaded = nystromer.from_pretrained(tmp_path, model_class=transformers.SiglipModel).double()
+    with torch.no_grad():
+        again = loaded.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(again, got, rtol=0, atol=1e-12)

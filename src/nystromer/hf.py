@@ -212,11 +212,11 @@ def add_conv_skips(model: nn.Module, kernel_size: int) -> int:
     Modules that already have one keep it (it may be trained); local sliding-window layers
     (ModernBERT's), which keep exact attention, get none.
     """
-    heads = model.config.num_attention_heads
     added = 0
     for _, m in attention_modules(model):
         if hasattr(m, "nystrom_conv") or getattr(m, "sliding_window", None) is not None:
             continue
+        heads = m.config.num_attention_heads  # its own config: a composite model has several
         ref = next(m.parameters())
         conv = ValueConv(heads, kernel_size, device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(conv.weight)
