@@ -269,8 +269,9 @@ def test_patch_reaches_the_sub_configs_of_a_composite_model(tmp_path):
     nystromer.patch(model, num_landmarks=8, conv_kernel_size=3)
     modules = hf.attention_modules(model)
     assert len(modules) == 2
+    asked = nystromer.NystromOptions(num_landmarks=8, conv_kernel_size=3)
     for _, m in modules:
-        assert hf.get_options(m.config) == nystromer.NystromOptions(num_landmarks=8, conv_kernel_size=3)
+        assert hf.get_options(m.config) == asked
         torch.nn.init.normal_(m.nystrom_conv.weight, 0, 0.1)
     with torch.no_grad():
         got = model.vision_model(pixel_values=pixels).last_hidden_state
