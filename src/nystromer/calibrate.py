@@ -22,7 +22,7 @@ computed reaches the fit through :func:`nystromer.patching.attention_probe`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -74,13 +74,14 @@ def calibrate(
     t − k//2 positions X_t (n, d, zero outside the sequence and at padding), the kernel
     w ∈ ℝᵏ minimises ``Σ_real i ‖E_i − Y_i − Σ_t w_t·X_t,i‖² + λ‖w‖²``, with λ = ``ridge`` ×
     the mean of the diagonal of the normal equations (a scale-free regulariser). The model is
-    run in eval mode without gradients; its mode is restored afterwards.
+    run in eval mode without gradients; each module's mode is restored afterwards.
 
     Args:
         model: a transformers BERT/RoBERTa model converted or patched with
             ``conv_kernel_size`` (its attention modules have ``nystrom_conv``).
         inputs: batches of keyword arguments for ``model(**batch)``, e.g.
-            ``{"input_ids": (B, n), "attention_mask": (B, n)}``; run once per layer.
+            ``{"input_ids": (B, n), "attention_mask": (B, n)}``; run once per layer (a
+            DataLoader is iterated once per layer; an iterator is read into a list first).
         ridge: relative weight of the regulariser (≥ 0).
         chunk_size: positions per block when building the normal equations (bounds the
             extra memory to about B·H·chunk_size·d·k floats).
@@ -109,7 +110,10 @@ def calibrate(
             f"{type(model).__name__} has no Nyström convolution skip to calibrate; convert it "
             "first with a kernel, e.g. nystromer.convert(model, conv_kernel_size=35)"
         )
-    if isinstance(inputs, Mapping) or len(inputs) == 0:
+    if not isinstance(inputs, Mapping) and isinstance(inputs, Iterator):
+        # A generator or iterator would be used up by the first layer: every layer reads all.
+        inputs = list(inputs)
+    if isinstance(inputs, Mapping) or not isinstance(inputs, Sized) or len(inputs) == 0:
         raise ValueError(
             "inputs must be a non-empty sequence of batches (dicts of model keyword "
             f"arguments), got {type(inputs).__name__}"
@@ -129,7 +133,8 @@ def calibrate(
             )
         projections = _output_projections(model, modules)
 
-    was_training = model.training
+    # Each module's own mode: a model may be in training with some parts frozen in eval.
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     explained: list[Tensor] = []
     output_explained: list[float] = []
@@ -151,7 +156,8 @@ def calibrate(
                 _feed_layer(model, inputs, target, fit.add)
                 output_explained.append(fit.solve_into(float(output_projection)))
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return CalibrationResult(
         explained=explained,
         tokens=tokens,
@@ -170,7 +176,12 @@ def _feed_layer(model: nn.Module, inputs, target: nn.Module, add) -> None:
             raise _Stop
 
     with attention_probe(probe), torch.no_grad():
-        for batch in inputs:
+        for i, batch in enumerate(inputs):
+            if not isinstance(batch, Mapping):
+                raise ValueError(
+                    f"inputs[{i}] must be a dict of keyword arguments for model(**batch), got "
+                    f"{type(batch).__name__}"
+                )
             try:
                 model(**batch)
             except _Stop:

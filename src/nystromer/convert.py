@@ -106,6 +106,9 @@ def convert(
         options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
     )
     model_type = _model_type(model)
+    if max_position_embeddings is not None:
+        # Checked before anything changes: a refused table must not leave the model converted.
+        _extension_target(model, max_position_embeddings)
     if model_type == "nystromformer":
         _convert_nystromformer(model, options)
     else:
@@ -136,28 +139,15 @@ def extend_positions(model: nn.Module, max_position_embeddings: int) -> nn.Modul
     Raises:
         ValueError: an unsupported model, or a value smaller than the current one.
     """
-    model_type = _model_type(model)
-    embeddings = _embeddings_module(model)
+    embeddings = _extension_target(model, max_position_embeddings)
     config = model.config
-    current = config.max_position_embeddings
-    if (
-        isinstance(max_position_embeddings, bool)
-        or not isinstance(max_position_embeddings, int)
-        or max_position_embeddings < current
-    ):
-        raise ValueError(
-            f"max_position_embeddings must be an integer ≥ the model's current {current} "
-            f"(convert only lengthens the position table), got {max_position_embeddings!r}"
-        )
-    if max_position_embeddings == current:
+    if max_position_embeddings == config.max_position_embeddings:
         return model
     old = embeddings.position_embeddings
     reserved = reserved_positions(model)
     rows = max_position_embeddings
-    if model_type == "nystromformer":
+    if _model_type(model) == "nystromformer":
         rows += reserved  # its config counts positions, its table also the reserved rows
-    if old.num_embeddings <= reserved:
-        raise ValueError(f"the position table has no trained rows beyond the {reserved} reserved")
     new = nn.Embedding(
         rows,
         old.embedding_dim,
@@ -316,6 +306,28 @@ def _model_type(model: nn.Module) -> str:
         f"{what!r}; for other models with torch.nn.MultiheadAttention use nystromer.patch "
         "(no position table to extend)"
     )
+
+
+def _extension_target(model: nn.Module, max_position_embeddings: int) -> nn.Module:
+    """The embeddings module whose table :func:`extend_positions` lengthens to
+    ``max_position_embeddings``, or the error that it cannot; changes nothing."""
+    _model_type(model)
+    embeddings = _embeddings_module(model)
+    current = model.config.max_position_embeddings
+    if (
+        isinstance(max_position_embeddings, bool)
+        or not isinstance(max_position_embeddings, int)
+        or max_position_embeddings < current
+    ):
+        raise ValueError(
+            f"max_position_embeddings must be an integer ≥ the model's current {current} "
+            f"(convert only lengthens the position table), got {max_position_embeddings!r}"
+        )
+    reserved = reserved_positions(model)
+    rows = embeddings.position_embeddings.num_embeddings
+    if max_position_embeddings > current and rows <= reserved:
+        raise ValueError(f"the position table has no trained rows beyond the {reserved} reserved")
+    return embeddings
 
 
 def _position_tables(model: nn.Module) -> list[nn.Module]:

@@ -17,8 +17,10 @@ them. The convolution skip is a parameter of each attention module (``nystrom_co
 
 What is refused, with an error that says why (docs/models.md, "Families"): causal attention and
 decoders (Nyström landmarks average over future tokens), models whose attention bypasses the
-interface (transformers keeps eager attention for them), and masks other than key padding or a
-bidirectional local window (ModernBERT's local layers, which keep exact attention).
+interface (transformers keeps eager attention for them), masks other than key padding or a
+bidirectional local window (ModernBERT's local layers, which keep exact attention; packed
+sequences are refused), and attention calls given a position bias (T5's relative attention)
+or other terms softmax attention does not have.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def get_options(config: Any) -> NystromOptions:
         raise TypeError(
             f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
         )
-    return _options(tuple(sorted((settings or {}).items())))
+    try:
+        return _options(tuple(sorted((settings or {}).items())))
+    except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
+        return NystromOptions.from_dict(settings)
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,7 +128,7 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises:
         TypeError: not a transformers model.
         ValueError: its attention bypasses transformers' attention interface, it is a decoder,
-            it has causal attention modules, or none at all.
+            it has causal attention modules or none at all, or a relative position bias.
     """
     from transformers import PreTrainedModel
 
@@ -152,6 +157,19 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
         )
     if not modules:
         raise ValueError(f"found no attention modules in {name}")
+    # T5, LayoutLMv3, Data2VecVision, …: the flag transformers' own modules set (the attention
+    # function's position_bias check catches the others at the first forward).
+    biased = [
+        n
+        for n, m in model.named_modules()
+        if getattr(m, "has_relative_attention_bias", False) is True
+        or getattr(m, "has_relative_position_bias", False) is True
+    ]
+    if biased:
+        raise ValueError(
+            f"{name} adds a relative position bias to its attention scores ({biased[0]}): "
+            "Nyström attention never forms the n×n scores, so it cannot add one"
+        )
     return modules
 
 
@@ -194,11 +212,11 @@ def add_conv_skips(model: nn.Module, kernel_size: int) -> int:
     Modules that already have one keep it (it may be trained); local sliding-window layers
     (ModernBERT's), which keep exact attention, get none.
     """
-    heads = model.config.num_attention_heads
     added = 0
     for _, m in attention_modules(model):
         if hasattr(m, "nystrom_conv") or getattr(m, "sliding_window", None) is not None:
             continue
+        heads = m.config.num_attention_heads  # its own config: a composite model has several
         ref = next(m.parameters())
         conv = ValueConv(heads, kernel_size, device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(conv.weight)
@@ -247,7 +265,8 @@ class AttentionCall:
 
     Attributes:
         module: the transformers attention module (its ``nystrom_conv``, if any, is the skip).
-        query, key, value: (B, H, n, d), as transformers passed them.
+        query, key, value: (B, H, n, d), as transformers passed them (key and value heads
+            repeated to H under grouped-query attention).
         mask: (B, n_k) bool, True for real keys, or None.
         scale: the score scale transformers passed (None: 1/sqrt(d)).
         output: (B, H, n_q, d), the Nyström attention output *before* the convolution skip.
@@ -307,7 +326,7 @@ def _mask(
     (B, 1, n, n) masks); transformers' dense mask for a bidirectional local window, whose
     layers keep exact attention; an error for anything else."""
     _check_model_type(config)
-    kind = _mask_kind(mask_function, q_length, kv_length, q_offset, kv_offset)
+    kind = _mask_kind(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset)
     if kind == "window":
         from transformers.masking_utils import sdpa_mask
 
@@ -343,21 +362,35 @@ _PROBE_PAIRS = 1 << 22
 # plain encoders pass the same module-level mask function each time.
 @functools.lru_cache(maxsize=32)
 def _mask_kind(
-    mask_function: Callable | None, q_length: int, kv_length: int, q_offset: int, kv_offset: int
+    mask_function: Callable | None,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
 ) -> str:
     """``"full"`` (every query sees every key), ``"window"`` (bidirectional, local) or an
-    error: causal and other one-sided masks would need future keys kept out of the landmarks."""
+    error: causal and other one-sided masks would need future keys kept out of the landmarks.
+
+    Every batch row is asked: a mask function may depend on it (transformers folds packed
+    sequences, marked by restarting position ids, into it per row)."""
     if mask_function is None:
         raise ValueError("Nyström attention's mask builder needs transformers' mask_function")
-    if q_length * kv_length <= _PROBE_PAIRS:
+    if batch_size * q_length * kv_length <= _PROBE_PAIRS:
         rows = torch.arange(q_length)
     else:
-        rows = torch.linspace(0, q_length - 1, steps=max(1, _PROBE_PAIRS // kv_length)).long()
+        steps = max(1, _PROBE_PAIRS // (kv_length * batch_size))
+        rows = torch.linspace(0, q_length - 1, steps=steps).long()
+    # transformers' layout for evaluating mask functions: (batch, head, query, key).
+    batch = torch.arange(batch_size)[:, None, None, None]
     q = (rows + q_offset)[:, None]
     kv = (torch.arange(kv_length) + kv_offset)[None, :]
     zero = torch.zeros((), dtype=torch.long)
     try:
-        allowed = torch.broadcast_to(mask_function(zero, zero, q, kv), (len(rows), kv_length))
+        allowed = torch.as_tensor(mask_function(batch, zero, q[None, None], kv[None, None]))
+        # A function of the positions alone gives one row for the whole batch: kept as one.
+        rows_asked = batch_size if allowed.dim() == 4 and allowed.shape[0] > 1 else 1
+        allowed = torch.broadcast_to(allowed, (rows_asked, 1, len(rows), kv_length))[:, 0]
     except Exception as e:  # a mask function that is not index-based
         raise ValueError(
             "Nyström attention supports key padding and bidirectional local windows only; "
@@ -382,18 +415,30 @@ def _mask_kind(
 
 def _symmetric(allowed: Tensor, q: Tensor, kv: Tensor) -> bool:
     """Whether the allowed pairs depend on |query − key| only, as in a local window."""
-    distance = (kv - q).abs()
+    distance = (kv - q).abs().expand_as(allowed)
     width = distance[allowed].max()
     return bool((allowed == (distance <= width)).all())
+
+
+# Additive mask values at or below this mask a key (see _key_mask_from_4d).
+_MASKED = -1e4
 
 
 def _key_mask_from_4d(mask: Tensor, n_q: int, n_k: int) -> Tensor:
     """A (B, 1, n_q or 1, n_k) mask → (B, n_k) bool, True = real; refuse anything else."""
     if mask.dtype == torch.bool:
         allowed = mask
+    elif not mask.is_floating_point():
+        raise ValueError(
+            f"attention_mask of 4 dimensions must be bool (True = attend) or an additive float "
+            f"mask (0 = attend), got {mask.dtype}"
+        )
     else:
-        # transformers' additive masks: 0 = attend, dtype minimum (or -inf) = masked.
-        masked = mask <= torch.finfo(mask.dtype).min
+        # transformers' additive masks: 0 = attend, a large negative number = masked (the
+        # dtype minimum or -inf; -10000 in older BERT code; another dtype's minimum when built
+        # in another precision). From -1e4 down exp() is 0 in every float dtype: eager
+        # attention gives such keys no weight.
+        masked = mask <= _MASKED
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
             raise ValueError("additive attention biases are not supported by Nyström attention")
         allowed = ~masked
@@ -429,9 +474,11 @@ def _attention(
     or None)."""
     if sliding_window is not None:
         # A local window costs O(n·w) exactly: these layers keep exact attention.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations import sdpa_attention
 
-        out, weights = sdpa_attention_forward(
+        # The weights are computed below: SDPA's warning that it returns none would be wrong.
+        kwargs.pop("output_attentions", None)
+        out, weights = sdpa_attention.sdpa_attention_forward(
             module,
             query,
             key,
@@ -446,10 +493,18 @@ def _attention(
             # Every layer's weights, or the tuple would skip these layers.
             weights = _window_weights(query, key, attention_mask, scaling)
         return out, weights
-    if getattr(module, "is_causal", False):
+    if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
         raise ValueError(
-            f"{type(module).__name__} is causal: Nyström landmarks would leak future tokens"
+            f"{type(module).__name__} is causal (is_causal): Nyström landmarks would leak future "
+            "tokens"
         )
+    _check_no_bias(module, kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if isinstance(groups, int) and groups > 1 and key.shape[1] * groups == query.shape[1]:
+        # Grouped-query attention (EuroBERT): each key and value head serves `groups` query
+        # heads, repeated as transformers' eager and SDPA functions do.
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     options = get_options(module.config)
     n_q, n_k = query.shape[2], key.shape[2]
     conv = getattr(module, "nystrom_conv", None) if n_q == n_k else None
@@ -462,6 +517,8 @@ def _attention(
             f"nystromer.patch(model, conv_kernel_size={k})"
         )
     mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
+    if mask is not None and mask.shape[0] == 1:
+        mask = mask.expand(query.shape[0], n_k)  # one mask for the batch, as eager broadcasts
     probe = _PROBE.get()
     observe = None
     if probe is not None:
@@ -484,6 +541,29 @@ def _attention(
     if _attentions_requested():
         weights = _all_rows(query, key, mask, scaling, options)
     return out, weights
+
+
+# Keywords some models pass to the attention function that change what it computes (and the
+# eager and SDPA functions apply); Nyström attention has no place for them.
+_CHANGING_KWARGS = {
+    "position_bias": "an additive position bias (relative attention, as in T5)",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "softcap": "soft-capped attention logits",
+    "indices": "sparse attention indices",
+    "block_indices": "sparse attention indices",
+}
+
+
+def _check_no_bias(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse what would otherwise be dropped without a word: a model passing these computes
+    something else than the softmax attention Nyström approximates."""
+    for name, what in _CHANGING_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{type(module).__name__} passes {name} ({what}) to its attention function; "
+                "Nyström attention cannot apply it, and leaving it out would change the model"
+            )
 
 
 def _attentions_requested() -> bool:

@@ -174,7 +174,12 @@ def _patch_transformers(model: nn.Module, options: NystromOptions) -> None:
         options = options.replace(conv_kernel_size=existing)
     elif options.conv_kernel_size is not None:
         hf.add_conv_skips(model, options.conv_kernel_size)
-    hf.set_options(model.config, options)
+    # Each attention module reads its own config: in a composite model (SigLIP's text and
+    # vision encoders) that is a sub-config, which must carry the settings too.
+    configs = {id(model.config): model.config}
+    configs.update((id(m.config), m.config) for _, m in modules)
+    for config in configs.values():
+        hf.set_options(config, options)
     hf.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(hf.IMPLEMENTATION)

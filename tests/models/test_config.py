@@ -98,3 +98,13 @@ def test_nystrom_options_are_the_four_attention_fields():
     )
     opts = NystromOptions(num_landmarks=16, conv_kernel_size=3)
     assert cfg.replace(**opts.to_dict()).nystrom_options == opts
+
+
+def test_replace_label_names_keeps_the_two_maps_consistent():
+    cfg = NystromformerConfig(hidden_size=32, num_attention_heads=4)
+    named = cfg.replace(id2label={0: "neg", 1: "neu", 2: "pos"})
+    assert named.num_labels == 3
+    assert named.label2id == {"neg": 0, "neu": 1, "pos": 2}
+    # Both given: taken as they are.
+    both = cfg.replace(id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    assert both.label2id == {"a": 0, "b": 1}

@@ -252,3 +252,46 @@ def test_published_layout_runs_linear_attention_with_default_numerics(tmp_path, 
     kwargs, _ = batch("NystromformerForMaskedLM", 12, pad=False)
     with torch.no_grad():
         assert rel_err(model(**kwargs).logits, hf(**kwargs).logits) <= TOL
+
+
+def test_untied_masked_lm_uses_the_decoder_bias_transformers_trained(tmp_path):
+    # Untied (tie_word_embeddings=False), transformers 5 keeps cls.predictions.decoder.bias as
+    # a parameter of its own and adds it in forward; cls.predictions.bias is then unused and
+    # stays zero. After fine-tuning the two differ: the decoder's bias is the one to load.
+    hf = _hf_model("NystromformerForMaskedLM", tiny_hf_config(tie_word_embeddings=False))
+    decoder_bias = hf.cls.predictions.decoder.bias
+    assert decoder_bias is not hf.cls.predictions.bias
+    with torch.no_grad():
+        decoder_bias.normal_()  # what training does to it
+    hf.save_pretrained(tmp_path)
+    model = ours.NystromformerForMaskedLM.from_pretrained(tmp_path, numerics="hf", strict=True)
+    kwargs, _ = batch("NystromformerForMaskedLM", 20, pad=False)
+    with torch.no_grad():
+        # The same float32 weights, run in float64 on both sides: only rounding remains
+        # (measured 1e-15); loading predictions.bias instead gives O(1).
+        assert rel_err(model.double()(**kwargs).logits, hf.double()(**kwargs).logits) <= 1e-12
+
+
+def test_saved_config_states_the_dtype_of_the_saved_weights(tmp_path):
+    # transformers loads a checkpoint in the dtype its config.json names ("dtype"; transformers
+    # 4: "torch_dtype"). A bfloat16 checkpoint loaded here (float32) and saved again must not
+    # keep "bfloat16", or transformers rounds the saved float32 weights to bfloat16.
+    torch.manual_seed(0)
+    hf = transformers.NystromformerForSequenceClassification(tiny_hf_config()).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    data = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    data["torch_dtype"] = "bfloat16"  # as transformers 4 wrote it
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(data))
+    model = ours.NystromformerForSequenceClassification.from_pretrained(tmp_path / "bf16")
+    with torch.no_grad():  # weights no bfloat16 holds, as after fine-tuning in float32
+        model.classifier.dense.weight.add_(1e-4)
+    model.save_pretrained(tmp_path / "ours")
+    data = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert data["dtype"] == "float32" and "torch_dtype" not in data
+    back = transformers.NystromformerForSequenceClassification.from_pretrained(tmp_path / "ours")
+    assert back.classifier.dense.weight.dtype == torch.float32
+    kwargs, _ = batch("NystromformerForSequenceClassification", 20, pad=False)
+    with torch.no_grad():
+        assert rel_err(back.eval()(**kwargs).logits, model(**kwargs).logits) <= TOL
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "bfloat16"

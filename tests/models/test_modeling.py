@@ -227,3 +227,62 @@ def test_forward_hooks_on_the_conv_skip_fire(numerics):
         model(**kwargs)
     handle.remove()
     assert seen == [(2, 4, 40, 8)]
+
+
+def test_position_and_type_ids_of_one_row_apply_to_the_whole_batch():
+    # transformers broadcasts (1, n) ids (the shape of its own position_ids buffer, and of
+    # `torch.arange(n)[None]`) over the batch; they must give what the (B, n) ids give.
+    model = _model()
+    kwargs, _ = batch("NystromformerModel", 20, pad=True)
+    positions = torch.arange(5, 25)[None]
+    types = torch.randint(0, 2, (1, 20))
+    with torch.no_grad():
+        expected = model(**kwargs | {"position_ids": positions.expand(2, -1)})[0]
+        assert torch.equal(model(**kwargs | {"position_ids": positions})[0], expected)
+        kwargs["token_type_ids"] = types
+        expected = model(**kwargs | {"token_type_ids": types.expand(2, -1)})[0]
+        assert torch.equal(model(**kwargs)[0], expected)
+
+
+def test_set_input_embeddings_replaces_the_table_and_keeps_the_decoder_tied(tmp_path):
+    # transformers' API: a new word embedding table (a vocabulary of another size); the tied
+    # masked-LM decoder must follow it, or it silently keeps predicting over the old table.
+    for cls in (NystromformerModel, NystromformerForMaskedLM):
+        model = _model(cls)
+        table = torch.nn.Embedding(60, 32)
+        model.set_input_embeddings(table)
+        assert model.get_input_embeddings() is table
+    assert model.cls.predictions.decoder.weight is table.weight
+    ids = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        hidden = model.cls.predictions.transform.LayerNorm(
+            torch.nn.functional.gelu(
+                model.cls.predictions.transform.dense(model.nystromformer(input_ids=ids)[0]),
+                approximate="tanh",
+            )
+        )
+    assert torch.allclose(logits, hidden @ table.weight.T + model.cls.predictions.bias, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    back = NystromformerForMaskedLM.from_pretrained(tmp_path, strict=True)
+    assert back.config.vocab_size == 60
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match="embedding_dim 32"):
+        model.set_input_embeddings(torch.nn.Embedding(60, 16))
+    untied = _model(NystromformerForMaskedLM, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="untied decoder predicts 50 tokens"):
+        untied.set_input_embeddings(table)
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu"])
+def test_models_pickle_whole(act):
+    # torch.save(model), multiprocessing with spawn and Ray pickle the module itself; the
+    # default activation (gelu_new) must not be a local lambda.
+    import pickle
+
+    model = _model(ours.NystromformerForSequenceClassification, hidden_act=act)
+    back = pickle.loads(pickle.dumps(model))
+    kwargs, _ = batch("NystromformerForSequenceClassification", 12, pad=True)
+    with torch.no_grad():
+        assert torch.equal(back(**kwargs).logits, model(**kwargs).logits)

@@ -269,4 +269,7 @@ class NystromformerConfig:
         if "num_labels" in changes and "id2label" not in changes:
             # A new label count invalidates the stored label names.
             changes = {**changes, "id2label": None, "label2id": None}
+        elif "id2label" in changes and "label2id" not in changes:
+            # New label names: label2id is derived from them again, not kept from the old ones.
+            changes = {**changes, "label2id": None}
         return dataclasses.replace(self, **{"extra": dict(self.extra), **changes})

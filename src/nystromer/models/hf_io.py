@@ -8,6 +8,7 @@ pytorch_model.bin.index.json. State-dict keys of a task model put the encoder un
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -138,9 +139,14 @@ def load_into(
     elif not model.is_base_model and not checkpoint_has_heads:
         state = {base + k: v for k, v in state.items()}
     if "cls.predictions.decoder.bias" in state:
-        # transformers ties decoder.bias to predictions.bias; older checkpoints store both.
+        # Tied, transformers makes decoder.bias predictions.bias (older checkpoints store both,
+        # equal). Untied, transformers 5 keeps decoder.bias as a parameter of its own, the
+        # one its forward adds (predictions.bias is then unused), so it wins.
         decoder_bias = state.pop("cls.predictions.decoder.bias")
-        state.setdefault("cls.predictions.bias", decoder_bias)
+        if model.config.tie_word_embeddings:
+            state.setdefault("cls.predictions.bias", decoder_bias)
+        else:
+            state["cls.predictions.bias"] = decoder_bias
     for k in model._tied_keys:
         state.pop(k, None)
 
@@ -225,4 +231,12 @@ def write_checkpoint(
         tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
     with atomic_path(d / SAFETENSORS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    model.config.to_json_file(d / CONFIG_NAME, architectures=[type(model).__name__])
+    # transformers loads the weights in the dtype config.json names, so a "dtype" (or
+    # transformers 4's "torch_dtype") kept from the checkpoint this model was loaded from
+    # would round float32 weights saved here to bfloat16: state the dtype actually written.
+    config = copy.copy(model.config)
+    config.extra = {k: v for k, v in config.extra.items() if k != "torch_dtype"}
+    floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
+    if floating:
+        config.extra["dtype"] = str(floating[0]).removeprefix("torch.")
+    config.to_json_file(d / CONFIG_NAME, architectures=[type(model).__name__])

@@ -13,6 +13,7 @@ transformers' outputs exactly, through the compatibility function in
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -118,7 +119,8 @@ class QuestionAnsweringModelOutput(_Output):
 def _activation(name: str):
     # transformers' ACT2FN names; "gelu_new" and "gelu_fast" are the tanh approximation.
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
+        # A partial, not a lambda: modules holding it must pickle (torch.save(model), spawn).
+        return functools.partial(F.gelu, approximate="tanh")
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}[
         name
     ]
@@ -362,6 +364,17 @@ class NystromformerModel(NystromformerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table, an ``nn.Embedding(rows, hidden_size)``;
+        ``config.vocab_size`` becomes its number of rows (the ids ``forward`` accepts)."""
+        if not isinstance(value, nn.Embedding) or value.embedding_dim != self.config.hidden_size:
+            raise ValueError(
+                f"value must be an nn.Embedding with embedding_dim {self.config.hidden_size} "
+                f"(hidden_size), got {value!r}"
+            )
+        self.embeddings.word_embeddings = value
+        self.config.vocab_size = value.num_embeddings
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -377,8 +390,9 @@ class NystromformerModel(NystromformerPreTrainedModel):
             input_ids: (B, n) token ids in [0, vocab_size).
             attention_mask: (B, n), 1/True for real tokens, 0/False for padding; None = no
                 padding.
-            token_type_ids: (B, n) in [0, type_vocab_size); default zeros.
-            position_ids: (B, n) or (n,) rows of the position table; default 2, 3, …, n + 1.
+            token_type_ids: (B, n) or (1, n) in [0, type_vocab_size); default zeros.
+            position_ids: (B, n), (1, n) or (n,) rows of the position table; default 2, 3, …,
+                n + 1.
             inputs_embeds: (B, n, hidden_size) instead of input_ids.
             output_hidden_states: also return the embeddings and every layer's output.
 
@@ -415,7 +429,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
             position_ids = torch.arange(POSITION_OFFSET, n + POSITION_OFFSET, device=device)
             position_ids = position_ids.expand(b, n)
         else:
-            if position_ids.dim() == 1:
+            if position_ids.dim() == 1 or (position_ids.dim() == 2 and len(position_ids) == 1):
+                # (n,) or (1, n): one row for the whole batch, broadcast as transformers does.
                 position_ids = position_ids.expand(b, -1)
             _check_ids(
                 "position_ids",
@@ -426,6 +441,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros(b, n, dtype=torch.long, device=device)
         else:
+            if token_type_ids.dim() == 2 and len(token_type_ids) == 1:
+                token_type_ids = token_type_ids.expand(b, -1)  # (1, n), as position_ids
             _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, (b, n))
         mask = None
         if attention_mask is not None:
@@ -457,6 +474,10 @@ class _HeadModel(NystromformerPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.nystromformer.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """As :meth:`NystromformerModel.set_input_embeddings`."""
+        self.nystromformer.set_input_embeddings(value)
 
     def forward(
         self,
@@ -533,6 +554,25 @@ class NystromformerForMaskedLM(_HeadModel):
                 self.nystromformer.embeddings.word_embeddings.weight
             )
             self._tied_keys = ("cls.predictions.decoder.weight",)
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table (as :meth:`NystromformerModel.set_input_embeddings`);
+        the tied decoder follows it, and the output bias keeps its rows (0 for new rows)."""
+        predictions = self.cls.predictions
+        rows = value.num_embeddings if isinstance(value, nn.Embedding) else len(predictions.bias)
+        if not self.config.tie_word_embeddings and rows != predictions.decoder.out_features:
+            raise ValueError(
+                f"the untied decoder predicts {predictions.decoder.out_features} tokens; a table "
+                f"of {rows} rows needs a decoder of that size too (tie_word_embeddings=False)"
+            )
+        super().set_input_embeddings(value)
+        if rows != len(predictions.bias):
+            with torch.no_grad():
+                bias = predictions.bias.new_zeros(rows)
+                keep = min(rows, len(predictions.bias))
+                bias[:keep] = predictions.bias[:keep]
+            predictions.bias = nn.Parameter(bias)
+        self.tie_weights()
 
     def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
         return self.cls.predictions(hidden)
