@@ -256,6 +256,11 @@ class _TransformersRunner(_LucidrainsRunner):
         for i, name in enumerate(("query", "key", "value")):  # exact, parameter-free 'Linear's
             delattr(module, name)
             setattr(module, name, functools.partial(torch.narrow, dim=-1, start=i * hd, length=hd))
+        # Its forward calls iterative_inv with the default 6 iterations, whatever the config
+        # says: pass the configured count, so that every implementation does the same work.
+        module.iterative_inv = functools.partial(
+            module.iterative_inv, n_iter=config.pinv_iterations
+        )
         self.module = module.to(device=config.device, dtype=config.dtype).eval()
         self.heads = config.heads
 
