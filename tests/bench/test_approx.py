@@ -11,6 +11,7 @@ import math
 import torch
 
 from nystromer.bench.approx import format_sweep_tables, landmark_sweep, write_approx_outputs
+from nystromer.bench.inputs import random_qkv
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -92,3 +93,27 @@ def test_outputs_table_and_plots(tmp_path):
     md = paths[1].read_text()
     assert f"{sweep['kmeans'][0]:.3g}" in md and "- `clustered`: q, k around 6 centres" in md
     assert paths[2].read_bytes()[:8] == PNG
+
+
+def test_language_model_sweeps_use_every_layer(monkeypatch):
+    # The lm inputs are (layers, H, n, d) and the report says "every layer": the sweeps must
+    # not measure the first layer alone, as they do for the other kinds' sample 0.
+    import nystromer.bench.approx as approx
+
+    layers = [random_qkv(1, 2, 64, 8, style="structured", seed=s) for s in range(3)]
+    # Layer 0 with near-uniform attention (tiny logits) is far easier than the others.
+    layers[0] = (0.01 * layers[0][0], 0.01 * layers[0][1], layers[0][2])
+    q, k, v = (torch.cat(t) for t in zip(*layers, strict=True))
+    monkeypatch.setattr(approx, "model_qkv", lambda *a, **kw: (q, k, v, "three layers"))
+    report = approx.run_approx(
+        sources=["lm"], landmarks=[8], iterations=[2], num_landmarks=8, progress=None
+    )
+    entry = report["sources"]["lm"]
+    assert "every layer" in entry["description"]
+    every = landmark_sweep(q, k, v, [8])
+    first = landmark_sweep(q[:1], k[:1], v[:1], [8])
+    assert every["segment_means"][0] > 2 * first["segment_means"][0]  # the layers differ
+    assert entry["landmarks"]["segment_means"] == every["segment_means"]
+    iterations = approx.iteration_sweep(q, k, v, [2], num_landmarks=8)
+    assert entry["iterations"]["error"] == iterations["error"]
+    assert entry["iterations"]["exact_pinv_error"] == iterations["exact_pinv_error"]

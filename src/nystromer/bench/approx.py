@@ -273,20 +273,27 @@ def run_approx(
     if not sources or any(s not in SOURCES for s in sources):
         raise ValueError(f"sources must be some of {SOURCES}, got {list(sources)!r}")
     # Every input before anything is measured: a missing model fails at once.
-    inputs = {}  # kind → (q, k, v, mask of the padded batch, what its entry records)
+    # kind → (q, k, v, mask of the padded batch, what its entry records, how many leading
+    # samples the sweeps use: unpadded ones only)
+    inputs = {}
     if "random" in sources:
         q, k, v = random_qkv(2, heads, seq_len, head_dim, style="structured", seed=seed)
         about = f"structured random q, k, v (logit std 2), {heads} heads × {head_dim}"
-        inputs["random"] = (q, k, v, None, {"description": f"{about}, n = {seq_len}"})
+        inputs["random"] = (q, k, v, None, {"description": f"{about}, n = {seq_len}"}, 1)
     if "lra" in sources:
         from .lra_inputs import lra_qkv
 
         lra = lra_qkv(lra_run, layer=lra_layer, checkpoint=lra_checkpoint, num_landmarks=m)
         entry = {"description": lra.description, "lra": lra.info}
-        inputs["lra"] = (lra.query, lra.key, lra.value, lra.mask, entry)
+        inputs["lra"] = (lra.query, lra.key, lra.value, lra.mask, entry, 1)
     if "lm" in sources:
         q, k, v, about = model_qkv(model_seq_len, source=model_source)
-        inputs["lm"] = (q, k, v, None, {"description": f"{about}, every layer, n = {q.shape[2]}"})
+        layers = q.shape[0]
+        about += (
+            f", n = {q.shape[2]}; the sweeps over every layer ({layers} layers, one error over "
+            "all), the implementation table on layer 1 (layer 2 its padded sample)"
+        )
+        inputs["lm"] = (q, k, v, None, {"description": about}, layers)
     report: dict = {
         "date": date.today().isoformat(),
         "machine_label": machine_label(machine_info()),
@@ -294,9 +301,9 @@ def run_approx(
         "sources": {},
     }
     for kind in sources:
-        q, k, v, mask, entry = inputs[kind]
+        q, k, v, mask, entry, samples = inputs[kind]
         say(f"{kind}: {entry['description']}")
-        first = [t[:1] for t in (q, k, v)]  # the sweeps use sample 0, unpadded in every kind
+        first = [t[:samples] for t in (q, k, v)]
         entry["seq_len"] = int(q.shape[2])
         entry["landmarks"] = s = landmark_sweep(*first, landmarks)
         say(f"  error against m {s['landmarks']}: segment means {_list(s['segment_means'])}")
