@@ -95,3 +95,41 @@ def test_runners_share_weights_and_return_the_class_token_rows():
     assert mine.shape == theirs.shape == default.shape == without_forward.shape == (1, 2, 104)
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(without_forward, default, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [104, 100])  # n a multiple of m, and not (the package pads)
+def test_layer_runners_compute_the_same_layer_forward_and_backward(n):
+    # The forward and forward+backward columns compare the package's layer with ours on the
+    # same weights and input: in the package's numerics ours must give the package's output
+    # and the gradients of x and of every parameter, so that both do the same work.
+    spec = CaseSpec("exact", heads=2, head_dim=8, seq_len=n, num_landmarks=8)
+    options = LayerOptions(dim=16, conv_kernel=3)
+    with registered_layers(options):
+        ours = _build(spec.config(), options, "nystromer", "layer", seed=0)
+        package = _build(spec.config(), options, "nystrom-attention", "layer", seed=0)
+    shape = (1, 2, n, 8)
+    (x,) = package.prepare(*torch.zeros(3, *shape), None)
+    torch.testing.assert_close(ours.prepare(*torch.zeros(3, *shape), None)[0], x, rtol=0, atol=0)
+    grad = torch.randn(ours.output_shape(*shape), generator=torch.Generator().manual_seed(1))
+
+    def forward_backward(runner):
+        x_ = x.clone().requires_grad_()
+        out = runner.run(x_)
+        out.backward(grad)
+        params = {name: p.grad for name, p in runner.layer.named_parameters()}
+        return out.detach(), x_.grad, params
+
+    with torch.no_grad():
+        default = ours.run(x)
+    ours.layer.numerics = "lucidrains"
+    mine, theirs = forward_backward(ours), forward_backward(package)
+    # float32, the same operations in another order: rounding only (measured ~1e-7 relative).
+    for a, b in zip(mine[:2], theirs[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert mine[2].keys() == theirs[2].keys() and len(mine[2]) == 4  # to_qkv, to_out, res_conv
+    for name, g in theirs[2].items():
+        torch.testing.assert_close(mine[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    # Ours by default differs by design (no zero tokens padded in front, pinv scale per
+    # matrix), but computes the same layer: close to the package where it pads nothing.
+    error = float((default - theirs[0]).norm() / theirs[0].norm())
+    assert error < (1e-3 if n % 8 == 0 else 0.1), error
