@@ -171,3 +171,25 @@ def test_head_taking_implementations_get_a_projections_layout(name):
     for t in args[:3]:
         assert t.grad.stride() == t.stride()
     # (Their outputs through this layout are checked against references above.)
+
+
+@pytest.mark.parametrize("name", ["naive", *PEERS])
+def test_measured_backward_reaches_the_same_gradients_for_every_nystrom_implementation(name):
+    # forward+backward is timed as _call builds it from _prepared: the same random output
+    # gradient, in each implementation's layout, back to q, k, v (the peers: x = [q | k | v]).
+    # One sample, one head (the peers' pseudo-inverse scale is then ours): the gradients must
+    # be the same to float64 rounding, so that every row does the same work.
+    from nystromer.bench.measure import CaseSpec, _call, _prepared
+
+    def gradients(impl):
+        spec = CaseSpec(impl, heads=1, seq_len=N, head_dim=D, num_landmarks=M, dtype="float64")
+        runner, args, grad = _prepared(spec, backward=True)
+        _call(runner, args, grad)
+        if runner.grad_args == (0,):  # (B, n, 3·d) → three (B, 1, n, d)
+            return [t.unsqueeze(1) for t in args[0].grad.chunk(3, dim=-1)]
+        return [args[i].grad for i in runner.grad_args]
+
+    if unavailable_reason(name):
+        pytest.skip(unavailable_reason(name))
+    for theirs, ours in zip(gradients(name), gradients("nystromer"), strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=1e-9, atol=1e-12)
