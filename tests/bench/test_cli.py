@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from nystromer._machine import machine_info
-from nystromer.bench.core import CoreReport, format_report, run_core, write_docs_section
+from nystromer.bench.core import (
+    CoreReport,
+    format_report,
+    median_result,
+    run_core,
+    write_docs_section,
+)
 from nystromer.bench.demo import run_attention_demo
 from nystromer.bench.measure import CaseResult, CaseSpec
 from nystromer.cli import main
@@ -87,6 +93,26 @@ def test_core_table_ratios_and_docs_section(tmp_path):
     content = docs.read_text()
     assert content.startswith("# Benchmarks\n\nIntro by hand.")
     assert content.count("attention-core:begin") == 1 and "| 11.0 |" in content
+
+
+def test_a_round_that_failed_is_not_left_out_of_the_median():
+    spec = CaseSpec("nystromer", seq_len=1024)
+
+    def ok(ms):
+        return CaseResult(spec, forward_ms=ms, backward_ms=3 * ms, forward_times_ms=[ms])
+
+    row = median_result([ok(10.0), ok(14.0), ok(12.0)])
+    assert (row.status, row.forward_ms, row.backward_ms) == ("ok", 12.0, 36.0)
+    assert row.forward_times_ms == [10.0, 14.0, 12.0]
+    # A round that timed out would otherwise vanish and the row show the faster rounds' median.
+    timed_out = CaseResult(spec, "failed", "timed out after 1800 s")
+    row = median_result([ok(10.0), timed_out, ok(12.0)])
+    assert row.status == "failed" and row.forward_ms is None
+    assert row.note == "round 2 of 3: timed out after 1800 s"
+    assert "failed: round 2 of 3" in format_report(
+        CoreReport(spec, {"nystromer": row}, machine_info(), "cmd", "today", rounds=3)
+    )
+    assert median_result([timed_out]).note == "timed out after 1800 s"
 
 
 def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):

@@ -109,8 +109,14 @@ def run_core(
 
 
 def median_result(results: list[CaseResult]) -> CaseResult:
-    """One row from a case's rounds: medians, every call's time, or the first round's failure."""
-    if len(results) == 1 or results[0].status != "ok":
+    """One row from a case's rounds: medians and every call's time, or the first failure of
+    any round (medians over the other rounds would leave a failed, e.g. timed-out, round out
+    unseen), its note naming the round."""
+    for i, result in enumerate(results):
+        if result.status != "ok":
+            where = f"round {i + 1} of {len(results)}: " if len(results) > 1 else ""
+            return dataclasses.replace(result, note=where + result.note)
+    if len(results) == 1:
         return results[0]
     found = {}
     for attr in METRICS:
