@@ -291,7 +291,7 @@ def run_approx(
         layers = q.shape[0]
         about += (
             f", n = {q.shape[2]}; the sweeps over every layer ({layers} layers, one error over "
-            "all), the implementation table on layer 1 (layer 2 its padded sample)"
+            "all), the implementation table on the first layer (the second its padded sample)"
         )
         inputs["lm"] = (q, k, v, None, {"description": about}, layers)
     report: dict = {
