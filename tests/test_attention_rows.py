@@ -94,6 +94,17 @@ def test_low_precision_rows_match_float64():
     assert (low.double() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+def test_rows_are_computed_in_float32_under_autocast():
+    # Autocast (mixed-precision training, e.g. a heatmap taken inside the training loop)
+    # would lower every product to bf16; the rows are documented as computed in float32.
+    q, k, _ = _qkv(64, 64, seed=3)
+    q, k = q.bfloat16(), k.bfloat16()
+    plain = attention_rows(q, k, [0, 63], num_landmarks=M)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attention_rows(q, k, [0, 63], num_landmarks=M)
+    assert torch.equal(auto, plain)
+
+
 def test_bad_rows_are_refused_by_name():
     q, k, _ = _qkv(20, 20)
     with pytest.raises(ValueError, match=r"rows must be query positions in \[-20, 20\)"):

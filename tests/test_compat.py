@@ -227,6 +227,25 @@ def test_nystromer_factors_multiply_to_the_rows(n, lengths):
     torch.testing.assert_close(f @ a_pinv @ b, attn.full(), rtol=0, atol=1e-12)
 
 
+def test_nystromer_factors_and_map_are_float32_work_under_autocast():
+    # Mixed-precision training (autocast) would lower the factors' products, the m×m
+    # pseudo-inverse among them, to bf16; with a bf16 layer and input autocast must change
+    # nothing: the same bits.
+    ours = _randomised(NystromAttention(**SIZES), seed=11).bfloat16().eval()
+    x = torch.randn(2, 50, DIM, generator=torch.Generator().manual_seed(12)).bfloat16()
+    mask = _lengths_mask(50, [50, 33])
+
+    def run():
+        factors = ours(x, mask=mask, return_attn_matrices=True)[1]
+        return (*factors, ours(x, mask=mask, return_attn=True)[1][:, :, [0, 40]])
+
+    with torch.no_grad():
+        plain = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = run()
+    assert all(torch.equal(a, p) for a, p in zip(auto, plain, strict=True))
+
+
 def test_nystromer_output_ignores_padding_and_other_bags():
     ours = _randomised(NystromAttention(**SIZES), seed=13).double().eval()
     g = torch.Generator().manual_seed(14)

@@ -111,6 +111,79 @@ def test_no_host_sync_per_call_on_cuda(kmeans):
     assert (out.detach().cpu() - ref).abs().max().item() <= 1e-10
 
 
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA's sync debug mode")
+def test_no_host_sync_per_call_in_the_models_on_cuda():
+    # The model and nn.TransformerEncoder with the drop-in layer, padded, forward and backward
+    # under bf16 autocast, must not wait for the device either (tests/models/test_modeling.py
+    # and tests/test_patch.py check the same on the meta device, where a read raises).
+    from torch import nn
+
+    from nystromer import patch
+    from nystromer.models import NystromformerForSequenceClassification
+
+    from .models.tiny import batch, tiny_config
+
+    torch.manual_seed(0)
+    model = NystromformerForSequenceClassification(tiny_config(num_landmarks=8)).to(DEVICE)
+    kwargs, labels = batch("NystromformerForSequenceClassification", 40, pad=True)
+    kwargs, labels = ({k: t.to(DEVICE) for k, t in d.items()} for d in (kwargs, labels))
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = patch(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), num_landmarks=8)
+    encoder = encoder.to(DEVICE)
+    x = torch.randn(2, 40, 32, device=DEVICE)
+    pad = (torch.arange(40) >= torch.tensor([[40], [29]])).to(DEVICE)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**kwargs, **labels).loss + encoder(x, src_key_padding_mask=pad).sum()
+        loss.backward()
+
+    step()  # first calls: lazy initialisation of the libraries may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_landmark_work_in_float32_on_the_device(dtype):
+    # Under autocast the m×m pseudo-inverse and the k-means distances stay in float32:
+    # half-precision inputs give the same bits with and without it.
+    q, k, v = on(*qkv(b=2, h=4, n=300, d=32), dtype=dtype)
+    settings = dict(num_landmarks=16, mask=on(padded([300, 250], 300))[0], kmeans_iterations=2)
+    plain = nystrom_attention(q, k, v, **settings)
+    try:
+        with torch.autocast(torch.device(DEVICE).type, dtype=dtype):
+            auto = nystrom_attention(q, k, v, **settings)
+    except RuntimeError as e:  # float16 autocast or kernels are missing on some CPUs
+        if DEVICE == "cpu" and dtype == torch.float16:
+            pytest.skip(f"float16 autocast not supported here: {e}")
+        raise
+    assert torch.equal(auto, plain)
+
+
+def test_packed_sequences_are_refused_on_the_device():
+    # transformers folds packed sequences (restarting position ids) into a mask function over
+    # a tensor on the model's device; the mask builder evaluates it on the CPU's positions.
+    transformers = pytest.importorskip("transformers")
+    from transformers import AutoModel, BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=90, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    cfg.nystrom = {"num_landmarks": 16}
+    model = AutoModel.from_config(cfg, attn_implementation="nystrom").to(DEVICE).eval()
+    assert isinstance(model, transformers.BertModel)
+    packed = torch.cat([torch.arange(6), torch.arange(6)]).to(DEVICE)
+    ids = torch.randint(3, 90, (2, 12), device=DEVICE)
+    with pytest.raises(ValueError, match="key padding and bidirectional local windows"):
+        model(input_ids=ids, position_ids=torch.stack([torch.arange(12, device=DEVICE), packed]))
+
+
 def test_gradcheck_float64_on_the_device():
     q, k, v = (t.requires_grad_() for t in on(*qkv(b=2, h=1, n=14, d=3, seed=1)))
     mask = on(padded([14, 11], 14))[0]

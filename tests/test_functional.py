@@ -204,6 +204,21 @@ def test_pinv_runs_in_float32_for_half_inputs(monkeypatch):
     assert seen == [torch.float32]
 
 
+@pytest.mark.parametrize("kmeans", [0, 2])
+def test_autocast_leaves_the_landmark_work_in_float32(kmeans):
+    # Mixed-precision training runs the model under autocast (bf16/fp16 on CUDA, bf16 here),
+    # which lowers every product to the half dtype, the m×m pseudo-inverse and the k-means
+    # distances included; they must stay in float32 as without autocast. With bf16 inputs
+    # autocast then changes nothing: the two results are the same bits.
+    q, k, v = qkv(b=2, h=2, n=100, d=16, dtype=torch.bfloat16)
+    settings = dict(num_landmarks=8, mask=right_padded_mask([100, 70], 100))
+    plain = nystrom_attention(q, k, v, kmeans_iterations=kmeans, **settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = nystrom_attention(q, k, v, kmeans_iterations=kmeans, **settings)
+    assert auto.dtype == torch.bfloat16
+    assert torch.equal(auto, plain)
+
+
 def test_iterative_pinv_matches_reference_and_is_per_matrix():
     a = torch.softmax(torch.randn(3, 2, 6, 6, dtype=torch.float64), -1)
     z = iterative_pinv(a, 6)

@@ -174,6 +174,17 @@ def test_transformer_encoder_runs_nystrom_when_n_gt_m(monkeypatch):
     assert torch.allclose(alone[0], out[2, :11], atol=1e-5)
 
 
+def test_transformer_encoder_padding_is_not_read_on_the_host_off_the_cpu():
+    # nn.TransformerEncoder turns src_key_padding_mask into a float mask for every layer;
+    # checking its values (0 or -inf?) reads them back, which on a GPU waits for all queued
+    # work at every layer. Meta tensors have no values (a read raises): a forward on the meta
+    # device shows that none is made. (On the CPU the check stays: see the test above.)
+    x, pad = _padded_batch()
+    patched = patch(_encoder(), num_landmarks=8).train().to("meta")
+    out = patched(x.to("meta"), src_key_padding_mask=pad.to("meta"))
+    assert out.shape == x.shape and out.device.type == "meta"
+
+
 def test_encoder_built_after_patching_accepts_nested_tensors():
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     patch(layer, num_landmarks=64)

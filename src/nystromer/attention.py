@@ -482,14 +482,16 @@ def _keep_off_fused_encoder_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def _padding_from_mask(mask: Tensor, name: str) -> Tensor:
-    """torch's mask conventions → bool, True where masked; refuse additive biases."""
+def _padding_from_mask(mask: Tensor, name: str, check_off_cpu: bool = True) -> Tensor:
+    """torch's mask conventions → bool, True where masked; refuse additive biases (off the
+    CPU only if ``check_off_cpu``: there the check waits for the device)."""
     if mask.dtype == torch.bool:
         return mask
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
     masked = mask <= torch.finfo(mask.dtype).min  # -inf or the dtype's minimum
-    if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
+    check = check_off_cpu or mask.device.type == "cpu"
+    if check and not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
         raise ValueError(
             f"{name} holds additive biases other than 0 and -inf; Nyström attention supports "
             "masking padding keys only"
@@ -509,7 +511,9 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
       the method never forms.
     - Masks: only key padding. ``key_padding_mask`` (True or -inf = padding, torch's convention)
       and an ``attn_mask`` that masks the same keys for every query and head are accepted;
-      causal masks, ``is_causal=True`` and other additive biases raise ValueError.
+      causal masks, ``is_causal=True`` and other additive biases raise ValueError (off the
+      CPU a float ``key_padding_mask`` is not checked, as that would wait for the device at
+      every call: its entries at the dtype's minimum or -inf are padding).
     - Self-attention is recognised by ``query is key``: then padded query positions do not
       shape the landmarks, and their outputs are the output-projection bias.
 
@@ -746,7 +750,10 @@ class NystromMultiheadAttention(_NystromSettings, nn.MultiheadAttention):
         pad = None
         if key_padding_mask is not None:
             check_shape("key_padding_mask", key_padding_mask, (b, n_k), "batch, key length")
-            pad = _padding_from_mask(key_padding_mask, "key_padding_mask")
+            # nn.TransformerEncoder hands every layer its padding as a float mask (0 / -inf):
+            # off the CPU its values are not checked, which would wait for the device at
+            # every layer of every call.
+            pad = _padding_from_mask(key_padding_mask, "key_padding_mask", check_off_cpu=False)
         if attn_mask is not None:
             masked = _padding_from_mask(attn_mask, "attn_mask")
             h = self.num_heads

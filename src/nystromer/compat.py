@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from ._checks import check_odd_kernel_size, check_token_mask
 from .attention import ValueConv, _called_as_module, multihead_nystrom_attention
 from .attention_map import AttentionMap
-from .functional import _attention_rows, iterative_pinv, landmark_assignment, segment_means
+from .functional import (
+    _attention_rows,
+    _without_autocast,
+    iterative_pinv,
+    landmark_assignment,
+    segment_means,
+)
 from .options import NystromOptions
 
 __all__ = ["AttentionMap", "NUMERICS", "NystromAttention", "Nystromformer"]
@@ -183,7 +189,8 @@ class NystromAttention(_Numerics, nn.Module):
         def factors():
             q, k = (t.transpose(1, 2) for t in (held or self._split(x)[:2]))
             m, iterations = self.num_landmarks, self.pinv_iterations
-            return _nystromer_factors(q, k, mask, m, iterations, self.scale)
+            with _without_autocast(q):  # the factors are computed in at least float32
+                return _nystromer_factors(q, k, mask, m, iterations, self.scale)
 
         return out, self._nystromer_map(x, mask, held), factors
 

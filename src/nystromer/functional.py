@@ -22,6 +22,7 @@ plain float64 formula the tests hold this code to.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -179,8 +180,9 @@ def _nystrom(
     # Landmarks Q̃, K̃: means of m contiguous segments of the real tokens (optionally refined).
     q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
     k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-    query, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
-    key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
+    with _without_autocast(query):  # (k-means distances are products)
+        query, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
+        key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
 
     # 1. BV = softmax(s·Q̃Kᵀ)·V: m landmark queries over all (real) keys.
     bv = softmax_attention(q_land.to(query.dtype), key, value, mask, scale, 0.0)
@@ -195,16 +197,21 @@ def _nystrom(
         # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
         if not _host_reads_are_cheap(key) or bool(short.any()):
             k_nonempty = k_counts[:, :m] > 0
-    kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
-    kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
-    if kernel.requires_grad and kept >= _RECOMPUTE_PINV_BYTES and not torch.compiler.is_compiling():
-        # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
-        # products per head (their memory matters at large m; the recomputation costs one
-        # more pseudo-inverse).
-        a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
-    else:
-        a_pinv = iterative_pinv(kernel, pinv_iterations)
-    w = a_pinv @ bv.to(work)
+    with _without_autocast(query):
+        kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
+        kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
+        if (
+            kernel.requires_grad
+            and kept >= _RECOMPUTE_PINV_BYTES
+            and not torch.compiler.is_compiling()
+        ):
+            # Recomputed in the backward instead of keeping the iterations' 4·iterations m×m
+            # products per head (their memory matters at large m; the recomputation costs one
+            # more pseudo-inverse).
+            a_pinv = checkpoint(iterative_pinv, kernel, pinv_iterations, use_reentrant=False)
+        else:
+            a_pinv = iterative_pinv(kernel, pinv_iterations)
+        w = a_pinv @ bv.to(work)
     if k_nonempty is not None:
         # With L ≤ m real keys each one is its own segment, so K̃ holds the real keys
         # themselves; with their values as W, step 3 is exact softmax attention.
@@ -326,6 +333,19 @@ def _attention_rows(
     (B, H, m, d) landmarks of the whole query for :func:`landmark_assignment`'s segments: a
     module can form both from its input without projecting every query (the segment means of
     a linear projection are the projection of the input's means). Inputs already checked."""
+    with _without_autocast(key):  # every product in the working precision
+        return _attention_rows_in_work_precision(
+            q_rows, query_landmarks, n_q, key, index, num_landmarks=num_landmarks, mask=mask,
+            pinv_iterations=pinv_iterations, scale=scale, query_mask=query_mask,
+            kmeans_iterations=kmeans_iterations,
+        )  # fmt: skip
+
+
+def _attention_rows_in_work_precision(
+    q_rows, query_landmarks, n_q, key, index, *, num_landmarks, mask, pinv_iterations, scale,
+    query_mask, kmeans_iterations,
+):  # fmt: skip
+    """:func:`_attention_rows` with autocast off."""
     b, h, _, d = q_rows.shape
     n_k, m = key.shape[2], num_landmarks
     scale, mask, query_mask, empty = _defaults(n_q, d, n_k, mask, query_mask, scale)
@@ -463,6 +483,18 @@ def _host_reads_are_cheap(x: Tensor) -> bool:
     faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
     torch.compile cannot trace it."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for x's device inside the block, where it is on: the m×m work and the
+    landmarks must stay in the working precision (at least float32), which autocast would
+    otherwise lower to float16/bfloat16 for every product. A no-op (no context switch) when
+    autocast is off."""
+    device = x.device.type
+    # (Asking a device type without autocast, e.g. "meta", would raise.)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _landmarks(x, index, counts, valid, m, work, kmeans_iterations):

@@ -388,6 +388,9 @@ def _mask_kind(
     zero = torch.zeros((), dtype=torch.long)
     try:
         allowed = torch.as_tensor(mask_function(batch, zero, q[None, None], kv[None, None]))
+        # On the CPU, with the positions: a function may close over a tensor on the model's
+        # device (transformers' packed-sequence mask does) and answer there.
+        allowed = allowed.cpu()
         # A function of the positions alone gives one row for the whole batch: kept as one.
         rows_asked = batch_size if allowed.dim() == 4 and allowed.shape[0] > 1 else 1
         allowed = torch.broadcast_to(allowed, (rows_asked, 1, len(rows), kv_length))[:, 0]

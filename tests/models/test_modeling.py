@@ -107,6 +107,20 @@ def test_hidden_states_and_tuple_access():
     assert out[0] is out.last_hidden_state and out["last_hidden_state"] is out[0]
 
 
+def test_off_the_cpu_a_forward_reads_no_input_value_on_the_host():
+    # Off the CPU a host read (is there padding? are the ids in range?) waits for all queued
+    # work, at every forward. Meta tensors have no values, so any read raises: a forward on
+    # the meta device makes none, as a CUDA forward must not.
+    model = _model(ours.NystromformerForSequenceClassification).to("meta")
+    b, n = 2, 30
+    ids = torch.zeros(b, n, dtype=torch.long, device="meta")
+    mask = torch.ones(b, n, dtype=torch.long, device="meta")
+    types = torch.zeros(b, n, dtype=torch.long, device="meta")
+    positions = torch.zeros(b, n, dtype=torch.long, device="meta")
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+    assert out.logits.device.type == "meta" and out.logits.shape[0] == b
+
+
 def test_bf16_autocast_stays_close_to_float32():
     model = _model(ours.NystromformerForSequenceClassification)
     kwargs, _ = batch("NystromformerForSequenceClassification", 40, pad=True)
