@@ -187,3 +187,18 @@ def test_a_run_config_written_by_earlier_versions_still_loads():
     model = LRAModelConfig.from_dict(_OLD_RUN_MODEL)
     # Resuming compares the saved model with the recipe's: they must agree key for key.
     assert recipe.model_config(vocab_size=16).to_dict() == _OLD_RUN_MODEL == model.to_dict()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("classifier_dim", 0),  # built a head with no hidden unit
+        ("classifier_dim", -2),  # failed in nn.Linear, not naming the field
+        ("seed", -1),  # failed in numpy's SeedSequence once training had started
+        ("lr", float("inf")),
+        ("weight_decay", float("inf")),
+    ],
+)
+def test_impossible_recipe_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        load_recipe("listops", **{field: value})

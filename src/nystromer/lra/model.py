@@ -87,7 +87,7 @@ class LRAArchitecture:
     pinv_iterations: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "ffn_dim"):
+        for name in ("embed_dim", "ffn_dim", "classifier_dim"):
             check_positive_int(name, getattr(self, name))
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")

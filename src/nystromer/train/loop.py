@@ -131,14 +131,15 @@ class TrainConfig:
 
         need(is_int(self.steps) and self.steps >= 1, "steps", "an integer ≥ 1")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer ≥ 1")
-        need(self.lr > 0, "lr", "> 0")
+        # A non-finite rate or decay would turn the first update into NaN or inf weights.
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")
         need(
             is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
             "warmup_steps",
             f"an integer in [0, steps={self.steps})",
         )
-        need(self.weight_decay >= 0, "weight_decay", "≥ 0")
-        need(self.adam_eps > 0, "adam_eps", "> 0")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "≥ 0")
+        need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps", "> 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "> 0 or None")
         need(is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an integer ≥ 0")
         for name in ("eval_batches", "eval_batch_size"):
@@ -150,6 +151,9 @@ class TrainConfig:
             "checkpoint_every",
             "an integer ≥ 0 or None",
         )
+        # numpy's SeedSequence (each process's generators) takes no negative seed, and torch's
+        # generators no seed of 64 bits or more (the data order adds the rank and the step).
+        need(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "≥ 0")
         need(self.select_mode in ("max", "min"), "select_mode", "'max' or 'min'")
