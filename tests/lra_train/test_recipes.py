@@ -202,3 +202,17 @@ def test_a_run_config_written_by_earlier_versions_still_loads():
 def test_impossible_recipe_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         load_recipe("listops", **{field: value})
+
+
+def test_a_recipe_with_fewer_classes_than_the_data_is_refused_before_any_file(tmp_path):
+    from nystromer.lra.run import train_task
+
+    from .synthetic import TokenDataset
+
+    # The synthetic data has labels 0-2; two logits used to fail inside the loss at step 1,
+    # after config.json had been written (on CUDA as a device-side assert).
+    splits = {s: TokenDataset(8, num_classes=3, seed=i) for i, s in enumerate(("train", "val"))}
+    recipe = load_recipe("listops", num_classes=2, max_length=90, steps=2, batch_size=4)
+    with pytest.raises(ValueError, match=r"num_classes is 2 .* has 3 classes"):
+        train_task(recipe, None, tmp_path / "run", splits=splits, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -84,6 +84,14 @@ def train_task(
     if missing:
         raise ValueError(f"splits must include train and val, missing {sorted(missing)}")
     vocab_size = int(splits["train"].vocab_size)  # type: ignore[attr-defined]
+    data_classes = getattr(splits["train"], "num_classes", None)
+    if data_classes is not None and int(data_classes) > recipe.num_classes:
+        # Labels past the model's logits would fail inside the loss at the first step (a
+        # device-side assert on CUDA), after config.json was written.
+        raise ValueError(
+            f"num_classes is {recipe.num_classes} but the {recipe.task} data has "
+            f"{int(data_classes)} classes; set --num-classes {int(data_classes)}"
+        )
     model_cfg = recipe.model_config(vocab_size)
     run_config = {
         "task": recipe.task,
