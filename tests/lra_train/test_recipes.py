@@ -216,3 +216,17 @@ def test_a_recipe_with_fewer_classes_than_the_data_is_refused_before_any_file(tm
     with pytest.raises(ValueError, match=r"num_classes is 2 .* has 3 classes"):
         train_task(recipe, None, tmp_path / "run", splits=splits, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_given_splits_longer_than_the_recipe_are_refused_before_any_file(tmp_path):
+    from nystromer.lra.run import train_task
+
+    from .synthetic import TokenDataset
+
+    # Sequences up to 200 tokens do not fit a position table of 128 (max_length 90 rounded up):
+    # the run used to stop at the first batch holding one.
+    splits = {"train": TokenDataset(8, max_length=200), "val": TokenDataset(4, seed=1)}
+    recipe = load_recipe("listops", num_classes=3, max_length=90, steps=2, batch_size=4)
+    with pytest.raises(ValueError, match=r"max_length is 90 .* up to 200 tokens"):
+        train_task(recipe, None, tmp_path / "run", splits=splits, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -84,6 +84,15 @@ def train_task(
     if missing:
         raise ValueError(f"splits must include train and val, missing {sorted(missing)}")
     vocab_size = int(splits["train"].vocab_size)  # type: ignore[attr-defined]
+    for name in ("train", "val", "test"):
+        data_length = getattr(splits.get(name), "max_length", None)
+        if data_length is not None and int(data_length) > recipe.padded_length:
+            # A sequence longer than the position table would stop the run at the first batch
+            # that holds one, possibly hours in.
+            raise ValueError(
+                f"max_length is {recipe.max_length} (positions for {recipe.padded_length}) but "
+                f"the {name} split holds sequences of up to {int(data_length)} tokens"
+            )
     data_classes = getattr(splits["train"], "num_classes", None)
     if data_classes is not None and int(data_classes) > recipe.num_classes:
         # Labels past the model's logits would fail inside the loss at the first step (a
