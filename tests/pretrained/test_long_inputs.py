@@ -139,3 +139,17 @@ def test_checkpoint_distilled_on_the_documents_is_refused(tmp_path):
         SCRIPT["_check_held_out"](run / "model", ["stdlib"])
     SCRIPT["_check_held_out"](run / "model", ["pydoc"])  # held out: no error
     assert SCRIPT["_checkpoint_label"](run / "model") == "run"
+
+
+def test_a_real_distillation_run_on_the_documents_is_refused(tmp_path):
+    # config.json as `nystromer distill` writes it: the settings (and their texts) under
+    # "distill", beside "data" and the versions.
+    from nystromer.distill.run import DistillConfig
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    cfg = DistillConfig(teacher=str(tmp_path), texts=["builtin:stdlib-docs"])
+    (run / "config.json").write_text(json.dumps({"distill": cfg.to_dict(), "data": {}}))
+    with pytest.raises(ValueError, match="not be held out"):
+        SCRIPT["_check_held_out"](run / "model", ["stdlib"])
+    SCRIPT["_check_held_out"](run / "model", ["pydoc"])

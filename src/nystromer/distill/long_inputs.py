@@ -215,7 +215,9 @@ def _check_held_out(checkpoint: Path, sources: Sequence[str]) -> None:
     run_config = checkpoint.parent / "config.json"
     if not (checkpoint.name == "model" and run_config.is_file()):
         return
-    texts = json.loads(run_config.read_text(encoding="utf-8")).get("texts") or []
+    saved = json.loads(run_config.read_text(encoding="utf-8"))
+    # `nystromer distill` keeps its settings under "distill"; a bare {"texts": ...} also counts.
+    texts = (saved.get("distill") or saved).get("texts") or []
     if seen := [s for s in sources if DISTILL_TEXT.get(s) in texts]:
         raise ValueError(
             f"--checkpoint {checkpoint} was distilled on {', '.join(texts)}, which holds the "
