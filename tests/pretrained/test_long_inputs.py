@@ -153,3 +153,15 @@ def test_a_real_distillation_run_on_the_documents_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not be held out"):
         SCRIPT["_check_held_out"](run / "model", ["stdlib"])
     SCRIPT["_check_held_out"](run / "model", ["pydoc"])
+
+
+def test_a_document_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
+    model, _ = tiny
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_text(docs / "good.txt", words=50)
+    (docs / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        SCRIPT["main"](["--model", str(model), "--documents", str(docs), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--documents" in err and "latin1.txt" in err and "UTF-8" in err

@@ -511,8 +511,12 @@ def _eval_long(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             folder = Path(args.documents)
             if not folder.is_dir():
                 p.error(f"--documents: {folder} is not a folder")
-            files = sorted(f for f in folder.rglob("*") if f.is_file())
-            texts = [(f.relative_to(folder).as_posix(), f.read_text("utf-8")) for f in files]
+            texts = []
+            for f in sorted(f for f in folder.rglob("*") if f.is_file()):
+                try:
+                    texts.append((f.relative_to(folder).as_posix(), f.read_text("utf-8")))
+                except UnicodeDecodeError as e:
+                    p.error(f"--documents: {f} is not UTF-8 text ({e.reason} at byte {e.start})")
             args.sources = []  # none built in: no distillation text to hold out
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
