@@ -91,6 +91,11 @@ def test_report_and_docs_section(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):  # other queries: refused
         SCRIPT["main"]([*argv[:-4], "--seed", "1", "--reuse", str(out / "results.json")])
     assert "reuse: the earlier report has other documents or queries" in capsys.readouterr().err
+    # The same queries, but the systems of the same names would compute something else.
+    for flag, value in (("--num-landmarks", "4"), ("--kmeans-iterations", "1")):
+        with pytest.raises(SystemExit):
+            SCRIPT["main"]([*argv[:-4], flag, value, "--reuse", str(out / "results.json")])
+        assert f"{flag} " in capsys.readouterr().err
     # --from-json reprints the same section without measuring.
     md2 = docs_file(again)
     assert SCRIPT["main"](["--from-json", str(out / "results.json"), "--write-docs", str(md2)]) == 0

@@ -230,9 +230,32 @@ def _checkpoint_label(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
-def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings) -> None:
-    """Refuse an earlier report (``--reuse``) on other documents or queries."""
+def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings, model: dict) -> None:
+    """Refuse an earlier report (``--reuse``) on other documents or queries, or whose systems
+    computed something else than this run's of the same name (another model, another m or
+    k-means setting of the conversions, another ``max_length`` of the chunks)."""
     sets = reuse["query_sets"]
+    kept = reuse["settings"]
+    changed = [
+        f"{flag} {kept.get(key)} → {getattr(settings, key)}"
+        for flag, key in (
+            ("--max-length", "max_length"),
+            ("--num-landmarks", "num_landmarks"),
+            ("--kmeans-iterations", "kmeans_iterations"),
+        )
+        if kept.get(key) != getattr(settings, key)
+    ]
+    old_model = reuse.get("model", {})
+    if (old_model.get("label"), old_model.get("trained_length")) != (
+        model["label"],
+        model["trained_length"],
+    ):
+        changed.append(f"--model {old_model.get('label')} → {model['label']}")
+    if changed:
+        raise ValueError(
+            "reuse: the earlier report's systems computed something else than this run's "
+            f"({'; '.join(changed)}); run them again (leave out --reuse)"
+        )
     if (
         reuse["documents"]["names"] != [d.name for d in docs]
         or reuse["settings"]["query_length"] != settings.query_length
@@ -352,7 +375,8 @@ def run_benchmark(
         systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
 
     if reuse is not None:
-        _check_reusable(reuse, docs, answers, spans, settings)
+        model_info = {"label": model_label, "trained_length": trained}
+        _check_reusable(reuse, docs, answers, spans, settings, model_info)
     reused = {s["name"]: s["seconds"] for s in reuse["systems"]} if reuse else {}
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     seconds, memo = {}, {}
