@@ -170,3 +170,29 @@ def test_a_document_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
         SCRIPT["main"](["--model", str(model), "--documents", str(docs), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "--documents" in err and "latin1.txt" in err and "UTF-8" in err
+
+
+def test_a_checkpoint_named_like_a_built_in_model_stays_apart(tiny, tmp_path, capsys):
+    import shutil
+
+    model, docs = tiny
+    checkpoint = model.parent / "tiny-converted"
+    clash = tmp_path / "converted"  # the untrained conversions' model key
+    shutil.copytree(checkpoint, clash)
+    argv = [
+        "--model", str(model), "--documents", str(docs), "--lengths", "128", "--min-tokens",
+        "150", "--query-length", "8", "--num-landmarks", "4", "--bootstrap", "10",
+    ]  # fmt: skip
+    reports = []
+    for ckpt in (checkpoint, clash):
+        out = tmp_path / ckpt.name / "out"
+        assert SCRIPT["main"]([*argv, "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+        reports.append(json.loads((out / "results.json").read_text()))
+    for a, b in zip(*(r["query_sets"] for r in reports), strict=True):
+        # The untrained conversion is the same system whatever the checkpoint is called.
+        assert a["ranks"]["converted-128"] == b["ranks"]["converted-128"]
+        assert a["ranks"]["tiny-converted"] == b["ranks"]["converted"]
+    # Two checkpoints of one name would share their rows and embeddings: refused.
+    with pytest.raises(SystemExit):
+        SCRIPT["main"]([*argv, "--checkpoint", str(clash), str(clash), "--out", str(tmp_path)])
+    assert "two --checkpoint folders named 'converted'" in capsys.readouterr().err

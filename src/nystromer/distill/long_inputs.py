@@ -370,9 +370,17 @@ def run_benchmark(
         systems += [System(f"{k}-{n}", s.format(n), n, k, _prefix(n)) for k, s in kinds.items()]
     for c in checkpoints:
         name = _checkpoint_label(Path(c))
-        models[name] = model = from_pretrained(c).eval()
+        if name in {s.name for s in systems}:
+            raise ValueError(
+                f"--checkpoint: two --checkpoint folders named {name!r}, or one named like a "
+                "built-in system: their results would mix; rename or link one"
+            )
+        # Keyed apart from the built-in models ("original", "exact", "converted"): a checkpoint
+        # folder may be called that too.
+        key = f"checkpoint:{name}"
+        models[key] = model = from_pretrained(c).eval()
         n = min(_trained_length(model), max_length)
-        systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
+        systems.append(System(name, f"{name} ({n:,} positions)", n, key, _prefix(n)))
 
     if reuse is not None:
         model_info = {"label": model_label, "trained_length": trained}
