@@ -15,9 +15,10 @@ position encoding is left out). TransMIL has dim = 512 and m = 256; the defaults
 smaller, so that it trains in minutes on a CPU. The import is the one line a TransMIL code
 base changes: ``from nystromer.compat import NystromAttention``.
 
-After training, the class token's row of the first layer's attention (``attn[:, :, 0]``, mean
-over the heads) is drawn for one positive bag, its instances laid out on a square grid as patches
-on a slide, with the key instances circled. (In this model the class token gathers the key
+After training, the class token's row of the first layer's attention over the instances
+(``attn[:, :, 0, 1:]``, the class token's own column left out; mean over the heads) is drawn for
+one positive bag, its instances laid out on a square grid as patches on a slide, with the key
+instances circled. (In this model the class token gathers the key
 instances in the first layer; the second layer's row, ``--layer 1``, is nearly uniform.)
 ``benchmarks/mil_switch.py`` trains the same model on the ``nystrom-attention`` package and
 measures what switching changes (docs/mil.md).

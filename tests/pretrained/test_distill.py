@@ -50,6 +50,9 @@ def test_split_corpus_holds_out_the_tail_and_reads_texts(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
         read_texts([tmp_path / "empty.txt"])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8"):
+        read_texts([tmp_path / "latin1.txt"])
 
 
 @pytest.fixture(scope="module")

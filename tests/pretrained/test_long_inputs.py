@@ -91,6 +91,11 @@ def test_report_and_docs_section(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):  # other queries: refused
         SCRIPT["main"]([*argv[:-4], "--seed", "1", "--reuse", str(out / "results.json")])
     assert "reuse: the earlier report has other documents or queries" in capsys.readouterr().err
+    # The same queries, but the systems of the same names would compute something else.
+    for flag, value in (("--num-landmarks", "4"), ("--kmeans-iterations", "1")):
+        with pytest.raises(SystemExit):
+            SCRIPT["main"]([*argv[:-4], flag, value, "--reuse", str(out / "results.json")])
+        assert f"{flag} " in capsys.readouterr().err
     # --from-json reprints the same section without measuring.
     md2 = docs_file(again)
     assert SCRIPT["main"](["--from-json", str(out / "results.json"), "--write-docs", str(md2)]) == 0
@@ -139,3 +144,55 @@ def test_checkpoint_distilled_on_the_documents_is_refused(tmp_path):
         SCRIPT["_check_held_out"](run / "model", ["stdlib"])
     SCRIPT["_check_held_out"](run / "model", ["pydoc"])  # held out: no error
     assert SCRIPT["_checkpoint_label"](run / "model") == "run"
+
+
+def test_a_real_distillation_run_on_the_documents_is_refused(tmp_path):
+    # config.json as `nystromer distill` writes it: the settings (and their texts) under
+    # "distill", beside "data" and the versions.
+    from nystromer.distill.run import DistillConfig
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    cfg = DistillConfig(teacher=str(tmp_path), texts=["builtin:stdlib-docs"])
+    (run / "config.json").write_text(json.dumps({"distill": cfg.to_dict(), "data": {}}))
+    with pytest.raises(ValueError, match="not be held out"):
+        SCRIPT["_check_held_out"](run / "model", ["stdlib"])
+    SCRIPT["_check_held_out"](run / "model", ["pydoc"])
+
+
+def test_a_document_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
+    model, _ = tiny
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_text(docs / "good.txt", words=50)
+    (docs / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        SCRIPT["main"](["--model", str(model), "--documents", str(docs), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--documents" in err and "latin1.txt" in err and "UTF-8" in err
+
+
+def test_a_checkpoint_named_like_a_built_in_model_stays_apart(tiny, tmp_path, capsys):
+    import shutil
+
+    model, docs = tiny
+    checkpoint = model.parent / "tiny-converted"
+    clash = tmp_path / "converted"  # the untrained conversions' model key
+    shutil.copytree(checkpoint, clash)
+    argv = [
+        "--model", str(model), "--documents", str(docs), "--lengths", "128", "--min-tokens",
+        "150", "--query-length", "8", "--num-landmarks", "4", "--bootstrap", "10",
+    ]  # fmt: skip
+    reports = []
+    for ckpt in (checkpoint, clash):
+        out = tmp_path / ckpt.name / "out"
+        assert SCRIPT["main"]([*argv, "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+        reports.append(json.loads((out / "results.json").read_text()))
+    for a, b in zip(*(r["query_sets"] for r in reports), strict=True):
+        # The untrained conversion is the same system whatever the checkpoint is called.
+        assert a["ranks"]["converted-128"] == b["ranks"]["converted-128"]
+        assert a["ranks"]["tiny-converted"] == b["ranks"]["converted"]
+    # Two checkpoints of one name would share their rows and embeddings: refused.
+    with pytest.raises(SystemExit):
+        SCRIPT["main"]([*argv, "--checkpoint", str(clash), str(clash), "--out", str(tmp_path)])
+    assert "two --checkpoint folders named 'converted'" in capsys.readouterr().err

@@ -35,6 +35,15 @@ def attention_matrices(
     return reference.softmax_kernel(q, k), approx, torch.tensor([*starts, n])
 
 
+def colour_limit(matrix: Tensor, q: float = 0.995) -> float:
+    """The ``q``-quantile of the entries of ``matrix`` (linear interpolation, as
+    ``torch.quantile``), of any size: ``torch.quantile`` refuses more than 2²⁴ entries, which
+    an n×n matrix passes above n = 4,096."""
+    import numpy as np
+
+    return float(np.quantile(matrix.detach().cpu().numpy().ravel(), q))
+
+
 def plot_attention(
     path: str | os.PathLike[str],
     *,
@@ -73,7 +82,7 @@ def plot_attention(
     n = min(window or n_all, n_all)
     if n < n_all:
         title = f"{title}; positions 0–{n - 1} of {n_all} shown"
-    vmax = float(torch.quantile(exact[:n, :n].flatten(), 0.995))
+    vmax = colour_limit(exact[:n, :n])
     # Landmarks sit at the centres of their segments; inside a window, those that fall in it.
     centres = ((bounds[:-1] + bounds[1:]).double() - 1) / 2
     centres = centres[centres <= n - 1]

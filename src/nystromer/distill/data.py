@@ -68,7 +68,8 @@ def read_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The texts of ``sources``: UTF-8 files, or a name from :data:`BUILTIN_TEXTS`.
 
     Raises:
-        ValueError: no sources, or an empty text.
+        ValueError: no sources, an empty text, or a file that is not UTF-8 (the message
+            names it).
         FileNotFoundError: a file that does not exist (the message names it).
     """
     if not sources:
@@ -84,7 +85,13 @@ def read_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
                     f"text file {path} does not exist (or name a built-in text: "
                     f"{', '.join(sorted(BUILTIN_TEXTS))})"
                 )
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"text file {path} is not UTF-8 ({e.reason} at byte {e.start}); convert it, "
+                    "e.g. with iconv -t UTF-8"
+                ) from None
         if not text.strip():
             raise ValueError(f"text {src} is empty")
         texts.append(text)

@@ -215,7 +215,9 @@ def _check_held_out(checkpoint: Path, sources: Sequence[str]) -> None:
     run_config = checkpoint.parent / "config.json"
     if not (checkpoint.name == "model" and run_config.is_file()):
         return
-    texts = json.loads(run_config.read_text(encoding="utf-8")).get("texts") or []
+    saved = json.loads(run_config.read_text(encoding="utf-8"))
+    # `nystromer distill` keeps its settings under "distill"; a bare {"texts": ...} also counts.
+    texts = (saved.get("distill") or saved).get("texts") or []
     if seen := [s for s in sources if DISTILL_TEXT.get(s) in texts]:
         raise ValueError(
             f"--checkpoint {checkpoint} was distilled on {', '.join(texts)}, which holds the "
@@ -228,9 +230,32 @@ def _checkpoint_label(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "model" else checkpoint.name
 
 
-def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings) -> None:
-    """Refuse an earlier report (``--reuse``) on other documents or queries."""
+def _check_reusable(reuse: dict, docs, answers, spans, settings: Settings, model: dict) -> None:
+    """Refuse an earlier report (``--reuse``) on other documents or queries, or whose systems
+    computed something else than this run's of the same name (another model, another m or
+    k-means setting of the conversions, another ``max_length`` of the chunks)."""
     sets = reuse["query_sets"]
+    kept = reuse["settings"]
+    changed = [
+        f"{flag} {kept.get(key)} → {getattr(settings, key)}"
+        for flag, key in (
+            ("--max-length", "max_length"),
+            ("--num-landmarks", "num_landmarks"),
+            ("--kmeans-iterations", "kmeans_iterations"),
+        )
+        if kept.get(key) != getattr(settings, key)
+    ]
+    old_model = reuse.get("model", {})
+    if (old_model.get("label"), old_model.get("trained_length")) != (
+        model["label"],
+        model["trained_length"],
+    ):
+        changed.append(f"--model {old_model.get('label')} → {model['label']}")
+    if changed:
+        raise ValueError(
+            "reuse: the earlier report's systems computed something else than this run's "
+            f"({'; '.join(changed)}); run them again (leave out --reuse)"
+        )
     if (
         reuse["documents"]["names"] != [d.name for d in docs]
         or reuse["settings"]["query_length"] != settings.query_length
@@ -345,12 +370,21 @@ def run_benchmark(
         systems += [System(f"{k}-{n}", s.format(n), n, k, _prefix(n)) for k, s in kinds.items()]
     for c in checkpoints:
         name = _checkpoint_label(Path(c))
-        models[name] = model = from_pretrained(c).eval()
+        if name in {s.name for s in systems}:
+            raise ValueError(
+                f"--checkpoint: two --checkpoint folders named {name!r}, or one named like a "
+                "built-in system: their results would mix; rename or link one"
+            )
+        # Keyed apart from the built-in models ("original", "exact", "converted"): a checkpoint
+        # folder may be called that too.
+        key = f"checkpoint:{name}"
+        models[key] = model = from_pretrained(c).eval()
         n = min(_trained_length(model), max_length)
-        systems.append(System(name, f"{name} ({n:,} positions)", n, name, _prefix(n)))
+        systems.append(System(name, f"{name} ({n:,} positions)", n, key, _prefix(n)))
 
     if reuse is not None:
-        _check_reusable(reuse, docs, answers, spans, settings)
+        model_info = {"label": model_label, "trained_length": trained}
+        _check_reusable(reuse, docs, answers, spans, settings, model_info)
     reused = {s["name"]: s["seconds"] for s in reuse["systems"]} if reuse else {}
     ranks: list[dict[str, Tensor]] = [{} for _ in query_sets]
     seconds, memo = {}, {}
@@ -509,8 +543,12 @@ def _eval_long(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             folder = Path(args.documents)
             if not folder.is_dir():
                 p.error(f"--documents: {folder} is not a folder")
-            files = sorted(f for f in folder.rglob("*") if f.is_file())
-            texts = [(f.relative_to(folder).as_posix(), f.read_text("utf-8")) for f in files]
+            texts = []
+            for f in sorted(f for f in folder.rglob("*") if f.is_file()):
+                try:
+                    texts.append((f.relative_to(folder).as_posix(), f.read_text("utf-8")))
+                except UnicodeDecodeError as e:
+                    p.error(f"--documents: {f} is not UTF-8 text ({e.reason} at byte {e.start})")
             args.sources = []  # none built in: no distillation text to hold out
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
