@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from nystromer.lra.model import build_model, classification_objective, collate
 from nystromer.train import TrainConfig, train
+from nystromer.train.distributed import shutdown
 
 from .synthetic import TokenDataset, tiny_model_config
 
@@ -38,6 +39,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
+    finished = False
     try:
         model = _model()
         # Each process also splits its 4 samples in two and accumulates (DDP's no_sync for
@@ -46,8 +48,12 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
               val_data=VAL, collate_fn=collate)  # fmt: skip
         if rank == 0:
             torch.save(model.state_dict(), f"{run_dir}/params.pt")
+        finished = True
     finally:
-        dist.destroy_process_group()
+        # As a user's script leaves the group: waiting for every process and freeing the
+        # DistributedDataParallel wrapper first (destroy_process_group alone can abort a
+        # process that still uses its gloo connections).
+        shutdown(synchronize=finished)
 
 
 def _free_port() -> int:

@@ -957,7 +957,10 @@ def train(
 
     Args:
         model: built on any device (moved to ``config.device``); for ``fp64`` converted to
-            float64 in place. Under a process group it is wrapped in DistributedDataParallel.
+            float64 in place. Under a process group it is wrapped in DistributedDataParallel;
+            a script that started the group leaves it with
+            :func:`nystromer.train.distributed.shutdown`, which waits for every process and
+            frees the wrapper first (``destroy_process_group`` alone can abort a process).
         objective: ``objective(model, batch) -> (loss, sums)`` (see the module docstring);
             called with the wrapped model in training and the bare model in evaluation.
         train_data, val_data, test_data: map-style datasets; ``collate_fn`` builds a batch.
