@@ -292,6 +292,10 @@ def test_is_causal_is_refused_with_explanation():
         (lambda q, k, v, m: dict(query=q[..., :0], key=k[..., :0]), ValueError, r"query.*feature"),
         (lambda q, k, v, m: dict(value=v.float()), TypeError, r"share one dtype"),
         (lambda q, k, v, m: dict(query=q.long()), TypeError, r"query must be a floating"),
+        (lambda q, k, v, m: dict(scale=float("nan")), ValueError, r"scale must be a finite.*nan"),
+        (lambda q, k, v, m: dict(scale=float("inf")), ValueError, r"scale must be a finite.*inf"),
+        (lambda q, k, v, m: dict(scale=True), ValueError, r"scale must be a finite.*True"),
+        (lambda q, k, v, m: dict(scale="0.5"), ValueError, r"scale must be a finite.*'0.5'"),
     ],
 )
 def test_bad_input_errors_name_argument_and_shapes(change, exc, pattern):

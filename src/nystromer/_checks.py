@@ -6,6 +6,8 @@ message names the argument, what it must be and what was received.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +49,18 @@ def check_probability(name: str, value: float) -> None:
         valid = False
     if not valid:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_scale(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is None or a finite real number (a score scale).
+
+    A NaN or infinite scale turns every attention weight into NaN without an error, and a
+    bool is no scale. Tensors pass unchecked: reading one would synchronise with its device.
+    """
+    if value is None or isinstance(value, Tensor):
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number or None, got {value!r}")
 
 
 def check_shape(name: str, tensor: Tensor, shape: Sequence[int], axes: str | None = None) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import _cpu
-from ._checks import check_probability, check_shape, check_token_mask
+from ._checks import check_probability, check_scale, check_shape, check_token_mask
 from .options import check_nystrom_options
 
 __all__ = [
@@ -78,7 +78,7 @@ def nystrom_attention(
             attention) it is also the query mask unless ``query_mask`` is given.
         pinv_iterations: iterations of the pseudo-inverse (6 in the paper; 0 uses its initial
             guess). More is not better: a few iterations regularise.
-        scale: factor on QKᵀ; defaults to 1/√d.
+        scale: factor on QKᵀ, a finite number; defaults to 1/√d.
         dropout_p: dropout probability on the attention weights of queries to landmarks.
         is_causal: must be False: landmarks average over the whole sequence and would leak
             future tokens into every position.
@@ -139,6 +139,8 @@ def _defaults(n_q: int, d: int, n_k: int, mask, query_mask, scale):
     whose keys are all unmasked (to stay finite) so that their rows can be zeroed after."""
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    else:
+        check_scale("scale", scale)
     if query_mask is None and mask is not None and n_q == n_k:
         query_mask = mask
     empty = None
