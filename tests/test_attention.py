@@ -220,6 +220,24 @@ def test_options_and_changed_keywords_together_are_refused():
         NystromAttention(32, 4, options={"num_landmarks": 8})
 
 
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(embed_dim=True, num_heads=True), r"embed_dim must be a positive integer, got True"),
+        (dict(embed_dim=32.0, num_heads=4), r"embed_dim must be a positive integer, got 32.0"),
+        (dict(embed_dim="32", num_heads=4), r"embed_dim must be a positive integer, got '32'"),
+        (dict(embed_dim=32, num_heads=4.0), r"num_heads must be a positive integer, got 4.0"),
+        (dict(embed_dim=32, num_heads=4, kdim=-1), r"kdim must be a positive integer, got -1"),
+        (dict(embed_dim=32, num_heads=4, vdim=True), r"vdim must be a positive integer, got True"),
+        (dict(embed_dim=32, num_heads=3), r"positive multiple of num_heads"),
+    ],
+)
+def test_bad_sizes_are_refused_by_name(kwargs, pattern):
+    # Without the checks these failed inside torch (or, num_heads=4.0, only at forward).
+    with pytest.raises(ValueError, match=pattern):
+        NystromAttention(**kwargs)
+
+
 def test_cross_attention_with_kdim_vdim():
     torch.manual_seed(0)
     attn = NystromAttention(32, 4, num_landmarks=8, kdim=12, vdim=20)

@@ -25,6 +25,15 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int if it is an integer ≥ 1, a NumPy integer included (sizes often come
+    from arrays; torch's modules take them too); else the ValueError of check_positive_int."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    check_positive_int(name, value)
+    return value
+
+
 def check_int_at_least(name: str, value: object, low: int) -> None:
     """Raise ValueError unless ``value`` is an int ≥ ``low``."""
     if not is_int(value) or value < low:

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _conv
-from ._checks import check_odd_kernel_size, check_probability, check_shape, check_token_mask
+from ._checks import (
+    check_odd_kernel_size,
+    check_probability,
+    check_shape,
+    check_token_mask,
+    positive_int,
+)
 from ._conv import sequence_conv
 from .attention_map import AttentionMap
 from .functional import attention_rows, nystrom_attention
@@ -204,7 +210,11 @@ class NystromAttention(_NystromSettings, nn.Module):
         options: NystromOptions | None = None,
     ) -> None:
         super().__init__()
-        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+        embed_dim = positive_int("embed_dim", embed_dim)
+        num_heads = positive_int("num_heads", num_heads)
+        kdim = None if kdim is None else positive_int("kdim", kdim)
+        vdim = None if vdim is None else positive_int("vdim", vdim)
+        if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
                 f"num_heads={num_heads}"
