@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +66,12 @@ class NystromOptions:
     conv_kernel_size: int | None = None
 
     def __post_init__(self) -> None:
+        # NumPy integers (a sweep over np.arange, a value read from an array) are stored as
+        # ints, so that to_dict stays JSON-ready; bools stay what they are, and are refused.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+                object.__setattr__(self, field.name, int(value))
         check_nystrom_options(
             self.num_landmarks, self.pinv_iterations, self.conv_kernel_size, self.kmeans_iterations
         )
@@ -83,9 +91,15 @@ class NystromOptions:
     @classmethod
     def from_dict(cls, settings: dict[str, Any] | None) -> NystromOptions:
         """Settings from a dict; missing keys take the defaults, unknown keys are an error."""
+        if settings is not None and not isinstance(settings, Mapping):
+            raise TypeError(
+                f"settings must be a dict of Nyström settings or None, got "
+                f"{type(settings).__name__}"
+            )
         settings = dict(settings or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known)
+        # Keys of any type (a JSON file's are strings, a caller's may not be) sort by their repr.
+        unknown = sorted(set(settings) - known, key=repr)
         if unknown:
             raise ValueError(
                 f"unknown Nyström setting(s) {unknown}; expected some of {sorted(known)}"
