@@ -524,3 +524,22 @@ def test_recomputed_pseudo_inverse_gives_the_same_gradients(monkeypatch):
     torch.testing.assert_close(out, kept_out, rtol=0, atol=1e-14)
     for a, b in zip(recomputed, kept_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "a,iterations,exc,pattern",
+    [
+        (None, 6, TypeError, r"a must be a torch.Tensor, got NoneType"),
+        (torch.ones(3, 4), 6, ValueError, r"a must have shape \(\.\.\., m, m\).*\(3, 4\)"),
+        (torch.ones(4), 6, ValueError, r"a must have shape"),
+        (torch.ones(2, 0, 0), 6, ValueError, r"m ≥ 1.*\(2, 0, 0\)"),
+        (torch.ones(3, 3, dtype=torch.long), 6, TypeError, r"a must be a floating"),
+        (torch.eye(3), -1, ValueError, r"iterations must be an integer ≥ 0, got -1"),
+        (torch.eye(3), 2.0, ValueError, r"iterations must be an integer ≥ 0, got 2.0"),
+        (torch.eye(3), True, ValueError, r"iterations must be an integer ≥ 0, got True"),
+    ],
+)
+def test_iterative_pinv_errors_name_the_argument(a, iterations, exc, pattern):
+    # Before: iterations=-1 and True ran (0 and 1 updates), the rest failed inside torch.
+    with pytest.raises(exc, match=pattern):
+        iterative_pinv(a, iterations)

@@ -33,7 +33,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import _cpu
-from ._checks import check_probability, check_scale, check_shape, check_token_mask
+from ._checks import (
+    check_int_at_least,
+    check_probability,
+    check_scale,
+    check_shape,
+    check_token_mask,
+)
 from .options import check_nystrom_options
 
 __all__ = [
@@ -662,6 +668,13 @@ def iterative_pinv(a: Tensor, iterations: int = 6, *, initial_scale: str = "matr
     Returns:
         (..., m, m), same dtype as ``a``.
     """
+    if not isinstance(a, Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+        raise ValueError(f"a must have shape (..., m, m) with m ≥ 1, got {tuple(a.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"a must be a floating-point tensor, got dtype {a.dtype}")
+    check_int_at_least("iterations", iterations, 0)
     if initial_scale not in ("matrix", "batch"):
         raise ValueError(f'initial_scale must be "matrix" or "batch", got {initial_scale!r}')
     absa = a.abs()
