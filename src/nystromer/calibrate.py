@@ -22,6 +22,7 @@ computed reaches the fit through :func:`nystromer.patching.attention_probe`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 
@@ -118,18 +119,20 @@ def calibrate(
             "inputs must be a non-empty sequence of batches (dicts of model keyword "
             f"arguments), got {type(inputs).__name__}"
         )
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-        raise ValueError(f"ridge must be a number ≥ 0, got {ridge!r}")
+    # Finite: an infinite weight makes the solves NaN, and they would be written into the model.
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise ValueError(f"ridge must be a finite number ≥ 0, got {ridge!r}")
     check_positive_int("chunk_size", chunk_size)
     projections = {}
     if output_projection is not None:
         if (
             isinstance(output_projection, bool)
             or not isinstance(output_projection, (int, float))
-            or not output_projection > 0
+            or not 0 < output_projection < math.inf
         ):
             raise ValueError(
-                f"output_projection must be a number > 0 (or None), got {output_projection!r}"
+                f"output_projection must be a finite number > 0 (or None), got "
+                f"{output_projection!r}"
             )
         projections = _output_projections(model, modules)
 

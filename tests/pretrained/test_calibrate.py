@@ -166,8 +166,9 @@ def test_errors_name_what_is_wrong(teacher):
         calibrate(student, [])
     with pytest.raises(ValueError, match="inputs must be a non-empty sequence of batches"):
         calibrate(student, _batch([40]))
-    with pytest.raises(ValueError, match="ridge must be a number ≥ 0"):
-        calibrate(student, [_batch([40])], ridge=-1.0)
+    for bad in (-1.0, float("inf")):  # an infinite ridge wrote NaN weights into the model
+        with pytest.raises(ValueError, match="ridge must be a finite number ≥ 0"):
+            calibrate(student, [_batch([40])], ridge=bad)
     with pytest.raises(ValueError, match="never reached a Nyström attention layer"):
         calibrate(student, [_batch([M])])  # n ≤ m: exact attention, nothing to fit
 
@@ -218,6 +219,6 @@ def test_output_projection_fit_brings_the_model_closer_and_errors_are_clear(teac
     both = nystromer.convert(copy.deepcopy(teacher), num_landmarks=M, conv_kernel_size=K)
     calibrate(both, fits, output_projection=0.3)
     assert error(both) < error(conv_only)
-    for bad in (0.0, -1.0, True):
-        with pytest.raises(ValueError, match="output_projection must be a number > 0"):
+    for bad in (0.0, -1.0, True, float("inf")):
+        with pytest.raises(ValueError, match="output_projection must be a finite number > 0"):
             calibrate(both, fits, output_projection=bad)
