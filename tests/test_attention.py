@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,24 @@ def test_options_object_equals_the_keywords():
         by_options.num_landmarks = 0
     with pytest.raises(AttributeError):
         by_options.conv_kernel_size = 3
+
+
+@pytest.mark.parametrize("cls", [NystromAttention, NystromMultiheadAttention])
+def test_assigned_options_keep_the_kernel_size(cls):
+    # Assigning options with another kernel size desynchronised the module: the old skip (or
+    # none) kept running while options and the repr named the new size.
+    attn = cls(16, 2, num_landmarks=4, conv_kernel_size=5)
+    attn.options = attn.options.replace(num_landmarks=8)
+    assert attn.num_landmarks == 8
+    for kernel in (7, None):
+        with pytest.raises(ValueError, match=r"conv_kernel_size is fixed.*\(5\); got"):
+            attn.options = attn.options.replace(conv_kernel_size=kernel)
+    with pytest.raises(TypeError, match="options must be a NystromOptions, got dict"):
+        attn.options = {"num_landmarks": 8}
+    assert attn.options == NystromOptions(num_landmarks=8, conv_kernel_size=5)
+    copied = copy.deepcopy(attn)
+    assert copied.options == attn.options
+    assert "options" not in copied.__dict__
 
 
 def test_options_and_changed_keywords_together_are_refused():
