@@ -132,12 +132,19 @@ def _skip_mask(mask: Tensor | None, query_mask: Tensor | None, n_q: int) -> Tens
 def _called_as_module(conv: nn.Module) -> bool:
     """Whether the convolution skip must run as ``conv(value, mask)``: it has forward hooks
     (its own or global ones), or it is not a plain :class:`ValueConv`."""
+    return type(conv) is not ValueConv or _has_forward_hooks(conv)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward (pre-)hooks, its own or global ones: then code
+    that bypasses ``module(...)`` for speed must call it instead."""
     from torch.nn.modules import module as torch_module
 
-    return (
-        type(conv) is not ValueConv
-        or bool(conv._forward_hooks or conv._forward_pre_hooks)
-        or bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
     )
 
 

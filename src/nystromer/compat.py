@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_odd_kernel_size, check_token_mask
-from .attention import ValueConv, _called_as_module, multihead_nystrom_attention
+from .attention import (
+    ValueConv,
+    _called_as_module,
+    _has_forward_hooks,
+    multihead_nystrom_attention,
+)
 from .attention_map import AttentionMap
 from .functional import (
     _attention_rows,
@@ -231,58 +236,52 @@ class NystromAttention(_Numerics, nn.Module):
         mask = None if mask is None else mask.clone()
         if held is None and not _plain_linear(self.to_qkv):
             held = self._split(x)[:2]
+
+        def heads(t: Tensor) -> Tensor:  # (B', L, H'·d) → (B', H', L, d)
+            return t.unflatten(-1, (-1, d)).transpose(1, 2)
+
         if held is not None:
-            return self._held_map(x, mask, *held)
-        weight = self.to_qkv.weight
-        versions = (_version(x), _version(weight))
+
+            def inputs(b_sel: slice, h_sel: slice, index: Tensor):
+                # q and k as the forward had them, (B, n, H, d).
+                qh, kh = (t[b_sel][:, :, h_sel].transpose(1, 2) for t in held)
+
+                def query_landmarks(q_index, counts, valid, work) -> Tensor:
+                    return segment_means(qh, q_index, counts, m, work)
+
+                return qh[:, :, index], query_landmarks, kh
+
+        else:
+            weight = self.to_qkv.weight
+            versions = (_version(x), _version(weight))
+
+            def inputs(b_sel: slice, h_sel: slice, index: Tensor):
+                if (_version(x), _version(weight)) != versions:
+                    raise RuntimeError(
+                        "the attention map's input or to_qkv.weight was modified in place "
+                        "after it was made; index the map before changing them"
+                    )
+                w_q, w_k = (w.flatten(0, 1) for w in weight.unflatten(0, (3, h, d))[:2, h_sel])
+                xs = x[b_sel]
+
+                def query_landmarks(q_index, counts, valid, work) -> Tensor:
+                    # The means of the projected queries are the projection of x's means.
+                    x_means = segment_means(xs[:, None], q_index, counts, m, work)[:, 0]
+                    return heads(F.linear(x_means, w_q.to(work)))
+
+                return heads(F.linear(xs[:, index], w_q)), query_landmarks, heads(F.linear(xs, w_k))
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
-            if (_version(x), _version(weight)) != versions:
-                raise RuntimeError(
-                    "the attention map's input or to_qkv.weight was modified in place after "
-                    "it was made; index the map before changing them"
-                )
-            w_q, w_k = (w.flatten(0, 1) for w in weight.unflatten(0, (3, h, d))[:2, h_sel])
-            xs = x[b_sel]
-
-            def heads(t: Tensor) -> Tensor:  # (B', L, H'·d) → (B', H', L, d)
-                return t.unflatten(-1, (-1, d)).transpose(1, 2)
-
-            def query_landmarks(index, counts, valid, work) -> Tensor:
-                # The means of the projected queries are the projection of x's means.
-                x_means = segment_means(xs[:, None], index, counts, m, work)[:, 0]
-                return heads(F.linear(x_means, w_q.to(work)))
-
+            q_rows, query_landmarks, k = inputs(b_sel, h_sel, index)
             # In x's dtype: under autocast the projections may be in another.
             return _attention_rows(
-                heads(F.linear(xs[:, index], w_q)), query_landmarks, n,
-                heads(F.linear(xs, w_k)), index,
+                q_rows, query_landmarks, n, k, index,
                 num_landmarks=m, mask=None if mask is None else mask[b_sel],
                 pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
                 kmeans_iterations=0,
             ).to(x.dtype)  # fmt: skip
 
         return AttentionMap(rows, (b, h, n, n), x.dtype, x.device)
-
-    def _held_map(self, x: Tensor, mask: Tensor | None, q: Tensor, k: Tensor) -> AttentionMap:
-        """The map of the ``"nystromer"`` forward from its q and k, (B, n, H, d)."""
-        b, n, _ = x.shape
-        m = self.num_landmarks
-
-        def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
-            qh, kh = (t[b_sel][:, :, h_sel].transpose(1, 2) for t in (q, k))
-
-            def query_landmarks(q_index, counts, valid, work) -> Tensor:
-                return segment_means(qh, q_index, counts, m, work)
-
-            return _attention_rows(
-                qh[:, :, index], query_landmarks, n, kh, index,
-                num_landmarks=m, mask=None if mask is None else mask[b_sel],
-                pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
-                kmeans_iterations=0,
-            ).to(x.dtype)  # fmt: skip
-
-        return AttentionMap(rows, (b, self.heads, n, n), x.dtype, x.device)
 
     def _forward_lucidrains(self, x, mask):
         b, n, _ = x.shape
@@ -387,14 +386,7 @@ def _plain_linear(module: nn.Module) -> bool:
     """Whether calling ``module`` is ``F.linear(x, module.weight)``: an ``nn.Linear`` itself
     (not a quantised or parametrised subclass, nor an adapter around one) with no forward
     hooks of its own and no global ones."""
-    from torch.nn.modules import module as torch_module
-
-    return (
-        type(module) is nn.Linear
-        and module.bias is None
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
-    )
+    return type(module) is nn.Linear and module.bias is None and not _has_forward_hooks(module)
 
 
 def _version(t: Tensor) -> int | None:

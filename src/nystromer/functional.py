@@ -341,19 +341,6 @@ def _attention_rows(
     (B, H, m, d) landmarks of the whole query for :func:`landmark_assignment`'s segments: a
     module can form both from its input without projecting every query (the segment means of
     a linear projection are the projection of the input's means). Inputs already checked."""
-    with _without_autocast(key):  # every product in the working precision
-        return _attention_rows_in_work_precision(
-            q_rows, query_landmarks, n_q, key, index, num_landmarks=num_landmarks, mask=mask,
-            pinv_iterations=pinv_iterations, scale=scale, query_mask=query_mask,
-            kmeans_iterations=kmeans_iterations,
-        )  # fmt: skip
-
-
-def _attention_rows_in_work_precision(
-    q_rows, query_landmarks, n_q, key, index, *, num_landmarks, mask, pinv_iterations, scale,
-    query_mask, kmeans_iterations,
-):  # fmt: skip
-    """:func:`_attention_rows` with autocast off."""
     b, h, _, d = q_rows.shape
     n_k, m = key.shape[2], num_landmarks
     scale, mask, query_mask, empty = _defaults(n_q, d, n_k, mask, query_mask, scale)
@@ -361,29 +348,30 @@ def _attention_rows_in_work_precision(
     work = torch.promote_types(q_rows.dtype, torch.float32)
     out_dtype = q_rows.dtype
     q_rows = q_rows.to(work)
-    if n_k <= m or n_q <= m:
-        out = _softmax_rows(q_rows, key.to(work), mask, scale)
-    else:
-        # The kernels of _nystrom, with F limited to the requested rows; B is never formed
-        # whole (_rows_of_product).
-        q_index, q_counts = landmark_assignment(query_mask, n_q, m, key.device)
-        k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-        q_land = query_landmarks(q_index, q_counts, query_mask, work)
-        _, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
-        k_nonempty = None if k_counts is None else k_counts[:, :m] > 0
-        kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
-        f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
-        out = _rows_of_product(
-            f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
-        )
-        if k_counts is not None or q_counts is not None:
-            # Samples with at most m real keys or queries get exact attention (see _nystrom).
-            short = torch.zeros(b, dtype=torch.bool, device=key.device)
-            for counts in (k_counts, q_counts):
-                if counts is not None:
-                    short |= counts[:, :m].sum(-1) <= m
-            exact = _softmax_rows(q_rows, key.to(work), mask, scale)
-            out = torch.where(short[:, None, None, None], exact, out)
+    with _without_autocast(key):  # every product in the working precision
+        if n_k <= m or n_q <= m:
+            out = _softmax_rows(q_rows, key.to(work), mask, scale)
+        else:
+            # The kernels of _nystrom, with F limited to the requested rows; B is never formed
+            # whole (_rows_of_product).
+            q_index, q_counts = landmark_assignment(query_mask, n_q, m, key.device)
+            k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
+            q_land = query_landmarks(q_index, q_counts, query_mask, work)
+            _, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
+            k_nonempty = None if k_counts is None else k_counts[:, :m] > 0
+            kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
+            f = _softmax_rows(q_rows, k_land, k_nonempty, scale)
+            out = _rows_of_product(
+                f @ iterative_pinv(kernel, pinv_iterations), q_land, key, mask, scale
+            )
+            if k_counts is not None or q_counts is not None:
+                # Samples with at most m real keys or queries get exact attention (see _nystrom).
+                short = torch.zeros(b, dtype=torch.bool, device=key.device)
+                for counts in (k_counts, q_counts):
+                    if counts is not None:
+                        short |= counts[:, :m].sum(-1) <= m
+                exact = _softmax_rows(q_rows, key.to(work), mask, scale)
+                out = torch.where(short[:, None, None, None], exact, out)
     keep = _rows_to_keep(query_mask, empty, b, n_q)
     if keep is not None:
         out = out * keep[:, index][:, None, :, None].to(work)
