@@ -25,11 +25,18 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int if it is an integer ≥ 1, a NumPy integer included (sizes often come
-    from arrays; torch's modules take them too); else the ValueError of check_positive_int."""
+def plain_int(value: object) -> object:
+    """A NumPy (or other) integer as a Python int, anything else, bools included, unchanged:
+    sizes often come from arrays, and a stored int stays JSON-ready."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = int(value)
+        return int(value)
+    return value
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int if it is an integer ≥ 1, a NumPy integer included (torch's modules
+    take them too); else the ValueError of check_positive_int."""
+    value = plain_int(value)
     check_positive_int(name, value)
     return value
 

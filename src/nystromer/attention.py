@@ -169,20 +169,16 @@ class _NystromSettings:
     def options(self) -> NystromOptions:
         """The module's Nyström settings; assigning replaces them, validated, except
         ``conv_kernel_size``, fixed at construction."""
-        # Written to __dict__ directly, past nn.Module's __setattr__ and this property; a module
-        # pickled when ``options`` was a plain attribute still has it under that name.
-        state = self.__dict__
-        if "_options" in state:
-            return state["_options"]
-        if "options" in state:
-            return state["options"]
-        raise AttributeError(f"{type(self).__name__} has no options yet")
+        options = self._stored_options()
+        if options is None:
+            raise AttributeError(f"{type(self).__name__} has no options yet")
+        return options
 
     @options.setter
     def options(self, value: NystromOptions) -> None:
         if not isinstance(value, NystromOptions):
             raise TypeError(f"options must be a NystromOptions, got {type(value).__name__}")
-        current = self.__dict__.get("_options", self.__dict__.get("options"))
+        current = self._stored_options()
         # A new kernel size would need a new convolution parameter: the skip would go on with
         # the old one (or none) while options, the repr and a saved config said otherwise.
         if current is not None and value.conv_kernel_size != current.conv_kernel_size:
@@ -193,6 +189,12 @@ class _NystromSettings:
             )
         self.__dict__["_options"] = value
         self.__dict__.pop("options", None)
+
+    def _stored_options(self) -> NystromOptions | None:
+        # In __dict__ directly, past nn.Module's __setattr__ and the property; a module pickled
+        # when ``options`` was a plain attribute still has it under that name.
+        state = self.__dict__
+        return state.get("_options", state.get("options"))
 
     num_landmarks = _setting("num_landmarks")
     pinv_iterations = _setting("pinv_iterations")

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import is_int
+from ._checks import is_int, plain_int
 
 __all__ = ["NystromOptions", "check_nystrom_options", "resolve_options"]
 
@@ -69,9 +68,7 @@ class NystromOptions:
         # NumPy integers (a sweep over np.arange, a value read from an array) are stored as
         # ints, so that to_dict stays JSON-ready; bools stay what they are, and are refused.
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
-                object.__setattr__(self, field.name, int(value))
+            object.__setattr__(self, field.name, plain_int(getattr(self, field.name)))
         check_nystrom_options(
             self.num_landmarks, self.pinv_iterations, self.conv_kernel_size, self.kmeans_iterations
         )
