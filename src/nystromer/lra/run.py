@@ -19,7 +19,7 @@ from .._version import __version__
 from ..train import TrainConfig, TrainResult, evaluate, train
 from ..train import checkpoint as ckpt
 from ..train.distributed import DistInfo, resolve_device
-from ..train.loop import _earlier_results
+from ..train.loop import check_no_earlier_run
 from .model import LRAModelConfig, build_model, classification_objective, collate
 from .recipes import Recipe
 
@@ -127,13 +127,8 @@ def train_task(
                 f"{run_dir} holds another run ({CONFIG_FILE} differs); resume it (--resume) "
                 "or choose another --out"
             )
-        if _earlier_results(run_dir):
-            # The trainer refuses this folder: refuse before adding a config.json to it.
-            raise ValueError(
-                f"{run_dir} holds the results of an earlier run "
-                f"({', '.join(_earlier_results(run_dir))}) and no `last` checkpoint to resume "
-                "from; move them away or choose another --out"
-            )
+        # The trainer refuses this folder: refuse before adding a config.json to it.
+        check_no_earlier_run(run_dir, instead="another --out")
         if info.is_main:
             ckpt.write_json(run_dir / CONFIG_FILE, run_config)
     # The same initial weights on every process and for every attention type.

@@ -412,8 +412,11 @@ def _non_finite(run_dir: Path, step: int, loss: float, metrics_log: MetricsLog |
     raise NonFiniteLossError(f"{what} at step {step}; training stopped and {advice}")
 
 
-def _earlier_results(run_dir: Path) -> list[str]:
-    """The files of :func:`train` that ``run_dir`` already holds (without ``last``)."""
+def check_no_earlier_run(run_dir: Path, instead: str = "another output directory") -> None:
+    """Raise ValueError if ``run_dir`` holds files of an earlier :func:`train` (not resumed:
+    the caller knows it has no ``last``), naming them; ``instead`` says where to go. A run
+    stopped before its first ``last`` (killed, or checkpoint_every=0) leaves results that a
+    new run would erase (metrics.jsonl) or mix with its own (best/)."""
     found = []
     if ckpt.find(run_dir, "best") is not None:
         found.append("best/")
@@ -422,7 +425,11 @@ def _earlier_results(run_dir: Path) -> list[str]:
         found.append(metrics.name)
     if (run_dir / "summary.json").is_file():
         found.append("summary.json")
-    return found
+    if found:
+        raise ValueError(
+            f"{run_dir} holds the results of an earlier run ({', '.join(found)}) and no `last` "
+            f"checkpoint to resume from; move them away or choose {instead}"
+        )
 
 
 def _better(a: float, b: float | None, mode: str) -> bool:
@@ -480,15 +487,7 @@ class Trainer:
         if resume and last is None:
             raise ValueError(f"nothing to resume: {self.run_dir} has no `last` checkpoint")
         if not resume:
-            # A run stopped before its first `last` (killed, or checkpoint_every=0) leaves
-            # results that a new run would erase (metrics.jsonl) or mix with its own (best/).
-            earlier = _earlier_results(self.run_dir)
-            if earlier:
-                raise ValueError(
-                    f"{self.run_dir} holds the results of an earlier run ({', '.join(earlier)}) "
-                    "and no `last` checkpoint to resume from; move them away or choose "
-                    "another output directory"
-                )
+            check_no_earlier_run(self.run_dir)
 
         self.module = model.to(self.device)
         if config.precision == "fp64":
@@ -875,8 +874,7 @@ class Trainer:
         path = self.run_dir / "summary.json"
         if not path.is_file():
             return None
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = ckpt.load_json(path)
         if summary.get("status") != "completed" or summary.get("steps") != self.step:
             return None
         not_metrics = ("test_checkpoint", "test_examples")
