@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    from .bench.cli import int_list
+    from .bench.cli import _comma_default, int_list
     from .bench.demo import DEMO_LENGTHS
 
     d = subparsers.add_parser(
@@ -44,7 +44,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         "--lengths",
         type=int_list,
         default=list(DEMO_LENGTHS),
-        help="comma-separated n (default: " + ",".join(map(str, DEMO_LENGTHS)) + ")",
+        help=_comma_default("n", DEMO_LENGTHS),
     )
     d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")

@@ -64,6 +64,17 @@ def stdlib_docstrings() -> Iterator[tuple[str, list[str]]]:
         yield rel.as_posix(), list(dict.fromkeys(doc for doc in docs if doc))
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a file in another encoding is a ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text file {path} is not UTF-8 ({e.reason} at byte {e.start}); convert it, "
+            "e.g. with iconv -t UTF-8"
+        ) from None
+
+
 def read_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The texts of ``sources``: UTF-8 files, or a name from :data:`BUILTIN_TEXTS`.
 
@@ -85,13 +96,7 @@ def read_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
                     f"text file {path} does not exist (or name a built-in text: "
                     f"{', '.join(sorted(BUILTIN_TEXTS))})"
                 )
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"text file {path} is not UTF-8 ({e.reason} at byte {e.start}); convert it, "
-                    "e.g. with iconv -t UTF-8"
-                ) from None
+            text = read_text_file(path)
         if not text.strip():
             raise ValueError(f"text {src} is empty")
         texts.append(text)

@@ -31,6 +31,7 @@ from ..bench.cli import call_with, int_at_least
 from ..bench.measure import recorded_command
 from ..bench.pretrained import model_arg, report_io
 from ..convert import convert, extend_positions, from_pretrained, reserved_positions
+from .data import read_text_file
 
 BEGIN = "<!-- long-inputs:begin (written by nystromer eval-long) -->"
 END = "<!-- long-inputs:end -->"
@@ -546,9 +547,9 @@ def _eval_long(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             texts = []
             for f in sorted(f for f in folder.rglob("*") if f.is_file()):
                 try:
-                    texts.append((f.relative_to(folder).as_posix(), f.read_text("utf-8")))
-                except UnicodeDecodeError as e:
-                    p.error(f"--documents: {f} is not UTF-8 text ({e.reason} at byte {e.start})")
+                    texts.append((f.relative_to(folder).as_posix(), read_text_file(f)))
+                except ValueError as e:
+                    p.error(f"--documents: {e}")
             args.sources = []  # none built in: no distillation text to hold out
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
