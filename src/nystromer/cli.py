@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .bench.cli import call_with
+    from ._args import call_with
     from .bench.demo import run_attention_demo
 
     call_with(run_attention_demo, args)
@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    from .bench.cli import _comma_default, int_list
+    from ._args import comma_default, int_list
     from .bench.demo import DEMO_LENGTHS
 
     d = subparsers.add_parser(
@@ -44,7 +44,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         "--lengths",
         type=int_list,
         default=list(DEMO_LENGTHS),
-        help=_comma_default("n", DEMO_LENGTHS),
+        help=comma_default("n", DEMO_LENGTHS),
     )
     d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
@@ -64,7 +64,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _viz_attention(args: argparse.Namespace) -> int:
-    from .bench.cli import call_with
+    from ._args import call_with
     from .bench.viz import attention_figure
 
     found = call_with(attention_figure, args, args.out)

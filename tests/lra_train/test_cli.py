@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import random
 import re
@@ -377,3 +379,34 @@ def test_run_command_maps_each_failure_to_its_exit_code_and_message(capsys):
 
     assert run_command(lambda: "run", bad_report) == 2
     assert capsys.readouterr().err == "nystromer: error: cannot write docs for run\n"
+
+
+def test_eval_passes_every_option_to_evaluate_run(monkeypatch, tmp_path, capsys):
+    # `nystromer eval` hands its parsed options to lra.run.evaluate_run by name; a flag whose
+    # name drifted from the keyword would silently keep the function's default.
+    from nystromer.lra import run
+
+    seen = {}
+
+    @functools.wraps(run.evaluate_run)  # keeps the signature the command reads
+    def fake_evaluate_run(*args, **kwargs):
+        seen.update(inspect.signature(run.evaluate_run).bind(*args, **kwargs).arguments)
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr("nystromer.lra.run.evaluate_run", fake_evaluate_run)
+    flags = ["--split", "val", "--checkpoint", "last", "--data", str(tmp_path / "d")]
+    flags += ["--batch-size", "3", "--max-batches", "2", "--device", "cpu"]
+    flags += ["--precision", "bf16", "--num-workers", "1"]
+    assert main(["eval", str(tmp_path / "run"), *flags]) == 0
+    assert seen == {
+        "run_dir": tmp_path / "run",
+        "split": "val",
+        "checkpoint": "last",
+        "data_dir": tmp_path / "d",
+        "batch_size": 3,
+        "max_batches": 2,
+        "device": "cpu",
+        "precision": "bf16",
+        "num_workers": 1,
+    }
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5}

@@ -1,16 +1,22 @@
-"""``nystromer bench {speed,table,approx,report,transmil}``, and the argument types and options
-that ``demo``, ``viz attention`` and the scripts in benchmarks/ share with them."""
+"""``nystromer bench {speed,table,approx,report,transmil}``, and the options that ``demo``,
+``viz attention`` and the scripts in benchmarks/ share with them (the argument types are
+``nystromer._args``'s, re-exported here for those scripts)."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 
-from ..train.cli import int_at_least
+from .._args import (
+    call_with,
+    comma_default,
+    int_at_least,
+    int_list,
+    name_list,
+    odd_kernel_or_zero,
+)
 
 __all__ = [
     "register",
@@ -29,30 +35,6 @@ _DEFAULT_OUT = Path("bench-out")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
-def int_list(text: str) -> list[int]:
-    """argparse type: comma-separated positive integers (``1024,2048``)."""
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    if not values or not all(x.isdecimal() and int(x) > 0 for x in values):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers ≥ 1 such as 1024,2048, got {text!r}"
-        )
-    return [int(x) for x in values]
-
-
-def odd_kernel_or_zero(text: str) -> int:
-    """argparse type: an odd convolution kernel size ≥ 1, or 0 for no convolution."""
-    if not (text.isdecimal() and (int(text) == 0 or int(text) % 2)):
-        raise argparse.ArgumentTypeError(
-            f"expected an odd integer ≥ 1, or 0 for no convolution, got {text!r}"
-        )
-    return int(text)
-
-
-def name_list(text: str) -> list[str]:
-    """argparse type: comma-separated names (``nystromer,exact``)."""
-    return [x for x in text.split(",") if x]
-
-
 def _dtype(text: str) -> str:
     from .measure import DTYPES
 
@@ -62,14 +44,6 @@ def _dtype(text: str) -> str:
             f"expected one of {sorted(DTYPES)} or {sorted(_DTYPE_ALIASES)}, got {text!r}"
         )
     return name
-
-
-def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
-    """``func(*positional, **given)`` plus every parsed option named like one of its keyword
-    parameters, so that an option is spelled once, where it is declared."""
-    names = inspect.signature(func).parameters
-    found = {k: v for k, v in vars(args).items() if k in names and k not in given}
-    return func(*positional, **found, **given)
 
 
 def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) -> None:
@@ -95,20 +69,15 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
     )
 
 
-def _comma_default(what: str, default) -> str:
-    """Help text of a comma-separated list option, with its default written as it is typed."""
-    return f"comma-separated {what} (default: {','.join(map(str, default))})"
-
-
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     p.add_argument(
-        "--lengths", type=int_list, default=list(lengths), help=_comma_default("n", lengths)
+        "--lengths", type=int_list, default=list(lengths), help=comma_default("n", lengths)
     )
     p.add_argument(
         "--impl",
         type=name_list,
         default=list(impls),
-        help=_comma_default("implementations, by registry name", impls),
+        help=comma_default("implementations, by registry name", impls),
     )
     p.add_argument(
         "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
@@ -236,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--landmarks",
         type=int_list,
         default=list(LANDMARKS),
-        help=_comma_default("m of the landmarks sweep", LANDMARKS),
+        help=comma_default("m of the landmarks sweep", LANDMARKS),
     )
     a.add_argument(
         "--iterations",
@@ -249,7 +218,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--sources",
         type=name_list,
         default=list(SOURCES),
-        help=_comma_default("input kinds", SOURCES),
+        help=comma_default("input kinds", SOURCES),
     )
     a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
     add_input_source_args(a)

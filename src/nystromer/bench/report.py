@@ -281,7 +281,7 @@ def run_report(
 
 
 def _report_command(args: argparse.Namespace) -> int:
-    from .cli import call_with
+    from .._args import call_with
 
     done = call_with(run_report, args, images_dir=args.images, gpu_dir=args.gpu_results)
     failed = {name: why for name, why in done.items() if why is not None}
@@ -292,7 +292,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def register_report(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``nystromer bench report`` to the ``bench`` sub-parsers."""
-    from .cli import name_list
+    from .._args import name_list
 
     r = bench_sub.add_parser(
         "report",

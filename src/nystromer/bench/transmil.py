@@ -23,19 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._args import call_with, comma_default, int_at_least, int_list, odd_kernel_or_zero
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
-from .cli import (
-    _comma_default,
-    _dtype,
-    add_script_args,
-    call_with,
-    int_at_least,
-    int_list,
-    odd_kernel_or_zero,
-    spelled_command,
-)
+from .cli import _dtype, add_script_args, spelled_command
 from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
 from .pretrained import ratio, ratio_text, registered
@@ -427,7 +419,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
         "--lengths",
         type=int_list,
         default=list(TRANSMIL_LENGTHS),
-        help=_comma_default("n", TRANSMIL_LENGTHS),
+        help=comma_default("n", TRANSMIL_LENGTHS),
     )
     p.add_argument("--dim", type=int_at_least(1), default=512)
     p.add_argument("--heads", type=int_at_least(1), default=8)

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._args import call_with, int_at_least
 from .._machine import report_header
-from ..bench.cli import call_with, int_at_least
 from ..bench.measure import recorded_command
 from ..bench.pretrained import model_arg, report_io
 from ..convert import convert, extend_positions, from_pretrained, reserved_positions

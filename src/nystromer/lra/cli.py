@@ -13,15 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._args import call_with, folder, int_at_least
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
-from ..train.cli import (
-    add_runtime_arguments,
-    folder,
-    int_at_least,
-    run_command,
-    runtime_options,
-)
+from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
 from .recipes import FIELDS, TASKS, Recipe, load_recipe
@@ -55,14 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
     add_runtime_arguments(p)
-    p.add_argument(
-        "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
-    )
-    p.add_argument(
-        "--write-docs",
-        type=Path,
-        metavar="FILE",
-        help="when the run completes, write its results section (test accuracy next to the "
+    _add_loader_and_docs_args(
+        p,
+        "when the run completes, write its results section (test accuracy next to the "
         "paper's, curve, command) into FILE, e.g. docs/results.md",
     )
     group = p.add_argument_group("recipe overrides (default: the task's recipe)")
@@ -98,16 +88,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--max-batches", type=int_at_least(1), help="only the first N batches")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--precision", choices=PRECISIONS, help="(default: the recipe's)")
-    e.add_argument(
-        "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
-    )
-    e.add_argument(
-        "--write-docs",
-        type=Path,
-        metavar="FILE",
-        help="also write the finished run's results section into FILE (e.g. docs/results.md)",
+    _add_loader_and_docs_args(
+        e, "also write the finished run's results section into FILE (e.g. docs/results.md)"
     )
     e.set_defaults(func=_eval)
+
+
+def _add_loader_and_docs_args(p: argparse.ArgumentParser, write_docs_help: str) -> None:
+    p.add_argument(
+        "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
+    )
+    p.add_argument("--write-docs", type=Path, metavar="FILE", help=write_docs_help)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,17 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
     def work() -> dict[str, Any]:
         from .run import evaluate_run
 
-        return evaluate_run(
-            args.run_dir,
-            split=args.split,
-            checkpoint=args.checkpoint,
-            data_dir=args.data,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            num_workers=args.num_workers,
-            max_batches=args.max_batches,
-        )
+        return call_with(evaluate_run, args, data_dir=args.data)
 
     def report(out: dict[str, Any]) -> int:
         print(json.dumps(out))

@@ -1,16 +1,16 @@
 """What the training and data commands share (``nystromer train``, ``eval``, ``distill``,
 ``data``): the runtime options (where to run, when to pause and checkpoint, progress display),
-:func:`run_command`, which turns their failures into messages and exit codes, and the integer
-argument type :func:`int_at_least` (also used by ``bench`` and ``eval-long``)."""
+:func:`run_command`, which turns their failures into messages and exit codes. The argument
+types :func:`folder` and :func:`int_at_least` live in ``nystromer._args`` with the others."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
+from .._args import folder, int_at_least
 from .distributed import DistInfo, init_from_env, shutdown
 from .loop import NonFiniteLossError
 
@@ -30,26 +30,6 @@ __all__ = [
 EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
 EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the run can be resumed
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer ≥ ``minimum``."""
-
-    def parse(text: str) -> int:
-        if not (text.strip().removeprefix("-").isdecimal() and int(text) >= minimum):
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {minimum}, got {text!r}")
-        return int(text)
-
-    return parse
-
-
-def folder(text: str) -> Path:
-    """argparse type: a folder to write into, which may not exist yet but must not be a file
-    (``--out``); otherwise a traceback would report it when the first file is written."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
-    return path
 
 
 # Errors that mean "the input is wrong": reported in one line, without a traceback.

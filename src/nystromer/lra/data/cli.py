@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...train.cli import folder, int_at_least, run_command
+from ..._args import folder, int_at_least
+from ...train.cli import run_command
 
 __all__ = ["register"]
 
