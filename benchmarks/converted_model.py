@@ -29,7 +29,7 @@ from nystromer.bench.implementations import AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
 from nystromer.bench.pretrained import model_arg, ratio, ratio_text, registered, report_io
 from nystromer.bench.worker import measure_and_report
-from nystromer.convert import reserved_positions
+from nystromer.conversion import reserved_positions
 from nystromer.functional import check_nystrom_options
 
 BEGIN = "<!-- converted-model:begin (written by benchmarks/converted_model.py) -->"

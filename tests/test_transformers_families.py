@@ -19,7 +19,7 @@ import torch
 
 import nystromer
 from nystromer import hf
-from nystromer.convert import reserved_positions
+from nystromer.conversion import reserved_positions
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModel  # noqa: E402

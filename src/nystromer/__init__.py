@@ -21,15 +21,47 @@ Public API:
     nystromer.models            the Nyströmformer model; reads and writes Hugging Face checkpoints
 """
 
+import sys as _sys
+import types as _types
+import warnings as _warnings
+
+from . import calibration, conversion
 from . import hf as _hf
 from ._version import __version__
 from .attention import NystromAttention, NystromMultiheadAttention
 from .attention_map import AttentionMap
-from .calibrate import CalibrationResult, calibrate
-from .convert import convert, extend_positions, from_pretrained
+from .calibration import CalibrationResult, calibrate
+from .conversion import convert, extend_positions, from_pretrained
 from .functional import attention_rows, iterative_pinv, nystrom_attention
 from .options import NystromOptions
 from .patching import patch
+
+
+class _MovedModule(_types.ModuleType):
+    """What ``from nystromer.<old> import name`` reads for one release after a module was
+    renamed so that it no longer shares its name with the function ``nystromer.<old>``."""
+
+    def __init__(self, old: str, new: _types.ModuleType) -> None:
+        super().__init__(f"{__name__}.{old}")
+        self._new = new
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # the import system's own lookups (__path__, ...)
+            raise AttributeError(name)
+        value = getattr(self._new, name)  # AttributeError, unwarned, for an unknown name
+        _warnings.warn(
+            f"the module {self.__name__} is now {self._new.__name__}; import {name} from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+
+
+# Set in sys.modules only: the attributes nystromer.convert and nystromer.calibrate stay the
+# functions.
+for _old, _new in (("convert", conversion), ("calibrate", calibration)):
+    _sys.modules[f"{__name__}.{_old}"] = _MovedModule(_old, _new)
+del _old, _new
 
 # attn_implementation="nystrom": registered now if transformers is imported, else right after
 # it is (importing transformers here would cost seconds to users who never use it).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_convert_keeps_outputs_up_to_m_tokens_and_approximates_beyond(make):
     x = ids(36)
     diff = (converted(x).last_hidden_state - exact(x).last_hidden_state).abs().max()
     assert torch.isfinite(diff) and diff > 1e-4  # a real approximation, not exact attention
-    assert nystromer.convert.__module__ == "nystromer.convert"
+    assert nystromer.convert.__module__ == "nystromer.conversion"
     assert converted.config.nystrom == {
         "num_landmarks": 16,
         "pinv_iterations": 6,
@@ -254,3 +255,24 @@ def test_options_object_equals_the_keywords_and_is_recorded(tmp_path):
     nf = nystromer.from_pretrained(tmp_path / "nf", options=other)
     assert nf.config.nystrom_options == other.replace(conv_kernel_size=5)
     assert nf.config.numerics == "nystromer"
+
+
+def test_renamed_modules_no_longer_shadowed_and_old_paths_warn():
+    # The modules are conversion and calibration; nystromer.convert / .calibrate are the
+    # functions, and the old module paths still import, with a DeprecationWarning, for one
+    # release.
+    import nystromer.calibration
+    import nystromer.conversion
+
+    assert callable(nystromer.convert) and callable(nystromer.calibrate)
+    assert nystromer.conversion.reserved_positions is not None
+    with pytest.warns(DeprecationWarning, match="nystromer.conversion"):
+        from nystromer.convert import reserved_positions
+    assert reserved_positions is nystromer.conversion.reserved_positions
+    with pytest.warns(DeprecationWarning, match="nystromer.calibration"):
+        from nystromer.calibrate import CalibrationResult
+    assert CalibrationResult is nystromer.CalibrationResult
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown name is an ImportError, not a warning
+        with pytest.raises(ImportError):
+            from nystromer.convert import no_such_name  # noqa: F401

@@ -30,7 +30,7 @@ from .._args import call_with, int_at_least
 from .._machine import report_header
 from ..bench.measure import recorded_command
 from ..bench.pretrained import model_arg, report_io
-from ..convert import convert, extend_positions, from_pretrained, reserved_positions
+from ..conversion import convert, extend_positions, from_pretrained, reserved_positions
 from .data import read_text_file
 
 BEGIN = "<!-- long-inputs:begin (written by nystromer eval-long) -->"

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from .. import hf
 from .._checks import check_positive_int
 from .._version import __version__
-from ..calibrate import calibrate
-from ..convert import convert, extend_positions, reserved_positions
+from ..calibration import calibrate
+from ..conversion import convert, extend_positions, reserved_positions
 from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
 from ..train import checkpoint as ckpt
