@@ -404,9 +404,9 @@ class ValueConv(nn.Conv2d):
     An ``nn.Conv2d(H, H, (k, 1), padding=(k // 2, 0), groups=H, bias=False)``, one (k × 1)
     kernel per head shared by the head's features: weight (H, 1, k, 1), as in the authors' code
     and transformers' checkpoints, so state dicts load unchanged. Its forward takes the key
-    padding mask and computes the convolution as one over H·d channels, channels-last
-    (:func:`sequence_conv`), which runs several times faster on the CPU than this H-channel
-    form.
+    padding mask and calls ``nystromer._conv.masked_conv``: the convolution as one over H·d
+    channels, channels-last (the form of :func:`sequence_conv`, which runs several times faster
+    on the CPU than this H-channel form), with padding zeroed before and after.
 
     Args:
         num_heads: H.
