@@ -138,7 +138,7 @@ def test_padded_queries_on_the_gpu_branch(monkeypatch):
     # The exact rows of samples with few real queries are chosen without a host read.
     q, k, v = qkv(b=2, n=24, n_k=30)
     query_mask = right_padded_mask([5, 20], 24)
-    monkeypatch.setattr(fn, "_host_reads_are_cheap", lambda x: False)
+    monkeypatch.setattr(_cpu, "reads_are_cheap", lambda x: False)
     monkeypatch.setattr(_cpu, "applies", lambda x: False)
     ref = nystrom_reference(q, k, v, 8, query_mask=query_mask)
     _forbid_host_reads(monkeypatch)
@@ -494,7 +494,7 @@ def test_gpu_branch_reads_no_value_on_the_host_and_equals_the_cpu_branch(
 
     cpu_out, cpu_grads = run()
     with monkeypatch.context() as patch:
-        patch.setattr(fn, "_host_reads_are_cheap", lambda x: False)
+        patch.setattr(_cpu, "reads_are_cheap", lambda x: False)
         patch.setattr(_cpu, "applies", lambda x: False)
         _forbid_host_reads(patch)
         gpu_out, gpu_grads = run()

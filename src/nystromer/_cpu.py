@@ -8,6 +8,9 @@ runs the plain expression everywhere else. What each one buys, measured, is in d
 Most of the gain is memory that is *not* freshly allocated: on the CPU the first touch of each
 fresh page costs more than the arithmetic done on it, so writing a gradient in place, or
 reusing one small block, beats writing a new full-size tensor.
+
+Two things here serve every device: :func:`sum_rows` saves memory, not time, and
+:func:`reads_are_cheap` says where reading a value to pick the faster branch costs nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def plain() -> Iterator[None]:
         yield
     finally:
         _enabled = before
+
+
+def reads_are_cheap(x: Tensor) -> bool:
+    """Whether the host may read one of x's values (``bool()``, ``.item()``) to pick a
+    faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
+    torch.compile cannot trace it."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def drop_all_real(mask: Tensor) -> Tensor | None:
+    """None for a key mask (True = real) that masks nothing, where :func:`reads_are_cheap`:
+    the unmasked path is faster. ``mask`` itself elsewhere: the masked path gives the same
+    result without waiting for the device."""
+    return None if reads_are_cheap(mask) and bool(mask.all()) else mask
 
 
 def _token_rows(x: Tensor) -> bool:

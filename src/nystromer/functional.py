@@ -203,7 +203,7 @@ def _nystrom(
         short = k_counts[:, :m].sum(-1) <= m
         # Where looking at a value is free (the CPU, eagerly), skip the mask when no sample
         # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
-        if not _host_reads_are_cheap(key) or bool(short.any()):
+        if not _cpu.reads_are_cheap(key) or bool(short.any()):
             k_nonempty = k_counts[:, :m] > 0
     with _without_autocast(query):
         kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
@@ -240,7 +240,7 @@ def _nystrom(
         # would (padding invariance): each real query is its own segment, so Q̃ holds the
         # queries themselves and step 1 computed their exact rows; copy them to the queries.
         q_short = q_counts[:, :m].sum(-1) <= m
-        if not _host_reads_are_cheap(query) or bool(q_short.any()):
+        if not _cpu.reads_are_cheap(query) or bool(q_short.any()):
             exact = bv
             if dropout_p:
                 q_rows = q_land.to(query.dtype)
@@ -472,13 +472,6 @@ def _rows_of_product(
 
 
 # --- landmarks and the pseudo-inverse --------------------------------------------------------
-
-
-def _host_reads_are_cheap(x: Tensor) -> bool:
-    """Whether the host may read one of x's values (``bool()``, ``.item()``) to pick a
-    faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
-    torch.compile cannot trace it."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _cpu
 from ._checks import check_shape
 from .attention import ValueConv, multihead_nystrom_attention
 from .functional import attention_rows
@@ -346,11 +347,8 @@ def _mask(
         return None
     mask = attention_mask.to(torch.bool)
     check_shape("attention_mask", mask, (batch_size, kv_length))
-    # An all-real mask is dropped on the CPU (the faster unmasked path); on a GPU the check
-    # would wait for the device at every layer, and the masked path gives the same result.
-    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
-        return None
-    return mask[:, None, None, :]
+    mask = _cpu.drop_all_real(mask)
+    return None if mask is None else mask[:, None, None, :]
 
 
 # Mask functions are evaluated on all query rows up to this many (query, key) pairs, beyond it

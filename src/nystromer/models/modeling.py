@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _cpu
 from .._checks import check_shape
 from ..attention import ValueConv, multihead_nystrom_attention
 from . import hf_io
@@ -342,9 +343,9 @@ def _check_ids(name: str, ids: Tensor, high: int, shape: tuple[int, ...] | None)
         raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
     if shape is not None:
         check_shape(name, ids, shape)
-    # Looked at on the CPU, eagerly, only: elsewhere reading the range back would wait for
+    # Looked at only where reading is cheap: elsewhere reading the range back would wait for
     # the device at every forward (an id out of range then fails in the embedding lookup).
-    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if ids.numel() and _cpu.reads_are_cheap(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= high:
             raise ValueError(f"{name} must lie in [0, {high}), got values in [{lo}, {hi}]")
@@ -450,11 +451,7 @@ class NystromformerModel(NystromformerPreTrainedModel):
         if attention_mask is not None:
             check_shape("attention_mask", attention_mask, (b, n), "batch, seq_len")
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-            # No padding: the unmasked attention path is faster. Looked at on the CPU, eagerly,
-            # only: elsewhere the read would wait for the device at every forward, and the
-            # masked path gives the same result.
-            if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
-                mask = None
+            mask = _cpu.drop_all_real(mask)
 
         if inputs_embeds is None:
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
