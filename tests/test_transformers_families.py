@@ -19,7 +19,8 @@ import torch
 
 import nystromer
 from nystromer import hf
-from nystromer.conversion import reserved_positions
+from nystromer.conversion import CONVERTIBLE_MODEL_TYPES, reserved_positions
+from nystromer.patching import SUPPORTED_TRANSFORMERS_MODEL_TYPES
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModel  # noqa: E402
@@ -43,7 +44,7 @@ TEXT_FAMILIES = {
 }
 VISION_FAMILIES = ("vit", "deit")
 FAMILIES = (*TEXT_FAMILIES, *VISION_FAMILIES)
-LEARNED_POSITIONS = tuple(f for f in TEXT_FAMILIES if f != "modernbert")
+LEARNED_POSITIONS = tuple(f for f in TEXT_FAMILIES if f != "modernbert")  # rotary: no table
 
 
 def config(family: str, *, image_size: int = 24, **extra):
@@ -357,3 +358,10 @@ def test_output_attentions_has_every_layer_of_a_model_with_local_windows():
     assert len(got) == len(want) == 3
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_public_family_lists_are_the_tested_families():
+    # What patching and conversion list as supported is what the tests check: these families,
+    # and EuroBERT in tests/test_hf_edge.py (rotary positions: nothing to lengthen).
+    assert set(SUPPORTED_TRANSFORMERS_MODEL_TYPES) == {*FAMILIES, "eurobert"}
+    assert set(CONVERTIBLE_MODEL_TYPES) == {*LEARNED_POSITIONS, "nystromformer"}

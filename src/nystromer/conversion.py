@@ -44,9 +44,10 @@ __all__ = [
 # Encoders with a learned absolute position table that the tests convert and lengthen
 # (transformers families through "nystrom", Nyströmformer through nystromer.models). Any encoder
 # nystromer.patch accepts converts; lengthening needs such a table, which vision models (a patch
-# grid) and ModernBERT (rotary positions) do not have.
+# grid) and ModernBERT and EuroBERT (rotary positions) do not have.
+_NO_POSITION_TABLE = ("vit", "deit", "modernbert", "eurobert")
 CONVERTIBLE_MODEL_TYPES = (
-    *(t for t in SUPPORTED_TRANSFORMERS_MODEL_TYPES if t not in ("vit", "deit", "modernbert")),
+    *(t for t in SUPPORTED_TRANSFORMERS_MODEL_TYPES if t not in _NO_POSITION_TABLE),
     "nystromformer",
 )
 # config.json key under which a converted transformers model keeps its Nyström settings.

@@ -35,8 +35,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The transformers families the tests run (tests/test_transformers_families.py). Support is
-# decided by capability (nystromer.hf.check_supported), not by this list.
+# The transformers families the tests run (tests/test_transformers_families.py, EuroBERT in
+# tests/test_hf_edge.py). Support is decided by capability (nystromer.hf.check_supported), not
+# by this list.
 SUPPORTED_TRANSFORMERS_MODEL_TYPES = (
     "bert",
     "roberta",
@@ -51,6 +52,7 @@ SUPPORTED_TRANSFORMERS_MODEL_TYPES = (
     "vit",
     "deit",
     "modernbert",
+    "eurobert",
 )
 
 
