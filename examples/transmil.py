@@ -3,6 +3,7 @@
 
     python examples/transmil.py                     # 300 steps, two minutes on 2 CPU cores
     python examples/transmil.py --bag-size 5000 --out slide.png
+    python examples/transmil.py --attention nystrom-attention --save model.pt
 
 Multiple-instance learning as in whole-slide pathology: a bag (a slide) is n instance feature
 vectors (its patches); it is positive when a few of them are "key" instances (a small lesion).
@@ -20,10 +21,10 @@ After training, the class token's row of the first layer's attention over the in
 one positive bag, its instances laid out on a square grid as patches on a slide, with the key
 instances circled. (In this model the class token gathers the key
 instances in the first layer; the second layer's row, ``--layer 1``, is nearly uniform.)
-``--attention nystrom-attention`` trains the model on the ``nystrom-attention`` package instead, and
-``--save model.pt`` writes the trained model (weights, the settings that rebuild it, the training
-losses; :func:`load` reads it back): ``benchmarks/mil_switch.py --model model.pt`` measures what
-switching such a model to nystromer changes (docs/mil.md).
+``--attention nystrom-attention`` trains the model on the ``nystrom-attention`` package
+instead, and ``--save model.pt`` writes the trained model (weights, the settings that rebuild
+it, the training losses; :func:`load` reads it back): ``benchmarks/mil_switch.py --model
+model.pt`` measures what switching such a model to nystromer changes (docs/mil.md).
 """
 
 from __future__ import annotations
