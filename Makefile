@@ -51,10 +51,14 @@ bench-model: venv
 	$(BIN)/python benchmarks/converted_model.py $(if $(MODEL),--model $(MODEL)) \
 		--kmeans-iterations 3 --conv-kernel-size 35 --write-docs docs/results.md
 
-# A TransMIL-style model trained on the nystrom-attention package, then run on nystromer.compat
-# in both numerics: logit and prediction changes per bag size (docs/mil.md). Minutes on 2 cores.
+# A TransMIL-style model trained on the nystrom-attention package by examples/transmil.py, then
+# run on nystromer.compat in both numerics: logit and prediction changes per bag size
+# (docs/mil.md). Minutes on 2 cores.
 bench-mil-switch: venv
-	$(BIN)/python benchmarks/mil_switch.py --out runs/bench/mil_switch.json
+	$(BIN)/python examples/transmil.py --attention nystrom-attention --threads 1 \
+		--save runs/bench/mil_switch_model.pt --out runs/bench/mil_switch_heatmap.png
+	$(BIN)/python benchmarks/mil_switch.py --model runs/bench/mil_switch_model.pt \
+		--out runs/bench/mil_switch.json
 
 # TransMIL's attention layer: nystromer.compat against the nystrom-attention package (same
 # weights), n = 2,000 … 100,000, one thread; its section of docs/benchmarks.md and

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """What switching a trained TransMIL-style model from ``nystrom-attention`` to nystromer changes.
 
-    python benchmarks/mil_switch.py --out runs/bench/mil_switch.json
-    python benchmarks/mil_switch.py --dim 512 --landmarks 256 --steps 1000   # TransMIL's width
+    python examples/transmil.py --attention nystrom-attention --threads 1 --save model.pt
+    python benchmarks/mil_switch.py --model model.pt --out runs/bench/mil_switch.json
 
-Per bag size, how ``examples/transmil.py``'s model trained on the package changes when its
-weights run on ``nystromer.compat`` in both numerics: logits, predictions and accuracy
-(docs/mil.md, "Measured: what switching a trained model changes").
+Per bag size, how a model that ``examples/transmil.py`` trained on the package (``--model``, the
+file its ``--save`` wrote) changes when its weights run on ``nystromer.compat`` in both
+numerics: logits, predictions and accuracy (docs/mil.md, "Measured: what switching a trained
+model changes"). ``make bench-mil-switch`` runs both steps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import runpy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -68,31 +68,23 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
     torch.set_num_threads(args.threads)
     example = runpy.run_path(str(EXAMPLE))
-    transmil = example["TransMIL"]
-    torch.manual_seed(args.seed)
-    package = transmil(
-        args.features, args.dim, landmarks=args.landmarks, attention=PackageAttention
-    )
-    generator = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    losses = example["train"](
-        package, args.steps, args.train_sizes, args.features, generator, batch=args.batch
-    )
-    train_s = time.perf_counter() - start
-    ours = transmil(args.features, args.dim, landmarks=args.landmarks, attention=NystromAttention)
-    ours.load_state_dict(package.state_dict(), strict=True)
+    try:
+        package, saved = example["load"](args.model, PackageAttention)
+    except ValueError as error:
+        raise SystemExit(f"mil_switch.py: error: --model: {error}") from None
+    ours, _ = example["load"](args.model, NystromAttention)
     rows = evaluate(
-        package.eval(), ours.eval(), example["make_bags"], args.sizes, args.bags, args.features,
+        package, ours, example["make_bags"], args.sizes, args.bags, saved["settings"]["features"],
         args.seed + 1,
     )  # fmt: skip
+    training = saved["training"]
+    losses = training.pop("losses")
     tail = losses[-50:]
+    training |= {"first_loss": losses[0], "mean_loss_last_50": sum(tail) / len(tail)}
     return report_header("mil_switch", command, "cpu", args.threads) | {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "training": {
-            "first_loss": losses[0],
-            "mean_loss_last_50": sum(tail) / len(tail),
-            "seconds": train_s,
-        },
+        "model": saved["settings"],
+        "training": training,
         "rows": rows,
     }
 
@@ -118,20 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
+    add("--model", required=True, help="the file python examples/transmil.py --save wrote")
     add("--sizes", type=int, nargs="+", default=[100, 300, 1500, 3000, 10000], help="bag sizes")
     add("--bags", type=int, default=100, help="evaluation bags per size")
-    add("--steps", type=int, default=300, help="training steps")
-    add("--batch", type=int, default=4, help="bags per training step")
-    add("--train-sizes", type=int, nargs=2, default=(32, 1024), metavar=("MIN", "MAX"))
-    add("--dim", type=int, default=128, help="model width (TransMIL: 512)")
-    add("--landmarks", type=int, default=64, help="m (TransMIL: 256)")
-    add("--features", type=int, default=64, help="instance feature width")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="the evaluation bags are drawn with seed + 1 + n")
     add("--threads", type=int, default=1)
     add("--out", default="runs/bench/mil_switch.json", help="the JSON report")
     args = p.parse_args(argv)
-    if args.dim < 8 or args.dim % 8:
-        p.error(f"--dim must be a positive multiple of 8, got {args.dim}")
+    if not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file (write one with examples/transmil.py --save)")
     report = run(args, recorded_command(["python", "benchmarks/mil_switch.py"], argv, drop=()))
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=2)

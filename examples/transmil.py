@@ -3,6 +3,7 @@
 
     python examples/transmil.py                     # 300 steps, two minutes on 2 CPU cores
     python examples/transmil.py --bag-size 5000 --out slide.png
+    python examples/transmil.py --attention nystrom-attention --save model.pt
 
 Multiple-instance learning as in whole-slide pathology: a bag (a slide) is n instance feature
 vectors (its patches); it is positive when a few of them are "key" instances (a small lesion).
@@ -20,15 +21,21 @@ After training, the class token's row of the first layer's attention over the in
 one positive bag, its instances laid out on a square grid as patches on a slide, with the key
 instances circled. (In this model the class token gathers the key
 instances in the first layer; the second layer's row, ``--layer 1``, is nearly uniform.)
-``benchmarks/mil_switch.py`` trains the same model on the ``nystrom-attention`` package and
-measures what switching changes (docs/mil.md).
+``--attention nystrom-attention`` trains the model on the ``nystrom-attention`` package
+instead, and ``--save model.pt`` writes the trained model (weights, the settings that rebuild
+it, the training losses; :func:`load` reads it back): ``benchmarks/mil_switch.py --model
+model.pt`` measures what switching such a model to nystromer changes (docs/mil.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,8 @@ from nystromer.compat import NystromAttention
 
 #: Which instances of a positive bag are keys: between these many, inclusive.
 KEYS = (2, 6)
+#: What ``--save`` writes in its file's ``format`` field, for :func:`load` to recognise it.
+SAVED_FORMAT = "examples/transmil.py model"
 
 
 def make_bags(
@@ -160,6 +169,31 @@ def train(
     return losses
 
 
+def load(
+    path: str, attention: Callable[..., nn.Module] = NystromAttention
+) -> tuple[TransMIL, dict]:
+    """The model ``--save`` wrote to ``path``, built on ``attention`` (in eval mode), and the
+    saved dict: ``settings`` (features, dim, landmarks, attention trained with) and
+    ``training`` (command, steps, batch, seed, losses, seconds).
+
+    Raises:
+        ValueError: ``path`` is not a file written by ``--save``.
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # on a foreign file torch.load raises whatever its parse hits
+        reason = f"torch.load with weights_only=True: {type(error).__name__}"
+        raise ValueError(
+            f"{path} was not written by examples/transmil.py --save ({reason})"
+        ) from error
+    if not isinstance(saved, dict) or saved.get("format") != SAVED_FORMAT:
+        raise ValueError(f"{path} was not written by examples/transmil.py --save")
+    s = saved["settings"]
+    model = TransMIL(s["features"], s["dim"], landmarks=s["landmarks"], attention=attention)
+    model.load_state_dict(saved["state_dict"], strict=True)
+    return model.eval(), saved
+
+
 def save_heatmap(weights: Tensor, keys: Tensor, path: str) -> None:
     """Draw one bag's (n,) attention weights on a square grid, key instances circled."""
     import matplotlib
@@ -201,6 +235,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--train-sizes", type=int, nargs=2, default=(32, 1024), metavar=("MIN", "MAX")
     )
+    parser.add_argument("--batch", type=int, default=4, help="bags per training step")
+    parser.add_argument(
+        "--attention",
+        choices=("nystromer", "nystrom-attention"),
+        default="nystromer",
+        help="train on nystromer.compat or on the nystrom-attention package",
+    )
+    parser.add_argument("--save", metavar="PATH", help="write the trained model here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--bag-size", type=int, default=1000, help="n of the bag drawn")
     parser.add_argument("--eval-bags", type=int, default=32, help="bags the accuracy is taken on")
     parser.add_argument("--layer", type=int, default=0, choices=(0, 1), help="whose heatmap")
@@ -210,10 +253,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.dim < 8 or args.dim % 8:
         parser.error(f"--dim must be a positive multiple of 8, got {args.dim}")
 
+    attention = NystromAttention
+    if args.attention == "nystrom-attention":
+        from nystrom_attention import NystromAttention as attention
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = TransMIL(args.features, args.dim, landmarks=args.landmarks)
-    losses = train(model, args.steps, args.train_sizes, args.features, generator)
+    model = TransMIL(args.features, args.dim, landmarks=args.landmarks, attention=attention)
+    start = time.perf_counter()
+    losses = train(model, args.steps, args.train_sizes, args.features, generator, batch=args.batch)
+    seconds = time.perf_counter() - start
+    if args.save:
+        argv = sys.argv[1:] if argv is None else argv
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: getattr(args, k) for k in ("features", "dim", "landmarks", "attention")}
+        training = {"steps": args.steps, "batch": args.batch, "seed": args.seed}
+        training |= {"train_sizes": list(args.train_sizes), "losses": losses, "seconds": seconds}
+        training["command"] = shlex.join(["python", "examples/transmil.py", *argv])
+        torch.save(
+            {
+                "format": SAVED_FORMAT,
+                "settings": settings,
+                "training": training,
+                "state_dict": model.state_dict(),
+            },
+            args.save,
+        )
 
     model.eval()
     with torch.no_grad():
@@ -229,8 +295,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"loss {losses[0]:.3f} → {losses[-1]:.3f} in {args.steps} steps; accuracy at "
         f"n = {args.bag_size}: {accuracy:.2f}; the {int(keys.sum())} key instances hold "
         f"{key_share:.0%} of the class token's attention in layer {args.layer}; heatmap: {args.out}"
+        + (f"; model: {args.save}" if args.save else "")
     )
-    return {"losses": losses, "accuracy": accuracy, "key_share": key_share, "out": args.out}
+    return {
+        "model": model,
+        "losses": losses,
+        "accuracy": accuracy,
+        "key_share": key_share,
+        "out": args.out,
+    }
 
 
 if __name__ == "__main__":

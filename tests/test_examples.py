@@ -10,16 +10,29 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_transmil_example_trains_and_saves_a_heatmap(tmp_path):
+def test_transmil_example_trains_saves_a_heatmap_and_a_model_that_load_rebuilds(tmp_path):
     pytest.importorskip("matplotlib")
+    import torch
+
     example = runpy.run_path(str(EXAMPLES / "transmil.py"))
-    png = tmp_path / "heatmap.png"
-    argv = ["--dim", "16", "--landmarks", "8", "--steps", "2", "--train-sizes", "10", "20"]
-    result = example["main"]([*argv, "--bag-size", "30", "--eval-bags", "4", "--out", str(png)])
+    png, path = tmp_path / "heatmap.png", tmp_path / "model.pt"
+    argv = ["--dim", "16", "--landmarks", "8", "--features", "12", "--steps", "2", "--batch", "2"]
+    argv += ["--train-sizes", "10", "20", "--bag-size", "30", "--eval-bags", "4"]
+    result = example["main"]([*argv, "--out", str(png), "--save", str(path)])
     assert png.read_bytes().startswith(b"\x89PNG")
     assert len(result["losses"]) == 2
     # The heatmap is the class token's row over the 30 instances: a share of attention.
     assert 0.0 <= result["accuracy"] <= 1.0 and abs(result["key_share"]) < 10
+    # The file alone rebuilds the model: the settings it needs and the weights.
+    model, saved = example["load"](str(path))
+    assert saved["settings"] == dict(features=12, dim=16, landmarks=8, attention="nystromer")
+    assert saved["training"]["losses"] == result["losses"] and saved["training"]["batch"] == 2
+    bags = torch.randn(3, 25, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(bags), result["model"].eval()(bags), rtol=0, atol=0)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not written by examples/transmil.py --save"):
+        example["load"](str(tmp_path / "other.pt"))
 
 
 def test_transmil_heatmap_is_the_class_token_row_in_both_numerics():
