@@ -114,9 +114,10 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
-    # Whether the queries are the keys' tokens (self-attention under one mask): then a sample
-    # with at most m real queries also has at most m real keys and is exact already.
-    queries_are_keys = query_mask is None or query_mask is mask
+    # Whether the query mask is the key mask (the same tensor, or none given: _defaults then
+    # takes the key mask in self-attention, and cross-attention has no query padding). Then a
+    # sample with at most m real queries also has at most m real keys and is exact already.
+    query_mask_is_key_mask = query_mask is None or query_mask is mask
     scale, mask, query_mask, empty = _defaults(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
@@ -127,7 +128,7 @@ def nystrom_attention(
     else:
         out = _nystrom(
             query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p,
-            kmeans_iterations, queries_are_keys,
+            kmeans_iterations, query_mask_is_key_mask,
         )  # fmt: skip
 
     # One multiply zeroes padded queries and samples without a real key.
@@ -175,12 +176,11 @@ _RECOMPUTE_PINV_BYTES = 16 << 20
 
 def _nystrom(
     query, key, value, mask, query_mask, m, pinv_iterations, scale, dropout_p, kmeans_iterations,
-    queries_are_keys=True,
+    query_mask_is_key_mask=True,
 ):  # fmt: skip
     """F·A⁺·(B·V) as two attention calls around the m×m pseudo-inverse (module docstring).
-    ``queries_are_keys``: query_mask is the key mask, so no sample has fewer real queries
-    than real keys (then the exact rows of samples with at most m real queries are not
-    looked for)."""
+    ``query_mask_is_key_mask``: no sample has fewer real queries than real keys, so the exact
+    rows of samples with at most m real queries are not looked for."""
     n_q, n_k = query.shape[2], key.shape[2]
     # The m×m part (and the landmark means) run in at least float32.
     work = torch.promote_types(query.dtype, torch.float32)
@@ -235,7 +235,7 @@ def _nystrom(
         )
     else:
         out = softmax_attention(query, k_land, w, k_nonempty, scale, dropout_p)
-    if q_counts is not None and not queries_are_keys:
+    if q_counts is not None and not query_mask_is_key_mask:
         # A sample with at most m real queries gets exact attention, as its real queries alone
         # would (padding invariance): each real query is its own segment, so Q̃ holds the
         # queries themselves and step 1 computed their exact rows; copy them to the queries.
