@@ -300,3 +300,32 @@ def test_models_pickle_whole(act):
     kwargs, _ = batch("NystromformerForSequenceClassification", 12, pad=True)
     with torch.no_grad():
         assert torch.equal(back(**kwargs).logits, model(**kwargs).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
+    # transformers' switch (Trainer(gradient_checkpointing=True) calls it): the layers are
+    # recomputed in the backward pass, with the same dropout masks, so gradients are equal.
+    model = _model(NystromformerForMaskedLM, hidden_dropout_prob=0.1).double().train()
+    kwargs, labels = batch("NystromformerForMaskedLM", 30, pad=True)
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(5)
+        model(**kwargs, **labels).loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = gradients()
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    recomputed = []
+    hook = model.nystromformer.encoder.layer[0].register_forward_pre_hook(
+        lambda *args: recomputed.append(1)
+    )
+    checkpointed = gradients()
+    hook.remove()
+    assert len(recomputed) == 2  # forward, and again in the backward pass
+    for k in plain:
+        assert torch.allclose(checkpointed[k], plain[k], rtol=1e-12, atol=1e-14), k
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .._checks import check_shape
@@ -260,6 +261,22 @@ class NystromformerEncoder(nn.Module):
         self.layer = nn.ModuleList(
             NystromformerLayer(config) for _ in range(config.num_hidden_layers)
         )
+        # Set by NystromformerPreTrainedModel.gradient_checkpointing_enable.
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {}
+
+    def run_layers(self, x: Tensor, mask: Tensor | None, states: list[Tensor] | None) -> Tensor:
+        """Every layer in turn (recomputed in the backward pass under gradient checkpointing,
+        while training); appends each output to ``states`` when given."""
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layer:
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, **self.checkpoint_kwargs)
+            else:
+                x = layer(x, mask)
+            if states is not None:
+                states.append(x)
+        return x
 
 
 # --------------------------------------------------------------------------- models
@@ -298,6 +315,35 @@ class NystromformerPreTrainedModel(nn.Module):
 
     def _post_init(self) -> None:
         self.apply(self._init_weights)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute each layer in the backward pass instead of storing its activations
+        (transformers' method; ``Trainer(gradient_checkpointing=True)`` calls it). Applies in
+        training mode only; dropout masks are replayed, so gradients do not change.
+
+        Args:
+            gradient_checkpointing_kwargs: keywords for ``torch.utils.checkpoint.checkpoint``;
+                default ``{"use_reentrant": False}``.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for m in self.modules():
+            if isinstance(m, NystromformerEncoder):
+                m.gradient_checkpointing, m.checkpoint_kwargs = True, kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations again (the default)."""
+        for m in self.modules():
+            if isinstance(m, NystromformerEncoder):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect."""
+        return any(
+            m.gradient_checkpointing for m in self.modules() if isinstance(m, NystromformerEncoder)
+        )
 
     @property
     def is_base_model(self) -> bool:
@@ -460,10 +506,7 @@ class NystromformerModel(NystromformerPreTrainedModel):
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         states = [x] if output_hidden_states else None
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-            if states is not None:
-                states.append(x)
+        x = self.encoder.run_layers(x, mask, states)
         return BaseModelOutput(x, tuple(states) if states is not None else None)
 
 
