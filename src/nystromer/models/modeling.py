@@ -268,7 +268,9 @@ class NystromformerEncoder(nn.Module):
     def run_layers(self, x: Tensor, mask: Tensor | None, states: list[Tensor] | None) -> Tensor:
         """Every layer in turn (recomputed in the backward pass under gradient checkpointing,
         while training); appends each output to ``states`` when given."""
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # getattr: a whole model pickled by an earlier version has no such attribute.
+        checkpointing = getattr(self, "gradient_checkpointing", False)
+        checkpointing = checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layer:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, mask, **self.checkpoint_kwargs)
@@ -342,7 +344,9 @@ class NystromformerPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         """Whether :meth:`gradient_checkpointing_enable` is in effect."""
         return any(
-            m.gradient_checkpointing for m in self.modules() if isinstance(m, NystromformerEncoder)
+            getattr(m, "gradient_checkpointing", False)
+            for m in self.modules()
+            if isinstance(m, NystromformerEncoder)
         )
 
     @property
