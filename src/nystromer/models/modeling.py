@@ -114,6 +114,12 @@ class QuestionAnsweringModelOutput(_Output):
     hidden_states: tuple[Tensor, ...] | None = None
 
 
+def _as_requested(output: _Output, return_dict: bool | None) -> Any:
+    """transformers' convention: ``return_dict=False`` gives the fields that are set, as a
+    tuple in field order; None (the default) or True the output object."""
+    return output.to_tuple() if return_dict is False else output
+
+
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -435,7 +441,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutput:
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[Tensor, ...]:
         """Encode a batch.
 
         Args:
@@ -447,6 +454,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
                 n + 1.
             inputs_embeds: (B, n, hidden_size) instead of input_ids.
             output_hidden_states: also return the embeddings and every layer's output.
+            return_dict: False returns the output's fields as a tuple, leaving out absent
+                ones (transformers' ``return_dict=False``); None or True the dataclass.
 
         Returns:
             BaseModelOutput; n ≤ max_position_embeddings.
@@ -511,7 +520,9 @@ class NystromformerModel(NystromformerPreTrainedModel):
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         states = [x] if output_hidden_states else None
         x = self.encoder.run_layers(x, mask, states)
-        return BaseModelOutput(x, tuple(states) if states is not None else None)
+        return _as_requested(
+            BaseModelOutput(x, tuple(states) if states is not None else None), return_dict
+        )
 
 
 class _HeadModel(NystromformerPreTrainedModel):
@@ -540,9 +551,11 @@ class _HeadModel(NystromformerPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> _LogitsOutput:
+        return_dict: bool | None = None,
+    ) -> _LogitsOutput | tuple[Tensor, ...]:
         """Encode and apply the head; inputs as :meth:`NystromformerModel.forward`, ``labels``
-        as the class docstring says. Returns the class's output (loss None without labels)."""
+        as the class docstring says. Returns the class's output (loss None without labels),
+        or with ``return_dict=False`` its fields as a tuple, absent ones left out."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -555,7 +568,7 @@ class _HeadModel(NystromformerPreTrainedModel):
         )
         logits = self._logits(out.last_hidden_state, inputs)
         loss = None if labels is None else self._loss(logits, labels)
-        return self.output_class(loss, logits, out.hidden_states)
+        return _as_requested(self.output_class(loss, logits, out.hidden_states), return_dict)
 
     def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         return inputs
@@ -759,7 +772,8 @@ class NystromformerForQuestionAnswering(_HeadModel):
         start_positions: Tensor | None = None,
         end_positions: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> QuestionAnsweringModelOutput:
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple[Tensor, ...]:
         """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
         # The heads' one forward, with the span as labels (B, 2) and logits (B, n, 2).
         labels = None
@@ -775,7 +789,10 @@ class NystromformerForQuestionAnswering(_HeadModel):
             output_hidden_states,
         )
         start_logits, end_logits = out.logits.unbind(-1)
-        return QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states)
+        return _as_requested(
+            QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states),
+            return_dict,
+        )
 
     def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
         return self.qa_outputs(hidden)
