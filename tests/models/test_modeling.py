@@ -329,3 +329,18 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
         assert torch.allclose(checkpointed[k], plain[k], rtol=1e-12, atol=1e-14), k
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+def test_multiple_choice_takes_one_row_of_position_and_type_ids():
+    # As the other heads (and transformers' multiple-choice head): (n,) or (1, n) ids apply
+    # to every sequence of every choice.
+    model = _model(ours.NystromformerForMultipleChoice)
+    kwargs, _ = batch("NystromformerForMultipleChoice", 20, pad=True)
+    positions = torch.arange(5, 25)
+    types = torch.randint(0, 2, (1, 20))
+    full = {"position_ids": positions.expand(2, 3, -1), "token_type_ids": types.expand(2, 3, -1)}
+    with torch.no_grad():
+        expected = model(**kwargs | full).logits
+        for rows in (positions, positions[None]):
+            got = model(**kwargs | {"position_ids": rows, "token_type_ids": types}).logits
+            assert torch.equal(got, expected)

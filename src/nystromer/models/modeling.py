@@ -734,6 +734,9 @@ class NystromformerForMultipleChoice(_HeadModel):
         def flat(t: Tensor | None, name: str) -> Tensor | None:
             if t is None:
                 return None
+            one_row = (t.dim() == 2 and len(t) == 1) or (name == "position_ids" and t.dim() == 1)
+            if name in ("position_ids", "token_type_ids") and one_row:
+                return t  # one row for every sequence, as the encoder takes it: broadcast
             if t.shape[:2] != (b, c):
                 raise ValueError(
                     f"{name} must have shape ({b}, {c}, ...) (batch, num_choices, ...), got "
