@@ -297,3 +297,9 @@ def test_compiles_in_one_graph_like_sdpa():
             got = compiled(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state
         assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_convert_of_a_wrapped_model_names_the_wrapper():
+    # Said "use nystromer.patch (no position table to extend)", which does not apply.
+    with pytest.raises(ValueError, match=r"DataParallel.*model\.module"):
+        nystromer.convert(torch.nn.DataParallel(bert("eager")), num_landmarks=M)
