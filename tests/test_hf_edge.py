@@ -281,3 +281,25 @@ def test_patch_reaches_the_sub_configs_of_a_composite_model(tmp_path):
     with torch.no_grad():
         again = loaded.vision_model(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(again, got, rtol=0, atol=1e-12)
+
+
+def test_compiles_in_one_graph_like_sdpa():
+    # torch.compile(model, fullgraph=True) works with "sdpa"; the mask builder's check of the
+    # mask's kind (causal? window?) read tensors back and broke the graph.
+    model = bert()
+    x = ids(2, 40)
+    mask = torch.ones_like(x)
+    mask[1, 30:] = 0
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for n in (40, 12):  # Nyström, and exact at n ≤ m
+        with torch.no_grad():
+            expected = model(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state
+            got = compiled(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_convert_of_a_wrapped_model_names_the_wrapper():
+    # Said "use nystromer.patch (no position table to extend)", which does not apply.
+    with pytest.raises(ValueError, match=r"DataParallel.*model\.module"):
+        nystromer.convert(torch.nn.DataParallel(bert("eager")), num_landmarks=M)

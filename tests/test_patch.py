@@ -459,3 +459,49 @@ def test_attention_probe_sees_each_layer_before_the_skip():
 
     with pytest.raises(Stop), attention_probe(stop), torch.no_grad():
         _hidden(model, inputs)
+
+
+def test_patching_again_applies_the_new_settings():
+    # A second patch of a torch model must not keep the first call's settings without a word
+    # (the transformers path rewrites config.nystrom); its convolution skips are kept.
+    model = _encoder()
+    patch(model, num_landmarks=16, conv_kernel_size=3)
+    conv = model.layers[0].self_attn.conv
+    patch(model, num_landmarks=8, pinv_iterations=3, kmeans_iterations=2)
+    for layer in model.layers:
+        assert layer.self_attn.options == NystromOptions(
+            num_landmarks=8, pinv_iterations=3, kmeans_iterations=2, conv_kernel_size=3
+        )
+    assert model.layers[0].self_attn.conv is conv  # trained skips stay
+    plain = patch(_encoder(), num_landmarks=16)
+    with pytest.raises(ValueError, match="conv_kernel_size"):
+        patch(plain, num_landmarks=16, conv_kernel_size=3)  # a skip cannot be added afterwards
+
+
+def test_wrapped_transformers_model_is_patched_inside_the_wrapper():
+    # nn.DataParallel (and DistributedDataParallel) hold the model as .module: the wrapper is
+    # no transformers model, but what it wraps is.
+    model = _bert_like("bert")
+    wrapped = nn.DataParallel(model)
+    assert patch(wrapped, num_landmarks=8) is wrapped
+    assert model.config._attn_implementation == "nystrom"
+    assert nystromer.hf.get_options(model.config).num_landmarks == 8
+
+
+def test_distributed_data_parallel_model_is_patched_inside_unless_new_parameters(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of the caller")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = _bert_like("bert")
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="before wrapping"):
+            patch(wrapped, num_landmarks=8, conv_kernel_size=3)
+        assert model.config._attn_implementation != "nystrom"  # refused: unchanged
+        patch(wrapped, num_landmarks=8)
+        assert model.config._attn_implementation == "nystrom"
+    finally:
+        dist.destroy_process_group()

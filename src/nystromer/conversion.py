@@ -301,6 +301,12 @@ def _model_type(model: nn.Module) -> str:
             )
         hf.check_supported(model)
         return model_type
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        # The position table may change shape, which a wrapper built before would not follow.
+        raise ValueError(
+            f"convert the model before wrapping it in {type(model).__name__}: "
+            "nystromer.convert(model.module, ...), then wrap it again"
+        )
     what = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     raise ValueError(
         f"convert supports transformers encoders and nystromer.models Nyströmformers, got "

@@ -89,8 +89,12 @@ def get_options(config: Any) -> NystromOptions:
         raise TypeError(
             f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
         )
+    items = tuple(sorted((settings or {}).items()))
+    if torch.compiler.is_compiling():
+        # Traced: built directly (dynamo cannot follow the cache or from_dict's field list).
+        return NystromOptions(**dict(items))
     try:
-        return _options(tuple(sorted((settings or {}).items())))
+        return _options(items)
     except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
         return NystromOptions.from_dict(settings)
 
@@ -327,7 +331,15 @@ def _mask(
     (B, 1, n, n) masks); transformers' dense mask for a bidirectional local window, whose
     layers keep exact attention; an error for anything else."""
     _check_model_type(config)
-    kind = _mask_kind(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset)
+    from transformers.masking_utils import bidirectional_mask_function
+
+    if mask_function is bidirectional_mask_function and torch.compiler.is_compiling():
+        # Plain encoders: every query sees every key. Under torch.compile the evaluation below
+        # would read tensors back and break the graph (fullgraph=True fails); any other
+        # function (windows, packed sequences) is still evaluated.
+        kind = "full"
+    else:
+        kind = _mask_kind(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset)
     if kind == "window":
         from transformers.masking_utils import sdpa_mask
 
@@ -520,7 +532,8 @@ def _attention(
     mask = None if attention_mask is None else _key_mask_from_4d(attention_mask, n_q, n_k)
     if mask is not None and mask.shape[0] == 1:
         mask = mask.expand(query.shape[0], n_k)  # one mask for the batch, as eager broadcasts
-    probe = _PROBE.get()
+    # Probes (calibrate) watch eager forwards: dynamo cannot read a context variable.
+    probe = None if torch.compiler.is_compiling() else _PROBE.get()
     observe = None
     if probe is not None:
 

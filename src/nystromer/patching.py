@@ -97,13 +97,23 @@ def patch(
     options = resolve_options(
         options, num_landmarks, pinv_iterations, kmeans_iterations, conv_kernel_size
     )
-    if is_transformers_model(model):
-        _patch_transformers(model, options)
-        return model
+    _check_wrapper(model, options)
+    inner = getattr(model, "module", None) if _is_wrapper(model) else None
+    for candidate in (model, inner):
+        if candidate is not None and is_transformers_model(candidate):
+            _patch_transformers(candidate, options)
+            return model
+    _check_patched(model, options)
     replaced = _patch_multihead_attention(model, options)
+    patched = _update_patched(model, options)
     if not replaced:
-        if any(isinstance(m, NystromMultiheadAttention) for m in model.modules()):
-            logger.info("patch: %s is already patched; nothing replaced", type(model).__name__)
+        if patched:
+            logger.info(
+                "patch: %s is already patched; settings of %d modules now %s",
+                type(model).__name__,
+                patched,
+                options,
+            )
             return model
         raise ValueError(
             f"found nothing to patch in {type(model).__name__}: no torch.nn.MultiheadAttention, "
@@ -118,7 +128,51 @@ def patch(
     return model
 
 
+# --------------------------------------------------------------------------- wrappers
+
+
+def _is_wrapper(model: nn.Module) -> bool:
+    """nn.DataParallel or DistributedDataParallel: the model they wrap is ``model.module``."""
+    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+
+
+def _check_wrapper(model: nn.Module, options: NystromOptions) -> None:
+    # DDP lists the parameters it synchronises when it is built: a convolution skip added
+    # afterwards would be trained apart on every process.
+    if isinstance(model, nn.parallel.DistributedDataParallel) and options.conv_kernel_size:
+        raise ValueError(
+            "conv_kernel_size adds parameters, which a DistributedDataParallel built before "
+            "would not synchronise: patch the model before wrapping it"
+        )
+
+
 # --------------------------------------------------------------------------- torch.nn
+
+
+def _patched_modules(model: nn.Module) -> list[NystromMultiheadAttention]:
+    return list(
+        {id(m): m for m in model.modules() if isinstance(m, NystromMultiheadAttention)}.values()
+    )
+
+
+def _check_patched(model: nn.Module, options: NystromOptions) -> None:
+    """Before anything changes: a convolution skip cannot be added to a module made without."""
+    k = options.conv_kernel_size
+    if k is not None and any(m.conv_kernel_size is None for m in _patched_modules(model)):
+        raise ValueError(
+            f"conv_kernel_size={k}: {type(model).__name__} was patched without convolution "
+            "skips, and one cannot be added to a NystromMultiheadAttention afterwards; patch "
+            "the original model, or pass conv_kernel_size=None to change the other settings"
+        )
+
+
+def _update_patched(model: nn.Module, options: NystromOptions) -> int:
+    """Give every NystromMultiheadAttention of ``model`` (made earlier too) the settings of this
+    call; their convolution skips, possibly trained, stay. Returns how many."""
+    patched = _patched_modules(model)
+    for m in patched:
+        m.options = options.replace(conv_kernel_size=m.conv_kernel_size)
+    return len(patched)
 
 
 def _patch_multihead_attention(model: nn.Module, options: NystromOptions) -> list[str]:

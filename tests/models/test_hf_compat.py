@@ -295,3 +295,22 @@ def test_saved_config_states_the_dtype_of_the_saved_weights(tmp_path):
         assert rel_err(back.eval()(**kwargs).logits, model(**kwargs).logits) <= TOL
     model.to(torch.bfloat16).save_pretrained(tmp_path / "half")
     assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_return_dict_false_gives_transformers_tuple(tmp_path, name):
+    # Code written for transformers passes return_dict=False and unpacks a tuple: (loss,)
+    # logits (QA: start, end), hidden states; absent entries are left out.
+    hf = _hf_model(name, tiny_hf_config(num_landmarks=16, segment_means_seq_len=16))
+    hf.save_pretrained(tmp_path)
+    model = getattr(ours, name).from_pretrained(tmp_path, numerics="hf", strict=True)
+    kwargs, labels = batch(name, 20, pad=False)
+    for extra in ({}, {**labels, "output_hidden_states": True}):
+        with torch.no_grad():
+            expected = hf(**kwargs, **extra, return_dict=False)
+            got = model(**kwargs, **extra, return_dict=False)
+            assert type(model(**kwargs, **extra, return_dict=True)) is not tuple
+        assert type(got) is tuple and len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            a, b = (a, b) if isinstance(a, torch.Tensor) else (torch.stack(a), torch.stack(b))
+            assert rel_err(a, b) <= TOL

@@ -300,3 +300,47 @@ def test_models_pickle_whole(act):
     kwargs, _ = batch("NystromformerForSequenceClassification", 12, pad=True)
     with torch.no_grad():
         assert torch.equal(back(**kwargs).logits, model(**kwargs).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
+    # transformers' switch (Trainer(gradient_checkpointing=True) calls it): the layers are
+    # recomputed in the backward pass, with the same dropout masks, so gradients are equal.
+    model = _model(NystromformerForMaskedLM, hidden_dropout_prob=0.1).double().train()
+    kwargs, labels = batch("NystromformerForMaskedLM", 30, pad=True)
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(5)
+        model(**kwargs, **labels).loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = gradients()
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    recomputed = []
+    hook = model.nystromformer.encoder.layer[0].register_forward_pre_hook(
+        lambda *args: recomputed.append(1)
+    )
+    checkpointed = gradients()
+    hook.remove()
+    assert len(recomputed) == 2  # forward, and again in the backward pass
+    for k in plain:
+        assert torch.allclose(checkpointed[k], plain[k], rtol=1e-12, atol=1e-14), k
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
+def test_multiple_choice_takes_one_row_of_position_and_type_ids():
+    # As the other heads (and transformers' multiple-choice head): (n,) or (1, n) ids apply
+    # to every sequence of every choice.
+    model = _model(ours.NystromformerForMultipleChoice)
+    kwargs, _ = batch("NystromformerForMultipleChoice", 20, pad=True)
+    positions = torch.arange(5, 25)
+    types = torch.randint(0, 2, (1, 20))
+    full = {"position_ids": positions.expand(2, 3, -1), "token_type_ids": types.expand(2, 3, -1)}
+    with torch.no_grad():
+        expected = model(**kwargs | full).logits
+        for rows in (positions, positions[None]):
+            got = model(**kwargs | {"position_ids": rows, "token_type_ids": types}).logits
+            assert torch.equal(got, expected)

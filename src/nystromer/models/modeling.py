@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .. import _cpu
@@ -112,6 +113,12 @@ class QuestionAnsweringModelOutput(_Output):
     start_logits: Tensor
     end_logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+
+
+def _as_requested(output: _Output, return_dict: bool | None) -> Any:
+    """transformers' convention: ``return_dict=False`` gives the fields that are set, as a
+    tuple in field order; None (the default) or True the output object."""
+    return output.to_tuple() if return_dict is False else output
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -261,6 +268,24 @@ class NystromformerEncoder(nn.Module):
         self.layer = nn.ModuleList(
             NystromformerLayer(config) for _ in range(config.num_hidden_layers)
         )
+        # Set by NystromformerPreTrainedModel.gradient_checkpointing_enable.
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {}
+
+    def run_layers(self, x: Tensor, mask: Tensor | None, states: list[Tensor] | None) -> Tensor:
+        """Every layer in turn (recomputed in the backward pass under gradient checkpointing,
+        while training); appends each output to ``states`` when given."""
+        # getattr: a whole model pickled by an earlier version has no such attribute.
+        checkpointing = getattr(self, "gradient_checkpointing", False)
+        checkpointing = checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layer:
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, **self.checkpoint_kwargs)
+            else:
+                x = layer(x, mask)
+            if states is not None:
+                states.append(x)
+        return x
 
 
 # --------------------------------------------------------------------------- models
@@ -299,6 +324,37 @@ class NystromformerPreTrainedModel(nn.Module):
 
     def _post_init(self) -> None:
         self.apply(self._init_weights)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute each layer in the backward pass instead of storing its activations
+        (transformers' method; ``Trainer(gradient_checkpointing=True)`` calls it). Applies in
+        training mode only; dropout masks are replayed, so gradients do not change.
+
+        Args:
+            gradient_checkpointing_kwargs: keywords for ``torch.utils.checkpoint.checkpoint``;
+                default ``{"use_reentrant": False}``.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for m in self.modules():
+            if isinstance(m, NystromformerEncoder):
+                m.gradient_checkpointing, m.checkpoint_kwargs = True, kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations again (the default)."""
+        for m in self.modules():
+            if isinstance(m, NystromformerEncoder):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect."""
+        return any(
+            getattr(m, "gradient_checkpointing", False)
+            for m in self.modules()
+            if isinstance(m, NystromformerEncoder)
+        )
 
     @property
     def is_base_model(self) -> bool:
@@ -386,7 +442,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutput:
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[Tensor, ...]:
         """Encode a batch.
 
         Args:
@@ -398,6 +455,8 @@ class NystromformerModel(NystromformerPreTrainedModel):
                 n + 1.
             inputs_embeds: (B, n, hidden_size) instead of input_ids.
             output_hidden_states: also return the embeddings and every layer's output.
+            return_dict: False returns the output's fields as a tuple, leaving out absent
+                ones (transformers' ``return_dict=False``); None or True the dataclass.
 
         Returns:
             BaseModelOutput; n ≤ max_position_embeddings.
@@ -457,11 +516,10 @@ class NystromformerModel(NystromformerPreTrainedModel):
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         states = [x] if output_hidden_states else None
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-            if states is not None:
-                states.append(x)
-        return BaseModelOutput(x, tuple(states) if states is not None else None)
+        x = self.encoder.run_layers(x, mask, states)
+        return _as_requested(
+            BaseModelOutput(x, tuple(states) if states is not None else None), return_dict
+        )
 
 
 class _HeadModel(NystromformerPreTrainedModel):
@@ -490,9 +548,11 @@ class _HeadModel(NystromformerPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> _LogitsOutput:
+        return_dict: bool | None = None,
+    ) -> _LogitsOutput | tuple[Tensor, ...]:
         """Encode and apply the head; inputs as :meth:`NystromformerModel.forward`, ``labels``
-        as the class docstring says. Returns the class's output (loss None without labels)."""
+        as the class docstring says. Returns the class's output (loss None without labels),
+        or with ``return_dict=False`` its fields as a tuple, absent ones left out."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -505,7 +565,7 @@ class _HeadModel(NystromformerPreTrainedModel):
         )
         logits = self._logits(out.last_hidden_state, inputs)
         loss = None if labels is None else self._loss(logits, labels)
-        return self.output_class(loss, logits, out.hidden_states)
+        return _as_requested(self.output_class(loss, logits, out.hidden_states), return_dict)
 
     def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         return inputs
@@ -671,6 +731,9 @@ class NystromformerForMultipleChoice(_HeadModel):
         def flat(t: Tensor | None, name: str) -> Tensor | None:
             if t is None:
                 return None
+            one_row = (t.dim() == 2 and len(t) == 1) or (name == "position_ids" and t.dim() == 1)
+            if name in ("position_ids", "token_type_ids") and one_row:
+                return t  # one row for every sequence, as the encoder takes it: broadcast
             if t.shape[:2] != (b, c):
                 raise ValueError(
                     f"{name} must have shape ({b}, {c}, ...) (batch, num_choices, ...), got "
@@ -709,7 +772,8 @@ class NystromformerForQuestionAnswering(_HeadModel):
         start_positions: Tensor | None = None,
         end_positions: Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> QuestionAnsweringModelOutput:
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple[Tensor, ...]:
         """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
         # The heads' one forward, with the span as labels (B, 2) and logits (B, n, 2).
         labels = None
@@ -725,7 +789,10 @@ class NystromformerForQuestionAnswering(_HeadModel):
             output_hidden_states,
         )
         start_logits, end_logits = out.logits.unbind(-1)
-        return QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states)
+        return _as_requested(
+            QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states),
+            return_dict,
+        )
 
     def _logits(self, hidden: Tensor, inputs: dict[str, Tensor | None]) -> Tensor:
         return self.qa_outputs(hidden)
