@@ -477,8 +477,8 @@ def _rows_of_product(
 def _host_reads_are_cheap(x: Tensor) -> bool:
     """Whether the host may read one of x's values (``bool()``, ``.item()``) to pick a
     faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
-    torch.compile cannot trace it."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    torch.compile cannot trace it, nor vmap a batched value."""
+    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or _cpu.transformed())
 
 
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
@@ -547,8 +547,9 @@ def landmark_assignment(
     rank = real.cumsum(-1) - 1
     length = real.sum(-1, keepdim=True).clamp_min(1)
     index = torch.where(mask, torch.div(rank * m, length, rounding_mode="floor"), m)
+    # Out of place: under torch.func.vmap over masks, zeros are not batched but the index is.
     counts = torch.zeros(mask.shape[0], m + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index))
+    counts = counts.scatter_add(1, index, torch.ones_like(index))
     return index, counts
 
 
