@@ -457,3 +457,55 @@ def test_banded_sequence_conv_is_a_deprecated_alias():
     v, w = torch.randn(1, 2, 9, 3), torch.randn(2, 1, 3, 1)
     with pytest.warns(DeprecationWarning, match="sequence_conv"):
         assert torch.equal(banded_sequence_conv(v, w), sequence_conv(v, w))
+
+
+def test_conv_skip_gradient_ignores_a_mask_changed_after_the_forward():
+    # A mask buffer reused for the next batch before this one's backward: the gradient must
+    # stay this forward's (the attention itself keeps no reference to the caller's mask).
+    attn = make(conv_kernel_size=3)
+    torch.nn.init.normal_(attn.conv.weight)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    mask = torch.arange(20)[None] < torch.tensor([[20], [13]])
+
+    def gradients(change_mask):
+        attn.zero_grad()
+        x_ = x.clone().requires_grad_()
+        buffer = mask.clone()
+        out = attn(x_, mask=buffer)
+        if change_mask:
+            buffer.fill_(True)
+        out.backward(torch.ones_like(out))
+        return x_.grad, attn.conv.weight.grad.clone()
+
+    for got, expected in zip(gradients(True), gradients(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's SDPA under vmap
+@pytest.mark.parametrize("cls", [NystromAttention, NystromMultiheadAttention])
+def test_per_sample_gradients_with_torch_func(cls):
+    # torch.func.functional_call under vmap(grad), with the convolution skip: each sample's
+    # gradients equal a backward pass over that sample alone.
+    torch.manual_seed(0)
+    kw = {"batch_first": True} if cls is NystromMultiheadAttention else {}
+    attn = cls(8, 2, num_landmarks=4, conv_kernel_size=3, **kw).double()
+    torch.nn.init.normal_(attn.conv.weight)
+    x = torch.randn(3, 1, 14, 8, dtype=torch.float64)
+    mask = torch.arange(14)[None] < 11
+
+    def loss(params, x_):
+        if cls is NystromAttention:
+            out = torch.func.functional_call(attn, params, (x_,), {"mask": mask})
+        else:
+            out = torch.func.functional_call(
+                attn, params, (x_, x_, x_), {"key_padding_mask": ~mask}
+            )[0]
+        return out.pow(2).sum()
+
+    params = {name: p.detach() for name, p in attn.named_parameters()}
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        attn.zero_grad()
+        loss(dict(attn.named_parameters()), x[i]).backward()
+        for name, p in attn.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, rtol=0, atol=1e-12)

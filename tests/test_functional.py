@@ -543,3 +543,64 @@ def test_iterative_pinv_errors_name_the_argument(a, iterations, exc, pattern):
     # Before: iterations=-1 and True ran (0 and 1 updates), the rest failed inside torch.
     with pytest.raises(exc, match=pattern):
         iterative_pinv(a, iterations)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's SDPA under vmap
+@pytest.mark.parametrize("kmeans", [0, 2])
+def test_torch_func_transforms_equal_the_reference(kmeans):
+    # vmap over stacked batches (each with its own mask: a short sample, an empty one, a
+    # hole), per-sample gradients (vmap of grad) and jacrev run the plain definition (the CPU
+    # nodes have no vmap rule); float64, so only rounding differs from the reference.
+    s, m = 3, 4
+    q, k, v = qkv(b=s * 2, h=2, n=14, d=4)
+    q, k, v = (t.view(s, 2, 2, 14, 4) for t in (q, k, v))
+    mask = torch.ones(s, 2, 14, dtype=torch.bool)
+    mask[0, 1, 9:], mask[1, 0, 3:], mask[2, 1], mask[2, 0, 5] = False, False, False, False
+
+    def attend(q_, k_, v_, mask_):
+        return nystrom_attention(q_, k_, v_, num_landmarks=m, mask=mask_, kmeans_iterations=kmeans)
+
+    out = torch.func.vmap(attend)(q, k, v, mask)
+    for i in range(s):
+        ref = nystrom_reference(q[i], k[i], v[i], m, mask=mask[i], kmeans_iterations=kmeans)
+        assert (out[i] - ref).abs().max().item() <= FUSED_TOL
+
+    def loss(q_, k_, v_, mask_):
+        return attend(q_, k_, v_, mask_).pow(2).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(q, k, v, mask)
+    for i in range(s):
+        leaves = [t[i].clone().requires_grad_() for t in (q, k, v)]
+        ref = nystrom_reference(*leaves, m, mask=mask[i], kmeans_iterations=kmeans)
+        expected = torch.autograd.grad(ref.pow(2).sum(), leaves)
+        for got, want in zip(grads, expected, strict=True):
+            assert (got[i] - want).abs().max().item() <= 1e-9
+
+    small = [t[0, :1, :1, :7] for t in (q, k, v)]
+
+    def attend_small(q_):
+        return nystrom_attention(q_, *small[1:], num_landmarks=2, kmeans_iterations=kmeans)
+
+    jac = torch.func.jacrev(attend_small)(small[0])
+    expected = torch.autograd.functional.jacobian(attend_small, small[0])
+    assert (jac - expected).abs().max().item() <= 1e-12
+
+
+def test_forward_mode_ad_runs_where_torchs_attention_has_it():
+    # CPU SDPA's fused kernel has no forward AD; its math backend has, and so must we.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = qkv(b=1, h=1, n=9, d=3)
+    tangent = torch.randn_like(q)
+
+    def attend(q_):
+        return nystrom_attention(q_, k, v, num_landmarks=3)
+
+    expected = torch.autograd.functional.jacobian(attend, q).flatten(4) @ tangent.flatten()
+    with sdpa_kernel(SDPBackend.MATH):
+        _, got = torch.func.jvp(attend, (q,), (tangent,))
+        with torch.autograd.forward_ad.dual_level():
+            dual = attend(torch.autograd.forward_ad.make_dual(q, tangent))
+            got_dual = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    assert (got - expected).abs().max().item() <= 1e-12
+    assert (got_dual - expected).abs().max().item() <= 1e-12

@@ -53,12 +53,14 @@ def _add_blocks(out, value, weight, bias, mask, into: Tensor) -> Tensor:
 
 class _Added(torch.autograd.Function):
     """See :func:`added`. Saves only ``value`` (which the attention keeps
-    anyway) and the weight; not differentiable twice."""
+    anyway), the weight and a copy of the mask; not differentiable twice."""
 
     @staticmethod
     def forward(ctx, out, value, weight, bias, mask):
         ctx.save_for_backward(value, weight, bias)
-        ctx.mask = mask
+        # A copy (B·n bools): the caller may refill its mask (the next batch's) before this
+        # backward, which must use this forward's.
+        ctx.mask = None if mask is None else mask.clone()
         return _add_blocks(out, value, weight, bias, mask, into=torch.empty_like(out))
 
     @staticmethod

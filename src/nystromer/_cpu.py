@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 # Elements per block of the blocked loops below: large enough that the Python loop costs
 # little, small enough that the temporary is reused memory rather than fresh pages.
@@ -32,8 +33,16 @@ _enabled = True
 
 def applies(x: Tensor) -> bool:
     """Whether the speed-ups of this module are used for ``x``: on the CPU, unless
-    :func:`plain` switched them off."""
-    return _enabled and x.device.type == "cpu"
+    :func:`plain` switched them off or a transform is active (:func:`transformed`)."""
+    return _enabled and x.device.type == "cpu" and not transformed()
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) or forward-mode AD
+    is active. The autograd nodes here (and the convolution skip's) define no vmap rule and
+    no jvp, so under either the plain definition runs, as it does off the CPU."""
+    # (forward_ad's level is -1 outside every ``dual_level`` block.)
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 @contextlib.contextmanager
@@ -52,8 +61,8 @@ def plain() -> Iterator[None]:
 def reads_are_cheap(x: Tensor) -> bool:
     """Whether the host may read one of x's values (``bool()``, ``.item()``) to pick a
     faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
-    torch.compile cannot trace it."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    torch.compile cannot trace it, nor vmap a batched value."""
+    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or transformed())
 
 
 def drop_all_real(mask: Tensor) -> Tensor | None:
@@ -270,7 +279,10 @@ def attention_by_row_blocks(attention: Callable[..., Tensor], q: Tensor, k, v, *
 
 def sum_rows(src: Tensor, index: Tensor, rows: int) -> Tensor:
     """``zeros(rows, d).index_add_(0, index, src)`` that keeps no copy of ``src`` for the
-    backward (torch's index_add does). Memory, not speed: used on every device."""
+    backward (torch's index_add does). Memory, not speed: used on every device, except under
+    a transform (:func:`transformed`)."""
+    if transformed():
+        return src.new_zeros(rows, src.shape[1]).index_add(0, index, src)
     return _SumRows.apply(src, index, rows)
 
 

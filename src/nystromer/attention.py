@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import _conv
+from . import _conv, _cpu
 from ._checks import (
     check_odd_kernel_size,
     check_probability,
@@ -104,9 +104,9 @@ def multihead_nystrom_attention(
         # fresh zero tensor of the values' size.
         value = v if v.shape[2] == n_q else v[:, :, :n_q]
         grad = torch.is_grad_enabled() and (out.requires_grad or conv.weight.requires_grad)
-        if _called_as_module(conv) or torch.compiler.is_compiling():
-            # (A compiler traces the plain call; the in-place and recomputing forms are for
-            # eager runs.)
+        if _called_as_module(conv) or torch.compiler.is_compiling() or _cpu.transformed():
+            # (A compiler or a torch.func transform traces the plain call; the in-place and
+            # recomputing forms are for eager runs.)
             # Hooks (or a subclass's forward) must see the call and may replace its result.
             skip = conv(value, skip_mask)
             out = out + skip if grad else out.add_(skip)

@@ -540,8 +540,9 @@ def landmark_assignment(
     rank = real.cumsum(-1) - 1
     length = real.sum(-1, keepdim=True).clamp_min(1)
     index = torch.where(mask, torch.div(rank * m, length, rounding_mode="floor"), m)
+    # Out of place: under torch.func.vmap over masks, zeros are not batched but the index is.
     counts = torch.zeros(mask.shape[0], m + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index))
+    counts = counts.scatter_add(1, index, torch.ones_like(index))
     return index, counts
 
 
