@@ -57,9 +57,15 @@ CASES = {
         ["eval-long", "--from-json", "OTHER_JSON"],
         "--from-json: OTHER_JSON is not a long_inputs report",
     ),
-    "eval-long --from-json MISSING": (["eval-long", "--from-json", "MISSING"], "argument --from-json"),
+    "eval-long --from-json MISSING": (
+        ["eval-long", "--from-json", "MISSING"],
+        "argument --from-json",
+    ),
     "eval-long --reuse MISSING": (["eval-long", "--reuse", "MISSING"], "argument --reuse"),
-    "bench speed --impl foo": (["bench", "speed", "--impl", "foo"], "argument --impl: unknown 'foo'"),
+    "bench speed --impl foo": (
+        ["bench", "speed", "--impl", "foo"],
+        "argument --impl: unknown 'foo'",
+    ),
     "bench speed --impl ''": (["bench", "speed", "--impl", ""], "argument --impl"),
     "bench speed --device foo": (["bench", "speed", "--device", "foo"], "argument --device"),
     "bench speed --device cuda:N": (["bench", "speed", "--device", NO_GPU], "argument --device"),
@@ -173,7 +179,7 @@ def test_device_type_checks_the_cuda_index(monkeypatch):
     assert [parse(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
     assert parse_auto("auto") == "auto"
     for text, message in (
-        ("cuda:2", "2 CUDA devices"),
+        ("cuda:2", "the CUDA devices here are cuda:0, cuda:1; got 'cuda:2'"),
         ("auto", "expected cpu, cuda or cuda:N"),
         ("gpu", "expected cpu, cuda or cuda:N"),
     ):

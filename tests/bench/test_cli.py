@@ -149,9 +149,7 @@ def test_attention_core_script_on_a_tiny_size(tmp_path, monkeypatch, capsys):
     assert "| nystromer (padded) |" in capsys.readouterr().out
 
 
-def test_commands_that_read_an_lra_model_refuse_a_missing_one_and_train_nothing(
-    tmp_path, capsys
-):
+def test_commands_that_read_an_lra_model_refuse_a_missing_one_and_train_nothing(tmp_path, capsys):
     absent = tmp_path / "absent"
     for argv in (
         ["viz", "attention", "--source", "lra", "--out", str(tmp_path / "a.png")],

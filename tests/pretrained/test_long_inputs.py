@@ -194,7 +194,6 @@ def test_a_checkpoint_named_like_a_built_in_model_stays_apart(tiny, tmp_path, ca
         assert a["ranks"]["tiny-converted"] == b["ranks"]["converted"]
     # Two checkpoints of one name would share their rows and embeddings: refused.
     assert (
-        SCRIPT["main"]([*argv, "--checkpoint", str(clash), str(clash), "--out", str(tmp_path)])
-        == 2
+        SCRIPT["main"]([*argv, "--checkpoint", str(clash), str(clash), "--out", str(tmp_path)]) == 2
     )
     assert "two --checkpoint folders named 'converted'" in capsys.readouterr().err

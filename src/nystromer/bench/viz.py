@@ -145,6 +145,13 @@ def attention_figure(
     ``json`` (that file's path) added."""
     if source not in ("random", "lm", "lra"):
         raise ValueError(f"source must be random, lm or lra, got {source!r}")
+    chosen = [flag for flag, given in (("--layer", layer is not None), ("--head", head)) if given]
+    if source == "random" and chosen:
+        # They would be ignored: the plot would not show what was asked for.
+        raise ValueError(
+            f"{' and '.join(chosen)}: the random inputs are one head of no model; a layer and "
+            "a head are chosen among a model's (--source lm or lra)"
+        )
     q = k = title = None
     if source == "lm":
         from .approx import model_qkv
