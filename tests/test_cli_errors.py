@@ -39,6 +39,10 @@ CASES = {
         ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "BAD_JSON"],
         "BAD_JSON is not valid JSON",
     ),
+    "train --recipe OTHER_JSON": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "OTHER_JSON"],
+        "OTHER_JSON: unknown recipe keys ['benchmark']",
+    ),
     "eval --device foo": (["eval", "DIR", "--device", "foo"], "argument --device"),
     "distill --device cuda:N": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
@@ -101,7 +105,15 @@ CASES = {
     "viz attention --seq-len 0": (["viz", "attention", "--seq-len", "0"], "argument --seq-len"),
     "viz attention --head 3 of random inputs": (
         ["viz", "attention", "--head", "3", "--out", "OUT/a.png"],
-        "--head",
+        "--head: the random inputs are one head",
+    ),
+    "viz attention --layer 1 of random inputs": (
+        ["viz", "attention", "--layer", "1", "--out", "OUT/a.png"],
+        "--layer: the random inputs are one head",
+    ),
+    "viz attention --num-landmarks ≥ n": (
+        ["viz", "attention", "--seq-len", "64", "--num-landmarks", "64", "--out", "OUT/a.png"],
+        "--num-landmarks: expected fewer than the n = 64 positions (--seq-len), got 64",
     ),
 }
 

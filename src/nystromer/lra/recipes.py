@@ -233,4 +233,8 @@ def load_recipe(task_or_path: str | Path, **overrides: Any) -> Recipe:
     for k, v in data.items():
         if k in FIELDS and FIELDS[k][0] is float and isinstance(v, int):
             data[k] = float(v)
-    return Recipe.from_dict(data).with_overrides(**overrides)
+    try:
+        recipe = Recipe.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{path}: {exc}") from exc  # which file: the shipped or the given one
+    return recipe.with_overrides(**overrides)
