@@ -5,6 +5,7 @@ in the one line ``nystromer: error: ...``. A genuine bug still raises (a traceba
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -18,7 +19,8 @@ from nystromer.cli import main
 # malformed JSON file, OTHER_JSON the JSON of no report, DIR an empty folder, MODEL a folder with
 # a BERT config.json (and nothing else: read only once the arguments are checked), OUT a folder
 # that must not be created.
-# A CUDA index no machine has: refused with or without CUDA.
+# A CUDA index no machine has: refused with or without CUDA, when the command runs (argparse
+# checks the spelling only: a command may be written for another machine).
 NO_GPU = "cuda:999"
 CASES = {
     "demo --threads 0": (["demo", "--threads", "0"], "argument --threads"),
@@ -29,7 +31,7 @@ CASES = {
     ),
     "train --device cuda:N": (
         ["train", "listops", "--data", "DIR", "--out", "OUT", "--device", NO_GPU],
-        "argument --device",
+        "--device: ",
     ),
     "train --recipe MISSING": (
         ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "MISSING"],
@@ -46,7 +48,7 @@ CASES = {
     "eval --device foo": (["eval", "DIR", "--device", "foo"], "argument --device"),
     "distill --device cuda:N": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
-        "argument --device",
+        "--device: ",
     ),
     "eval-long --model MISSING": (["eval-long", "--model", "MISSING", "--out", "OUT"], "--model:"),
     "eval-long --documents FILE": (
@@ -72,7 +74,7 @@ CASES = {
     ),
     "bench speed --impl ''": (["bench", "speed", "--impl", ""], "argument --impl"),
     "bench speed --device foo": (["bench", "speed", "--device", "foo"], "argument --device"),
-    "bench speed --device cuda:N": (["bench", "speed", "--device", NO_GPU], "argument --device"),
+    "bench speed --device cuda:N": (["bench", "speed", "--device", NO_GPU], "--device: "),
     "bench speed --out FILE": (["bench", "speed", "--out", "FILE"], "argument --out"),
     "bench table --impl foo": (["bench", "table", "--impl", "nystromer,foo"], "argument --impl"),
     "bench approx --sources foo": (["bench", "approx", "--sources", "foo"], "argument --sources"),
@@ -91,8 +93,8 @@ CASES = {
         "--from-json: OTHER_JSON is not a transmil report",
     ),
     "bench transmil --device cuda:N": (
-        ["bench", "transmil", "--device", NO_GPU],
-        "argument --device",
+        ["bench", "transmil", "--device", NO_GPU, "--out", "OUT"],
+        "--device: ",
     ),
     "viz attention --lra-run MISSING": (
         ["viz", "attention", "--source", "lra", "--lra-run", "MISSING", "--out", "OUT/a.png"],
@@ -184,20 +186,21 @@ def test_an_input_error_of_any_command_exits_with_one_line(monkeypatch, tmp_path
     assert capsys.readouterr().err == "nystromer: error: --window: too wide\n"
 
 
-def test_device_type_checks_the_cuda_index(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+def test_device_type_and_check(monkeypatch):
     parse, parse_auto = _args.torch_device(), _args.torch_device(auto=True)
     assert [parse(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
     assert parse_auto("auto") == "auto"
-    for text, message in (
-        ("cuda:2", "the CUDA devices here are cuda:0, cuda:1; got 'cuda:2'"),
-        ("auto", "expected cpu, cuda or cuda:N"),
-        ("gpu", "expected cpu, cuda or cuda:N"),
-    ):
-        with pytest.raises(Exception, match=message):
+    for text in ("auto", "gpu", "cuda:", "cuda:x", "mps"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
             parse(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        _args.check_device(device)
+    message = "--device: the CUDA devices here are cuda:0, cuda:1; got 'cuda:2'"
+    with pytest.raises(ValueError, match=message):
+        _args.check_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(Exception, match="CUDA is not available"):
-        parse("cuda")
-    assert parse("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device: CUDA is not available here"):
+        _args.check_device("cuda")
+    _args.check_device("cpu")

@@ -7,7 +7,8 @@ parsed ``argparse.Namespace``, returning an exit code) as the parser default. ``
 LRA training run, so it belongs to neither package.
 
 Every command runs through ``nystromer._args.exit_code``: an input error it raises (a
-``ValueError``, ...) is one line on stderr and exit code 2, as argparse's own errors are.
+``ValueError``, ...) is one line on stderr and exit code 2, as argparse's own errors are; a
+``--device`` this machine lacks is one of them.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ._args import EXIT_USAGE, exit_code
+    from ._args import EXIT_USAGE, check_device, exit_code
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -150,4 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return exit_code(lambda: args.func(args))
+
+    def run() -> int | None:
+        if getattr(args, "device", None) is not None:  # every command's --device
+            check_device(args.device)
+        return args.func(args)
+
+    return exit_code(run)
