@@ -1,27 +1,61 @@
 """The argparse types and helpers every ``nystromer`` command shares.
 
 Argument types reject a bad value with argparse's usage message (exit code 2) before anything
-runs; :func:`call_with` lets a command pass its parsed options to the function that does the
-work, so that each option is spelled once, where it is declared.
+runs; what only the command can find (a file's content, a run directory) it raises as one of
+:data:`USAGE_ERRORS`, which :func:`exit_code` reports in one line, also with exit code 2.
+:func:`call_with` lets a command pass its parsed options to the function that does the work,
+so that each option is spelled once, where it is declared.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-from collections.abc import Callable, Iterable
+import re
+import sys
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_USAGE",
+    "USAGE_ERRORS",
     "call_with",
+    "check_device",
     "comma_default",
+    "error",
+    "existing_file",
+    "exit_code",
     "folder",
     "int_at_least",
     "int_list",
     "name_list",
+    "names_from",
     "odd_kernel_or_zero",
+    "torch_device",
 ]
+
+EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
+
+# Errors that mean "the input is wrong": reported in one line, without a traceback.
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def error(message: str) -> int:
+    """Print ``nystromer: error: message`` on stderr; returns :data:`EXIT_USAGE`."""
+    print(f"nystromer: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def exit_code(run: Callable[[], int | None]) -> int:
+    """``run()``'s exit code (None: 0); one of :data:`USAGE_ERRORS` raised in it is printed by
+    :func:`error` and gives :data:`EXIT_USAGE`. Anything else (a bug) propagates, traceback
+    and all. Every ``nystromer`` command runs through this (``nystromer.cli.main``)."""
+    try:
+        code = run()
+    except USAGE_ERRORS as exc:
+        return error(str(exc))
+    return 0 if code is None else int(code)
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -44,6 +78,48 @@ def folder(text: str) -> Path:
     return path
 
 
+def existing_file(text: str) -> Path:
+    """argparse type: a file to read (``--from-json``, ``--recipe``), which must exist."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a folder, not a file" if path.is_dir() else f"{text} does not exist"
+        )
+    return path
+
+
+def torch_device(*, auto: bool = False) -> Callable[[str], str]:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (and with ``auto``, ``auto``), returned as
+    given. Whether this machine has that device is :func:`check_device`'s to say, when the
+    command runs: a command line may be written for another machine."""
+    expected = f"{'auto, ' if auto else ''}cpu, cuda or cuda:N"
+
+    def parse(text: str) -> str:
+        if (text == "auto" and auto) or re.fullmatch(r"cpu|cuda(:\d+)?", text):
+            return text
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+    return parse
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """ValueError naming ``option`` when ``device`` is a CUDA device this machine does not
+    have; it would otherwise fail in the middle of a run or, in a benchmark, fill the report
+    with failed measurements."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{option}: CUDA is not available here (torch {torch.__version__}), got {device!r}"
+        )
+    index, count = torch.device(device).index, torch.cuda.device_count()
+    if index is not None and index >= count:
+        here = ", ".join(f"cuda:{i}" for i in range(count))
+        raise ValueError(f"{option}: the CUDA devices here are {here}; got {device!r}")
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: comma-separated positive integers (``1024,2048``)."""
     values = [x.strip() for x in text.split(",") if x.strip()]
@@ -57,6 +133,24 @@ def int_list(text: str) -> list[int]:
 def name_list(text: str) -> list[str]:
     """argparse type: comma-separated names (``nystromer,exact``)."""
     return [x for x in text.split(",") if x]
+
+
+def names_from(choices: Collection[str], what: str = "names") -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names (``nystromer,exact``), each one of ``choices``
+    (looked up when parsing: a registry that grows later counts); ``what`` they are, for the
+    message."""
+
+    def parse(text: str) -> list[str]:
+        names = name_list(text)
+        unknown = [name for name in names if name not in choices]
+        if names and not unknown:
+            return names
+        found = f"unknown {', '.join(map(repr, unknown))}" if unknown else f"got {text!r}"
+        raise argparse.ArgumentTypeError(
+            f"{found}; expected comma-separated {what} from {','.join(choices)}"
+        )
+
+    return parse
 
 
 def odd_kernel_or_zero(text: str) -> int:

@@ -1,15 +1,28 @@
-"""Atomic file writing: a crash never leaves a half-written file under the final name."""
+"""Atomic file writing: a crash never leaves a half-written file under the final name; and
+reading a JSON file so that a malformed one is named."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_path"]
+__all__ = ["atomic_write", "atomic_path", "load_json"]
+
+
+def load_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file; a malformed one is a ValueError naming the file and the place."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+            ) from exc
 
 
 @contextlib.contextmanager

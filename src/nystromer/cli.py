@@ -5,6 +5,10 @@ defines ``register(subparsers)``, which adds its sub-parser(s) and sets ``func``
 parsed ``argparse.Namespace``, returning an exit code) as the parser default. ``demo`` and
 ``viz`` are registered here: ``demo`` runs the benchmarks' attention comparison and then a short
 LRA training run, so it belongs to neither package.
+
+Every command runs through ``nystromer._args.exit_code``: an input error it raises (a
+``ValueError``, ...) is one line on stderr and exit code 2, as argparse's own errors are; a
+``--device`` this machine lacks is one of them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    from ._args import comma_default, int_list
+    from ._args import comma_default, folder, int_at_least, int_list
     from .bench.demo import DEMO_LENGTHS
 
     d = subparsers.add_parser(
@@ -46,17 +50,17 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEMO_LENGTHS),
         help=comma_default("n", DEMO_LENGTHS),
     )
-    d.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    d.add_argument("--repeats", type=int, default=2, help="timed calls per measurement")
+    d.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    d.add_argument("--repeats", type=int_at_least(1), default=2, help="timed calls per measurement")
     d.add_argument(
         "--listops-steps",
-        type=int,
+        type=int_at_least(0),
         default=700,
         help="steps of the ListOps training run that follows (default: %(default)s; 0 skips it)",
     )
     d.add_argument(
         "--listops-dir",
-        type=Path,
+        type=folder,
         default=Path("runs/demo"),
         help="where the ListOps run writes its data and run files (%(default)s)",
     )
@@ -74,6 +78,7 @@ def _viz_attention(args: argparse.Namespace) -> int:
 
 
 def _register_viz(subparsers: argparse._SubParsersAction) -> None:
+    from ._args import int_at_least
     from .bench.cli import add_input_source_args
 
     viz = subparsers.add_parser(
@@ -89,9 +94,9 @@ def _register_viz(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--out", type=Path, default=Path("bench-out/attention.png"), help="the PNG (%(default)s)"
     )
-    v.add_argument("--seq-len", type=int, default=256, help="n (random and lm)")
-    v.add_argument("--num-landmarks", type=int, default=16)
-    v.add_argument("--pinv-iterations", type=int, default=6)
+    v.add_argument("--seq-len", type=int_at_least(1), default=256, help="n (random and lm)")
+    v.add_argument("--num-landmarks", type=int_at_least(1), default=16)
+    v.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
     v.add_argument(
         "--source",
         choices=("random", "lm", "lra"),
@@ -100,8 +105,10 @@ def _register_viz(subparsers: argparse._SubParsersAction) -> None:
     )
     add_input_source_args(v, layer=False)
     v.add_argument("--layer", type=int, help="model layer (default: lm 2, lra the last)")
-    v.add_argument("--head", type=int, default=0)
-    v.add_argument("--window", type=int, help="draw only the first WINDOW positions (default: all)")
+    v.add_argument("--head", type=int_at_least(0), default=0)
+    v.add_argument(
+        "--window", type=int_at_least(1), help="draw only the first WINDOW positions (default: all)"
+    )
     v.set_defaults(func=_viz_attention)
 
 
@@ -135,11 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._args import EXIT_USAGE, check_device, exit_code
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # as typed after `nystromer`, for the commands that record it
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+
+    def run() -> int | None:
+        if getattr(args, "device", None) is not None:  # every command's --device
+            check_device(args.device)
+        return args.func(args)
+
+    return exit_code(run)

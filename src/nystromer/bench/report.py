@@ -292,7 +292,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def register_report(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``nystromer bench report`` to the ``bench`` sub-parsers."""
-    from .._args import name_list
+    from .._args import int_at_least, names_from
 
     r = bench_sub.add_parser(
         "report",
@@ -316,10 +316,10 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
         r.add_argument(flag, type=Path, help=help)
     r.add_argument(
         "--only",
-        type=name_list,
+        type=names_from(REPORT_SECTIONS, "sections"),
         help=f"comma-separated sections to run, from {','.join(REPORT_SECTIONS)} (default: all)",
     )
-    r.add_argument("--threads", type=int, help="torch threads of the timed sections")
+    r.add_argument("--threads", type=int_at_least(1), help="torch threads of the timed sections")
     r.add_argument(
         "--run-gpu",
         action=argparse.BooleanOptionalAction,

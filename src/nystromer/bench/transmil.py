@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._args import call_with, comma_default, int_at_least, int_list, odd_kernel_or_zero
+from .._args import call_with, comma_default, folder, int_at_least, int_list, odd_kernel_or_zero
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
 from .cli import _dtype, add_script_args, spelled_command
 from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
-from .pretrained import ratio, ratio_text, registered
+from .pretrained import ratio, ratio_text, read_report, registered
 
 __all__ = [
     "BEGIN",
@@ -387,7 +387,7 @@ def _positive_float(text: str) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        report = read_report(args.from_json, "transmil")
     else:
         # Each case names its layer; the shape and settings are the options of the same names.
         base = call_with(CaseSpec, args, impl="exact", head_dim=args.dim_head)
@@ -437,7 +437,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--out",
-        type=Path,
+        type=folder,
         default=Path("bench-out") / "transmil",
         help="output folder (%(default)s)",
     )

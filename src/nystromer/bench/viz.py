@@ -122,6 +122,10 @@ def plot_attention(
     }
 
 
+def _too_many_landmarks(m: int, n: int, where: str):
+    raise ValueError(f"--num-landmarks: expected fewer than the n = {n} positions {where}, got {m}")
+
+
 def attention_figure(
     path: str | os.PathLike[str],
     *,
@@ -145,6 +149,15 @@ def attention_figure(
     ``json`` (that file's path) added."""
     if source not in ("random", "lm", "lra"):
         raise ValueError(f"source must be random, lm or lra, got {source!r}")
+    chosen = [flag for flag, given in (("--layer", layer is not None), ("--head", head)) if given]
+    if source == "random" and chosen:
+        # They would be ignored: the plot would not show what was asked for.
+        raise ValueError(
+            f"{' and '.join(chosen)}: the random inputs are one head of no model; a layer and "
+            "a head are chosen among a model's (--source lm or lra)"
+        )
+    if source != "lra" and num_landmarks >= seq_len:
+        _too_many_landmarks(num_landmarks, seq_len, "(--seq-len)")
     q = k = title = None
     if source == "lm":
         from .approx import model_qkv
@@ -166,6 +179,8 @@ def attention_figure(
             raise ValueError(f"--head: the model has {q.shape[0]} heads, got {head}")
         q, k = q[head], k[head]
         title = f"{about}, head {head}, n = {q.shape[0]}"
+    if source == "lra" and num_landmarks >= q.shape[0]:
+        _too_many_landmarks(num_landmarks, q.shape[0], "of the LRA example")
     found = plot_attention(
         path,
         seq_len=seq_len,

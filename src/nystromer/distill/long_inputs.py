@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._args import call_with, int_at_least
+from .._args import call_with, existing_file, folder, int_at_least
 from .._machine import report_header
 from ..bench.measure import recorded_command
-from ..bench.pretrained import model_arg, report_io
+from ..bench.pretrained import model_folder, read_report, report_io
 from ..conversion import convert, extend_positions, from_pretrained, reserved_positions
 from .data import read_text_file
 
@@ -524,47 +524,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--bootstrap", type=int_at_least(10), metavar="B", help="bootstrap draws")
     add("--seed", type=int, help="of the document draw, the passages and the bootstrap")
     add("--threads", type=n, help="torch threads (default: torch's)")
-    add("--reuse", metavar="JSON", help="an earlier results.json: its systems' ranks are reused")
-    add("--out", default="runs/eval-long", help="folder for results.json")
+    add(
+        "--reuse",
+        type=existing_file,
+        metavar="JSON",
+        help="an earlier results.json: its systems' ranks are reused",
+    )
+    add("--out", type=folder, default="runs/eval-long", help="folder for results.json")
     add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
-    add("--from-json", metavar="FILE", help="measure nothing: print (and --write-docs) a report")
+    add(
+        "--from-json",
+        type=existing_file,
+        metavar="FILE",
+        help="measure nothing: print (and --write-docs) a report",
+    )
     p.set_defaults(**asdict(Settings()) | {"sources": ["stdlib"]})  # Settings' defaults, once
-    p.set_defaults(func=lambda args: _eval_long(p, args))
+    p.set_defaults(func=_eval_long)
 
 
-def _eval_long(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _eval_long(args: argparse.Namespace) -> int:
     """Run (or read with ``--from-json``) the evaluation and report it; errors in the
-    arguments exit through ``p.error``."""
+    arguments are ValueErrors naming the argument (``nystromer.cli.main`` reports them)."""
 
     def run() -> dict:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        model_dir, label = model_arg(p, args.model)
+        model_dir, label = model_folder(args.model)
         if args.documents is not None:
-            folder = Path(args.documents)
-            if not folder.is_dir():
-                p.error(f"--documents: {folder} is not a folder")
+            documents = Path(args.documents)
+            if not documents.is_dir():
+                raise ValueError(f"--documents: {documents} is not a folder")
             texts = []
-            for f in sorted(f for f in folder.rglob("*") if f.is_file()):
+            for f in sorted(f for f in documents.rglob("*") if f.is_file()):
                 try:
-                    texts.append((f.relative_to(folder).as_posix(), read_text_file(f)))
+                    texts.append((f.relative_to(documents).as_posix(), read_text_file(f)))
                 except ValueError as e:
-                    p.error(f"--documents: {e}")
+                    raise ValueError(f"--documents: {e}") from e
             args.sources = []  # none built in: no distillation text to hold out
         else:
             texts = [t for s in args.sources for t in SOURCES[s]()]
-        reuse = json.loads(Path(args.reuse).read_text(encoding="utf-8")) if args.reuse else None
+        reuse = read_report(args.reuse, "long_inputs", "--reuse") if args.reuse else None
         program = ["nystromer", "eval-long"]
         command = recorded_command(program, args.argv[1:], drop=("--out", "--reuse"))
         print(f"long-inputs evaluation: {command}", flush=True)
-        try:
-            return call_with(
-                run_benchmark, args, model_dir, texts, call_with(Settings, args),
-                model_label=label, reuse=reuse, command=command,
-                progress=lambda line: print(line, flush=True),
-            )  # fmt: skip
-        except ValueError as e:
-            p.error(str(e))
+        return call_with(
+            run_benchmark, args, model_dir, texts, call_with(Settings, args),
+            model_label=label, reuse=reuse, command=command,
+            progress=lambda line: print(line, flush=True),
+        )  # fmt: skip
 
-    report_io(args, run, format_section, (BEGIN, END))
+    report_io(args, run, format_section, (BEGIN, END), benchmark="long_inputs")
     return 0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._args import call_with, folder, int_at_least
+from .._args import call_with, existing_file, folder, int_at_least, torch_device
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="the task's data directory")
     p.add_argument("--out", type=folder, required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--recipe", type=Path, help="a recipe JSON file instead of the shipped one")
+    p.add_argument(
+        "--recipe", type=existing_file, help="a recipe JSON file instead of the shipped one"
+    )
     add_runtime_arguments(p)
     _add_loader_and_docs_args(
         p,
@@ -86,7 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--data", type=Path, help="data directory (default: the one trained on)")
     e.add_argument("--batch-size", type=int_at_least(1), help="batch size (default: the recipe's)")
     e.add_argument("--max-batches", type=int_at_least(1), help="only the first N batches")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument(
+        "--device", type=torch_device(auto=True), default="auto", help="auto, cpu, cuda or cuda:N"
+    )
     e.add_argument("--precision", choices=PRECISIONS, help="(default: the recipe's)")
     _add_loader_and_docs_args(
         e, "also write the finished run's results section into FILE (e.g. docs/results.md)"

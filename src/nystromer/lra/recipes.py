@@ -13,13 +13,13 @@ flag and its place in the file share one name.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._io import load_json
 from ..train import TrainConfig
 from .model import LRAArchitecture, LRAModelConfig, round_up
 
@@ -227,9 +227,14 @@ def load_recipe(task_or_path: str | Path, **overrides: Any) -> Recipe:
             raise ValueError(
                 f"task_or_path must be one of {TASKS} or a recipe JSON file, got {task_or_path!r}"
             )
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a recipe: expected a JSON object of recipe keys")
     for k, v in data.items():
         if k in FIELDS and FIELDS[k][0] is float and isinstance(v, int):
             data[k] = float(v)
-    return Recipe.from_dict(data).with_overrides(**overrides)
+    try:
+        recipe = Recipe.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{path}: {exc}") from exc  # which file: the shipped or the given one
+    return recipe.with_overrides(**overrides)

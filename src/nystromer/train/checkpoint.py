@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_path, atomic_write
+from .._io import atomic_path, atomic_write, load_json
 
 __all__ = [
     "capture_rng",
@@ -165,17 +165,6 @@ def find(run_dir: str | os.PathLike[str], name: str) -> Path | None:
         key=lambda p: p.stat().st_mtime,
     )
     return survivors[-1] if survivors else None
-
-
-def load_json(path: str | os.PathLike[str]) -> Any:
-    """A JSON file; a malformed one is a ValueError naming the file and the place."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
-            ) from exc
 
 
 def read_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:

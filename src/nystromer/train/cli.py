@@ -1,7 +1,8 @@
 """What the training and data commands share (``nystromer train``, ``eval``, ``distill``,
 ``data``): the runtime options (where to run, when to pause and checkpoint, progress display),
 :func:`run_command`, which turns their failures into messages and exit codes. The argument
-types :func:`folder` and :func:`int_at_least` live in ``nystromer._args`` with the others."""
+types :func:`folder` and :func:`int_at_least`, and the input errors every command reports in
+one line (:data:`USAGE_ERRORS`, :func:`error`), live in ``nystromer._args``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .._args import folder, int_at_least
+from .._args import EXIT_USAGE, USAGE_ERRORS, error, exit_code, folder, int_at_least, torch_device
 from .distributed import DistInfo, init_from_env, shutdown
 from .loop import NonFiniteLossError
 
@@ -28,12 +29,8 @@ __all__ = [
 ]
 
 EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
-EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the run can be resumed
-
-
-# Errors that mean "the input is wrong": reported in one line, without a traceback.
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError)
+# EXIT_USAGE (2): bad arguments, data or run directory, as for every command (nystromer._args).
 
 _Result = TypeVar("_Result")
 
@@ -42,7 +39,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--device``, ``--stop-at``, ``--checkpoint-every``, ``--eval-batch-size``,
     ``--micro-batches`` and ``--no-progress``: options that change how a run executes, not
     what it computes (``--micro-batches`` up to rounding and dropout's draws)."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", type=torch_device(auto=True), default="auto", help="auto, cpu, cuda or cuda:N"
+    )
     parser.add_argument(
         "--stop-at", type=int_at_least(0), help="pause after this step (resume later)"
     )
@@ -71,12 +70,6 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.no_progress,
         "micro_batches": args.micro_batches,
     }
-
-
-def error(message: str) -> int:
-    """Print ``nystromer: error: message`` on stderr; returns :data:`EXIT_USAGE`."""
-    print(f"nystromer: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def run_command(
@@ -109,26 +102,27 @@ def run_command(
         resume_command: the command line that continues an interrupted run.
     """
     info = init_from_env(device) if device is not None else DistInfo.current()
-    try:
-        finished = False
+
+    def run() -> int | None:
         try:
-            result = work()
-            finished = True
-        finally:
-            if device is not None:
-                shutdown(synchronize=finished)
-        if report is None or not info.is_main:
-            return 0
-        code = report(result)
-        return 0 if code is None else code
-    except NonFiniteLossError as exc:
-        print(f"nystromer: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        if resume_command is None:
-            raise
-        if info.is_main:
-            print(f"nystromer: interrupted; continue with: {resume_command}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except USAGE_ERRORS as exc:
-        return error(str(exc))
+            finished = False
+            try:
+                result = work()
+                finished = True
+            finally:
+                if device is not None:
+                    shutdown(synchronize=finished)
+            if report is None or not info.is_main:
+                return 0
+            return report(result)
+        except NonFiniteLossError as exc:
+            print(f"nystromer: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            if resume_command is None:
+                raise
+            if info.is_main:
+                print(f"nystromer: interrupted; continue with: {resume_command}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return exit_code(run)  # the input errors, as every command reports them

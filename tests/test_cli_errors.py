@@ -1,0 +1,206 @@
+"""Bad input to every ``nystromer`` command, through ``nystromer.cli.main``: exit code 2 and an
+error line that names the argument, no traceback. argparse finds what a type can check (usage,
+then ``nystromer COMMAND: error: argument --x: ...``); the rest the command finds and reports
+in the one line ``nystromer: error: ...``. A genuine bug still raises (a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from nystromer import _args
+from nystromer.cli import main
+
+# Words of a command: MISSING is a path that does not exist, FILE a text file, BAD_JSON a
+# malformed JSON file, OTHER_JSON the JSON of no report, DIR an empty folder, MODEL a folder with
+# a BERT config.json (and nothing else: read only once the arguments are checked), OUT a folder
+# that must not be created.
+# A CUDA index no machine has: refused with or without CUDA, when the command runs (argparse
+# checks the spelling only: a command may be written for another machine).
+NO_GPU = "cuda:999"
+CASES = {
+    "demo --threads 0": (["demo", "--threads", "0"], "argument --threads"),
+    "demo --listops-dir FILE": (["demo", "--listops-dir", "FILE"], "argument --listops-dir"),
+    "train --device foo": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--device", "foo"],
+        "argument --device",
+    ),
+    "train --device cuda:N": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--device", NO_GPU],
+        "--device: ",
+    ),
+    "train --recipe MISSING": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "MISSING"],
+        "argument --recipe",
+    ),
+    "train --recipe BAD_JSON": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "BAD_JSON"],
+        "BAD_JSON is not valid JSON",
+    ),
+    "train --recipe OTHER_JSON": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "OTHER_JSON"],
+        "OTHER_JSON: unknown recipe keys ['benchmark']",
+    ),
+    "eval --device foo": (["eval", "DIR", "--device", "foo"], "argument --device"),
+    "distill --device cuda:N": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
+        "--device: ",
+    ),
+    "eval-long --model MISSING": (["eval-long", "--model", "MISSING", "--out", "OUT"], "--model:"),
+    "eval-long --documents FILE": (
+        ["eval-long", "--model", "MODEL", "--documents", "FILE", "--out", "OUT"],
+        "--documents: FILE is not a folder",
+    ),
+    "eval-long --from-json BAD_JSON": (
+        ["eval-long", "--from-json", "BAD_JSON"],
+        "BAD_JSON is not valid JSON",
+    ),
+    "eval-long --from-json OTHER_JSON": (
+        ["eval-long", "--from-json", "OTHER_JSON"],
+        "--from-json: OTHER_JSON is not a long_inputs report",
+    ),
+    "eval-long --from-json MISSING": (
+        ["eval-long", "--from-json", "MISSING"],
+        "argument --from-json",
+    ),
+    "eval-long --reuse MISSING": (["eval-long", "--reuse", "MISSING"], "argument --reuse"),
+    "bench speed --impl foo": (
+        ["bench", "speed", "--impl", "foo"],
+        "argument --impl: unknown 'foo'",
+    ),
+    "bench speed --impl ''": (["bench", "speed", "--impl", ""], "argument --impl"),
+    "bench speed --device foo": (["bench", "speed", "--device", "foo"], "argument --device"),
+    "bench speed --device cuda:N": (["bench", "speed", "--device", NO_GPU], "--device: "),
+    "bench speed --out FILE": (["bench", "speed", "--out", "FILE"], "argument --out"),
+    "bench table --impl foo": (["bench", "table", "--impl", "nystromer,foo"], "argument --impl"),
+    "bench approx --sources foo": (["bench", "approx", "--sources", "foo"], "argument --sources"),
+    "bench approx --seq-len 0": (["bench", "approx", "--seq-len", "0"], "argument --seq-len"),
+    "bench approx --lra-run MISSING": (
+        ["bench", "approx", "--sources", "lra", "--lra-run", "MISSING", "--out", "OUT"],
+        "--lra-run: MISSING holds no trained LRA model",
+    ),
+    "bench report --only foo": (["bench", "report", "--only", "foo"], "argument --only"),
+    "bench transmil --from-json BAD_JSON": (
+        ["bench", "transmil", "--from-json", "BAD_JSON", "--out", "OUT"],
+        "BAD_JSON is not valid JSON",
+    ),
+    "bench transmil --from-json OTHER_JSON": (
+        ["bench", "transmil", "--from-json", "OTHER_JSON", "--out", "OUT"],
+        "--from-json: OTHER_JSON is not a transmil report",
+    ),
+    "bench transmil --device cuda:N": (
+        ["bench", "transmil", "--device", NO_GPU, "--out", "OUT"],
+        "--device: ",
+    ),
+    "viz attention --lra-run MISSING": (
+        ["viz", "attention", "--source", "lra", "--lra-run", "MISSING", "--out", "OUT/a.png"],
+        "--lra-run: MISSING holds no trained LRA model",
+    ),
+    "viz attention --lra-run FILE": (
+        ["viz", "attention", "--source", "lra", "--lra-run", "FILE", "--out", "OUT/a.png"],
+        "--lra-run: FILE holds no trained LRA model",
+    ),
+    "viz attention --seq-len 0": (["viz", "attention", "--seq-len", "0"], "argument --seq-len"),
+    "viz attention --head 3 of random inputs": (
+        ["viz", "attention", "--head", "3", "--out", "OUT/a.png"],
+        "--head: the random inputs are one head",
+    ),
+    "viz attention --layer 1 of random inputs": (
+        ["viz", "attention", "--layer", "1", "--out", "OUT/a.png"],
+        "--layer: the random inputs are one head",
+    ),
+    "viz attention --num-landmarks ≥ n": (
+        ["viz", "attention", "--seq-len", "64", "--num-landmarks", "64", "--out", "OUT/a.png"],
+        "--num-landmarks: expected fewer than the n = 64 positions (--seq-len), got 64",
+    ),
+}
+
+
+@pytest.fixture
+def paths(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.txt").write_text("some words\n")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "speed"}))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return {
+        "MISSING": tmp_path / "missing",
+        "FILE": tmp_path / "file.txt",
+        "BAD_JSON": tmp_path / "bad.json",
+        "OTHER_JSON": tmp_path / "other.json",
+        "DIR": tmp_path / "dir",
+        "MODEL": tmp_path / "model",
+        "OUT": tmp_path / "out",
+    }
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
+
+
+@pytest.mark.parametrize("argv, expected", list(CASES.values()), ids=list(CASES))
+def test_bad_input_is_one_error_line_naming_the_argument(paths, capsys, argv, expected):
+    def spelled(word: str) -> str:
+        for name, path in paths.items():
+            word = word.replace(name, str(path))
+        return word
+
+    assert _exit_code([spelled(w) for w in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert re.match(r"nystromer( [a-z-]+)*: error: ", last), err
+    assert spelled(expected) in last
+    if not expected.startswith("argument "):  # found by the command, not by argparse: no usage
+        assert err.startswith("nystromer: error: ") and err.count("\n") == 1, err
+    assert not paths["OUT"].exists()  # nothing was written
+
+
+def test_a_bug_in_a_command_still_raises(monkeypatch, tmp_path):
+    from nystromer.bench import viz
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(viz, "attention_figure", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["viz", "attention", "--out", str(tmp_path / "a.png")])
+
+
+def test_an_input_error_of_any_command_exits_with_one_line(monkeypatch, tmp_path, capsys):
+    from nystromer.bench import viz
+
+    def refuses(*args, **kwargs):
+        raise ValueError("--window: too wide")
+
+    monkeypatch.setattr(viz, "attention_figure", refuses)
+    assert main(["viz", "attention", "--out", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().err == "nystromer: error: --window: too wide\n"
+
+
+def test_device_type_and_check(monkeypatch):
+    parse, parse_auto = _args.torch_device(), _args.torch_device(auto=True)
+    assert [parse(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
+    assert parse_auto("auto") == "auto"
+    for text in ("auto", "gpu", "cuda:", "cuda:x", "mps"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+            parse(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        _args.check_device(device)
+    message = "--device: the CUDA devices here are cuda:0, cuda:1; got 'cuda:2'"
+    with pytest.raises(ValueError, match=message):
+        _args.check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device: CUDA is not available here"):
+        _args.check_device("cuda")
+    _args.check_device("cpu")
