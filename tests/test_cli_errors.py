@@ -190,9 +190,12 @@ def test_device_type_and_check(monkeypatch):
     parse, parse_auto = _args.torch_device(), _args.torch_device(auto=True)
     assert [parse(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
     assert parse_auto("auto") == "auto"
-    for text in ("auto", "gpu", "cuda:", "cuda:x", "mps"):
-        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+    assert parse("mps") == "mps"  # any device torch knows; check_device says if it is here
+    for text in ("auto", "gpu", "cuda:", "cuda:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda, cuda:N or"):
             parse(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected auto, cpu, cuda, cuda:N"):
+        parse_auto("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for device in ("auto", "cpu", "cuda", "cuda:1"):
@@ -204,3 +207,6 @@ def test_device_type_and_check(monkeypatch):
     with pytest.raises(ValueError, match="--device: CUDA is not available here"):
         _args.check_device("cuda")
     _args.check_device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device: MPS is not available here"):
+        _args.check_device("mps")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import re
 import sys
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -89,27 +88,39 @@ def existing_file(text: str) -> Path:
 
 
 def torch_device(*, auto: bool = False) -> Callable[[str], str]:
-    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (and with ``auto``, ``auto``), returned as
-    given. Whether this machine has that device is :func:`check_device`'s to say, when the
-    command runs: a command line may be written for another machine."""
-    expected = f"{'auto, ' if auto else ''}cpu, cuda or cuda:N"
+    """argparse type: a torch device (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ...; with
+    ``auto``, also ``auto``), returned as given. Whether this machine has that device is
+    :func:`check_device`'s to say, when the command runs: a command line may be written for
+    another machine."""
 
     def parse(text: str) -> str:
-        if (text == "auto" and auto) or re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        if text == "auto" and auto:
             return text
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        import torch
+
+        try:
+            torch.device(text)
+        except (RuntimeError, ValueError):
+            expected = f"{'auto, ' if auto else ''}cpu, cuda, cuda:N or another torch device"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return text
 
     return parse
 
 
 def check_device(device: str, option: str = "--device") -> None:
-    """ValueError naming ``option`` when ``device`` is a CUDA device this machine does not
-    have; it would otherwise fail in the middle of a run or, in a benchmark, fill the report
-    with failed measurements."""
-    if not device.startswith("cuda"):
+    """ValueError naming ``option`` when ``device`` is a CUDA or MPS device this machine does
+    not have; it would otherwise fail in the middle of a run or, in a benchmark, fill the
+    report with failed measurements."""
+    if device == "auto":
         return
     import torch
 
+    kind = torch.device(device).type
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option}: MPS is not available here (torch {torch.__version__})")
+    if kind != "cuda":
+        return
     if not torch.cuda.is_available():
         raise ValueError(
             f"{option}: CUDA is not available here (torch {torch.__version__}), got {device!r}"

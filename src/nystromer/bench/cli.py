@@ -52,7 +52,9 @@ def _dtype(text: str) -> str:
 
 def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) -> None:
     """Measurement settings named as :class:`~nystromer.bench.measure.CaseSpec`'s fields."""
-    p.add_argument("--device", type=torch_device(), default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", type=torch_device(), default="cpu", help="cpu, cuda, cuda:N, mps, ..."
+    )
     p.add_argument("--batch", type=int_at_least(1), default=1)
     p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")

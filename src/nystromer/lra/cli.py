@@ -89,7 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int_at_least(1), help="batch size (default: the recipe's)")
     e.add_argument("--max-batches", type=int_at_least(1), help="only the first N batches")
     e.add_argument(
-        "--device", type=torch_device(auto=True), default="auto", help="auto, cpu, cuda or cuda:N"
+        "--device",
+        type=torch_device(auto=True),
+        default="auto",
+        help="auto, cpu, cuda, cuda:N, mps, ...",
     )
     e.add_argument("--precision", choices=PRECISIONS, help="(default: the recipe's)")
     _add_loader_and_docs_args(

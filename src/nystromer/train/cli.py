@@ -40,7 +40,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     ``--micro-batches`` and ``--no-progress``: options that change how a run executes, not
     what it computes (``--micro-batches`` up to rounding and dropout's draws)."""
     parser.add_argument(
-        "--device", type=torch_device(auto=True), default="auto", help="auto, cpu, cuda or cuda:N"
+        "--device",
+        type=torch_device(auto=True),
+        default="auto",
+        help="auto, cpu, cuda, cuda:N, mps, ...",
     )
     parser.add_argument(
         "--stop-at", type=int_at_least(0), help="pause after this step (resume later)"
