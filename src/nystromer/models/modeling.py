@@ -26,9 +26,11 @@ from torch import Tensor, nn
 from .. import _cpu
 from .._checks import check_shape
 from ..attention import ValueConv, multihead_nystrom_attention
+from ..attention_map import AttentionMap
+from ..functional import attention_rows
 from . import hf_io
 from .config import NystromformerConfig
-from .hf_numerics import hf_self_attention
+from .hf_numerics import hf_additive_mask, hf_attention_rows, hf_self_attention
 
 __all__ = [
     "NystromformerPreTrainedModel",
@@ -72,10 +74,12 @@ class _Output:
 @dataclass
 class BaseModelOutput(_Output):
     """last_hidden_state (B, n, hidden); hidden_states: embeddings and every layer's output
-    (num_hidden_layers + 1 tensors) when ``output_hidden_states=True``."""
+    (num_hidden_layers + 1 tensors) when ``output_hidden_states=True``; attentions: one
+    :class:`~nystromer.AttentionMap` (B, H, n, n) per layer when ``output_attentions=True``."""
 
     last_hidden_state: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 @dataclass
@@ -83,36 +87,40 @@ class _LogitsOutput(_Output):
     loss: Tensor | None
     logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 @dataclass
 class MaskedLMOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, n, vocab_size), hidden_states."""
+    """loss (scalar, with labels), logits (B, n, vocab_size), hidden_states, attentions."""
 
 
 @dataclass
 class SequenceClassifierOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, num_labels), hidden_states."""
+    """loss (scalar, with labels), logits (B, num_labels), hidden_states, attentions."""
 
 
 @dataclass
 class TokenClassifierOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, n, num_labels), hidden_states."""
+    """loss (scalar, with labels), logits (B, n, num_labels), hidden_states, attentions."""
 
 
 @dataclass
 class MultipleChoiceModelOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, num_choices), hidden_states."""
+    """loss (scalar, with labels), logits (B, num_choices), hidden_states, attentions
+    (maps of the B·num_choices encoded sequences)."""
 
 
 @dataclass
 class QuestionAnsweringModelOutput(_Output):
-    """loss (scalar, with start and end positions), start_logits and end_logits (B, n)."""
+    """loss (scalar, with start and end positions), start_logits and end_logits (B, n),
+    hidden_states, attentions."""
 
     loss: Tensor | None
     start_logits: Tensor
     end_logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 def _as_requested(output: _Output, return_dict: bool | None) -> Any:
@@ -176,39 +184,77 @@ class NystromformerSelfAttention(nn.Module):
         if config.conv_kernel_size is not None:
             self.conv = ValueConv(config.num_attention_heads, config.conv_kernel_size)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        """(B, n, hidden) → (B, n, hidden); with ``output_attentions``, also the
+        :class:`~nystromer.AttentionMap` (B, H, n, n) of the matrix applied to the values."""
         cfg = self.config
         q, k, v = (
             proj(hidden_states).unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
             for proj in (self.query, self.key, self.value)
         )
         if cfg.numerics == "hf":
-            return self._hf_attention(q, k, v, mask).transpose(1, 2).flatten(2)
-        out = multihead_nystrom_attention(
-            q,
-            k,
-            v,
-            cfg.nystrom_options,
-            mask=mask,
-            dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
-            conv=self.conv,
-        )
-        return out.flatten(2)
+            out = self._hf_attention(q, k, v, mask).transpose(1, 2).flatten(2)
+        else:
+            out = multihead_nystrom_attention(
+                q,
+                k,
+                v,
+                cfg.nystrom_options,
+                mask=mask,
+                dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
+                conv=self.conv,
+            ).flatten(2)
+        if output_attentions:
+            return out, self._attention_map(q, k, mask)
+        return out
+
+    def _attention_map(self, q: Tensor, k: Tensor, mask: Tensor | None) -> AttentionMap:
+        """The matrix the forward multiplied the values by (before the convolution skip is
+        added), as rows on demand, from its (B, n, H, d) projections q and k: what
+        :func:`nystromer.attention_rows` gives for the forward's settings, or transformers'
+        for ``numerics="hf"``. Attention dropout (training only) is not in it."""
+        cfg = self.config
+        b, n, h, _ = q.shape
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, n, d), views
+        # A copy: the caller may reuse the mask's memory before rows are asked for.
+        mask = None if mask is None else mask.clone()
+        if cfg.numerics == "hf":
+            additive = hf_additive_mask(mask, q)
+            settings = {
+                "num_landmarks": cfg.num_landmarks,
+                "segment_means_seq_len": cfg.segment_means_seq_len,
+                "pinv_iterations": cfg.pinv_iterations,
+                "per_matrix_init": cfg.inv_coeff_init_option,
+            }
+
+            def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+                return hf_attention_rows(
+                    q, k, additive, index, batch=b_sel, heads=h_sel, **settings
+                )
+
+        else:
+            settings = cfg.nystrom_options.attention_kwargs()
+
+            def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+                # Each sample's rows depend on that sample alone: the batch can be narrowed.
+                sample_mask = None if mask is None else mask[b_sel]
+                return attention_rows(
+                    q[b_sel, h_sel], k[b_sel, h_sel], index, mask=sample_mask, **settings
+                )
+
+        return AttentionMap(rows, (b, h, n, n), q.dtype, q.device)
 
     def _hf_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """transformers' numerics: (B, n, H, d) inputs → (B, H, n, d)."""
         cfg = self.config
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        additive = None
-        if mask is not None:
-            neg = torch.finfo(q.dtype).min
-            additive = q.new_zeros(mask.shape[0], 1, 1, mask.shape[1])
-            additive = additive.masked_fill(~mask[:, None, None, :], neg)
         return hf_self_attention(
             q,
             k,
             v,
-            additive,
+            hf_additive_mask(mask, q),
             num_landmarks=cfg.num_landmarks,
             segment_means_seq_len=cfg.segment_means_seq_len,
             pinv_iterations=cfg.pinv_iterations,
@@ -236,7 +282,12 @@ class NystromformerAttention(nn.Module):
         self.self = NystromformerSelfAttention(config)
         self.output = _DenseResidualNorm(config.hidden_size, config.hidden_size, config)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        if output_attentions:
+            context, attention = self.self(hidden_states, mask, output_attentions=True)
+            return self.output(context, hidden_states), attention
         return self.output(self.self(hidden_states, mask), hidden_states)
 
 
@@ -257,7 +308,12 @@ class NystromformerLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        if output_attentions:
+            x, attention = self.attention(hidden_states, mask, output_attentions=True)
+            return self.output(self.intermediate(x), x), attention
         x = self.attention(hidden_states, mask)
         return self.output(self.intermediate(x), x)
 
@@ -272,17 +328,29 @@ class NystromformerEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_kwargs: dict[str, Any] = {}
 
-    def run_layers(self, x: Tensor, mask: Tensor | None, states: list[Tensor] | None) -> Tensor:
+    def run_layers(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        states: list[Tensor] | None,
+        attentions: list[AttentionMap] | None = None,
+    ) -> Tensor:
         """Every layer in turn (recomputed in the backward pass under gradient checkpointing,
-        while training); appends each output to ``states`` when given."""
+        while training); appends each output to ``states`` and each layer's attention map to
+        ``attentions`` when given."""
         # getattr: a whole model pickled by an earlier version has no such attribute.
         checkpointing = getattr(self, "gradient_checkpointing", False)
         checkpointing = checkpointing and self.training and torch.is_grad_enabled()
+        # Positional: checkpoint passes its extra arguments on positionally.
+        args = (mask, True) if attentions is not None else (mask,)
         for layer in self.layer:
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, **self.checkpoint_kwargs)
+                x = torch.utils.checkpoint.checkpoint(layer, x, *args, **self.checkpoint_kwargs)
             else:
-                x = layer(x, mask)
+                x = layer(x, *args)
+            if attentions is not None:
+                x, attention = x
+                attentions.append(attention)
             if states is not None:
                 states.append(x)
         return x
@@ -443,6 +511,7 @@ class NystromformerModel(NystromformerPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput | tuple[Tensor, ...]:
         """Encode a batch.
 
@@ -457,6 +526,16 @@ class NystromformerModel(NystromformerPreTrainedModel):
             output_hidden_states: also return the embeddings and every layer's output.
             return_dict: False returns the output's fields as a tuple, leaving out absent
                 ones (transformers' ``return_dict=False``); None or True the dataclass.
+            output_attentions: also return each layer's attention matrix, the one its
+                attention multiplied the values by (before the convolution skip; without
+                attention dropout), as an :class:`~nystromer.AttentionMap` (B, H, n, n)
+                whose rows are computed when indexed: ``out.attentions[-1][:, :, 0]`` is the
+                first token's row for every head, O((m + 1)·n) per head, never n×n. Exact
+                softmax rows for n ≤ num_landmarks; with ``numerics="hf"``, transformers'
+                matrix (its own ``output_attentions`` gives F·A⁺, (B, H, n, m), in the
+                Nyström branch). Last in the signature, unlike transformers (where it comes
+                before ``output_hidden_states``), so that positional calls keep working:
+                pass it by keyword.
 
         Returns:
             BaseModelOutput; n ≤ max_position_embeddings.
@@ -516,9 +595,15 @@ class NystromformerModel(NystromformerPreTrainedModel):
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         states = [x] if output_hidden_states else None
-        x = self.encoder.run_layers(x, mask, states)
+        attentions: list[AttentionMap] | None = [] if output_attentions else None
+        x = self.encoder.run_layers(x, mask, states, attentions)
         return _as_requested(
-            BaseModelOutput(x, tuple(states) if states is not None else None), return_dict
+            BaseModelOutput(
+                x,
+                tuple(states) if states is not None else None,
+                tuple(attentions) if attentions is not None else None,
+            ),
+            return_dict,
         )
 
 
@@ -549,10 +634,12 @@ class _HeadModel(NystromformerPreTrainedModel):
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> _LogitsOutput | tuple[Tensor, ...]:
-        """Encode and apply the head; inputs as :meth:`NystromformerModel.forward`, ``labels``
-        as the class docstring says. Returns the class's output (loss None without labels),
-        or with ``return_dict=False`` its fields as a tuple, absent ones left out."""
+        """Encode and apply the head; inputs and ``output_attentions`` as
+        :meth:`NystromformerModel.forward`, ``labels`` as the class docstring says. Returns the
+        class's output (loss None without labels), or with ``return_dict=False`` its fields as
+        a tuple, absent ones left out."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -561,11 +648,15 @@ class _HeadModel(NystromformerPreTrainedModel):
             "inputs_embeds": inputs_embeds,
         }
         out = self.nystromformer(
-            **self._encoder_inputs(inputs), output_hidden_states=output_hidden_states
+            **self._encoder_inputs(inputs),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self._logits(out.last_hidden_state, inputs)
         loss = None if labels is None else self._loss(logits, labels)
-        return _as_requested(self.output_class(loss, logits, out.hidden_states), return_dict)
+        return _as_requested(
+            self.output_class(loss, logits, out.hidden_states, out.attentions), return_dict
+        )
 
     def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         return inputs
@@ -773,8 +864,10 @@ class NystromformerForQuestionAnswering(_HeadModel):
         end_positions: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> QuestionAnsweringModelOutput | tuple[Tensor, ...]:
-        """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
+        """Encode and predict the answer span; inputs and ``output_attentions`` as
+        :meth:`NystromformerModel.forward`."""
         # The heads' one forward, with the span as labels (B, 2) and logits (B, n, 2).
         labels = None
         if start_positions is not None and end_positions is not None:
@@ -787,10 +880,13 @@ class NystromformerForQuestionAnswering(_HeadModel):
             inputs_embeds,
             labels,
             output_hidden_states,
+            output_attentions=output_attentions,
         )
         start_logits, end_logits = out.logits.unbind(-1)
         return _as_requested(
-            QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states),
+            QuestionAnsweringModelOutput(
+                out.loss, start_logits, end_logits, out.hidden_states, out.attentions
+            ),
             return_dict,
         )
 
