@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .. import _cpu
-from .._checks import check_shape
+from .._checks import check_shape, positive_int
 from ..attention import ValueConv, multihead_nystrom_attention
 from ..attention_map import AttentionMap
 from ..functional import attention_rows
@@ -428,6 +428,65 @@ class NystromformerPreTrainedModel(nn.Module):
     def is_base_model(self) -> bool:
         return isinstance(self, NystromformerModel)
 
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The masked-LM decoder (transformers' method); None for the other classes."""
+        return None
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Change the vocabulary size, as transformers' ``PreTrainedModel`` does: the word
+        embedding table, ``config.vocab_size`` and, in the masked-LM model, the decoder and its
+        output bias (tied or not, as the model ties them) get ``new_num_tokens`` rows.
+
+        Rows of the old tokens are kept; growing appends rows, shrinking drops the last ones
+        (and the table's padding index, if it is dropped). New rows:
+
+        - ``mean_resizing=True`` (default): drawn from the normal distribution with the old
+          rows' mean and 1e-9 times their covariance (transformers' choice: new tokens start
+          at the average token, so that predictions barely move), or the mean itself where
+          that covariance is singular (fewer tokens than hidden_size); new output-bias
+          entries are the old entries' mean.
+        - ``mean_resizing=False``: N(0, ``config.initializer_range``) weights, zero bias.
+
+        The table stays the same module (hooks and references to it hold), with new parameters:
+        build optimisers after resizing.
+
+        Args:
+            new_num_tokens: the new number of rows; None keeps the current number.
+            pad_to_multiple_of: round the number of rows up to a multiple of this (e.g. 64
+                for tensor-core friendly shapes).
+            mean_resizing: how new rows are initialised (above).
+
+        Returns:
+            The word embedding ``nn.Embedding``; with both sizes None, the current one,
+            unchanged.
+        """
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        rows = embeddings.num_embeddings
+        if new_num_tokens is not None:
+            rows = positive_int("new_num_tokens", new_num_tokens)
+        if pad_to_multiple_of is not None:
+            multiple = positive_int("pad_to_multiple_of", pad_to_multiple_of)
+            rows = -(-rows // multiple) * multiple
+        if rows != embeddings.num_embeddings:
+            std = self.config.initializer_range
+            embeddings.weight = _resized_parameter(embeddings.weight, rows, mean_resizing, std)
+            embeddings.num_embeddings = rows
+            if embeddings.padding_idx is not None and embeddings.padding_idx >= rows:
+                embeddings.padding_idx = None
+            self._resize_outputs(rows, mean_resizing)
+        self.set_input_embeddings(embeddings)  # config.vocab_size; a tied decoder follows
+        return embeddings
+
+    def _resize_outputs(self, rows: int, mean_resizing: bool) -> None:
+        """Resize the layers that predict tokens (none here) to ``rows`` tokens."""
+
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], *, strict: bool = False, **config_overrides: Any
@@ -460,6 +519,40 @@ class NystromformerPreTrainedModel(nn.Module):
         """Write config.json and model.safetensors that transformers' matching class loads
         without missing weights. Each file is written atomically."""
         hf_io.write_checkpoint(self, directory)
+
+
+def _resized_parameter(old: Tensor, rows: int, mean_resizing: bool, std: float) -> nn.Parameter:
+    """A copy of ``old`` (V, d) or (V,) with ``rows`` rows: the first min(V, rows) kept, new
+    ones initialised as :meth:`NystromformerPreTrainedModel.resize_token_embeddings` says
+    (``std``: of the normal draw without mean resizing; 0 gives zeros)."""
+    with torch.no_grad():
+        keep = min(len(old), rows)
+        new = old.new_empty(rows, *old.shape[1:])
+        new[:keep] = old[:keep]
+        added = rows - keep
+        if added:
+            if mean_resizing:
+                new[keep:] = _mean_rows(old, added)
+            elif std:
+                new[keep:] = torch.randn_like(new[keep:]) * std
+            else:
+                new[keep:] = 0
+    return nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+def _mean_rows(old: Tensor, count: int) -> Tensor:
+    """``count`` rows near the mean of old's rows (V, d): drawn from N(mean, 1e-9·Σ), Σ their
+    covariance, as transformers draws them; the mean itself where 1e-9·Σ is not positive
+    definite, and for a vector (V,) (a bias)."""
+    work = old.to(torch.promote_types(old.dtype, torch.float32))
+    mean = work.mean(0)
+    rows = mean.expand(count, *mean.shape)
+    if old.dim() == 2:
+        centred = work - mean
+        factor, info = torch.linalg.cholesky_ex(1e-9 * (centred.T @ centred) / len(old))
+        if int(info) == 0:
+            rows = rows + torch.randn_like(rows) @ factor.T
+    return rows.to(old.dtype)
 
 
 def _check_ids(name: str, ids: Tensor, high: int, shape: tuple[int, ...] | None) -> None:
@@ -703,10 +796,25 @@ class NystromformerForMaskedLM(_HeadModel):
     def tie_weights(self) -> None:
         """Share the decoder matrix with the word embeddings (``tie_word_embeddings``)."""
         if self.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = (
-                self.nystromformer.embeddings.word_embeddings.weight
-            )
+            decoder = self.cls.predictions.decoder
+            decoder.weight = self.nystromformer.embeddings.word_embeddings.weight
+            decoder.out_features = decoder.weight.shape[0]
             self._tied_keys = ("cls.predictions.decoder.weight",)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The decoder, ``cls.predictions.decoder`` (its output bias is
+        ``cls.predictions.bias``)."""
+        return self.cls.predictions.decoder
+
+    def _resize_outputs(self, rows: int, mean_resizing: bool) -> None:
+        # The output bias always; the decoder matrix when untied (tied, it is the table).
+        predictions = self.cls.predictions
+        if not self.config.tie_word_embeddings:
+            decoder = predictions.decoder
+            std = self.config.initializer_range
+            decoder.weight = _resized_parameter(decoder.weight, rows, mean_resizing, std)
+            decoder.out_features = rows
+        predictions.bias = _resized_parameter(predictions.bias, rows, mean_resizing, 0.0)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the word embedding table (as :meth:`NystromformerModel.set_input_embeddings`);
