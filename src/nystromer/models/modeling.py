@@ -24,11 +24,13 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .. import _cpu
-from .._checks import check_shape
+from .._checks import check_shape, positive_int
 from ..attention import ValueConv, multihead_nystrom_attention
+from ..attention_map import AttentionMap
+from ..functional import attention_rows
 from . import hf_io
 from .config import NystromformerConfig
-from .hf_numerics import hf_self_attention
+from .hf_numerics import hf_additive_mask, hf_attention_rows, hf_self_attention
 
 __all__ = [
     "NystromformerPreTrainedModel",
@@ -72,10 +74,12 @@ class _Output:
 @dataclass
 class BaseModelOutput(_Output):
     """last_hidden_state (B, n, hidden); hidden_states: embeddings and every layer's output
-    (num_hidden_layers + 1 tensors) when ``output_hidden_states=True``."""
+    (num_hidden_layers + 1 tensors) when ``output_hidden_states=True``; attentions: one
+    :class:`~nystromer.AttentionMap` (B, H, n, n) per layer when ``output_attentions=True``."""
 
     last_hidden_state: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 @dataclass
@@ -83,36 +87,40 @@ class _LogitsOutput(_Output):
     loss: Tensor | None
     logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 @dataclass
 class MaskedLMOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, n, vocab_size), hidden_states."""
+    """loss (scalar, with labels), logits (B, n, vocab_size), hidden_states, attentions."""
 
 
 @dataclass
 class SequenceClassifierOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, num_labels), hidden_states."""
+    """loss (scalar, with labels), logits (B, num_labels), hidden_states, attentions."""
 
 
 @dataclass
 class TokenClassifierOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, n, num_labels), hidden_states."""
+    """loss (scalar, with labels), logits (B, n, num_labels), hidden_states, attentions."""
 
 
 @dataclass
 class MultipleChoiceModelOutput(_LogitsOutput):
-    """loss (scalar, with labels), logits (B, num_choices), hidden_states."""
+    """loss (scalar, with labels), logits (B, num_choices), hidden_states, attentions
+    (maps of the B·num_choices encoded sequences)."""
 
 
 @dataclass
 class QuestionAnsweringModelOutput(_Output):
-    """loss (scalar, with start and end positions), start_logits and end_logits (B, n)."""
+    """loss (scalar, with start and end positions), start_logits and end_logits (B, n),
+    hidden_states, attentions."""
 
     loss: Tensor | None
     start_logits: Tensor
     end_logits: Tensor
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[AttentionMap, ...] | None = None
 
 
 def _as_requested(output: _Output, return_dict: bool | None) -> Any:
@@ -176,39 +184,77 @@ class NystromformerSelfAttention(nn.Module):
         if config.conv_kernel_size is not None:
             self.conv = ValueConv(config.num_attention_heads, config.conv_kernel_size)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        """(B, n, hidden) → (B, n, hidden); with ``output_attentions``, also the
+        :class:`~nystromer.AttentionMap` (B, H, n, n) of the matrix applied to the values."""
         cfg = self.config
         q, k, v = (
             proj(hidden_states).unflatten(-1, (cfg.num_attention_heads, cfg.head_dim))
             for proj in (self.query, self.key, self.value)
         )
         if cfg.numerics == "hf":
-            return self._hf_attention(q, k, v, mask).transpose(1, 2).flatten(2)
-        out = multihead_nystrom_attention(
-            q,
-            k,
-            v,
-            cfg.nystrom_options,
-            mask=mask,
-            dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
-            conv=self.conv,
-        )
-        return out.flatten(2)
+            out = self._hf_attention(q, k, v, mask).transpose(1, 2).flatten(2)
+        else:
+            out = multihead_nystrom_attention(
+                q,
+                k,
+                v,
+                cfg.nystrom_options,
+                mask=mask,
+                dropout_p=cfg.attention_probs_dropout_prob if self.training else 0.0,
+                conv=self.conv,
+            ).flatten(2)
+        if output_attentions:
+            return out, self._attention_map(q, k, mask)
+        return out
+
+    def _attention_map(self, q: Tensor, k: Tensor, mask: Tensor | None) -> AttentionMap:
+        """The matrix the forward multiplied the values by (before the convolution skip is
+        added), as rows on demand, from its (B, n, H, d) projections q and k: what
+        :func:`nystromer.attention_rows` gives for the forward's settings, or transformers'
+        for ``numerics="hf"``. Attention dropout (training only) is not in it."""
+        cfg = self.config
+        b, n, h, _ = q.shape
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, n, d), views
+        # A copy: the caller may reuse the mask's memory before rows are asked for.
+        mask = None if mask is None else mask.clone()
+        if cfg.numerics == "hf":
+            additive = hf_additive_mask(mask, q)
+            settings = {
+                "num_landmarks": cfg.num_landmarks,
+                "segment_means_seq_len": cfg.segment_means_seq_len,
+                "pinv_iterations": cfg.pinv_iterations,
+                "per_matrix_init": cfg.inv_coeff_init_option,
+            }
+
+            def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+                return hf_attention_rows(
+                    q, k, additive, index, batch=b_sel, heads=h_sel, **settings
+                )
+
+        else:
+            settings = cfg.nystrom_options.attention_kwargs()
+
+            def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+                # Each sample's rows depend on that sample alone: the batch can be narrowed.
+                sample_mask = None if mask is None else mask[b_sel]
+                return attention_rows(
+                    q[b_sel, h_sel], k[b_sel, h_sel], index, mask=sample_mask, **settings
+                )
+
+        return AttentionMap(rows, (b, h, n, n), q.dtype, q.device)
 
     def _hf_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """transformers' numerics: (B, n, H, d) inputs → (B, H, n, d)."""
         cfg = self.config
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        additive = None
-        if mask is not None:
-            neg = torch.finfo(q.dtype).min
-            additive = q.new_zeros(mask.shape[0], 1, 1, mask.shape[1])
-            additive = additive.masked_fill(~mask[:, None, None, :], neg)
         return hf_self_attention(
             q,
             k,
             v,
-            additive,
+            hf_additive_mask(mask, q),
             num_landmarks=cfg.num_landmarks,
             segment_means_seq_len=cfg.segment_means_seq_len,
             pinv_iterations=cfg.pinv_iterations,
@@ -236,7 +282,12 @@ class NystromformerAttention(nn.Module):
         self.self = NystromformerSelfAttention(config)
         self.output = _DenseResidualNorm(config.hidden_size, config.hidden_size, config)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        if output_attentions:
+            context, attention = self.self(hidden_states, mask, output_attentions=True)
+            return self.output(context, hidden_states), attention
         return self.output(self.self(hidden_states, mask), hidden_states)
 
 
@@ -257,7 +308,12 @@ class NystromformerLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _DenseResidualNorm(config.intermediate_size, config.hidden_size, config)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, mask: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, AttentionMap]:
+        if output_attentions:
+            x, attention = self.attention(hidden_states, mask, output_attentions=True)
+            return self.output(self.intermediate(x), x), attention
         x = self.attention(hidden_states, mask)
         return self.output(self.intermediate(x), x)
 
@@ -272,17 +328,29 @@ class NystromformerEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_kwargs: dict[str, Any] = {}
 
-    def run_layers(self, x: Tensor, mask: Tensor | None, states: list[Tensor] | None) -> Tensor:
+    def run_layers(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        states: list[Tensor] | None,
+        attentions: list[AttentionMap] | None = None,
+    ) -> Tensor:
         """Every layer in turn (recomputed in the backward pass under gradient checkpointing,
-        while training); appends each output to ``states`` when given."""
+        while training); appends each output to ``states`` and each layer's attention map to
+        ``attentions`` when given."""
         # getattr: a whole model pickled by an earlier version has no such attribute.
         checkpointing = getattr(self, "gradient_checkpointing", False)
         checkpointing = checkpointing and self.training and torch.is_grad_enabled()
+        # Positional: checkpoint passes its extra arguments on positionally.
+        args = (mask, True) if attentions is not None else (mask,)
         for layer in self.layer:
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, **self.checkpoint_kwargs)
+                x = torch.utils.checkpoint.checkpoint(layer, x, *args, **self.checkpoint_kwargs)
             else:
-                x = layer(x, mask)
+                x = layer(x, *args)
+            if attentions is not None:
+                x, attention = x
+                attentions.append(attention)
             if states is not None:
                 states.append(x)
         return x
@@ -360,6 +428,65 @@ class NystromformerPreTrainedModel(nn.Module):
     def is_base_model(self) -> bool:
         return isinstance(self, NystromformerModel)
 
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The masked-LM decoder (transformers' method); None for the other classes."""
+        return None
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Change the vocabulary size, as transformers' ``PreTrainedModel`` does: the word
+        embedding table, ``config.vocab_size`` and, in the masked-LM model, the decoder and its
+        output bias (tied or not, as the model ties them) get ``new_num_tokens`` rows.
+
+        Rows of the old tokens are kept; growing appends rows, shrinking drops the last ones
+        (and the table's padding index, if it is dropped). New rows:
+
+        - ``mean_resizing=True`` (default): drawn from the normal distribution with the old
+          rows' mean and 1e-9 times their covariance (transformers' choice: new tokens start
+          at the average token, so that predictions barely move), or the mean itself where
+          that covariance is singular (fewer tokens than hidden_size); new output-bias
+          entries are the old entries' mean.
+        - ``mean_resizing=False``: N(0, ``config.initializer_range``) weights, zero bias.
+
+        The table stays the same module (hooks and references to it hold), with new parameters:
+        build optimisers after resizing.
+
+        Args:
+            new_num_tokens: the new number of rows; None keeps the current number.
+            pad_to_multiple_of: round the number of rows up to a multiple of this (e.g. 64
+                for tensor-core friendly shapes).
+            mean_resizing: how new rows are initialised (above).
+
+        Returns:
+            The word embedding ``nn.Embedding``; with both sizes None, the current one,
+            unchanged.
+        """
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        rows = embeddings.num_embeddings
+        if new_num_tokens is not None:
+            rows = positive_int("new_num_tokens", new_num_tokens)
+        if pad_to_multiple_of is not None:
+            multiple = positive_int("pad_to_multiple_of", pad_to_multiple_of)
+            rows = -(-rows // multiple) * multiple
+        if rows != embeddings.num_embeddings:
+            std = self.config.initializer_range
+            embeddings.weight = _resized_parameter(embeddings.weight, rows, mean_resizing, std)
+            embeddings.num_embeddings = rows
+            if embeddings.padding_idx is not None and embeddings.padding_idx >= rows:
+                embeddings.padding_idx = None
+            self._resize_outputs(rows, mean_resizing)
+        self.set_input_embeddings(embeddings)  # config.vocab_size; a tied decoder follows
+        return embeddings
+
+    def _resize_outputs(self, rows: int, mean_resizing: bool) -> None:
+        """Resize the layers that predict tokens (none here) to ``rows`` tokens."""
+
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], *, strict: bool = False, **config_overrides: Any
@@ -392,6 +519,40 @@ class NystromformerPreTrainedModel(nn.Module):
         """Write config.json and model.safetensors that transformers' matching class loads
         without missing weights. Each file is written atomically."""
         hf_io.write_checkpoint(self, directory)
+
+
+def _resized_parameter(old: Tensor, rows: int, mean_resizing: bool, std: float) -> nn.Parameter:
+    """A copy of ``old`` (V, d) or (V,) with ``rows`` rows: the first min(V, rows) kept, new
+    ones initialised as :meth:`NystromformerPreTrainedModel.resize_token_embeddings` says
+    (``std``: of the normal draw without mean resizing; 0 gives zeros)."""
+    with torch.no_grad():
+        keep = min(len(old), rows)
+        new = old.new_empty(rows, *old.shape[1:])
+        new[:keep] = old[:keep]
+        added = rows - keep
+        if added:
+            if mean_resizing:
+                new[keep:] = _mean_rows(old, added)
+            elif std:
+                new[keep:] = torch.randn_like(new[keep:]) * std
+            else:
+                new[keep:] = 0
+    return nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+def _mean_rows(old: Tensor, count: int) -> Tensor:
+    """``count`` rows near the mean of old's rows (V, d): drawn from N(mean, 1e-9·Σ), Σ their
+    covariance, as transformers draws them; the mean itself where 1e-9·Σ is not positive
+    definite, and for a vector (V,) (a bias)."""
+    work = old.to(torch.promote_types(old.dtype, torch.float32))
+    mean = work.mean(0)
+    rows = mean.expand(count, *mean.shape)
+    if old.dim() == 2:
+        centred = work - mean
+        factor, info = torch.linalg.cholesky_ex(1e-9 * (centred.T @ centred) / len(old))
+        if int(info) == 0:
+            rows = rows + torch.randn_like(rows) @ factor.T
+    return rows.to(old.dtype)
 
 
 def _check_ids(name: str, ids: Tensor, high: int, shape: tuple[int, ...] | None) -> None:
@@ -443,6 +604,7 @@ class NystromformerModel(NystromformerPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput | tuple[Tensor, ...]:
         """Encode a batch.
 
@@ -457,6 +619,16 @@ class NystromformerModel(NystromformerPreTrainedModel):
             output_hidden_states: also return the embeddings and every layer's output.
             return_dict: False returns the output's fields as a tuple, leaving out absent
                 ones (transformers' ``return_dict=False``); None or True the dataclass.
+            output_attentions: also return each layer's attention matrix, the one its
+                attention multiplied the values by (before the convolution skip; without
+                attention dropout), as an :class:`~nystromer.AttentionMap` (B, H, n, n)
+                whose rows are computed when indexed: ``out.attentions[-1][:, :, 0]`` is the
+                first token's row for every head, O((m + 1)·n) per head, never n×n. Exact
+                softmax rows for n ≤ num_landmarks; with ``numerics="hf"``, transformers'
+                matrix (its own ``output_attentions`` gives F·A⁺, (B, H, n, m), in the
+                Nyström branch). Last in the signature, unlike transformers (where it comes
+                before ``output_hidden_states``), so that positional calls keep working:
+                pass it by keyword.
 
         Returns:
             BaseModelOutput; n ≤ max_position_embeddings.
@@ -516,9 +688,15 @@ class NystromformerModel(NystromformerPreTrainedModel):
             inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = self.embeddings(inputs_embeds, token_type_ids, position_ids)
         states = [x] if output_hidden_states else None
-        x = self.encoder.run_layers(x, mask, states)
+        attentions: list[AttentionMap] | None = [] if output_attentions else None
+        x = self.encoder.run_layers(x, mask, states, attentions)
         return _as_requested(
-            BaseModelOutput(x, tuple(states) if states is not None else None), return_dict
+            BaseModelOutput(
+                x,
+                tuple(states) if states is not None else None,
+                tuple(attentions) if attentions is not None else None,
+            ),
+            return_dict,
         )
 
 
@@ -549,10 +727,12 @@ class _HeadModel(NystromformerPreTrainedModel):
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> _LogitsOutput | tuple[Tensor, ...]:
-        """Encode and apply the head; inputs as :meth:`NystromformerModel.forward`, ``labels``
-        as the class docstring says. Returns the class's output (loss None without labels),
-        or with ``return_dict=False`` its fields as a tuple, absent ones left out."""
+        """Encode and apply the head; inputs and ``output_attentions`` as
+        :meth:`NystromformerModel.forward`, ``labels`` as the class docstring says. Returns the
+        class's output (loss None without labels), or with ``return_dict=False`` its fields as
+        a tuple, absent ones left out."""
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -561,11 +741,15 @@ class _HeadModel(NystromformerPreTrainedModel):
             "inputs_embeds": inputs_embeds,
         }
         out = self.nystromformer(
-            **self._encoder_inputs(inputs), output_hidden_states=output_hidden_states
+            **self._encoder_inputs(inputs),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self._logits(out.last_hidden_state, inputs)
         loss = None if labels is None else self._loss(logits, labels)
-        return _as_requested(self.output_class(loss, logits, out.hidden_states), return_dict)
+        return _as_requested(
+            self.output_class(loss, logits, out.hidden_states, out.attentions), return_dict
+        )
 
     def _encoder_inputs(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         return inputs
@@ -612,10 +796,25 @@ class NystromformerForMaskedLM(_HeadModel):
     def tie_weights(self) -> None:
         """Share the decoder matrix with the word embeddings (``tie_word_embeddings``)."""
         if self.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = (
-                self.nystromformer.embeddings.word_embeddings.weight
-            )
+            decoder = self.cls.predictions.decoder
+            decoder.weight = self.nystromformer.embeddings.word_embeddings.weight
+            decoder.out_features = decoder.weight.shape[0]
             self._tied_keys = ("cls.predictions.decoder.weight",)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The decoder, ``cls.predictions.decoder`` (its output bias is
+        ``cls.predictions.bias``)."""
+        return self.cls.predictions.decoder
+
+    def _resize_outputs(self, rows: int, mean_resizing: bool) -> None:
+        # The output bias always; the decoder matrix when untied (tied, it is the table).
+        predictions = self.cls.predictions
+        if not self.config.tie_word_embeddings:
+            decoder = predictions.decoder
+            std = self.config.initializer_range
+            decoder.weight = _resized_parameter(decoder.weight, rows, mean_resizing, std)
+            decoder.out_features = rows
+        predictions.bias = _resized_parameter(predictions.bias, rows, mean_resizing, 0.0)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the word embedding table (as :meth:`NystromformerModel.set_input_embeddings`);
@@ -773,8 +972,10 @@ class NystromformerForQuestionAnswering(_HeadModel):
         end_positions: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool = False,
     ) -> QuestionAnsweringModelOutput | tuple[Tensor, ...]:
-        """Encode and predict the answer span; inputs as :meth:`NystromformerModel.forward`."""
+        """Encode and predict the answer span; inputs and ``output_attentions`` as
+        :meth:`NystromformerModel.forward`."""
         # The heads' one forward, with the span as labels (B, 2) and logits (B, n, 2).
         labels = None
         if start_positions is not None and end_positions is not None:
@@ -787,10 +988,13 @@ class NystromformerForQuestionAnswering(_HeadModel):
             inputs_embeds,
             labels,
             output_hidden_states,
+            output_attentions=output_attentions,
         )
         start_logits, end_logits = out.logits.unbind(-1)
         return _as_requested(
-            QuestionAnsweringModelOutput(out.loss, start_logits, end_logits, out.hidden_states),
+            QuestionAnsweringModelOutput(
+                out.loss, start_logits, end_logits, out.hidden_states, out.attentions
+            ),
             return_dict,
         )
 
