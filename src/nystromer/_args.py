@@ -19,9 +19,9 @@ from typing import Any
 __all__ = [
     "EXIT_USAGE",
     "USAGE_ERRORS",
+    "add_list_option",
     "call_with",
     "check_device",
-    "comma_default",
     "error",
     "existing_file",
     "exit_code",
@@ -173,9 +173,21 @@ def odd_kernel_or_zero(text: str) -> int:
     return int(text)
 
 
-def comma_default(what: str, default: Iterable[Any]) -> str:
-    """Help text of a comma-separated list option, with its default written as it is typed."""
-    return f"comma-separated {what} (default: {','.join(map(str, default))})"
+def add_list_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    parse: Callable[[str], list],
+    default: Iterable[Any],
+    what: str,
+) -> None:
+    """Add the comma-separated list option ``flag``, read by ``parse`` (:func:`int_list`,
+    :func:`names_from`, ...); its help names ``what`` the items are and shows ``default`` as
+    it is typed."""
+    default = list(default)
+    shown = ",".join(map(str, default))
+    parser.add_argument(
+        flag, type=parse, default=default, help=f"comma-separated {what} (default: {shown})"
+    )
 
 
 def call_with(func: Callable, args: argparse.Namespace, *positional, **given):

@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    from ._args import comma_default, folder, int_at_least, int_list
+    from ._args import add_list_option, folder, int_at_least, int_list
     from .bench.demo import DEMO_LENGTHS
 
     d = subparsers.add_parser(
@@ -44,12 +44,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         "memory (fresh process each) and relative output error; then a short ListOps training "
         "run on generated data (--listops-steps).",
     )
-    d.add_argument(
-        "--lengths",
-        type=int_list,
-        default=list(DEMO_LENGTHS),
-        help=comma_default("n", DEMO_LENGTHS),
-    )
+    add_list_option(d, "--lengths", int_list, DEMO_LENGTHS, "n")
     d.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     d.add_argument("--repeats", type=int_at_least(1), default=2, help="timed calls per measurement")
     d.add_argument(

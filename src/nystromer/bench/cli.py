@@ -10,8 +10,8 @@ import shlex
 from pathlib import Path
 
 from .._args import (
+    add_list_option,
     call_with,
-    comma_default,
     existing_file,
     folder,
     int_at_least,
@@ -81,15 +81,9 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
 def _add_problem_args(p: argparse.ArgumentParser, lengths, impls) -> None:
     from .implementations import IMPLEMENTATIONS
 
-    p.add_argument(
-        "--lengths", type=int_list, default=list(lengths), help=comma_default("n", lengths)
-    )
-    p.add_argument(
-        "--impl",
-        type=names_from(IMPLEMENTATIONS, "implementations"),
-        default=list(impls),
-        help=comma_default("implementations, by registry name", impls),
-    )
+    add_list_option(p, "--lengths", int_list, lengths, "n")
+    implementations = names_from(IMPLEMENTATIONS, "implementations")
+    add_list_option(p, "--impl", implementations, impls, "implementations, by registry name")
     p.add_argument(
         "--dtype", type=_dtype, default="float32", help="float32 (fp32), bfloat16 (bf16), ..."
     )
@@ -214,12 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--num-landmarks", type=int_at_least(1), default=64, help="m of the non-m sweeps"
     )
-    a.add_argument(
-        "--landmarks",
-        type=int_list,
-        default=list(LANDMARKS),
-        help=comma_default("m of the landmarks sweep", LANDMARKS),
-    )
+    add_list_option(a, "--landmarks", int_list, LANDMARKS, "m of the landmarks sweep")
     a.add_argument(
         "--iterations",
         type=int_list,
@@ -227,12 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated pinv iteration counts of that sweep (default: "
         f"{ITERATIONS[0]} to {ITERATIONS[-1]})",
     )
-    a.add_argument(
-        "--sources",
-        type=names_from(SOURCES, "input kinds"),
-        default=list(SOURCES),
-        help=comma_default("input kinds", SOURCES),
-    )
+    add_list_option(a, "--sources", names_from(SOURCES, "input kinds"), SOURCES, "input kinds")
     a.add_argument(
         "--model-seq-len", type=int_at_least(1), default=512, help="n of the language model"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._args import call_with, comma_default, folder, int_at_least, int_list, odd_kernel_or_zero
+from .._args import add_list_option, call_with, folder, int_at_least, int_list, odd_kernel_or_zero
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
@@ -415,12 +415,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     )
     add_script_args(p, repeats=3, timeout=1800, saved="FILE (a transmil.json)")
     p.set_defaults(func=_run, num_landmarks=256)
-    p.add_argument(
-        "--lengths",
-        type=int_list,
-        default=list(TRANSMIL_LENGTHS),
-        help=comma_default("n", TRANSMIL_LENGTHS),
-    )
+    add_list_option(p, "--lengths", int_list, TRANSMIL_LENGTHS, "n")
     p.add_argument("--dim", type=int_at_least(1), default=512)
     p.add_argument("--heads", type=int_at_least(1), default=8)
     p.add_argument("--dim-head", type=int_at_least(1), default=64)
