@@ -147,3 +147,15 @@ def test_rows_are_the_same_when_the_keys_come_in_blocks(monkeypatch, real):
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-12)
     out = nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
     torch.testing.assert_close(blocked @ v, out[:, :, [0, 21]], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [[0, 3], torch.tensor([0, -1])], ids=["list", "cpu-tensor"])
+def test_rows_are_checked_before_they_reach_the_device(rows):
+    # Rows given as ints or a CPU tensor are bounds-checked on the host; on a GPU a check after
+    # the move would wait for the device. On the meta device any read of a value fails.
+    q, k = (torch.empty(2, 2, 40, 8, device="meta") for _ in range(2))
+    mask = torch.ones(2, 40, dtype=torch.bool, device="meta")
+    out = attention_rows(q, k, rows, num_landmarks=8, mask=mask)
+    assert out.shape == (2, 2, 2, 40) and out.device.type == "meta"
+    with pytest.raises(ValueError, match="rows must be query positions in"):
+        attention_rows(q, k, [40], num_landmarks=8)

@@ -385,7 +385,7 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
             raise TypeError(f"rows must hold integers, got a tensor of dtype {rows.dtype}")
         if rows.dim() > 1:
             raise ValueError(f"rows must be an int or 1-D, got shape {tuple(rows.shape)}")
-        index = rows.reshape(-1).to(device=device, dtype=torch.long)
+        index = rows.reshape(-1).long()
     else:
         # operator.index: any integer, numpy's included; bools are no positions.
         try:
@@ -397,16 +397,18 @@ def _row_index(rows: int | Sequence[int] | Tensor, n: int, device: torch.device)
                 raise TypeError(
                     f"rows must be an int or a sequence of ints, got {rows!r}"
                 ) from None
-        index = torch.tensor(values, dtype=torch.long, device=device)
+        index = torch.tensor(values, dtype=torch.long)
     if index.numel() == 0:
         raise ValueError("rows must name at least one query position, got none")
+    # Checked where the positions lie, before they move: rows given as ints or a CPU tensor
+    # cost the device no wait.
     bad = (index < -n) | (index >= n)
     if bool(bad.any()):
         raise ValueError(
             f"rows must be query positions in [-{n}, {n}) (n_q = {n}), got "
             f"{index[bad].tolist()[:5]}"
         )
-    return index % n
+    return (index % n).to(device)
 
 
 def _position(r: object) -> int:
