@@ -27,7 +27,14 @@ from nystromer._machine import report_header
 from nystromer.bench.cli import add_script_args, call_with, int_at_least, odd_kernel_or_zero
 from nystromer.bench.implementations import AttentionRunner, Implementation
 from nystromer.bench.measure import CaseSpec, fmt, measure_case, recorded_command
-from nystromer.bench.pretrained import model_arg, ratio, ratio_text, registered, report_io
+from nystromer.bench.pretrained import (
+    model_arg,
+    ratio,
+    ratio_text,
+    read_report,
+    registered,
+    report_io,
+)
 from nystromer.bench.worker import measure_and_report
 from nystromer.conversion import reserved_positions
 from nystromer.functional import check_nystrom_options
@@ -291,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
 
-    report = report_io(args, run, format_section, (BEGIN, END))
+    if args.from_json:
+        try:  # a wrong file ends here, with the usage, rather than in a traceback
+            read_report(args.from_json, "converted_model")
+        except ValueError as e:
+            p.error(str(e))
+    report = report_io(args, run, format_section, (BEGIN, END), "converted_model")
     return 1 if any(row[v]["status"] != "ok" for row in report["rows"] for v, _ in VARIANTS) else 0
 
 

@@ -221,3 +221,10 @@ def test_worker_converts_with_the_options_it_is_given(tmp_path, monkeypatch, cap
 def test_bad_convert_options_are_refused(monkeypatch, capsys, flags, message):
     assert _run(monkeypatch, ["-n", "128", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_from_json_of_another_benchmark_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"benchmark": "transmil"}')
+    assert _run(monkeypatch, ["--from-json", str(other)]) == 2
+    assert "is not a converted_model report" in capsys.readouterr().err

@@ -90,19 +90,17 @@ def report_io(
     run: Callable[[], dict],
     markdown: Callable[[dict], str],
     markers,
-    benchmark: str | None = None,
+    benchmark: str,
 ) -> dict:
-    """The report of ``args.from_json`` (with ``benchmark``, checked to be that benchmark's:
-    :func:`read_report`), or ``run()``'s saved as ``args.out``/results.json; printed as
+    """The report of ``args.from_json`` (checked to be ``benchmark``'s: :func:`read_report`),
+    or ``run()``'s saved as ``args.out``/results.json; printed as
     ``markdown(report)``, which ``args.write_docs`` (a file) also gets between the two marker
     lines of ``markers`` (the rest of the file is kept byte for byte)."""
     from .._io import atomic_write
     from .._markdown import replace_section
 
-    if args.from_json and benchmark is not None:
+    if args.from_json:
         report = read_report(args.from_json, benchmark)
-    elif args.from_json:
-        report = load_json(args.from_json)
     else:
         report = run()
         path = Path(args.out) / "results.json"
