@@ -105,6 +105,26 @@ CASES = {
         "--lra-run: FILE holds no trained LRA model",
     ),
     "viz attention --seq-len 0": (["viz", "attention", "--seq-len", "0"], "argument --seq-len"),
+    "viz attention --out DIR": (
+        ["viz", "attention", "--out", "DIR"],
+        "argument --out: DIR is a folder, not a file",
+    ),
+    "viz attention --out FILE/a.png": (
+        ["viz", "attention", "--out", "FILE/a.png"],
+        "argument --out: FILE/a.png: FILE is a file, not a folder",
+    ),
+    "bench transmil --write-docs DIR": (
+        ["bench", "transmil", "--write-docs", "DIR", "--out", "OUT"],
+        "argument --write-docs: DIR is a folder",
+    ),
+    "train --out FILE/run": (
+        ["train", "listops", "--data", "DIR", "--out", "FILE/run"],
+        "argument --out: FILE/run: FILE is a file, not a folder",
+    ),
+    "eval --write-docs FILE/x.md": (
+        ["eval", "DIR", "--write-docs", "FILE/x.md"],
+        "argument --write-docs: FILE/x.md: FILE is a file",
+    ),
     "viz attention --head 3 of random inputs": (
         ["viz", "attention", "--head", "3", "--out", "OUT/a.png"],
         "--head: the random inputs are one head",

@@ -24,6 +24,7 @@ __all__ = [
     "check_device",
     "error",
     "existing_file",
+    "file_to_write",
     "exit_code",
     "folder",
     "int_at_least",
@@ -69,12 +70,31 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def folder(text: str) -> Path:
-    """argparse type: a folder to write into, which may not exist yet but must not be a file
-    (``--out``); otherwise a traceback would report it when the first file is written."""
+    """argparse type: a folder to write into, which may not exist yet but must not be a file,
+    nor lie below one (``--out``); otherwise a traceback would report it when the first file
+    is written."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    _check_parents(path)
     return path
+
+
+def file_to_write(text: str) -> Path:
+    """argparse type: a file to write (``--write-docs``, a figure), which may not exist yet
+    but must not be a folder, nor lie below a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    _check_parents(path)
+    return path
+
+
+def _check_parents(path: Path) -> None:
+    """The nearest existing folder above ``path`` must be a folder (not a file)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a folder")
 
 
 def existing_file(text: str) -> Path:

@@ -73,7 +73,7 @@ def _viz_attention(args: argparse.Namespace) -> int:
 
 
 def _register_viz(subparsers: argparse._SubParsersAction) -> None:
-    from ._args import int_at_least
+    from ._args import file_to_write, int_at_least
     from .bench.cli import add_input_source_args
 
     viz = subparsers.add_parser(
@@ -87,7 +87,10 @@ def _register_viz(subparsers: argparse._SubParsersAction) -> None:
         "writes the PNG (--out) and its numbers in a .json beside it.",
     )
     v.add_argument(
-        "--out", type=Path, default=Path("bench-out/attention.png"), help="the PNG (%(default)s)"
+        "--out",
+        type=file_to_write,
+        default=Path("bench-out/attention.png"),
+        help="the PNG (%(default)s)",
     )
     v.add_argument("--seq-len", type=int_at_least(1), default=256, help="n (random and lm)")
     v.add_argument("--num-landmarks", type=int_at_least(1), default=16)

@@ -13,6 +13,7 @@ from .._args import (
     add_list_option,
     call_with,
     existing_file,
+    file_to_write,
     folder,
     int_at_least,
     int_list,
@@ -69,7 +70,9 @@ def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float,
     _add_case_args(p, repeats=repeats, timeout=timeout)
     p.add_argument("--pinv-iterations", type=int_at_least(0), default=6)
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing")
-    p.add_argument("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    p.add_argument(
+        "--write-docs", type=file_to_write, metavar="FILE", help="write/replace the section in FILE"
+    )
     p.add_argument(
         "--from-json",
         type=existing_file,

@@ -9,10 +9,10 @@ import argparse
 import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-from ..train.cli import add_runtime_arguments, folder, run_command, runtime_options
+from .._args import file_to_write, folder
+from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
 
@@ -106,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_arguments(p)
     p.add_argument(
         "--write-docs",
-        type=Path,
+        type=file_to_write,
         metavar="FILE",
         help="when done, write the results section into FILE (e.g. docs/results.md); with "
         "--resume on a finished run, (re)writes it",

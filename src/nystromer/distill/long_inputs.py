@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._args import call_with, existing_file, folder, int_at_least
+from .._args import call_with, existing_file, file_to_write, folder, int_at_least
 from .._machine import report_header
 from ..bench.measure import recorded_command
 from ..bench.pretrained import model_folder, read_report, report_io
@@ -531,7 +531,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an earlier results.json: its systems' ranks are reused",
     )
     add("--out", type=folder, default="runs/eval-long", help="folder for results.json")
-    add("--write-docs", metavar="FILE", help="write/replace the section in FILE")
+    add(
+        "--write-docs", type=file_to_write, metavar="FILE", help="write/replace the section in FILE"
+    )
     add(
         "--from-json",
         type=existing_file,

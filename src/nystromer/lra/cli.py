@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._args import call_with, existing_file, folder, int_at_least, torch_device
+from .._args import call_with, existing_file, file_to_write, folder, int_at_least, torch_device
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
@@ -105,7 +105,7 @@ def _add_loader_and_docs_args(p: argparse.ArgumentParser, write_docs_help: str) 
     p.add_argument(
         "--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes"
     )
-    p.add_argument("--write-docs", type=Path, metavar="FILE", help=write_docs_help)
+    p.add_argument("--write-docs", type=file_to_write, metavar="FILE", help=write_docs_help)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
