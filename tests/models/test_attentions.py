@@ -10,7 +10,7 @@ from nystromer import AttentionMap, reference
 from nystromer.models import NystromformerConfig, NystromformerModel, hf_io
 from nystromer.models import modeling as modeling_module
 
-from .tiny import HEADS, batch, main_output, tiny_config, tiny_hf_config
+from .tiny import HEADS, batch, hf_branch, main_output, tiny_config
 
 # float64 throughout: map and forward compute the same products in another order (the map
 # forms F·A⁺·B, the forward F·A⁺·(B·V) through SDPA), so they agree to rounding, ~1e-15 of
@@ -102,13 +102,7 @@ def test_maps_are_the_matrices_the_layers_apply(m, n, pad):
 @pytest.mark.parametrize("branch", ["exact", "nystrom"])
 def test_hf_numerics_maps(tmp_path, branch):
     transformers = pytest.importorskip("transformers")
-    if branch == "exact":
-        hf_cfg = tiny_hf_config(num_landmarks=16, segment_means_seq_len=16)
-        n, pad = 21, True
-    else:
-        # transformers (5.24) refuses padding in its Nyström branch.
-        hf_cfg = tiny_hf_config(num_landmarks=8, segment_means_seq_len=32)
-        n, pad = 32, False
+    hf_cfg, n, pad = hf_branch(branch)
     torch.manual_seed(0)
     hf = _peaked(transformers.NystromformerModel(hf_cfg).double().eval())
     hf.save_pretrained(tmp_path)

@@ -11,7 +11,7 @@ import torch
 import nystromer.models as ours
 from nystromer.models import CheckpointError
 
-from .tiny import HEADS, batch, main_output, rel_err, tiny_config, tiny_hf_config
+from .tiny import HEADS, batch, hf_branch, main_output, rel_err, tiny_config, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,15 +46,7 @@ def _loss(out):
 @pytest.mark.parametrize("branch", ["exact", "nystrom"])
 @pytest.mark.parametrize("name", HEADS)
 def test_hf_numerics_reproduce_transformers(tmp_path, name, branch):
-    if branch == "exact":
-        # Published checkpoints: num_landmarks == segment_means_seq_len; any length; padding.
-        hf_cfg = tiny_hf_config(num_landmarks=16, segment_means_seq_len=16)
-        n, pad = 37, True
-    else:
-        # Nyström branch: transformers needs exactly segment_means_seq_len tokens and fails on
-        # padding masks (transformers 5.24 broadcasts an (n, n) mask onto (m, n) scores).
-        hf_cfg = tiny_hf_config(num_landmarks=8, segment_means_seq_len=32)
-        n, pad = 32, False
+    hf_cfg, n, pad = hf_branch(branch)
     hf = _hf_model(name, hf_cfg)
     hf.save_pretrained(tmp_path)
     model = getattr(ours, name).from_pretrained(tmp_path, numerics="hf", strict=True).eval()

@@ -37,6 +37,16 @@ def tiny_hf_config(**overrides):
     return HFConfig(**{**TINY, **overrides})
 
 
+def hf_branch(branch: str):
+    """``(transformers config, n, pad)`` that put transformers' Nyströmformer in its ``"exact"``
+    branch (published checkpoints: num_landmarks == segment_means_seq_len; any length and
+    padding) or its ``"nystrom"`` branch (exactly segment_means_seq_len tokens, no padding:
+    transformers broadcasts an (n, n) mask onto (m, n) scores there)."""
+    if branch == "exact":
+        return tiny_hf_config(num_landmarks=16, segment_means_seq_len=16), 37, True
+    return tiny_hf_config(num_landmarks=8, segment_means_seq_len=32), 32, False
+
+
 def main_output(name: str, out):
     """The tensor a head is judged by."""
     if name == "NystromformerModel":
