@@ -240,3 +240,43 @@ def test_an_empty_batch_gives_an_empty_output_and_gradient():
         assert out.shape == (0, 70, 32)
         out.sum().backward()
         assert x.grad.shape == (0, 70, 32)
+
+
+# --- graph captures: torch.jit.trace and torch.export ------------------------------------------
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_a_traced_layer_gives_the_eager_outputs_for_other_masks(numerics):
+    # A trace records one Python run: a branch chosen by reading the traced mask's values (no
+    # sample at most m long, so no exact-attention rows) would be baked into the graph and be
+    # silently wrong for the next bag's mask. The package's layer traces without such reads.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 21).double().eval()
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 21, DIM, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x, _lengths_mask(21, [21, 15])), check_trace=False)
+        for lengths in ([21, 3], [8, 21], [21, 0], [21, 21]):
+            mask = _lengths_mask(21, lengths)
+            y = torch.randn(2, 21, DIM, generator=g, dtype=torch.float64)
+            # float64: the traced and eager runs differ in summation order only.
+            torch.testing.assert_close(traced(y, mask), layer(y, mask), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_exports_with_torch_export_and_matches_eager(numerics):
+    # The package's layer exports (static shapes); the CPU speed-ups' own autograd nodes made
+    # data-dependent sizes that torch.export refused. As TransMIL runs it (one bag, no mask)
+    # and batched with a mask.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 23).eval()
+    g = torch.Generator().manual_seed(24)
+    for b, lengths in ((1, None), (2, [21, 15])):
+        x = torch.randn(b, 21, DIM, generator=g)
+        args = (x,) if lengths is None else (x, _lengths_mask(21, lengths))
+        exported = torch.export.export(layer, args).module()
+        y = torch.randn(b, 21, DIM, generator=g)
+        for other in (lengths, [21, 3]) if lengths else (None,):
+            args = (y,) if other is None else (y, _lengths_mask(21, other))
+            with torch.no_grad():
+                want = layer(*args)
+            # float32 rounding of a different summation order: 1e-6 of the largest entry.
+            assert (exported(*args) - want).abs().max() <= 1e-6 * want.abs().max()
