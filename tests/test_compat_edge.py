@@ -280,3 +280,28 @@ def test_exports_with_torch_export_and_matches_eager(numerics):
                 want = layer(*args)
             # float32 rounding of a different summation order: 1e-6 of the largest entry.
             assert (exported(*args) - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+# --- the attention map used as the package's dense matrix is used ------------------------------
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_attention_map_rows_track_gradients_as_its_forward_did(numerics):
+    # The package's matrix of a forward under no_grad or inference_mode tracks no gradient, so
+    # heatmap code indexes it and calls .numpy() after the block; the map's rows must too.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 25).eval()
+    x = torch.randn(1, 30, DIM, generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        attn = layer(x, return_attn=True)[1]
+    with torch.inference_mode():
+        later = layer(x.clone(), return_attn=True)[1]
+    for amap in (attn, later):
+        row = amap[:, :, -30, -29:]
+        assert not row.requires_grad
+        row.numpy()
+    # A forward that tracks gradients gives rows that do (an attention loss), unless indexed
+    # under no_grad.
+    attn = layer(x, return_attn=True)[1]
+    assert attn[:, :, 0].requires_grad
+    with torch.no_grad():
+        assert not attn[:, :, 0].requires_grad

@@ -30,7 +30,8 @@ class AttentionMap:
     integer or boolean tensors work as for a tensor. Each index computes only the rows it
     names, in O((m + r)·n_k) memory per head. ``full()`` (alias ``to_dense()``) materialises
     the whole matrix, and like any index whose result exceeds ``warn_bytes`` (1 GiB by default;
-    settable per object) it warns with the size first.
+    settable per object) it warns with the size first. Rows track gradients when the forward
+    that made the map did and the indexing does (``torch.no_grad``, ``inference_mode``).
 
     Attributes:
         shape: torch.Size (B, H, n_q, n_k).
@@ -47,6 +48,9 @@ class AttentionMap:
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = torch.device(device)
+        # The rows track gradients only if the forward did, as the package's dense matrix:
+        # a map made under no_grad or inference_mode gives plain tensors when indexed later.
+        self._grad = torch.is_grad_enabled()
 
     @property
     def ndim(self) -> int:
@@ -104,7 +108,8 @@ class AttentionMap:
                 n_b, n_h, rows.numel(), n_k, dtype=self.dtype, device=self.device
             )
         else:
-            computed = self._rows(b_sel, h_sel, rows)
+            with torch.set_grad_enabled(self._grad and torch.is_grad_enabled()):
+                computed = self._rows(b_sel, h_sel, rows)
         return computed[tuple(items)]
 
 
