@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from nystromer.compat import NystromAttention
+from nystromer.compat import AttentionMap, NystromAttention
 
 DIM, HEADS, DIM_HEAD, M, KERNEL = 32, 4, 8, 8, 5
 SIZES = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, num_landmarks=M, residual_conv_kernel=KERNEL)
@@ -305,3 +305,67 @@ def test_attention_map_rows_track_gradients_as_its_forward_did(numerics):
     assert attn[:, :, 0].requires_grad
     with torch.no_grad():
         assert not attn[:, :, 0].requires_grad
+
+
+def test_attention_map_tensor_methods_stay_lazy_and_index_as_on_the_dense_matrix(attn_and_dense):
+    # Heatmap code written for the package's dense matrix moves, casts and averages it over the
+    # heads before taking the class token's row: those calls return maps whose rows are the
+    # dense result's, so the row selection after them still computes only those rows.
+    attn, dense = attn_and_dense
+    calls = [
+        lambda a: a.detach(),
+        lambda a: a.clone(),
+        lambda a: a.cpu(),
+        lambda a: a.to("cpu"),
+        lambda a: a.to(torch.float32),
+        lambda a: a.float(),
+        lambda a: a.detach().cpu().float(),
+        lambda a: a.mean(1),  # over the heads: (B, n_q, n_k)
+        lambda a: a.mean(dim=-3, keepdim=True),
+        lambda a: a.sum(1),
+        lambda a: a.float().mean(1),
+        lambda a: a.mean(1, keepdim=True).mean(1),
+    ]
+    n = attn.shape[-1]
+    for call in calls:
+        got, want = call(attn), call(dense)
+        assert isinstance(got, AttentionMap)
+        assert got.shape == want.shape and got.dtype == want.dtype and len(got) == len(want)
+        for index in [(Ellipsis, 0, slice(1, None)), -1, (Ellipsis, [0, 2], slice(None)), Ellipsis]:
+            # float64 rows (or their float32 rounding): only summation order may differ.
+            torch.testing.assert_close(got[index], want[index], rtol=0, atol=1e-6)
+        assert got[(Ellipsis, -n, slice(None))].shape == want[..., -n, :].shape
+    # A map made under no_grad stays so; detach() drops the gradient of one that tracks it.
+    assert not attn.mean(1)[:, 0].requires_grad
+
+
+def test_attention_map_refuses_what_needs_the_dense_matrix_with_what_to_do(attn_and_dense):
+    np = pytest.importorskip("numpy")
+    import copy
+    import pickle
+
+    attn, _ = attn_and_dense
+    advice = r"attn\[:, :, 0\].*attn\.full\(\)"
+    for call in (
+        lambda a: a.numpy(),
+        lambda a: a.softmax(-1),
+        lambda a: a.max(),
+        lambda a: a.reshape(-1),
+    ):
+        with pytest.raises(AttributeError, match=advice):
+            call(attn)
+    for call in (
+        lambda a: a.mean(),  # every element: not a reduction over the heads
+        lambda a: a.mean(0),
+        lambda a: a.mean(1).mean(1),  # the rows of a head mean
+        lambda a: torch.stack([a, a]),
+        lambda a: torch.mean(a, 1),
+        lambda a: a > 0.1,
+        lambda a: a * 2,
+        lambda a: np.asarray(a),
+        lambda a: pickle.dumps(a),
+    ):
+        with pytest.raises(TypeError, match=r"attn\.full\(\)"):
+            call(attn)
+    assert not hasattr(attn, "numpy") and getattr(attn, "no_such_name", None) is None
+    torch.testing.assert_close(copy.deepcopy(attn)[:, :, 0], attn[:, :, 0], rtol=0, atol=0)
