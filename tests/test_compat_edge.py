@@ -262,6 +262,19 @@ def test_a_traced_layer_gives_the_eager_outputs_for_other_masks(numerics):
             torch.testing.assert_close(traced(y, mask), layer(y, mask), rtol=0, atol=1e-12)
 
 
+def test_a_traced_layer_runs_bags_of_any_length():
+    # One traced model serves every slide: a bag of at most m instances (exact attention in
+    # eager) or a multiple of m long (equal segments) must not take the traced length's path.
+    # (The package's trace, and that of numerics="lucidrains", is valid for one padding.)
+    layer = _randomised(NystromAttention(**SIZES), 27).double().eval()
+    g = torch.Generator().manual_seed(28)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 21, DIM, generator=g, dtype=torch.float64))
+        for n in (3, M, M + 1, 2 * M, 37):
+            x = torch.randn(1, n, DIM, generator=g, dtype=torch.float64)
+            torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("numerics", NUMERICS)
 def test_exports_with_torch_export_and_matches_eager(numerics):
     # The package's layer exports (static shapes); the CPU speed-ups' own autograd nodes made
