@@ -382,3 +382,24 @@ def test_attention_map_refuses_what_needs_the_dense_matrix_with_what_to_do(attn_
             call(attn)
     assert not hasattr(attn, "numpy") and getattr(attn, "no_such_name", None) is None
     torch.testing.assert_close(copy.deepcopy(attn)[:, :, 0], attn[:, :, 0], rtol=0, atol=0)
+
+
+def test_exports_to_onnx_as_the_packages_layer_does():
+    # torch.onnx.export (the TorchScript exporter) traces the layer; the CPU speed-ups' own
+    # autograd nodes had no ONNX form ("Argument passed to at() was not in the map").
+    pytest.importorskip("onnx")
+    import io
+
+    layer = _randomised(NystromAttention(**SIZES), 29).eval()
+    x = torch.randn(1, 21, DIM, generator=torch.Generator().manual_seed(30))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+        torch.onnx.export(layer, (x,), buffer, dynamo=False)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(buffer.getvalue())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = layer(x)
+    # float32 rounding of another runtime's kernels: 1e-5 of the largest entry.
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
