@@ -330,7 +330,7 @@ def test_attention_map_tensor_methods_stay_lazy_and_index_as_on_the_dense_matrix
         lambda a: a.clone(),
         lambda a: a.cpu(),
         lambda a: a.to("cpu"),
-        lambda a: a.to(torch.float32),
+        lambda a: a.to(torch.float32, copy=True),
         lambda a: a.float(),
         lambda a: a.detach().cpu().float(),
         lambda a: a.mean(1),  # over the heads: (B, n_q, n_k)

@@ -111,6 +111,7 @@ class AttentionMap:
     def to(self, *args, **kwargs) -> AttentionMap:
         """The map with rows moved or cast as ``Tensor.to(*args, **kwargs)`` would: a device,
         a dtype, both, or another tensor's."""
+        kwargs.pop("copy", None)  # every indexing computes new rows: always a copy
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         return self._derived(
             lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking),
