@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from nystromer.compat import NystromAttention
+from nystromer.compat import AttentionMap, NystromAttention
 
 DIM, HEADS, DIM_HEAD, M, KERNEL = 32, 4, 8, 8, 5
 SIZES = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, num_landmarks=M, residual_conv_kernel=KERNEL)
@@ -240,3 +240,166 @@ def test_an_empty_batch_gives_an_empty_output_and_gradient():
         assert out.shape == (0, 70, 32)
         out.sum().backward()
         assert x.grad.shape == (0, 70, 32)
+
+
+# --- graph captures: torch.jit.trace and torch.export ------------------------------------------
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_a_traced_layer_gives_the_eager_outputs_for_other_masks(numerics):
+    # A trace records one Python run: a branch chosen by reading the traced mask's values (no
+    # sample at most m long, so no exact-attention rows) would be baked into the graph and be
+    # silently wrong for the next bag's mask. The package's layer traces without such reads.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 21).double().eval()
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 21, DIM, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x, _lengths_mask(21, [21, 15])), check_trace=False)
+        for lengths in ([21, 3], [8, 21], [21, 0], [21, 21]):
+            mask = _lengths_mask(21, lengths)
+            y = torch.randn(2, 21, DIM, generator=g, dtype=torch.float64)
+            # float64: the traced and eager runs differ in summation order only.
+            torch.testing.assert_close(traced(y, mask), layer(y, mask), rtol=0, atol=1e-12)
+
+
+def test_a_traced_layer_runs_bags_of_any_length():
+    # One traced model serves every slide: a bag of at most m instances (exact attention in
+    # eager) or a multiple of m long (equal segments) must not take the traced length's path.
+    # (The package's trace, and that of numerics="lucidrains", is valid for one padding.)
+    layer = _randomised(NystromAttention(**SIZES), 27).double().eval()
+    g = torch.Generator().manual_seed(28)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 21, DIM, generator=g, dtype=torch.float64))
+        for n in (3, M, M + 1, 2 * M, 37):
+            x = torch.randn(1, n, DIM, generator=g, dtype=torch.float64)
+            torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_exports_with_torch_export_and_matches_eager(numerics):
+    # The package's layer exports (static shapes); the CPU speed-ups' own autograd nodes made
+    # data-dependent sizes that torch.export refused. As TransMIL runs it (one bag, no mask)
+    # and batched with a mask.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 23).eval()
+    g = torch.Generator().manual_seed(24)
+    for b, lengths in ((1, None), (2, [21, 15])):
+        x = torch.randn(b, 21, DIM, generator=g)
+        args = (x,) if lengths is None else (x, _lengths_mask(21, lengths))
+        exported = torch.export.export(layer, args).module()
+        y = torch.randn(b, 21, DIM, generator=g)
+        for other in (lengths, [21, 3]) if lengths else (None,):
+            args = (y,) if other is None else (y, _lengths_mask(21, other))
+            with torch.no_grad():
+                want = layer(*args)
+            # float32 rounding of a different summation order: 1e-6 of the largest entry.
+            assert (exported(*args) - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+# --- the attention map used as the package's dense matrix is used ------------------------------
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_attention_map_rows_track_gradients_as_its_forward_did(numerics):
+    # The package's matrix of a forward under no_grad or inference_mode tracks no gradient, so
+    # heatmap code indexes it and calls .numpy() after the block; the map's rows must too.
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 25).eval()
+    x = torch.randn(1, 30, DIM, generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        attn = layer(x, return_attn=True)[1]
+    with torch.inference_mode():
+        later = layer(x.clone(), return_attn=True)[1]
+    for amap in (attn, later):
+        row = amap[:, :, -30, -29:]
+        assert not row.requires_grad
+        row.numpy()
+    # A forward that tracks gradients gives rows that do (an attention loss), unless indexed
+    # under no_grad.
+    attn = layer(x, return_attn=True)[1]
+    assert attn[:, :, 0].requires_grad
+    with torch.no_grad():
+        assert not attn[:, :, 0].requires_grad
+
+
+def test_attention_map_tensor_methods_stay_lazy_and_index_as_on_the_dense_matrix(attn_and_dense):
+    # Heatmap code written for the package's dense matrix moves, casts and averages it over the
+    # heads before taking the class token's row: those calls return maps whose rows are the
+    # dense result's, so the row selection after them still computes only those rows.
+    attn, dense = attn_and_dense
+    calls = [
+        lambda a: a.detach(),
+        lambda a: a.clone(),
+        lambda a: a.cpu(),
+        lambda a: a.to("cpu"),
+        lambda a: a.to(torch.float32, copy=True),
+        lambda a: a.float(),
+        lambda a: a.detach().cpu().float(),
+        lambda a: a.mean(1),  # over the heads: (B, n_q, n_k)
+        lambda a: a.mean(dim=-3, keepdim=True),
+        lambda a: a.sum(1),
+        lambda a: a.float().mean(1),
+        lambda a: a.mean(1, keepdim=True).mean(1),
+    ]
+    n = attn.shape[-1]
+    for call in calls:
+        got, want = call(attn), call(dense)
+        assert isinstance(got, AttentionMap)
+        assert got.shape == want.shape and got.dtype == want.dtype and len(got) == len(want)
+        for index in [(Ellipsis, 0, slice(1, None)), -1, (Ellipsis, [0, 2], slice(None)), Ellipsis]:
+            # float64 rows (or their float32 rounding): only summation order may differ.
+            torch.testing.assert_close(got[index], want[index], rtol=0, atol=1e-6)
+        assert got[(Ellipsis, -n, slice(None))].shape == want[..., -n, :].shape
+    # A map made under no_grad stays so; detach() drops the gradient of one that tracks it.
+    assert not attn.mean(1)[:, 0].requires_grad
+
+
+def test_attention_map_refuses_what_needs_the_dense_matrix_with_what_to_do(attn_and_dense):
+    np = pytest.importorskip("numpy")
+    import copy
+    import pickle
+
+    attn, _ = attn_and_dense
+    advice = r"attn\[:, :, 0\].*attn\.full\(\)"
+    for call in (
+        lambda a: a.numpy(),
+        lambda a: a.softmax(-1),
+        lambda a: a.max(),
+        lambda a: a.reshape(-1),
+    ):
+        with pytest.raises(AttributeError, match=advice):
+            call(attn)
+    for call in (
+        lambda a: a.mean(),  # every element: not a reduction over the heads
+        lambda a: a.mean(0),
+        lambda a: a.mean(1).mean(1),  # the rows of a head mean
+        lambda a: torch.stack([a, a]),
+        lambda a: torch.mean(a, 1),
+        lambda a: a > 0.1,
+        lambda a: a * 2,
+        lambda a: np.asarray(a),
+        lambda a: pickle.dumps(a),
+    ):
+        with pytest.raises(TypeError, match=r"attn\.full\(\)"):
+            call(attn)
+    assert not hasattr(attn, "numpy") and getattr(attn, "no_such_name", None) is None
+    torch.testing.assert_close(copy.deepcopy(attn)[:, :, 0], attn[:, :, 0], rtol=0, atol=0)
+
+
+def test_exports_to_onnx_as_the_packages_layer_does():
+    # torch.onnx.export (the TorchScript exporter) traces the layer; the CPU speed-ups' own
+    # autograd nodes had no ONNX form ("Argument passed to at() was not in the map").
+    pytest.importorskip("onnx")
+    import io
+
+    layer = _randomised(NystromAttention(**SIZES), 29).eval()
+    x = torch.randn(1, 21, DIM, generator=torch.Generator().manual_seed(30))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+        torch.onnx.export(layer, (x,), buffer, dynamo=False)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(buffer.getvalue())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = layer(x)
+    # float32 rounding of another runtime's kernels: 1e-5 of the largest entry.
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()

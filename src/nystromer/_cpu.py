@@ -38,11 +38,19 @@ def applies(x: Tensor) -> bool:
 
 
 def transformed() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...) or forward-mode AD
-    is active. The autograd nodes here (and the convolution skip's) define no vmap rule and
-    no jvp, so under either the plain definition runs, as it does off the CPU."""
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jvp, ...), forward-mode AD or
+    a graph capture that records one Python run (``torch.jit.trace``, ``torch.export``) is
+    active. The autograd nodes here (and the convolution skip's) define no vmap rule and no
+    jvp, and export cannot size their results; a capture would also bake a branch chosen by
+    reading a value (:func:`reads_are_cheap`) into the graph. So under any of them the plain
+    definition runs, as it does off the CPU."""
     # (forward_ad's level is -1 outside every ``dual_level`` block.)
-    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    return (
+        torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+        or torch.compiler.is_exporting()
+    )
 
 
 @contextlib.contextmanager
@@ -61,7 +69,8 @@ def plain() -> Iterator[None]:
 def reads_are_cheap(x: Tensor) -> bool:
     """Whether the host may read one of x's values (``bool()``, ``.item()``) to pick a
     faster branch: on the CPU, eagerly. On a GPU that waits for all queued work, and
-    torch.compile cannot trace it, nor vmap a batched value."""
+    torch.compile cannot trace it, nor vmap a batched value, and a trace would keep the
+    branch for every later input."""
     return x.device.type == "cpu" and not (torch.compiler.is_compiling() or transformed())
 
 

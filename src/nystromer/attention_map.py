@@ -30,10 +30,19 @@ class AttentionMap:
     integer or boolean tensors work as for a tensor. Each index computes only the rows it
     names, in O((m + r)·n_k) memory per head. ``full()`` (alias ``to_dense()``) materialises
     the whole matrix, and like any index whose result exceeds ``warn_bytes`` (1 GiB by default;
-    settable per object) it warns with the size first.
+    settable per object) it warns with the size first. Rows track gradients when the forward
+    that made the map did and the indexing does (``torch.no_grad``, ``inference_mode``).
+
+    Tensor methods that heatmap code calls before selecting rows return maps, so that the
+    selection still computes only its rows: ``detach()``, ``clone()``, ``to(...)``, ``cpu()``,
+    ``cuda()``, ``float()`` (``double``, ``half``, ``bfloat16``), and ``mean(1)`` / ``sum(1)``
+    over the heads, a (B, n_q, n_k) map (``keepdim=True``: (B, 1, n_q, n_k)); e.g.
+    ``attn.detach().cpu().mean(1)[:, 0, 1:]``. Everything else a tensor does (``numpy()``,
+    ``torch.stack``, operators, ``softmax``, pickling) needs the dense matrix and raises an
+    error that says to index the rows or call ``full()``.
 
     Attributes:
-        shape: torch.Size (B, H, n_q, n_k).
+        shape: torch.Size (B, H, n_q, n_k), or (B, n_q, n_k) after a head reduction.
         dtype, device: of the rows it returns.
         warn_bytes: results larger than this warn before they are computed.
     """
@@ -47,13 +56,23 @@ class AttentionMap:
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = torch.device(device)
+        # The rows track gradients only if the forward did, as the package's dense matrix:
+        # a map made under no_grad or inference_mode gives plain tensors when indexed later.
+        self._grad = torch.is_grad_enabled()
+        # The row function's own (B, H, n_q, n_k), dtype and device; and what the tensor
+        # methods called on the map (casts, a reduction over the heads that keeps the axis)
+        # do to its computed rows, in order, and whether the head axis is then dropped.
+        self._source = (self.shape, dtype, self.device)
+        self._post: tuple[Callable[[Tensor], Tensor], ...] = ()
+        self._heads_reduced = False
+        self._drop_heads = False
 
     @property
     def ndim(self) -> int:
-        return 4
+        return len(self.shape)
 
     def dim(self) -> int:
-        return 4
+        return len(self.shape)
 
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
@@ -66,50 +85,180 @@ class AttentionMap:
             yield self[i]
 
     def __repr__(self) -> str:
-        b, h, n_q, n_k = self.shape
-        return f"AttentionMap(shape=({b}, {h}, {n_q}, {n_k}), dtype={self.dtype}, rows on demand)"
+        return f"AttentionMap(shape={tuple(self.shape)}, dtype={self.dtype}, rows on demand)"
 
     def full(self) -> Tensor:
-        """The whole (B, H, n_q, n_k) matrix (warns above ``warn_bytes``)."""
-        return self[:, :, :, :]
+        """The whole matrix, (B, H, n_q, n_k) (warns above ``warn_bytes``)."""
+        return self[...]
 
     to_dense = full
 
+    # --- tensor methods that stay lazy: the rows indexed afterwards are computed then ---------
+
+    def detach(self) -> AttentionMap:
+        """The map with rows that track no gradient, as ``Tensor.detach``."""
+        return self._derived(grad=False)
+
+    def clone(self) -> AttentionMap:
+        """The map itself as a new object (its rows are computed fresh when indexed)."""
+        return self._derived()
+
+    __copy__ = clone
+
+    def __deepcopy__(self, memo) -> AttentionMap:
+        return self._derived()
+
+    def to(self, *args, **kwargs) -> AttentionMap:
+        """The map with rows moved or cast as ``Tensor.to(*args, **kwargs)`` would: a device,
+        a dtype, both, or another tensor's."""
+        kwargs.pop("copy", None)  # every indexing computes new rows: always a copy
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self._derived(
+            lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+        )
+
+    def cpu(self) -> AttentionMap:
+        return self.to("cpu")
+
+    def cuda(self, device: torch.device | int | str | None = None) -> AttentionMap:
+        if isinstance(device, int):
+            device = torch.device("cuda", device)
+        return self.to(device or "cuda")
+
+    def float(self) -> AttentionMap:
+        return self.to(torch.float32)
+
+    def double(self) -> AttentionMap:
+        return self.to(torch.float64)
+
+    def half(self) -> AttentionMap:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> AttentionMap:
+        return self.to(torch.bfloat16)
+
+    def mean(self, dim=None, keepdim: bool = False, *, dtype=None) -> AttentionMap:
+        """The mean over the heads, ``dim=1``, as a map: (B, n_q, n_k), or (B, 1, n_q, n_k)
+        with ``keepdim`` (``attn.mean(1)[:, 0]`` computes only query 0's rows)."""
+        return self._reduce_heads("mean", dim, keepdim, dtype)
+
+    def sum(self, dim=None, keepdim: bool = False, *, dtype=None) -> AttentionMap:
+        """The sum over the heads, ``dim=1``, as a map (as :meth:`mean`)."""
+        return self._reduce_heads("sum", dim, keepdim, dtype)
+
+    def _reduce_heads(self, op: str, dim, keepdim: bool, dtype) -> AttentionMap:
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        if (
+            self._drop_heads
+            or len(dims) != 1
+            or not isinstance(dims[0], int)
+            or (not -4 <= dims[0] < 4 or dims[0] % 4 != 1)
+        ):
+            raise TypeError(
+                f"an AttentionMap's {op}() reduces over the heads only (dim=1), got dim={dim!r}; "
+                f"{_NOT_A_TENSOR}"
+            )
+        b, _, n_q, n_k = self.shape
+        derived = self._derived(
+            lambda t: getattr(t, op)(1, keepdim=True, dtype=dtype), dtype=dtype or self.dtype
+        )
+        derived._heads_reduced = True
+        derived._drop_heads = not keepdim
+        derived.shape = torch.Size((b, 1, n_q, n_k) if keepdim else (b, n_q, n_k))
+        return derived
+
+    def _derived(self, post=None, *, grad=True, dtype=None, device=None) -> AttentionMap:
+        derived = object.__new__(AttentionMap)
+        derived.__dict__.update(self.__dict__)
+        derived._grad = self._grad and grad
+        derived._post = self._post + ((post,) if post else ())
+        derived.dtype = dtype or self.dtype
+        derived.device = torch.device(device or self.device)
+        return derived
+
+    # --- everything else a tensor does: refused with what to do instead ----------------------
+
+    def __getattr__(self, name: str):
+        if not name.startswith("_") and hasattr(Tensor, name):
+            raise AttributeError(f"AttentionMap has no tensor attribute {name!r}: {_NOT_A_TENSOR}")
+        raise AttributeError(f"'AttentionMap' object has no attribute {name!r}")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"{name}() was given an AttentionMap: {_NOT_A_TENSOR}")
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"an AttentionMap cannot be converted to an array: {_NOT_A_TENSOR}")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "an AttentionMap cannot be saved or pickled (it computes rows from its forward's "
+            "inputs): save the rows you need, e.g. attn[:, :, 0], or attn.full()"
+        )
+
     def __getitem__(self, index) -> Tensor:
-        items = _expand_index(index)
+        (b, h, n_q, n_k), dtype, device = self._source
+        items = _expand_index(index, len(self.shape))
+        if self._drop_heads:
+            # (B, n_q, n_k): the rows are reduced keeping the head axis; index it at 0.
+            items.insert(_dim_positions(items)[0] + 1, 0)
         dims = _dim_positions(items)
-        b, h, n_q, n_k = self.shape
         # Integers and slices on the batch and head axes narrow the work; other indices are
-        # applied to the computed rows.
-        selections = []
-        for axis, size in ((0, b), (1, h)):
-            pos = dims[axis]
-            sel, items[pos] = _narrow(items[pos], size, axis)
-            selections.append(sel)
-        pos = dims[2]
-        rows, items[pos] = _row_positions(items[pos], n_q, self.device)
-        b_sel, h_sel = selections
+        # applied to the computed rows. A reduction over the heads needs every head; the
+        # index then applies to the reduced (size 1) axis.
+        b_sel, items[dims[0]] = _narrow(items[dims[0]], b, 0)
+        h_sel = slice(None)
+        if not self._heads_reduced:
+            h_sel, items[dims[1]] = _narrow(items[dims[1]], h, 1)
+        rows, items[dims[2]] = _row_positions(items[dims[2]], n_q, device)
         n_b, n_h = len(range(b)[b_sel]), len(range(h)[h_sel])
-        size = n_b * n_h * rows.numel() * n_k * self.dtype.itemsize
+        size = n_b * n_h * rows.numel() * n_k * dtype.itemsize
         if size > self.warn_bytes:
             warnings.warn(
                 f"computing {n_b * n_h * rows.numel()} attention rows of length {n_k} "
                 f"({size / 2**30:.2f} GiB); index only the rows you need, e.g. attn[:, :, 0]",
                 stacklevel=2,
             )
-        if n_b * n_h * rows.numel() == 0:
-            # Nothing to compute (no sample, head or row selected): the row functions need
-            # at least one of each.
-            computed = torch.zeros(
-                n_b, n_h, rows.numel(), n_k, dtype=self.dtype, device=self.device
-            )
-        else:
-            computed = self._rows(b_sel, h_sel, rows)
+        with torch.set_grad_enabled(self._grad and torch.is_grad_enabled()):
+            if n_b * n_h * rows.numel() == 0:
+                # Nothing to compute (no sample, head or row selected): the row functions
+                # need at least one of each.
+                computed = torch.zeros(n_b, n_h, rows.numel(), n_k, dtype=dtype, device=device)
+            else:
+                computed = self._rows(b_sel, h_sel, rows)
+            for post in self._post:
+                computed = post(computed)
         return computed[tuple(items)]
 
 
-def _expand_index(index) -> list:
-    """The index as a list with the ellipsis expanded and missing trailing axes filled."""
+_NOT_A_TENSOR = (
+    "it is not a tensor but computes the rows it is indexed with. Index the rows you need "
+    "(attn[:, :, 0] is every head's row of query 0, a (B, H, n_k) tensor; in "
+    "nystromer.compat's lucidrains numerics the first token's row is attn[:, :, -n]) or call "
+    "attn.full() for the whole tensor, n_q·n_k numbers per head. .detach(), .clone(), .cpu(), "
+    ".to(), .float() and .mean(1) / .sum(1) over the heads return maps."
+)
+
+# Operators on the dense matrix (attn * 2, attn > 0.1) get the same advice, not Python's
+# "unsupported operand type(s)".
+for _name in (
+    "add radd sub rsub mul rmul truediv rtruediv floordiv rfloordiv pow rpow matmul rmatmul "
+    "lt le gt ge neg pos abs invert and rand or ror xor rxor"
+).split():
+
+    def _refuse(self, *args, _op=_name):
+        raise TypeError(f"operator __{_op}__ on an AttentionMap: {_NOT_A_TENSOR}")
+
+    setattr(AttentionMap, f"__{_name}__", _refuse)
+del _name
+
+
+def _expand_index(index, ndim: int = 4) -> list:
+    """The index of an ``ndim``-D map as a list with the ellipsis expanded and missing
+    trailing axes filled."""
     items = list(index) if isinstance(index, tuple) else [index]
     items = [_as_index_tensor(it) for it in items]
     for it in items:
@@ -118,12 +267,12 @@ def _expand_index(index) -> list:
                 "attention maps take 1-D boolean indices only; index each axis separately"
             )
     used = sum(not _adds_axis(it) and it is not Ellipsis for it in items)
-    if used > 4:
-        raise IndexError(f"too many indices for the 4-D attention map: {used}")
+    if used > ndim:
+        raise IndexError(f"too many indices for the {ndim}-D attention map: {used}")
     ellipses = [i for i, it in enumerate(items) if it is Ellipsis]
     if len(ellipses) > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
-    fill = [slice(None)] * (4 - used)
+    fill = [slice(None)] * (ndim - used)
     if ellipses:
         items[ellipses[0] : ellipses[0] + 1] = fill
     else:

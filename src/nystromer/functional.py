@@ -114,6 +114,14 @@ def nystrom_attention(
     b, h, n_q, d = query.shape
     n_k = key.shape[2]
     m = num_landmarks
+    # A torch.jit.trace graph is replayed at other lengths, an export may be for any length:
+    # the masked path (segments by rank, exact rows for at most m real keys) serves every
+    # n without a Python branch on it, so it is taken there, with every key real.
+    captured = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if captured and mask is None:
+        mask = torch.ones(b, n_k, dtype=torch.bool, device=key.device)
+    if captured and query_mask is None and n_q != n_k:
+        query_mask = torch.ones(b, n_q, dtype=torch.bool, device=query.device)
     # Whether the query mask is the key mask (the same tensor, or none given: _defaults then
     # takes the key mask in self-attention, and cross-attention has no query padding). Then a
     # sample with at most m real queries also has at most m real keys and is exact already.
@@ -122,7 +130,7 @@ def nystrom_attention(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
 
-    if n_k <= m or n_q <= m:
+    if (n_k <= m or n_q <= m) and not captured:
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
         out = softmax_attention(query, key, value, mask, scale, dropout_p)
     else:
