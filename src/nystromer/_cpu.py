@@ -9,8 +9,9 @@ Most of the gain is memory that is *not* freshly allocated: on the CPU the first
 fresh page costs more than the arithmetic done on it, so writing a gradient in place, or
 reusing one small block, beats writing a new full-size tensor.
 
-Two things here serve every device: :func:`sum_rows` saves memory, not time, and
-:func:`reads_are_cheap` says where reading a value to pick the faster branch costs nothing.
+Some calls here serve every device: :func:`sum_rows` saves memory, not time;
+:func:`reads_are_cheap` says where reading a value to pick the faster branch costs nothing, and
+:func:`transformed` / :func:`capturing` where a speed-up or such a branch must not be taken.
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ def transformed() -> bool:
     definition runs, as it does off the CPU."""
     # (forward_ad's level is -1 outside every ``dual_level`` block.)
     return (
-        torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
-        or torch.compiler.is_exporting()
+        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or capturing()
     )
+
+
+def capturing() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording: the graph they keep is
+    replayed for inputs of other lengths and values."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 @contextlib.contextmanager

@@ -117,7 +117,7 @@ def nystrom_attention(
     # A torch.jit.trace graph is replayed at other lengths, an export may be for any length:
     # the masked path (segments by rank, exact rows for at most m real keys) serves every
     # n without a Python branch on it, so it is taken there, with every key real.
-    captured = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    captured = _cpu.capturing()
     if captured and mask is None:
         mask = torch.ones(b, n_k, dtype=torch.bool, device=key.device)
     if captured and query_mask is None and n_q != n_k:
