@@ -388,3 +388,18 @@ def test_resume_adopts_a_best_checkpoint_written_after_last(tmp_path):
     assert ckpt.read_meta(tmp_path / "best")["step"] == 8
     assert summary["best_step"] == result.best_step == 8
     assert summary["best_val_accuracy"] == 1.0
+
+
+def test_resuming_a_finished_run_leaves_the_model_at_its_best_weights(tmp_path):
+    # A finished run leaves the model holding `best` (what the test metrics measured); so
+    # must a resume of it (distillation resumes one killed before it saved its model, and
+    # then saves the model it is handed).
+    kw = dict(steps=6, warmup_steps=1, eval_every=2, select_metric="loss", select_mode="max")
+    first, finished = run(tmp_path, [], **kw)
+    assert first.best_step < 6  # the highest loss is an early one: best/ is not last/
+    again, resumed = run(tmp_path, [], resume=True, model_seed=99, **kw)
+    assert again.best_step == first.best_step and again.test == first.test
+    for (k, a), (_, b) in zip(
+        finished.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k

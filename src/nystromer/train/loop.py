@@ -883,6 +883,9 @@ class Trainer:
             for k, v in summary.items()
             if k.startswith("test_") and k not in not_metrics
         }
+        # The model ends as a finishing run leaves it: holding the weights the test measured.
+        if self.best_step is not None and (best := ckpt.find(self.run_dir, "best")) is not None:
+            ckpt.load_weights(self.module, best / ckpt.WEIGHTS)
         self.say(f"{self.run_dir} is complete (step {self.step}); its summary is unchanged")
         return TrainResult(
             "completed",
