@@ -333,3 +333,23 @@ def test_the_student_trains_without_dropout_unless_asked(setup, tmp_path, capsys
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "u"), "--dropout", "some"])
     assert "expected a probability in [0, 1) or 'teacher', got 'some'" in capsys.readouterr().err
+
+
+def test_a_half_precision_teacher_is_loaded_and_distilled_in_float32(tmp_path):
+    from transformers import AutoModel
+
+    from nystromer.distill.run import build_student, load_teacher
+
+    # Checkpoints are often stored in bfloat16; transformers 5 loads them in their stored
+    # dtype, which would train the student's weights in bfloat16 (AdamW steps of lr 3e-5
+    # round away) under precision "fp32".
+    src = make_bert(tmp_path / "teacher32")
+    AutoModel.from_pretrained(src).to(torch.bfloat16).save_pretrained(tmp_path / "teacher16")
+    for f in src.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (tmp_path / "teacher16" / f.name).write_bytes(f.read_bytes())
+    teacher, _ = load_teacher(tmp_path / "teacher16", 32)
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    config = DistillConfig(teacher=str(tmp_path / "teacher16"), texts=["builtin:pydoc"])
+    student = build_student(teacher, config)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

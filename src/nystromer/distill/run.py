@@ -201,8 +201,8 @@ class DistillConfig:
 
 
 def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn.Module, Any]:
-    """The exact teacher (transformers AutoModel, SDPA attention, eval mode, frozen) and its
-    tokenizer; the position table is lengthened when ``max_length`` needs it.
+    """The exact teacher (transformers AutoModel, SDPA attention, float32, eval mode, frozen)
+    and its tokenizer; the position table is lengthened when ``max_length`` needs it.
 
     Raises:
         ValueError: not an encoder Nyström attention can serve (docs/models.md).
@@ -220,7 +220,9 @@ def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn
             f"docs/models.md), got model_type {model_type!r}"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    # In float32 whatever dtype the checkpoint was saved in (transformers 5 keeps a bfloat16
+    # one in bfloat16): the student is a copy and trains in it; precision sets autocast.
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     hf.check_supported(model)
     reserved = reserved_positions(model)
     if max_length + reserved > model.config.max_position_embeddings:
