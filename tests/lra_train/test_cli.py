@@ -410,3 +410,16 @@ def test_eval_passes_every_option_to_evaluate_run(monkeypatch, tmp_path, capsys)
         "num_workers": 1,
     }
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5}
+
+
+def test_a_run_folder_of_another_command_is_named_not_a_traceback(tmp_path, capsys):
+    # A distillation run's config.json (valid JSON, no LRA keys): resuming or evaluating it as
+    # an LRA run said KeyError: 'task' / 'recipe' with a traceback.
+    out = tmp_path / "distilled"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"distill": {"teacher": "t"}, "data": {}}))
+    for argv in (["train", "listops", "--out", str(out), "--resume"], ["eval", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert f"{out} is not an LRA run directory" in err and "config.json" in err

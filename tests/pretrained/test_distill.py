@@ -353,3 +353,20 @@ def test_a_half_precision_teacher_is_loaded_and_distilled_in_float32(tmp_path):
     config = DistillConfig(teacher=str(tmp_path / "teacher16"), texts=["builtin:pydoc"])
     student = build_student(teacher, config)
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_resume_names_a_foreign_or_malformed_config(tmp_path, capsys):
+    # An LRA run's config.json, then a malformed one: one error line naming the folder or
+    # the file (they were KeyError: 'distill' with a traceback, and json's bare message).
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"task": "listops", "recipe": {}}))
+    assert main(["distill", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{out} is not a distillation run" in err
+    (out / "config.json").write_text("{")
+    assert main(["distill", "--out", str(out), "--resume"]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    (out / "config.json").write_text(json.dumps({"task": "listops", "recipe": {}}))
+    with pytest.raises(ValueError, match="is not a distillation run"):
+        distill(DistillConfig(teacher="t", texts=["builtin:pydoc"]), out, resume=True)

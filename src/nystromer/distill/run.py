@@ -200,6 +200,21 @@ class DistillConfig:
         return cls(**data)
 
 
+def read_run_config(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a distillation run folder; ValueError naming the folder when it
+    has none or holds another command's run (an LRA run's), or naming a malformed file."""
+    config = ckpt.read_json(
+        Path(out) / CONFIG_FILE,
+        f"{out} is not a distillation run directory ({CONFIG_FILE} is missing)",
+    )
+    if not isinstance(config, dict) or not isinstance(config.get("distill"), dict):
+        raise ValueError(
+            f"{out} is not a distillation run directory: its {CONFIG_FILE} has no 'distill' "
+            "settings (`nystromer distill` writes them)"
+        )
+    return config
+
+
 def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn.Module, Any]:
     """The exact teacher (transformers AutoModel, SDPA attention, float32, eval mode, frozen)
     and its tokenizer; the position table is lengthened when ``max_length`` needs it.
@@ -381,7 +396,7 @@ def distill(
     info = DistInfo.current()
     train_config = config.train_config(**runtime)
     if resume:
-        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
+        saved = read_run_config(out)
         # Through from_dict, so settings added since the run was saved take their old values.
         kept, given = DistillConfig.from_dict(saved["distill"]).to_dict(), config.to_dict()
         if kept != given:
@@ -395,7 +410,7 @@ def distill(
     elif ckpt.find(out, "last") is not None:
         raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or another out")
     elif (out / CONFIG_FILE).is_file():
-        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} has no {CONFIG_FILE}")
+        saved = read_run_config(out)
         if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
             raise ValueError(
                 f"{out} holds another distillation run ({CONFIG_FILE} differs); resume it "
