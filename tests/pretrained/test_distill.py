@@ -370,3 +370,21 @@ def test_resume_names_a_foreign_or_malformed_config(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps({"task": "listops", "recipe": {}}))
     with pytest.raises(ValueError, match="is not a distillation run"):
         distill(DistillConfig(teacher="t", texts=["builtin:pydoc"]), out, resume=True)
+
+
+def test_a_new_run_over_a_killed_runs_results_is_refused_before_any_work(setup, straight):
+    import shutil
+
+    root, config = setup
+    run, _ = straight
+    # The results of a run killed before its first `last` (checkpoint_every 0): the trainer
+    # refuses the folder, but only after the new run had measured and calibrated its start and
+    # rewritten before.json (and calibrated.safetensors) beside the old run's best/.
+    killed = root / "killed"
+    killed.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(run / name, killed / name)
+    shutil.copytree(run / "best", killed / "best")
+    with pytest.raises(ValueError, match=r"earlier run \(best/, metrics\.jsonl\)"):
+        distill(config, killed, progress=False)
+    assert sorted(p.name for p in killed.iterdir()) == ["best", "config.json", "metrics.jsonl"]

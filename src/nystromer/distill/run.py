@@ -41,6 +41,7 @@ from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
 from ..train import checkpoint as ckpt
 from ..train.distributed import DistInfo, resolve_device
+from ..train.loop import check_no_earlier_run
 from ..train.metrics import plot_metrics
 from .data import TokenWindows, collate, read_texts, split_corpus
 
@@ -416,6 +417,10 @@ def distill(
                 f"{out} holds another distillation run ({CONFIG_FILE} differs); resume it "
                 "(--resume) or choose another --out"
             )
+    if not resume:
+        # The trainer refuses this folder too, but only after the start was measured and
+        # calibrated and before.json rewritten beside the earlier run's results.
+        check_no_earlier_run(out, instead="another --out")
 
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
     splits, data_info = _datasets(config, tokenizer)
