@@ -403,3 +403,30 @@ def test_resuming_a_finished_run_leaves_the_model_at_its_best_weights(tmp_path):
         finished.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), k
+
+
+def test_an_interrupt_while_writing_best_leaves_best_to_the_resumed_run(tmp_path, monkeypatch):
+    # Ctrl-C (a KeyboardInterrupt outside the signal handler) while `best` is being written:
+    # `last` keeps the step with its validation pending. The score must not count as best
+    # before best/ holds its weights, or the resumed validation, not beating it, never
+    # writes them: best/ would keep older weights (or none) under the new step's name.
+    kw = dict(steps=6, warmup_steps=1, eval_every=2, select_metric="loss", select_mode="max")
+    ref, _ = run(tmp_path / "straight", [], **kw)
+    assert ref.best_step == 2
+    write = ckpt.write_checkpoint
+
+    def interrupted(run_dir, name, writers):
+        if name == "best":
+            monkeypatch.setattr(ckpt, "write_checkpoint", write)
+            raise KeyboardInterrupt
+        return write(run_dir, name, writers)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", [], **kw)
+    assert ckpt.find(tmp_path / "cut", "best") is None
+    again, _ = run(tmp_path / "cut", [], resume=True, **kw)
+    assert ckpt.read_meta(tmp_path / "cut" / "best")["step"] == 2
+    assert again.best_step == 2 and again.test == ref.test
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["test_checkpoint"] == "best"

@@ -676,8 +676,10 @@ class Trainer:
             )
         improved = _better(score, self.best_val.get(cfg.select_metric), cfg.select_mode)
         if improved:
-            self.best_step, self.best_val = self.step, dict(val)
+            # Written first: a score counts as best only once best/ holds its weights (an
+            # interrupted write leaves this validation pending, to be redone on resume).
             self.save_best(val)
+            self.best_step, self.best_val = self.step, dict(val)
         if self.metrics_log is not None:
             record: dict[str, Any] = {
                 "step": self.step,
