@@ -388,3 +388,17 @@ def test_a_new_run_over_a_killed_runs_results_is_refused_before_any_work(setup, 
     with pytest.raises(ValueError, match=r"earlier run \(best/, metrics\.jsonl\)"):
         distill(config, killed, progress=False)
     assert sorted(p.name for p in killed.iterdir()) == ["best", "config.json", "metrics.jsonl"]
+
+
+def test_resume_refuses_a_text_that_changed(setup, tmp_path):
+    root, config = setup
+    # The same number of tokens (so of windows) with other words: the held-out text would no
+    # longer be the one before.json measured (and builtin:stdlib-docs differs between Python
+    # versions), yet the run went on.
+    text = tmp_path / "text.txt"
+    text.write_bytes((root / "text.txt").read_bytes())
+    mine = DistillConfig(**{**config.to_dict(), "texts": [str(text)], "calibrate": 0})
+    distill(mine, tmp_path / "run", progress=False, stop_at=0)
+    text.write_text(text.read_text().replace("w1 ", "w2 ", 1))
+    with pytest.raises(ValueError, match=r"text\.txt.* changed since the run started"):
+        distill(mine, tmp_path / "run", resume=True, progress=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
 import shutil
 import time
@@ -365,6 +366,9 @@ def _datasets(cfg: DistillConfig, tokenizer: Any) -> tuple[dict[str, TokenWindow
     }
     info = {
         "tokens": len(ids),
+        # Which text: a resume must see the same (an edited file, or builtin:stdlib-docs
+        # under another Python, would move the held-out windows that before.json measured).
+        "ids_sha256": hashlib.sha256(torch.as_tensor(ids, dtype=torch.long).numpy()).hexdigest(),
         **{f"{k}_tokens": v.num_tokens for k, v in splits.items()},
         **{f"{k}_windows": len(v) for k, v in splits.items()},
     }
@@ -424,6 +428,14 @@ def distill(
 
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
     splits, data_info = _datasets(config, tokenizer)
+    if resume:
+        was = saved.get("data", {})
+        differ = [f"{k}: {was[k]!r} → {v!r}" for k, v in data_info.items() if was.get(k, v) != v]
+        if differ:
+            raise ValueError(
+                f"cannot resume {out}: the text ({', '.join(config.texts)}) changed since the "
+                f"run started ({'; '.join(differ)})"
+            )
     student = build_student(teacher, config)
     if config.precision == "fp64":
         student.double()
