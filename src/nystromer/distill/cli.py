@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -167,5 +168,5 @@ def _distill(args: argparse.Namespace) -> int:
         work,
         report,
         device=args.device,
-        resume_command=f"nystromer distill --out {args.out} --resume",
+        resume_command=f"nystromer distill --out {shlex.quote(str(args.out))} --resume",
     )
