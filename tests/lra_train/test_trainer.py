@@ -430,3 +430,14 @@ def test_an_interrupt_while_writing_best_leaves_best_to_the_resumed_run(tmp_path
     assert again.best_step == 2 and again.test == ref.test
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert summary["test_checkpoint"] == "best"
+
+
+@pytest.mark.parametrize("damaged", [ckpt.STATE, ckpt.WEIGHTS])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, damaged):
+    # Writes are atomic, but a copy or a disk can still cut a file: the error must say which
+    # (a cut trainer_state.pt said only "[Errno 22] Invalid argument").
+    run(tmp_path, [], steps=4, warmup_steps=1, stop_at=2)
+    path = tmp_path / "last" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{path}.* damaged"):
+        run(tmp_path, [], resume=True, steps=4, warmup_steps=1)

@@ -541,7 +541,7 @@ class Trainer:
 
     def _restore(self, last: Path) -> None:
         cfg, info = self.config, self.info
-        state = torch.load(last / ckpt.STATE, map_location="cpu", weights_only=True)
+        state = ckpt.read_state(last)
         saved = state["config"]
         changed = [
             f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}"
