@@ -441,3 +441,65 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path, damaged):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{path}.* damaged"):
         run(tmp_path, [], resume=True, steps=4, warmup_steps=1)
+
+
+_SIGNALLED_RUN = """
+import sys, time
+import torch
+from nystromer.lra.model import build_model, classification_objective, collate
+from nystromer.train import TrainConfig, train
+from tests.lra_train.synthetic import TokenDataset, tiny_model_config
+
+class Slow(TokenDataset):  # loading is the bottleneck: the loop waits on the workers
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return super().__getitem__(i)
+
+torch.set_num_threads(1)
+cfg = TrainConfig(steps=100000, batch_size=8, device="cpu", progress=False, num_workers=2,
+                  checkpoint_every=1)
+try:
+    train(build_model(tiny_model_config()), classification_objective, Slow(40), cfg,
+          sys.argv[1], collate_fn=collate)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves_last(tmp_path, signum):
+    # A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the DataLoader's workers too,
+    # which exited on it: the loop waiting for a batch failed with "DataLoader worker exited
+    # unexpectedly" instead of saving `last` and stopping.
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "run.py"
+    script.write_text(_SIGNALLED_RUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while ckpt.find(tmp_path / "run", "last") is None and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few steps into the run, the loader's workers busy
+        os.killpg(proc.pid, getattr(signal, signum))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:]
+    assert f"{signum}: stopping after this step" in out
+    assert ckpt.read_meta(tmp_path / "run" / "last")["step"] >= 1
