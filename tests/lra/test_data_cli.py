@@ -36,3 +36,16 @@ def test_pathfinder_command(tmp_path: Path):
 def test_data_without_dataset_prints_usage(capsys):
     assert main(["data"]) == 2
     assert "listops" in capsys.readouterr().err
+
+
+def test_a_malformed_settings_record_is_named(tmp_path: Path, capsys):
+    # The record of the arguments a folder's set was made with, edited by hand: one error line
+    # naming it (it was json's bare "Expecting value: line 1 column 1").
+    (tmp_path / "nystromer_listops.json").write_text("{")
+    assert main(["data", "listops", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "nystromer_listops.json is not valid JSON" in capsys.readouterr().err
+    folder = tmp_path / "curv_contour_length_14"
+    folder.mkdir()
+    (folder / "nystromer_pathfinder.json").write_text("")
+    assert main(["data", "pathfinder", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "nystromer_pathfinder.json is not valid JSON" in capsys.readouterr().err

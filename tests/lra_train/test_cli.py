@@ -410,3 +410,38 @@ def test_eval_passes_every_option_to_evaluate_run(monkeypatch, tmp_path, capsys)
         "num_workers": 1,
     }
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5}
+
+
+def test_a_run_folder_of_another_command_is_named_not_a_traceback(tmp_path, capsys):
+    # A distillation run's config.json (valid JSON, no LRA keys): resuming or evaluating it as
+    # an LRA run said KeyError: 'task' / 'recipe' with a traceback.
+    out = tmp_path / "distilled"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"distill": {"teacher": "t"}, "data": {}}))
+    for argv in (["train", "listops", "--out", str(out), "--resume"], ["eval", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert f"{out} is not an LRA run directory" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_the_resume_command_after_an_interrupt_survives_the_shell(
+    command, tmp_path, capsys, monkeypatch
+):
+    # An --out with a space (and a non-ASCII letter): the suggested command line must give
+    # the same folder back when pasted into a shell.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "my runs" / "café"
+    if command == "train":
+        monkeypatch.setattr("nystromer.lra.run.train_task", interrupted)
+        argv = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
+    else:
+        monkeypatch.setattr("nystromer.distill.run.distill", interrupted)
+        argv = ["distill", "--teacher", "t", "--text", "builtin:pydoc", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    suggested = shlex.split(err.split("continue with: ", 1)[1])
+    assert suggested[suggested.index("--out") + 1] == str(out) and "--resume" in suggested

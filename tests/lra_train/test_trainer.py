@@ -388,3 +388,118 @@ def test_resume_adopts_a_best_checkpoint_written_after_last(tmp_path):
     assert ckpt.read_meta(tmp_path / "best")["step"] == 8
     assert summary["best_step"] == result.best_step == 8
     assert summary["best_val_accuracy"] == 1.0
+
+
+def test_resuming_a_finished_run_leaves_the_model_at_its_best_weights(tmp_path):
+    # A finished run leaves the model holding `best` (what the test metrics measured); so
+    # must a resume of it (distillation resumes one killed before it saved its model, and
+    # then saves the model it is handed).
+    kw = dict(steps=6, warmup_steps=1, eval_every=2, select_metric="loss", select_mode="max")
+    first, finished = run(tmp_path, [], **kw)
+    assert first.best_step < 6  # the highest loss is an early one: best/ is not last/
+    again, resumed = run(tmp_path, [], resume=True, model_seed=99, **kw)
+    assert again.best_step == first.best_step and again.test == first.test
+    for (k, a), (_, b) in zip(
+        finished.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+
+
+def test_an_interrupt_while_writing_best_leaves_best_to_the_resumed_run(tmp_path, monkeypatch):
+    # Ctrl-C (a KeyboardInterrupt outside the signal handler) while `best` is being written:
+    # `last` keeps the step with its validation pending. The score must not count as best
+    # before best/ holds its weights, or the resumed validation, not beating it, never
+    # writes them: best/ would keep older weights (or none) under the new step's name.
+    kw = dict(steps=6, warmup_steps=1, eval_every=2, select_metric="loss", select_mode="max")
+    ref, _ = run(tmp_path / "straight", [], **kw)
+    assert ref.best_step == 2
+    write = ckpt.write_checkpoint
+
+    def interrupted(run_dir, name, writers):
+        if name == "best":
+            monkeypatch.setattr(ckpt, "write_checkpoint", write)
+            raise KeyboardInterrupt
+        return write(run_dir, name, writers)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", [], **kw)
+    assert ckpt.find(tmp_path / "cut", "best") is None
+    again, _ = run(tmp_path / "cut", [], resume=True, **kw)
+    assert ckpt.read_meta(tmp_path / "cut" / "best")["step"] == 2
+    assert again.best_step == 2 and again.test == ref.test
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["test_checkpoint"] == "best"
+
+
+@pytest.mark.parametrize("damaged", [ckpt.STATE, ckpt.WEIGHTS])
+def test_a_damaged_checkpoint_file_is_named(tmp_path, damaged):
+    # Writes are atomic, but a copy or a disk can still cut a file: the error must say which
+    # (a cut trainer_state.pt said only "[Errno 22] Invalid argument").
+    run(tmp_path, [], steps=4, warmup_steps=1, stop_at=2)
+    path = tmp_path / "last" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{path}.* damaged"):
+        run(tmp_path, [], resume=True, steps=4, warmup_steps=1)
+
+
+_SIGNALLED_RUN = """
+import sys, time
+import torch
+from nystromer.lra.model import build_model, classification_objective, collate
+from nystromer.train import TrainConfig, train
+from tests.lra_train.synthetic import TokenDataset, tiny_model_config
+
+class Slow(TokenDataset):  # loading is the bottleneck: the loop waits on the workers
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return super().__getitem__(i)
+
+torch.set_num_threads(1)
+cfg = TrainConfig(steps=100000, batch_size=8, device="cpu", progress=False, num_workers=2,
+                  checkpoint_every=1)
+try:
+    train(build_model(tiny_model_config()), classification_objective, Slow(40), cfg,
+          sys.argv[1], collate_fn=collate)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves_last(tmp_path, signum):
+    # A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the DataLoader's workers too,
+    # which exited on it: the loop waiting for a batch failed with "DataLoader worker exited
+    # unexpectedly" instead of saving `last` and stopping.
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "run.py"
+    script.write_text(_SIGNALLED_RUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while ckpt.find(tmp_path / "run", "last") is None and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few steps into the run, the loader's workers busy
+        os.killpg(proc.pid, getattr(signal, signum))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:]
+    assert f"{signum}: stopping after this step" in out
+    assert ckpt.read_meta(tmp_path / "run" / "last")["step"] >= 1

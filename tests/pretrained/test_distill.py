@@ -333,3 +333,72 @@ def test_the_student_trains_without_dropout_unless_asked(setup, tmp_path, capsys
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "u"), "--dropout", "some"])
     assert "expected a probability in [0, 1) or 'teacher', got 'some'" in capsys.readouterr().err
+
+
+def test_a_half_precision_teacher_is_loaded_and_distilled_in_float32(tmp_path):
+    from transformers import AutoModel
+
+    from nystromer.distill.run import build_student, load_teacher
+
+    # Checkpoints are often stored in bfloat16; transformers 5 loads them in their stored
+    # dtype, which would train the student's weights in bfloat16 (AdamW steps of lr 3e-5
+    # round away) under precision "fp32".
+    src = make_bert(tmp_path / "teacher32")
+    AutoModel.from_pretrained(src).to(torch.bfloat16).save_pretrained(tmp_path / "teacher16")
+    for f in src.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (tmp_path / "teacher16" / f.name).write_bytes(f.read_bytes())
+    teacher, _ = load_teacher(tmp_path / "teacher16", 32)
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    config = DistillConfig(teacher=str(tmp_path / "teacher16"), texts=["builtin:pydoc"])
+    student = build_student(teacher, config)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_resume_names_a_foreign_or_malformed_config(tmp_path, capsys):
+    # An LRA run's config.json, then a malformed one: one error line naming the folder or
+    # the file (they were KeyError: 'distill' with a traceback, and json's bare message).
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"task": "listops", "recipe": {}}))
+    assert main(["distill", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{out} is not a distillation run" in err
+    (out / "config.json").write_text("{")
+    assert main(["distill", "--out", str(out), "--resume"]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    (out / "config.json").write_text(json.dumps({"task": "listops", "recipe": {}}))
+    with pytest.raises(ValueError, match="is not a distillation run"):
+        distill(DistillConfig(teacher="t", texts=["builtin:pydoc"]), out, resume=True)
+
+
+def test_a_new_run_over_a_killed_runs_results_is_refused_before_any_work(setup, straight):
+    import shutil
+
+    root, config = setup
+    run, _ = straight
+    # The results of a run killed before its first `last` (checkpoint_every 0): the trainer
+    # refuses the folder, but only after the new run had measured and calibrated its start and
+    # rewritten before.json (and calibrated.safetensors) beside the old run's best/.
+    killed = root / "killed"
+    killed.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(run / name, killed / name)
+    shutil.copytree(run / "best", killed / "best")
+    with pytest.raises(ValueError, match=r"earlier run \(best/, metrics\.jsonl\)"):
+        distill(config, killed, progress=False)
+    assert sorted(p.name for p in killed.iterdir()) == ["best", "config.json", "metrics.jsonl"]
+
+
+def test_resume_refuses_a_text_that_changed(setup, tmp_path):
+    root, config = setup
+    # The same number of tokens (so of windows) with other words: the held-out text would no
+    # longer be the one before.json measured (and builtin:stdlib-docs differs between Python
+    # versions), yet the run went on.
+    text = tmp_path / "text.txt"
+    text.write_bytes((root / "text.txt").read_bytes())
+    mine = DistillConfig(**{**config.to_dict(), "texts": [str(text)], "calibrate": 0})
+    distill(mine, tmp_path / "run", progress=False, stop_at=0)
+    text.write_text(text.read_text().replace("w1 ", "w2 ", 1))
+    with pytest.raises(ValueError, match=r"text\.txt.* changed since the run started"):
+        distill(mine, tmp_path / "run", resume=True, progress=False)

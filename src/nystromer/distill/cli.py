@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import fields
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from .._args import file_to_write, folder
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
-from .run import CONFIG_FILE, LAYERS, LOSSES, DistillConfig
+from .run import LAYERS, LOSSES, DistillConfig, read_run_config
 
 __all__ = ["register"]
 
@@ -129,11 +130,7 @@ def _config(args: argparse.Namespace) -> DistillConfig:
         given["conv_kernel_size"] = None
         given.setdefault("calibrate", 0)
     if args.resume:
-        path = args.out / CONFIG_FILE
-        if not path.is_file():
-            raise ValueError(f"{args.out} is not a distillation run ({CONFIG_FILE} is missing)")
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)["distill"]
+        saved = read_run_config(args.out)["distill"]
         return DistillConfig.from_dict({**saved, **given})
     missing = [
         flag for flag, name in (("--teacher", "teacher"), ("--text", "texts")) if name not in given
@@ -171,5 +168,5 @@ def _distill(args: argparse.Namespace) -> int:
         work,
         report,
         device=args.device,
-        resume_command=f"nystromer distill --out {args.out} --resume",
+        resume_command=f"nystromer distill --out {shlex.quote(str(args.out))} --resume",
     )

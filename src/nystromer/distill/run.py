@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import os
 import shutil
 import time
@@ -41,6 +42,7 @@ from ..functional import check_nystrom_options
 from ..train import TrainConfig, evaluate, train
 from ..train import checkpoint as ckpt
 from ..train.distributed import DistInfo, resolve_device
+from ..train.loop import check_no_earlier_run
 from ..train.metrics import plot_metrics
 from .data import TokenWindows, collate, read_texts, split_corpus
 
@@ -200,9 +202,24 @@ class DistillConfig:
         return cls(**data)
 
 
+def read_run_config(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a distillation run folder; ValueError naming the folder when it
+    has none or holds another command's run (an LRA run's), or naming a malformed file."""
+    config = ckpt.read_json(
+        Path(out) / CONFIG_FILE,
+        f"{out} is not a distillation run directory ({CONFIG_FILE} is missing)",
+    )
+    if not isinstance(config, dict) or not isinstance(config.get("distill"), dict):
+        raise ValueError(
+            f"{out} is not a distillation run directory: its {CONFIG_FILE} has no 'distill' "
+            "settings (`nystromer distill` writes them)"
+        )
+    return config
+
+
 def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn.Module, Any]:
-    """The exact teacher (transformers AutoModel, SDPA attention, eval mode, frozen) and its
-    tokenizer; the position table is lengthened when ``max_length`` needs it.
+    """The exact teacher (transformers AutoModel, SDPA attention, float32, eval mode, frozen)
+    and its tokenizer; the position table is lengthened when ``max_length`` needs it.
 
     Raises:
         ValueError: not an encoder Nyström attention can serve (docs/models.md).
@@ -220,7 +237,9 @@ def load_teacher(directory: str | os.PathLike[str], max_length: int) -> tuple[nn
             f"docs/models.md), got model_type {model_type!r}"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    # In float32 whatever dtype the checkpoint was saved in (transformers 5 keeps a bfloat16
+    # one in bfloat16): the student is a copy and trains in it; precision sets autocast.
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     hf.check_supported(model)
     reserved = reserved_positions(model)
     if max_length + reserved > model.config.max_position_embeddings:
@@ -347,6 +366,9 @@ def _datasets(cfg: DistillConfig, tokenizer: Any) -> tuple[dict[str, TokenWindow
     }
     info = {
         "tokens": len(ids),
+        # Which text: a resume must see the same (an edited file, or builtin:stdlib-docs
+        # under another Python, would move the held-out windows that before.json measured).
+        "ids_sha256": hashlib.sha256(torch.as_tensor(ids, dtype=torch.long).numpy()).hexdigest(),
         **{f"{k}_tokens": v.num_tokens for k, v in splits.items()},
         **{f"{k}_windows": len(v) for k, v in splits.items()},
     }
@@ -379,7 +401,7 @@ def distill(
     info = DistInfo.current()
     train_config = config.train_config(**runtime)
     if resume:
-        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} is not a distillation run directory")
+        saved = read_run_config(out)
         # Through from_dict, so settings added since the run was saved take their old values.
         kept, given = DistillConfig.from_dict(saved["distill"]).to_dict(), config.to_dict()
         if kept != given:
@@ -393,15 +415,27 @@ def distill(
     elif ckpt.find(out, "last") is not None:
         raise ValueError(f"{out} already holds a run; pass resume=True (--resume) or another out")
     elif (out / CONFIG_FILE).is_file():
-        saved = ckpt.read_json(out / CONFIG_FILE, f"{out} has no {CONFIG_FILE}")
+        saved = read_run_config(out)
         if DistillConfig.from_dict(saved["distill"]).to_dict() != config.to_dict():
             raise ValueError(
                 f"{out} holds another distillation run ({CONFIG_FILE} differs); resume it "
                 "(--resume) or choose another --out"
             )
+    if not resume:
+        # The trainer refuses this folder too, but only after the start was measured and
+        # calibrated and before.json rewritten beside the earlier run's results.
+        check_no_earlier_run(out, instead="another --out")
 
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
     splits, data_info = _datasets(config, tokenizer)
+    if resume:
+        was = saved.get("data", {})
+        differ = [f"{k}: {was[k]!r} → {v!r}" for k, v in data_info.items() if was.get(k, v) != v]
+        if differ:
+            raise ValueError(
+                f"cannot resume {out}: the text ({', '.join(config.texts)}) changed since the "
+                f"run started ({'; '.join(differ)})"
+            )
     student = build_student(teacher, config)
     if config.precision == "fp64":
         student.double()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         work,
         report,
         device=args.device,
-        resume_command=f"nystromer train {args.task} --out {args.out} --resume",
+        resume_command=f"nystromer train {args.task} --out {shlex.quote(str(args.out))} --resume",
     )
 
 

@@ -44,7 +44,17 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir} is not an LRA run directory: {CONFIG_FILE} is missing")
-    return ckpt.load_json(path)
+    config = ckpt.load_json(path)
+    # Another command's run (a distillation's) has a config.json too, without these.
+    missing = [
+        k for k in ("task", "recipe", "model") if not isinstance(config, dict) or k not in config
+    ]
+    if missing:
+        raise ValueError(
+            f"{run_dir} is not an LRA run directory: its {CONFIG_FILE} has no {missing} "
+            "(`nystromer train` writes them)"
+        )
+    return config
 
 
 def train_task(

@@ -38,6 +38,7 @@ __all__ = [
     "save_weights",
     "write_weights",
     "load_weights",
+    "read_state",
     "write_checkpoint",
     "find",
     "read_meta",
@@ -110,12 +111,37 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, st
         The file's string metadata.
     """
     st = _safetensors()
-    tensors = st.load_file(str(path), device="cpu")
-    model.load_state_dict(tensors, strict=True)
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        tensors = st.load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' own error type, or an OSError on a short read
+        raise _damaged(path, exc) from exc
+    model.load_state_dict(tensors, strict=True)
+    return metadata
+
+
+def read_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``trainer_state.pt`` of a ``last`` checkpoint (``weights_only``: it runs no code).
+
+    Raises:
+        ValueError: the file is damaged (cut short by a copy or a failing disk), naming it.
+    """
+    path = Path(checkpoint_dir) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a cut zip archive is an OSError or a RuntimeError
+        raise _damaged(path, exc) from exc
+
+
+def _damaged(path: str | os.PathLike[str], exc: BaseException) -> ValueError:
+    return ValueError(f"{path} is damaged or not a checkpoint file ({exc})")
 
 
 def write_checkpoint(

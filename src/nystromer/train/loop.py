@@ -269,6 +269,13 @@ def _seed_process(seed: int, rank: int) -> None:
     torch.manual_seed(int(s[2]))
 
 
+def _worker_ignores_sigint(worker_id: int) -> None:
+    # A terminal's Ctrl-C goes to the whole process group; a DataLoader worker would exit on
+    # it and the loop, finishing its step before it stops, would find its loader dead. The
+    # main process stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _eval_indices(n: int, cfg: TrainConfig, info: DistInfo) -> tuple[list[int], int]:
     batch = cfg.eval_batch_size or cfg.batch_size
     if cfg.eval_batches is not None:
@@ -307,6 +314,7 @@ def evaluate(
         shuffle=False,
         collate_fn=collate_fn,
         num_workers=config.num_workers,
+        worker_init_fn=_worker_ignores_sigint,
         generator=torch.Generator().manual_seed(config.seed),
     )
     keys: list[str] | None = None
@@ -541,7 +549,7 @@ class Trainer:
 
     def _restore(self, last: Path) -> None:
         cfg, info = self.config, self.info
-        state = torch.load(last / ckpt.STATE, map_location="cpu", weights_only=True)
+        state = ckpt.read_state(last)
         saved = state["config"]
         changed = [
             f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}"
@@ -676,8 +684,10 @@ class Trainer:
             )
         improved = _better(score, self.best_val.get(cfg.select_metric), cfg.select_mode)
         if improved:
-            self.best_step, self.best_val = self.step, dict(val)
+            # Written first: a score counts as best only once best/ holds its weights (an
+            # interrupted write leaves this validation pending, to be redone on resume).
             self.save_best(val)
+            self.best_step, self.best_val = self.step, dict(val)
         if self.metrics_log is not None:
             record: dict[str, Any] = {
                 "step": self.step,
@@ -705,6 +715,7 @@ class Trainer:
             batch_sampler=self.sampler,
             collate_fn=self.collate_fn,
             num_workers=self.config.num_workers,
+            worker_init_fn=_worker_ignores_sigint,
             pin_memory=self.device.type == "cuda",
             # Its own generator: creating the loader must not draw from torch's global one.
             generator=torch.Generator().manual_seed(self.config.seed + self.info.rank),
@@ -856,6 +867,16 @@ class Trainer:
                 self.save_last(rng_after_step)
                 self.say(f"interrupted; `last` saved at step {self.step} in {self.run_dir}")
             raise
+        except RuntimeError:
+            # A SIGTERM sent to the whole process group (by a scheduler) also ended the
+            # DataLoader's workers, and the loader reports them dead wherever the loop is: that
+            # is the stop the signal asked for, at the last finished step.
+            if not stop.requested:
+                raise
+            if not self._updating and not info.enabled:
+                self.save_last(rng_after_step)
+                self.say(f"stopped; `last` saved at step {self.step} in {self.run_dir}")
+            raise KeyboardInterrupt from None
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -883,6 +904,9 @@ class Trainer:
             for k, v in summary.items()
             if k.startswith("test_") and k not in not_metrics
         }
+        # The model ends as a finishing run leaves it: holding the weights the test measured.
+        if self.best_step is not None and (best := ckpt.find(self.run_dir, "best")) is not None:
+            ckpt.load_weights(self.module, best / ckpt.WEIGHTS)
         self.say(f"{self.run_dir} is complete (step {self.step}); its summary is unchanged")
         return TrainResult(
             "completed",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..._io import atomic_write
+from ..._io import atomic_write, load_json
 
 __all__ = [
     "OPERATORS",
@@ -339,12 +339,11 @@ def write_splits(
     settings_path = out / SETTINGS_FILE
     existing = [f"basic_{split}.tsv" for split in SPLITS if (out / f"basic_{split}.tsv").exists()]
     if settings_path.exists():
-        with open(settings_path, encoding="utf-8") as f:
-            if json.load(f) != record:
-                raise ValueError(
-                    f"{out} holds a ListOps set made with other arguments ({settings_path}); "
-                    "choose another --out or delete it"
-                )
+        if load_json(settings_path) != record:
+            raise ValueError(
+                f"{out} holds a ListOps set made with other arguments ({settings_path}); "
+                "choose another --out or delete it"
+            )
     elif existing:
         raise ValueError(
             f"{out} already holds ListOps data not written by nystromer ({', '.join(existing)}); "

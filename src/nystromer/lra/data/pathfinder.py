@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..._checks import check_int_at_least
-from ..._io import atomic_write
+from ..._io import atomic_write, load_json
 
 __all__ = [
     "PathfinderSettings",
@@ -537,9 +537,7 @@ def write_dataset(
     settings_path = folder / SETTINGS_FILE
     meta_dir = folder / "metadata"
     if settings_path.exists():
-        with open(settings_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous != record:
+        if load_json(settings_path) != record:
             raise ValueError(
                 f"{folder} holds a Pathfinder set made with other arguments ({settings_path}); "
                 "choose another --out or delete it"
