@@ -10,25 +10,12 @@ from nystromer import AttentionMap, reference
 from nystromer.models import NystromformerConfig, NystromformerModel, hf_io
 from nystromer.models import modeling as modeling_module
 
-from .tiny import HEADS, batch, hf_branch, main_output, tiny_config
+from .tiny import HEADS, batch, hf_branch, main_output, peaked, tiny_config
 
 # float64 throughout: map and forward compute the same products in another order (the map
 # forms F·A⁺·B, the forward F·A⁺·(B·V) through SDPA), so they agree to rounding, ~1e-15 of
 # the output's scale; 1e-10 leaves room and still fails on any wrong row, mask or kernel.
 ATOL = 1e-10
-
-
-def _peaked(model):
-    # The N(0, 0.02) initialisation gives near-uniform attention, which hides wrong masks or
-    # kernels; peaked attention and a strong convolution make them visible.
-    base = getattr(model, "nystromformer", model)
-    with torch.no_grad():
-        for layer in base.encoder.layer:
-            attn = layer.attention.self
-            attn.query.weight.normal_(std=0.5)
-            attn.key.weight.normal_(std=0.5)
-            attn.conv.weight.normal_(std=0.3)
-    return model
 
 
 def _record_self_attention(model):
@@ -76,7 +63,7 @@ def _dense_nystromer(q, k, mask, m, iterations):
 )
 def test_maps_are_the_matrices_the_layers_apply(m, n, pad):
     torch.manual_seed(0)
-    model = _peaked(NystromformerModel(tiny_config(num_landmarks=m)).double().eval())
+    model = peaked(NystromformerModel(tiny_config(num_landmarks=m)).double().eval())
     kwargs, _ = batch("NystromformerModel", n, pad=pad)
     records, handles = _record_self_attention(model)
     with torch.no_grad():
@@ -104,7 +91,7 @@ def test_hf_numerics_maps(tmp_path, branch):
     transformers = pytest.importorskip("transformers")
     hf_cfg, n, pad = hf_branch(branch)
     torch.manual_seed(0)
-    hf = _peaked(transformers.NystromformerModel(hf_cfg).double().eval())
+    hf = peaked(transformers.NystromformerModel(hf_cfg).double().eval())
     hf.save_pretrained(tmp_path)
     # Built in float64 before loading: from_pretrained loads into float32 parameters.
     config = NystromformerConfig.from_pretrained(tmp_path, numerics="hf")

@@ -11,7 +11,7 @@ import torch
 import nystromer.models as ours
 from nystromer.models import CheckpointError
 
-from .tiny import HEADS, batch, hf_branch, main_output, rel_err, tiny_config, tiny_hf_config
+from .tiny import HEADS, batch, hf_branch, main_output, peaked, rel_err, tiny_config, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,18 +25,7 @@ TOL = 1e-5
 def _hf_model(name, config, seed=0):
     torch.manual_seed(seed)
     model = getattr(transformers, name)(config).eval()
-    # transformers' N(0, 0.02) initialisation gives near-uniform attention, under which the
-    # numerical differences between implementations (pseudo-inverse scale, masking of the
-    # convolution) vanish. Peaked attention and a strong convolution make them visible.
-    base = getattr(model, "nystromformer", model)
-    with torch.no_grad():
-        for layer in base.encoder.layer:
-            attn = layer.attention.self
-            attn.query.weight.normal_(std=0.5)
-            attn.key.weight.normal_(std=0.5)
-            if getattr(attn, "conv", None) is not None:
-                attn.conv.weight.normal_(std=0.3)
-    return model
+    return peaked(model)
 
 
 def _loss(out):
