@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
 import time
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._args import call_with, existing_file, file_to_write, folder, int_at_least
+from .._io import load_json
 from .._machine import report_header
 from ..bench.measure import recorded_command
 from ..bench.pretrained import model_folder, read_report, report_io
@@ -216,7 +216,7 @@ def _check_held_out(checkpoint: Path, sources: Sequence[str]) -> None:
     run_config = checkpoint.parent / "config.json"
     if not (checkpoint.name == "model" and run_config.is_file()):
         return
-    saved = json.loads(run_config.read_text(encoding="utf-8"))
+    saved = load_json(run_config)
     # `nystromer distill` keeps its settings under "distill"; a bare {"texts": ...} also counts.
     texts = (saved.get("distill") or saved).get("texts") or []
     if seen := [s for s in sources if DISTILL_TEXT.get(s) in texts]:
