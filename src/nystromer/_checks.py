@@ -19,6 +19,11 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+    """An int or a float that is not a bool (True is no weight)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value: object) -> None:
     """Raise ValueError unless ``value`` is an int ≥ 1."""
     if not is_int(value) or value < 1:

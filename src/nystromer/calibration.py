@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, is_number
 from .attention import ValueConv
 from .functional import softmax_attention
 from .patching import AttentionCall, attention_probe
@@ -120,16 +120,12 @@ def calibrate(
             f"arguments), got {type(inputs).__name__}"
         )
     # Finite: an infinite weight makes the solves NaN, and they would be written into the model.
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+    if not is_number(ridge) or not 0 <= ridge < math.inf:
         raise ValueError(f"ridge must be a finite number ≥ 0, got {ridge!r}")
     check_positive_int("chunk_size", chunk_size)
     projections = {}
     if output_projection is not None:
-        if (
-            isinstance(output_projection, bool)
-            or not isinstance(output_projection, (int, float))
-            or not 0 < output_projection < math.inf
-        ):
+        if not is_number(output_projection) or not 0 < output_projection < math.inf:
             raise ValueError(
                 f"output_projection must be a finite number > 0 (or None), got "
                 f"{output_projection!r}"

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf
-from .._checks import check_positive_int
+from .._checks import check_positive_int, is_number
 from .._version import __version__
 from ..calibration import calibrate
 from ..conversion import convert, extend_positions, reserved_positions
@@ -134,9 +134,7 @@ class DistillConfig:
         if self.calibrate < 0:
             raise ValueError(f"calibrate must be ≥ 0 windows, got {self.calibrate}")
         if self.calibrate_output is not None and (
-            isinstance(self.calibrate_output, bool)
-            or not isinstance(self.calibrate_output, (int, float))
-            or not self.calibrate_output > 0
+            not is_number(self.calibrate_output) or not self.calibrate_output > 0
         ):
             raise ValueError(
                 f"calibrate_output must be a shrinkage > 0 or None, got {self.calibrate_output!r}"
@@ -151,9 +149,7 @@ class DistillConfig:
                 f"max_length must be ≥ 4 (special tokens + text), got {self.max_length}"
             )
         if self.dropout is not None and (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= self.dropout < 1.0
+            not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0
         ):
             raise ValueError(f"dropout must be in [0, 1) or None, got {self.dropout!r}")
         if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 1):
