@@ -122,35 +122,31 @@ def test_resume_after_stop_at_equals_uninterrupted(straight, tmp_path):
     assert summary["best_step"] == ref["best_step"]
 
 
-def test_keyboard_interrupt_mid_step_saves_last_and_resumes_exactly(straight, tmp_path):
+def _interrupt_then_resume(straight, tmp_path, saved_step: int, **interrupt) -> None:
+    """Interrupt a run as ``interrupt`` says (recording_objective's options); `last` must hold
+    ``saved_step`` and the resumed run must equal the uninterrupted one."""
     losses = []
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, losses, objective=recording_objective(losses, fail_at=7))
-    # Step 7 never finished: `last` holds step 6 with the random state from before step 7.
-    assert ckpt.read_meta(tmp_path / "last")["step"] == 6
-    assert len(losses) == 6
+        run(tmp_path, losses, objective=recording_objective(losses, **interrupt))
+    assert ckpt.read_meta(tmp_path / "last")["step"] == saved_step
+    assert len(losses) == saved_step
     _, model = run(tmp_path, losses, resume=True, model_seed=99)
     assert_same_run(straight, tmp_path, losses, model)
+
+
+def test_keyboard_interrupt_mid_step_saves_last_and_resumes_exactly(straight, tmp_path):
+    # Step 7 never finished: `last` holds step 6 with the random state from before step 7.
+    _interrupt_then_resume(straight, tmp_path, 6, fail_at=7)
 
 
 def test_keyboard_interrupt_in_validation_saves_the_finished_step_exactly(straight, tmp_path):
-    losses = []
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, losses, objective=recording_objective(losses, fail_eval_at=8))
     # Step 8 finished (its validation did not): `last` holds it with the random state after
     # it, not the one from before its dropout draws.
-    assert ckpt.read_meta(tmp_path / "last")["step"] == 8 and len(losses) == 8
-    _, model = run(tmp_path, losses, resume=True, model_seed=99)
-    assert_same_run(straight, tmp_path, losses, model)
+    _interrupt_then_resume(straight, tmp_path, 8, fail_eval_at=8)
 
 
 def test_sigint_finishes_the_step_then_saves(straight, tmp_path):
-    losses = []
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, losses, objective=recording_objective(losses, signal_at=5))
-    assert ckpt.read_meta(tmp_path / "last")["step"] == 5 and len(losses) == 5
-    _, model = run(tmp_path, losses, resume=True, model_seed=99)
-    assert_same_run(straight, tmp_path, losses, model)
+    _interrupt_then_resume(straight, tmp_path, 5, signal_at=5)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
