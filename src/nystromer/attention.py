@@ -22,6 +22,7 @@ from ._checks import (
     positive_int,
 )
 from ._conv import sequence_conv
+from ._torchutil import bypassable
 from .attention_map import AttentionMap
 from .functional import attention_rows, nystrom_attention
 from .options import NystromOptions, resolve_options
@@ -104,7 +105,7 @@ def multihead_nystrom_attention(
         # fresh zero tensor of the values' size.
         value = v if v.shape[2] == n_q else v[:, :, :n_q]
         grad = torch.is_grad_enabled() and (out.requires_grad or conv.weight.requires_grad)
-        if _called_as_module(conv) or torch.compiler.is_compiling() or _cpu.transformed():
+        if not bypassable(conv, ValueConv) or torch.compiler.is_compiling() or _cpu.transformed():
             # (A compiler or a torch.func transform traces the plain call; the in-place and
             # recomputing forms are for eager runs.)
             # Hooks (or a subclass's forward) must see the call and may replace its result.
@@ -127,25 +128,6 @@ def _skip_mask(mask: Tensor | None, query_mask: Tensor | None, n_q: int) -> Tens
         return mask
     # The key mask may be longer (keys appended after the sequence, e.g. bias_k).
     return query_mask & mask[:, :n_q]
-
-
-def _called_as_module(conv: nn.Module) -> bool:
-    """Whether the convolution skip must run as ``conv(value, mask)``: it has forward hooks
-    (its own or global ones), or it is not a plain :class:`ValueConv`."""
-    return type(conv) is not ValueConv or _has_forward_hooks(conv)
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs forward (pre-)hooks, its own or global ones: then code
-    that bypasses ``module(...)`` for speed must call it instead."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    )
 
 
 def _setting(name: str, settable: bool = True) -> property:

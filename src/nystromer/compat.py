@@ -28,18 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_odd_kernel_size, check_token_mask
-from .attention import (
-    ValueConv,
-    _called_as_module,
-    _has_forward_hooks,
-    multihead_nystrom_attention,
-)
+from ._torchutil import bypassable, without_autocast
+from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
 from .functional import (
-    _attention_rows,
-    _without_autocast,
     iterative_pinv,
     landmark_assignment,
+    rows_from_landmarks,
     segment_means,
 )
 from .options import NystromOptions
@@ -194,7 +189,7 @@ class NystromAttention(_Numerics, nn.Module):
         def factors():
             q, k = (t.transpose(1, 2) for t in (held or self._split(x)[:2]))
             m, iterations = self.num_landmarks, self.pinv_iterations
-            with _without_autocast(q):  # the factors are computed in at least float32
+            with without_autocast(q):  # the factors are computed in at least float32
                 return _nystromer_factors(q, k, mask, m, iterations, self.scale)
 
         return out, self._nystromer_map(x, mask, held), factors
@@ -274,7 +269,7 @@ class NystromAttention(_Numerics, nn.Module):
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             q_rows, query_landmarks, k = inputs(b_sel, h_sel, index)
             # In x's dtype: under autocast the projections may be in another.
-            return _attention_rows(
+            return rows_from_landmarks(
                 q_rows, query_landmarks, n, k, index,
                 num_landmarks=m, mask=None if mask is None else mask[b_sel],
                 pinv_iterations=self.pinv_iterations, scale=self.scale, query_mask=None,
@@ -339,7 +334,7 @@ class NystromAttention(_Numerics, nn.Module):
             # The package's convolution over the padded, masked v (front zeros add nothing),
             # not zeroed at masked positions afterwards.
             conv = self.res_conv
-            if _called_as_module(conv):
+            if not bypassable(conv, ValueConv):
                 # Hooks or a replaced module see the call, as in the package (no mask: v is
                 # zeroed already, and the package's convolution is not zeroed after).
                 skip = conv(v)
@@ -386,7 +381,7 @@ def _plain_linear(module: nn.Module) -> bool:
     """Whether calling ``module`` is ``F.linear(x, module.weight)``: an ``nn.Linear`` itself
     (not a quantised or parametrised subclass, nor an adapter around one) with no forward
     hooks of its own and no global ones."""
-    return type(module) is nn.Linear and module.bias is None and not _has_forward_hooks(module)
+    return bypassable(module, nn.Linear) and module.bias is None
 
 
 def _version(t: Tensor) -> int | None:

@@ -22,7 +22,6 @@ plain float64 formula the tests hold this code to.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from ._checks import (
     check_shape,
     check_token_mask,
 )
+from ._torchutil import without_autocast
 from .options import check_nystrom_options
 
 __all__ = [
@@ -196,7 +196,7 @@ def _nystrom(
     # Landmarks Q̃, K̃: means of m contiguous segments of the real tokens (optionally refined).
     q_index, q_counts = landmark_assignment(query_mask, n_q, m, query.device)
     k_index, k_counts = landmark_assignment(mask, n_k, m, key.device)
-    with _without_autocast(query):  # (k-means distances are products)
+    with without_autocast(query):  # (k-means distances are products)
         query, q_land = _landmarks(query, q_index, q_counts, query_mask, m, work, kmeans_iterations)
         key, k_land = _landmarks(key, k_index, k_counts, mask, m, work, kmeans_iterations)
 
@@ -213,7 +213,7 @@ def _nystrom(
         # needs it: unmasked attention is faster. Elsewhere always mask (no host sync).
         if not _cpu.reads_are_cheap(key) or bool(short.any()):
             k_nonempty = k_counts[:, :m] > 0
-    with _without_autocast(query):
+    with without_autocast(query):
         kernel = _landmark_kernel(q_land, k_land, k_nonempty, q_counts, scale)
         kept = 4 * pinv_iterations * kernel.numel() * kernel.element_size()
         if (
@@ -323,14 +323,14 @@ def attention_rows(
         m = num_landmarks
         return _landmarks(query, q_index, q_counts, valid, m, work, kmeans_iterations)[1]
 
-    return _attention_rows(
+    return rows_from_landmarks(
         query[:, :, index], query_landmarks, query.shape[2], key, index,
         num_landmarks=num_landmarks, mask=mask, pinv_iterations=pinv_iterations, scale=scale,
         query_mask=query_mask, kmeans_iterations=kmeans_iterations,
     )  # fmt: skip
 
 
-def _attention_rows(
+def rows_from_landmarks(
     q_rows: Tensor,
     query_landmarks: Callable[[Tensor, Tensor | None, Tensor | None, torch.dtype], Tensor],
     n_q: int,
@@ -344,8 +344,9 @@ def _attention_rows(
     query_mask: Tensor | None,
     kmeans_iterations: int,
 ) -> Tensor:
-    """:func:`attention_rows` from the requested query rows q_rows (B, H, r, d) (positions
-    ``index`` of n_q) and ``query_landmarks(index, counts, valid, work)``, which returns the
+    """The engine of :func:`attention_rows`, for a layer that forms its own query landmarks
+    (:mod:`nystromer.compat`); not part of the public API. From the requested query rows
+    q_rows (B, H, r, d) (positions ``index`` of n_q) and ``query_landmarks(index, counts, valid, work)``, which returns the
     (B, H, m, d) landmarks of the whole query for :func:`landmark_assignment`'s segments: a
     module can form both from its input without projecting every query (the segment means of
     a linear projection are the projection of the input's means). Inputs already checked."""
@@ -356,7 +357,7 @@ def _attention_rows(
     work = torch.promote_types(q_rows.dtype, torch.float32)
     out_dtype = q_rows.dtype
     q_rows = q_rows.to(work)
-    with _without_autocast(key):  # every product in the working precision
+    with without_autocast(key):  # every product in the working precision
         if n_k <= m or n_q <= m:
             out = _softmax_rows(q_rows, key.to(work), mask, scale)
         else:
@@ -482,18 +483,6 @@ def _rows_of_product(
 
 
 # --- landmarks and the pseudo-inverse --------------------------------------------------------
-
-
-def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for x's device inside the block, where it is on: the m×m work and the
-    landmarks must stay in the working precision (at least float32), which autocast would
-    otherwise lower to float16/bfloat16 for every product. A no-op (no context switch) when
-    autocast is off."""
-    device = x.device.type
-    # (Asking a device type without autocast, e.g. "meta", would raise.)
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _landmarks(x, index, counts, valid, m, work, kmeans_iterations):
