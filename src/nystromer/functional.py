@@ -346,10 +346,11 @@ def rows_from_landmarks(
 ) -> Tensor:
     """The engine of :func:`attention_rows`, for a layer that forms its own query landmarks
     (:mod:`nystromer.compat`); not part of the public API. From the requested query rows
-    q_rows (B, H, r, d) (positions ``index`` of n_q) and ``query_landmarks(index, counts, valid, work)``, which returns the
-    (B, H, m, d) landmarks of the whole query for :func:`landmark_assignment`'s segments: a
-    module can form both from its input without projecting every query (the segment means of
-    a linear projection are the projection of the input's means). Inputs already checked."""
+    q_rows (B, H, r, d) (positions ``index`` of n_q) and ``query_landmarks(index, counts,
+    valid, work)``, which returns the (B, H, m, d) landmarks of the whole query for
+    :func:`landmark_assignment`'s segments: a module can form both from its input without
+    projecting every query (the segment means of a linear projection are the projection of the
+    input's means). Inputs already checked."""
     b, h, _, d = q_rows.shape
     n_k, m = key.shape[2], num_landmarks
     scale, mask, query_mask, empty = _defaults(n_q, d, n_k, mask, query_mask, scale)

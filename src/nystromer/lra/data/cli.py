@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..._args import folder, int_at_least
 from ...train.cli import run_command
+from . import listops, pathfinder
 
 __all__ = ["register"]
 
@@ -17,27 +19,33 @@ __all__ = ["register"]
 _count, _positive = int_at_least(0), int_at_least(1)
 
 
-# Each generator's options as (flag, type, default, help); the help shows the default. A flag's
-# name, dashes read as underscores, is the generator's keyword argument, so an option is
-# written down once.
-_Options = tuple[tuple[str, Callable[[str], Any], Any, str], ...]
+# Each generator's options as (flag, type, help). A flag's name, dashes read as underscores,
+# is the generator's keyword argument, and its default (shown in the help) is the generator's,
+# so an option and its default are written down once.
+_Options = tuple[tuple[str, Callable[[str], Any], str], ...]
 _LISTOPS_OPTIONS: _Options = (
-    ("--train", _count, 96000, "training examples"),
-    ("--val", _count, 2000, "validation examples"),
-    ("--test", _count, 2000, "test examples"),
-    ("--seed", _count, 0, "random seed"),
-    ("--min-length", int, 500, "tokens > this"),
-    ("--max-length", int, 2000, "tokens < this"),
-    ("--max-depth", int, 10, "depth of digits-only nodes"),
-    ("--max-args", int, 10, "most operator arguments"),
+    ("--train", _count, "training examples"),
+    ("--val", _count, "validation examples"),
+    ("--test", _count, "test examples"),
+    ("--seed", _count, "random seed"),
+    ("--min-length", int, "tokens > this"),
+    ("--max-length", int, "tokens < this"),
+    ("--max-depth", int, "depth of digits-only nodes"),
+    ("--max-args", int, "most operator arguments"),
 )
 _PATHFINDER_OPTIONS: _Options = (
-    ("--images", _positive, 200_000, "images"),
-    ("--resolution", int, 32, "image side in pixels"),
-    ("--contour-length", int, 14, "paddles per path"),
-    ("--seed", _count, 0, "random seed"),
-    ("--images-per-batch", _positive, 1000, "images per batch folder"),
+    ("--images", _positive, "images"),
+    ("--resolution", int, "image side in pixels"),
+    ("--contour-length", int, "paddles per path"),
+    ("--seed", _count, "random seed"),
+    ("--images-per-batch", _positive, "images per batch folder"),
 )
+
+
+def _defaults(generator: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword defaults of ``generator``'s signature."""
+    parameters = inspect.signature(generator).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of min_length < tokens < max_length, no duplicates, targets computed exactly.",
         out_help="output folder",
         options=_LISTOPS_OPTIONS,
+        defaults={**listops.SPLIT_SIZES, **_defaults(listops.write_splits)},
         write=_listops,
     )
     _add_generator(
@@ -68,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Re-running with the same arguments resumes: complete batches are kept.",
         out_help="parent output folder",
         options=_PATHFINDER_OPTIONS,
+        defaults=_defaults(pathfinder.write_dataset),
         write=_pathfinder,
     )
 
@@ -80,12 +90,14 @@ def _add_generator(
     description: str,
     out_help: str,
     options: _Options,
+    defaults: Mapping[str, Any],
     write: Callable[[argparse.Namespace], None],
 ) -> None:
     """One generator's command: ``--out``, its own options, ``--no-progress``."""
     parser = commands.add_parser(name, help=help, description=description)
     parser.add_argument("--out", type=folder, required=True, help=out_help)
-    for flag, type_, default, help_ in options:
+    for flag, type_, help_ in options:
+        default = defaults[_keyword(flag)]
         parser.add_argument(flag, type=type_, default=default, help=f"{help_} (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=lambda args: run_command(lambda: write(args)))
@@ -93,8 +105,12 @@ def _add_generator(
 
 def _keywords(args: argparse.Namespace, options: _Options) -> dict[str, Any]:
     """The parsed values of ``options``, keyed by the generator's keyword names."""
-    names = (flag.removeprefix("--").replace("-", "_") for flag, *_ in options)
+    names = (_keyword(flag) for flag, *_ in options)
     return {name: getattr(args, name) for name in names}
+
+
+def _keyword(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -103,19 +119,15 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _listops(args: argparse.Namespace) -> None:
-    from .listops import SPLITS, write_splits
-
     settings = _keywords(args, _LISTOPS_OPTIONS)
-    sizes = {split: settings.pop(split) for split in SPLITS}
+    sizes = {split: settings.pop(split) for split in listops.SPLITS}
     t0 = time.perf_counter()
-    paths = write_splits(args.out, sizes, **settings, progress=not args.no_progress)
+    paths = listops.write_splits(args.out, sizes, **settings, progress=not args.no_progress)
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s")
 
 
 def _pathfinder(args: argparse.Namespace) -> None:
-    from .pathfinder import write_dataset
-
     t0 = time.perf_counter()
     settings = _keywords(args, _PATHFINDER_OPTIONS)
-    folder = write_dataset(args.out, **settings, progress=not args.no_progress)
+    folder = pathfinder.write_dataset(args.out, **settings, progress=not args.no_progress)
     print(f"wrote {args.images} images to {folder} in {time.perf_counter() - t0:.1f} s")

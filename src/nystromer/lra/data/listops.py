@@ -32,6 +32,7 @@ __all__ = [
     "VOCAB",
     "VOCAB_SIZE",
     "SPLITS",
+    "SPLIT_SIZES",
     "generate",
     "write_splits",
     "max_tree_length",
@@ -47,6 +48,8 @@ VOCAB: dict[str, int] = {
 }
 VOCAB_SIZE = 16
 SPLITS = ("train", "val", "test")
+# Examples per split in the LRA release.
+SPLIT_SIZES = {"train": 96000, "val": 2000, "test": 2000}
 HEADER = b"Source\tTarget"
 # Python's csv writer, which wrote the release, ends rows with CRLF.
 NEWLINE = b"\r\n"
@@ -307,8 +310,8 @@ def write_splits(
 
     Args:
         data_dir: output folder (created).
-        sizes: examples per split, keys ``train``, ``val``, ``test`` (default LRA's 96000, 2000,
-            2000). No example occurs twice, within or across splits.
+        sizes: examples per split, keys ``train``, ``val``, ``test`` (default :data:`SPLIT_SIZES`,
+            LRA's 96000, 2000, 2000). No example occurs twice, within or across splits.
         seed, min_length, max_length, max_depth, max_args: as in :func:`generate`.
         progress: show a tqdm progress bar.
 
@@ -318,7 +321,7 @@ def write_splits(
     such as the LRA release) is refused, so that a set is never overwritten nor, after an
     interruption, left mixing two generations. The same arguments again rewrite the same bytes.
     """
-    sizes = dict(sizes) if sizes is not None else {"train": 96000, "val": 2000, "test": 2000}
+    sizes = dict(SPLIT_SIZES if sizes is None else sizes)
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"sizes has unknown splits {sorted(unknown)}; expected {SPLITS}")
