@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_path
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, NO_CONV_KEY
 
 if TYPE_CHECKING:
     from .modeling import NystromformerPreTrainedModel
@@ -36,6 +36,8 @@ WEIGHTS_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX, BIN_NAME, BIN_INDEX)
 # Non-trainable buffers some transformers versions saved; they are recomputed, never loaded.
 _BUFFER_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 _MAX_LISTED = 12
+# The convolution skip's weight within an attention module, transformers' name.
+_CONV = "attention.self.conv.weight"
 
 
 class CheckpointError(ValueError):
@@ -151,6 +153,11 @@ def load_into(
         state.pop(k, None)
 
     expected = {k: v for k, v in model.state_dict().items() if k not in model._tied_keys}
+    # A model without convolution is saved with zero convolutions for transformers (see
+    # write_checkpoint): a zero convolution adds nothing, so it is no convolution.
+    state = {
+        k: v for k, v in state.items() if k in expected or not k.endswith(_CONV) or bool(v.any())
+    }
 
     def in_encoder(k: str) -> bool:
         return model.is_base_model or k.startswith(base)
@@ -166,6 +173,11 @@ def load_into(
         problems.append(f"missing encoder weights {_listed(encoder_missing)}")
     if encoder_unexpected:
         problems.append(f"unexpected encoder weights {_listed(encoder_unexpected)}")
+        if any(k.endswith(_CONV) for k in encoder_unexpected):
+            problems.append(
+                f"the checkpoint has trained convolution skips: load it with conv_kernel_size="
+                f"{next(v for k, v in state.items() if k.endswith(_CONV)).shape[2]}"
+            )
     if strict and head_missing:
         problems.append(f"missing head weights {_listed(head_missing)}")
     if strict and head_unexpected:
@@ -229,6 +241,15 @@ def write_checkpoint(
     if "cls.predictions.bias" in tensors and not model.config.tie_word_embeddings:
         # Untied, transformers keeps decoder.bias as a weight of its own and expects it.
         tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
+    no_conv = model.config.conv_kernel_size is None
+    if no_conv:
+        # transformers' config refuses a null conv_kernel_size (typed int) although its model
+        # has a no-convolution path; a zero convolution of width 1 is what it can read that
+        # adds nothing. Read back as None (NO_CONV_KEY in the config; zero weights dropped).
+        for key in [k for k in tensors if k.endswith("attention.self.query.weight")]:
+            heads = model.config.num_attention_heads
+            conv_key = key.removesuffix("query.weight") + "conv.weight"
+            tensors[conv_key] = tensors[key].new_zeros(heads, 1, 1, 1)
     with atomic_path(d / SAFETENSORS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     # transformers loads the weights in the dtype config.json names, so a "dtype" (or
@@ -239,4 +260,7 @@ def write_checkpoint(
     floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
     if floating:
         config.extra["dtype"] = str(floating[0]).removeprefix("torch.")
+    if no_conv:
+        config.conv_kernel_size = 1
+        config.extra[NO_CONV_KEY] = None
     config.to_json_file(d / CONFIG_NAME, architectures=[type(model).__name__])
