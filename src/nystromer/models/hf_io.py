@@ -24,7 +24,15 @@ from .config import CONFIG_NAME, NO_CONV_KEY
 if TYPE_CHECKING:
     from .modeling import NystromformerPreTrainedModel
 
-__all__ = ["CheckpointError", "read_state_dict", "load_into", "write_checkpoint", "WEIGHTS_NAMES"]
+__all__ = [
+    "CheckpointError",
+    "WEIGHTS_NAMES",
+    "check_dtype",
+    "checkpoint_dtype",
+    "load_into",
+    "read_state_dict",
+    "write_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +113,39 @@ def read_state_dict(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
             state.update(loader(d / shard))
         return state
     raise FileNotFoundError(f"no weights in {d}: expected one of {', '.join(WEIGHTS_NAMES)}")
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """The ``dtype`` argument of the ``from_pretrained`` functions, checked: None gives torch's
+    default dtype (float32 unless changed), ``"auto"`` stays (the checkpoint's dtype, as
+    transformers 5 loads by default), a floating ``torch.dtype`` or its name gives that dtype.
+
+    Raises:
+        ValueError: anything else, naming ``dtype``.
+    """
+    if dtype is None:
+        return torch.get_default_dtype()
+    if dtype == "auto":
+        return "auto"
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            "dtype must be None (torch's default, float32), 'auto' (the checkpoint's) or a "
+            f"floating torch.dtype or its name, got {dtype!r}"
+        )
+    return resolved
+
+
+def checkpoint_dtype(recorded: dict, state: dict[str, Tensor]) -> torch.dtype:
+    """The dtype a checkpoint was saved in, as transformers 5 reads it: config.json's
+    ``"dtype"`` (transformers 4: ``"torch_dtype"``), else its first floating weight's, else
+    torch's default."""
+    for key in ("dtype", "torch_dtype"):
+        named = getattr(torch, str(recorded.get(key)), None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    floating = (v.dtype for v in state.values() if v.is_floating_point())
+    return next(floating, torch.get_default_dtype())
 
 
 def _listed(keys: list[str]) -> str:
