@@ -277,7 +277,9 @@ def test_patch_reaches_the_sub_configs_of_a_composite_model(tmp_path):
         got = model.vision_model(pixel_values=pixels).last_hidden_state
     assert (got - exact).abs().max() > 1e-3  # 64 patches > m = 8: not exact attention
     model.save_pretrained(tmp_path)
-    loaded = nystromer.from_pretrained(tmp_path, model_class=transformers.SiglipModel).double()
+    loaded = nystromer.from_pretrained(
+        tmp_path, model_class=transformers.SiglipModel, dtype=torch.float64
+    )
     with torch.no_grad():
         again = loaded.vision_model(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(again, got, rtol=0, atol=1e-12)

@@ -261,20 +261,38 @@ def test_causal_and_decoder_models_are_refused():
         nystromer.patch(AutoModel.from_config(gpt2_config))
 
 
-@pytest.mark.parametrize("family", ["mpnet", "big_bird", "deberta-v2"])
-def test_families_outside_the_interface_are_refused(family):
-    kwargs = dict(SMALL, vocab_size=90)
-    if family == "big_bird":
-        kwargs["attention_type"] = "original_full"
-    model = AutoModel.from_config(AutoConfig.for_model(family, **kwargs))
+# Families whose attention modules never call the interface; DeBERTa(-v2), WavLM and XLM do
+# not build their mask through it either, so they used to run eager attention without a word.
+OUTSIDE_THE_INTERFACE = {
+    "mpnet": dict(SMALL, vocab_size=90),
+    "big_bird": dict(SMALL, vocab_size=90, attention_type="original_full"),
+    "deberta-v2": dict(SMALL, vocab_size=90),
+    "deberta": dict(SMALL, vocab_size=90),
+    "wavlm": SMALL,
+    "xlm": dict(vocab_size=90, emb_dim=32, n_layers=2, n_heads=4),
+}
+
+
+@pytest.mark.parametrize("family", OUTSIDE_THE_INTERFACE)
+def test_families_outside_the_interface_are_refused(family, tmp_path):
+    cfg = AutoConfig.for_model(family, **OUTSIDE_THE_INTERFACE[family])
+    model = AutoModel.from_config(cfg)
     with pytest.raises(ValueError, match="does not go through transformers' attention interface"):
         nystromer.patch(model)
-    if family != "deberta-v2":  # DeBERTa-v2 never calls the mask builder: it stays eager
-        asked = AutoModel.from_config(
-            AutoConfig.for_model(family, **kwargs), attn_implementation="nystrom"
-        )
+    # Refused when transformers resolves the implementation, before any forward.
+    with pytest.raises(ValueError, match="does not go through transformers' attention interface"):
+        AutoModel.from_config(copy.deepcopy(cfg), attn_implementation="nystrom")
+    if family == "deberta-v2":
+        model.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="cannot reach it"):
+            AutoModel.from_pretrained(tmp_path, attn_implementation="nystrom")
         with pytest.raises(ValueError, match="does not go through"):
-            asked(input_ids=torch.randint(3, 90, (1, 20)))
+            nystromer.from_pretrained(tmp_path)
+
+
+def test_models_of_the_interface_still_build_with_nystrom():
+    # The construction check acts on classes transformers judged, not on every model.
+    assert build("bert").config._attn_implementation == hf.IMPLEMENTATION
 
 
 def test_truncated_weights_file_is_named(tmp_path):

@@ -18,6 +18,12 @@ corrects what the convolution cannot: mixing across heads and channels.
 Layers are fitted in order, each on the inputs it receives once the layers below it have been
 fitted, so that the fit sees the activations the calibrated model will produce. What a layer
 computed reaches the fit through :func:`nystromer.patching.attention_probe`.
+
+A module that serves several layers (ALBERT shares one layer's weights across all of them)
+has one convolution for all its uses, so it is fitted once, on the statistics pooled over
+every use in a forward pass: the kernel that minimises the squared error summed over the
+layers it serves. Each use contributes the inputs it receives before the fit (its later uses
+read activations the fitted skip will change; the layer-by-layer order cannot help there).
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ class CalibrationResult:
     """What :func:`calibrate` fitted.
 
     Attributes:
-        explained: per layer, a (H,) tensor: the share of the squared difference between exact
-            and Nyström attention outputs that the fitted convolution removes, on the
-            calibration inputs (0 = none, 1 = all).
-        tokens: real query tokens the fit used per layer.
+        explained: per layer (per attention module: a shared one, as in ALBERT, once), a (H,)
+            tensor: the share of the squared difference between exact and Nyström attention
+            outputs that the fitted convolution removes, on the calibration inputs (0 = none,
+            1 = all).
+        tokens: real query tokens the fit used per layer (a shared module: over all its uses).
         output_explained: with ``output_projection``, per layer, the share of the squared
             difference between exact and Nyström (+ convolution) attention outputs that the
             fitted output map removes; else None.
@@ -94,6 +101,9 @@ def calibrate(
             The shrinkage towards the identity matters: an unshrunk fit over-fits the
             calibration inputs and lowers the model's quality (0.3 did best on MiniLM).
 
+    A module shared by several layers (ALBERT's) is fitted on all its uses pooled (module
+    docstring); it has one entry in the result.
+
     Returns:
         :class:`CalibrationResult`.
 
@@ -139,9 +149,10 @@ def calibrate(
     output_explained: list[float] = []
     tokens = 0
     try:
+        uses = _uses(model, next(iter(inputs)))
         for target in modules:
             normal = _NormalEquations(target.nystrom_conv, chunk_size)
-            _feed_layer(model, inputs, target, normal.add)
+            _feed_layer(model, inputs, target, normal.add, uses.get(target, 1))
             if normal.tokens == 0:
                 raise ValueError(
                     "the calibration inputs never reached a Nyström attention layer with a "
@@ -152,7 +163,7 @@ def calibrate(
             tokens = normal.tokens
             if projections:
                 fit = _OutputMap(projections[target])
-                _feed_layer(model, inputs, target, fit.add)
+                _feed_layer(model, inputs, target, fit.add, uses.get(target, 1))
                 output_explained.append(fit.solve_into(float(output_projection)))
     finally:
         for m, training in modes:
@@ -164,16 +175,42 @@ def calibrate(
     )
 
 
-def _feed_layer(model: nn.Module, inputs, target: nn.Module, add) -> None:
-    """Run ``inputs`` through ``model`` up to the attention module ``target`` and hand what it
-    computed to ``add(call)`` (an :class:`~nystromer.patching.AttentionCall`); the rest of each
-    forward pass is skipped."""
+def _uses(model: nn.Module, batch) -> dict[nn.Module, int]:
+    """Attention module → how many times one forward pass calls it (more than once: a layer
+    shared by several, as in ALBERT)."""
+    counts: dict[nn.Module, int] = {}
 
     def probe(call: AttentionCall) -> None:
+        counts[call.module] = counts.get(call.module, 0) + 1
+
+    _run(model, [batch], probe)
+    return counts
+
+
+def _feed_layer(model: nn.Module, inputs, target: nn.Module, add, uses: int) -> None:
+    """Run ``inputs`` through ``model`` up to the ``uses``-th call of the attention module
+    ``target`` and hand what each call computed to ``add(call)`` (an
+    :class:`~nystromer.patching.AttentionCall`); the rest of each forward pass is skipped."""
+    seen = 0
+
+    def probe(call: AttentionCall) -> None:
+        nonlocal seen
         if call.module is target:
             add(call)
-            raise _Stop
+            seen += 1
+            if seen == uses:
+                raise _Stop
 
+    def restart() -> None:
+        nonlocal seen
+        seen = 0
+
+    _run(model, inputs, probe, restart)
+
+
+def _run(model: nn.Module, inputs, probe, before_each=None) -> None:
+    """``model(**batch)`` for each batch under ``probe``, without gradients; a probe raising
+    :class:`_Stop` ends that batch's pass."""
     with attention_probe(probe), torch.no_grad():
         for i, batch in enumerate(inputs):
             if not isinstance(batch, Mapping):
@@ -181,6 +218,8 @@ def _feed_layer(model: nn.Module, inputs, target: nn.Module, add) -> None:
                     f"inputs[{i}] must be a dict of keyword arguments for model(**batch), got "
                     f"{type(batch).__name__}"
                 )
+            if before_each is not None:
+                before_each()
             try:
                 model(**batch)
             except _Stop:

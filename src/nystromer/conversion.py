@@ -189,6 +189,7 @@ def from_pretrained(
     *,
     model_class: Any = None,
     options: NystromOptions | None = None,
+    dtype: torch.dtype | str | None = None,
     **convert_options: Any,
 ) -> nn.Module:
     """Load a checkpoint as a Nyström-attention model, e.g. one saved after :func:`convert` or
@@ -208,6 +209,11 @@ def from_pretrained(
             ``transformers.AutoModelForMaskedLM``).
         options: a :class:`~nystromer.NystromOptions` to use instead of the recorded settings
             (for a Nyströmformer, ``conv_kernel_size=None`` keeps the trained convolution).
+        dtype: of the model's weights. None (default): torch's default dtype (float32), also
+            for a checkpoint saved in bfloat16, for both kinds of checkpoint (transformers 5
+            would keep bfloat16: its default is ``"auto"``); ``"auto"``: the checkpoint's
+            (config.json's ``"dtype"``, else its weights'); or a floating ``torch.dtype`` or
+            its name.
         **convert_options: ``num_landmarks``, ``pinv_iterations``, ``conv_kernel_size``,
             ``kmeans_iterations``: single settings to override (after ``options``).
 
@@ -217,7 +223,7 @@ def from_pretrained(
     Raises:
         FileNotFoundError: no config.json in ``directory``.
         ValueError: a model Nyström attention cannot serve (causal, or attention outside
-            transformers' interface).
+            transformers' interface), or an impossible ``dtype``.
         nystromer.models.CheckpointError: a weights file that cannot be read (named), or
             convolution weights missing or of the wrong shape.
     """
@@ -235,6 +241,9 @@ def from_pretrained(
         )
     if options is not None and not isinstance(options, NystromOptions):
         raise TypeError(f"options must be a NystromOptions or None, got {type(options).__name__}")
+    from .models.hf_io import check_dtype
+
+    target = check_dtype(dtype)
     if raw.get("model_type") == "nystromformer":
         from . import models
 
@@ -247,7 +256,7 @@ def from_pretrained(
             if options.conv_kernel_size is None:
                 del overrides["conv_kernel_size"]  # the trained convolution stays
         overrides.update(convert_options)
-        return model_class.from_pretrained(path, numerics="nystromer", **overrides)
+        return model_class.from_pretrained(path, numerics="nystromer", dtype=target, **overrides)
     if model_class is None:
         from transformers import AutoModel as model_class
     recorded = raw.get(CONFIG_KEY, raw.get(hf.LEGACY_CONFIG_KEY))
@@ -256,7 +265,9 @@ def from_pretrained(
     options = options.replace(**convert_options)
     try:
         with hf.conv_weights_expected():
-            model = model_class.from_pretrained(path, attn_implementation=hf.IMPLEMENTATION)
+            model = model_class.from_pretrained(
+                path, attn_implementation=hf.IMPLEMENTATION, dtype=target
+            )
     except Exception as e:
         _name_unreadable_file(path, e)
         raise

@@ -17,10 +17,10 @@ them. The convolution skip is a parameter of each attention module (``nystrom_co
 
 What is refused, with an error that says why (docs/models.md, "Families"): causal attention and
 decoders (Nyström landmarks average over future tokens), models whose attention bypasses the
-interface (transformers keeps eager attention for them), masks other than key padding or a
-bidirectional local window (ModernBERT's local layers, which keep exact attention; packed
-sequences are refused), and attention calls given a position bias (T5's relative attention)
-or other terms softmax attention does not have.
+interface (refused when built with ``"nystrom"``: they would keep their own attention), masks
+other than key padding or a bidirectional local window (ModernBERT's local layers, which keep
+exact attention; packed sequences are refused), and attention calls given a position bias
+(T5's relative attention) or other terms softmax attention does not have.
 """
 
 from __future__ import annotations
@@ -637,6 +637,47 @@ def register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+    _guard_construction()
+
+
+def _guard_construction() -> None:
+    """Make a model whose attention bypasses the interface refuse ``"nystrom"`` when it is built.
+
+    transformers accepts any registered name for every model class when it resolves
+    ``attn_implementation`` in ``PreTrainedModel.__init__`` (``from_pretrained``,
+    ``from_config``); a class that never calls the interface (DeBERTa, WavLM, XLM, …) then runs
+    its own exact attention, and those that never build a mask through it either do so without
+    a word. transformers offers no per-implementation check, so its resolution method is
+    wrapped (once; it acts only on ``"nystrom"``).
+    """
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(original, "_nystromer_guard", False):
+        return
+
+    @functools.wraps(original)
+    def check_and_adjust(self, attn_implementation, *args, **kwargs):
+        resolved = original(self, attn_implementation, *args, **kwargs)
+        if resolved == IMPLEMENTATION and _bypasses_interface(type(self)):
+            raise ValueError(
+                f"{type(self).__name__}'s attention does not go through transformers' attention "
+                f'interface, so attn_implementation="{IMPLEMENTATION}" cannot reach it: it would '
+                "run its own exact attention instead; docs/models.md lists the families that work"
+            )
+        return resolved
+
+    check_and_adjust._nystromer_guard = True
+    PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
+
+
+def _bypasses_interface(cls: type) -> bool:
+    """Whether transformers found, in ``cls``'s source, attention modules that do not call the
+    interface (a class whose source cannot be read, e.g. defined in a notebook, is not judged)."""
+    return (
+        not cls._can_set_attn_implementation()
+        and getattr(cls, "_can_set_attn_implementation_cached_value", None) is False
+    )
 
 
 # transformers' AttentionInterface lives here: once it has run, registering is possible.

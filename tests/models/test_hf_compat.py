@@ -295,3 +295,41 @@ def test_return_dict_false_gives_transformers_tuple(tmp_path, name):
         for a, b in zip(got, expected, strict=True):
             a, b = (a, b) if isinstance(a, torch.Tensor) else (torch.stack(a), torch.stack(b))
             assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("name", ["NystromformerModel", "NystromformerForMaskedLM"])
+def test_models_without_convolution_load_into_transformers(tmp_path, name):
+    # float64: transformers' model and ours (numerics="hf") run the same operations, and the
+    # zero kernel-1 convolution written for transformers adds exactly 0, so what remains is
+    # float64 rounding of differently fused kernels (1e-12 is far above it, far below any
+    # real difference).
+    cfg = tiny_config(numerics="hf", num_landmarks=16, segment_means_seq_len=16)
+    cfg = cfg.replace(conv_kernel_size=None)
+    torch.manual_seed(0)
+    model = peaked(getattr(ours, name)(cfg)).double().eval()
+    model.save_pretrained(tmp_path)
+    hf, info = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True)
+    hf.eval()
+    assert not any(info.values()), info
+    assert hf.dtype == torch.float64
+    kwargs, _ = batch(name, 21, pad=True)
+    mask = kwargs["attention_mask"].bool()
+    with torch.no_grad():
+        a, b = main_output(name, model(**kwargs))[mask], main_output(name, hf(**kwargs))[mask]
+    assert rel_err(a, b) <= 1e-12
+    back = getattr(ours, name).from_pretrained(tmp_path, strict=True).double()
+    assert back.config.conv_kernel_size is None
+    assert not any("conv" in k for k in back.state_dict())
+    written = back.config.to_dict()
+    assert written.pop("dtype") == "float64" and written == model.config.to_dict()
+    with torch.no_grad():
+        assert torch.equal(main_output(name, back(**kwargs)), main_output(name, model(**kwargs)))
+    # Trained in transformers, the stand-in is a real convolution: refused without the kernel
+    # size, loaded with it.
+    with torch.no_grad():
+        hf.base_model.encoder.layer[0].attention.self.conv.weight.fill_(0.5)
+    hf.save_pretrained(tmp_path / "trained")
+    with pytest.raises(CheckpointError, match="conv_kernel_size=1"):
+        getattr(ours, name).from_pretrained(tmp_path / "trained")
+    kept = getattr(ours, name).from_pretrained(tmp_path / "trained", conv_kernel_size=1)
+    assert kept.config.conv_kernel_size == 1

@@ -222,3 +222,55 @@ def test_output_projection_fit_brings_the_model_closer_and_errors_are_clear(teac
     for bad in (0.0, -1.0, True, float("inf")):
         with pytest.raises(ValueError, match="output_projection must be a finite number > 0"):
             calibrate(both, fits, output_projection=bad)
+
+
+def test_albert_shared_layer_is_fitted_on_all_its_uses():
+    # ALBERT runs one layer's weights num_hidden_layers times: its one convolution serves
+    # every use, so the fit is the least-squares kernel over all uses pooled (fitting the first
+    # use alone, as before, leaves the others out).
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(
+        vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    albert = transformers.AlbertModel(config).double().eval()
+    with torch.no_grad():  # peaked attention, so Nyström attention differs from exact
+        attn = albert.encoder.albert_layer_groups[0].albert_layers[0].attention
+        attn.query.weight.mul_(20)
+        attn.key.weight.mul_(20)
+    student = nystromer.convert(albert, num_landmarks=M, conv_kernel_size=K)
+    batch = _batch([40, 33])
+
+    calls = []
+
+    def keep(call):
+        calls.append((call.query, call.key, call.value, call.mask, call.output.clone()))
+
+    with nystromer.patching.attention_probe(keep), torch.no_grad():
+        student(**batch)  # convolution still zero: every use sees the inputs the fit sees
+    assert len(calls) == 3
+
+    result = calibrate(student, [batch], ridge=0.0)
+    assert len(result.explained) == 1 and result.tokens == 3 * 73
+    fitted = attn.nystrom_conv.weight[:, 0, :, 0]
+    heads, d = 4, 8
+    for h_ in range(heads):
+        rows, target = [], []
+        for q, k, v, mask, out in calls:
+            logits = (q @ k.transpose(-1, -2)) / d**0.5
+            logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+            exact = torch.softmax(logits, -1) @ v
+            for s in range(q.shape[0]):
+                length = int(mask[s].sum())
+                vs = v[s, h_, :length]
+                for i in range(length):
+                    taps = [
+                        vs[i + t - K // 2] if 0 <= i + t - K // 2 < length else torch.zeros(d)
+                        for t in range(K)
+                    ]
+                    rows.append(torch.stack(taps, -1))
+                    target.append(exact[s, h_, i] - out[s, h_, i])
+        x, y = torch.cat(rows).double(), torch.cat(target).double()
+        w = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+        torch.testing.assert_close(fitted[h_], w, rtol=1e-8, atol=1e-10)

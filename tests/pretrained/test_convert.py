@@ -276,3 +276,40 @@ def test_renamed_modules_no_longer_shadowed_and_old_paths_warn():
         warnings.simplefilter("error")  # an unknown name is an ImportError, not a warning
         with pytest.raises(ImportError):
             from nystromer.convert import no_such_name  # noqa: F401
+
+
+@pytest.mark.parametrize("kind", ["bert", "nystromformer"])
+def test_from_pretrained_loads_in_float32_unless_asked(tmp_path, kind):
+    # transformers 5 keeps a bfloat16 checkpoint in bfloat16 (its dtype defaults to "auto");
+    # nystromer loads both kinds of checkpoint in torch's default dtype unless asked.
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = nystromer.convert(bert(), num_landmarks=8, conv_kernel_size=3)
+    else:
+        model = NystromformerModel(NystromformerConfig(**SMALL, conv_kernel_size=3)).eval()
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+
+    def dtypes(loaded):
+        return {p.dtype for p in loaded.parameters()}
+
+    assert dtypes(nystromer.from_pretrained(tmp_path)) == {torch.float32}
+    assert dtypes(nystromer.from_pretrained(tmp_path, dtype="auto")) == {torch.bfloat16}
+    assert dtypes(nystromer.from_pretrained(tmp_path, dtype="bfloat16")) == {torch.bfloat16}
+    assert dtypes(nystromer.from_pretrained(tmp_path, dtype=torch.float64)) == {torch.float64}
+    for wrong in ("int8", torch.int64, "half precision"):
+        with pytest.raises(ValueError, match="dtype must be"):
+            nystromer.from_pretrained(tmp_path, dtype=wrong)
+    # The weights were exact in bfloat16: loading in float32 keeps them exactly.
+    saved = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    loaded = nystromer.from_pretrained(tmp_path).state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(loaded[k], v.float(), rtol=0, atol=0)
+
+
+def test_nystromformer_float64_checkpoint_is_not_rounded_through_float32(tmp_path):
+    torch.manual_seed(0)
+    model = NystromformerModel(NystromformerConfig(**SMALL, conv_kernel_size=3)).double()
+    model.save_pretrained(tmp_path)
+    loaded = NystromformerModel.from_pretrained(tmp_path, dtype="auto")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

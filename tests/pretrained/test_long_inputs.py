@@ -197,3 +197,30 @@ def test_a_checkpoint_named_like_a_built_in_model_stays_apart(tiny, tmp_path, ca
         SCRIPT["main"]([*argv, "--checkpoint", str(clash), str(clash), "--out", str(tmp_path)]) == 2
     )
     assert "two --checkpoint folders named 'converted'" in capsys.readouterr().err
+
+
+def test_a_bfloat16_checkpoint_is_evaluated_in_float32(tiny, tmp_path, monkeypatch):
+    # transformers 5 would load it in bfloat16, and it would be ranked against float32 systems.
+    from transformers import AutoModel
+
+    model, docs = tiny
+    half = tmp_path / "half"
+    AutoModel.from_pretrained(model.parent / "tiny-converted").to(torch.bfloat16).save_pretrained(
+        half
+    )
+    seen = {}
+    embed = long_inputs._embed_documents
+
+    def recording(system, docs, model, special, memo):
+        seen[system.name] = {p.dtype for p in model.parameters()}
+        return embed(system, docs, model, special, memo)
+
+    monkeypatch.setattr(long_inputs, "_embed_documents", recording)
+    argv = [
+        "--model", str(model), "--documents", str(docs), "--lengths", "128", "--min-tokens",
+        "150", "--query-length", "8", "--num-landmarks", "4", "--bootstrap", "10",
+        "--checkpoint", str(half), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert SCRIPT["main"](argv) == 0
+    assert seen["half"] == {torch.float32}
+    assert all(d == {torch.float32} for d in seen.values())

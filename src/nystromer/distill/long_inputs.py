@@ -379,7 +379,9 @@ def run_benchmark(
         # Keyed apart from the built-in models ("original", "exact", "converted"): a checkpoint
         # folder may be called that too.
         key = f"checkpoint:{name}"
-        models[key] = model = from_pretrained(c).eval()
+        # In float32, as the original model (load_teacher): a checkpoint saved in bfloat16
+        # would otherwise be compared in another precision than the systems it is ranked with.
+        models[key] = model = from_pretrained(c, dtype=torch.float32).eval()
         n = min(_trained_length(model), max_length)
         systems.append(System(name, f"{name} ({n:,} positions)", n, key, _prefix(n)))
 

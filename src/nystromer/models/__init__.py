@@ -8,7 +8,7 @@
     NystromformerForMultipleChoice
     NystromformerForQuestionAnswering
 
-Every class has ``from_pretrained(directory, **config_overrides)`` and
+Every class has ``from_pretrained(directory, *, strict=False, dtype=None, **config_overrides)`` and
 ``save_pretrained(directory)``; transformers is not required.
 """
 

@@ -20,7 +20,7 @@ from .._checks import check_positive_int, check_probability
 from .._io import atomic_write
 from ..options import NystromOptions
 
-__all__ = ["NystromformerConfig", "CONFIG_NAME", "ACTIVATIONS"]
+__all__ = ["NystromformerConfig", "CONFIG_NAME", "ACTIVATIONS", "NO_CONV_KEY"]
 
 CONFIG_NAME = "config.json"
 # Activation names of transformers' ACT2FN that this package implements (see modeling._activation).
@@ -39,6 +39,10 @@ NUMERICS = ("nystromer", "hf")
 _OLD_NUMERICS = {"ours": "nystromer"}
 # Written by transformers but describing the file, not the model: kept out of `extra`.
 _FILE_KEYS = ("architectures", "model_type", "transformers_version")
+# nystromer's conv_kernel_size where the file's own says something else for transformers:
+# save_pretrained writes a model without convolution as a zero kernel-1 convolution
+# (transformers' config refuses a null conv_kernel_size) and this key as null.
+NO_CONV_KEY = "nystromer_conv_kernel_size"
 
 
 @dataclass
@@ -56,7 +60,8 @@ class NystromformerConfig:
         segment_means_seq_len: the one input length transformers' Nyström branch accepts (64).
             Used only with ``numerics="hf"``.
         num_landmarks: m, landmarks per head (64).
-        conv_kernel_size: depthwise convolution skip on the values, odd, or None for none (65).
+        conv_kernel_size: depthwise convolution skip on the values, odd, or None for none (65;
+            save_pretrained writes None as a zero kernel-1 convolution, which transformers reads).
         inv_coeff_init_option: with ``numerics="hf"``, pseudo-inverse initial scale per matrix
             (True) or one scale for the whole batch (False, transformers' default).
         initializer_range: std of the normal initialisation (0.02).
@@ -215,7 +220,13 @@ class NystromformerConfig:
             )
         known = set(cls.field_names())
         kwargs = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known and k not in _FILE_KEYS}
+        extra = {
+            k: v
+            for k, v in data.items()
+            if k not in known and k not in _FILE_KEYS and k != NO_CONV_KEY
+        }
+        if NO_CONV_KEY in data:
+            kwargs["conv_kernel_size"] = data[NO_CONV_KEY]
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,12 +19,20 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_path
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, NO_CONV_KEY
 
 if TYPE_CHECKING:
     from .modeling import NystromformerPreTrainedModel
 
-__all__ = ["CheckpointError", "read_state_dict", "load_into", "write_checkpoint", "WEIGHTS_NAMES"]
+__all__ = [
+    "CheckpointError",
+    "WEIGHTS_NAMES",
+    "check_dtype",
+    "checkpoint_dtype",
+    "load_into",
+    "read_state_dict",
+    "write_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,8 @@ WEIGHTS_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX, BIN_NAME, BIN_INDEX)
 # Non-trainable buffers some transformers versions saved; they are recomputed, never loaded.
 _BUFFER_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 _MAX_LISTED = 12
+# The convolution skip's weight within an attention module, transformers' name.
+_CONV = "attention.self.conv.weight"
 
 
 class CheckpointError(ValueError):
@@ -105,6 +115,39 @@ def read_state_dict(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
     raise FileNotFoundError(f"no weights in {d}: expected one of {', '.join(WEIGHTS_NAMES)}")
 
 
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """The ``dtype`` argument of the ``from_pretrained`` functions, checked: None gives torch's
+    default dtype (float32 unless changed), ``"auto"`` stays (the checkpoint's dtype, as
+    transformers 5 loads by default), a floating ``torch.dtype`` or its name gives that dtype.
+
+    Raises:
+        ValueError: anything else, naming ``dtype``.
+    """
+    if dtype is None:
+        return torch.get_default_dtype()
+    if dtype == "auto":
+        return "auto"
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            "dtype must be None (torch's default, float32), 'auto' (the checkpoint's) or a "
+            f"floating torch.dtype or its name, got {dtype!r}"
+        )
+    return resolved
+
+
+def checkpoint_dtype(recorded: dict, state: dict[str, Tensor]) -> torch.dtype:
+    """The dtype a checkpoint was saved in, as transformers 5 reads it: config.json's
+    ``"dtype"`` (transformers 4: ``"torch_dtype"``), else its first floating weight's, else
+    torch's default."""
+    for key in ("dtype", "torch_dtype"):
+        named = getattr(torch, str(recorded.get(key)), None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    floating = (v.dtype for v in state.values() if v.is_floating_point())
+    return next(floating, torch.get_default_dtype())
+
+
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
@@ -151,6 +194,11 @@ def load_into(
         state.pop(k, None)
 
     expected = {k: v for k, v in model.state_dict().items() if k not in model._tied_keys}
+    # A model without convolution is saved with zero convolutions for transformers (see
+    # write_checkpoint): a zero convolution adds nothing, so it is no convolution.
+    state = {
+        k: v for k, v in state.items() if k in expected or not k.endswith(_CONV) or bool(v.any())
+    }
 
     def in_encoder(k: str) -> bool:
         return model.is_base_model or k.startswith(base)
@@ -166,6 +214,11 @@ def load_into(
         problems.append(f"missing encoder weights {_listed(encoder_missing)}")
     if encoder_unexpected:
         problems.append(f"unexpected encoder weights {_listed(encoder_unexpected)}")
+        if any(k.endswith(_CONV) for k in encoder_unexpected):
+            problems.append(
+                f"the checkpoint has trained convolution skips: load it with conv_kernel_size="
+                f"{next(v for k, v in state.items() if k.endswith(_CONV)).shape[2]}"
+            )
     if strict and head_missing:
         problems.append(f"missing head weights {_listed(head_missing)}")
     if strict and head_unexpected:
@@ -229,6 +282,15 @@ def write_checkpoint(
     if "cls.predictions.bias" in tensors and not model.config.tie_word_embeddings:
         # Untied, transformers keeps decoder.bias as a weight of its own and expects it.
         tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
+    no_conv = model.config.conv_kernel_size is None
+    if no_conv:
+        # transformers' config refuses a null conv_kernel_size (typed int) although its model
+        # has a no-convolution path; a zero convolution of width 1 is what it can read that
+        # adds nothing. Read back as None (NO_CONV_KEY in the config; zero weights dropped).
+        for key in [k for k in tensors if k.endswith("attention.self.query.weight")]:
+            heads = model.config.num_attention_heads
+            conv_key = key.removesuffix("query.weight") + "conv.weight"
+            tensors[conv_key] = tensors[key].new_zeros(heads, 1, 1, 1)
     with atomic_path(d / SAFETENSORS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     # transformers loads the weights in the dtype config.json names, so a "dtype" (or
@@ -239,4 +301,7 @@ def write_checkpoint(
     floating = [v.dtype for v in tensors.values() if v.is_floating_point()]
     if floating:
         config.extra["dtype"] = str(floating[0]).removeprefix("torch.")
+    if no_conv:
+        config.conv_kernel_size = 1
+        config.extra[NO_CONV_KEY] = None
     config.to_json_file(d / CONFIG_NAME, architectures=[type(model).__name__])

@@ -489,7 +489,12 @@ class NystromformerPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], *, strict: bool = False, **config_overrides: Any
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        strict: bool = False,
+        dtype: torch.dtype | str | None = None,
+        **config_overrides: Any,
     ):
         """Load a Hugging Face-format directory (config.json + model.safetensors or
         pytorch_model.bin, possibly sharded), as written by transformers or :meth:`save_pretrained`.
@@ -502,16 +507,26 @@ class NystromformerPreTrainedModel(nn.Module):
                 new task head on a pretrained encoder) are initialised and logged, and weights
                 of other heads are ignored and logged; missing or unknown encoder weights are
                 always an error.
+            dtype: of the model's weights. None (default): torch's default dtype (float32),
+                whatever the checkpoint was saved in, as transformers 4 loaded; ``"auto"``: the
+                checkpoint's (config.json's ``"dtype"``, else its weights'), as transformers 5
+                loads by default; or a floating ``torch.dtype`` or its name.
             **config_overrides: config fields to change, e.g. ``num_landmarks=64``,
                 ``numerics="hf"``, ``num_labels=3``.
 
         Raises:
             FileNotFoundError: no config.json or no weights file.
+            ValueError: an impossible ``dtype``.
             hf_io.CheckpointError: key or shape mismatch (the message lists the keys).
         """
+        target = hf_io.check_dtype(dtype)
         config = NystromformerConfig.from_pretrained(directory, **config_overrides)
-        model = cls(config)
         state = hf_io.read_state_dict(directory)
+        if target == "auto":
+            target = hf_io.checkpoint_dtype(config.extra, state)
+        # Made in the target dtype before the weights are copied in: a float64 checkpoint
+        # loaded in float64 is never rounded through float32.
+        model = cls(config).to(target)
         hf_io.load_into(model, state, strict=strict, source=str(directory))
         return model.eval()  # as transformers: dropout off until model.train()
 
