@@ -652,8 +652,9 @@ def _guard_construction() -> None:
     """
     from transformers import PreTrainedModel
 
-    original = PreTrainedModel._check_and_adjust_attn_implementation
-    if getattr(original, "_nystromer_guard", False):
+    original = getattr(PreTrainedModel, "_check_and_adjust_attn_implementation", None)
+    if original is None or getattr(original, "_nystromer_guard", False):
+        # (A transformers without this method resolves names elsewhere: nothing to guard.)
         return
 
     @functools.wraps(original)
@@ -674,8 +675,10 @@ def _guard_construction() -> None:
 def _bypasses_interface(cls: type) -> bool:
     """Whether transformers found, in ``cls``'s source, attention modules that do not call the
     interface (a class whose source cannot be read, e.g. defined in a notebook, is not judged)."""
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
     return (
-        not cls._can_set_attn_implementation()
+        can_set is not None
+        and not can_set()
         and getattr(cls, "_can_set_attn_implementation_cached_value", None) is False
     )
 
