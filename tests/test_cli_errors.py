@@ -57,6 +57,19 @@ CASES = {
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
         "--device: ",
     ),
+    "distill --teacher DIR": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE"],
+        "--teacher: teacher must be a model folder with a config.json: DIR",
+    ),
+    "distill --num-landmarks 0": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--num-landmarks", "0"],
+        "--num-landmarks: num_landmarks must be an integer ≥ 1, got 0",
+    ),
+    "distill --calibrate without a skip": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE"]
+        + ["--conv-kernel-size", "0", "--calibrate", "4"],
+        "--calibrate: calibrate fits the convolution skip, which needs conv_kernel_size",
+    ),
     "eval-long --model MISSING": (["eval-long", "--model", "MISSING", "--out", "OUT"], "--model:"),
     "eval-long --documents FILE": (
         ["eval-long", "--model", "MODEL", "--documents", "FILE", "--out", "OUT"],
