@@ -18,7 +18,9 @@ from nystromer.cli import main
 # Words of a command: MISSING is a path that does not exist, FILE a text file, BAD_JSON a
 # malformed JSON file, OTHER_JSON the JSON of no report, DIR an empty folder, MODEL a folder with
 # a BERT config.json (and nothing else: read only once the arguments are checked), OUT a folder
-# that must not be created.
+# that must not be created. Files of the right kind with a value of the wrong type (a TypeError
+# reported as an input error, naming the file or the field): BAD_RECIPE a recipe, BAD_RUN an LRA
+# run folder whose config.json holds that recipe, BAD_LONG / BAD_TRANSMIL reports.
 # A CUDA index no machine has: refused with or without CUDA, when the command runs (argparse
 # checks the spelling only: a command may be written for another machine).
 NO_GPU = "cuda:999"
@@ -45,10 +47,28 @@ CASES = {
         ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "OTHER_JSON"],
         "OTHER_JSON: unknown recipe keys ['benchmark']",
     ),
+    "train --recipe BAD_RECIPE": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "BAD_RECIPE"],
+        "BAD_RECIPE: recipe field 'steps' must be int, got 'ten'",
+    ),
     "eval --device foo": (["eval", "DIR", "--device", "foo"], "argument --device"),
+    "eval BAD_RUN": (["eval", "BAD_RUN"], "recipe field 'steps' must be int, got 'ten'"),
     "distill --device cuda:N": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
         "--device: ",
+    ),
+    "distill --teacher DIR": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE"],
+        "--teacher: teacher must be a model folder with a config.json: DIR",
+    ),
+    "distill --num-landmarks 0": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--num-landmarks", "0"],
+        "--num-landmarks: num_landmarks must be an integer ≥ 1, got 0",
+    ),
+    "distill --calibrate without a skip": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE"]
+        + ["--conv-kernel-size", "0", "--calibrate", "4"],
+        "--calibrate: calibrate fits the convolution skip, which needs conv_kernel_size",
     ),
     "eval-long --model MISSING": (["eval-long", "--model", "MISSING", "--out", "OUT"], "--model:"),
     "eval-long --documents FILE": (
@@ -62,6 +82,10 @@ CASES = {
     "eval-long --from-json OTHER_JSON": (
         ["eval-long", "--from-json", "OTHER_JSON"],
         "--from-json: OTHER_JSON is not a long_inputs report",
+    ),
+    "eval-long --from-json BAD_LONG": (
+        ["eval-long", "--from-json", "BAD_LONG"],
+        "--from-json: BAD_LONG is not a report this version reads (TypeError: ",
     ),
     "eval-long --from-json MISSING": (
         ["eval-long", "--from-json", "MISSING"],
@@ -91,6 +115,10 @@ CASES = {
     "bench transmil --from-json OTHER_JSON": (
         ["bench", "transmil", "--from-json", "OTHER_JSON", "--out", "OUT"],
         "--from-json: OTHER_JSON is not a transmil report",
+    ),
+    "bench transmil --from-json BAD_TRANSMIL": (
+        ["bench", "transmil", "--from-json", "BAD_TRANSMIL", "--out", "OUT"],
+        "--from-json: BAD_TRANSMIL is not a report this version reads (TypeError: ",
     ),
     "bench transmil --device cuda:N": (
         ["bench", "transmil", "--device", NO_GPU, "--out", "OUT"],
@@ -148,6 +176,13 @@ def paths(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "speed"}))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "bad_recipe.json").write_text(json.dumps({"steps": "ten"}))
+    (tmp_path / "bad_run").mkdir()
+    run_config = {"task": "listops", "recipe": {"steps": "ten"}, "model": {}}
+    (tmp_path / "bad_run" / "config.json").write_text(json.dumps(run_config))
+    for name, benchmark in (("bad_long", "long_inputs"), ("bad_transmil", "transmil")):
+        report = {"benchmark": benchmark, "settings": 5, "documents": 5, "systems": 5}
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
     return {
         "MISSING": tmp_path / "missing",
         "FILE": tmp_path / "file.txt",
@@ -156,6 +191,10 @@ def paths(tmp_path):
         "DIR": tmp_path / "dir",
         "MODEL": tmp_path / "model",
         "OUT": tmp_path / "out",
+        "BAD_RECIPE": tmp_path / "bad_recipe.json",
+        "BAD_RUN": tmp_path / "bad_run",
+        "BAD_LONG": tmp_path / "bad_long.json",
+        "BAD_TRANSMIL": tmp_path / "bad_transmil.json",
     }
 
 
@@ -184,14 +223,17 @@ def test_bad_input_is_one_error_line_naming_the_argument(paths, capsys, argv, ex
     assert not paths["OUT"].exists()  # nothing was written
 
 
-def test_a_bug_in_a_command_still_raises(monkeypatch, tmp_path):
+@pytest.mark.parametrize("bug", [KeyError, TypeError])
+def test_a_bug_in_a_command_still_raises(monkeypatch, tmp_path, bug):
+    # A TypeError is what a wrong keyword or a wrong call raises: not an input error, although
+    # the checks of a file's content raise one (nystromer._checks.InputTypeError).
     from nystromer.bench import viz
 
     def broken(*args, **kwargs):
-        raise KeyError("a bug")
+        raise bug("a bug")
 
     monkeypatch.setattr(viz, "attention_figure", broken)
-    with pytest.raises(KeyError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         main(["viz", "attention", "--out", str(tmp_path / "a.png")])
 
 

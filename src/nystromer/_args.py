@@ -16,6 +16,8 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
+from ._checks import InputTypeError
+
 __all__ = [
     "EXIT_USAGE",
     "USAGE_ERRORS",
@@ -37,8 +39,10 @@ __all__ = [
 
 EXIT_USAGE = 2  # bad arguments, data or run directory: nothing was computed, or it was kept
 
-# Errors that mean "the input is wrong": reported in one line, without a traceback.
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError)
+# Errors that mean "the input is wrong": reported in one line, without a traceback. A plain
+# TypeError is not among them: it is almost always a bug (a wrong keyword, a wrong call), and
+# the checks of a file's content raise InputTypeError instead.
+USAGE_ERRORS = (ValueError, InputTypeError, FileNotFoundError)
 
 
 def error(message: str) -> int:

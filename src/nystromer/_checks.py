@@ -14,6 +14,13 @@ import torch
 from torch import Tensor
 
 
+class InputTypeError(TypeError):
+    """A value read from a file (a recipe, a run's or a model's config.json) has the wrong
+    type. Library callers catch it as the TypeError it is; the ``nystromer`` commands report
+    it in one line as an input error (``nystromer._args.USAGE_ERRORS``), while any other
+    TypeError is a bug and keeps its traceback."""
+
+
 def is_int(value: object) -> bool:
     """An int that is not a bool (True is no count)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _cpu
-from ._checks import check_shape
+from ._checks import InputTypeError, check_shape
 from .attention import ValueConv, multihead_nystrom_attention
 from .functional import attention_rows
 from .options import NystromOptions
@@ -86,7 +86,7 @@ def get_options(config: Any) -> NystromOptions:
     if isinstance(settings, NystromOptions):
         return settings
     if settings is not None and not isinstance(settings, dict):
-        raise TypeError(
+        raise InputTypeError(
             f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
         )
     items = tuple(sorted((settings or {}).items()))

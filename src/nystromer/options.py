@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import is_int, plain_int
+from ._checks import InputTypeError, is_int, plain_int
 
 __all__ = ["NystromOptions", "check_nystrom_options", "resolve_options"]
 
@@ -89,7 +89,7 @@ class NystromOptions:
     def from_dict(cls, settings: dict[str, Any] | None) -> NystromOptions:
         """Settings from a dict; missing keys take the defaults, unknown keys are an error."""
         if settings is not None and not isinstance(settings, Mapping):
-            raise TypeError(
+            raise InputTypeError(
                 f"settings must be a dict of Nyström settings or None, got "
                 f"{type(settings).__name__}"
             )

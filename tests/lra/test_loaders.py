@@ -107,6 +107,27 @@ def test_listops_line_numbers_across_blocks(tmp_path: Path, monkeypatch):
     assert len(ds) == 30 and all(ds[i][0].tolist() == [11, 2, 3] for i in range(30))
 
 
+@pytest.mark.parametrize("block_bytes", [64, 1 << 23])  # blank lines across blocks, or in one
+def test_listops_skips_blank_lines(tmp_path: Path, monkeypatch, block_bytes: int):
+    # As the Pathfinder metadata reader does: an editor's last newline, a gap, a line of spaces
+    # (CRLF too) is no example, and a line after them keeps its number in the messages.
+    import nystromer.lra.data.loaders as loaders
+
+    monkeypatch.setattr(loaders, "_BLOCK_BYTES", block_bytes)
+    row = "( ( ( [MIN 1 ) 2 ) ] )\t1"
+    body = f"Source\tTarget\n{row}\n\n{row}\r\n \t \r\n\n\n\n{row}\n\n  \n"
+    write(tmp_path / "basic_train.tsv", body)
+    ds = load_split("listops", tmp_path, "train")
+    assert len(ds) == 3 and all(ds[i][0].tolist() == [11, 2, 3, 15] for i in range(3))
+    assert all(ds[i][1] == 1 for i in range(3))
+    write(tmp_path / "basic_train.tsv", body + "\n\n" + row.replace("\t1", "\tx") + "\n")
+    with pytest.raises(ValueError, match=r"line 14: expected a Target digit"):
+        load_split("listops", tmp_path, "train")
+    write(tmp_path / "basic_train.tsv", "Source\tTarget\n\n \n")
+    with pytest.raises(ValueError, match="no examples after the header"):
+        load_split("listops", tmp_path, "train")
+
+
 # --- Text -------------------------------------------------------------------------------------
 
 
@@ -174,6 +195,19 @@ def test_retrieval(tmp_path: Path):
     # items survive pickling (DataLoader workers) and reopen the file
     again = pickle.loads(pickle.dumps(ds))
     assert again[1][0].tolist() == ds[1][0].tolist()
+
+
+def test_retrieval_skips_blank_lines(tmp_path: Path):
+    # As ListOps and the Pathfinder metadata do; an item still reads its own line only.
+    rows = ["1\tP1\tP2\tfirst\tsecond", "", " \t ", "0\tP3\tP4\tthird\tfourth\r", "", ""]
+    write(tmp_path / "new_aan_pairs.test.tsv", "\n".join(rows))
+    ds = load_split("retrieval", tmp_path, "test")
+    assert len(ds) == 2 and [ds[i][2] for i in range(2)] == [1, 0]
+    texts = [bytes((t - 1).tolist()) for i in range(2) for t in ds[i][:2]]
+    assert texts == [b"first", b"second", b"third", b"fourth"]
+    write(tmp_path / "new_aan_pairs.test.tsv", "\n".join([*rows, "2\ta\tb\tc\td"]))
+    with pytest.raises(ValueError, match="line 7: expected a label 0 or 1"):
+        load_split("retrieval", tmp_path, "test")
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,7 @@ def test_loader_reports_malformed_metadata(tmp_path: Path):
     (folder / "metadata" / "0.npy").write_text("imgs/0 sample_0.png 0 1\n" * 10)
     with pytest.raises(FileNotFoundError, match=r"line \d+: the image .*sample_0.png is missing"):
         load_split("pathfinder", tmp_path, "train")
+    # Blank lines are skipped (as in the ListOps and Retrieval TSV files), keeping the numbers.
+    (folder / "metadata" / "0.npy").write_text("\n \n" + "imgs/0 sample_0.png 0 1\n\n" * 10)
+    with pytest.raises(FileNotFoundError, match=r"0\.npy, line \d*[13579]: the image .*sample_0"):
+        load_split("pathfinder", tmp_path, "train")

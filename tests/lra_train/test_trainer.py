@@ -319,6 +319,31 @@ def test_checkpoint_swap_survives_a_crash_between_renames(tmp_path):
     assert ckpt.read_meta(tmp_path / "last")["step"] == 2
 
 
+def test_a_checkpoint_write_removes_what_a_hard_kill_left(tmp_path):
+    # SIGKILL runs no finally: a staging folder half written, a previous copy renamed away.
+    model = torch.nn.Linear(2, 2)
+    writers = {
+        ckpt.WEIGHTS: lambda p: ckpt.write_weights(model, p),
+        ckpt.META: lambda p: ckpt.write_json(p, {"step": 3}, atomic=False),
+    }
+    ckpt.write_checkpoint(tmp_path, "last", writers)
+    staged = [".new-last-k1ll_ed0", ".new-best-k1ll_ed0"]
+    stale = [*staged, ".old-last-k1ll_ed1", ".new-last-k1ll_ed2/.model.safetensors.abcd1234.tmp"]
+    # Not ours: another name pattern, or a file where our folders would be.
+    others = [".new-last-notes", ".new-last-my-notes", "new-last-k1ll_ed0"]
+    for name in stale + others:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "half").write_bytes(b"\0" * 10)
+    (tmp_path / ".new-last-k1ll_ed3").write_text("a file of the user's")
+    ckpt.write_checkpoint(tmp_path, "last", writers)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # best's staging stays until best is written (its writer alone may remove it).
+    assert left == sorted(["last", ".new-best-k1ll_ed0", ".new-last-k1ll_ed3", *others])
+    assert ckpt.read_meta(ckpt.find(tmp_path, "last"))["step"] == 3
+    ckpt.write_checkpoint(tmp_path, "best", writers)
+    assert not (tmp_path / ".new-best-k1ll_ed0").exists() and (tmp_path / "best").is_dir()
+
+
 def test_rng_capture_restore_round_trip():
     import random
 

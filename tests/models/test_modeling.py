@@ -61,6 +61,22 @@ def test_short_inputs_are_exact_attention():
     assert rel_err(a, b) <= 1e-6
 
 
+def test_save_pretrained_removes_the_temporary_files_a_hard_kill_left(tmp_path):
+    # Each file is written under a temporary name and renamed; SIGKILL leaves that name.
+    model = _model(NystromformerModel)
+    stale = [".model.safetensors.k1ll_ed0.tmp", ".config.json.abcd1234.tmp"]
+    others = [".model.safetensors.tmp", ".model.safetensors.notes.tmp", "model.safetensors.bak"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"\0" * 10)
+    model.save_pretrained(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["config.json", "model.safetensors", *others])
+    back = NystromformerModel.from_pretrained(tmp_path, strict=True)
+    saved, loaded = model.state_dict(), back.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
 def test_save_load_round_trip_and_tied_decoder(tmp_path):
     model = _model(NystromformerForMaskedLM)
     emb = model.nystromformer.embeddings.word_embeddings.weight

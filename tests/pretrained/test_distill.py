@@ -194,7 +194,10 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
 
     assert "--teacher and --text required" in error(["distill", "--out", str(tmp_path / "x")])
     assert "already holds a run" in error([*args, *small])
-    assert "num_landmarks must be" in error(
+    assert "--text: text file" in error(
+        [*args[:-1], str(tmp_path / "u"), "--text", str(tmp_path / "missing.txt")]
+    )
+    assert "--num-landmarks: num_landmarks must be" in error(
         [*args[:-1], str(tmp_path / "y"), "--num-landmarks", "0"]
     )
     nys = tmp_path / "nys"
@@ -204,7 +207,7 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
             intermediate_size=64,
         )
     ).save_pretrained(nys)  # fmt: skip
-    assert "teacher must be an exact-attention encoder" in error(
+    assert "--teacher: teacher must be an exact-attention encoder" in error(
         ["distill", "--teacher", str(nys), "--text", *config.texts, "--out", str(tmp_path / "z")]
     )
     assert "too few for one" in error(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .._io import load_json
@@ -21,6 +21,7 @@ __all__ = [
     "ratio",
     "ratio_text",
     "read_report",
+    "reading_report",
     "registered",
     "report_io",
 ]
@@ -85,6 +86,24 @@ def read_report(path: str | os.PathLike[str], benchmark: str, option: str = "--f
     return report
 
 
+@contextlib.contextmanager
+def reading_report(path: str | os.PathLike[str] | None, option: str = "--from-json") -> Iterator:
+    """Within the block, which renders a report read from ``path`` (None: one just measured,
+    left alone), a missing key or a value of the wrong type is a ValueError naming ``option``
+    and the file: a report of the right benchmark but edited by hand, or written by another
+    version, is an input error, not a bug of the command (whose TypeError keeps its
+    traceback)."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        if path is None:
+            raise
+        raise ValueError(
+            f"{option}: {path} is not a report this version reads "
+            f"({type(exc).__name__}: {exc}); pass a results file this command wrote"
+        ) from exc
+
+
 def report_io(
     args,
     run: Callable[[], dict],
@@ -107,7 +126,8 @@ def report_io(
         with atomic_write(path) as f:
             json.dump(report, f, indent=2)
         print(f"wrote {path}")
-    section = markdown(report)
+    with reading_report(args.from_json):
+        section = markdown(report)
     print(f"\n{section}")
     if args.write_docs:
         replace_section(args.write_docs, *markers, section, new_file="# Results\n")

@@ -30,7 +30,7 @@ from .._markdown import replace_section, table
 from .cli import _dtype, add_script_args, spelled_command
 from .implementations import AttentionConfig, AttentionRunner, Implementation
 from .measure import CaseSpec, fmt, measure_case
-from .pretrained import ratio, ratio_text, read_report, registered
+from .pretrained import ratio, ratio_text, read_report, reading_report, registered
 
 __all__ = [
     "BEGIN",
@@ -393,11 +393,12 @@ def _run(args: argparse.Namespace) -> int:
         base = call_with(CaseSpec, args, impl="exact", head_dim=args.dim_head)
         options = call_with(LayerOptions, args)
         report = call_with(run_transmil, args, base, options, command=_command(args))
-    print(f"\n{format_section(report)}\n")
-    written = write_outputs(report, args.out)
-    if args.write_docs:
-        written.append(write_docs_section(args.write_docs, report, written[2]))
-        written.append(Path(args.write_docs))
+    with reading_report(args.from_json):
+        print(f"\n{format_section(report)}\n")
+        written = write_outputs(report, args.out)
+        if args.write_docs:
+            written.append(write_docs_section(args.write_docs, report, written[2]))
+            written.append(Path(args.write_docs))
     for path in written:
         print(f"wrote {path}")
     return 0

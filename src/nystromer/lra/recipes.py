@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .._checks import InputTypeError
 from .._io import load_json
 from ..train import TrainConfig
 from .model import LRAArchitecture, LRAModelConfig, round_up
@@ -199,7 +200,7 @@ def _check_type(name: str, value: Any) -> None:
         ok = True
     if not ok:
         expected = typ.__name__ + (" or null" if nullable else "")
-        raise TypeError(f"recipe field {name!r} must be {expected}, got {value!r}")
+        raise InputTypeError(f"recipe field {name!r} must be {expected}, got {value!r}")
 
 
 def recipe_path(task: str) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import check_positive_int, check_probability
+from .._checks import InputTypeError, check_positive_int, check_probability
 from .._io import atomic_write
 from ..options import NystromOptions
 
@@ -212,7 +212,7 @@ class NystromformerConfig:
     def from_dict(cls, data: dict[str, Any]) -> NystromformerConfig:
         """Build from a config.json dictionary; unknown keys go to ``extra``."""
         if not isinstance(data, dict):
-            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+            raise InputTypeError(f"config must be a dict, got {type(data).__name__}")
         model_type = data.get("model_type", "nystromformer")
         if model_type != "nystromformer":
             raise ValueError(

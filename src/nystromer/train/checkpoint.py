@@ -12,7 +12,9 @@ A checkpoint is a directory ``RUN_DIR/<name>/`` (``last`` or ``best``) holding
 A directory is written whole under a temporary name and then swapped in by renames, so a
 crash leaves either the previous checkpoint or the new one, never a mixture; if it happens
 between the two renames the previous one survives as ``.old-<name>-*`` and :func:`find`
-falls back to it.
+falls back to it. A hard kill (SIGKILL) while writing leaves its ``.new-<name>-*`` staging
+folder behind: the next write of ``<name>`` removes it, and once the new checkpoint is in
+place, every ``.old-<name>-*``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_path, atomic_write, load_json
+from .._io import RANDOM_PART, atomic_path, atomic_write, load_json, remove_stale
 
 __all__ = [
     "capture_rng",
@@ -160,19 +163,19 @@ def write_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / name
+    remove_stale(run_dir, rf"\.new-{re.escape(name)}-{RANDOM_PART}", folders=True)
     staging = Path(tempfile.mkdtemp(prefix=f".new-{name}-", dir=run_dir))
     try:
         for file_name, write in writers.items():
             with atomic_path(staging / file_name) as tmp:
                 write(tmp)
-        old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=run_dir))
             old.rmdir()
             os.replace(target, old)
         os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # The previous copy, and any an earlier crash between the renames left: superseded.
+        remove_stale(run_dir, rf"\.old-{re.escape(name)}-{RANDOM_PART}", folders=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -86,8 +86,9 @@ def run_command(
 
     Failures become a message on stderr and an exit code:
 
-    - :data:`USAGE_ERRORS` (``ValueError``, ``TypeError``, ``FileNotFoundError``), in ``work``
-      or ``report``: ``nystromer: error: <message>``, :data:`EXIT_USAGE` (2);
+    - :data:`USAGE_ERRORS` (``ValueError``, ``InputTypeError``, ``FileNotFoundError``), in
+      ``work`` or ``report``: ``nystromer: error: <message>``, :data:`EXIT_USAGE` (2); a plain
+      ``TypeError`` is a bug and propagates;
     - :class:`~nystromer.train.NonFiniteLossError`: ``nystromer: <message>``,
       :data:`EXIT_FAILED` (1);
     - ``KeyboardInterrupt``, when ``resume_command`` is given: ``nystromer: interrupted;

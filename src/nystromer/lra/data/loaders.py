@@ -145,7 +145,7 @@ class PairDataset(Dataset):
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
         self._file.seek(int(self.offsets[i]))
-        line = self._file.read(int(self.offsets[i + 1] - self.offsets[i])).rstrip(b"\r\n")
+        line = self._file.readline().rstrip(b"\r\n")  # to its own end: blank lines may follow
         fields = line.split(b"\t")
         texts = [
             torch.from_numpy(np.frombuffer(t[: self.max_length], np.uint8).astype(np.int64) + 1)
@@ -221,6 +221,7 @@ def _find(root: Path, names: Sequence[str], what: str) -> Path:
 
 
 _SPACE = 32
+_BLANKS = (9, 11, 12, 13, _SPACE)  # the whitespace bytes besides the newline
 _BLOCK_BYTES = 1 << 23  # parse the TSV in blocks of whole lines: bounded memory on 600 MB files
 _LISTOPS_EXPECTED = "digits 0-9, [MIN, [MAX, [MED, [SM, ], ( and )"
 
@@ -273,7 +274,7 @@ def read_listops_tsv(path: Path, max_length: int) -> tuple[np.ndarray, np.ndarra
                 acc.append(part)
             line_no += data.count(b"\n", 0, cut)
             rest = data[cut:]
-    if not label_parts:
+    if not any(part.size for part in label_parts):  # none, or only blank lines
         raise ValueError(f"{path}: no examples after the header")
     counts = np.concatenate(count_parts)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -281,7 +282,9 @@ def read_listops_tsv(path: Path, max_length: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _parse_listops_block(data: bytes, path: Path, first_line: int, max_length: int):
-    """Parse whole lines ``data`` (numbered from ``first_line``): ids, per-line counts, labels."""
+    """Parse whole lines ``data`` (numbered from ``first_line``): ids, per-line counts, labels.
+
+    Blank lines (nothing but whitespace: an editor's last newline, a gap) are skipped."""
     # bytes.replace drops the parenthesis tokens at memory speed and leaves a third of the bytes
     # for numpy. A parenthesis glued to anything else survives and is reported below.
     text = data.replace(b"( ", b"").replace(b" )", b"")
@@ -295,9 +298,24 @@ def _parse_listops_block(data: bytes, path: Path, first_line: int, max_length: i
     crlf = (ends > starts) & (arr[np.maximum(ends - 1, 0)] == 13)
     arr[ends[crlf] - 1] = _SPACE
     ends = ends - crlf
+    # A line ends in its Target digit: only one that ends in whitespace (or is empty) can be
+    # blank, and those few are checked one by one, then blanked and dropped.
+    maybe = np.flatnonzero((ends == starts) | np.isin(arr[np.maximum(ends - 1, 0)], _BLANKS))
+    blank = [i for i in maybe.tolist() if not text[starts[i] : ends[i]].strip()]
+    numbers = np.arange(starts.size)  # each line's index in data, for the messages
+    if blank:
+        for i in blank:
+            arr[starts[i] : ends[i]] = _SPACE
+        keep = np.ones(starts.size, dtype=bool)
+        keep[blank] = False
+        starts, ends, numbers = starts[keep], ends[keep], numbers[keep]
+        if not starts.size:
+            empty = np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.uint8), empty, empty
     n = starts.size
 
     def fail(line: int, message: str):
+        line = int(numbers[line])
         original = data.split(b"\n")[line].rstrip(b"\r")[:80].decode("utf-8", "replace")
         raise ValueError(f"{path}, line {first_line + line}: {message}; the line: {original!r}")
 
@@ -405,6 +423,9 @@ def _load_retrieval(root: Path, split: str, max_length: int) -> PairDataset:
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             body = line.rstrip(b"\r\n")
+            if not body.strip():  # a blank line (an editor's last newline, a gap): skipped
+                position += len(line)
+                continue
             n_fields = body.count(b"\t") + 1
             if n_fields != 5:
                 raise ValueError(
