@@ -38,3 +38,14 @@ def test_compiles_in_one_graph_for_an_unmasked_bag_not_a_multiple_of_m():
     (grad_got,) = torch.autograd.grad(got.square().sum(), x)
     (grad_want,) = torch.autograd.grad(want.square().sum(), x)
     assert _close(grad_got, grad_want)
+
+
+def test_compiles_in_one_graph_with_dynamic_shapes():
+    # dynamic=True, so that bags of every length share one graph: the layer's float scale is
+    # then symbolic, and checking it with math.isfinite broke the graph (fullgraph failed).
+    torch._dynamo.reset()
+    layer = _randomised(NystromAttention(**SIZES), 3)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = torch.randn(1, 30, DIM, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert _close(compiled(x), layer(x))
