@@ -3,6 +3,7 @@ length that changes from bag to bag, compiled, heatmaps read as such code reads 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nystromer.compat import NystromAttention
@@ -18,6 +19,14 @@ def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
     return module
+
+
+def _package():
+    return pytest.importorskip("nystrom_attention")
+
+
+def _lengths_mask(n, lengths):
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -49,3 +58,26 @@ def test_compiles_in_one_graph_with_dynamic_shapes():
     x = torch.randn(1, 30, DIM, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert _close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lucidrains_map_of_an_autocast_forward_is_indexed_after_it(masked):
+    # Heatmap code runs the model under autocast and reads the map afterwards. The forward
+    # made A⁺ in bfloat16 (as the package does under autocast); indexing outside autocast
+    # failed on the mixed dtypes of its product.
+    theirs = _randomised(_package().NystromAttention(**SIZES), 5).eval()
+    ours = NystromAttention(**SIZES, numerics="lucidrains").eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 50, DIM, generator=torch.Generator().manual_seed(6))
+    mask = _lengths_mask(50, [50, 37]) if masked else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn = ours(x, mask=mask, return_attn=True)[1]
+        dense = theirs(x, mask=mask, return_attn=True)[1]
+        inside = attn[:, :, [-50, -1]]
+    outside = attn[:, :, [-50, -1]]
+    assert outside.dtype == inside.dtype == torch.bfloat16
+    torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+    # The package multiplies in bfloat16, the map in float32: a few bfloat16 roundings (8-bit
+    # mantissa) of the largest entry apart; measured 3.2e-3 of it, bound 2^-6.
+    expected = dense[:, :, [-50, -1]].float()
+    assert (outside.float() - expected).abs().max() <= 2**-6 * expected.abs().max()

@@ -363,9 +363,12 @@ class NystromAttention(_Numerics, nn.Module):
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             # The package's association, (F·A⁺)·B, restricted to the rows asked for. B (m×n_pad
-            # per head) is formed whole: every row needs all of it; O((m + r)·n) memory.
-            out = (f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel]) @ b_kernel(b_sel, h_sel)
-            return out.to(q.dtype)
+            # per head) is formed whole: every row needs all of it; O((m + r)·n) memory. In
+            # `work` precision whether or not the map is indexed under autocast: a forward
+            # under autocast made A⁺ in its lower precision.
+            with without_autocast(q):
+                f_a = f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel].to(work)
+                return (f_a @ b_kernel(b_sel, h_sel)).to(q.dtype)
 
         attn = AttentionMap(rows, (b, h, n_pad, n_pad), q.dtype, q.device)
         everything = slice(None)
