@@ -81,3 +81,19 @@ def test_lucidrains_map_of_an_autocast_forward_is_indexed_after_it(masked):
     # mantissa) of the largest entry apart; measured 3.2e-3 of it, bound 2^-6.
     expected = dense[:, :, [-50, -1]].float()
     assert (outside.float() - expected).abs().max() <= 2**-6 * expected.abs().max()
+
+
+def test_a_compiled_layer_takes_a_mask_after_unmasked_bags_of_changing_length():
+    # Bags one at a time without a mask, of changing length (torch.compile then makes the
+    # sizes symbolic), then a padded batch with a mask: the check of the mask's batch size
+    # against x's refused the matching mask, "must have shape (2, 30) ..., got (2, 30)".
+    torch._dynamo.reset()
+    layer = _randomised(NystromAttention(**SIZES), 7)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for n in (30, 40):
+            x = torch.randn(1, n, DIM, generator=g)
+            assert _close(compiled(x), layer(x))
+        x, mask = torch.randn(2, 30, DIM, generator=g), _lengths_mask(30, [30, 21])
+        assert _close(compiled(x, mask=mask), layer(x, mask=mask))

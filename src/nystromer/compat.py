@@ -556,7 +556,7 @@ def _check_input(x: Tensor, mask: Tensor | None, dim: int | None) -> Tensor | No
         return None
     check_token_mask("mask", mask)
     b, n = x.shape[:2]
-    if mask.dim() != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != n:
+    if mask.dim() != 2 or (mask.shape[0] != 1 and mask.shape[0] != b) or mask.shape[1] != n:
         raise ValueError(
             f"mask must have shape ({b}, {n}) (batch, seq_len) to match x, got {tuple(mask.shape)}"
         )
