@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nystromer.compat import NystromAttention
+from nystromer.compat import NystromAttention, Nystromformer
 
 DIM, HEADS, DIM_HEAD, M, KERNEL = 32, 4, 8, 8, 5
 SIZES = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, num_landmarks=M, residual_conv_kernel=KERNEL)
@@ -97,3 +97,16 @@ def test_a_compiled_layer_takes_a_mask_after_unmasked_bags_of_changing_length():
             assert _close(compiled(x), layer(x))
         x, mask = torch.randn(2, 30, DIM, generator=g), _lengths_mask(30, [30, 21])
         assert _close(compiled(x, mask=mask), layer(x, mask=mask))
+
+
+def test_the_stack_names_x_when_its_width_is_wrong():
+    # The first layer's LayerNorm raised torch's "Given normalized_shape=[32], expected input
+    # with shape [*, 32]", which names no argument.
+    stack = Nystromformer(dim=DIM, depth=2, heads=HEADS, dim_head=DIM_HEAD, num_landmarks=M)
+    with pytest.raises(ValueError, match=rf"x must have shape \(batch, seq_len, {DIM}\)"):
+        stack(torch.randn(1, 10, DIM + 1))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        stack(torch.randn(1, 10, DIM), mask=torch.ones(1, 9, dtype=torch.bool))
+    # No layers: the package returns x as it is, and so does this stack.
+    x = torch.randn(1, 10, DIM)
+    assert Nystromformer(dim=DIM, depth=0)(x) is x

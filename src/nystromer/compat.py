@@ -517,6 +517,7 @@ class Nystromformer(_Numerics, nn.Module):
     ) -> None:
         super().__init__()
         self.numerics = numerics
+        self.dim = dim
         self.layers = nn.ModuleList([])
         for _ in range(depth):
             attn = NystromAttention(
@@ -540,6 +541,10 @@ class Nystromformer(_Numerics, nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x (B, n, dim), mask (B, n) bool or None → (B, n, dim)."""
+        if self.layers:
+            # Checked here, not by the first layer: its LayerNorm comes first and would name
+            # neither x nor the width expected.
+            mask = _check_input(x, mask, self.dim)
         for attn, ff in self.layers:
             x = attn(x, mask=mask) + x
             x = ff(x) + x
