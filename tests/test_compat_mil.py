@@ -110,3 +110,13 @@ def test_the_stack_names_x_when_its_width_is_wrong():
     # No layers: the package returns x as it is, and so does this stack.
     x = torch.randn(1, 10, DIM)
     assert Nystromformer(dim=DIM, depth=0)(x) is x
+
+
+@pytest.mark.parametrize("name", ["dim", "dim_head", "heads"])
+def test_a_size_that_is_not_positive_is_refused_by_name(name):
+    # heads=0 raised the convolution's "groups must be a positive integer", dim_head=0 a
+    # ZeroDivisionError, dim=0 built a layer that ignores its input.
+    with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got 0"):
+        NystromAttention(**{**SIZES, name: 0})
+    with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got 0"):
+        Nystromformer(**{"dim": DIM, "depth": 1, name: 0})

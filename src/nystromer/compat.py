@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_odd_kernel_size, check_token_mask
+from ._checks import check_odd_kernel_size, check_token_mask, positive_int
 from ._torchutil import bypassable, without_autocast
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
@@ -106,6 +106,10 @@ class NystromAttention(_Numerics, nn.Module):
         super().__init__()
         self.numerics = numerics
         self.eps = eps
+        # (torch's own errors for these name no argument, or none is raised for dim = 0.)
+        dim = positive_int("dim", dim)
+        dim_head = positive_int("dim_head", dim_head)
+        heads = positive_int("heads", heads)
         inner_dim = heads * dim_head
         # Validates m and the iterations with messages naming them.
         NystromOptions(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations)
