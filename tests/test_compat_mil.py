@@ -10,6 +10,7 @@ from nystromer.compat import NystromAttention, Nystromformer
 
 DIM, HEADS, DIM_HEAD, M, KERNEL = 32, 4, 8, 8, 5
 SIZES = dict(dim=DIM, dim_head=DIM_HEAD, heads=HEADS, num_landmarks=M, residual_conv_kernel=KERNEL)
+NUMERICS = ["nystromer", "lucidrains"]
 
 
 def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -120,3 +121,19 @@ def test_a_size_that_is_not_positive_is_refused_by_name(name):
         NystromAttention(**{**SIZES, name: 0})
     with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got 0"):
         Nystromformer(**{"dim": DIM, "depth": 1, name: 0})
+
+
+@pytest.mark.parametrize("numerics", NUMERICS)
+def test_an_empty_bag_gives_an_empty_output_map_and_factors(numerics):
+    # A slide without a patch (n = 0): "lucidrains" numerics failed in the convolution, the
+    # factors in both (the package fails too, dividing by ceil(n / m) = 0).
+    layer = _randomised(NystromAttention(**SIZES, numerics=numerics), 9)
+    x = torch.randn(2, 0, DIM, requires_grad=True)
+    out, attn = layer(x, mask=torch.ones(2, 0, dtype=torch.bool), return_attn=True)
+    assert out.shape == (2, 0, DIM) and attn.shape == (2, HEADS, 0, 0)
+    assert attn[:, :, :, :].shape == (2, HEADS, 0, 0)
+    assert layer.attention_map(x).shape == (2, HEADS, 0, 0)
+    f, a_pinv, b = layer(x, return_attn_matrices=True)[1]
+    assert (f @ a_pinv @ b).shape == (2, HEADS, 0, 0)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

@@ -149,7 +149,9 @@ class NystromAttention(_Numerics, nn.Module):
             (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
-        if self.numerics == "lucidrains":
+        if x.shape[1] == 0:
+            out, attn, factors = self._forward_empty(x)
+        elif self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask)
         else:
             keep = return_attn or return_attn_matrices
@@ -218,9 +220,26 @@ class NystromAttention(_Numerics, nn.Module):
             an :class:`AttentionMap`, (B, H, n, n) (``"lucidrains"``: (B, H, n_pad, n_pad)).
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
+        if x.shape[1] == 0:
+            return self._forward_empty(x)[1]
         if self.numerics == "lucidrains":
             return self._forward_lucidrains(x, mask)[1]
         return self._nystromer_map(x, mask)
+
+    def _forward_empty(self, x: Tensor):
+        """An empty bag (n = 0) in either numerics: the empty output, an empty (B, H, 0, 0)
+        map and factors with no rows or columns. (The package fails there, dividing by
+        ⌈n/m⌉ = 0; the default numerics gave the empty output but failed in the factors.)"""
+        b, h, m = x.shape[0], self.heads, self.num_landmarks
+        # Through the projections, so that the output is x's and the weights' as always.
+        out = self.to_out(self._split(x)[2].flatten(2))
+        attn = AttentionMap(_no_rows, (b, h, 0, 0), x.dtype, x.device)
+
+        def factors():
+            eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(b, h, m, m)
+            return x.new_zeros(b, h, 0, m), eye, x.new_zeros(b, h, m, 0)
+
+        return out, attn, factors
 
     def _nystromer_map(
         self, x: Tensor, mask: Tensor | None, held: tuple[Tensor, Tensor] | None = None
@@ -382,6 +401,12 @@ class NystromAttention(_Numerics, nn.Module):
             return (f.to(q.dtype), a_pinv.to(q.dtype), b_kernel(everything, everything).to(q.dtype))
 
         return out, attn, factors
+
+
+def _no_rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+    """The row function of an empty map: never called (AttentionMap computes no row of a
+    selection without rows)."""
+    raise AssertionError("an empty attention map has no rows to compute")
 
 
 def _plain_linear(module: nn.Module) -> bool:
