@@ -137,3 +137,18 @@ def test_an_empty_bag_gives_an_empty_output_map_and_factors(numerics):
     assert (f @ a_pinv @ b).shape == (2, HEADS, 0, 0)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_an_input_of_another_dtype_than_the_layer_is_refused_by_name():
+    # Features read from an array are often float64: torch's "expected m1 and m2 to have the
+    # same dtype" names neither x nor the dtype the layer has.
+    layer = NystromAttention(**SIZES)
+    with pytest.raises(TypeError, match=r"x must have the layer's dtype torch.float32.*float64"):
+        layer(torch.randn(1, 10, DIM, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x must have the layer's dtype"):
+        layer.attention_map(torch.ones(1, 10, DIM, dtype=torch.long))
+    # Under autocast the projection casts x itself (not float64): accepted.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 10, DIM, dtype=torch.float16)).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"x must have the layer's dtype"):
+            layer(torch.randn(1, 10, DIM, dtype=torch.float64))

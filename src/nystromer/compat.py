@@ -149,6 +149,7 @@ class NystromAttention(_Numerics, nn.Module):
             (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
+        _check_dtype(x, self.to_qkv)
         if x.shape[1] == 0:
             out, attn, factors = self._forward_empty(x)
         elif self.numerics == "lucidrains":
@@ -220,6 +221,7 @@ class NystromAttention(_Numerics, nn.Module):
             an :class:`AttentionMap`, (B, H, n, n) (``"lucidrains"``: (B, H, n_pad, n_pad)).
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
+        _check_dtype(x, self.to_qkv)
         if x.shape[1] == 0:
             return self._forward_empty(x)[1]
         if self.numerics == "lucidrains":
@@ -595,3 +597,23 @@ def _check_input(x: Tensor, mask: Tensor | None, dim: int | None) -> Tensor | No
             f"mask must have shape ({b}, {n}) (batch, seq_len) to match x, got {tuple(mask.shape)}"
         )
     return mask.expand(b, n)
+
+
+def _check_dtype(x: Tensor, to_qkv: nn.Module) -> None:
+    """Raise TypeError when a plain ``to_qkv`` cannot take x: its weight has another dtype and
+    autocast (on for x's device) does not cast both, which it does for float32, float16 and
+    bfloat16. The projection would fail with torch's "expected m1 and m2 to have the same
+    dtype", which names neither. (A replaced ``to_qkv``, e.g. quantised, says for itself what
+    it takes.)"""
+    want = to_qkv.weight.dtype if type(to_qkv) is nn.Linear else x.dtype
+    if x.dtype == want:
+        return
+    device = x.device.type
+    cast = (torch.float32, torch.float16, torch.bfloat16)
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast and x.dtype in cast and want in cast:
+        return
+    raise TypeError(
+        f"x must have the layer's dtype {want} (convert x, or the layer with .to(dtype)), "
+        f"got {x.dtype}"
+    )
