@@ -152,3 +152,6 @@ def test_an_input_of_another_dtype_than_the_layer_is_refused_by_name():
         assert layer(torch.randn(1, 10, DIM, dtype=torch.float16)).dtype == torch.bfloat16
         with pytest.raises(TypeError, match=r"x must have the layer's dtype"):
             layer(torch.randn(1, 10, DIM, dtype=torch.float64))
+    # A pre-hook on to_qkv that casts its input decides for itself.
+    layer.to_qkv.register_forward_pre_hook(lambda module, args: (args[0].float(),))
+    assert layer(torch.randn(1, 10, DIM, dtype=torch.float64)).dtype == torch.float32

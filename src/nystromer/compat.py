@@ -603,9 +603,9 @@ def _check_dtype(x: Tensor, to_qkv: nn.Module) -> None:
     """Raise TypeError when a plain ``to_qkv`` cannot take x: its weight has another dtype and
     autocast (on for x's device) does not cast both, which it does for float32, float16 and
     bfloat16. The projection would fail with torch's "expected m1 and m2 to have the same
-    dtype", which names neither. (A replaced ``to_qkv``, e.g. quantised, says for itself what
-    it takes.)"""
-    want = to_qkv.weight.dtype if type(to_qkv) is nn.Linear else x.dtype
+    dtype", which names neither. (A replaced or hooked ``to_qkv``, e.g. quantised or with a
+    pre-hook that casts, says for itself what it takes.)"""
+    want = to_qkv.weight.dtype if bypassable(to_qkv, nn.Linear) else x.dtype
     if x.dtype == want:
         return
     device = x.device.type
