@@ -548,7 +548,6 @@ class Nystromformer(_Numerics, nn.Module):
     ) -> None:
         super().__init__()
         self.numerics = numerics
-        self.dim = dim
         self.layers = nn.ModuleList([])
         for _ in range(depth):
             attn = NystromAttention(
@@ -575,7 +574,7 @@ class Nystromformer(_Numerics, nn.Module):
         if self.layers:
             # Checked here, not by the first layer: its LayerNorm comes first and would name
             # neither x nor the width expected.
-            mask = _check_input(x, mask, self.dim)
+            mask = _check_input(x, mask, self.layers[0][0].norm.normalized_shape[-1])
         for attn, ff in self.layers:
             x = attn(x, mask=mask) + x
             x = ff(x) + x
