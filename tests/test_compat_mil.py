@@ -155,3 +155,25 @@ def test_an_input_of_another_dtype_than_the_layer_is_refused_by_name():
     # A pre-hook on to_qkv that casts its input decides for itself.
     layer.to_qkv.register_forward_pre_hook(lambda module, args: (args[0].float(),))
     assert layer(torch.randn(1, 10, DIM, dtype=torch.float64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        # The layer's names were in these messages, or torch's unnamed dropout one.
+        (dict(attn_values_residual_conv_kernel=32), r"attn_values_residual_conv_kernel .*32"),
+        (dict(attn_dropout=2.0), r"attn_dropout must be in \[0, 1\], got 2.0"),
+        (dict(ff_dropout=-0.5), r"ff_dropout must be in \[0, 1\], got -0.5"),
+        # range(-1) built no layer without a word.
+        (dict(depth=-1), r"depth must be an integer ≥ 0, got -1"),
+    ],
+)
+def test_the_stacks_arguments_are_refused_by_their_own_names(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        Nystromformer(**{"dim": DIM, "depth": 1, **kwargs})
+
+
+def test_the_layers_dropout_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got 1.5"):
+        NystromAttention(**SIZES, dropout=1.5)
+    NystromAttention(**SIZES, dropout=1.0)  # torch's Dropout takes p = 1, as the package does
