@@ -84,10 +84,16 @@ def check_scale(name: str, value: object) -> None:
 
     A NaN or infinite scale turns every attention weight into NaN without an error, and a
     bool is no scale. Tensors pass unchecked: reading one would synchronise with its device.
+    Under ``torch.compile`` only the type is checked: with ``dynamic=True`` a module's float
+    attribute is symbolic there, and ``math.isfinite`` of it breaks the graph.
     """
     if value is None or isinstance(value, Tensor):
         return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or (not torch.compiler.is_compiling() and not math.isfinite(value))
+    ):
         raise ValueError(f"{name} must be a finite real number or None, got {value!r}")
 
 

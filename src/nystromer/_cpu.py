@@ -145,8 +145,12 @@ def shared_segment_means(
 
 def _segment_sizes(index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
     """(1 or B, m) tokens per segment, at least 1 (an empty segment's mean is then 0)."""
-    sizes = torch.bincount(index, minlength=m)[None] if counts is None else counts[:, :m]
-    return sizes.clamp_min(1).to(dtype)
+    if counts is None:
+        # Counted into m fixed slots: bincount's result size depends on the index's values,
+        # which torch.compile cannot trace into one graph.
+        sizes = torch.zeros(1, m, dtype=torch.long, device=index.device)
+        counts = sizes.index_add_(1, index, torch.ones_like(index).view(1, -1))
+    return counts[:, :m].clamp_min(1).to(dtype)
 
 
 def _token_slots(index: Tensor, b: int, n: int, m: int) -> Tensor:

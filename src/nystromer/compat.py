@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_odd_kernel_size, check_token_mask
+from ._checks import check_int_at_least, check_odd_kernel_size, check_token_mask, positive_int
 from ._torchutil import bypassable, without_autocast
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
@@ -106,6 +106,11 @@ class NystromAttention(_Numerics, nn.Module):
         super().__init__()
         self.numerics = numerics
         self.eps = eps
+        # (torch's own errors for these name no argument, or none is raised for dim = 0.)
+        dim = positive_int("dim", dim)
+        dim_head = positive_int("dim_head", dim_head)
+        heads = positive_int("heads", heads)
+        _check_dropout("dropout", dropout)
         inner_dim = heads * dim_head
         # Validates m and the iterations with messages naming them.
         NystromOptions(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations)
@@ -145,7 +150,10 @@ class NystromAttention(_Numerics, nn.Module):
             (B, n, dim), or ``(out, attn)`` / ``(out, (F, A⁺, B))``.
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
-        if self.numerics == "lucidrains":
+        _check_dtype(x, self.to_qkv)
+        if x.shape[1] == 0:
+            out, attn, factors = self._forward_empty(x)
+        elif self.numerics == "lucidrains":
             out, attn, factors = self._forward_lucidrains(x, mask)
         else:
             keep = return_attn or return_attn_matrices
@@ -214,9 +222,27 @@ class NystromAttention(_Numerics, nn.Module):
             an :class:`AttentionMap`, (B, H, n, n) (``"lucidrains"``: (B, H, n_pad, n_pad)).
         """
         mask = _check_input(x, mask, _in_features(self.to_qkv))
+        _check_dtype(x, self.to_qkv)
+        if x.shape[1] == 0:
+            return self._forward_empty(x)[1]
         if self.numerics == "lucidrains":
             return self._forward_lucidrains(x, mask)[1]
         return self._nystromer_map(x, mask)
+
+    def _forward_empty(self, x: Tensor):
+        """An empty bag (n = 0) in either numerics: the empty output, an empty (B, H, 0, 0)
+        map and factors with no rows or columns. (The package fails there, dividing by
+        ⌈n/m⌉ = 0; the default numerics gave the empty output but failed in the factors.)"""
+        b, h, m = x.shape[0], self.heads, self.num_landmarks
+        # Through the projections, so that the output is x's and the weights' as always.
+        out = self.to_out(self._split(x)[2].flatten(2))
+        attn = AttentionMap(_no_rows, (b, h, 0, 0), x.dtype, x.device)
+
+        def factors():
+            eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(b, h, m, m)
+            return x.new_zeros(b, h, 0, m), eye, x.new_zeros(b, h, m, 0)
+
+        return out, attn, factors
 
     def _nystromer_map(
         self, x: Tensor, mask: Tensor | None, held: tuple[Tensor, Tensor] | None = None
@@ -363,9 +389,12 @@ class NystromAttention(_Numerics, nn.Module):
 
         def rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
             # The package's association, (F·A⁺)·B, restricted to the rows asked for. B (m×n_pad
-            # per head) is formed whole: every row needs all of it; O((m + r)·n) memory.
-            out = (f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel]) @ b_kernel(b_sel, h_sel)
-            return out.to(q.dtype)
+            # per head) is formed whole: every row needs all of it; O((m + r)·n) memory. In
+            # `work` precision whether or not the map is indexed under autocast: a forward
+            # under autocast made A⁺ in its lower precision.
+            with without_autocast(q):
+                f_a = f_rows(b_sel, h_sel, index) @ a_pinv[b_sel, h_sel].to(work)
+                return (f_a @ b_kernel(b_sel, h_sel)).to(q.dtype)
 
         attn = AttentionMap(rows, (b, h, n_pad, n_pad), q.dtype, q.device)
         everything = slice(None)
@@ -375,6 +404,12 @@ class NystromAttention(_Numerics, nn.Module):
             return (f.to(q.dtype), a_pinv.to(q.dtype), b_kernel(everything, everything).to(q.dtype))
 
         return out, attn, factors
+
+
+def _no_rows(b_sel: slice, h_sel: slice, index: Tensor) -> Tensor:
+    """The row function of an empty map: never called (AttentionMap computes no row of a
+    selection without rows)."""
+    raise AssertionError("an empty attention map has no rows to compute")
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -514,6 +549,14 @@ class Nystromformer(_Numerics, nn.Module):
     ) -> None:
         super().__init__()
         self.numerics = numerics
+        # Checked under the stack's names: the layers would name their own arguments.
+        check_int_at_least("depth", depth, 0)
+        if attn_values_residual:
+            check_odd_kernel_size(
+                "attn_values_residual_conv_kernel", attn_values_residual_conv_kernel
+            )
+        _check_dropout("attn_dropout", attn_dropout)
+        _check_dropout("ff_dropout", ff_dropout)
         self.layers = nn.ModuleList([])
         for _ in range(depth):
             attn = NystromAttention(
@@ -537,6 +580,10 @@ class Nystromformer(_Numerics, nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x (B, n, dim), mask (B, n) bool or None → (B, n, dim)."""
+        if self.layers:
+            # Checked here, not by the first layer: its LayerNorm comes first and would name
+            # neither x nor the width expected.
+            mask = _check_input(x, mask, self.layers[0][0].norm.normalized_shape[-1])
         for attn, ff in self.layers:
             x = attn(x, mask=mask) + x
             x = ff(x) + x
@@ -553,8 +600,39 @@ def _check_input(x: Tensor, mask: Tensor | None, dim: int | None) -> Tensor | No
         return None
     check_token_mask("mask", mask)
     b, n = x.shape[:2]
-    if mask.dim() != 2 or mask.shape[0] not in (1, b) or mask.shape[1] != n:
+    if mask.dim() != 2 or (mask.shape[0] != 1 and mask.shape[0] != b) or mask.shape[1] != n:
         raise ValueError(
             f"mask must have shape ({b}, {n}) (batch, seq_len) to match x, got {tuple(mask.shape)}"
         )
     return mask.expand(b, n)
+
+
+def _check_dtype(x: Tensor, to_qkv: nn.Module) -> None:
+    """Raise TypeError when a plain ``to_qkv`` cannot take x: its weight has another dtype and
+    autocast (on for x's device) does not cast both, which it does for float32, float16 and
+    bfloat16. The projection would fail with torch's "expected m1 and m2 to have the same
+    dtype", which names neither. (A replaced or hooked ``to_qkv``, e.g. quantised or with a
+    pre-hook that casts, says for itself what it takes.)"""
+    want = to_qkv.weight.dtype if bypassable(to_qkv, nn.Linear) else x.dtype
+    if x.dtype == want:
+        return
+    device = x.device.type
+    cast = (torch.float32, torch.float16, torch.bfloat16)
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast and x.dtype in cast and want in cast:
+        return
+    raise TypeError(
+        f"x must have the layer's dtype {want} (convert x, or the layer with .to(dtype)), "
+        f"got {x.dtype}"
+    )
+
+
+def _check_dropout(name: str, p: object) -> None:
+    """Raise ValueError unless 0 ≤ p ≤ 1, as torch's Dropout takes (1 included), naming the
+    argument: torch's own message names none."""
+    try:
+        valid = 0.0 <= p <= 1.0
+    except TypeError:  # not a number
+        valid = False
+    if not valid or isinstance(p, bool):
+        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
