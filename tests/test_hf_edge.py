@@ -299,6 +299,22 @@ def test_compiles_in_one_graph_like_sdpa():
     torch._dynamo.reset()
 
 
+def test_compiles_with_dynamic_shapes_in_one_graph_like_sdpa():
+    # With dynamic=True the score scale transformers passes (head_dim ** -0.5) is a symbolic
+    # float; checking it with math.isfinite broke the graph, which "sdpa" does not.
+    model = bert()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for n in (40, 53, 12):  # Nyström at two lengths of one graph, and exact at n ≤ m
+        x = ids(2, n)
+        mask = torch.ones_like(x)
+        mask[1, n // 2 :] = 0
+        with torch.no_grad():
+            expected = model(input_ids=x, attention_mask=mask).last_hidden_state
+            got = compiled(input_ids=x, attention_mask=mask).last_hidden_state
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
 def test_convert_of_a_wrapped_model_names_the_wrapper():
     # Said "use nystromer.patch (no position table to extend)", which does not apply.
     with pytest.raises(ValueError, match=r"DataParallel.*model\.module"):

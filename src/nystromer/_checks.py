@@ -80,7 +80,13 @@ def check_scale(name: str, value: object) -> None:
     """
     if value is None or isinstance(value, Tensor):
         return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    # Traced with dynamic shapes, a float such as transformers' head_dim ** -0.5 is symbolic:
+    # math.isfinite would break the graph (fullgraph=True fails), so only its type is checked.
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or (not torch.compiler.is_compiling() and not math.isfinite(value))
+    ):
         raise ValueError(f"{name} must be a finite real number or None, got {value!r}")
 
 
