@@ -299,6 +299,21 @@ def test_compiles_in_one_graph_like_sdpa():
     torch._dynamo.reset()
 
 
+def test_compiles_unpadded_inputs_whose_length_is_no_multiple_of_m():
+    # Without a mask the CPU's segment sizes were counted by bincount, whose output size
+    # dynamo cannot know: the compiled graph failed at run time ("Runtime assertion failed
+    # for expression Eq((u1//16), 2)") for every n that m does not divide.
+    model = bert()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for n in (40, 48):  # 48: equal segments, which took another path
+        x = ids(2, n)
+        with torch.no_grad():
+            expected = model(input_ids=x).last_hidden_state
+            got = compiled(input_ids=x).last_hidden_state
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
 def test_compiles_with_dynamic_shapes_in_one_graph_like_sdpa():
     # With dynamic=True the score scale transformers passes (head_dim ** -0.5) is a symbolic
     # float; checking it with math.isfinite broke the graph, which "sdpa" does not.

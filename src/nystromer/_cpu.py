@@ -145,8 +145,12 @@ def shared_segment_means(
 
 def _segment_sizes(index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
     """(1 or B, m) tokens per segment, at least 1 (an empty segment's mean is then 0)."""
-    sizes = torch.bincount(index, minlength=m)[None] if counts is None else counts[:, :m]
-    return sizes.clamp_min(1).to(dtype)
+    if counts is None:
+        # Counted into m + 1 slots: bincount's result has a size read from the data, which
+        # torch.compile cannot know (its graph then failed at run time).
+        counts = torch.zeros(1, m + 1, dtype=torch.long, device=index.device)
+        counts.scatter_add_(1, index.view(1, -1), torch.ones_like(index).view(1, -1))
+    return counts[:, :m].clamp_min(1).to(dtype)
 
 
 def _token_slots(index: Tensor, b: int, n: int, m: int) -> Tensor:
