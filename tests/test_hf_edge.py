@@ -7,6 +7,8 @@ or a dropped bias (differences of 1e-3 and more on these models).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -327,6 +329,29 @@ def test_compiles_with_dynamic_shapes_in_one_graph_like_sdpa():
             expected = model(input_ids=x, attention_mask=mask).last_hidden_state
             got = compiled(input_ids=x, attention_mask=mask).last_hidden_state
         assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiles_before_any_eager_forward_and_warns_nothing(monkeypatch):
+    # The mask builder asks transformers whether the model type uses the attention interface,
+    # which transformers answers by reading the model's source file: traced, that failed
+    # under fullgraph=True unless an eager forward had cached the answer, and dynamo warned
+    # about the functools cache around it. Both caches are emptied; dynamo warns once per
+    # message, so its record is cleared too.
+    monkeypatch.delattr(
+        transformers.BertModel, "_can_set_attn_implementation_cached_value", raising=False
+    )
+    hf._class_outside_interface.cache_clear()
+    getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()
+    model = bert()
+    x = ids(2, 40)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = compiled(input_ids=x).last_hidden_state
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    with torch.no_grad():
+        assert torch.allclose(got, model(input_ids=x).last_hidden_state, rtol=0, atol=1e-12)
     torch._dynamo.reset()
 
 

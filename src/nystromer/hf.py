@@ -181,7 +181,12 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _check_model_type(config: Any) -> None:
     """Refuse a config whose model ignores the interface (set through from_pretrained, which
     does not ask the model class): it would apply our key-padding mask in its own attention."""
-    class_name = _class_outside_interface(getattr(config, "model_type", None))
+    lookup = _class_outside_interface
+    if torch.compiler.is_compiling():
+        # Run, not traced: transformers reads the model's source file to answer, which dynamo
+        # cannot follow (fullgraph=True failed unless an eager forward had run first).
+        lookup = _class_outside_interface_untraced
+    class_name = lookup(getattr(config, "model_type", None))
     if class_name is not None:
         raise ValueError(
             f"{class_name}'s attention does not go through transformers' attention interface, "
@@ -205,6 +210,12 @@ def _class_outside_interface(model_type: str | None) -> str | None:
 
     cls = getattr(transformers, class_name, None)
     return class_name if cls is not None and not cls._can_set_attn_implementation() else None
+
+
+# The answer is a constant of the model type: computed when traced, kept in the graph.
+_class_outside_interface_untraced = torch.compiler.assume_constant_result(
+    _class_outside_interface.__wrapped__
+)
 
 
 # --------------------------------------------------------------------------- convolution skips
