@@ -154,6 +154,30 @@ def test_unhashable_setting_is_named():
         model(input_ids=ids(1, 20))
 
 
+def test_settings_object_in_the_config_is_refused_before_save_pretrained_fails(tmp_path):
+    # A NystromOptions in config.nystrom ran, then save_pretrained (and printing the config)
+    # failed with "Object of type NystromOptions is not JSON serializable".
+    model = bert()
+    model.config.nystrom = nystromer.NystromOptions(num_landmarks=8)
+    with pytest.raises(TypeError, match=r"config\.nystrom must be a dict.*\.to_dict\(\)"):
+        model(input_ids=ids(1, 20))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_landmarks": 0}, r"num_landmarks must be an integer ≥ 1, got 0"),
+        ({"num_landmark": 8}, r"unknown Nyström setting"),
+    ],
+)
+def test_an_impossible_setting_names_config_nystrom(settings, message):
+    # Raised from inside a forward pass: the message says where the setting was read.
+    model = bert()
+    model.config.nystrom = settings
+    with pytest.raises(ValueError, match=r"^config\.nystrom: " + message):
+        model(input_ids=ids(1, 20))
+
+
 def test_local_window_layers_do_not_warn_that_attentions_are_unsupported(monkeypatch):
     # The window layers run transformers' SDPA function, which warns that it returns no
     # attention weights; Nyström attention returns them (exact softmax rows) itself.

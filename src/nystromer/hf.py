@@ -78,25 +78,33 @@ def get_options(config: Any) -> NystromOptions:
     """The Nyström settings a transformers config records (defaults where it records none).
 
     Raises:
-        ValueError: an unknown key or an impossible value in ``config.nystrom``.
+        TypeError: ``config.nystrom`` is not a dict (a :class:`NystromOptions` included:
+            ``save_pretrained`` could not write it; store ``options.to_dict()``).
+        ValueError: an unknown key or an impossible value in ``config.nystrom`` (the message
+            starts with ``config.nystrom:``).
     """
     settings = getattr(config, CONFIG_KEY, None)
     if settings is None:
         settings = getattr(config, LEGACY_CONFIG_KEY, None)
-    if isinstance(settings, NystromOptions):
-        return settings
     if settings is not None and not isinstance(settings, dict):
+        # A NystromOptions too: it would run, but save_pretrained could not write it to JSON.
+        hint = ": write options.to_dict()" if isinstance(settings, NystromOptions) else ""
         raise TypeError(
-            f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
+            f"config.{CONFIG_KEY} must be a dict of Nyström settings (config.json holds it), "
+            f"got {type(settings).__name__}{hint}"
         )
     items = tuple(sorted((settings or {}).items()))
     if torch.compiler.is_compiling():
         # Traced: built directly (dynamo cannot follow the cache or from_dict's field list).
         return NystromOptions(**dict(items))
     try:
-        return _options(items)
-    except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
-        return NystromOptions.from_dict(settings)
+        try:
+            return _options(items)
+        except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
+            return NystromOptions.from_dict(settings)
+    except ValueError as e:
+        # Raised inside a forward pass: say where the setting was read.
+        raise ValueError(f"config.{CONFIG_KEY}: {e}") from None
 
 
 @functools.lru_cache(maxsize=64)
