@@ -143,6 +143,11 @@ def test_additive_4d_masks_of_any_large_negative_value(masked):
     bias[0, ..., 3] = -5.0  # a bias, not a mask
     with pytest.raises(ValueError, match="additive attention biases"):
         model(input_ids=x, attention_mask=bias)
+    # A 0/1 mask in a float dtype is additive too: the message names the argument and what
+    # it may hold (it said only "additive attention biases are not supported").
+    ones = (keys == 0).double().expand(2, 1, 12, 12)
+    with pytest.raises(ValueError, match=r"^attention_mask: .*0 \(attend\).*bool mask"):
+        model(input_ids=x, attention_mask=ones)
     with pytest.raises(ValueError, match="must be bool"):
         model(input_ids=x, attention_mask=(keys == 0).long())
 

@@ -472,7 +472,11 @@ def _key_mask_from_4d(mask: Tensor, n_q: int, n_k: int) -> Tensor:
         # attention gives such keys no weight.
         masked = mask <= _MASKED
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
-            raise ValueError("additive attention biases are not supported by Nyström attention")
+            raise ValueError(
+                "attention_mask: additive attention biases are not supported by Nyström "
+                "attention; a float mask of 4 dimensions must hold 0 (attend) or a large "
+                "negative number (masked); or pass a bool mask (True = attend)"
+            )
         allowed = ~masked
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-1] != n_k:
         raise ValueError(
