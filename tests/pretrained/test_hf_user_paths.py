@@ -141,6 +141,23 @@ def test_padded_training_batch_gives_the_gradients_of_its_sequences_alone(bert_p
             torch.testing.assert_close(batched[name], p.grad, rtol=0, atol=1e-10, msg=name)
 
 
+def test_settings_survive_save_pretrained_but_the_implementation_is_asked_again(
+    bert_path, tmp_path
+):
+    model = load(bert_path)
+    model.config.nystrom = {"num_landmarks": M, "kmeans_iterations": 1}
+    model.save_pretrained(tmp_path)
+    x = torch.randint(5, len(WORDS), (2, 30), generator=torch.Generator().manual_seed(0))
+    again = AutoModel.from_pretrained(tmp_path, attn_implementation="nystrom").eval()
+    assert again.config.nystrom == {"num_landmarks": M, "kmeans_iterations": 1}
+    plain = AutoModel.from_pretrained(tmp_path).eval()  # transformers saves no implementation
+    assert plain.config._attn_implementation != "nystrom"
+    with torch.no_grad():
+        want = model(input_ids=x).last_hidden_state
+        torch.testing.assert_close(again(input_ids=x).last_hidden_state, want, rtol=0, atol=0)
+        assert (plain(input_ids=x).last_hidden_state - want).abs().max() > 1e-3
+
+
 def test_trainer_with_accumulation_and_eval_saves_a_checkpoint_that_reloads(bert_path, tmp_path):
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     cls = transformers.AutoModelForSequenceClassification
