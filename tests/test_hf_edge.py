@@ -7,6 +7,8 @@ or a dropped bias (differences of 1e-3 and more on these models).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -141,6 +143,11 @@ def test_additive_4d_masks_of_any_large_negative_value(masked):
     bias[0, ..., 3] = -5.0  # a bias, not a mask
     with pytest.raises(ValueError, match="additive attention biases"):
         model(input_ids=x, attention_mask=bias)
+    # A 0/1 mask in a float dtype is additive too: the message names the argument and what
+    # it may hold (it said only "additive attention biases are not supported").
+    ones = (keys == 0).double().expand(2, 1, 12, 12)
+    with pytest.raises(ValueError, match=r"^attention_mask: .*0 \(attend\).*bool mask"):
+        model(input_ids=x, attention_mask=ones)
     with pytest.raises(ValueError, match="must be bool"):
         model(input_ids=x, attention_mask=(keys == 0).long())
 
@@ -149,6 +156,30 @@ def test_unhashable_setting_is_named():
     model = bert()
     model.config.nystrom = {"num_landmarks": [8]}
     with pytest.raises(ValueError, match="num_landmarks"):
+        model(input_ids=ids(1, 20))
+
+
+def test_settings_object_in_the_config_is_refused_before_save_pretrained_fails(tmp_path):
+    # A NystromOptions in config.nystrom ran, then save_pretrained (and printing the config)
+    # failed with "Object of type NystromOptions is not JSON serializable".
+    model = bert()
+    model.config.nystrom = nystromer.NystromOptions(num_landmarks=8)
+    with pytest.raises(TypeError, match=r"config\.nystrom must be a dict.*\.to_dict\(\)"):
+        model(input_ids=ids(1, 20))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_landmarks": 0}, r"num_landmarks must be an integer ≥ 1, got 0"),
+        ({"num_landmark": 8}, r"unknown Nyström setting"),
+    ],
+)
+def test_an_impossible_setting_names_config_nystrom(settings, message):
+    # Raised from inside a forward pass: the message says where the setting was read.
+    model = bert()
+    model.config.nystrom = settings
+    with pytest.raises(ValueError, match=r"^config\.nystrom: " + message):
         model(input_ids=ids(1, 20))
 
 
@@ -298,6 +329,59 @@ def test_compiles_in_one_graph_like_sdpa():
             expected = model(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state
             got = compiled(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state
         assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiles_unpadded_inputs_whose_length_is_no_multiple_of_m():
+    # Without a mask the CPU's segment sizes were counted by bincount, whose output size
+    # dynamo cannot know: the compiled graph failed at run time ("Runtime assertion failed
+    # for expression Eq((u1//16), 2)") for every n that m does not divide.
+    model = bert()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = ids(2, 40)
+    with torch.no_grad():
+        expected = model(input_ids=x).last_hidden_state
+        got = compiled(input_ids=x).last_hidden_state
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiles_with_dynamic_shapes_in_one_graph_like_sdpa():
+    # With dynamic=True the score scale transformers passes (head_dim ** -0.5) is a symbolic
+    # float; checking it with math.isfinite broke the graph, which "sdpa" does not.
+    model = bert()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for n in (40, 53):  # Nyström at two lengths of one graph
+        x = ids(2, n)
+        mask = torch.ones_like(x)
+        mask[1, n // 2 :] = 0
+        with torch.no_grad():
+            expected = model(input_ids=x, attention_mask=mask).last_hidden_state
+            got = compiled(input_ids=x, attention_mask=mask).last_hidden_state
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiles_before_any_eager_forward_and_warns_nothing(monkeypatch):
+    # The mask builder asks transformers whether the model type uses the attention interface,
+    # which transformers answers by reading the model's source file: traced, that failed
+    # under fullgraph=True unless an eager forward had cached the answer, and dynamo warned
+    # about the functools cache around it. Both caches are emptied; dynamo warns once per
+    # message, so its record is cleared too.
+    monkeypatch.delattr(
+        transformers.BertModel, "_can_set_attn_implementation_cached_value", raising=False
+    )
+    hf._class_outside_interface.cache_clear()
+    getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()
+    model = bert()
+    x = ids(2, 40)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = compiled(input_ids=x).last_hidden_state
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    with torch.no_grad():
+        assert torch.allclose(got, model(input_ids=x).last_hidden_state, rtol=0, atol=1e-12)
     torch._dynamo.reset()
 
 

@@ -14,7 +14,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Top-level module or subpackage of nystromer → layer; a module may import its own layer, the
 # layers before it, and the utilities (layer 0).
 LAYERS = {
-    **dict.fromkeys(["_io", "_markdown", "_machine", "_args", "_checks", "_torchutil", "_version"], 0),
+    **dict.fromkeys(
+        ["_io", "_markdown", "_machine", "_args", "_checks", "_torchutil", "_version"], 0
+    ),
     **dict.fromkeys(["functional", "reference", "_cpu", "_conv", "options"], 1),
     **dict.fromkeys(["attention", "attention_map"], 2),
     **dict.fromkeys(["hf", "patching", "conversion", "calibration", "models", "compat"], 3),

@@ -146,10 +146,10 @@ def shared_segment_means(
 def _segment_sizes(index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
     """(1 or B, m) tokens per segment, at least 1 (an empty segment's mean is then 0)."""
     if counts is None:
-        # Counted into m fixed slots: bincount's result size depends on the index's values,
-        # which torch.compile cannot trace into one graph.
-        sizes = torch.zeros(1, m, dtype=torch.long, device=index.device)
-        counts = sizes.index_add_(1, index, torch.ones_like(index).view(1, -1))
+        # Counted into m + 1 slots: bincount's result has a size read from the data, which
+        # torch.compile cannot know (its graph then failed at run time).
+        counts = torch.zeros(1, m + 1, dtype=torch.long, device=index.device)
+        counts.scatter_add_(1, index.view(1, -1), torch.ones_like(index).view(1, -1))
     return counts[:, :m].clamp_min(1).to(dtype)
 
 

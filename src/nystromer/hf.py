@@ -78,25 +78,33 @@ def get_options(config: Any) -> NystromOptions:
     """The Nyström settings a transformers config records (defaults where it records none).
 
     Raises:
-        ValueError: an unknown key or an impossible value in ``config.nystrom``.
+        TypeError: ``config.nystrom`` is not a dict (a :class:`NystromOptions` included:
+            ``save_pretrained`` could not write it; store ``options.to_dict()``).
+        ValueError: an unknown key or an impossible value in ``config.nystrom`` (the message
+            starts with ``config.nystrom:``).
     """
     settings = getattr(config, CONFIG_KEY, None)
     if settings is None:
         settings = getattr(config, LEGACY_CONFIG_KEY, None)
-    if isinstance(settings, NystromOptions):
-        return settings
     if settings is not None and not isinstance(settings, dict):
+        # A NystromOptions too: it would run, but save_pretrained could not write it to JSON.
+        hint = ": write options.to_dict()" if isinstance(settings, NystromOptions) else ""
         raise InputTypeError(
-            f"config.{CONFIG_KEY} must be a dict of Nyström settings, got {type(settings).__name__}"
+            f"config.{CONFIG_KEY} must be a dict of Nyström settings (config.json holds it), "
+            f"got {type(settings).__name__}{hint}"
         )
     items = tuple(sorted((settings or {}).items()))
     if torch.compiler.is_compiling():
         # Traced: built directly (dynamo cannot follow the cache or from_dict's field list).
         return NystromOptions(**dict(items))
     try:
-        return _options(items)
-    except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
-        return NystromOptions.from_dict(settings)
+        try:
+            return _options(items)
+        except TypeError:  # an unhashable value (a list): validated uncached, naming the setting
+            return NystromOptions.from_dict(settings)
+    except ValueError as e:
+        # Raised inside a forward pass: say where the setting was read.
+        raise ValueError(f"config.{CONFIG_KEY}: {e}") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -181,7 +189,12 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _check_model_type(config: Any) -> None:
     """Refuse a config whose model ignores the interface (set through from_pretrained, which
     does not ask the model class): it would apply our key-padding mask in its own attention."""
-    class_name = _class_outside_interface(getattr(config, "model_type", None))
+    lookup = _class_outside_interface
+    if torch.compiler.is_compiling():
+        # Run, not traced: transformers reads the model's source file to answer, which dynamo
+        # cannot follow (fullgraph=True failed unless an eager forward had run first).
+        lookup = _class_outside_interface_untraced
+    class_name = lookup(getattr(config, "model_type", None))
     if class_name is not None:
         raise ValueError(
             f"{class_name}'s attention does not go through transformers' attention interface, "
@@ -205,6 +218,12 @@ def _class_outside_interface(model_type: str | None) -> str | None:
 
     cls = getattr(transformers, class_name, None)
     return class_name if cls is not None and not cls._can_set_attn_implementation() else None
+
+
+# The answer is a constant of the model type: computed when traced, kept in the graph.
+_class_outside_interface_untraced = torch.compiler.assume_constant_result(
+    _class_outside_interface.__wrapped__
+)
 
 
 # --------------------------------------------------------------------------- convolution skips
@@ -453,7 +472,11 @@ def _key_mask_from_4d(mask: Tensor, n_q: int, n_k: int) -> Tensor:
         # attention gives such keys no weight.
         masked = mask <= _MASKED
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | masked).all()):
-            raise ValueError("additive attention biases are not supported by Nyström attention")
+            raise ValueError(
+                "attention_mask: additive attention biases are not supported by Nyström "
+                "attention; a float mask of 4 dimensions must hold 0 (attend) or a large "
+                "negative number (masked); or pass a bool mask (True = attend)"
+            )
         allowed = ~masked
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[-1] != n_k:
         raise ValueError(
