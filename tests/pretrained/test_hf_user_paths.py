@@ -33,9 +33,14 @@ def bert_path(tmp_path_factory):
 
 
 def load(path, cls=AutoModel, implementation="nystrom"):
-    transformers.logging.set_verbosity_error()  # new task heads are reported as missing
     torch.manual_seed(0)  # the same new head every time
-    model = cls.from_pretrained(path, attn_implementation=implementation).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # new task heads are reported as missing
+    try:
+        model = cls.from_pretrained(path, attn_implementation=implementation).eval()
+    finally:
+        # Other tests read transformers' warnings: the verbosity is theirs again.
+        transformers.logging.set_verbosity(verbosity)
     model.config.nystrom = {"num_landmarks": M}
     return model
 
