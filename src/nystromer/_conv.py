@@ -53,7 +53,9 @@ def _add_blocks(out, value, weight, bias, mask, into: Tensor) -> Tensor:
 
 class _Added(torch.autograd.Function):
     """See :func:`added`. Saves only ``value`` (which the attention keeps
-    anyway), the weight and a copy of the mask; not differentiable twice."""
+    anyway), the weight and a copy of the mask. A backward under ``create_graph`` (a second
+    derivative to come) differentiates the plain convolution instead (:func:`_plain_backward`).
+    """
 
     @staticmethod
     def forward(ctx, out, value, weight, bias, mask):
@@ -64,9 +66,10 @@ class _Added(torch.autograd.Function):
         return _add_blocks(out, value, weight, bias, mask, into=torch.empty_like(out))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         value, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return grad, *_plain_backward(ctx, grad, value, weight, bias), None
         need_value, need_weight, need_bias = ctx.needs_input_grad[1:4]
         k = weight.shape[2]
         back, values = _Rows(grad, ctx.mask, k), _Rows(value, ctx.mask, k)
@@ -95,6 +98,20 @@ class _Added(torch.autograd.Function):
             keep = 1 if ctx.mask is None else ctx.mask[:, None, :, None].to(grad.dtype)
             grad_bias = (grad * keep).sum((0, 2, 3)).to(bias.dtype)
         return grad, grad_value, grad_weight, grad_bias, None
+
+
+def _plain_backward(ctx, grad: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None):
+    """The gradients of value, weight and bias (None where not needed) of :func:`added` as a
+    graph of their own, by differentiating :func:`masked_conv` with ``create_graph``: what a
+    backward under ``create_graph`` needs. ``value``, ``weight`` and ``bias`` are the saved
+    inputs, connected to the caller's graph."""
+    # Views, so that autograd.grad gives each input's own gradient (distinct graph nodes).
+    inputs = [None if t is None else t.view_as(t) for t in (value, weight, bias)]
+    wanted = [w and t is not None for t, w in zip(inputs, ctx.needs_input_grad[1:4], strict=True)]
+    conv = masked_conv(*inputs, ctx.mask)
+    chosen = [t for t, w in zip(inputs, wanted, strict=True) if w]
+    found = iter(torch.autograd.grad(conv, chosen, grad, create_graph=True))
+    return [next(found) if w else None for w in wanted]
 
 
 class _Rows:

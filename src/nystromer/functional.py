@@ -28,7 +28,6 @@ import operator
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +39,7 @@ from ._checks import (
     check_shape,
     check_token_mask,
 )
+from ._sdpa import sdpa
 from .options import check_nystrom_options
 
 __all__ = [
@@ -272,9 +272,8 @@ def softmax_attention(
     padding keys (False in the (B, n_k) ``key_mask``) masked out: what Nyström attention
     approximates, e.g. to compare a layer's output with it."""
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
-    )
+    # (torch's own call, but differentiable twice: nystromer._sdpa.)
+    return sdpa(q, k, v, attn_mask, dropout_p, scale)
 
 
 # --- rows of the approximated attention matrix ----------------------------------------------
