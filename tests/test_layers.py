@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # layers before it, and the utilities (layer 0).
 LAYERS = {
     **dict.fromkeys(["_io", "_markdown", "_machine", "_args", "_version"], 0),
-    **dict.fromkeys(["functional", "reference", "_cpu", "_conv", "options", "_checks"], 1),
+    **dict.fromkeys(["functional", "reference", "_cpu", "_conv", "_sdpa", "options", "_checks"], 1),
     **dict.fromkeys(["attention", "attention_map"], 2),
     **dict.fromkeys(["hf", "patching", "conversion", "calibration", "models", "compat"], 3),
     # The applications stack too: the task-agnostic training loop, the LRA tasks trained with
