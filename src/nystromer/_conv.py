@@ -23,8 +23,7 @@ def masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor
     position sees what it would see in the unpadded sequence. value (B, H, n, d), mask (B, n)."""
     rows = _Rows(value, mask, weight.shape[2])
     weight, bias = rows.channel_weights(weight, bias, value.dtype)
-    # One block: every sample, every position.
-    return rows.conv(weight, bias, slice(None), 0, rows.n).transpose(1, 2)
+    return rows.whole(weight, bias).transpose(1, 2)
 
 
 def add_(out: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None, mask) -> Tensor:
@@ -148,8 +147,9 @@ class _Rows:
             for start in range(0, self.n, step):
                 yield slice(first, first + samples), start, min(start + step, self.n)
 
-    def _piece(self, samples: slice, lo: int, hi: int) -> Tensor:
-        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed."""
+    def _piece(self, samples: slice, lo: int | None, hi: int | None) -> Tensor:
+        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed
+        (None: from the first / to the last)."""
         piece = self.value[samples, lo:hi].flatten(2)  # (B', L, C)
         if self.mask is not None:
             piece = piece * self.mask[samples, lo:hi, None].to(piece.dtype)
@@ -162,6 +162,16 @@ class _Rows:
         before, after = halo - (start - lo), halo - (hi - stop)
         piece = self._piece(samples, lo, hi)
         return F.pad(piece, (0, 0, before, after)) if before or after else piece
+
+    def whole(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution at every position of every sample as one block, (B, n, H, d), zero
+        at padding. No position arithmetic on n (the convolution's own zero padding serves
+        both ends), so that torch.export can keep the length symbolic."""
+        y = F.conv2d(
+            self._piece(slice(None), None, None), weight, bias, padding=(self.half, 0),
+            groups=weight.shape[0],
+        )  # fmt: skip
+        return self._finish(y, slice(None), slice(None))
 
     def conv(
         self, weight: Tensor, bias: Tensor | None, samples: slice, start: int, stop: int
@@ -180,9 +190,13 @@ class _Rows:
             groups=weight.shape[0],
         )  # fmt: skip
         first = start - lo - self.half + padding
-        y = y[:, :, first : first + stop - start].squeeze(3).transpose(1, 2)
+        return self._finish(y[:, :, first : first + stop - start], samples, slice(start, stop))
+
+    def _finish(self, y: Tensor, samples: slice, positions: slice) -> Tensor:
+        """(B', C, L, 1) convolution output → (B', L, H, d), padding zeroed."""
+        y = y.squeeze(3).transpose(1, 2)
         if self.mask is not None:
-            y = y * self.mask[samples, start:stop, None].to(y.dtype)
+            y = y * self.mask[samples, positions, None].to(y.dtype)
         return y.unflatten(-1, (self.heads, self.d))
 
 

@@ -130,7 +130,8 @@ def nystrom_attention(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
 
-    if (n_k <= m or n_q <= m) and not captured:
+    # (captured first: a length comparison under export would guard the exported length.)
+    if not captured and (n_k <= m or n_q <= m):
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
         out = softmax_attention(query, key, value, mask, scale, dropout_p)
     else:
