@@ -240,6 +240,31 @@ def test_options_and_changed_keywords_together_are_refused():
         NystromAttention(32, 4, options={"num_landmarks": 8})
 
 
+def test_one_export_with_a_dynamic_length_serves_other_lengths():
+    # torch.export with the sequence length as a Dim: the convolution skip's padding and the
+    # exact-attention branch must not guard the exported length. One program, with the skip
+    # and padding, against eager at a longer length and one of at most m tokens.
+    torch.manual_seed(0)
+    attn = NystromAttention(16, 2, num_landmarks=4, conv_kernel_size=5).double().eval()
+    torch.nn.init.normal_(attn.conv.weight)
+
+    def inputs(n):
+        mask = torch.arange(n)[None] < torch.tensor([[n], [n // 2 + 1]])
+        return torch.randn(2, n, 16, dtype=torch.float64), mask
+
+    x, mask = inputs(20)
+    length = torch.export.Dim("n", min=2, max=4096)
+    program = torch.export.export(
+        attn, (x,), {"mask": mask}, dynamic_shapes={"query": {1: length}, "mask": {1: length}}
+    ).module()
+    for n in (37, 3):
+        x, mask = inputs(n)
+        with torch.no_grad():
+            want = attn(x, mask=mask)
+        # float64: the exported graph and eager differ in summation order at most.
+        torch.testing.assert_close(program(x, mask=mask), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [

@@ -17,7 +17,7 @@ LAYERS = {
     **dict.fromkeys(
         ["_io", "_markdown", "_machine", "_args", "_checks", "_torchutil", "_version"], 0
     ),
-    **dict.fromkeys(["functional", "reference", "_cpu", "_conv", "options"], 1),
+    **dict.fromkeys(["functional", "reference", "_cpu", "_conv", "_sdpa", "options"], 1),
     **dict.fromkeys(["attention", "attention_map"], 2),
     **dict.fromkeys(["hf", "patching", "conversion", "calibration", "models", "compat"], 3),
     # The applications stack too: the task-agnostic training loop, the LRA tasks trained with

@@ -23,8 +23,7 @@ def masked_conv(value: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor
     position sees what it would see in the unpadded sequence. value (B, H, n, d), mask (B, n)."""
     rows = _Rows(value, mask, weight.shape[2])
     weight, bias = rows.channel_weights(weight, bias, value.dtype)
-    # One block: every sample, every position.
-    return rows.conv(weight, bias, slice(None), 0, rows.n).transpose(1, 2)
+    return rows.whole(weight, bias).transpose(1, 2)
 
 
 def add_(out: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None, mask) -> Tensor:
@@ -53,7 +52,9 @@ def _add_blocks(out, value, weight, bias, mask, into: Tensor) -> Tensor:
 
 class _Added(torch.autograd.Function):
     """See :func:`added`. Saves only ``value`` (which the attention keeps
-    anyway), the weight and a copy of the mask; not differentiable twice."""
+    anyway), the weight and a copy of the mask. A backward under ``create_graph`` (a second
+    derivative to come) differentiates the plain convolution instead (:func:`_plain_backward`).
+    """
 
     @staticmethod
     def forward(ctx, out, value, weight, bias, mask):
@@ -64,9 +65,10 @@ class _Added(torch.autograd.Function):
         return _add_blocks(out, value, weight, bias, mask, into=torch.empty_like(out))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         value, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return grad, *_plain_backward(ctx, grad, value, weight, bias), None
         need_value, need_weight, need_bias = ctx.needs_input_grad[1:4]
         k = weight.shape[2]
         back, values = _Rows(grad, ctx.mask, k), _Rows(value, ctx.mask, k)
@@ -95,6 +97,20 @@ class _Added(torch.autograd.Function):
             keep = 1 if ctx.mask is None else ctx.mask[:, None, :, None].to(grad.dtype)
             grad_bias = (grad * keep).sum((0, 2, 3)).to(bias.dtype)
         return grad, grad_value, grad_weight, grad_bias, None
+
+
+def _plain_backward(ctx, grad: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None):
+    """The gradients of value, weight and bias (None where not needed) of :func:`added` as a
+    graph of their own, by differentiating :func:`masked_conv` with ``create_graph``: what a
+    backward under ``create_graph`` needs. ``value``, ``weight`` and ``bias`` are the saved
+    inputs, connected to the caller's graph."""
+    # Views, so that autograd.grad gives each input's own gradient (distinct graph nodes).
+    inputs = [None if t is None else t.view_as(t) for t in (value, weight, bias)]
+    wanted = [w and t is not None for t, w in zip(inputs, ctx.needs_input_grad[1:4], strict=True)]
+    conv = masked_conv(*inputs, ctx.mask)
+    chosen = [t for t, w in zip(inputs, wanted, strict=True) if w]
+    found = iter(torch.autograd.grad(conv, chosen, grad, create_graph=True))
+    return [next(found) if w else None for w in wanted]
 
 
 class _Rows:
@@ -131,8 +147,9 @@ class _Rows:
             for start in range(0, self.n, step):
                 yield slice(first, first + samples), start, min(start + step, self.n)
 
-    def _piece(self, samples: slice, lo: int, hi: int) -> Tensor:
-        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed."""
+    def _piece(self, samples: slice, lo: int | None, hi: int | None) -> Tensor:
+        """Positions [lo, hi) of the samples as (B', C, L, 1) channels-last, padding zeroed
+        (None: from the first / to the last)."""
         piece = self.value[samples, lo:hi].flatten(2)  # (B', L, C)
         if self.mask is not None:
             piece = piece * self.mask[samples, lo:hi, None].to(piece.dtype)
@@ -145,6 +162,16 @@ class _Rows:
         before, after = halo - (start - lo), halo - (hi - stop)
         piece = self._piece(samples, lo, hi)
         return F.pad(piece, (0, 0, before, after)) if before or after else piece
+
+    def whole(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution at every position of every sample as one block, (B, n, H, d), zero
+        at padding. No position arithmetic on n (the convolution's own zero padding serves
+        both ends), so that torch.export can keep the length symbolic."""
+        y = F.conv2d(
+            self._piece(slice(None), None, None), weight, bias, padding=(self.half, 0),
+            groups=weight.shape[0],
+        )  # fmt: skip
+        return self._finish(y, slice(None), slice(None))
 
     def conv(
         self, weight: Tensor, bias: Tensor | None, samples: slice, start: int, stop: int
@@ -163,9 +190,13 @@ class _Rows:
             groups=weight.shape[0],
         )  # fmt: skip
         first = start - lo - self.half + padding
-        y = y[:, :, first : first + stop - start].squeeze(3).transpose(1, 2)
+        return self._finish(y[:, :, first : first + stop - start], samples, slice(start, stop))
+
+    def _finish(self, y: Tensor, samples: slice, positions: slice) -> Tensor:
+        """(B', C, L, 1) convolution output → (B', L, H, d), padding zeroed."""
+        y = y.squeeze(3).transpose(1, 2)
         if self.mask is not None:
-            y = y * self.mask[samples, start:stop, None].to(y.dtype)
+            y = y * self.mask[samples, positions, None].to(y.dtype)
         return y.unflatten(-1, (self.heads, self.d))
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_int_at_least, check_odd_kernel_size, check_token_mask, positive_int
+from ._sdpa import sdpa
 from ._torchutil import bypassable, without_autocast
 from .attention import ValueConv, multihead_nystrom_attention
 from .attention_map import AttentionMap
@@ -433,7 +434,7 @@ def _in_features(module: nn.Module) -> int | None:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_ok: Tensor | None) -> Tensor:
     """softmax(Q·Kᵀ)·V (q already scaled) with keys False in the (B, n_k) ``key_ok`` masked."""
     attn_mask = None if key_ok is None else key_ok[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+    return sdpa(q, k, v, attn_mask, scale=1.0)
 
 
 def _package_softmax(logits: Tensor, row_ok: Tensor | None, col_ok: Tensor | None) -> Tensor:

@@ -27,7 +27,6 @@ import operator
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -39,6 +38,7 @@ from ._checks import (
     check_shape,
     check_token_mask,
 )
+from ._sdpa import sdpa
 from ._torchutil import without_autocast
 from .options import check_nystrom_options
 
@@ -130,7 +130,8 @@ def nystrom_attention(
         query.shape[2], query.shape[-1], key.shape[2], mask, query_mask, scale
     )
 
-    if (n_k <= m or n_q <= m) and not captured:
+    # (captured first: a length comparison under export would guard the exported length.)
+    if not captured and (n_k <= m or n_q <= m):
         # Exact attention costs n_q·n_k ≤ m·max(n_q, n_k): no cheaper approximation exists.
         out = softmax_attention(query, key, value, mask, scale, dropout_p)
     else:
@@ -272,9 +273,8 @@ def softmax_attention(
     padding keys (False in the (B, n_k) ``key_mask``) masked out: what Nyström attention
     approximates, e.g. to compare a layer's output with it."""
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
-    )
+    # (torch's own call, but differentiable twice: nystromer._sdpa.)
+    return sdpa(q, k, v, attn_mask, dropout_p, scale)
 
 
 # --- rows of the approximated attention matrix ----------------------------------------------

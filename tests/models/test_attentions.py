@@ -185,3 +185,38 @@ def test_maps_under_gradient_checkpointing_and_autograd():
     # The map leaves out attention dropout: the first layer's (whose input has no dropout
     # here) is the same in training and in eval mode.
     assert torch.allclose(row, again, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("numerics", ["nystromer", "hf"])
+def test_maps_under_torch_compile_fullgraph_are_the_eager_maps(numerics):
+    # output_attentions under torch.compile(model, fullgraph=True): dynamo returns the maps
+    # (their row functions hold the compiled forward's q and k), and their rows, computed when
+    # indexed after the compiled call, and gradients through them are eager's. aot_eager
+    # backend: fullgraph is a property of dynamo's capture, which the backend does not change,
+    # and it skips inductor's code generation (seconds instead of a minute).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = tiny_config(num_landmarks=4, numerics=numerics, segment_means_seq_len=12)
+    model = peaked(NystromformerModel(config).double().eval())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    kwargs, _ = batch("NystromformerModel", 12, pad=numerics == "nystromer")
+    got = compiled(**kwargs, output_attentions=True)
+    want = model(**kwargs, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == 2
+    for attn, ref in zip(got.attentions, want.attentions, strict=True):
+        assert isinstance(attn, AttentionMap) and attn.shape == ref.shape == (2, 4, 12, 12)
+        torch.testing.assert_close(attn[:, :, [0, -1]], ref[:, :, [0, -1]], atol=ATOL, rtol=0)
+        torch.testing.assert_close(attn.full(), ref.full(), atol=ATOL, rtol=0)
+    # An attention loss on a row (as attention supervision takes it) differentiates through
+    # the compiled forward to the parameters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    # (Unused parameters: zeros from the compiled graph, None eagerly; materialised as zeros.)
+    grads = [
+        torch.autograd.grad(
+            out.attentions[-1][:, :, 0].square().sum(), params, materialize_grads=True
+        )
+        for out in (got, want)
+    ]
+    assert any(w.abs().max() > 0 for w in grads[1])
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
