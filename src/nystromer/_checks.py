@@ -69,14 +69,16 @@ def check_odd_kernel_size(name: str, value: object, *, or_none: bool = False) ->
         raise ValueError(f"{name} must be an odd integer ≥ 1{alternative}, got {value!r}")
 
 
-def check_probability(name: str, value: float) -> None:
-    """Raise ValueError unless 0 ≤ ``value`` < 1 (a dropout rate)."""
+def check_probability(name: str, value: float, *, one: bool = False) -> None:
+    """Raise ValueError unless 0 ≤ ``value`` < 1 (a dropout rate), or ≤ 1 with ``one`` (as
+    torch's Dropout takes). A bool is no rate."""
     try:
-        valid = 0.0 <= value < 1.0
+        valid = 0.0 <= value <= 1.0 if one else 0.0 <= value < 1.0
     except TypeError:  # not a number, e.g. None
         valid = False
-    if not valid:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if not valid or isinstance(value, bool):
+        interval = "[0, 1]" if one else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
 def check_scale(name: str, value: object) -> None:

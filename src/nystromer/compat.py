@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_int_at_least, check_odd_kernel_size, check_token_mask, positive_int
+from ._checks import (
+    check_int_at_least,
+    check_odd_kernel_size,
+    check_probability,
+    check_token_mask,
+    positive_int,
+)
 from ._sdpa import sdpa
 from ._torchutil import bypassable, without_autocast
 from .attention import ValueConv, multihead_nystrom_attention
@@ -111,7 +117,7 @@ class NystromAttention(_Numerics, nn.Module):
         dim = positive_int("dim", dim)
         dim_head = positive_int("dim_head", dim_head)
         heads = positive_int("heads", heads)
-        _check_dropout("dropout", dropout)
+        check_probability("dropout", dropout, one=True)
         inner_dim = heads * dim_head
         # Validates m and the iterations with messages naming them.
         NystromOptions(num_landmarks=num_landmarks, pinv_iterations=pinv_iterations)
@@ -556,8 +562,8 @@ class Nystromformer(_Numerics, nn.Module):
             check_odd_kernel_size(
                 "attn_values_residual_conv_kernel", attn_values_residual_conv_kernel
             )
-        _check_dropout("attn_dropout", attn_dropout)
-        _check_dropout("ff_dropout", ff_dropout)
+        check_probability("attn_dropout", attn_dropout, one=True)
+        check_probability("ff_dropout", ff_dropout, one=True)
         self.layers = nn.ModuleList([])
         for _ in range(depth):
             attn = NystromAttention(
@@ -626,14 +632,3 @@ def _check_dtype(x: Tensor, to_qkv: nn.Module) -> None:
         f"x must have the layer's dtype {want} (convert x, or the layer with .to(dtype)), "
         f"got {x.dtype}"
     )
-
-
-def _check_dropout(name: str, p: object) -> None:
-    """Raise ValueError unless 0 ≤ p ≤ 1, as torch's Dropout takes (1 included), naming the
-    argument: torch's own message names none."""
-    try:
-        valid = 0.0 <= p <= 1.0
-    except TypeError:  # not a number
-        valid = False
-    if not valid or isinstance(p, bool):
-        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
