@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -405,6 +407,67 @@ def test_shared_landmark_node_with_an_unwritable_or_missing_gradient():
         means.sum().backward()
         assert torch.allclose(x.grad, means_share * torch.ones_like(x), atol=1e-15)
         x.grad = None
+
+
+def _one_tensor_cases(q, v, mask):
+    """Self-attention without projections: q as query, key and value (unpadded and padded),
+    and q as query and key with its own v."""
+    return [
+        nystrom_attention(q, q, q, num_landmarks=4),
+        nystrom_attention(q, q, q, num_landmarks=4, mask=mask),
+        nystrom_attention(q, q, v, num_landmarks=4, mask=mask),
+    ]
+
+
+def _one_tensor_inputs():
+    q, _, v = qkv(b=2, h=2, n=20, d=4, seed=5)
+    return q.requires_grad_(True), v.requires_grad_(True), right_padded_mask([20, 13], 20)
+
+
+def test_one_tensor_in_several_roles_gets_the_references_gradients():
+    # On the CPU the tensor passes through the shared landmark node once per role (query,
+    # key), and each node adds its means' gradient in place: both roles' gradients and the
+    # value's must add up as in the reference. Float64: only rounding differs, FUSED_TOL for
+    # outputs and gradients alike (gradient entries are at most ~3 here; measured ≤ 5e-15).
+    q, v, mask = _one_tensor_inputs()
+    want = [
+        nystrom_reference(q, q, q, 4),
+        nystrom_reference(q, q, q, 4, mask=mask),
+        nystrom_reference(q, q, v, 4, mask=mask),
+    ]
+    for got, ref in zip(_one_tensor_cases(q, v, mask), want, strict=True):
+        assert (got - ref).abs().max().item() <= FUSED_TOL
+        g = torch.randn_like(ref)
+        for a, b in zip(
+            torch.autograd.grad(got, (q, v), g, allow_unused=True, materialize_grads=True),
+            torch.autograd.grad(ref, (q, v), g, allow_unused=True, materialize_grads=True),
+            strict=True,
+        ):
+            assert (a - b).abs().max().item() <= FUSED_TOL
+
+
+def test_compiles_with_one_tensor_in_several_roles():
+    # nystrom_attention(q, q, q) under torch.compile failed to trace: Dynamo traced the shared
+    # landmark node's backward with the forward's outputs as the gradients, so its in place
+    # add modified q under the view the first node had returned. aot_eager traces forward and
+    # backward as torch.compile does and runs the same kernels. Traced, the masked cases take
+    # the branch that reads no value on the host, which differs from eager by rounding only
+    # (float64): FUSED_TOL for the outputs and the gradients (measured ≤ 3e-16).
+    q, v, mask = _one_tensor_inputs()
+    compiled = torch.compile(_one_tensor_cases, backend="aot_eager", fullgraph=True)
+    # (The compiled outputs share one backward node: each gradient keeps it for the next.)
+    grad = functools.partial(
+        torch.autograd.grad, allow_unused=True, materialize_grads=True, retain_graph=True
+    )
+    for got, want in zip(compiled(q, v, mask), _one_tensor_cases(q, v, mask), strict=True):
+        assert (got - want).abs().max().item() <= FUSED_TOL
+        g = torch.randn_like(want)
+        for a, b in zip(
+            grad(got, (q, v), g),
+            grad(want, (q, v), g),
+            strict=True,
+        ):
+            assert (a - b).abs().max().item() <= FUSED_TOL
 
 
 @pytest.mark.parametrize(

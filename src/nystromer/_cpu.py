@@ -139,7 +139,18 @@ def shared_segment_means(
 ) -> tuple[Tensor, Tensor]:
     """``(x, segment_means(x, ...))`` as one autograd node whose backward adds the means'
     gradient in place into x's other gradient, instead of autograd summing them into a third
-    full-size tensor."""
+    full-size tensor.
+
+    Not under torch.compile: there x and its means come from the plain calls. Dynamo traces
+    the node's backward with the forward's outputs standing in for the gradients, so the in
+    place add wrote into the view of x returned by the forward; with one tensor as both q and
+    k (``nystrom_attention(q, q, q)``) the second node's trace thereby modified x under the
+    first node's view, which autograd then refused. Compiled, the in place add is not needed:
+    AOT autograd makes the traced backward out of place anyway (functionalization), and the
+    compiler chooses its memory itself.
+    """
+    if torch.compiler.is_compiling():
+        return x, segment_means(x, index, counts, m, dtype)
     return _SharedSegmentMeans.apply(x, index, counts, m, dtype)
 
 
