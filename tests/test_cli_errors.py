@@ -361,6 +361,9 @@ def test_naming_flags_leads_with_the_flag_of_a_setting_given():
     message = "embed_dim must be divisible by num_heads=3, got 64"
     assert raised(ValueError(message)) == f"--num-heads: {message}"
     assert raised(FileNotFoundError("data_dir: no x.tsv")) == "--data: no x.tsv"  # a label
+    assert raised(ValueError("run_dir: num_heads=3 too many")) == (
+        "--num-heads: run_dir: num_heads=3 too many"  # the label of another setting stays
+    )
     # Not about a setting given (a default, a file's value): as it was.
     for message in ("embed_dim must be ≥ 1", "mine.json: num_heads must be ≥ 1", "a bug"):
         assert raised(ValueError(message)) == message

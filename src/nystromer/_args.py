@@ -273,6 +273,6 @@ def naming_flags(flags: Mapping[str, str]) -> Iterator[None]:
         given = next((flags[name] for name in names if name in flags), None)
         if given is None:
             raise
-        if lead and message.startswith(f"{lead.group()}: "):  # a label: the flag replaces it
+        if names[0] in flags and message.startswith(f"{names[0]}: "):  # a label: replaced
             message = message.split(": ", 1)[1]
         raise type(exc)(f"{given}: {message}") from exc
