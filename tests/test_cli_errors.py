@@ -14,6 +14,7 @@ import torch
 
 from nystromer import _args
 from nystromer.cli import main
+from nystromer.lra.recipes import recipe_path
 
 # Words of a command: MISSING is a path that does not exist, FILE a text file, BAD_JSON a
 # malformed JSON file, OTHER_JSON the JSON of no report, DIR an empty folder, MODEL a folder with
@@ -21,6 +22,7 @@ from nystromer.cli import main
 # that must not be created. Files of the right kind with a value of the wrong type (a TypeError
 # reported as an input error, naming the file or the field): BAD_RECIPE a recipe, BAD_RUN an LRA
 # run folder whose config.json holds that recipe, BAD_LONG / BAD_TRANSMIL reports.
+# BAD_VALUE_RECIPE a whole recipe with a value out of range, TEXT_RECIPE the shipped text one.
 # A CUDA index no machine has: refused with or without CUDA, when the command runs (argparse
 # checks the spelling only: a command may be written for another machine).
 NO_GPU = "cuda:999"
@@ -51,8 +53,62 @@ CASES = {
         ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "BAD_RECIPE"],
         "BAD_RECIPE: recipe field 'steps' must be int, got 'ten'",
     ),
+    # A recipe setting checked by the recipe, model or trainer is named by its flag; one read
+    # from a --recipe file by the file.
+    "train --num-landmarks 0": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--num-landmarks", "0"],
+        "--num-landmarks: num_landmarks must be an integer ≥ 1, got 0",
+    ),
+    "train --num-heads 3": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--num-heads", "3"],
+        "--num-heads: embed_dim must be divisible by num_heads=3, got 64",
+    ),
+    "train --warmup-steps 5000": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--warmup-steps", "5000"],
+        "--warmup-steps: warmup_steps must be an integer in [0, steps=5000), got 5000",
+    ),
+    "train --grad-clip 0": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--grad-clip", "0"],
+        "--grad-clip: grad_clip must be > 0 or None, got 0.0",
+    ),
+    "train --micro-batches 64": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--micro-batches", "64"],
+        "--micro-batches: micro_batches must be an integer in [1, batch_size=32], got 64",
+    ),
+    "train --data DIR": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT"],
+        "--data: ListOps train split: none of ['basic_train.tsv'] in DIR",
+    ),
+    "train --data MISSING": (
+        ["train", "listops", "--data", "MISSING", "--out", "OUT"],
+        "--data: listops data folder MISSING does not exist",
+    ),
+    "train --recipe BAD_VALUE_RECIPE": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "BAD_VALUE_RECIPE"]
+        + ["--num-landmarks", "8"],
+        "BAD_VALUE_RECIPE: num_landmarks must be an integer ≥ 1, got 0",
+    ),
+    "train --recipe TEXT_RECIPE": (
+        ["train", "listops", "--data", "DIR", "--out", "OUT", "--recipe", "TEXT_RECIPE"],
+        "--recipe: TEXT_RECIPE is for text, not listops",
+    ),
     "eval --device foo": (["eval", "DIR", "--device", "foo"], "argument --device"),
-    "eval BAD_RUN": (["eval", "BAD_RUN"], "recipe field 'steps' must be int, got 'ten'"),
+    "eval BAD_RUN": (
+        ["eval", "BAD_RUN"],
+        "BAD_RUN/config.json: recipe field 'steps' must be int, got 'ten'",
+    ),
+    "data listops --max-depth 1": (
+        ["data", "listops", "--out", "OUT", "--max-depth", "1"],
+        "--max-depth: max_depth must be >= 2",
+    ),
+    "data listops --max-length 0": (
+        ["data", "listops", "--out", "OUT", "--max-length", "0"],
+        "--max-length: no tree satisfies min_length=500 < tokens < max_length=0",
+    ),
+    "data pathfinder --resolution 7": (
+        ["data", "pathfinder", "--out", "OUT", "--resolution", "7"],
+        "--resolution: resolution must be an integer ≥ 16, got 7",
+    ),
     "distill --device cuda:N": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--device", NO_GPU],
         "--device: ",
@@ -64,6 +120,10 @@ CASES = {
     "distill --num-landmarks 0": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--num-landmarks", "0"],
         "--num-landmarks: num_landmarks must be an integer ≥ 1, got 0",
+    ),
+    "distill --micro-batches 8": (
+        ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE", "--micro-batches", "8"],
+        "--micro-batches: micro_batches must be an integer in [1, batch_size=4], got 8",
     ),
     "distill --calibrate without a skip": (
         ["distill", "--out", "OUT", "--teacher", "DIR", "--text", "FILE"]
@@ -100,6 +160,16 @@ CASES = {
     "bench speed --device foo": (["bench", "speed", "--device", "foo"], "argument --device"),
     "bench speed --device cuda:N": (["bench", "speed", "--device", NO_GPU], "--device: "),
     "bench speed --out FILE": (["bench", "speed", "--out", "FILE"], "argument --out"),
+    "bench speed --timeout 0": (["bench", "speed", "--timeout", "0"], "argument --timeout"),
+    "bench speed --max-seconds -1": (
+        ["bench", "speed", "--max-seconds", "-1"],
+        "argument --max-seconds: expected a positive number",
+    ),
+    "bench report --docs DIR": (
+        ["bench", "report", "--docs", "DIR"],
+        "argument --docs: DIR is a folder, not a file",
+    ),
+    "bench report --out FILE": (["bench", "report", "--out", "FILE"], "argument --out"),
     "bench table --impl foo": (["bench", "table", "--impl", "nystromer,foo"], "argument --impl"),
     "bench approx --sources foo": (["bench", "approx", "--sources", "foo"], "argument --sources"),
     "bench approx --seq-len 0": (["bench", "approx", "--seq-len", "0"], "argument --seq-len"),
@@ -180,6 +250,8 @@ def paths(tmp_path):
     (tmp_path / "bad_run").mkdir()
     run_config = {"task": "listops", "recipe": {"steps": "ten"}, "model": {}}
     (tmp_path / "bad_run" / "config.json").write_text(json.dumps(run_config))
+    bad_value = {**json.loads(recipe_path("listops").read_text()), "num_landmarks": 0}
+    (tmp_path / "bad_value_recipe.json").write_text(json.dumps(bad_value))
     for name, benchmark in (("bad_long", "long_inputs"), ("bad_transmil", "transmil")):
         report = {"benchmark": benchmark, "settings": 5, "documents": 5, "systems": 5}
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
@@ -192,6 +264,8 @@ def paths(tmp_path):
         "MODEL": tmp_path / "model",
         "OUT": tmp_path / "out",
         "BAD_RECIPE": tmp_path / "bad_recipe.json",
+        "BAD_VALUE_RECIPE": tmp_path / "bad_value_recipe.json",
+        "TEXT_RECIPE": recipe_path("text"),
         "BAD_RUN": tmp_path / "bad_run",
         "BAD_LONG": tmp_path / "bad_long.json",
         "BAD_TRANSMIL": tmp_path / "bad_transmil.json",
@@ -272,3 +346,26 @@ def test_device_type_and_check(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device: MPS is not available here"):
         _args.check_device("mps")
+
+
+def test_naming_flags_leads_with_the_flag_of_a_setting_given():
+    flags = {"num_heads": "--num-heads", "data_dir": "--data"}
+
+    def raised(exc: Exception) -> str:
+        with pytest.raises(type(exc)) as info, _args.naming_flags(flags):
+            raise exc
+        return str(info.value)
+
+    # The leading setting, else the first one spelled name=value, that was given.
+    assert raised(ValueError("num_heads must be ≥ 1")) == "--num-heads: num_heads must be ≥ 1"
+    message = "embed_dim must be divisible by num_heads=3, got 64"
+    assert raised(ValueError(message)) == f"--num-heads: {message}"
+    assert raised(FileNotFoundError("data_dir: no x.tsv")) == "--data: no x.tsv"  # a label
+    assert raised(ValueError("run_dir: num_heads=3 too many")) == (
+        "--num-heads: run_dir: num_heads=3 too many"  # the label of another setting stays
+    )
+    # Not about a setting given (a default, a file's value): as it was.
+    for message in ("embed_dim must be ≥ 1", "mine.json: num_heads must be ≥ 1", "a bug"):
+        assert raised(ValueError(message)) == message
+    with pytest.raises(KeyError), _args.naming_flags(flags):  # not an input error: untouched
+        raise KeyError("num_heads")

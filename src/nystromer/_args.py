@@ -4,15 +4,18 @@ Argument types reject a bad value with argparse's usage message (exit code 2) be
 runs; what only the command can find (a file's content, a run directory) it raises as one of
 :data:`USAGE_ERRORS`, which :func:`exit_code` reports in one line, also with exit code 2.
 :func:`call_with` lets a command pass its parsed options to the function that does the work,
-so that each option is spelled once, where it is declared.
+so that each option is spelled once, where it is declared; :func:`naming_flags` puts the flag
+in front of the library's message about a setting (``--num-landmarks: num_landmarks must ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,16 @@ __all__ = [
     "existing_file",
     "exit_code",
     "file_to_write",
+    "flag",
     "folder",
+    "given_flags",
     "int_at_least",
     "int_list",
     "name_list",
     "names_from",
+    "naming_flags",
     "odd_kernel_or_zero",
+    "positive_number",
     "torch_device",
 ]
 
@@ -71,6 +78,16 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a number > 0 (seconds, gigabytes)."""
+    try:
+        if float(text) > 0:
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
 
 
 def folder(text: str) -> Path:
@@ -220,3 +237,42 @@ def call_with(func: Callable, args: argparse.Namespace, *positional, **given):
     names = inspect.signature(func).parameters
     found = {k: v for k, v in vars(args).items() if k in names and k not in given}
     return func(*positional, **found, **given)
+
+
+def flag(name: str) -> str:
+    """The flag of the setting ``name``: its name with dashes (``num_landmarks``:
+    ``--num-landmarks``)."""
+    return "--" + name.replace("_", "-")
+
+
+def given_flags(args: argparse.Namespace, names: Iterable[str]) -> dict[str, str]:
+    """The flags of the settings ``names`` that ``args`` holds a value of (not None), by name:
+    what :func:`naming_flags` takes."""
+    return {name: flag(name) for name in names if getattr(args, name, None) is not None}
+
+
+@contextmanager
+def naming_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Lead the message of one of :data:`USAGE_ERRORS` raised inside with the flag it is about.
+
+    The library's messages begin with the setting they are about (``num_landmarks must be
+    ...``) and spell the others they involve ``name=value`` (``embed_dim must be divisible by
+    num_heads=3``); the command line spells that setting with its flag. ``flags`` maps the
+    settings given on the command line to their flags (``{"num_landmarks":
+    "--num-landmarks"}``): the leading setting is named if it is among them, else the first
+    ``name=`` one that is; a leading ``name:`` label is replaced by the flag. Any other
+    message is left as it is: a value read from a file (a ``--recipe``, a run's
+    config.json) is named by the file's path and its field.
+    """
+    try:
+        yield
+    except USAGE_ERRORS as exc:
+        message = str(exc)
+        lead = re.match(r"[A-Za-z_]\w*", message)
+        names = ([lead.group()] if lead else []) + re.findall(r"\b([A-Za-z_]\w*)=", message)
+        given = next((flags[name] for name in names if name in flags), None)
+        if given is None:
+            raise
+        if names[0] in flags and message.startswith(f"{names[0]}: "):  # a label: replaced
+            message = message.split(": ", 1)[1]
+        raise type(exc)(f"{given}: {message}") from exc

@@ -63,10 +63,13 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _viz_attention(args: argparse.Namespace) -> int:
-    from ._args import call_with
+    from ._args import call_with, naming_flags
     from .bench.viz import attention_figure
 
-    found = call_with(attention_figure, args, args.out)
+    # The LRA model's messages name lra_qkv's arguments.
+    flags = {"layer": "--layer", **({"run_dir": "--lra-run"} if args.lra_run else {})}
+    with naming_flags(flags):
+        found = call_with(attention_figure, args, args.out)
     print(f"wrote {found['path']} (relative error of the matrix {found['relative_error']:.3f})")
     print(f"wrote {found['json']}")
     return 0

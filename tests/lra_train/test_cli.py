@@ -145,7 +145,7 @@ def test_accuracy_interval_is_wilsons():
         accuracy_interval(0.4, 0)
 
 
-def test_command_line_errors(memory_data, tmp_path, capsys):
+def test_command_line_errors(memory_data, monkeypatch, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "listops", "--data", str(tmp_path), "--out", str(out), *SYNTHETIC]
     assert main([*base, "--stop-at", "2"]) == 0
@@ -161,6 +161,12 @@ def test_command_line_errors(memory_data, tmp_path, capsys):
     assert main(["train", "listops", "--out", str(tmp_path / "x"), "--resume"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "x")]) == 2
+    monkeypatch.undo()  # the data loaders read --data again
+    capsys.readouterr()
+    assert main(["eval", str(out), "--checkpoint", "last", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"nystromer: error: --data: ListOps test split: none of ['basic_test.tsv'] in {tmp_path}\n"
+    )
     with pytest.raises(SystemExit):
         main(["train", "listops", "--out", str(out), "--attention", "linear"])
 

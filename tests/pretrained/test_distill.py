@@ -219,6 +219,37 @@ def test_command_line_run_and_errors(setup, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--eval-fraction", "1.5"], "--eval-fraction: eval_fraction must be in (0, 1), got 1.5"),
+        (["--eval-fraction", "0"], "--eval-fraction: eval_fraction must be in (0, 1), got 0.0"),
+        (["--text", "MISSING"], "--text: text file MISSING does not exist"),
+    ],
+)
+def test_settings_are_checked_before_the_teacher_is_loaded(
+    monkeypatch, tmp_path, capsys, flags, expected
+):
+    # The teacher's loading (and the tokenizing after it) is what takes time: a setting that
+    # only the split of the text checked was refused after it.
+    from nystromer.distill import run
+
+    def load_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(run, "load_teacher", load_teacher)
+    text, out = tmp_path / "a.txt", tmp_path / "out"
+    text.write_text("some words\n")
+    argv = ["distill", "--out", str(out), "--teacher", str(tmp_path), "--text", str(text)]
+    with pytest.raises(AssertionError, match="the teacher was loaded"):  # good settings: it is
+        main([*argv, "--device", "cpu"])
+    missing = str(tmp_path / "missing.txt")
+    assert main([*argv, *(missing if f == "MISSING" else f for f in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nystromer: error: {expected.replace('MISSING', missing)}"), err
+    assert err.count("\n") == 1
+
+
 def test_runs_without_a_skip_are_recorded_and_reloaded_as_such(setup):
     root, config = setup
     # --conv-kernel-size 0 means no skip (and then no calibration by default).
@@ -268,7 +299,7 @@ def test_a_calibrated_start_that_training_does_not_beat_is_the_result(setup, tmp
 
     student = nystromer.from_pretrained(tmp_path / "run" / "model")
     teacher, tokenizer = load_teacher(config.teacher, wrecked.max_length)
-    splits, _ = _datasets(wrecked, tokenizer)
+    splits, _ = _datasets(wrecked, read_texts(wrecked.texts), tokenizer)
     test = splits["test"]
     batch = collate([test[i] for i in range(len(test))], test.pad_id)
     with torch.no_grad():

@@ -19,7 +19,9 @@ from .._args import (
     int_list,
     name_list,
     names_from,
+    naming_flags,
     odd_kernel_or_zero,
+    positive_number,
     torch_device,
 )
 
@@ -60,7 +62,9 @@ def _add_case_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float) 
     p.add_argument("--num-landmarks", "-m", type=int_at_least(1), default=64)
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int_at_least(1), default=repeats, help="timed calls (median)")
-    p.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
+    p.add_argument(
+        "--timeout", type=positive_number, default=timeout, help="seconds per worker process"
+    )
 
 
 def add_script_args(p: argparse.ArgumentParser, *, repeats: int, timeout: float, saved: str):
@@ -149,7 +153,11 @@ def _speed(args: argparse.Namespace) -> int:
 def _approx(args: argparse.Namespace) -> int:
     from .approx import run_approx, write_approx_outputs
 
-    for path in write_approx_outputs(call_with(run_approx, args), args.out):
+    # The LRA model's messages name lra_qkv's arguments.
+    flags = {"layer": "--lra-layer", **({"run_dir": "--lra-run"} if args.lra_run else {})}
+    with naming_flags(flags):
+        found = call_with(run_approx, args)
+    for path in write_approx_outputs(found, args.out):
         print(f"wrote {path}")
     return 0
 
@@ -177,7 +185,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_problem_args(s, SPEED_LENGTHS, SPEED_IMPLEMENTATIONS)
     s.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_number,
         default=10.0,
         help="stop growing n for an implementation after a forward slower than this",
     )

@@ -292,7 +292,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def register_report(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``nystromer bench report`` to the ``bench`` sub-parsers."""
-    from .._args import int_at_least, names_from
+    from .._args import file_to_write, folder, int_at_least, names_from
 
     r = bench_sub.add_parser(
         "report",
@@ -306,14 +306,14 @@ def register_report(bench_sub: argparse._SubParsersAction) -> None:
     docs_help = (
         f"Markdown file to update (default: {DEFAULT_DOCS}; with --quick: OUT/benchmarks.md)"
     )
-    for flag, help in (
-        ("--out", "command outputs (default: bench-out/report[-quick])"),
-        ("--docs", docs_help),
-        ("--images", "where plots are copied (default: DOCS_DIR/bench)"),
-        ("--gpu-results", "CUDA speed results to render (default: IMAGES/gpu)"),
-        ("--lra-run", "LRA run for the lra inputs (default: see approx)"),
+    for flag, type_, help in (
+        ("--out", folder, "command outputs (default: bench-out/report[-quick])"),
+        ("--docs", file_to_write, docs_help),
+        ("--images", folder, "where plots are copied (default: DOCS_DIR/bench)"),
+        ("--gpu-results", Path, "CUDA speed results to render (default: IMAGES/gpu)"),
+        ("--lra-run", Path, "LRA run for the lra inputs (default: see approx)"),
     ):
-        r.add_argument(flag, type=Path, help=help)
+        r.add_argument(flag, type=type_, help=help)
     r.add_argument(
         "--only",
         type=names_from(REPORT_SECTIONS, "sections"),

@@ -8,7 +8,6 @@ written out in the section it renders (docs/benchmarks.md, "TransMIL layer").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -23,7 +22,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._args import add_list_option, call_with, folder, int_at_least, int_list, odd_kernel_or_zero
+from .._args import (
+    add_list_option,
+    call_with,
+    folder,
+    int_at_least,
+    int_list,
+    odd_kernel_or_zero,
+    positive_number,
+)
 from .._io import atomic_path, atomic_write
 from .._machine import report_header
 from .._markdown import replace_section, table
@@ -378,13 +385,6 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(spelled_command(["nystromer", "bench", "transmil"], args, _SPELLED))
 
 
-def _positive_float(text: str) -> float:
-    with contextlib.suppress(ValueError):
-        if float(text) > 0:
-            return float(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.from_json:
         report = read_report(args.from_json, "transmil")
@@ -428,7 +428,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, bfloat16, ...")
     p.add_argument(
-        "--package-heatmap-limit-gb", type=_positive_float, default=4.0,
+        "--package-heatmap-limit-gb", type=positive_number, default=4.0,
         help="skip the package's dense heatmap where its n×n matrix would exceed this",
     )  # fmt: skip
     p.add_argument(

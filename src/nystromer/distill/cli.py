@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from .._args import USAGE_ERRORS, file_to_write, folder
+from .._args import file_to_write, folder, given_flags, naming_flags
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .run import LAYERS, LOSSES, DistillConfig, read_run_config
@@ -140,33 +140,23 @@ def _config(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig(**given)
 
 
-def _flag(name: str) -> str | None:
-    """The flag of the setting ``name`` (``texts``, and ``text`` as read_texts says, are
-    ``--text``), or None if it has none."""
-    if name in ("text", "texts"):
-        return "--text"
-    if name in _FLAGS or name in ("layers", "loss", "precision"):
-        return "--" + name.replace("_", "-")
-    return None
-
-
-def _naming_the_flag(exc: Exception) -> Exception:
-    """``exc`` with its message led by the flag it is about: the library's messages begin
-    with the setting they are about (``teacher must be ...``), which the command spells
-    ``--teacher``. Any other message is left as it is."""
-    flag = _flag(str(exc).split(" ", 1)[0])
-    return exc if flag is None else type(exc)(f"{flag}: {exc}")
+def _given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given on the command line, by name, and their flags (``texts``, and
+    ``text`` as read_texts says, are ``--text``)."""
+    # (runtime_options' "progress" is --no-progress, which has no attribute of that name.)
+    flags = given_flags(args, [*_FLAGS, "layers", "loss", "precision", *runtime_options(args)])
+    if args.texts is not None:
+        flags.update(text="--text", texts="--text")
+    return flags
 
 
 def _distill(args: argparse.Namespace) -> int:
     def work() -> dict[str, Any]:
         from .run import distill
 
-        try:
+        with naming_flags(_given_flags(args)):
             config = _config(args)
             return distill(config, args.out, resume=args.resume, **runtime_options(args))
-        except USAGE_ERRORS as exc:
-            raise _naming_the_flag(exc) from exc
 
     def report(result: dict[str, Any]) -> None:
         if result["status"] != "completed":

@@ -152,6 +152,9 @@ class DistillConfig:
             not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0
         ):
             raise ValueError(f"dropout must be in [0, 1) or None, got {self.dropout!r}")
+        if not is_number(self.eval_fraction) or not 0.0 < self.eval_fraction < 1.0:
+            # Checked again where the text is split, after the teacher is loaded: too late.
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 1):
             raise ValueError(f"stride must be a positive integer or None, got {self.stride!r}")
         if not self.texts:
@@ -343,8 +346,9 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int], int]:
     return prefix, suffix, 0 if pad is None else pad
 
 
-def _datasets(cfg: DistillConfig, tokenizer: Any) -> tuple[dict[str, TokenWindows], dict]:
-    texts = read_texts(cfg.texts)
+def _datasets(
+    cfg: DistillConfig, texts: list[str], tokenizer: Any
+) -> tuple[dict[str, TokenWindows], dict]:
     ids: list[int] = []
     for text in texts:
         # One call per text; verbose=False: the corpus is longer than the model on purpose.
@@ -422,8 +426,9 @@ def distill(
         # calibrated and before.json rewritten beside the earlier run's results.
         check_no_earlier_run(out, instead="another --out")
 
+    texts = read_texts(config.texts)  # a missing or undecodable file before the teacher
     teacher, tokenizer = load_teacher(config.teacher, config.max_length)
-    splits, data_info = _datasets(config, tokenizer)
+    splits, data_info = _datasets(config, texts, tokenizer)
     if resume:
         was = saved.get("data", {})
         differ = [f"{k}: {was[k]!r} → {v!r}" for k, v in data_info.items() if was.get(k, v) != v]

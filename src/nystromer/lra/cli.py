@@ -14,13 +14,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._args import call_with, existing_file, file_to_write, folder, int_at_least, torch_device
+from .._args import (
+    call_with,
+    existing_file,
+    file_to_write,
+    flag,
+    folder,
+    given_flags,
+    int_at_least,
+    naming_flags,
+    torch_device,
+)
 from ..train import TrainResult
 from ..train import checkpoint as ckpt
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .model import ATTENTIONS
-from .recipes import FIELDS, TASKS, Recipe, load_recipe
+from .recipes import FIELDS, TASKS, load_recipe
 
 __all__ = ["register"]
 
@@ -117,43 +127,58 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _given_flags(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
+    """The settings among ``names`` given on the command line, and ``data_dir`` if --data
+    was, by name, with their flags (:func:`~nystromer._args.naming_flags`)."""
+    flags = given_flags(args, names)
+    if args.data is not None:
+        flags["data_dir"] = "--data"
+    return flags
+
+
 def _train(args: argparse.Namespace) -> int:
     def work() -> TrainResult:
-        from .run import read_run_config, train_task
+        from .run import read_run_config, saved_recipe, train_task
 
-        data = args.data
-        if args.resume:
-            saved = read_run_config(args.out)
-            if saved["task"] != args.task:
-                raise ValueError(f"{args.out} is a {saved['task']} run, not {args.task}")
-            recipe = Recipe.from_dict(saved["recipe"]).with_overrides(**_overrides(args))
-            if args.recipe is not None:
-                # The run's recipe is config.json's; a file that says otherwise is a mistake,
-                # not an override (a file that agrees is the original command repeated).
-                given = load_recipe(args.recipe, **_overrides(args)).to_dict()
-                differ = [
-                    f"{k}: {v!r} → {given[k]!r}"
-                    for k, v in recipe.to_dict().items()
-                    if given[k] != v
-                ]
-                if differ:
+        # (runtime_options' "progress" is --no-progress, which has no attribute of that name.)
+        flags = _given_flags(args, [*runtime_options(args), "num_workers"])
+        flags.update((name, flag(name)) for name in _overrides(args))
+        with naming_flags(flags):
+            data = args.data
+            if args.resume:
+                saved = read_run_config(args.out)
+                if saved["task"] != args.task:
+                    raise ValueError(f"{args.out} is a {saved['task']} run, not {args.task}")
+                recipe = saved_recipe(args.out, saved).with_overrides(**_overrides(args))
+                if args.recipe is not None:
+                    # The run's recipe is config.json's; a file that says otherwise is a mistake,
+                    # not an override (a file that agrees is the original command repeated).
+                    given = load_recipe(args.recipe, **_overrides(args)).to_dict()
+                    differ = [
+                        f"{k}: {v!r} → {given[k]!r}"
+                        for k, v in recipe.to_dict().items()
+                        if given[k] != v
+                    ]
+                    if differ:
+                        raise ValueError(
+                            f"--recipe {args.recipe} differs from the recipe of the run in "
+                            f"{args.out} ({'; '.join(differ)}); resume without --recipe"
+                        )
+                data = data if data is not None else saved.get("data_dir")
+            else:
+                if ckpt.find(args.out, "last") is not None:
                     raise ValueError(
-                        f"--recipe {args.recipe} differs from the recipe of the run in "
-                        f"{args.out} ({'; '.join(differ)}); resume without --recipe"
+                        f"{args.out} already holds a run: add --resume or pick a new --out"
                     )
-            data = data if data is not None else saved.get("data_dir")
-        else:
-            if ckpt.find(args.out, "last") is not None:
-                raise ValueError(
-                    f"{args.out} already holds a run: add --resume or pick a new --out"
-                )
-            recipe = load_recipe(args.recipe or args.task, **_overrides(args))
-            if recipe.task != args.task:
-                raise ValueError(f"the recipe {args.recipe} is for {recipe.task}, not {args.task}")
-        if data is None:
-            raise ValueError("--data is required")
-        runtime = {**runtime_options(args), "num_workers": args.num_workers}
-        return train_task(recipe, data, args.out, resume=args.resume, **runtime)
+                recipe = load_recipe(args.recipe or args.task, **_overrides(args))
+                if recipe.task != args.task:
+                    raise ValueError(
+                        f"--recipe: {args.recipe} is for {recipe.task}, not {args.task}"
+                    )
+            if data is None:
+                raise ValueError("--data is required")
+            runtime = {**runtime_options(args), "num_workers": args.num_workers}
+            return train_task(recipe, data, args.out, resume=args.resume, **runtime)
 
     def report(result: TrainResult) -> int:
         if result.status != "completed":
@@ -175,7 +200,8 @@ def _eval(args: argparse.Namespace) -> int:
     def work() -> dict[str, Any]:
         from .run import evaluate_run
 
-        return call_with(evaluate_run, args, data_dir=args.data)
+        with naming_flags(_given_flags(args, ["batch_size", "max_batches", "num_workers"])):
+            return call_with(evaluate_run, args, data_dir=args.data)
 
     def report(out: dict[str, Any]) -> int:
         print(json.dumps(out))

@@ -87,15 +87,13 @@ class LRAArchitecture:
     pinv_iterations: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "ffn_dim", "classifier_dim"):
+        for name in ("embed_dim", "ffn_dim", "classifier_dim", "num_heads", "num_layers"):
             check_positive_int(name, getattr(self, name))
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.num_layers < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
+        if self.embed_dim % self.num_heads:
             raise ValueError(
-                f"need num_layers ≥ 1 and embed_dim divisible by num_heads, got "
-                f"num_layers={self.num_layers}, embed_dim={self.embed_dim}, "
-                f"num_heads={self.num_heads}"
+                f"embed_dim must be divisible by num_heads={self.num_heads}, got {self.embed_dim}"
             )
         for name in ("dropout", "attention_dropout"):
             if getattr(self, name) is not None:

@@ -23,7 +23,14 @@ from ..train.loop import check_no_earlier_run
 from .model import LRAModelConfig, build_model, classification_objective, collate
 from .recipes import Recipe
 
-__all__ = ["load_splits", "train_task", "evaluate_run", "read_run_config", "CONFIG_FILE"]
+__all__ = [
+    "load_splits",
+    "train_task",
+    "evaluate_run",
+    "read_run_config",
+    "saved_recipe",
+    "CONFIG_FILE",
+]
 
 CONFIG_FILE = "config.json"
 
@@ -36,7 +43,10 @@ def load_splits(
         from .data import load_split
     except ImportError as exc:  # pragma: no cover - the data package ships with nystromer
         raise ImportError(f"the LRA data loaders are unavailable: {exc}") from exc
-    return {s: load_split(task, data_dir, s, max_length=max_length) for s in splits}
+    try:
+        return {s: load_split(task, data_dir, s, max_length=max_length) for s in splits}
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"data_dir: {exc}") from exc  # the argument (--data) it is about
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -55,6 +65,16 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "(`nystromer train` writes them)"
         )
     return config
+
+
+def saved_recipe(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> Recipe:
+    """The recipe in ``config``, the ``config.json`` of ``run_dir`` (:func:`read_run_config`);
+    a bad value is reported with the file's path, as :func:`~nystromer.lra.recipes.load_recipe`
+    does (it was written there, not given now)."""
+    try:
+        return Recipe.from_dict(config["recipe"])
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{Path(run_dir) / CONFIG_FILE}: {exc}") from exc
 
 
 def train_task(
@@ -193,7 +213,7 @@ def evaluate_run(
         if value is not None:
             check_positive_int(name, value)
     cfg = read_run_config(run_dir)
-    recipe = Recipe.from_dict(cfg["recipe"])
+    recipe = saved_recipe(run_dir, cfg)
     where = ckpt.find(run_dir, checkpoint)
     if where is None:
         raise ValueError(f"{run_dir} has no `{checkpoint}` checkpoint")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..._args import folder, int_at_least
+from ..._args import folder, int_at_least, naming_flags
 from ...train.cli import run_command
 from . import listops, pathfinder
 
@@ -100,7 +100,19 @@ def _add_generator(
         default = defaults[_keyword(flag)]
         parser.add_argument(flag, type=type_, default=default, help=f"{help_} (%(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=lambda args: run_command(lambda: write(args)))
+
+    def work(args: argparse.Namespace) -> None:
+        # The generator's messages name its keywords; the defaults go together, so a message
+        # about a setting is about one the command line changed.
+        changed = {
+            _keyword(f): f
+            for f, *_ in options
+            if getattr(args, _keyword(f)) != defaults[_keyword(f)]
+        }
+        with naming_flags(changed):
+            write(args)
+
+    parser.set_defaults(func=lambda args: run_command(lambda: work(args)))
 
 
 def _keywords(args: argparse.Namespace, options: _Options) -> dict[str, Any]:
