@@ -369,3 +369,8 @@ def test_naming_flags_leads_with_the_flag_of_a_setting_given():
         assert raised(ValueError(message)) == message
     with pytest.raises(KeyError), _args.naming_flags(flags):  # not an input error: untouched
         raise KeyError("num_heads")
+    # A subclass that takes other arguments becomes the input error it is an instance of.
+    decode_error = json.JSONDecodeError("num_heads=x is no JSON", "doc", 0)
+    with pytest.raises(ValueError, match="^--num-heads: num_heads=x is no JSON"):
+        with _args.naming_flags(flags):
+            raise decode_error

@@ -275,4 +275,9 @@ def naming_flags(flags: Mapping[str, str]) -> Iterator[None]:
             raise
         if names[0] in flags and message.startswith(f"{names[0]}: "):  # a label: replaced
             message = message.split(": ", 1)[1]
-        raise type(exc)(f"{given}: {message}") from exc
+        renamed = f"{given}: {message}"
+        try:
+            error = type(exc)(renamed)
+        except Exception:  # a subclass with other arguments (json's JSONDecodeError)
+            error = next(kind for kind in USAGE_ERRORS if isinstance(exc, kind))(renamed)
+        raise error from exc
