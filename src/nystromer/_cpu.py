@@ -131,7 +131,7 @@ def segment_means(x: Tensor, index: Tensor, counts: Tensor | None, m: int, dtype
         sums = x.new_zeros(b * h * (m + 1), d, dtype=dtype)
         sums.index_add_(0, slots.reshape(-1), x.reshape(-1, d).to(dtype))
         sums = sums.view(b, h, m + 1, d)[:, :, :m]
-    return sums / _segment_sizes(index, counts, m, dtype).view(-1, 1, m, 1)
+    return sums / segment_sizes(index, counts, m, dtype).view(-1, 1, m, 1)
 
 
 def shared_segment_means(
@@ -154,11 +154,13 @@ def shared_segment_means(
     return _SharedSegmentMeans.apply(x, index, counts, m, dtype)
 
 
-def _segment_sizes(index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
-    """(1 or B, m) tokens per segment, at least 1 (an empty segment's mean is then 0)."""
+def segment_sizes(index: Tensor, counts: Tensor | None, m: int, dtype) -> Tensor:
+    """(1 or B, m) tokens per segment, at least 1 (an empty segment's mean is then 0): the
+    divisor of every segment mean, on any device (here, where both the plain and the CPU
+    means can reach it)."""
     if counts is None:
-        # Counted into m + 1 slots: bincount's result has a size read from the data, which
-        # torch.compile cannot know (its graph then failed at run time).
+        # Counted into m + 1 slots on the device: bincount's result has a size read from the
+        # data, which needs a host read and which torch.compile cannot know.
         counts = torch.zeros(1, m + 1, dtype=torch.long, device=index.device)
         counts.scatter_add_(1, index.view(1, -1), torch.ones_like(index).view(1, -1))
     return counts[:, :m].clamp_min(1).to(dtype)
@@ -183,7 +185,7 @@ class _SharedSegmentMeans(torch.autograd.Function):
         ctx.layout = torch.empty_like(x, device="meta").stride()
         ctx.equal = counts is None and n % m == 0
         if not ctx.equal:
-            ctx.save_for_backward(index, _segment_sizes(index, counts, m, dtype))
+            ctx.save_for_backward(index, segment_sizes(index, counts, m, dtype))
         return x.view_as(x), segment_means(x, index, counts, m, dtype)
 
     @staticmethod

@@ -568,11 +568,7 @@ def segment_means(
     # Sums over m + 1 segments per (sample, head); segment m collects padding and is dropped.
     sums = x.new_zeros(b, h, m + 1, d, dtype=dtype)
     sums.scatter_add_(2, index.view(-1, 1, n, 1).expand(b, h, n, d), x.to(dtype))
-    if counts is None:
-        # Tokens per segment, counted on the device (bincount would read its size back).
-        counts = torch.zeros(1, m + 1, dtype=torch.long, device=x.device)
-        counts.scatter_add_(1, index.view(1, n), torch.ones_like(index).view(1, n))
-    return sums[:, :, :m] / counts[:, :m].clamp_min(1).to(dtype).view(-1, 1, m, 1)
+    return sums[:, :, :m] / _cpu.segment_sizes(index, counts, m, dtype).view(-1, 1, m, 1)
 
 
 def refine_landmarks(x: Tensor, landmarks: Tensor, valid: Tensor | None, iterations: int) -> Tensor:

@@ -50,9 +50,33 @@ def _layer0_attention(model, batch):
 
         q, k, v = split(attn.query(h)), split(attn.key(h)), split(attn.value(h))
         mask = batch["attention_mask"].bool()
-        logits = (q @ k.transpose(-1, -2)) / d**0.5
-        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-        return q, k, v, mask, torch.softmax(logits, -1) @ v
+        return q, k, v, mask, _exact(q, k, v, mask)
+
+
+def _exact(q, k, v, mask):
+    """Softmax attention (B, H, n, d) with the padding keys (False in mask) masked out."""
+    logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, -1) @ v
+
+
+def _skip_equations(v, exact, approx, mask, head):
+    """The least-squares equations of one head's K-tap convolution skip, written out from the
+    definition: per real token, its (d, K) taps of v and the target exact − approx (d,)."""
+    rows, target = [], []
+    d = v.shape[-1]
+    for s in range(v.shape[0]):
+        length = int(mask[s].sum())
+        vs = v[s, head, :length]
+        for i in range(length):
+            # Tap t reads position i + t − K//2 (zero outside the sequence).
+            taps = [
+                vs[i + t - K // 2] if 0 <= i + t - K // 2 < length else torch.zeros(d)
+                for t in range(K)
+            ]
+            rows.append(torch.stack(taps, -1))  # (d, K)
+            target.append(exact[s, head, i] - approx[s, head, i])
+    return rows, target
 
 
 def test_first_layer_kernel_equals_a_least_squares_fit_from_the_definition(teacher):
@@ -63,21 +87,10 @@ def test_first_layer_kernel_equals_a_least_squares_fit_from_the_definition(teach
 
     # Reference for layer 0, from its inputs.
     q, k, v, mask, exact = _layer0_attention(teacher, batch)
-    b, heads, _, d = q.shape
+    heads = q.shape[1]
     approx = nystromer.nystrom_attention(q, k, v, num_landmarks=M, mask=mask)
     for h_ in range(heads):
-        rows, target = [], []
-        for s in range(b):
-            length = int(mask[s].sum())
-            vs = v[s, h_, :length]
-            for i in range(length):
-                # Tap t reads position i + t − K//2 (zero outside the sequence).
-                taps = [
-                    vs[i + t - K // 2] if 0 <= i + t - K // 2 < length else torch.zeros(d)
-                    for t in range(K)
-                ]
-                rows.append(torch.stack(taps, -1))  # (d, K)
-                target.append(exact[s, h_, i] - approx[s, h_, i])
+        rows, target = _skip_equations(v, exact, approx, mask, h_)
         x = torch.cat(rows).double()  # (tokens·d, K)
         y = torch.cat(target).double()
         w = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
@@ -254,23 +267,12 @@ def test_albert_shared_layer_is_fitted_on_all_its_uses():
     result = calibrate(student, [batch], ridge=0.0)
     assert len(result.explained) == 1 and result.tokens == 3 * 73
     fitted = attn.nystrom_conv.weight[:, 0, :, 0]
-    heads, d = 4, 8
-    for h_ in range(heads):
+    for h_ in range(4):
         rows, target = [], []
         for q, k, v, mask, out in calls:
-            logits = (q @ k.transpose(-1, -2)) / d**0.5
-            logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
-            exact = torch.softmax(logits, -1) @ v
-            for s in range(q.shape[0]):
-                length = int(mask[s].sum())
-                vs = v[s, h_, :length]
-                for i in range(length):
-                    taps = [
-                        vs[i + t - K // 2] if 0 <= i + t - K // 2 < length else torch.zeros(d)
-                        for t in range(K)
-                    ]
-                    rows.append(torch.stack(taps, -1))
-                    target.append(exact[s, h_, i] - out[s, h_, i])
+            more_rows, more_target = _skip_equations(v, _exact(q, k, v, mask), out, mask, h_)
+            rows += more_rows
+            target += more_target
         x, y = torch.cat(rows).double(), torch.cat(target).double()
         w = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
         torch.testing.assert_close(fitted[h_], w, rtol=1e-8, atol=1e-10)
