@@ -14,6 +14,7 @@ from .._args import (
     call_with,
     existing_file,
     file_to_write,
+    flag,
     folder,
     int_at_least,
     int_list,
@@ -109,7 +110,7 @@ def spelled_command(words: list[str], args: argparse.Namespace, names: str) -> l
             if isinstance(value, list):
                 value = ",".join(map(str, value))
             argv += [
-                "--" + name.replace("_", "-"),
+                flag(name),
                 f"{value:g}" if isinstance(value, float) else str(value),
             ]
     return argv

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from .._args import file_to_write, folder, given_flags, naming_flags
+from .._args import file_to_write, flag, folder, given_flags, naming_flags
 from ..train.cli import add_runtime_arguments, run_command, runtime_options
 from ..train.loop import PRECISIONS
 from .run import LAYERS, LOSSES, DistillConfig, read_run_config
@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "unless --resume",
     )
     for name, (typ, help_) in _FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_)
+        p.add_argument(flag(name), dest=name, type=typ, help=help_)
     p.add_argument("--layers", choices=LAYERS, help="match all layers or the last one (all)")
     p.add_argument("--loss", choices=LOSSES, help="per-token loss on hidden states (cosine)")
     p.add_argument(

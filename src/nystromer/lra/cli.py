@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name in _NOT_FLAGS:
             continue
         group.add_argument(
-            "--" + name.replace("_", "-"),
+            flag(name),
             dest=f"recipe_{name}",
             type=_parser_for(typ, nullable),
             choices=_CHOICES.get(name),
